@@ -1,0 +1,52 @@
+"""diffusers-vrfm: Variational Rectified Flow Matching for the Hugging Face diffusers ecosystem."""
+
+from .models.mlp import VRFMMLPModel
+from .models.posterior import VRFMPosteriorEncoder, VRFMPosteriorOutput
+from .models.z_embedding import LatentEmbedding, VRFMVelocityOutput
+from .objective import (
+    VRFMLossOutput,
+    count_active_units,
+    drop_labels,
+    flow_match_output_to_velocity,
+    gaussian_kl,
+    interpolate,
+    reparameterize,
+    sample_timesteps,
+    sigma_to_t,
+    slerp,
+    t_to_sigma,
+    target_velocity,
+    velocity_to_flow_match_output,
+    vrfm_loss,
+)
+from .pipelines.pipeline_vrfm import VRFMPipeline, VRFMPipelineOutput
+from .schedulers.scheduling_vrfm import VRFMAdaptiveOutput, VRFMScheduler, VRFMSchedulerOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LatentEmbedding",
+    "VRFMAdaptiveOutput",
+    "VRFMLossOutput",
+    "VRFMMLPModel",
+    "VRFMPipeline",
+    "VRFMPipelineOutput",
+    "VRFMPosteriorEncoder",
+    "VRFMPosteriorOutput",
+    "VRFMScheduler",
+    "VRFMSchedulerOutput",
+    "VRFMVelocityOutput",
+    "count_active_units",
+    "drop_labels",
+    "flow_match_output_to_velocity",
+    "gaussian_kl",
+    "interpolate",
+    "reparameterize",
+    "sample_timesteps",
+    "sigma_to_t",
+    "slerp",
+    "t_to_sigma",
+    "target_velocity",
+    "velocity_to_flow_match_output",
+    "vrfm_loss",
+]

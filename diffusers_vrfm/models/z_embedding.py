@@ -1,0 +1,118 @@
+"""The z -> conditioning MLP that every velocity model shares, and the model output dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.utils import BaseOutput
+from torch import nn
+
+
+@dataclass
+class VRFMVelocityOutput(BaseOutput):
+    """Output of a VRFM velocity model.
+
+    Args:
+        sample (`torch.Tensor`): the predicted velocity ``dx/dt`` (towards data), shaped like the input sample.
+    """
+
+    sample: torch.Tensor
+
+
+class LatentEmbedding(nn.Module):
+    """A two-layer MLP ``z -> SiLU(Linear) -> Linear`` whose last layer starts at zero.
+
+    With the zero-initialised last layer a freshly wrapped backbone ignores ``z`` and reproduces its output exactly,
+    which is what makes turning a pretrained flow model into a VRFM model sound.
+    """
+
+    def __init__(self, latent_dim: int, embed_dim: int, hidden_dim: int | None = None, zero_init: bool = True):
+        super().__init__()
+        hidden_dim = hidden_dim or embed_dim
+        self.linear_1 = nn.Linear(latent_dim, hidden_dim)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(hidden_dim, embed_dim)
+        if zero_init:
+            nn.init.zeros_(self.linear_2.weight)
+            nn.init.zeros_(self.linear_2.bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(z)))
+
+
+def check_latent(z: torch.Tensor | None, latent_dim: int, batch_size: int, argument: str = "z") -> None:
+    """Validates a latent against a model's `latent_dim` with a message that names the argument."""
+    if latent_dim == 0:
+        if z is not None:
+            raise ValueError(f"This model has `latent_dim=0` (plain rectified flow) and takes no `{argument}`.")
+        return
+    if z is None:
+        raise ValueError(
+            f"This model has `latent_dim={latent_dim}` and needs `{argument}` of shape (B, {latent_dim})."
+        )
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"`{argument}` must be a torch.Tensor, but got {type(z).__name__}.")
+    if z.ndim != 2 or z.shape[1] != latent_dim or z.shape[0] != batch_size:
+        raise ValueError(f"`{argument}` must have shape ({batch_size}, {latent_dim}), but got {tuple(z.shape)}.")
+    if not z.is_floating_point():
+        raise TypeError(f"`{argument}` must be a floating-point tensor, but got dtype {z.dtype}.")
+
+
+def check_timestep(timestep, batch_size: int, device, dtype) -> torch.Tensor:
+    """Turns a scalar or per-example time in [0, 1] into a float tensor of shape (B,), refusing bad values."""
+    if not isinstance(timestep, torch.Tensor):
+        if not isinstance(timestep, (int, float)) or isinstance(timestep, bool):
+            raise TypeError(f"`timestep` must be a float or a tensor, but got {type(timestep).__name__}.")
+        timestep = torch.tensor(float(timestep))
+    timestep = timestep.to(device=device, dtype=torch.float32)
+    if timestep.ndim == 0:
+        timestep = timestep.expand(batch_size)
+    if timestep.ndim != 1 or timestep.shape[0] != batch_size:
+        raise ValueError(
+            f"`timestep` must be a scalar or have shape ({batch_size},), but got {tuple(timestep.shape)}."
+        )
+    if not torch.isfinite(timestep).all():
+        raise ValueError("`timestep` must be finite, but it contains NaN or inf.")
+    if (timestep < 0).any() or (timestep > 1).any():
+        raise ValueError(
+            f"`timestep` must lie in [0, 1] (0 = noise, 1 = data), but got values in "
+            f"[{timestep.min().item():.4g}, {timestep.max().item():.4g}]."
+        )
+    return timestep.to(dtype)
+
+
+def check_class_labels(class_labels, num_classes: int | None, batch_size: int, device) -> torch.Tensor | None:
+    """Validates class labels; `num_classes` is the null (unconditional) label used by classifier-free guidance."""
+    if num_classes is None:
+        if class_labels is not None:
+            raise ValueError("This model is unconditional (`num_classes=None`) and takes no `class_labels`.")
+        return None
+    if class_labels is None:
+        return torch.full((batch_size,), num_classes, dtype=torch.long, device=device)
+    class_labels = torch.as_tensor(class_labels, device=device)
+    if class_labels.ndim == 0:
+        class_labels = class_labels.expand(batch_size)
+    if class_labels.is_floating_point() or class_labels.ndim != 1 or class_labels.shape[0] != batch_size:
+        raise ValueError(
+            f"`class_labels` must be integers of shape ({batch_size},), but got dtype {class_labels.dtype} and shape "
+            f"{tuple(class_labels.shape)}."
+        )
+    if (class_labels < 0).any() or (class_labels > num_classes).any():
+        raise ValueError(
+            f"`class_labels` must lie in [0, {num_classes}] ({num_classes} is the null label), but got values in "
+            f"[{class_labels.min().item()}, {class_labels.max().item()}]."
+        )
+    return class_labels.long()
+
+
+def check_sample(sample, expected_shape: tuple[int, ...]) -> None:
+    """Validates a batch of samples against a model's per-example shape."""
+    if not isinstance(sample, torch.Tensor):
+        raise TypeError(f"`sample` must be a torch.Tensor, but got {type(sample).__name__}.")
+    if not sample.is_floating_point():
+        raise TypeError(f"`sample` must be a floating-point tensor, but got dtype {sample.dtype}.")
+    if tuple(sample.shape[1:]) != tuple(expected_shape) or sample.ndim != len(expected_shape) + 1:
+        raise ValueError(
+            f"`sample` must have shape (B, {', '.join(map(str, expected_shape))}), but got {tuple(sample.shape)}."
+        )

@@ -1,0 +1,307 @@
+"""The VRFM objective as small, pure tensor functions.
+
+Time convention (the only one used in this package)
+---------------------------------------------------
+``t`` lies in ``[0, 1]``. ``t = 0`` is the source (noise, ``x0 ~ N(0, I)``) and ``t = 1`` is data ``x1``:
+
+    x_t = (1 - t) * x0 + t * x1,        v = dx_t / dt = x1 - x0.
+
+diffusers' flow-matching schedulers run the opposite clock, ``sigma = 1 - t``, and their models predict
+``noise - data = -v``. Use :func:`t_to_sigma`, :func:`sigma_to_t`, :func:`velocity_to_flow_match_output` and
+:func:`flow_match_output_to_velocity` wherever the two meet; nothing else in the package converts clocks.
+
+Reduction convention
+--------------------
+``reduction="sum"`` sums the squared error over data dimensions and the KL over latent dimensions, then averages over
+the batch (the velocity ELBO per example). ``reduction="mean"`` divides that same quantity by the number of data
+dimensions, so that it is on the scale of ``F.mse_loss``. Both reductions give ``beta`` the same meaning: with either,
+the optimum is the same; only the overall scale of the loss (and so the effective learning rate) differs.
+
+This module knows tensors only: it imports no model, scheduler or pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+TIMESTEP_DENSITIES = ("uniform", "logit_normal", "mode")
+LOSS_REDUCTIONS = ("sum", "mean")
+
+
+def _broadcast_time(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """Reshapes per-example times ``(B,)`` (or a scalar) so that they broadcast against ``like`` ``(B, ...)``."""
+    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    if t.ndim == 0:
+        return t
+    if t.ndim != 1 or t.shape[0] != like.shape[0]:
+        raise ValueError(
+            f"`t` must be a scalar or have shape ({like.shape[0]},) to match the batch, but got shape {tuple(t.shape)}."
+        )
+    return t.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def interpolate(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    """The straight path ``x_t = (1 - t) * x0 + t * x1`` (``t = 0`` is noise, ``t = 1`` is data).
+
+    Args:
+        x0 (`torch.Tensor` of shape `(B, ...)`): source (noise) samples.
+        x1 (`torch.Tensor` of shape `(B, ...)`): target (data) samples.
+        t (`torch.Tensor` of shape `(B,)` or a scalar): times in `[0, 1]`.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_vrfm import interpolate
+    >>> interpolate(torch.zeros(2, 3), torch.ones(2, 3), torch.tensor([0.25, 1.0]))[:, 0]
+    tensor([0.2500, 1.0000])
+    ```
+    """
+    if x0.shape != x1.shape:
+        raise ValueError(f"`x0` and `x1` must have the same shape, but got {tuple(x0.shape)} and {tuple(x1.shape)}.")
+    t = _broadcast_time(t, x0)
+    return (1 - t) * x0 + t * x1
+
+
+def target_velocity(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    """The regression target of rectified flow, ``x1 - x0`` (the time derivative of :func:`interpolate`)."""
+    if x0.shape != x1.shape:
+        raise ValueError(f"`x0` and `x1` must have the same shape, but got {tuple(x0.shape)} and {tuple(x1.shape)}.")
+    return x1 - x0
+
+
+def t_to_sigma(t: torch.Tensor | float) -> torch.Tensor | float:
+    """Converts this package's time ``t`` (0 = noise) to diffusers' flow-matching ``sigma`` (1 = noise)."""
+    return 1 - t
+
+
+def sigma_to_t(sigma: torch.Tensor | float) -> torch.Tensor | float:
+    """Converts diffusers' flow-matching ``sigma`` (1 = noise) to this package's time ``t`` (0 = noise)."""
+    return 1 - sigma
+
+
+def velocity_to_flow_match_output(velocity: torch.Tensor) -> torch.Tensor:
+    """Converts a velocity ``dx/dt`` (towards data) to what diffusers' flow-matching models predict, ``noise - data``."""
+    return -velocity
+
+
+def flow_match_output_to_velocity(model_output: torch.Tensor) -> torch.Tensor:
+    """Converts a diffusers flow-matching model output (``noise - data``) to a velocity ``dx/dt`` towards data."""
+    return -model_output
+
+
+def sample_timesteps(
+    batch_size: int,
+    density: str = "uniform",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draws training times ``t`` in ``[0, 1]`` from a density, one per example.
+
+    ``"uniform"`` is the paper's choice. ``"logit_normal"`` and ``"mode"`` are the SD3 densities, drawn with
+    `diffusers.training_utils.compute_density_for_timestep_sampling`. That function works on diffusers' sigma clock;
+    the draw is converted with :func:`sigma_to_t`, so ``"mode"`` with ``mode_scale > 0`` puts extra weight near the
+    noisy end, exactly as it does in diffusers' scripts, and ``logit_mean > 0`` shifts mass towards noise.
+
+    Args:
+        batch_size (`int`): the number of times to draw.
+        density (`str`): one of `"uniform"`, `"logit_normal"`, `"mode"`.
+        logit_mean (`float`), logit_std (`float`): parameters of the logit-normal density (on the sigma clock).
+        mode_scale (`float`): the scale of the `"mode"` density.
+        device, generator: where and with what to draw.
+    """
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    if density not in TIMESTEP_DENSITIES:
+        raise ValueError(f"`density` must be one of {TIMESTEP_DENSITIES}, but got {density!r}.")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer, but got {batch_size!r}.")
+    if density == "logit_normal" and not logit_std > 0:
+        raise ValueError(f"`logit_std` must be > 0 for the logit-normal density, but got {logit_std!r}.")
+    sigma = compute_density_for_timestep_sampling(
+        weighting_scheme=density,
+        batch_size=batch_size,
+        logit_mean=logit_mean,
+        logit_std=logit_std,
+        mode_scale=mode_scale,
+        device=device,
+        generator=generator,
+    )
+    return sigma_to_t(sigma).clamp(0.0, 1.0)
+
+
+def reparameterize(
+    mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+) -> torch.Tensor:
+    """The reparameterised draw ``z = mean + exp(logvar / 2) * eps`` with ``eps ~ N(0, I)``."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    if mean.shape != logvar.shape:
+        raise ValueError(
+            f"`mean` and `logvar` must have the same shape, but got {tuple(mean.shape)} and {tuple(logvar.shape)}."
+        )
+    eps = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + torch.exp(0.5 * logvar) * eps
+
+
+def gaussian_kl(
+    mean: torch.Tensor,
+    logvar: torch.Tensor,
+    prior_mean: torch.Tensor | None = None,
+    prior_logvar: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Analytic ``KL(N(mean, exp(logvar)) || prior)`` per latent dimension, with the prior ``N(0, I)`` by default.
+
+    Returns a tensor of the same shape as ``mean`` (nats per dimension); sum over the last axis for the total.
+    A learned diagonal-Gaussian prior is given by ``prior_mean`` and ``prior_logvar``.
+    """
+    if prior_mean is None and prior_logvar is None:
+        return 0.5 * (mean.pow(2) + logvar.exp() - logvar - 1.0)
+    prior_mean = torch.zeros_like(mean) if prior_mean is None else prior_mean
+    prior_logvar = torch.zeros_like(logvar) if prior_logvar is None else prior_logvar
+    return 0.5 * (prior_logvar - logvar + (logvar.exp() + (mean - prior_mean).pow(2)) / prior_logvar.exp() - 1.0)
+
+
+def drop_labels(
+    class_labels: torch.Tensor, dropout_prob: float, null_class: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Replaces each label by ``null_class`` with probability ``dropout_prob`` (training for classifier-free guidance)."""
+    if not 0.0 <= dropout_prob <= 1.0:
+        raise ValueError(f"`dropout_prob` must be in [0, 1], but got {dropout_prob!r}.")
+    if dropout_prob == 0.0:
+        return class_labels
+    drop = torch.rand(class_labels.shape, generator=generator, device=class_labels.device) < dropout_prob
+    return torch.where(drop, torch.full_like(class_labels, null_class), class_labels)
+
+
+@dataclass
+class VRFMLossOutput:
+    """The VRFM loss and its parts, all reduced with the same documented reduction.
+
+    Args:
+        loss (`torch.Tensor`): the scalar to back-propagate, ``mse + beta * kl`` (with the free-bits floor if any).
+        mse (`torch.Tensor`): the velocity regression term.
+        kl (`torch.Tensor`): the KL term before ``beta`` (and before any free-bits floor).
+        kl_per_dim (`torch.Tensor` of shape `(latent_dim,)`): batch-mean KL of each latent dimension, in nats, for
+            diagnostics (a dimension with KL near 0 is inactive). Empty when there is no latent.
+    """
+
+    loss: torch.Tensor
+    mse: torch.Tensor
+    kl: torch.Tensor
+    kl_per_dim: torch.Tensor
+
+
+def vrfm_loss(
+    velocity_pred: torch.Tensor,
+    velocity_target: torch.Tensor,
+    posterior_mean: torch.Tensor | None = None,
+    posterior_logvar: torch.Tensor | None = None,
+    beta: float = 1.0,
+    reduction: str = "sum",
+    free_bits: float = 0.0,
+    prior_mean: torch.Tensor | None = None,
+    prior_logvar: torch.Tensor | None = None,
+) -> VRFMLossOutput:
+    """The VRFM objective ``||v_theta(x_t, t, z) - (x1 - x0)||^2 + beta * KL(q(z | ...) || p(z))``.
+
+    With no posterior (``posterior_mean is None``) the KL is zero and this is exactly plain rectified flow / I-CFM:
+    the built-in baseline.
+
+    Args:
+        velocity_pred (`torch.Tensor` of shape `(B, ...)`): the model's velocity.
+        velocity_target (`torch.Tensor` of shape `(B, ...)`): `x1 - x0`.
+        posterior_mean, posterior_logvar (`torch.Tensor` of shape `(B, latent_dim)`, *optional*): the posterior.
+        beta (`float`): the KL weight, `>= 0`.
+        reduction (`str`): `"sum"` or `"mean"`; see the module docstring.
+        free_bits (`float`): a floor, in nats per latent dimension, under the batch-mean KL of each dimension before
+            it is weighted by `beta` (Kingma et al., 2016). 0 turns it off.
+        prior_mean, prior_logvar (`torch.Tensor` of shape `(B, latent_dim)`, *optional*): a learned conditional prior;
+            `N(0, I)` when not given.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_vrfm import vrfm_loss
+    >>> out = vrfm_loss(torch.zeros(4, 2), torch.ones(4, 2), torch.zeros(4, 3), torch.zeros(4, 3), beta=0.1)
+    >>> out.loss.item(), out.mse.item(), out.kl.item()
+    (2.0, 2.0, 0.0)
+    ```
+    """
+    if velocity_pred.shape != velocity_target.shape:
+        raise ValueError(
+            f"`velocity_pred` and `velocity_target` must have the same shape, but got {tuple(velocity_pred.shape)} "
+            f"and {tuple(velocity_target.shape)}."
+        )
+    if reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"`reduction` must be one of {LOSS_REDUCTIONS}, but got {reduction!r}.")
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
+        raise ValueError(f"`beta` must be a finite number >= 0, but got {beta!r}.")
+    if not (math.isfinite(free_bits) and free_bits >= 0):
+        raise ValueError(f"`free_bits` must be a finite number >= 0, but got {free_bits!r}.")
+    if (posterior_mean is None) != (posterior_logvar is None):
+        raise ValueError("`posterior_mean` and `posterior_logvar` must be given together.")
+
+    batch_size = velocity_pred.shape[0]
+    num_data_dims = velocity_pred[0].numel()
+    squared_error = (velocity_pred.float() - velocity_target.float()).pow(2).reshape(batch_size, -1).sum(dim=1)
+    mse = squared_error.mean()
+
+    if posterior_mean is None:
+        zero = mse.new_zeros(())
+        kl, kl_per_dim, kl_for_loss = zero, mse.new_zeros((0,)), zero
+    else:
+        if posterior_mean.ndim != 2 or posterior_mean.shape[0] != batch_size:
+            raise ValueError(
+                f"`posterior_mean` must have shape ({batch_size}, latent_dim), but got {tuple(posterior_mean.shape)}."
+            )
+        kl_matrix = gaussian_kl(posterior_mean.float(), posterior_logvar.float(), prior_mean, prior_logvar)
+        kl_per_dim = kl_matrix.mean(dim=0)
+        kl = kl_per_dim.sum()
+        kl_for_loss = kl_per_dim.clamp(min=free_bits).sum() if free_bits > 0 else kl
+
+    loss = mse + beta * kl_for_loss
+    if reduction == "mean":
+        loss, mse, kl = loss / num_data_dims, mse / num_data_dims, kl / num_data_dims
+    return VRFMLossOutput(loss=loss, mse=mse, kl=kl, kl_per_dim=kl_per_dim.detach())
+
+
+def count_active_units(posterior_means: torch.Tensor, threshold: float = 1e-2) -> int:
+    """The number of active latent units (Burda et al., 2016): dimensions whose posterior mean varies over the data
+    with variance above ``threshold``. ``posterior_means`` has shape ``(N, latent_dim)``."""
+    if posterior_means.ndim != 2:
+        raise ValueError(f"`posterior_means` must have shape (N, latent_dim), but got {tuple(posterior_means.shape)}.")
+    if posterior_means.shape[0] < 2:
+        return 0
+    return int((posterior_means.float().var(dim=0) > threshold).sum().item())
+
+
+def slerp(z_a: torch.Tensor, z_b: torch.Tensor, weight: torch.Tensor | float) -> torch.Tensor:
+    """Spherical interpolation between latents ``z_a`` and ``z_b`` (``weight`` 0 gives ``z_a``, 1 gives ``z_b``).
+
+    Keeps the norm typical of ``N(0, I)`` draws, unlike linear interpolation; falls back to linear interpolation
+    where the two are (nearly) parallel. ``weight`` may be a tensor of shape ``(K,)``, giving ``K`` latents.
+    """
+    if z_a.shape != z_b.shape:
+        raise ValueError(
+            f"`z_a` and `z_b` must have the same shape, but got {tuple(z_a.shape)} and {tuple(z_b.shape)}."
+        )
+    weight = torch.as_tensor(weight, dtype=z_a.dtype, device=z_a.device)
+    if weight.ndim == 1:
+        return torch.stack([slerp(z_a, z_b, w) for w in weight])
+    a, b = z_a.flatten().double(), z_b.flatten().double()
+    cos = torch.dot(a, b) / (a.norm() * b.norm()).clamp_min(1e-12)
+    omega = torch.arccos(cos.clamp(-1.0, 1.0))
+    w = weight.double()
+    if omega.abs() < 1e-4:
+        out = (1 - w) * a + w * b
+    else:
+        out = (torch.sin((1 - w) * omega) * a + torch.sin(w * omega) * b) / torch.sin(omega)
+    return out.to(z_a.dtype).reshape(z_a.shape)
