@@ -1,7 +1,11 @@
 """diffusers-vrfm: Variational Rectified Flow Matching for the Hugging Face diffusers ecosystem."""
 
+from .likelihood import VRFMLikelihoodOutput, log_likelihood
 from .models.mlp import VRFMMLPModel
 from .models.posterior import VRFMPosteriorEncoder, VRFMPosteriorOutput
+from .models.posterior_conv import VRFMConvPosteriorEncoder
+from .models.transformer_2d import VRFMDiTTransformer2DModel
+from .models.unet_2d import VRFMUNet2DConditionModel, VRFMUNet2DModel
 from .models.z_embedding import LatentEmbedding, VRFMVelocityOutput
 from .objective import (
     VRFMLossOutput,
@@ -27,6 +31,9 @@ __version__ = "0.1.0"
 __all__ = [
     "LatentEmbedding",
     "VRFMAdaptiveOutput",
+    "VRFMConvPosteriorEncoder",
+    "VRFMDiTTransformer2DModel",
+    "VRFMLikelihoodOutput",
     "VRFMLossOutput",
     "VRFMMLPModel",
     "VRFMPipeline",
@@ -35,12 +42,15 @@ __all__ = [
     "VRFMPosteriorOutput",
     "VRFMScheduler",
     "VRFMSchedulerOutput",
+    "VRFMUNet2DConditionModel",
+    "VRFMUNet2DModel",
     "VRFMVelocityOutput",
     "count_active_units",
     "drop_labels",
     "flow_match_output_to_velocity",
     "gaussian_kl",
     "interpolate",
+    "log_likelihood",
     "reparameterize",
     "sample_timesteps",
     "sigma_to_t",

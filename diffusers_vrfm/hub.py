@@ -34,8 +34,8 @@ _SAFE_FILE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 def remote_code_file_name(class_name: str) -> str:
-    """The module name of the one-line re-export file for `class_name`, e.g. `vrfm_mlp_model` for VRFMMLPModel."""
-    return "vrfm_" + re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", class_name.removeprefix("VRFM")).lower()
+    """The module name of the one-line re-export file for `class_name`: the lower-cased class name."""
+    return class_name.lower()
 
 
 def remote_code_line(class_name: str) -> str:

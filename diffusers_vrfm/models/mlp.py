@@ -121,7 +121,7 @@ class VRFMMLPModel(ModelMixin, ConfigMixin):
         """
         check_sample(sample, self.sample_shape)
         batch_size = sample.shape[0]
-        t = check_timestep(timestep, batch_size, sample.device, sample.dtype)
+        t = check_timestep(timestep, batch_size, sample.device, torch.float32)  # full precision before the x1000
         check_latent(z, self.config.latent_dim, batch_size)
         labels = check_class_labels(class_labels, self.config.num_classes, batch_size, sample.device)
 

@@ -79,7 +79,7 @@ class PosteriorEncoderMixin:
         if "t" in self.posterior_inputs:
             if t is None:
                 raise ValueError(f"This posterior reads {self.posterior_inputs}, so `t` is required.")
-            time = check_timestep(t, batch_size, reference.device, reference.dtype)
+            time = check_timestep(t, batch_size, reference.device, torch.float32)
         return inputs, time
 
     def forward(

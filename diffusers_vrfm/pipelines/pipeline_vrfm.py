@@ -164,7 +164,9 @@ class VRFMPipeline(DiffusionPipeline):
         latents = samples.to(self.vae.dtype) / scaling + shift
         return self.vae.decode(latents).sample
 
-    def _check_call_arguments(self, batch_size, num_inference_steps, output_type, guidance_scale, generator):
+    def _check_call_arguments(
+        self, batch_size, num_inference_steps, output_type, guidance_scale, generator, class_labels
+    ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, but got {batch_size!r}.")
         if not self.scheduler.is_adaptive:
@@ -180,6 +182,11 @@ class VRFMPipeline(DiffusionPipeline):
             )
         if not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale):
             raise ValueError(f"`guidance_scale` must be a finite number, but got {guidance_scale!r}.")
+        if guidance_scale != 1.0 and class_labels is None:
+            raise ValueError(
+                f"`guidance_scale={guidance_scale}` needs `class_labels`: classifier-free guidance contrasts the "
+                "class-conditional velocity with the unconditional one."
+            )
         if isinstance(generator, list):
             if len(generator) != batch_size:
                 raise ValueError(f"`generator` is a list of {len(generator)}, but `batch_size` is {batch_size}.")
@@ -245,7 +252,7 @@ class VRFMPipeline(DiffusionPipeline):
             output_type = "pil" if self.is_image_model else "pt"
         if timesteps is not None:
             num_inference_steps = len(timesteps)
-        self._check_call_arguments(batch_size, num_inference_steps, output_type, guidance_scale, generator)
+        self._check_call_arguments(batch_size, num_inference_steps, output_type, guidance_scale, generator, class_labels)
         device = self._execution_device
         dtype = self.velocity_model.dtype
 
@@ -364,3 +371,28 @@ class VRFMPipeline(DiffusionPipeline):
         pipeline = cls(**loaded)
         pipeline.register_to_config(_name_or_path=os.fspath(pretrained_model_name_or_path))
         return pipeline
+
+    # ---------------------------------------------------------------------------------------------------- likelihood
+    def log_likelihood(self, x: torch.Tensor, **kwargs):
+        """The log-likelihood of `x` under this pipeline's velocity model: a thin wrapper of
+        [`diffusers_vrfm.likelihood.log_likelihood`] (see it for every argument: `z`, `num_z_samples`, `divergence`,
+        `num_inference_steps`, `solver`, `generator`, `class_labels`, `enable_grad`, ...).
+
+        `x` is in model space (for a pipeline with a VAE: its latents, on which bits per dimension are not computed
+        unless asked for). Returns a [`~diffusers_vrfm.likelihood.VRFMLikelihoodOutput`].
+
+        Example:
+
+        ```py
+        >>> import torch
+        >>> from diffusers_vrfm import VRFMMLPModel, VRFMPipeline, VRFMScheduler
+        >>> pipe = VRFMPipeline(velocity_model=VRFMMLPModel(sample_size=2, latent_dim=0), scheduler=VRFMScheduler())
+        >>> pipe.log_likelihood(torch.zeros(3, 2), num_inference_steps=4).log_prob.shape
+        torch.Size([3])
+        ```
+        """
+        from ..likelihood import log_likelihood
+
+        if self.vae is not None:
+            kwargs.setdefault("compute_bits_per_dim", False)
+        return log_likelihood(self.velocity_model, x, **kwargs)

@@ -330,7 +330,8 @@ class VRFMScheduler(SchedulerMixin, ConfigMixin):
 
         def ode_func(t, x):
             counter["evals"] += 1
-            return velocity_fn(x, t)
+            # dopri5's stage times can overshoot t_end by a rounding error; keep them in [0, 1]
+            return velocity_fn(x, t.clamp(min(t_start, t_end), max(t_start, t_end)))
 
         times = torch.tensor([t_start, t_end], dtype=sample.dtype, device=sample.device)
         solution = odeint(ode_func, sample, times, method=solver, rtol=self.config.rtol, atol=self.config.atol)

@@ -1,0 +1,509 @@
+"""Speed and overhead: what VRFM costs over plain rectified flow, measured side by side in one run.
+
+Training: one optimiser step (forward, loss, backward, Adam) of VRFM (velocity net with a ``z`` path plus the
+convolutional posterior, `vrfm_loss` with its KL) against RF (the same wrapper with `latent_dim=0`, no posterior), on
+the same `VRFMUNet2DModel` and `VRFMDiTTransformer2DModel` backbones.
+
+Sampling: time per Euler step of
+
+- `VRFMPipeline` with the VRFM model and `VRFMScheduler` (what a user of this package runs);
+- `VRFMPipeline` with the RF wrapper (`latent_dim=0`);
+- diffusers' `FlowMatchEulerDiscreteScheduler` driving the RF wrapper, with the clock and sign converted by the
+  converters of `diffusers_vrfm.objective` (``sigma = 1 - t``, model output ``-v``);
+- diffusers' `FlowMatchEulerDiscreteScheduler` driving the bare inner backbone (`UNet2DModel` /
+  `DiTTransformer2DModel`): a stock diffusers flow-matching loop, the baseline of the sampling target.
+
+The variants are interleaved round by round (`benchmarks.common.interleaved_timings`) so that machine noise hits them
+alike, and the reported ratios are medians of per-round ratios. The run also checks that the diffusers loop and
+`VRFMPipeline` produce the same samples from the RF wrapper on the same uniform grid (the converters are right).
+
+Run from the repository root::
+
+    python -m benchmarks.speed            # the full run
+    python -m benchmarks.speed --quick    # a smoke run in a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):  # run as `python benchmarks/speed.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR,
+    count_parameters,
+    interleaved_timings,
+    machine_description,
+    markdown_table,
+    median_ratio,
+    pyplot,
+    write_json,
+)
+from diffusers_vrfm import (  # noqa: E402
+    VRFMConvPosteriorEncoder,
+    VRFMDiTTransformer2DModel,
+    VRFMPipeline,
+    VRFMScheduler,
+    VRFMUNet2DModel,
+    flow_match_output_to_velocity,
+    interpolate,
+    sigma_to_t,
+    target_velocity,
+    velocity_to_flow_match_output,
+    vrfm_loss,
+)
+
+TRAIN_TARGET = 1.15
+SAMPLE_TARGET = 1.02
+
+
+def backbone_configs(quick: bool) -> dict[str, dict]:
+    """The two backbones: a small CIFAR-shaped UNet and a small latent-shaped DiT (tinier with `quick`)."""
+    if quick:
+        unet = dict(
+            sample_size=16,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(16, 32),
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+            layers_per_block=1,
+            norm_num_groups=8,
+        )
+        dit = dict(sample_size=8, in_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=16)
+        posterior = dict(block_out_channels=(8, 16), norm_num_groups=4, hidden_dim=32)
+    else:
+        unet = dict(
+            sample_size=32,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(32, 64, 64),
+            down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+            layers_per_block=1,
+            norm_num_groups=8,
+        )
+        dit = dict(sample_size=16, in_channels=4, num_layers=4, num_attention_heads=4, attention_head_dim=32)
+        posterior = dict(block_out_channels=(16, 32, 64), norm_num_groups=8, hidden_dim=128)
+    return {
+        "UNet": {"cls": VRFMUNet2DModel, "kwargs": unet, "posterior": posterior, "inner": "unet"},
+        "DiT": {"cls": VRFMDiTTransformer2DModel, "kwargs": dit, "posterior": posterior, "inner": "transformer"},
+    }
+
+
+def build_pair(spec: dict, latent_dim: int, posterior_inputs: tuple[str, ...], seed: int = 0):
+    """The VRFM model, its posterior and the RF model (same backbone, `latent_dim=0`)."""
+    torch.manual_seed(seed)
+    vrfm = spec["cls"](latent_dim=latent_dim, **spec["kwargs"])
+    torch.manual_seed(seed)
+    rf = spec["cls"](latent_dim=0, **spec["kwargs"])
+    channels, height, _ = vrfm.sample_shape
+    encoder = VRFMConvPosteriorEncoder(
+        sample_size=height,
+        in_channels=channels,
+        latent_dim=latent_dim,
+        posterior_inputs=posterior_inputs,
+        **spec["posterior"],
+    )
+    return vrfm, encoder, rf
+
+
+def make_train_steps(vrfm, encoder, rf, batch_size: int, beta: float, seed: int = 0):
+    """Closures running one full optimiser step of VRFM, of RF, and of the posterior alone (for the breakdown)."""
+    shape = (batch_size, *vrfm.sample_shape)
+    generator = torch.Generator().manual_seed(seed)
+    data = torch.randn(shape, generator=generator).clamp(-1, 1)
+    opt_vrfm = torch.optim.Adam(list(vrfm.parameters()) + list(encoder.parameters()), lr=1e-4)
+    opt_rf = torch.optim.Adam(rf.parameters(), lr=1e-4)
+    opt_enc = torch.optim.Adam(encoder.parameters(), lr=1e-4)
+    vrfm.train(), rf.train(), encoder.train()
+
+    def batch():
+        x0 = torch.randn(shape, generator=generator)
+        t = torch.rand(batch_size, generator=generator)
+        return x0, data, t, interpolate(x0, data, t)
+
+    def step_vrfm():
+        x0, x1, t, x_t = batch()
+        posterior = encoder(x0=x0, x1=x1, x_t=x_t, t=t, generator=generator)
+        velocity = vrfm(x_t, t, z=posterior.sample).sample
+        loss = vrfm_loss(velocity, target_velocity(x0, x1), posterior.mean, posterior.logvar, beta=beta).loss
+        opt_vrfm.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_vrfm.step()
+
+    def step_rf():
+        x0, x1, t, x_t = batch()
+        loss = vrfm_loss(rf(x_t, t).sample, target_velocity(x0, x1)).loss
+        opt_rf.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_rf.step()
+
+    def step_posterior_only():
+        x0, x1, t, x_t = batch()
+        posterior = encoder(x0=x0, x1=x1, x_t=x_t, t=t, generator=generator)
+        loss = posterior.kl.mean() + posterior.sample.pow(2).mean()
+        opt_enc.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_enc.step()
+
+    return {"vrfm": step_vrfm, "rf": step_rf, "posterior_only": step_posterior_only}
+
+
+def diffusers_loop(model_fn, shape, num_steps: int, generator: torch.Generator, converted: bool):
+    """A stock diffusers flow-matching Euler loop with `FlowMatchEulerDiscreteScheduler` on the uniform grid.
+
+    With `converted=True`, `model_fn(x, t)` returns a velocity on this package's clock and is converted
+    (``t = sigma_to_t(sigma)``, output ``-v``); otherwise `model_fn(x, timestep)` is a bare diffusers backbone
+    called with diffusers' own timesteps (``sigma * 1000``).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, num_steps + 1)[:-1].tolist())
+    x = torch.randn(shape, generator=generator)
+    for timestep in scheduler.timesteps:
+        if converted:
+            t = sigma_to_t(timestep / scheduler.config.num_train_timesteps).reshape(()).expand(shape[0])
+            output = velocity_to_flow_match_output(model_fn(x, t))
+        else:
+            output = model_fn(x, timestep.reshape(()).expand(shape[0]))
+        x = scheduler.step(output, timestep, x).prev_sample
+    return x
+
+
+def make_sample_calls(vrfm, rf, inner_name: str, batch_size: int, num_steps: int, seed: int = 0):
+    """Closures sampling one batch of `num_steps` Euler steps with each of the four loops."""
+    vrfm.eval(), rf.eval()
+    shape = (batch_size, *vrfm.sample_shape)
+    vrfm_pipe = VRFMPipeline(velocity_model=vrfm, scheduler=VRFMScheduler())
+    rf_pipe = VRFMPipeline(velocity_model=rf, scheduler=VRFMScheduler())
+    for pipe in (vrfm_pipe, rf_pipe):
+        pipe.set_progress_bar_config(disable=True)
+    inner = bare_backbone(rf, inner_name)
+    labels = torch.zeros(batch_size, dtype=torch.long)
+
+    def bare(x, timestep):
+        if inner_name == "transformer":  # a stock DiT always takes labels (one class here)
+            return inner(x, timestep=timestep, class_labels=labels).sample
+        return inner(x, timestep).sample
+
+    @torch.no_grad()
+    def vrfm_pipeline():
+        return vrfm_pipe(batch_size, num_steps, generator=torch.Generator().manual_seed(seed), output_type="latent")
+
+    @torch.no_grad()
+    def rf_pipeline():
+        return rf_pipe(batch_size, num_steps, generator=torch.Generator().manual_seed(seed), output_type="latent")
+
+    @torch.no_grad()
+    def diffusers_rf_wrapper():
+        return diffusers_loop(
+            lambda x, t: rf(x, t).sample, shape, num_steps, torch.Generator().manual_seed(seed), True
+        )
+
+    @torch.no_grad()
+    def diffusers_bare_backbone():
+        return diffusers_loop(bare, shape, num_steps, torch.Generator().manual_seed(seed), False)
+
+    return {
+        "vrfm_pipeline": vrfm_pipeline,
+        "rf_pipeline": rf_pipeline,
+        "diffusers_fm_rf_wrapper": diffusers_rf_wrapper,
+        "diffusers_fm_bare_backbone": diffusers_bare_backbone,
+    }
+
+
+def bare_backbone(rf, inner_name: str) -> torch.nn.Module:
+    """The stock diffusers backbone of an RF wrapper: its inner `UNet2DModel` (which has no class path when
+    `latent_dim=0`), or a fresh stock `DiTTransformer2DModel` with the inner DiT's config (the wrapper swaps the DiT's
+    label embedders for its own condition embedders, so its inner DiT is not stock)."""
+    inner = getattr(rf, inner_name)
+    if inner_name == "transformer":
+        from diffusers import DiTTransformer2DModel
+
+        torch.manual_seed(0)
+        inner = DiTTransformer2DModel.from_config(inner.config)
+    return inner.eval()
+
+
+@torch.no_grad()
+def converter_check(rf, batch_size: int, num_steps: int, seed: int = 0) -> float:
+    """Max |difference| between `VRFMPipeline` and the converted diffusers loop on the same model, noise and grid."""
+    shape = (batch_size, *rf.sample_shape)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    pipe = VRFMPipeline(velocity_model=rf, scheduler=VRFMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    ours = pipe(batch_size, num_steps, latents=noise, output_type="latent").samples
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, num_steps + 1)[:-1].tolist())
+    x = noise
+    for timestep in scheduler.timesteps:
+        t = sigma_to_t(timestep / scheduler.config.num_train_timesteps).reshape(()).expand(batch_size)
+        output = velocity_to_flow_match_output(rf(x, t).sample)
+        assert torch.equal(flow_match_output_to_velocity(output), rf(x, t).sample)
+        x = scheduler.step(output, timestep, x).prev_sample
+    return float((ours - x).abs().max())
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.repeats = min(args.repeats, 3)
+        args.train_batch_size = min(args.train_batch_size, 4)
+        args.sample_batch_size = min(args.sample_batch_size, 4)
+        args.num_steps = min(args.num_steps, 2)
+    specs = backbone_configs(args.quick)
+    results = {
+        "meta": {
+            "command": ("python -m benchmarks.speed " + " ".join(shlex.quote(a) for a in args.argv)).strip(),
+            "machine": machine_description(),
+            "repeats": args.repeats,
+            "train_batch_size": args.train_batch_size,
+            "sample_batch_size": args.sample_batch_size,
+            "num_steps": args.num_steps,
+            "latent_dim": args.latent_dim,
+            "posterior_inputs": list(args.posterior_inputs),
+            "quick": bool(args.quick),
+        },
+        "backbones": {},
+    }
+    start = time.perf_counter()
+    for name in args.backbones:
+        spec = specs[name]
+        vrfm, encoder, rf = build_pair(spec, args.latent_dim, tuple(args.posterior_inputs))
+        train = interleaved_timings(
+            make_train_steps(vrfm, encoder, rf, args.train_batch_size, args.beta), repeats=args.repeats, warmup=2
+        )
+        sample = interleaved_timings(
+            make_sample_calls(vrfm, rf, spec["inner"], args.sample_batch_size, args.num_steps),
+            repeats=args.repeats,
+            warmup=1,
+        )
+        per_step = {k: [v / args.num_steps for v in values] for k, values in sample.items()}
+        inner = bare_backbone(rf, spec["inner"])
+        results["backbones"][name] = {
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in spec["kwargs"].items()},
+            "params": {
+                "velocity_vrfm": count_parameters(vrfm),
+                "velocity_rf": count_parameters(rf),
+                "bare_backbone": count_parameters(inner),
+                "z_embedding": count_parameters(vrfm.z_embedding),
+                "posterior": count_parameters(encoder),
+            },
+            "train_seconds": train,
+            "sample_seconds_per_step": per_step,
+            "train_ratio": median_ratio(train["vrfm"], train["rf"]),
+            "posterior_share": median_ratio(train["posterior_only"], train["rf"]),
+            "sample_ratio_vs_bare": median_ratio(per_step["vrfm_pipeline"], per_step["diffusers_fm_bare_backbone"]),
+            "sample_ratio_vs_wrapper": median_ratio(per_step["vrfm_pipeline"], per_step["diffusers_fm_rf_wrapper"]),
+            "sample_ratio_vrfm_vs_rf_pipeline": median_ratio(per_step["vrfm_pipeline"], per_step["rf_pipeline"]),
+            "converter_max_abs_diff": converter_check(rf, args.sample_batch_size, args.num_steps),
+        }
+        print(f"[{time.perf_counter() - start:6.1f}s] {name} done", flush=True)
+    results["meta"]["total_seconds"] = time.perf_counter() - start
+    output_dir = Path(args.output_dir)
+    write_json(output_dir / "speed.json", results)
+    (output_dir / "speed.md").write_text(render_report(results))
+    plot_speed(results, output_dir / "speed.png")
+    return results
+
+
+def render_report(results: dict) -> str:
+    meta = results["meta"]
+    ms = 1000.0
+    lines = [
+        "# Speed and overhead: VRFM vs RF on the same backbones",
+        "",
+        f"- Command: `{meta['command']}`",
+        f"- Machine: {meta['machine']}",
+        f"- {meta['repeats']} interleaved rounds; training batch {meta['train_batch_size']}, sampling batch "
+        f"{meta['sample_batch_size']} x {meta['num_steps']} Euler steps per call; dim z {meta['latent_dim']}, "
+        f"posterior q({', '.join(meta['posterior_inputs'])}) (`VRFMConvPosteriorEncoder`). Times are medians over "
+        "rounds; ratios are medians of per-round ratios.",
+        f"- Total wall time: {meta['total_seconds']:.0f} s.",
+        "",
+        "## Targets",
+        "",
+    ]
+    rows = []
+    for name, r in results["backbones"].items():
+        rows.append(
+            [
+                name,
+                "training step, VRFM / RF",
+                f"{r['train_ratio']:.3f}x",
+                f"<= {TRAIN_TARGET}x",
+                "met" if r["train_ratio"] <= TRAIN_TARGET else "NOT met",
+            ]
+        )
+        rows.append(
+            [
+                name,
+                "sampling step, VRFMPipeline (VRFM) / FlowMatchEuler + bare backbone",
+                f"{r['sample_ratio_vs_bare']:.3f}x",
+                f"<= {SAMPLE_TARGET}x",
+                "met" if r["sample_ratio_vs_bare"] <= SAMPLE_TARGET else "NOT met",
+            ]
+        )
+    lines += [markdown_table(["backbone", "quantity", "ratio", "target", "status"], rows), ""]
+
+    lines += ["## Training step", ""]
+    rows = []
+    for name, r in results["backbones"].items():
+        t = r["train_seconds"]
+        rows.append(
+            [
+                name,
+                f"{statistics.median(t['rf']) * ms:.1f}",
+                f"{statistics.median(t['vrfm']) * ms:.1f}",
+                f"{r['train_ratio']:.3f}x",
+                f"{statistics.median(t['posterior_only']) * ms:.1f}",
+                f"{r['posterior_share']:.3f}x",
+            ]
+        )
+    lines += [
+        markdown_table(
+            [
+                "backbone",
+                "RF step ms",
+                "VRFM step ms",
+                "VRFM / RF",
+                "posterior alone ms (fwd + bwd + Adam)",
+                "posterior alone / RF step",
+            ],
+            rows,
+        ),
+        "",
+        "## Sampling, per Euler step",
+        "",
+    ]
+    rows = []
+    for name, r in results["backbones"].items():
+        s = r["sample_seconds_per_step"]
+        rows.append(
+            [
+                name,
+                f"{statistics.median(s['diffusers_fm_bare_backbone']) * ms:.2f}",
+                f"{statistics.median(s['diffusers_fm_rf_wrapper']) * ms:.2f}",
+                f"{statistics.median(s['rf_pipeline']) * ms:.2f}",
+                f"{statistics.median(s['vrfm_pipeline']) * ms:.2f}",
+                f"{r['sample_ratio_vs_bare']:.3f}x",
+                f"{r['sample_ratio_vs_wrapper']:.3f}x",
+                f"{r['sample_ratio_vrfm_vs_rf_pipeline']:.3f}x",
+                f"{r['converter_max_abs_diff']:.1e}",
+            ]
+        )
+    lines += [
+        markdown_table(
+            [
+                "backbone",
+                "diffusers FM + bare backbone ms",
+                "diffusers FM + RF wrapper ms",
+                "VRFMPipeline RF ms",
+                "VRFMPipeline VRFM ms",
+                "VRFM / bare",
+                "VRFM / RF wrapper",
+                "VRFM / RF pipeline",
+                "max |pipeline - diffusers loop| (RF)",
+            ],
+            rows,
+        ),
+        "",
+        "## Parameters",
+        "",
+    ]
+    rows = [
+        [
+            name,
+            r["params"]["bare_backbone"],
+            r["params"]["velocity_rf"],
+            r["params"]["velocity_vrfm"],
+            r["params"]["z_embedding"],
+            r["params"]["posterior"],
+            r["params"]["velocity_vrfm"] + r["params"]["posterior"],
+        ]
+        for name, r in results["backbones"].items()
+    ]
+    lines += [
+        markdown_table(
+            [
+                "backbone",
+                "bare backbone",
+                "RF velocity net",
+                "VRFM velocity net",
+                "of which z path",
+                "posterior (training only)",
+                "VRFM total in training",
+            ],
+            rows,
+        ),
+        "",
+        "Figure: `speed.png` (per-round times of every variant).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_speed(results: dict, path: Path) -> None:
+    plt = pyplot()
+    names = list(results["backbones"])
+    fig, axes = plt.subplots(1, 2 * len(names), figsize=(4.5 * len(names) * 2, 3.4), squeeze=False)
+    for index, name in enumerate(names):
+        r = results["backbones"][name]
+        for offset, (key, title) in enumerate(
+            (("train_seconds", "training step"), ("sample_seconds_per_step", "sampling step"))
+        ):
+            ax = axes[0][2 * index + offset]
+            labels = list(r[key])
+            ax.boxplot([[v * 1000 for v in r[key][k]] for k in labels])
+            ax.set_xticks(range(1, len(labels) + 1), [label.replace("_", "\n") for label in labels], fontsize=6)
+            ax.set_ylabel("ms")
+            ax.set_title(f"{name}: {title}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbones", nargs="+", default=["UNet", "DiT"], choices=["UNet", "DiT"])
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved rounds")
+    parser.add_argument("--train-batch-size", type=int, default=32)
+    parser.add_argument("--sample-batch-size", type=int, default=32)
+    parser.add_argument("--num-steps", type=int, default=8, help="Euler steps per timed sampling call")
+    parser.add_argument("--latent-dim", type=int, default=16)
+    parser.add_argument("--posterior-inputs", nargs="+", default=["x1", "t"])
+    parser.add_argument("--beta", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--quick", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    previous_threads = torch.get_num_threads()
+    try:
+        results = run(args)
+    finally:
+        torch.set_num_threads(previous_threads)
+    print((Path(args.output_dir) / "speed.md").read_text())
+    return results
+
+
+if __name__ == "__main__":
+    main()

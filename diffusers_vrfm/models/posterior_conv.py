@@ -1,0 +1,144 @@
+"""VRFMConvPosteriorEncoder: a small convolutional posterior q(z | x0, x1, x_t, t) for images and image latents."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import get_timestep_embedding
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from .posterior import PosteriorEncoderMixin, validate_posterior_inputs
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, but got {value!r}.")
+
+
+class _ConvBlock(nn.Module):
+    """``Conv3x3 -> GroupNorm -> SiLU``, the stride of the conv setting the downsampling."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, norm_num_groups: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1)
+        self.norm = nn.GroupNorm(norm_num_groups, out_channels)
+        self.act = nn.SiLU()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(hidden)))
+
+
+class VRFMConvPosteriorEncoder(PosteriorEncoderMixin, ModelMixin, ConfigMixin):
+    """A convolutional posterior ``q(z | x0, x1, x_t, t)`` for images (pixels or VAE latents).
+
+    The chosen image inputs are stacked along channels and go through `len(block_out_channels)` stages of
+    ``Conv3x3 -> GroupNorm -> SiLU`` (`layers_per_block` per stage, each stage after the first starting with a
+    stride-2 conv), then a global average pool. When ``t`` is read, its sinusoidal embedding (``t * 1000``) is
+    concatenated to the pooled features; an MLP maps them to the mean and log-variance of a diagonal Gaussian.
+
+    The default inputs are ``("x1", "t")``, the setting of the paper's CIFAR-10 and ImageNet models. Keep the channels
+    small relative to the velocity network: the encoder is only used in training.
+
+    Args:
+        sample_size (`int` or `(int, int)`, defaults to 32): the image height and width.
+        in_channels (`int`, defaults to 3): the channels of one image input.
+        latent_dim (`int`, defaults to 16): the dimension of ``z``.
+        posterior_inputs (`tuple[str]`, defaults to `("x1", "t")`): a subset of `("x0", "x1", "x_t", "t")`.
+        block_out_channels (`tuple[int]`, defaults to `(16, 32, 64)`): the channels of each stage.
+        layers_per_block (`int`, defaults to 1): convolutions per stage.
+        norm_num_groups (`int`, defaults to 8): GroupNorm groups (must divide every entry of `block_out_channels`).
+        hidden_dim (`int`, defaults to 128): the width of the MLP head.
+        time_embed_dim (`int`, defaults to 32): the sinusoidal embedding size of ``t``.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_vrfm import VRFMConvPosteriorEncoder
+    >>> encoder = VRFMConvPosteriorEncoder(sample_size=8, in_channels=3, latent_dim=4, block_out_channels=(8, 16))
+    >>> out = encoder(x1=torch.randn(2, 3, 8, 8), t=torch.rand(2))
+    >>> out.mean.shape, out.kl.shape
+    (torch.Size([2, 4]), torch.Size([2]))
+    ```
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int | tuple[int, int] = 32,
+        in_channels: int = 3,
+        latent_dim: int = 16,
+        posterior_inputs: tuple[str, ...] = ("x1", "t"),
+        block_out_channels: tuple[int, ...] = (16, 32, 64),
+        layers_per_block: int = 1,
+        norm_num_groups: int = 8,
+        hidden_dim: int = 128,
+        time_embed_dim: int = 32,
+    ):
+        super().__init__()
+        self._spatial = _spatial_size(sample_size)
+        _check_int("in_channels", in_channels, 1)
+        _check_int("latent_dim", latent_dim, 1)
+        _check_int("layers_per_block", layers_per_block, 1)
+        _check_int("norm_num_groups", norm_num_groups, 1)
+        _check_int("hidden_dim", hidden_dim, 1)
+        _check_int("time_embed_dim", time_embed_dim, 2)
+        if isinstance(block_out_channels, int) or not block_out_channels:
+            raise ValueError(f"`block_out_channels` must be a non-empty sequence, but got {block_out_channels!r}.")
+        for channels in block_out_channels:
+            _check_int("block_out_channels", channels, 1)
+            if channels % norm_num_groups != 0:
+                raise ValueError(
+                    f"`norm_num_groups` ({norm_num_groups}) must divide every entry of `block_out_channels`, "
+                    f"but got {tuple(block_out_channels)}."
+                )
+        self.posterior_inputs = validate_posterior_inputs(posterior_inputs)
+        self.register_to_config(posterior_inputs=list(self.posterior_inputs))
+        num_image_inputs = sum(name != "t" for name in self.posterior_inputs)
+
+        layers = []
+        channels = num_image_inputs * in_channels
+        for stage, out_channels in enumerate(block_out_channels):
+            for layer in range(layers_per_block):
+                stride = 2 if stage > 0 and layer == 0 else 1
+                layers.append(_ConvBlock(channels, out_channels, stride, norm_num_groups))
+                channels = out_channels
+        self.conv = nn.Sequential(*layers)
+        head_in = channels + (time_embed_dim if "t" in self.posterior_inputs else 0)
+        self.head = nn.Sequential(
+            nn.Linear(head_in, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim), nn.SiLU()
+        )
+        self.to_mean = nn.Linear(hidden_dim, latent_dim)
+        self.to_logvar = nn.Linear(hidden_dim, latent_dim)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.config.latent_dim
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """The shape of one image input, `(channels, height, width)`."""
+        return (self.config.in_channels, *self._spatial)
+
+    def encode(self, inputs: dict[str, torch.Tensor], time: torch.Tensor | None):
+        """Maps the gathered inputs (and the time, when read) to `(mean, logvar)`, each `(B, latent_dim)`."""
+        images = torch.cat([inputs[name] for name in self.posterior_inputs if name != "t"], dim=1)
+        features = self.conv(images.to(self.dtype)).mean(dim=(2, 3))
+        if time is not None:
+            embedding = get_timestep_embedding(time.float() * 1000.0, self.config.time_embed_dim, flip_sin_to_cos=True)
+            features = torch.cat([features, embedding.to(features.dtype)], dim=-1)
+        hidden = self.head(features)
+        return self.to_mean(hidden), self.to_logvar(hidden)
+
+
+def _spatial_size(sample_size) -> tuple[int, int]:
+    if isinstance(sample_size, int) and not isinstance(sample_size, bool) and sample_size > 0:
+        return (sample_size, sample_size)
+    if (
+        isinstance(sample_size, (list, tuple))
+        and len(sample_size) == 2
+        and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sample_size)
+    ):
+        return (int(sample_size[0]), int(sample_size[1]))
+    raise ValueError(f"`sample_size` must be a positive int or a (height, width) pair, but got {sample_size!r}.")

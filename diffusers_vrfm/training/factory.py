@@ -1,0 +1,265 @@
+"""Building the velocity model and the posterior encoder for `train_vrfm.py`: from scratch, from a pretrained diffusers
+backbone (wrapped with a zero-initialised ``z`` path), or from an existing VRFM pipeline (to continue training).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+BACKBONES = ("unet", "dit", "mlp")
+
+# Small, CPU-friendly defaults; `--model_config` / `--posterior_config` override any key.
+DEFAULT_MODEL_CONFIGS = {
+    "mlp": {"hidden_dim": 64, "num_layers": 3, "activation": "selu"},
+    "unet": {
+        "block_out_channels": [32, 64, 64],
+        "layers_per_block": 1,
+        "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
+        "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+        "norm_num_groups": 8,
+        "attention_head_dim": 8,
+    },
+    "dit": {
+        "num_layers": 4,
+        "num_attention_heads": 4,
+        "attention_head_dim": 16,
+        "patch_size": 2,
+        "norm_num_groups": 8,
+    },
+}
+DEFAULT_POSTERIOR_CONFIGS = {
+    "mlp": {"hidden_dim": 64, "num_layers": 2},
+    "image": {"block_out_channels": [16, 32], "layers_per_block": 1, "norm_num_groups": 8, "hidden_dim": 64},
+}
+DEFAULT_POSTERIOR_INPUTS = {"mlp": ("x0", "x1", "x_t", "t"), "image": ("x1", "t")}
+DEFAULT_LATENT_DIM = {"mlp": 8, "unet": 4, "dit": 4}
+
+# diffusers backbones that can be wrapped, by the `_class_name` in their config.json.
+WRAPPABLE_BACKBONES = {
+    "UNet2DModel": ("unet", "VRFMUNet2DModel"),
+    "UNet2DConditionModel": ("unet", "VRFMUNet2DConditionModel"),
+    "DiTTransformer2DModel": ("dit", "VRFMDiTTransformer2DModel"),
+}
+_BACKBONE_SUBFOLDERS = (None, "unet", "transformer")
+
+
+def parse_json_config(value: str | None, argument: str) -> dict:
+    """`--model_config` and `--posterior_config`: a JSON object, or the path of a JSON file (e.g. a config.json)."""
+    if value is None:
+        return {}
+    text = value
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as handle:
+            text = handle.read()
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"`{argument}` must be a JSON object or the path of a JSON file, but got {value!r}."
+        ) from error
+    if not isinstance(config, dict):
+        raise ValueError(f"`{argument}` must be a JSON object, but got {type(config).__name__}.")
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def downsample_factor(backbone: str, model_config: dict) -> int:
+    """How many pixels one cell of the coarsest feature map covers: the resolution must be a multiple of it."""
+    if backbone == "unet":
+        return 2 ** (len(model_config["block_out_channels"]) - 1)
+    if backbone == "dit":
+        return int(model_config["patch_size"])
+    return 1
+
+
+@dataclass
+class PretrainedSource:
+    """What `--pretrained_model_name_or_path` points at.
+
+    Args:
+        kind (`str`): `"pipeline"` (a VRFM pipeline, to continue) or `"backbone"` (a diffusers model, to wrap).
+        path (`str`): the folder (or Hub id) as given.
+        backbone (`str`): `"unet"`, `"dit"` or `"mlp"`.
+        config (`dict`): the velocity model's (or backbone's) config.
+        subfolder (`str`, *optional*): the backbone's subfolder.
+    """
+
+    kind: str
+    path: str
+    backbone: str
+    config: dict
+    subfolder: str | None = None
+    components: dict = field(default_factory=dict)
+
+    @property
+    def sample_size(self):
+        return self.config.get("sample_size")
+
+    @property
+    def in_channels(self):
+        return self.config.get("in_channels")
+
+
+def _read_config(folder: str, subfolder: str | None, filename: str):
+    path = os.path.join(folder, subfolder or "", filename)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    return None
+
+
+def inspect_pretrained(path: str, subfolder: str | None = None, revision: str | None = None) -> PretrainedSource:
+    """Finds out whether `path` (a folder or a Hub id) holds a VRFM pipeline or a wrappable diffusers backbone."""
+    from diffusers_vrfm.hub import PIPELINE_CLASS
+
+    folder = path
+    if not os.path.isdir(folder):
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(path, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.md"])
+    model_index = _read_config(folder, None, "model_index.json")
+    class_name = (model_index or {}).get("_class_name")
+    class_name = class_name[-1] if isinstance(class_name, list) else class_name
+    if class_name == PIPELINE_CLASS and subfolder is None:
+        velocity_config = _read_config(folder, "velocity_model", "config.json") or {}
+        backbone = {"VRFMMLPModel": "mlp", "VRFMDiTTransformer2DModel": "dit"}.get(
+            velocity_config.get("_class_name"), "unet"
+        )
+        return PretrainedSource("pipeline", folder, backbone, velocity_config)
+    candidates = [subfolder] if subfolder is not None else list(_BACKBONE_SUBFOLDERS)
+    for candidate in candidates:
+        config = _read_config(folder, candidate, "config.json")
+        if config is None:
+            continue
+        class_name = config.get("_class_name")
+        if class_name not in WRAPPABLE_BACKBONES:
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {path!r} holds a {class_name!r}; only "
+                f"{sorted(WRAPPABLE_BACKBONES)} backbones or VRFM pipelines can be trained."
+            )
+        return PretrainedSource("backbone", folder, WRAPPABLE_BACKBONES[class_name][0], config, candidate)
+    raise ValueError(
+        f"`--pretrained_model_name_or_path` {path!r} has neither a model_index.json (a VRFM pipeline) nor a "
+        f"config.json of a diffusers backbone{' in ' + repr(subfolder) if subfolder else ''}."
+    )
+
+
+@dataclass
+class BuiltModels:
+    """The models [`build_models`] returns, with where they came from (for the model card)."""
+
+    velocity_model: object
+    posterior_encoder: object | None
+    base_model: str | None = None
+    origin: str = "scratch"
+
+
+def _posterior_for(kind: str, sample_shape, latent_dim: int, posterior_inputs, posterior_config: dict):
+    import diffusers_vrfm
+
+    if latent_dim == 0:
+        return None
+    if kind == "vector":
+        config = {**DEFAULT_POSTERIOR_CONFIGS["mlp"], **posterior_config}
+        return diffusers_vrfm.VRFMPosteriorEncoder(
+            sample_size=sample_shape[0], latent_dim=latent_dim, posterior_inputs=tuple(posterior_inputs), **config
+        )
+    config = {**DEFAULT_POSTERIOR_CONFIGS["image"], **posterior_config}
+    return diffusers_vrfm.VRFMConvPosteriorEncoder(
+        sample_size=sample_shape[1],
+        in_channels=sample_shape[0],
+        latent_dim=latent_dim,
+        posterior_inputs=tuple(posterior_inputs),
+        **config,
+    )
+
+
+def build_models(
+    backbone: str,
+    sample_shape: tuple[int, ...],
+    latent_dim: int,
+    posterior_inputs,
+    num_classes: int | None = None,
+    model_config: dict | None = None,
+    posterior_config: dict | None = None,
+    pretrained: PretrainedSource | None = None,
+) -> BuiltModels:
+    """Creates (or loads) the velocity model and, when `latent_dim > 0`, the posterior encoder.
+
+    Args:
+        backbone (`str`): `"unet"`, `"dit"` or `"mlp"`.
+        sample_shape (`tuple[int, ...]`): `(C, H, W)` for images, `(D,)` for vectors.
+        latent_dim (`int`): the dimension of ``z`` (0 = plain rectified flow, no posterior).
+        posterior_inputs (`tuple[str]`): what the posterior reads.
+        num_classes (`int`, *optional*): for class conditioning.
+        model_config (`dict`, *optional*), posterior_config (`dict`, *optional*): overrides of the default configs.
+        pretrained ([`PretrainedSource`], *optional*): a pipeline to continue or a backbone to wrap.
+    """
+    import diffusers
+
+    import diffusers_vrfm
+
+    model_config = dict(model_config or {})
+    posterior_config = dict(posterior_config or {})
+    kind = "vector" if backbone == "mlp" else "image"
+
+    if pretrained is not None and pretrained.kind == "pipeline":
+        from diffusers_vrfm.hub import load_pipeline_components
+
+        components = load_pipeline_components(pretrained.path)
+        velocity_model = components["velocity_model"]
+        if velocity_model.latent_dim != latent_dim:
+            raise ValueError(
+                f"`--latent_dim` {latent_dim} differs from the pipeline's velocity model "
+                f"({velocity_model.latent_dim}); leave `--latent_dim` unset to continue the pipeline."
+            )
+        if velocity_model.num_classes != num_classes:
+            raise ValueError(
+                f"The pipeline's velocity model has num_classes={velocity_model.num_classes}, but the training data "
+                f"gives {num_classes}; set `--class_conditional` to match the pipeline."
+            )
+        posterior = components.get("posterior_encoder")
+        if posterior is None:
+            posterior = _posterior_for(kind, sample_shape, latent_dim, posterior_inputs, posterior_config)
+        return BuiltModels(velocity_model, posterior, base_model=pretrained.path, origin="pipeline")
+
+    if pretrained is not None:
+        class_name = pretrained.config["_class_name"]
+        backbone_class = getattr(diffusers, class_name)
+        wrapper_class = getattr(diffusers_vrfm, WRAPPABLE_BACKBONES[class_name][1])
+        loaded = backbone_class.from_pretrained(pretrained.path, subfolder=pretrained.subfolder)
+        velocity_model = wrapper_class.from_backbone(loaded, latent_dim=latent_dim, num_classes=num_classes)
+        posterior = _posterior_for(kind, sample_shape, latent_dim, posterior_inputs, posterior_config)
+        return BuiltModels(velocity_model, posterior, base_model=pretrained.path, origin="backbone")
+
+    config = {**DEFAULT_MODEL_CONFIGS[backbone], **model_config}
+    if backbone == "mlp":
+        velocity_model = diffusers_vrfm.VRFMMLPModel(
+            sample_size=sample_shape[0], latent_dim=latent_dim, num_classes=num_classes, **config
+        )
+    elif backbone == "unet":
+        velocity_model = diffusers_vrfm.VRFMUNet2DModel(
+            sample_size=sample_shape[1],
+            in_channels=sample_shape[0],
+            out_channels=sample_shape[0],
+            latent_dim=latent_dim,
+            num_classes=num_classes,
+            **config,
+        )
+    elif backbone == "dit":
+        velocity_model = diffusers_vrfm.VRFMDiTTransformer2DModel(
+            sample_size=sample_shape[1],
+            in_channels=sample_shape[0],
+            latent_dim=latent_dim,
+            num_classes=num_classes,
+            **config,
+        )
+    else:
+        raise ValueError(f"`--backbone` must be one of {BACKBONES}, but got {backbone!r}.")
+    posterior = _posterior_for(kind, sample_shape, latent_dim, posterior_inputs, posterior_config)
+    return BuiltModels(velocity_model, posterior)
+
+
+def count_parameters(model) -> int:
+    return 0 if model is None else sum(p.numel() for p in model.parameters())

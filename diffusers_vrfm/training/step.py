@@ -1,0 +1,157 @@
+"""One VRFM training step, separated from the accelerate loop so that it can be tested on its own.
+
+The math comes from [`diffusers_vrfm.objective`]: [`interpolate`], [`target_velocity`], [`vrfm_loss`] and
+[`drop_labels`]; training times come from [`VRFMScheduler.sample_training_timesteps`]. This module only decides *which*
+random numbers each example gets (see [`draw_step_randomness`]) and calls the models.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..objective import VRFMLossOutput, drop_labels, interpolate, target_velocity, vrfm_loss
+from .determinism import example_generators, make_generator
+
+
+def beta_at_step(beta: float, global_step: int, warmup_steps: int = 0) -> float:
+    """The KL weight at an optimisation step: a linear ramp from 0 to `beta` over `warmup_steps`, then `beta`.
+
+    Example:
+
+    ```py
+    >>> from diffusers_vrfm.training.step import beta_at_step
+    >>> [beta_at_step(0.1, step, warmup_steps=4) for step in (0, 2, 4, 10)]
+    [0.0, 0.05, 0.1, 0.1]
+    ```
+    """
+    if not (math.isfinite(beta) and beta >= 0):
+        raise ValueError(f"`beta` must be a finite number >= 0, but got {beta!r}.")
+    if warmup_steps < 0:
+        raise ValueError(f"`warmup_steps` must be >= 0, but got {warmup_steps!r}.")
+    if warmup_steps == 0 or global_step >= warmup_steps:
+        return float(beta)
+    return float(beta) * max(global_step, 0) / warmup_steps
+
+
+@dataclass
+class StepRandomness:
+    """The random inputs of one micro-step for the examples of this process.
+
+    Args:
+        t (`torch.Tensor` of shape `(B,)`): training times.
+        x0 (`torch.Tensor` of shape `(B, ...)`): source samples (noise), or `None` when the data supplies them.
+        label_drop (`torch.Tensor` of shape `(B,)`, bool, *optional*): which labels to replace by the null label.
+        posterior_generators (`list[torch.Generator]`): one generator per example for the posterior's draw of `z`.
+    """
+
+    t: torch.Tensor
+    x0: torch.Tensor | None
+    label_drop: torch.Tensor | None
+    posterior_generators: list[torch.Generator] | None
+
+
+def draw_step_randomness(
+    scheduler,
+    seed: int,
+    micro_step: int,
+    global_batch_size: int,
+    rows: slice,
+    sample_shape: tuple[int, ...] | None,
+    label_dropout: float = 0.0,
+    num_classes: int | None = None,
+    latent_dim: int = 0,
+    generator: torch.Generator | None = None,
+) -> StepRandomness:
+    """Draws the randomness of micro-step `micro_step` for the whole global batch, then keeps this process's `rows`.
+
+    Every process draws the same global numbers (from `(seed, "noise", micro_step)`), so a run on `N` processes uses
+    exactly the numbers of a 1-process run with the same global batch, and a resumed run those of an uninterrupted
+    one. The posterior's draw of `z` uses one generator per example, keyed by the example's global position.
+
+    Args:
+        scheduler ([`VRFMScheduler`]): draws `t` from its configured `timestep_density`.
+        seed (`int`), micro_step (`int`): the run's seed and the micro-step counter.
+        global_batch_size (`int`): examples per micro-step over all processes.
+        rows (`slice`): the rows of the global batch that belong to this process.
+        sample_shape (`tuple[int, ...]`, *optional*): the shape of one example; `None` when the data supplies `x0`.
+        label_dropout (`float`): the probability of replacing a label by the null label.
+        num_classes (`int`, *optional*): the number of classes (the null label); `None` when unconditional.
+        latent_dim (`int`): the dimension of `z`; 0 means no posterior draws.
+        generator (`torch.Generator`, *optional*): continue an existing stream (used when `x0` came from it).
+    """
+    generator = generator or make_generator(seed, "noise", micro_step)
+    t = scheduler.sample_training_timesteps(global_batch_size, generator=generator)[rows]
+    x0 = None
+    if sample_shape is not None:
+        x0 = torch.randn((global_batch_size, *sample_shape), generator=generator)[rows]
+    label_drop = None
+    if num_classes is not None and label_dropout > 0:
+        # drop_labels only decides where to put the null label; feed it positions so the mask covers the global batch.
+        positions = torch.zeros(global_batch_size, dtype=torch.long)
+        label_drop = (drop_labels(positions, label_dropout, null_class=1, generator=generator) == 1)[rows]
+    posterior_generators = None
+    if latent_dim > 0:
+        indices = range(global_batch_size)[rows]
+        posterior_generators = example_generators(seed, "posterior", micro_step, indices)
+    return StepRandomness(t=t, x0=x0, label_drop=label_drop, posterior_generators=posterior_generators)
+
+
+@dataclass
+class TrainingStepOutput:
+    """What [`vrfm_training_loss`] returns: the loss parts and the posterior means (for active-unit counts)."""
+
+    loss: VRFMLossOutput
+    posterior_mean: torch.Tensor | None
+
+
+def vrfm_training_loss(
+    velocity_model,
+    posterior_encoder,
+    x0: torch.Tensor,
+    x1: torch.Tensor,
+    t: torch.Tensor,
+    class_labels: torch.Tensor | None = None,
+    posterior_generators: list[torch.Generator] | None = None,
+    beta: float = 1.0,
+    reduction: str = "mean",
+    free_bits: float = 0.0,
+) -> TrainingStepOutput:
+    """The VRFM loss of one batch: path point, posterior draw of `z`, velocity prediction and the ELBO terms.
+
+    With `posterior_encoder=None` this is plain rectified flow (the velocity model must have `latent_dim=0`).
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_vrfm import VRFMMLPModel, VRFMPosteriorEncoder
+    >>> from diffusers_vrfm.training.step import vrfm_training_loss
+    >>> model, encoder = VRFMMLPModel(sample_size=2, latent_dim=3), VRFMPosteriorEncoder(sample_size=2, latent_dim=3)
+    >>> out = vrfm_training_loss(model, encoder, torch.randn(8, 2), torch.randn(8, 2), torch.rand(8), beta=0.1)
+    >>> out.loss.kl_per_dim.shape, out.posterior_mean.shape
+    (torch.Size([3]), torch.Size([8, 3]))
+    ```
+    """
+    x_t = interpolate(x0, x1, t)
+    target = target_velocity(x0, x1)
+    mean = logvar = z = None
+    if posterior_encoder is not None:
+        # A tuple rather than the output dataclass: accelerate's mixed-precision wrapper rebuilds mapping outputs with
+        # a single positional argument, which a dataclass with several required fields does not accept.
+        mean, logvar, z, _ = posterior_encoder(
+            x0=x0, x1=x1, x_t=x_t, t=t, generator=posterior_generators, return_dict=False
+        )
+    prediction = velocity_model(x_t, t, z=z, class_labels=class_labels).sample
+    loss = vrfm_loss(
+        prediction,
+        target,
+        posterior_mean=mean,
+        posterior_logvar=logvar,
+        beta=beta,
+        reduction=reduction,
+        free_bits=free_bits,
+    )
+    return TrainingStepOutput(loss=loss, posterior_mean=None if mean is None else mean.detach())

@@ -1,0 +1,234 @@
+"""The benchmark harness: its rulers on cases with known answers, and each benchmark's `--quick` mode end to end.
+
+The quick runs execute in-process (sharing one import of torch and diffusers) and write to a temporary folder; the
+checks are that their tables are well formed (the right rows and columns, finite numbers) and their PNGs written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import common
+from diffusers_vrfm import VRFMMLPModel, VRFMPipeline, VRFMPosteriorEncoder, VRFMScheduler
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _number(cell: str) -> float:
+    """The leading number of a table cell such as `0.25 ± 0.01`, `1.07x` or `3.1e-03`."""
+    return float(cell.split()[0].rstrip("x"))
+
+
+def _assert_png(path):
+    assert path.exists(), f"{path} was not written"
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 1000
+
+
+def _table_with_header(tables, first_header: str, contains: str | None = None):
+    for table in tables:
+        if table[0][0] == first_header and (contains is None or any(contains in h for h in table[0])):
+            yield table
+
+
+# ------------------------------------------------------------------------------------------------------- the rulers
+def test_wasserstein2_known_values():
+    x = torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
+    assert common.wasserstein2(x, x) == pytest.approx(0.0, abs=1e-9)
+    # A translation by d moves every point by |d|: W2 is exactly |d|.
+    shift = torch.tensor([3.0, 4.0])
+    assert common.wasserstein2(x, x + shift) == pytest.approx(5.0, rel=1e-6)
+    # Permuting a sample does not change the measure.
+    assert common.wasserstein2(x, x[torch.randperm(300)]) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="same dimension"):
+        common.wasserstein2(x, torch.zeros(3, 3))
+
+
+def test_sliced_wasserstein_and_floor_are_small_for_same_distribution():
+    sample = lambda n, g: torch.randn(n, 2, generator=g)  # noqa: E731
+    floor = common.sampling_floor(sample, 500, seed=0)
+    shifted = common.wasserstein2(sample(500, torch.Generator().manual_seed(1)) + 2.0, sample(500, None))
+    assert 0 < floor < 0.5 < shifted
+    x = sample(500, torch.Generator().manual_seed(2))
+    assert common.sliced_wasserstein2(x, x + 1.0) > common.sliced_wasserstein2(x, x[torch.randperm(500)]) + 0.5
+
+
+def test_mmd_separates_shifted_samples():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(400, 3, generator=g), torch.randn(400, 3, generator=g)
+    same = common.mmd_rbf(a, b)
+    different = common.mmd_rbf(a, b + 1.0)
+    assert abs(same) < 0.01 < different
+
+
+def test_frechet_distance_gaussian_formula():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 4, generator=g)
+    # Same covariance, means 2 apart in one coordinate: the distance is |mu_a - mu_b|^2 = 4.
+    y = x + torch.tensor([2.0, 0.0, 0.0, 0.0])
+    assert common.frechet_distance(x, y) == pytest.approx(4.0, rel=1e-6)
+    # Scaling by 2: |mu|^2 + tr(S) + tr(4S) - 2 tr(2S) = |mu|^2 + tr(S).
+    expected = float(np.trace(np.cov(x.numpy(), rowvar=False)) + (x.double().mean(0) ** 2).sum())
+    assert common.frechet_distance(x, 2 * x) == pytest.approx(expected, rel=1e-6)
+
+
+def test_euler_trajectory_matches_pipeline_and_straightness():
+    torch.manual_seed(0)
+    model = VRFMMLPModel(sample_size=2, latent_dim=3).eval()
+    # Make the z path live (its last layer starts at zero) so that the check covers z.
+    torch.nn.init.normal_(model.z_embedding.linear_2.weight, std=0.5)
+    pipe = VRFMPipeline(velocity_model=model, scheduler=VRFMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    x0 = torch.randn(16, 2, generator=torch.Generator().manual_seed(1))
+    out = pipe(batch_size=16, num_inference_steps=5, latents=x0, generator=torch.Generator().manual_seed(2))
+    trajectory = common.euler_trajectory(model, x0, 5, z=out.z)
+    assert trajectory.states.shape == (6, 16, 2) and trajectory.velocities.shape == (5, 16, 2)
+    torch.testing.assert_close(trajectory.states[-1], out.samples)
+    assert common.straightness(trajectory) > 0
+    # A constant velocity field gives perfectly straight paths.
+    states = torch.stack([x0 + k * 0.25 * torch.ones(2) for k in range(5)])
+    constant = common.Trajectory(times=torch.linspace(0, 1, 5), states=states, velocities=torch.ones(4, 16, 2))
+    assert common.straightness(constant) == pytest.approx(0.0, abs=1e-10)
+
+
+def test_adaptive_sample_solves_a_linear_field():
+    class Constant(torch.nn.Module):
+        def forward(self, x, t, z=None):
+            assert (t >= 0).all() and (t <= 1).all()  # the clamp keeps the overshoot of dopri5 inside [0, 1]
+            return type("Out", (), {"sample": torch.ones_like(x) * 2.0})()
+
+    x0 = torch.zeros(4, 2)
+    samples, nfe = common.adaptive_sample(Constant(), x0, tol=1e-6)
+    torch.testing.assert_close(samples, torch.full((4, 2), 2.0))
+    assert nfe >= 6
+
+
+def test_posterior_diagnostics_on_a_fresh_encoder():
+    torch.manual_seed(0)
+    encoder = VRFMPosteriorEncoder(sample_size=2, latent_dim=4).eval()
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(500, 2, generator=g), torch.randn(500, 2, generator=g) * 3
+    diag = common.posterior_diagnostics(encoder, x0, x1, num_mmd_samples=300)
+    assert len(diag.kl_per_dim) == 4 and diag.kl == pytest.approx(sum(diag.kl_per_dim))
+    assert diag.aggregate_var == pytest.approx(diag.mu_var + diag.sigma2)
+    assert 0 <= diag.active_units <= 4
+    assert all(math.isfinite(v) for v in (diag.kl, diag.mu_mean_norm, diag.mmd, diag.mmd_floor))
+    # A posterior pushed far from the prior shows up in the MMD and the moments.
+    with torch.no_grad():
+        encoder.to_mean.bias.fill_(3.0)
+    far = common.posterior_diagnostics(encoder, x0, x1, num_mmd_samples=300)
+    assert far.mmd > diag.mmd + 0.1 and far.mu_mean_norm > 5.0
+
+
+def test_markdown_table_roundtrip_and_errors():
+    text = common.markdown_table(["a", "b|c"], [[1, 0.5], ["x", float("nan")]])
+    (table,) = common.parse_markdown_tables("intro\n\n" + text + "\n\nafter")
+    assert table == [["a", "b\\|c"], ["1", "0.5"], ["x", "nan"]]
+    with pytest.raises(ValueError, match="needs 2 cells"):
+        common.markdown_table(["a", "b"], [[1]])
+    assert common.format_mean_std([1.0, 3.0]) == "2 ± 1"
+
+
+def test_interleaved_timings_shape_and_ratio():
+    calls = []
+    timings = common.interleaved_timings(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=4, warmup=1, inner=2
+    )
+    assert set(timings) == {"a", "b"} and all(len(v) == 4 for v in timings.values())
+    assert calls.count("a") == calls.count("b") == 1 + 4 * 2
+    assert common.median_ratio([2.0, 4.0, 6.0], [1.0, 2.0, 2.0]) == 2.0
+
+
+# ------------------------------------------------------------------------------------------------ the quick runs
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    from benchmarks import toy_quality
+
+    out = tmp_path_factory.mktemp("toy")
+    results = toy_quality.main(["--quick", "--output-dir", str(out)])
+    return out, results
+
+
+def test_toy_quick_outputs_are_well_formed(toy_run):
+    from benchmarks.toy_quality import DEFAULT_NFES, TOY_TASKS
+
+    out, results = toy_run
+    tables = common.parse_markdown_tables((out / "toy_quality.md").read_text())
+    (targets,) = list(_table_with_header(tables, "task", "status"))
+    assert len(targets) == 1 + 3 * len(TOY_TASKS)
+    assert {row[-1] for row in targets[1:]} <= {"met", "NOT met"}
+    w2_tables = list(_table_with_header(tables, "method", "W2 NFE 1"))
+    assert len(w2_tables) == len(TOY_TASKS)
+    for table in w2_tables:
+        header = table[0]
+        assert [h for h in header if h.startswith("W2")] == [f"W2 NFE {n}" for n in DEFAULT_NFES] + ["W2 dopri5"]
+        assert [row[0] for row in table[1:]] == ["VRFM", "RF", "I-CFM", "OT-CFM"]
+        for row in table[1:]:
+            assert len(row) == len(header)
+            numbers = [_number(c) for h, c in zip(header, row) if h.startswith("W2") or h == "straightness"]
+            assert all(math.isfinite(v) and v >= 0 for v in numbers)
+            assert _number(row[header.index("dopri5 NFE")]) >= 6
+    diagnostics = list(_table_with_header(tables, "method", "MMD^2 q vs prior"))
+    assert len(diagnostics) == len(TOY_TASKS) and all(row[0] == "VRFM" for t in diagnostics for row in t[1:])
+    stored = json.loads((out / "toy_quality.json").read_text())
+    assert stored["meta"]["quick"] is True and set(stored["tasks"]) == set(TOY_TASKS)
+    for name in ("toy_w2_vs_nfe.png", "toy_trajectories.png", "toy_samples.png"):
+        _assert_png(out / name)
+    assert results["tasks"]["ring_2d"]["floor"][0] > 0
+
+
+def test_toy_variant_parsing():
+    from benchmarks.toy_quality import build_parser, resolve_methods
+
+    args = build_parser().parse_args(
+        ["--beta", "ring_2d=0.01", "--latent-dim", "3", "--variant", "small:beta=0.5,inputs=x1+t,tasks=ring_2d"]
+    )
+    ring = {m.label: m for m in resolve_methods(args, "ring_2d")}
+    assert ring["VRFM"].settings.beta == 0.01 and ring["VRFM"].settings.latent_dim == 3
+    assert ring["VRFM[small]"].settings.posterior_inputs == ("x1", "t") and ring["VRFM[small]"].settings.beta == 0.5
+    assert "VRFM[small]" not in {m.label for m in resolve_methods(args, "two_modes_1d")}
+    with pytest.raises(ValueError, match="unknown task"):
+        resolve_methods(build_parser().parse_args(["--beta", "nope=1"]), "ring_2d")
+
+
+def test_speed_quick_outputs_are_well_formed(tmp_path):
+    from benchmarks import speed
+
+    results = speed.main(["--quick", "--output-dir", str(tmp_path)])
+    tables = common.parse_markdown_tables((tmp_path / "speed.md").read_text())
+    (targets,) = list(_table_with_header(tables, "backbone", "status"))
+    assert [row[0] for row in targets[1:]] == ["UNet", "UNet", "DiT", "DiT"]
+    assert all(_number(row[2]) > 0 for row in targets[1:])
+    (sampling,) = list(_table_with_header(tables, "backbone", "VRFM / bare"))
+    for row in sampling[1:]:
+        assert all(math.isfinite(_number(c)) and _number(c) >= 0 for c in row[1:])
+    for backbone in results["backbones"].values():
+        # The diffusers loop (sigma clock, -v output) and VRFMPipeline agree on the same RF model.
+        assert backbone["converter_max_abs_diff"] < 1e-5
+        assert backbone["params"]["posterior"] > 0 and backbone["params"]["z_embedding"] > 0
+        assert (
+            backbone["params"]["velocity_vrfm"]
+            == backbone["params"]["velocity_rf"] + backbone["params"]["z_embedding"]
+        )
+    _assert_png(tmp_path / "speed.png")
+
+
+def test_mnist_quick_outputs_are_well_formed(tmp_path):
+    from benchmarks import mnist_quality
+
+    results = mnist_quality.main(["--quick", "--output-dir", str(tmp_path)])
+    tables = common.parse_markdown_tables((tmp_path / "mnist_quality.md").read_text())
+    (fd_table,) = list(_table_with_header(tables, "method", "NFE 16"))
+    assert [row[0] for row in fd_table[1:]] == ["RF", "VRFM", "VRFM / RF"]
+    assert fd_table[0][1:] == [f"NFE {n}" for n in mnist_quality.DEFAULT_NFES]
+    assert all(math.isfinite(_number(c)) and _number(c) >= 0 for row in fd_table[1:] for c in row[1:])
+    (target,) = list(_table_with_header(tables, "quantity"))
+    assert target[1][-1] in {"met", "NOT met"}
+    assert results["meta"]["fd_floor"] >= 0 and 0 <= results["meta"]["classifier_accuracy"] <= 1
+    _assert_png(tmp_path / "mnist_grids.png")
+    _assert_png(tmp_path / "mnist_fd_vs_nfe.png")

@@ -1,0 +1,183 @@
+import math
+
+import pytest
+import torch
+
+from diffusers_vrfm import (
+    count_active_units,
+    drop_labels,
+    flow_match_output_to_velocity,
+    gaussian_kl,
+    interpolate,
+    reparameterize,
+    sample_timesteps,
+    sigma_to_t,
+    slerp,
+    t_to_sigma,
+    target_velocity,
+    velocity_to_flow_match_output,
+    vrfm_loss,
+)
+
+
+@pytest.mark.parametrize("shape", [(5, 1), (5, 2), (5, 3, 4, 4)])
+def test_path_and_target_closed_form(shape):
+    generator = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    t = torch.rand(shape[0], generator=generator)
+    t_b = t.reshape(-1, *([1] * (len(shape) - 1)))
+    torch.testing.assert_close(interpolate(x0, x1, t), x0 + t_b * (x1 - x0))
+    torch.testing.assert_close(interpolate(x0, x1, torch.zeros(shape[0])), x0)
+    torch.testing.assert_close(interpolate(x0, x1, torch.ones(shape[0])), x1)
+    # the target is the time derivative of the path
+    h = 1e-3
+    finite_difference = (interpolate(x0.double(), x1.double(), t + h) - interpolate(x0.double(), x1.double(), t)) / h
+    torch.testing.assert_close(finite_difference.float(), target_velocity(x0, x1), atol=1e-4, rtol=1e-4)
+
+
+def test_path_rejects_mismatched_inputs():
+    with pytest.raises(ValueError, match="`x0` and `x1`"):
+        interpolate(torch.zeros(2, 3), torch.zeros(2, 4), 0.5)
+    with pytest.raises(ValueError, match="`t`"):
+        interpolate(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3))
+
+
+def test_clock_converters_round_trip_and_match_diffusers():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    t = torch.linspace(0, 1, 11)
+    torch.testing.assert_close(sigma_to_t(t_to_sigma(t)), t)
+    v = torch.randn(4, 2)
+    torch.testing.assert_close(flow_match_output_to_velocity(velocity_to_flow_match_output(v)), v)
+    # One diffusers Euler step with the converted model output equals our Euler step in our clock.
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(4)
+    x = torch.randn(4, 2)
+    sigma, sigma_next = scheduler.sigmas[0], scheduler.sigmas[1]
+    ours = x + (sigma_to_t(sigma_next) - sigma_to_t(sigma)) * v
+    theirs = scheduler.step(velocity_to_flow_match_output(v), scheduler.timesteps[0], x).prev_sample
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_kl_matches_torch_distributions():
+    generator = torch.Generator().manual_seed(1)
+    mean, logvar = torch.randn(6, 3, generator=generator), torch.randn(6, 3, generator=generator)
+    q = torch.distributions.Normal(mean, (0.5 * logvar).exp())
+    expected = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0))
+    torch.testing.assert_close(gaussian_kl(mean, logvar), expected)
+    prior_mean, prior_logvar = torch.randn(6, 3, generator=generator), torch.randn(6, 3, generator=generator)
+    p = torch.distributions.Normal(prior_mean, (0.5 * prior_logvar).exp())
+    torch.testing.assert_close(gaussian_kl(mean, logvar, prior_mean, prior_logvar), torch.distributions.kl_divergence(q, p))
+
+
+def test_reparameterize_moments_and_determinism():
+    mean, logvar = torch.full((20000, 2), 1.5), torch.full((20000, 2), math.log(0.25))
+    z = reparameterize(mean, logvar, generator=torch.Generator().manual_seed(0))
+    assert abs(z.mean().item() - 1.5) < 0.01 and abs(z.std().item() - 0.5) < 0.01
+    again = reparameterize(mean, logvar, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(z, again)
+
+
+@pytest.mark.parametrize("density", ["uniform", "logit_normal", "mode"])
+def test_sample_timesteps_range_and_determinism(density):
+    t = sample_timesteps(4096, density, generator=torch.Generator().manual_seed(0))
+    assert t.shape == (4096,) and (t >= 0).all() and (t <= 1).all()
+    torch.testing.assert_close(t, sample_timesteps(4096, density, generator=torch.Generator().manual_seed(0)))
+
+
+def test_sample_timesteps_uses_diffusers_sigma_clock():
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    sigma = compute_density_for_timestep_sampling("mode", 64, mode_scale=1.29, generator=torch.Generator().manual_seed(3))
+    t = sample_timesteps(64, "mode", mode_scale=1.29, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(t, 1 - sigma)
+    # a positive logit mean puts mass near the noisy end, i.e. small t in our clock
+    assert sample_timesteps(4096, "logit_normal", logit_mean=1.0).mean() < 0.4
+
+
+def test_sample_timesteps_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="`density`"):
+        sample_timesteps(4, "cosine")
+    with pytest.raises(ValueError, match="`batch_size`"):
+        sample_timesteps(0)
+
+
+def test_loss_without_posterior_is_plain_rectified_flow():
+    generator = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(8, 3, generator=generator), torch.randn(8, 3, generator=generator)
+    out = vrfm_loss(pred, target, beta=5.0)
+    torch.testing.assert_close(out.loss, (pred - target).pow(2).sum(dim=1).mean())
+    assert out.kl.item() == 0.0 and out.kl_per_dim.numel() == 0
+    # "mean" reduction is torch's MSE, as torchcfm's I-CFM computes it
+    torch.testing.assert_close(vrfm_loss(pred, target, reduction="mean").loss, torch.nn.functional.mse_loss(pred, target))
+
+
+def test_loss_reductions_share_beta():
+    generator = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(8, 4, generator=generator), torch.randn(8, 4, generator=generator)
+    mean, logvar = torch.randn(8, 2, generator=generator), torch.randn(8, 2, generator=generator)
+    summed = vrfm_loss(pred, target, mean, logvar, beta=0.3, reduction="sum")
+    averaged = vrfm_loss(pred, target, mean, logvar, beta=0.3, reduction="mean")
+    expected_kl = gaussian_kl(mean, logvar).sum(dim=1).mean()
+    torch.testing.assert_close(summed.kl, expected_kl)
+    torch.testing.assert_close(summed.loss, summed.mse + 0.3 * expected_kl)
+    torch.testing.assert_close(averaged.loss, summed.loss / 4)
+    torch.testing.assert_close(summed.kl_per_dim, gaussian_kl(mean, logvar).mean(dim=0))
+
+
+def test_free_bits_floor_only_changes_the_optimised_term():
+    mean = torch.zeros(4, 3, requires_grad=True)
+    logvar = torch.zeros(4, 3)
+    out = vrfm_loss(torch.zeros(4, 2), torch.zeros(4, 2), mean, logvar, beta=1.0, free_bits=0.5)
+    assert out.kl.item() == 0.0  # the reported KL is the real one
+    assert out.loss.item() == pytest.approx(1.5)  # three dimensions floored at 0.5 nats
+    out.loss.backward()
+    assert mean.grad.abs().sum() == 0  # below the floor, no pressure towards the prior
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"beta": -1.0}, "`beta`"),
+        ({"beta": float("nan")}, "`beta`"),
+        ({"reduction": "none"}, "`reduction`"),
+        ({"free_bits": -0.1}, "`free_bits`"),
+    ],
+)
+def test_loss_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        vrfm_loss(torch.zeros(2, 2), torch.zeros(2, 2), **kwargs)
+
+
+def test_loss_rejects_shape_mismatch():
+    with pytest.raises(ValueError, match="`velocity_pred`"):
+        vrfm_loss(torch.zeros(2, 2), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="`posterior_mean`"):
+        vrfm_loss(torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(3, 4), torch.zeros(3, 4))
+
+
+def test_drop_labels():
+    labels = torch.arange(10).repeat(100)
+    dropped = drop_labels(labels, 0.3, null_class=10, generator=torch.Generator().manual_seed(0))
+    fraction = (dropped == 10).float().mean().item()
+    assert 0.25 < fraction < 0.35
+    assert torch.equal(dropped[dropped != 10], labels[dropped != 10])
+    assert torch.equal(drop_labels(labels, 0.0, 10), labels)
+    with pytest.raises(ValueError, match="`dropout_prob`"):
+        drop_labels(labels, 1.5, 10)
+
+
+def test_active_units():
+    means = torch.cat([torch.randn(500, 2), torch.full((500, 3), 0.2)], dim=1)
+    assert count_active_units(means) == 2
+
+
+def test_slerp_endpoints_and_norm():
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, generator=generator), torch.randn(64, generator=generator)
+    path = slerp(a, b, torch.linspace(0, 1, 5))
+    torch.testing.assert_close(path[0], a)
+    torch.testing.assert_close(path[-1], b, atol=1e-5, rtol=1e-5)
+    # the midpoint keeps a norm between the two ends, unlike the linear midpoint that shrinks towards 0
+    assert path[2].norm() > 0.9 * min(a.norm(), b.norm())
+    assert (a + b).norm() / 2 < path[2].norm()

@@ -1,0 +1,316 @@
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from diffusers_vrfm import VRFMMLPModel, VRFMPipeline, VRFMPosteriorEncoder, VRFMScheduler
+from diffusers_vrfm.hub import remote_code_line
+
+
+def make_pipeline(latent_dim=3, solver="euler", num_classes=None, seed=0):
+    torch.manual_seed(seed)
+    model = VRFMMLPModel(sample_size=2, latent_dim=latent_dim, hidden_dim=16, num_classes=num_classes)
+    for parameter in model.parameters():  # no zero-initialised layer: make z matter
+        torch.nn.init.normal_(parameter, std=0.3)
+    encoder = VRFMPosteriorEncoder(sample_size=2, latent_dim=latent_dim, hidden_dim=16) if latent_dim else None
+    return VRFMPipeline(velocity_model=model, scheduler=VRFMScheduler(solver=solver), posterior_encoder=encoder)
+
+
+def test_call_signature_has_diffusers_parameters():
+    parameters = inspect.signature(VRFMPipeline.__call__).parameters
+    for name in ("batch_size", "num_inference_steps", "generator", "latents", "output_type", "return_dict", "z"):
+        assert name in parameters
+
+
+def test_generator_reproduces_exactly_and_returns_z():
+    pipe = make_pipeline()
+    a = pipe(batch_size=5, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    b = pipe(batch_size=5, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a.samples, b.samples) and torch.equal(a.z, b.z)
+    assert a.z.shape == (5, 3) and a.num_function_evals == 3
+    c = pipe(batch_size=5, num_inference_steps=3, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(a.samples, c.samples)
+
+
+def test_batch_equals_items_run_one_by_one():
+    pipe = make_pipeline()
+    batch = pipe(batch_size=3, num_inference_steps=4, generator=[torch.Generator().manual_seed(i) for i in range(3)])
+    for i in range(3):
+        single = pipe(batch_size=1, num_inference_steps=4, generator=[torch.Generator().manual_seed(i)])
+        torch.testing.assert_close(batch.samples[i : i + 1], single.samples, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(batch.z[i : i + 1], single.z)
+
+
+def test_z_is_drawn_once_per_trajectory_and_time_advances():
+    pipe = make_pipeline(solver="heun")
+    seen = []
+    original_forward = pipe.velocity_model.forward
+
+    def spy(sample, timestep, z=None, class_labels=None, return_dict=True):
+        seen.append((timestep.clone(), z.clone()))
+        return original_forward(sample, timestep, z=z, class_labels=class_labels, return_dict=return_dict)
+
+    pipe.velocity_model.forward = spy
+    out = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    assert out.num_function_evals == len(seen) == 6
+    assert all(torch.equal(z, out.z) for _, z in seen)
+    times = [t[0].item() for t, _ in seen]
+    assert times == pytest.approx([0, 1 / 3, 1 / 3, 2 / 3, 2 / 3, 1.0], abs=1e-6)
+
+
+def test_user_z_and_latents_are_honoured():
+    pipe = make_pipeline()
+    z, latents = torch.randn(4, 3), torch.randn(4, 2)
+    out = pipe(batch_size=4, num_inference_steps=2, z=z, latents=latents)
+    assert torch.equal(out.z, z)
+    # integrating by hand with the same z and x0 gives the same result
+    x = latents.clone()
+    for t in (0.0, 0.5):
+        x = x + 0.5 * pipe.velocity_model(x, torch.full((4,), t), z=z).sample
+    torch.testing.assert_close(out.samples, x)
+    one_z = pipe(batch_size=4, num_inference_steps=2, z=z[0], latents=latents)
+    assert torch.equal(one_z.z, z[0].expand(4, 3))
+
+
+def test_output_types_for_vectors():
+    pipe = make_pipeline()
+    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    pt = pipe(batch_size=2, num_inference_steps=2, generator=generator()).samples
+    as_np = pipe(batch_size=2, num_inference_steps=2, generator=generator(), output_type="np").samples
+    latent = pipe(batch_size=2, num_inference_steps=2, generator=generator(), output_type="latent").samples
+    assert isinstance(as_np, np.ndarray)
+    np.testing.assert_allclose(as_np, pt.numpy())
+    assert torch.equal(latent, pt)
+    samples, z = pipe(batch_size=2, num_inference_steps=2, generator=generator(), return_dict=False)
+    assert torch.equal(samples, pt) and z.shape == (2, 3)
+
+
+def test_rectified_flow_pipeline_has_no_z():
+    out = make_pipeline(latent_dim=0)(batch_size=3, num_inference_steps=2)
+    assert out.z is None and out.samples.shape == (3, 2)
+
+
+def test_adaptive_solver_is_selectable_and_reports_evaluations():
+    pytest.importorskip("torchdiffeq")
+    pipe = make_pipeline(solver="dopri5")
+    reference = make_pipeline(solver="heun")
+    with torch.no_grad():  # random sinusoidal time features oscillate fast in t; drop them so Heun resolves the field
+        for model in (pipe.velocity_model, reference.velocity_model):
+            model.t_embedding[0].weight.zero_()
+    out = pipe(batch_size=4, generator=torch.Generator().manual_seed(0))
+    assert out.num_function_evals > 6
+    fine = reference(batch_size=4, num_inference_steps=100, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.samples, fine.samples, atol=1e-3, rtol=1e-3)
+
+
+def test_classifier_free_guidance():
+    pipe = make_pipeline(num_classes=3)
+    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    conditional = pipe(batch_size=2, num_inference_steps=2, class_labels=[1, 2], generator=generator())
+    unguided = pipe(batch_size=2, num_inference_steps=2, class_labels=[1, 2], guidance_scale=1.0, generator=generator())
+    guided = pipe(batch_size=2, num_inference_steps=2, class_labels=[1, 2], guidance_scale=3.0, generator=generator())
+    assert torch.equal(conditional.samples, unguided.samples)
+    assert not torch.allclose(guided.samples, conditional.samples)
+    assert guided.num_function_evals == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"num_inference_steps": 0}, ValueError, "`num_inference_steps`"),
+        ({"num_inference_steps": 2.0}, TypeError, "`num_inference_steps`"),
+        ({"output_type": "jpg"}, ValueError, "`output_type`"),
+        ({"output_type": "pil"}, ValueError, "`output_type='pil'`"),
+        ({"z": torch.randn(4, 5)}, ValueError, "`z` must have shape"),
+        ({"z": torch.full((4, 3), float("nan"))}, ValueError, "`z` must be a finite"),
+        ({"latents": torch.randn(4, 3)}, ValueError, "`latents` must have shape"),
+        ({"batch_size": 0}, ValueError, "`batch_size`"),
+        ({"generator": [torch.Generator()]}, ValueError, "`generator`"),
+        ({"generator": 3}, TypeError, "`generator`"),
+        ({"class_labels": [0, 1, 0, 1]}, ValueError, "`class_labels`"),
+        ({"timesteps": [0.0, 0.6, 0.3]}, ValueError, "strictly increasing"),
+        ({"guidance_scale": float("inf")}, ValueError, "`guidance_scale`"),
+    ],
+)
+def test_bad_call_arguments_are_refused(kwargs, error, match):
+    arguments = {"batch_size": 4, "num_inference_steps": 2, **kwargs}
+    with pytest.raises(error, match=match):
+        make_pipeline()(**arguments)
+
+
+def test_constructor_refuses_mismatched_components():
+    with pytest.raises(ValueError, match="latent_dim"):
+        VRFMPipeline(VRFMMLPModel(latent_dim=3), VRFMScheduler(), VRFMPosteriorEncoder(latent_dim=2))
+    with pytest.raises(TypeError, match="`scheduler`"):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        VRFMPipeline(VRFMMLPModel(), FlowMatchEulerDiscreteScheduler())
+
+
+def test_custom_timesteps_in_pipeline():
+    pipe = make_pipeline()
+    out = pipe(batch_size=2, timesteps=[0.0, 0.2, 0.9], generator=torch.Generator().manual_seed(0))
+    assert out.num_function_evals == 3
+    torch.testing.assert_close(pipe.scheduler.time_grid, torch.tensor([0.0, 0.2, 0.9, 1.0]))
+
+
+def test_interpolate_z():
+    a, b = torch.randn(3), torch.randn(3)
+    path = VRFMPipeline.interpolate_z(a, b, num_points=5)
+    assert path.shape == (5, 3)
+    torch.testing.assert_close(path[0], a)
+    out = make_pipeline()(batch_size=5, num_inference_steps=2, z=path, latents=torch.zeros(1, 2).expand(5, 2))
+    assert out.samples.shape == (5, 2)
+
+
+# ------------------------------------------------------------------------------------------------- saving and loading
+def test_saved_folder_layout_and_remote_code_files(tmp_path):
+    pipe = make_pipeline()
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline", "VRFMPipeline"]
+    assert index["vae"] == [None, None]
+    python_files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.py"))
+    assert python_files == [
+        "pipeline.py",
+        "posterior_encoder/vrfmposteriorencoder.py",
+        "scheduler/vrfmscheduler.py",
+        "velocity_model/vrfmmlpmodel.py",
+    ]
+    for path in tmp_path.rglob("*.py"):  # each is exactly one import line from the installed package
+        lines = path.read_text().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("from diffusers_vrfm import ")
+    assert (tmp_path / "pipeline.py").read_text() == remote_code_line("VRFMPipeline")
+    assert not list(tmp_path.rglob("*.bin")) and len(list(tmp_path.rglob("*.safetensors"))) == 2
+
+
+def test_optional_components_stay_none_after_reload(tmp_path):
+    pipe = make_pipeline(latent_dim=0)
+    pipe.save_pretrained(tmp_path)
+    reloaded = VRFMPipeline.from_pretrained(tmp_path)
+    assert reloaded.posterior_encoder is None and reloaded.vae is None
+    assert set(reloaded.components) == {"velocity_model", "scheduler", "posterior_encoder", "vae"}
+
+
+def test_from_pretrained_accepts_component_overrides(tmp_path):
+    make_pipeline().save_pretrained(tmp_path)
+    reloaded = VRFMPipeline.from_pretrained(tmp_path, scheduler=VRFMScheduler(solver="heun"))
+    assert reloaded.scheduler.config.solver == "heun"
+    with pytest.raises(TypeError, match="unexpected arguments"):
+        VRFMPipeline.from_pretrained(tmp_path, unet=None)
+
+
+LOAD_SCRIPT = """
+import sys, torch
+from diffusers import DiffusionPipeline
+route, folder, out = sys.argv[1:]
+if route == "remote":
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+else:
+    from diffusers_vrfm import VRFMPipeline
+    pipe = VRFMPipeline.from_pretrained(folder)
+pipe.set_progress_bar_config(disable=True)
+result = pipe(batch_size=6, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+torch.save({"samples": result.samples, "z": result.z, "class": type(pipe).__name__}, out)
+"""
+
+
+@pytest.mark.parametrize("route", ["package", "remote"])
+def test_both_load_routes_work_offline_in_a_fresh_process(tmp_path, route):
+    pipe = make_pipeline()
+    pipe.save_pretrained(tmp_path / "pipe")
+    expected = pipe(batch_size=6, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    subprocess.run(
+        [sys.executable, "-c", LOAD_SCRIPT, route, str(tmp_path / "pipe"), str(tmp_path / "out.pt")],
+        check=True,
+        env=environment,
+    )
+    loaded = torch.load(tmp_path / "out.pt")
+    assert loaded["class"] == "VRFMPipeline"
+    assert torch.equal(loaded["samples"], expected.samples) and torch.equal(loaded["z"], expected.z)
+
+
+def test_remote_route_needs_trust_remote_code(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    make_pipeline().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        DiffusionPipeline.from_pretrained(tmp_path)
+
+
+def test_push_to_hub_uploads_exactly_the_saved_layout(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    recorded = {}
+
+    class RepoUrl(str):
+        repo_id = "user/tiny-vrfm"
+
+    def fake_create_repo(repo_id, **kwargs):
+        recorded["repo"] = repo_id
+        return RepoUrl("https://example.invalid/user/tiny-vrfm")
+
+    def fake_upload_folder(repo_id, folder_path, **kwargs):
+        recorded["files"] = sorted(
+            os.path.relpath(os.path.join(root, name), folder_path)
+            for root, _, names in os.walk(folder_path)
+            for name in names
+        )
+        recorded["upload_repo"] = repo_id
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", fake_create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload_folder)
+    pipe = make_pipeline()
+    pipe.save_pretrained(tmp_path / "tiny-vrfm", push_to_hub=True, repo_id="user/tiny-vrfm")
+    saved = sorted(
+        os.path.relpath(os.path.join(root, name), tmp_path / "tiny-vrfm")
+        for root, _, names in os.walk(tmp_path / "tiny-vrfm")
+        for name in names
+    )
+    assert recorded["repo"] == recorded["upload_repo"] == "user/tiny-vrfm"
+    assert recorded["files"] == saved
+    assert "model_index.json" in saved and "pipeline.py" in saved
+
+
+def test_tampered_model_index_is_refused(tmp_path):
+    make_pipeline().save_pretrained(tmp_path)
+    index_path = tmp_path / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["velocity_model"] = ["os", "system"]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="does not load"):
+        VRFMPipeline.from_pretrained(tmp_path)
+    index["velocity_model"] = ["evil_module", "VRFMMLPModel"]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="evil_module"):
+        VRFMPipeline.from_pretrained(tmp_path)
+
+
+def test_pickle_weights_are_refused_unless_opted_in(tmp_path):
+    pipe = make_pipeline()
+    pipe.save_pretrained(tmp_path)
+    folder = tmp_path / "velocity_model"
+    weights = pipe.velocity_model.state_dict()
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save(weights, folder / "diffusion_pytorch_model.bin")
+    with pytest.raises(ValueError, match="allow_pickle"):
+        VRFMPipeline.from_pretrained(tmp_path)
+    reloaded = VRFMPipeline.from_pretrained(tmp_path, allow_pickle=True)
+    assert torch.equal(reloaded.velocity_model.x_embedding.weight, pipe.velocity_model.x_embedding.weight)
+
+
+def test_unsafe_serialization_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="safe_serialization"):
+        make_pipeline().save_pretrained(tmp_path, safe_serialization=False)
+
+
+def test_to_dtype_runs_in_bfloat16():
+    pipe = make_pipeline().to(torch.bfloat16)
+    out = pipe(batch_size=3, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.samples.dtype == torch.bfloat16 and torch.isfinite(out.samples.float()).all()
