@@ -25,7 +25,6 @@ ALLOWED_COMPONENT_CLASSES = {
     "VRFMDiTTransformer2DModel": "diffusers_vrfm",
     "VRFMPosteriorEncoder": "diffusers_vrfm",
     "VRFMConvPosteriorEncoder": "diffusers_vrfm",
-    "VRFMConditionalPrior": "diffusers_vrfm",
     "VRFMScheduler": "diffusers_vrfm",
     "AutoencoderKL": "diffusers",
     "AutoencoderTiny": "diffusers",

@@ -38,7 +38,7 @@ def _broadcast_time(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor
         return t
     if t.ndim != 1 or t.shape[0] != like.shape[0]:
         raise ValueError(
-            f"`t` must be a scalar or have shape ({like.shape[0]},) to match the batch, but got shape {tuple(t.shape)}."
+            f"`t` must be a scalar or have shape ({like.shape[0]},) like the batch, but got shape {tuple(t.shape)}."
         )
     return t.reshape(-1, *([1] * (like.ndim - 1)))
 
@@ -84,7 +84,7 @@ def sigma_to_t(sigma: torch.Tensor | float) -> torch.Tensor | float:
 
 
 def velocity_to_flow_match_output(velocity: torch.Tensor) -> torch.Tensor:
-    """Converts a velocity ``dx/dt`` (towards data) to what diffusers' flow-matching models predict, ``noise - data``."""
+    """Converts a velocity ``dx/dt`` (towards data) to a diffusers flow-matching model output, ``noise - data``."""
     return -velocity
 
 
@@ -171,7 +171,7 @@ def gaussian_kl(
 def drop_labels(
     class_labels: torch.Tensor, dropout_prob: float, null_class: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Replaces each label by ``null_class`` with probability ``dropout_prob`` (training for classifier-free guidance)."""
+    """Replaces each label by ``null_class`` with probability ``dropout_prob`` (trains classifier-free guidance)."""
     if not 0.0 <= dropout_prob <= 1.0:
         raise ValueError(f"`dropout_prob` must be in [0, 1], but got {dropout_prob!r}.")
     if dropout_prob == 0.0:

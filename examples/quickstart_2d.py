@@ -19,7 +19,7 @@ encoder = VRFMPosteriorEncoder(sample_size=2, latent_dim=8)  # q(z | x0, x1, x_t
 optimizer = torch.optim.Adam([*model.parameters(), *encoder.parameters()], lr=1e-3)
 generator = torch.Generator().manual_seed(0)
 
-for step in range(2000):
+for _ in range(2000):
     x0, x1 = task.sample_pairs(256, generator)
     t = torch.rand(256, generator=generator)
     x_t = interpolate(x0, x1, t)
@@ -38,7 +38,9 @@ for steps in (1, 2):
     print(f"{steps} Euler step(s): {task.fraction_on_mode(samples):.0%} of samples on a target mode")
 
 pipe.save_pretrained("vrfm-ring")
-reloaded = VRFMPipeline.from_pretrained("vrfm-ring")  # or DiffusionPipeline.from_pretrained(..., trust_remote_code=True)
+reloaded = VRFMPipeline.from_pretrained(
+    "vrfm-ring"
+)  # or DiffusionPipeline.from_pretrained(..., trust_remote_code=True)
 same = reloaded(batch_size=4, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).samples
 assert torch.equal(same, pipe(batch_size=4, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).samples)
 print("reloaded pipeline reproduces the samples exactly")

@@ -329,7 +329,13 @@ def test_call_signature(case, num_classes):
 def test_components_keys_and_rebuild(case, num_classes):
     pipe = make_pipe("unet", num_classes=num_classes)
     init_parameters = set(inspect.signature(VRFMPipeline.__init__).parameters) - {"self"}
-    assert set(pipe.components) == init_parameters == {"velocity_model", "scheduler", "posterior_encoder", "vae"}
+    assert set(pipe.components) == init_parameters == {
+        "velocity_model",
+        "scheduler",
+        "posterior_encoder",
+        "vae",
+        "prior",
+    }
     rebuilt = VRFMPipeline(**pipe.components)
     rebuilt.set_progress_bar_config(disable=True)
     labels = None if num_classes is None else [1, 0]

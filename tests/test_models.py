@@ -51,7 +51,9 @@ def test_mlp_refuses_bad_input(call, error, match):
         call(VRFMMLPModel(sample_size=2, latent_dim=2))
 
 
-@pytest.mark.parametrize("kwargs, match", [({"latent_dim": -1}, "`latent_dim`"), ({"activation": "tanhh"}, "`activation`")])
+@pytest.mark.parametrize(
+    "kwargs, match", [({"latent_dim": -1}, "`latent_dim`"), ({"activation": "tanhh"}, "`activation`")]
+)
 def test_mlp_refuses_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         VRFMMLPModel(**kwargs)
@@ -99,8 +101,10 @@ def test_posterior_refuses_non_finite_input():
         encoder(x0=torch.zeros(1, 2), x1=bad, x_t=torch.zeros(1, 2), t=torch.zeros(1))
 
 
-@pytest.mark.parametrize("model_class, kwargs", [(VRFMMLPModel, {"latent_dim": 3, "num_classes": 2}),
-                                                  (VRFMPosteriorEncoder, {"posterior_inputs": ["x1", "t"]})])
+@pytest.mark.parametrize(
+    "model_class, kwargs",
+    [(VRFMMLPModel, {"latent_dim": 3, "num_classes": 2}), (VRFMPosteriorEncoder, {"posterior_inputs": ["x1", "t"]})],
+)
 def test_models_save_and_load_exactly(tmp_path, model_class, kwargs):
     model = model_class(sample_size=2, **kwargs)
     for parameter in model.parameters():

@@ -67,7 +67,9 @@ def test_kl_matches_torch_distributions():
     torch.testing.assert_close(gaussian_kl(mean, logvar), expected)
     prior_mean, prior_logvar = torch.randn(6, 3, generator=generator), torch.randn(6, 3, generator=generator)
     p = torch.distributions.Normal(prior_mean, (0.5 * prior_logvar).exp())
-    torch.testing.assert_close(gaussian_kl(mean, logvar, prior_mean, prior_logvar), torch.distributions.kl_divergence(q, p))
+    torch.testing.assert_close(
+        gaussian_kl(mean, logvar, prior_mean, prior_logvar), torch.distributions.kl_divergence(q, p)
+    )
 
 
 def test_reparameterize_moments_and_determinism():
@@ -88,7 +90,9 @@ def test_sample_timesteps_range_and_determinism(density):
 def test_sample_timesteps_uses_diffusers_sigma_clock():
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
-    sigma = compute_density_for_timestep_sampling("mode", 64, mode_scale=1.29, generator=torch.Generator().manual_seed(3))
+    sigma = compute_density_for_timestep_sampling(
+        "mode", 64, mode_scale=1.29, generator=torch.Generator().manual_seed(3)
+    )
     t = sample_timesteps(64, "mode", mode_scale=1.29, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(t, 1 - sigma)
     # a positive logit mean puts mass near the noisy end, i.e. small t in our clock
@@ -109,7 +113,9 @@ def test_loss_without_posterior_is_plain_rectified_flow():
     torch.testing.assert_close(out.loss, (pred - target).pow(2).sum(dim=1).mean())
     assert out.kl.item() == 0.0 and out.kl_per_dim.numel() == 0
     # "mean" reduction is torch's MSE, as torchcfm's I-CFM computes it
-    torch.testing.assert_close(vrfm_loss(pred, target, reduction="mean").loss, torch.nn.functional.mse_loss(pred, target))
+    torch.testing.assert_close(
+        vrfm_loss(pred, target, reduction="mean").loss, torch.nn.functional.mse_loss(pred, target)
+    )
 
 
 def test_loss_reductions_share_beta():

@@ -112,7 +112,9 @@ def test_classifier_free_guidance():
     pipe = make_pipeline(num_classes=3)
     generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     conditional = pipe(batch_size=2, num_inference_steps=2, class_labels=[1, 2], generator=generator())
-    unguided = pipe(batch_size=2, num_inference_steps=2, class_labels=[1, 2], guidance_scale=1.0, generator=generator())
+    unguided = pipe(
+        batch_size=2, num_inference_steps=2, class_labels=[1, 2], guidance_scale=1.0, generator=generator()
+    )
     guided = pipe(batch_size=2, num_inference_steps=2, class_labels=[1, 2], guidance_scale=3.0, generator=generator())
     assert torch.equal(conditional.samples, unguided.samples)
     assert not torch.allclose(guided.samples, conditional.samples)
@@ -193,8 +195,8 @@ def test_optional_components_stay_none_after_reload(tmp_path):
     pipe = make_pipeline(latent_dim=0)
     pipe.save_pretrained(tmp_path)
     reloaded = VRFMPipeline.from_pretrained(tmp_path)
-    assert reloaded.posterior_encoder is None and reloaded.vae is None
-    assert set(reloaded.components) == {"velocity_model", "scheduler", "posterior_encoder", "vae"}
+    assert reloaded.posterior_encoder is None and reloaded.vae is None and reloaded.prior is None
+    assert set(reloaded.components) == {"velocity_model", "scheduler", "posterior_encoder", "vae", "prior"}
 
 
 def test_from_pretrained_accepts_component_overrides(tmp_path):
@@ -314,3 +316,23 @@ def test_to_dtype_runs_in_bfloat16():
     pipe = make_pipeline().to(torch.bfloat16)
     out = pipe(batch_size=3, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert out.samples.dtype == torch.bfloat16 and torch.isfinite(out.samples.float()).all()
+
+
+def test_learned_conditional_prior_component(tmp_path):
+    pipe = make_pipeline()
+    prior = VRFMPosteriorEncoder(sample_size=2, latent_dim=3, hidden_dim=16, posterior_inputs=("x0",))
+    with torch.no_grad():
+        prior.to_mean.bias.fill_(5.0)
+        prior.to_logvar.bias.fill_(-20.0)
+    pipe = VRFMPipeline(pipe.velocity_model, pipe.scheduler, pipe.posterior_encoder, prior=prior)
+    latents = torch.randn(4, 2)
+    out = pipe(batch_size=4, num_inference_steps=2, latents=latents, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.z, prior(x0=latents).mean, atol=1e-3, rtol=0)  # z comes from p(z | x0)
+    assert (out.z - 5.0).abs().max() < 1.0
+    pipe.save_pretrained(tmp_path)
+    reloaded = VRFMPipeline.from_pretrained(tmp_path)
+    assert tuple(reloaded.prior.config.posterior_inputs) == ("x0",)
+    again = reloaded(batch_size=4, num_inference_steps=2, latents=latents, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again.samples, out.samples)
+    with pytest.raises(ValueError, match="`prior`"):
+        VRFMPipeline(pipe.velocity_model, pipe.scheduler, prior=VRFMPosteriorEncoder(sample_size=2, latent_dim=3))

@@ -119,7 +119,11 @@ def test_set_timesteps_rejects_bad_input(kwargs, error, match):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"solver": "rk4"}, "`solver`"), ({"shift": 0.0}, "`shift`"), ({"timestep_density": "beta"}, "`timestep_density`")],
+    [
+        ({"solver": "rk4"}, "`solver`"),
+        ({"shift": 0.0}, "`shift`"),
+        ({"timestep_density": "beta"}, "`timestep_density`"),
+    ],
 )
 def test_constructor_rejects_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -164,7 +168,9 @@ def test_config_round_trip_gives_identical_steps(tmp_path):
         k: v for k, v in scheduler.config.items() if not k.startswith("_")
     }
     x0 = torch.randn(2, 2, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(integrate(scheduler, decay, x0, 4)[0], integrate(reloaded, decay, x0, 4)[0], rtol=0, atol=0)
+    torch.testing.assert_close(
+        integrate(scheduler, decay, x0, 4)[0], integrate(reloaded, decay, x0, 4)[0], rtol=0, atol=0
+    )
     assert VRFMScheduler.from_config(scheduler.config).config.solver == "midpoint"
 
 

@@ -35,8 +35,12 @@ def w2_by_nfe(task, pipe, nfes):
     source = task.sample_source(NUM_SAMPLES, torch.Generator().manual_seed(5))
     result = {}
     for nfe in nfes:
-        samples = pipe(batch_size=NUM_SAMPLES, num_inference_steps=nfe, latents=source,
-                       generator=torch.Generator().manual_seed(99)).samples
+        samples = pipe(
+            batch_size=NUM_SAMPLES,
+            num_inference_steps=nfe,
+            latents=source,
+            generator=torch.Generator().manual_seed(99),
+        ).samples
         result[nfe] = wasserstein2(samples, target)
     return result
 

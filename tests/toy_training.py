@@ -33,8 +33,9 @@ def train_toy(
     generator = torch.Generator().manual_seed(seed)
     model = VRFMMLPModel(sample_size=task.dim, latent_dim=latent_dim, hidden_dim=hidden_dim)
     encoder = (
-        VRFMPosteriorEncoder(sample_size=task.dim, latent_dim=latent_dim, hidden_dim=hidden_dim,
-                             posterior_inputs=posterior_inputs)
+        VRFMPosteriorEncoder(
+            sample_size=task.dim, latent_dim=latent_dim, hidden_dim=hidden_dim, posterior_inputs=posterior_inputs
+        )
         if latent_dim > 0
         else None
     )

@@ -3,8 +3,8 @@
 | name | dim | source (t = 0) | target (t = 1) |
 |---|---|---|---|
 | `two_modes_1d` | 1 | N(0, 1) | modes at -1 and +1, std 0.1 (the paper's 1D task) |
-| `ring_2d` | 2 | 6 Gaussians on a circle of radius 1/3, std 0.03 | 6 Gaussians at radius 1, std 0.03 (the paper's 2D task) |
-| `8gaussians_moons` | 2 | 8 Gaussians at radius 5, std 0.1 ** 0.25 | two moons (noise 0.2, scaled by 3, shifted by -1) |
+| `ring_2d` | 2 | 6 Gaussians at radius 1/3, std 0.03 | 6 Gaussians at radius 1, std 0.03 (the paper's 2D task) |
+| `8gaussians_moons` | 2 | 8 Gaussians at radius 5, std 0.1 ** 0.25 | two moons (noise 0.2, times 3, minus 1) |
 | `gaussian_8gaussians` | 2 | N(0, I) | 8 Gaussians at radius 5, std 0.1 ** 0.25 |
 
 The radius-5 tasks follow the benchmark conventions of torchcfm (its 8 Gaussians use covariance sqrt(0.1) * I).

@@ -26,7 +26,7 @@ class VRFMMLPModel(ModelMixin, ConfigMixin):
     ``x``, the sinusoidal embedding of ``t`` and the embedding of ``z`` (a [`LatentEmbedding`], zero-initialised
     last layer) are each projected to `hidden_dim`. The time and latent embeddings are **summed** into one
     conditioning vector, concatenated with the embedding of ``x`` and fed through `num_layers` hidden layers.
-    With `latent_dim=0` there is no ``z`` path at all: the model is the plain rectified-flow baseline of the same width.
+    With `latent_dim=0` there is no ``z`` path at all: the model is the plain rectified-flow baseline of equal width.
 
     Args:
         sample_size (`int`): the data dimension.

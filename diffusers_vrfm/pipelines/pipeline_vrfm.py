@@ -53,6 +53,9 @@ class VRFMPipeline(DiffusionPipeline):
         scheduler ([`VRFMScheduler`]): the time grid and solver.
         posterior_encoder (*optional*): ``q(z | x0, x1, x_t, t)``, used for training only.
         vae ([`~diffusers.AutoencoderKL`], *optional*): decodes latent-space samples to images.
+        prior (*optional*): a learned conditional prior ``p_psi(z | x0)``: a posterior-encoder class configured with
+            `posterior_inputs=("x0",)`, trained jointly through ``KL(q || p_psi)`` (see `vrfm_loss`'s `prior_mean`).
+            When present, each trajectory's ``z`` is drawn from it at its source point instead of from ``N(0, I)``.
 
     Saved folders load with `VRFMPipeline.from_pretrained(folder)`, and with
     `DiffusionPipeline.from_pretrained(folder_or_repo, trust_remote_code=True)` through one-line re-export files that
@@ -71,7 +74,7 @@ class VRFMPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "velocity_model->vae"
-    _optional_components = ["posterior_encoder", "vae"]
+    _optional_components = ["posterior_encoder", "vae", "prior"]
 
     def __init__(
         self,
@@ -79,6 +82,7 @@ class VRFMPipeline(DiffusionPipeline):
         scheduler: VRFMScheduler,
         posterior_encoder: ModelMixin | None = None,
         vae: ModelMixin | None = None,
+        prior: ModelMixin | None = None,
     ):
         super().__init__()
         if not isinstance(scheduler, VRFMScheduler):
@@ -94,8 +98,23 @@ class VRFMPipeline(DiffusionPipeline):
                 f"`posterior_encoder.latent_dim` ({posterior_encoder.latent_dim}) must equal "
                 f"`velocity_model.latent_dim` ({velocity_model.latent_dim})."
             )
+        if prior is not None:
+            if tuple(getattr(prior.config, "posterior_inputs", ())) != ("x0",):
+                raise ValueError(
+                    "`prior` must be an encoder that reads only the source point, `posterior_inputs=('x0',)`, but got "
+                    f"{getattr(prior.config, 'posterior_inputs', None)!r}."
+                )
+            if prior.latent_dim != velocity_model.latent_dim:
+                raise ValueError(
+                    f"`prior.latent_dim` ({prior.latent_dim}) must equal `velocity_model.latent_dim` "
+                    f"({velocity_model.latent_dim})."
+                )
         self.register_modules(
-            velocity_model=velocity_model, scheduler=scheduler, posterior_encoder=posterior_encoder, vae=vae
+            velocity_model=velocity_model,
+            scheduler=scheduler,
+            posterior_encoder=posterior_encoder,
+            vae=vae,
+            prior=prior,
         )
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_normalize=True)
 
@@ -118,13 +137,19 @@ class VRFMPipeline(DiffusionPipeline):
             raise ValueError("`latents` must be a finite floating-point tensor.")
         return latents.to(device=device, dtype=dtype)
 
-    def prepare_z(self, batch_size, generator, device, dtype, z=None):
-        """Draws one ``z ~ N(0, I)`` per trajectory (or checks the given ones). `None` for plain rectified flow."""
+    def prepare_z(self, batch_size, generator, device, dtype, z=None, source=None):
+        """Draws one ``z`` per trajectory (or checks the given ones). `None` for plain rectified flow.
+
+        ``z ~ N(0, I)``, or ``z ~ p_psi(z | x0)`` from the learned conditional `prior` component when the pipeline has
+        one (then `source`, the trajectory's starting point ``x0``, is required).
+        """
         latent_dim = self.velocity_model.latent_dim
         if latent_dim == 0:
             if z is not None:
                 raise ValueError("`z` was given, but the velocity model has `latent_dim=0` (plain rectified flow).")
             return None
+        if z is None and self.prior is not None:
+            return self.prior(x0=source.to(self.prior.dtype), generator=generator).sample.to(dtype)
         if z is None:
             return randn_tensor((batch_size, latent_dim), generator=generator, device=device, dtype=dtype)
         if not isinstance(z, torch.Tensor):
@@ -252,12 +277,14 @@ class VRFMPipeline(DiffusionPipeline):
             output_type = "pil" if self.is_image_model else "pt"
         if timesteps is not None:
             num_inference_steps = len(timesteps)
-        self._check_call_arguments(batch_size, num_inference_steps, output_type, guidance_scale, generator, class_labels)
+        self._check_call_arguments(
+            batch_size, num_inference_steps, output_type, guidance_scale, generator, class_labels
+        )
         device = self._execution_device
         dtype = self.velocity_model.dtype
 
         x = self.prepare_latents(batch_size, generator, device, dtype, latents)
-        z = self.prepare_z(batch_size, generator, device, dtype, z)
+        z = self.prepare_z(batch_size, generator, device, dtype, z, source=x)
         labels = self._prepare_class_labels(class_labels, batch_size, device)
 
         if self.scheduler.is_adaptive:
@@ -291,7 +318,7 @@ class VRFMPipeline(DiffusionPipeline):
     # --------------------------------------------------------------------------------------------------- z utilities
     @staticmethod
     def interpolate_z(z_start: torch.Tensor, z_end: torch.Tensor, num_points: int = 8) -> torch.Tensor:
-        """`num_points` latents on the great circle from `z_start` to `z_end` (slerp), shape `(num_points, latent_dim)`.
+        """`num_points` latents on the great circle from `z_start` to `z_end` (slerp): shape `(num_points, dim)`.
 
         Pass the result as `z` with the same `latents` repeated to see what `z` controls.
         """

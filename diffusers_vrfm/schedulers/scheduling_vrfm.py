@@ -135,7 +135,7 @@ class VRFMScheduler(SchedulerMixin, ConfigMixin):
         return sigma_to_t(sigma)
 
     def to_flow_match_timesteps(self, t):
-        """`t` to the `timesteps` that `FlowMatchEulerDiscreteScheduler` hands its model, `sigma * num_train_timesteps`."""
+        """`t` to the timesteps `FlowMatchEulerDiscreteScheduler` gives its model: `sigma * num_train_timesteps`."""
         return t_to_sigma(t) * self.config.num_train_timesteps
 
     def from_flow_match_timesteps(self, timesteps):
