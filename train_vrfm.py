@@ -43,7 +43,7 @@ from diffusers_vrfm.training.factory import (
     parse_json_config,
 )
 
-DEFAULT_BETA = {"vector": 0.1, "image": 1.0}
+DEFAULT_BETA = {"vector": 0.1, "image": 0.1}
 DEFAULT_LEARNING_RATE = {"mlp": 1e-3, "unet": 1e-3, "dit": 3e-4}
 POSTERIOR_INPUT_CHOICES = ("x0", "x1", "x_t", "t")
 NONFINITE_POLICIES = ("stop", "skip")
@@ -165,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--beta",
         type=float,
         default=None,
-        help=f"KL weight (>= 0). Default: {DEFAULT_BETA['vector']} for vector data, {DEFAULT_BETA['image']} for "
-        "images. The best value scales with the size of the velocity |x1 - x0|^2.",
+        help="KL weight (>= 0); default 0.1 for both images and vectors. The best value scales with the size of the "
+        "velocity |x1 - x0|^2; with 0 the posterior is free and z can carry everything (a prior hole).",
     )
     objective.add_argument(
         "--beta_warmup_steps", type=int, default=0, help="Ramp beta linearly from 0 over this many steps."
@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train_batch_size", type=int, default=64, help="Batch size per process.")
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-steps per update.")
-    optim.add_argument("--max_train_steps", type=int, default=1000, help="Optimisation steps.")
+    optim.add_argument("--max_train_steps", type=int, default=600, help="Optimisation steps.")
     optim.add_argument(
         "--num_train_epochs",
         type=int,

@@ -77,7 +77,7 @@ def _write_text(path: str, text: str) -> None:
 
 def resolve_component_class(component: str, entry) -> type | None:
     """Maps a `model_index.json` entry to a class from the allowlist, refusing anything else with a clear error."""
-    if entry is None or (isinstance(entry, (list, tuple)) and entry[0] is None and entry[1] is None):
+    if entry is None or (isinstance(entry, (list, tuple)) and list(entry) == [None, None]):
         return None
     if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(v, str) for v in entry)):
         raise ValueError(f"model_index.json: the entry of `{component}` must be [library, class], but got {entry!r}.")

@@ -23,6 +23,7 @@ This module knows tensors only: it imports no model, scheduler or pipeline.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -31,15 +32,62 @@ TIMESTEP_DENSITIES = ("uniform", "logit_normal", "mode")
 LOSS_REDUCTIONS = ("sum", "mean")
 
 
-def _broadcast_time(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+def check_tensor(value, argument: str, floating: bool = True) -> torch.Tensor:
+    """Refuses what is not a usable tensor, with a message that names `argument`: a non-tensor or (when `floating`)
+    a tensor that is not floating-point raises `TypeError`; a tensor on the meta device, which holds no values,
+    raises `ValueError`."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"`{argument}` must be a torch.Tensor, but got {type(value).__name__}.")
+    if floating and not value.is_floating_point():
+        raise TypeError(f"`{argument}` must be a floating-point tensor, but got dtype {value.dtype}.")
+    if value.is_meta:
+        raise ValueError(f"`{argument}` must hold values, but got a tensor on the meta device.")
+    return value
+
+
+def check_real(value, argument: str, minimum: float | None = None, maximum: float | None = None) -> float:
+    """Refuses what is not a finite real number (bools and strings included) or lies outside `[minimum, maximum]`,
+    with a message that names `argument`; returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{argument}` must be a real number, but got {type(value).__name__} {value!r}.")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"`{argument}` must be finite, but got {value!r}.")
+    if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
+        low = "-inf" if minimum is None else minimum
+        high = "inf" if maximum is None else maximum
+        raise ValueError(f"`{argument}` must lie in [{low}, {high}], but got {value!r}.")
+    return number
+
+
+def check_generator(generator, argument: str = "generator", batch_size: int | None = None) -> None:
+    """Refuses a `generator` that is neither `None`, a `torch.Generator` nor (when `batch_size` is given) a list of
+    `batch_size` of them."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if batch_size is not None and isinstance(generator, list):
+        if len(generator) != batch_size:
+            raise ValueError(f"`{argument}` is a list of {len(generator)}, but the batch size is {batch_size}.")
+        if all(isinstance(g, torch.Generator) for g in generator):
+            return
+    kinds = "a torch.Generator" + ("" if batch_size is None else " or a list of them")
+    raise TypeError(f"`{argument}` must be None or {kinds}, but got {type(generator).__name__}.")
+
+
+def _broadcast_time(t: torch.Tensor | float, like: torch.Tensor, like_name: str = "x0") -> torch.Tensor:
     """Reshapes per-example times ``(B,)`` (or a scalar) so that they broadcast against ``like`` ``(B, ...)``."""
+    if isinstance(t, torch.Tensor):
+        check_tensor(t, "t", floating=False)
+        if t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"`t` must be a real-valued tensor, but got dtype {t.dtype}.")
+    else:
+        t = check_real(t, "t")  # a float: an int beyond int64 would not convert
     t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
     if t.ndim == 0:
         return t
-    if t.ndim != 1 or t.shape[0] != like.shape[0]:
-        raise ValueError(
-            f"`t` must be a scalar or have shape ({like.shape[0]},) like the batch, but got shape {tuple(t.shape)}."
-        )
+    if t.ndim != 1 or like.ndim == 0 or t.shape[0] != like.shape[0]:
+        batch = f"({like.shape[0]},), the batch size of `{like_name}`" if like.ndim else f"(), as `{like_name}` is 0-d"
+        raise ValueError(f"`t` must be a scalar or have shape {batch}, but got shape {tuple(t.shape)}.")
     return t.reshape(-1, *([1] * (like.ndim - 1)))
 
 
@@ -60,8 +108,12 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor | float) -> 
     tensor([0.2500, 1.0000])
     ```
     """
+    check_tensor(x0, "x0")
+    check_tensor(x1, "x1")
     if x0.shape != x1.shape:
         raise ValueError(f"`x0` and `x1` must have the same shape, but got {tuple(x0.shape)} and {tuple(x1.shape)}.")
+    if x0.device != x1.device:
+        raise ValueError(f"`x0` and `x1` must be on the same device, but got {x0.device} and {x1.device}.")
     t = _broadcast_time(t, x0)
     return (1 - t) * x0 + t * x1
 
@@ -118,12 +170,16 @@ def sample_timesteps(
     """
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
-    if density not in TIMESTEP_DENSITIES:
+    if not isinstance(density, str) or density not in TIMESTEP_DENSITIES:
         raise ValueError(f"`density` must be one of {TIMESTEP_DENSITIES}, but got {density!r}.")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, but got {batch_size!r}.")
+    check_real(logit_mean, "logit_mean")
+    check_real(logit_std, "logit_std")
+    check_real(mode_scale, "mode_scale")
     if density == "logit_normal" and not logit_std > 0:
         raise ValueError(f"`logit_std` must be > 0 for the logit-normal density, but got {logit_std!r}.")
+    check_generator(generator)
     sigma = compute_density_for_timestep_sampling(
         weighting_scheme=density,
         batch_size=batch_size,
@@ -142,6 +198,9 @@ def reparameterize(
     """The reparameterised draw ``z = mean + exp(logvar / 2) * eps`` with ``eps ~ N(0, I)``."""
     from diffusers.utils.torch_utils import randn_tensor
 
+    check_tensor(mean, "mean")
+    check_tensor(logvar, "logvar")
+    check_generator(generator, batch_size=mean.shape[0] if mean.ndim else 1)
     if mean.shape != logvar.shape:
         raise ValueError(
             f"`mean` and `logvar` must have the same shape, but got {tuple(mean.shape)} and {tuple(logvar.shape)}."
@@ -161,6 +220,15 @@ def gaussian_kl(
     Returns a tensor of the same shape as ``mean`` (nats per dimension); sum over the last axis for the total.
     A learned diagonal-Gaussian prior is given by ``prior_mean`` and ``prior_logvar``.
     """
+    named = (("mean", mean), ("logvar", logvar), ("prior_mean", prior_mean), ("prior_logvar", prior_logvar))
+    for name, value in named:
+        if value is None and name.startswith("prior"):
+            continue
+        check_tensor(value, name)
+        if value.shape != mean.shape:
+            raise ValueError(
+                f"`{name}` must have the shape of `mean` {tuple(mean.shape)}, but got {tuple(value.shape)}."
+            )
     if prior_mean is None and prior_logvar is None:
         return 0.5 * (mean.pow(2) + logvar.exp() - logvar - 1.0)
     prior_mean = torch.zeros_like(mean) if prior_mean is None else prior_mean
@@ -172,8 +240,16 @@ def drop_labels(
     class_labels: torch.Tensor, dropout_prob: float, null_class: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Replaces each label by ``null_class`` with probability ``dropout_prob`` (trains classifier-free guidance)."""
-    if not 0.0 <= dropout_prob <= 1.0:
-        raise ValueError(f"`dropout_prob` must be in [0, 1], but got {dropout_prob!r}.")
+    check_tensor(class_labels, "class_labels", floating=False)
+    if class_labels.is_floating_point() or class_labels.is_complex() or class_labels.dtype == torch.bool:
+        raise TypeError(f"`class_labels` must be an integer tensor, but got dtype {class_labels.dtype}.")
+    check_real(dropout_prob, "dropout_prob", 0.0, 1.0)
+    if isinstance(null_class, bool) or not isinstance(null_class, numbers.Integral):
+        raise TypeError(f"`null_class` must be an integer, but got {type(null_class).__name__} {null_class!r}.")
+    limits = torch.iinfo(class_labels.dtype)
+    if not limits.min <= null_class <= limits.max:
+        raise ValueError(f"`null_class` must fit in the labels' dtype {class_labels.dtype}, but got {null_class}.")
+    check_generator(generator)
     if dropout_prob == 0.0:
         return class_labels
     drop = torch.rand(class_labels.shape, generator=generator, device=class_labels.device) < dropout_prob
@@ -235,19 +311,25 @@ def vrfm_loss(
     (2.0, 2.0, 0.0)
     ```
     """
+    check_tensor(velocity_pred, "velocity_pred")
+    check_tensor(velocity_target, "velocity_target")
     if velocity_pred.shape != velocity_target.shape:
         raise ValueError(
             f"`velocity_pred` and `velocity_target` must have the same shape, but got {tuple(velocity_pred.shape)} "
             f"and {tuple(velocity_target.shape)}."
         )
-    if reduction not in LOSS_REDUCTIONS:
+    if velocity_pred.ndim == 0 or velocity_pred.shape[0] == 0:
+        raise ValueError(
+            f"`velocity_pred` must have shape (B, ...) with B >= 1, but got {tuple(velocity_pred.shape)}."
+        )
+    if not isinstance(reduction, str) or reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {LOSS_REDUCTIONS}, but got {reduction!r}.")
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
-        raise ValueError(f"`beta` must be a finite number >= 0, but got {beta!r}.")
-    if not (math.isfinite(free_bits) and free_bits >= 0):
-        raise ValueError(f"`free_bits` must be a finite number >= 0, but got {free_bits!r}.")
+    beta = check_real(beta, "beta", minimum=0.0)  # a float: an int beyond int64 would not multiply a tensor
+    free_bits = check_real(free_bits, "free_bits", minimum=0.0)
     if (posterior_mean is None) != (posterior_logvar is None):
         raise ValueError("`posterior_mean` and `posterior_logvar` must be given together.")
+    if posterior_mean is None and (prior_mean is not None or prior_logvar is not None):
+        raise ValueError("`prior_mean` and `prior_logvar` need a posterior (`posterior_mean`, `posterior_logvar`).")
 
     batch_size = velocity_pred.shape[0]
     num_data_dims = velocity_pred[0].numel()
@@ -258,10 +340,20 @@ def vrfm_loss(
         zero = mse.new_zeros(())
         kl, kl_per_dim, kl_for_loss = zero, mse.new_zeros((0,)), zero
     else:
-        if posterior_mean.ndim != 2 or posterior_mean.shape[0] != batch_size:
-            raise ValueError(
-                f"`posterior_mean` must have shape ({batch_size}, latent_dim), but got {tuple(posterior_mean.shape)}."
-            )
+        for name, value in (
+            ("posterior_mean", posterior_mean),
+            ("posterior_logvar", posterior_logvar),
+            ("prior_mean", prior_mean),
+            ("prior_logvar", prior_logvar),
+        ):
+            if value is None:
+                continue
+            check_tensor(value, name)
+            if value.ndim != 2 or value.shape[0] != batch_size or value.shape != posterior_mean.shape:
+                raise ValueError(
+                    f"`{name}` must have shape ({batch_size}, latent_dim) like `posterior_mean` "
+                    f"{tuple(posterior_mean.shape)}, but got {tuple(value.shape)}."
+                )
         kl_matrix = gaussian_kl(posterior_mean.float(), posterior_logvar.float(), prior_mean, prior_logvar)
         kl_per_dim = kl_matrix.mean(dim=0)
         kl = kl_per_dim.sum()
@@ -287,20 +379,36 @@ def slerp(z_a: torch.Tensor, z_b: torch.Tensor, weight: torch.Tensor | float) ->
     """Spherical interpolation between latents ``z_a`` and ``z_b`` (``weight`` 0 gives ``z_a``, 1 gives ``z_b``).
 
     Keeps the norm typical of ``N(0, I)`` draws, unlike linear interpolation; falls back to linear interpolation
-    where the two are (nearly) parallel. ``weight`` may be a tensor of shape ``(K,)``, giving ``K`` latents.
+    where the two are (nearly) parallel or opposite (where no single great circle joins them). ``weight`` may be a
+    tensor of shape ``(K,)``, giving ``K`` latents.
     """
+    check_tensor(z_a, "z_a")
+    check_tensor(z_b, "z_b")
     if z_a.shape != z_b.shape:
         raise ValueError(
             f"`z_a` and `z_b` must have the same shape, but got {tuple(z_a.shape)} and {tuple(z_b.shape)}."
         )
+    if isinstance(weight, torch.Tensor):
+        check_tensor(weight, "weight", floating=False)
+        if weight.dtype == torch.bool or weight.is_complex() or weight.ndim > 1:
+            raise ValueError(
+                f"`weight` must be a number or a real tensor of shape (K,), but got dtype {weight.dtype} and shape "
+                f"{tuple(weight.shape)}."
+            )
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"`weight` must be finite, but got {weight.tolist()}.")
+    else:
+        weight = check_real(weight, "weight")  # a float: an int beyond int64 would not convert
     weight = torch.as_tensor(weight, dtype=z_a.dtype, device=z_a.device)
     if weight.ndim == 1:
+        if weight.numel() == 0:
+            return z_a.new_empty((0, *z_a.shape))
         return torch.stack([slerp(z_a, z_b, w) for w in weight])
     a, b = z_a.flatten().double(), z_b.flatten().double()
     cos = torch.dot(a, b) / (a.norm() * b.norm()).clamp_min(1e-12)
     omega = torch.arccos(cos.clamp(-1.0, 1.0))
     w = weight.double()
-    if omega.abs() < 1e-4:
+    if torch.sin(omega) < 1e-4:  # omega lies in [0, pi]: near 0 or pi, the division below is ill-conditioned
         out = (1 - w) * a + w * b
     else:
         out = (torch.sin((1 - w) * omega) * a + torch.sin(w * omega) * b) / torch.sin(omega)

@@ -26,6 +26,7 @@ def train_toy(
     lr: float = 1e-3,
     seed: int = 0,
     posterior_inputs=("x0", "x1", "x_t", "t"),
+    learned_prior: bool = False,
 ) -> VRFMPipeline:
     """Trains a toy model with Adam and returns the pipeline (posterior included for VRFM)."""
     torch.manual_seed(seed)
@@ -39,7 +40,14 @@ def train_toy(
         if latent_dim > 0
         else None
     )
-    params = list(model.parameters()) + (list(encoder.parameters()) if encoder is not None else [])
+    prior = (
+        VRFMPosteriorEncoder(
+            sample_size=task.dim, latent_dim=latent_dim, hidden_dim=hidden_dim, posterior_inputs=("x0",)
+        )
+        if learned_prior and latent_dim > 0
+        else None
+    )
+    params = [p for m in (model, encoder, prior) if m is not None for p in m.parameters()]
     optimizer = torch.optim.Adam(params, lr=lr)
     for _ in range(steps):
         x0, x1 = task.sample_pairs(batch_size, generator)
@@ -48,14 +56,26 @@ def train_toy(
         if encoder is not None:
             posterior = encoder(x0=x0, x1=x1, x_t=x_t, t=t, generator=generator)
             pred = model(x_t, t, z=posterior.sample).sample
-            out = vrfm_loss(pred, target_velocity(x0, x1), posterior.mean, posterior.logvar, beta=beta)
+            prior_mean = prior_logvar = None
+            if prior is not None:
+                prior_out = prior(x0=x0)
+                prior_mean, prior_logvar = prior_out.mean, prior_out.logvar
+            out = vrfm_loss(
+                pred,
+                target_velocity(x0, x1),
+                posterior.mean,
+                posterior.logvar,
+                beta=beta,
+                prior_mean=prior_mean,
+                prior_logvar=prior_logvar,
+            )
         else:
             out = vrfm_loss(model(x_t, t).sample, target_velocity(x0, x1))
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
     model.eval()
-    return VRFMPipeline(velocity_model=model, scheduler=VRFMScheduler(), posterior_encoder=encoder)
+    return VRFMPipeline(velocity_model=model, scheduler=VRFMScheduler(), posterior_encoder=encoder, prior=prior)
 
 
 def wasserstein2(a: torch.Tensor, b: torch.Tensor) -> float:

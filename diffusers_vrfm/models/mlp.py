@@ -68,13 +68,15 @@ class VRFMMLPModel(ModelMixin, ConfigMixin):
             ("latent_dim", latent_dim, 0),
             ("hidden_dim", hidden_dim, 1),
             ("num_layers", num_layers, 1),
-            ("time_embed_dim", time_embed_dim, 2),
+            ("time_embed_dim", time_embed_dim, 4),  # below 4, diffusers' sinusoidal embedding divides 0 by 0
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"`{name}` must be an integer >= {minimum}, but got {value!r}.")
-        if activation not in ACTIVATIONS:
+        if not isinstance(activation, str) or activation not in ACTIVATIONS:
             raise ValueError(f"`activation` must be one of {tuple(ACTIVATIONS)}, but got {activation!r}.")
-        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+        ):
             raise ValueError(f"`num_classes` must be None or a positive integer, but got {num_classes!r}.")
         act = ACTIVATIONS[activation]
         self.x_embedding = nn.Linear(sample_size, hidden_dim)
@@ -125,10 +127,11 @@ class VRFMMLPModel(ModelMixin, ConfigMixin):
         check_latent(z, self.config.latent_dim, batch_size)
         labels = check_class_labels(class_labels, self.config.num_classes, batch_size, sample.device)
 
+        sample = sample.to(self.x_embedding.weight.dtype)  # a float64 (or float16) batch runs in the model's dtype
         t_features = get_timestep_embedding(t * 1000.0, self.config.time_embed_dim, flip_sin_to_cos=True)
         cond = self.t_embedding(t_features.to(sample.dtype))
         if self.z_embedding is not None:
-            cond = cond + self.z_embedding(z.to(sample.dtype))
+            cond = cond + self.z_embedding(z.to(device=sample.device, dtype=sample.dtype))
         if self.class_embedding is not None:
             cond = cond + self.class_embedding(labels)
         velocity = self.net(torch.cat([self.x_embedding(sample), cond], dim=-1))

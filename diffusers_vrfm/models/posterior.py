@@ -39,6 +39,11 @@ def validate_posterior_inputs(posterior_inputs) -> tuple[str, ...]:
     """Checks a subset of {x0, x1, x_t, t} and returns it in canonical order."""
     if isinstance(posterior_inputs, str):
         posterior_inputs = [posterior_inputs]
+    if not isinstance(posterior_inputs, (list, tuple)):
+        raise TypeError(
+            f"`posterior_inputs` must be a list or tuple of names from {POSTERIOR_INPUTS}, but got "
+            f"{type(posterior_inputs).__name__} {posterior_inputs!r}."
+        )
     chosen = list(posterior_inputs)
     unknown = [name for name in chosen if name not in POSTERIOR_INPUTS]
     if unknown or not chosen or len(set(chosen)) != len(chosen):
@@ -60,17 +65,17 @@ class PosteriorEncoderMixin:
     def _gather_inputs(self, x0, x1, x_t, t):
         given = {"x0": x0, "x1": x1, "x_t": x_t}
         inputs = {}
-        batch_size = None
+        batch_size = first = None
         for name in self.posterior_inputs:
             if name == "t":
                 continue
             value = given[name]
             if value is None:
                 raise ValueError(f"This posterior reads {self.posterior_inputs}, so `{name}` is required.")
-            check_sample(value, self.sample_shape)
+            check_sample(value, self.sample_shape, argument=name)
             if batch_size is not None and value.shape[0] != batch_size:
-                raise ValueError(f"`{name}` has batch size {value.shape[0]}, but the other inputs have {batch_size}.")
-            batch_size = value.shape[0]
+                raise ValueError(f"`{name}` has batch size {value.shape[0]}, but `{first}` has {batch_size}.")
+            batch_size, first = value.shape[0], first or name
             if not torch.isfinite(value).all():
                 raise ValueError(f"`{name}` must be finite, but it contains NaN or inf.")
             inputs[name] = value
@@ -79,7 +84,7 @@ class PosteriorEncoderMixin:
         if "t" in self.posterior_inputs:
             if t is None:
                 raise ValueError(f"This posterior reads {self.posterior_inputs}, so `t` is required.")
-            time = check_timestep(t, batch_size, reference.device, torch.float32)
+            time = check_timestep(t, batch_size, reference.device, torch.float32, argument="t", batch_from=first)
         return inputs, time
 
     def forward(
@@ -151,6 +156,9 @@ class VRFMPosteriorEncoder(PosteriorEncoderMixin, ModelMixin, ConfigMixin):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, but got {value!r}.")
+        # below 4, diffusers' sinusoidal embedding divides 0 by 0
+        if isinstance(time_embed_dim, bool) or not isinstance(time_embed_dim, int) or time_embed_dim < 4:
+            raise ValueError(f"`time_embed_dim` must be an integer >= 4, but got {time_embed_dim!r}.")
         self.posterior_inputs = validate_posterior_inputs(posterior_inputs)
         self.register_to_config(posterior_inputs=list(self.posterior_inputs))
         num_data_inputs = sum(name != "t" for name in self.posterior_inputs)
@@ -171,7 +179,8 @@ class VRFMPosteriorEncoder(PosteriorEncoderMixin, ModelMixin, ConfigMixin):
         return (self.config.sample_size,)
 
     def encode(self, inputs: dict[str, torch.Tensor], time: torch.Tensor | None):
-        features = [inputs[name].flatten(1) for name in self.posterior_inputs if name != "t"]
+        dtype = self.to_mean.weight.dtype  # inputs of another float dtype run in the model's dtype
+        features = [inputs[name].flatten(1).to(dtype) for name in self.posterior_inputs if name != "t"]
         if time is not None:
             embedding = get_timestep_embedding(time * 1000.0, self.config.time_embed_dim, flip_sin_to_cos=True)
             features.append(embedding.to(features[0].dtype))

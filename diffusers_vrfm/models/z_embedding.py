@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
 from diffusers.utils import BaseOutput
 from torch import nn
+
+from ..objective import check_tensor
 
 
 @dataclass
@@ -41,7 +44,9 @@ class LatentEmbedding(nn.Module):
         return self.linear_2(self.act(self.linear_1(z)))
 
 
-def check_latent(z: torch.Tensor | None, latent_dim: int, batch_size: int, argument: str = "z") -> None:
+def check_latent(
+    z: torch.Tensor | None, latent_dim: int, batch_size: int, argument: str = "z", batch_from: str = "sample"
+) -> None:
     """Validates a latent against a model's `latent_dim` with a message that names the argument."""
     if latent_dim == 0:
         if z is not None:
@@ -54,35 +59,63 @@ def check_latent(z: torch.Tensor | None, latent_dim: int, batch_size: int, argum
     if not isinstance(z, torch.Tensor):
         raise TypeError(f"`{argument}` must be a torch.Tensor, but got {type(z).__name__}.")
     if z.ndim != 2 or z.shape[1] != latent_dim or z.shape[0] != batch_size:
-        raise ValueError(f"`{argument}` must have shape ({batch_size}, {latent_dim}), but got {tuple(z.shape)}.")
-    if not z.is_floating_point():
-        raise TypeError(f"`{argument}` must be a floating-point tensor, but got dtype {z.dtype}.")
+        raise ValueError(
+            f"`{argument}` must have shape ({batch_size}, {latent_dim}) (the batch size of `{batch_from}`, "
+            f"`latent_dim`), but got {tuple(z.shape)}."
+        )
+    check_tensor(z, argument)
 
 
-def check_timestep(timestep, batch_size: int, device, dtype) -> torch.Tensor:
+def check_timestep(
+    timestep, batch_size: int, device, dtype, argument: str = "timestep", batch_from: str = "sample"
+) -> torch.Tensor:
     """Turns a scalar or per-example time in [0, 1] into a float tensor of shape (B,), refusing bad values."""
     if not isinstance(timestep, torch.Tensor):
-        if not isinstance(timestep, (int, float)) or isinstance(timestep, bool):
-            raise TypeError(f"`timestep` must be a float or a tensor, but got {type(timestep).__name__}.")
+        if not isinstance(timestep, numbers.Real) or isinstance(timestep, bool):
+            raise TypeError(f"`{argument}` must be a float or a tensor, but got {type(timestep).__name__}.")
         timestep = torch.tensor(float(timestep))
+    check_tensor(timestep, argument, floating=False)
+    if timestep.dtype == torch.bool or timestep.is_complex():
+        raise TypeError(f"`{argument}` must be a real-valued tensor, but got dtype {timestep.dtype}.")
     timestep = timestep.to(device=device, dtype=torch.float32)
     if timestep.ndim == 0:
         timestep = timestep.expand(batch_size)
     if timestep.ndim != 1 or timestep.shape[0] != batch_size:
         raise ValueError(
-            f"`timestep` must be a scalar or have shape ({batch_size},), but got {tuple(timestep.shape)}."
+            f"`{argument}` must be a scalar or have shape ({batch_size},) (the batch size of `{batch_from}`), but got "
+            f"{tuple(timestep.shape)}."
         )
     if not torch.isfinite(timestep).all():
-        raise ValueError("`timestep` must be finite, but it contains NaN or inf.")
+        raise ValueError(f"`{argument}` must be finite, but it contains NaN or inf.")
     if (timestep < 0).any() or (timestep > 1).any():
         raise ValueError(
-            f"`timestep` must lie in [0, 1] (0 = noise, 1 = data), but got values in "
+            f"`{argument}` must lie in [0, 1] (0 = noise, 1 = data), but got values in "
             f"[{timestep.min().item():.4g}, {timestep.max().item():.4g}]."
         )
     return timestep.to(dtype)
 
 
-def check_class_labels(class_labels, num_classes: int | None, batch_size: int, device) -> torch.Tensor | None:
+def as_label_tensor(class_labels, device, argument: str = "class_labels") -> torch.Tensor:
+    """Converts labels (an int, a list of ints, an array or a tensor) to an integer tensor on `device`, refusing
+    anything else (floats, bools, strings, ragged lists, the meta device) with a message that names `argument`."""
+    if isinstance(class_labels, torch.Tensor):
+        check_tensor(class_labels, argument, floating=False)
+    else:
+        try:
+            class_labels = torch.as_tensor(class_labels)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+            raise TypeError(
+                f"`{argument}` must be an int, a list of ints or an integer tensor, but got {class_labels!r} "
+                f"({error})."
+            ) from None
+    if class_labels.is_floating_point() or class_labels.is_complex() or class_labels.dtype == torch.bool:
+        raise TypeError(f"`{argument}` must hold integers, but got dtype {class_labels.dtype}.")
+    return class_labels.to(device)
+
+
+def check_class_labels(
+    class_labels, num_classes: int | None, batch_size: int, device, batch_from: str = "sample"
+) -> torch.Tensor | None:
     """Validates class labels; `num_classes` is the null (unconditional) label used by classifier-free guidance."""
     if num_classes is None:
         if class_labels is not None:
@@ -90,13 +123,13 @@ def check_class_labels(class_labels, num_classes: int | None, batch_size: int, d
         return None
     if class_labels is None:
         return torch.full((batch_size,), num_classes, dtype=torch.long, device=device)
-    class_labels = torch.as_tensor(class_labels, device=device)
+    class_labels = as_label_tensor(class_labels, device)
     if class_labels.ndim == 0:
         class_labels = class_labels.expand(batch_size)
-    if class_labels.is_floating_point() or class_labels.ndim != 1 or class_labels.shape[0] != batch_size:
+    if class_labels.ndim != 1 or class_labels.shape[0] != batch_size:
         raise ValueError(
-            f"`class_labels` must be integers of shape ({batch_size},), but got dtype {class_labels.dtype} and shape "
-            f"{tuple(class_labels.shape)}."
+            f"`class_labels` must be integers of shape ({batch_size},) (the batch size of `{batch_from}`), but got "
+            f"shape {tuple(class_labels.shape)}."
         )
     if (class_labels < 0).any() or (class_labels > num_classes).any():
         raise ValueError(
@@ -106,13 +139,10 @@ def check_class_labels(class_labels, num_classes: int | None, batch_size: int, d
     return class_labels.long()
 
 
-def check_sample(sample, expected_shape: tuple[int, ...]) -> None:
+def check_sample(sample, expected_shape: tuple[int, ...], argument: str = "sample") -> None:
     """Validates a batch of samples against a model's per-example shape."""
-    if not isinstance(sample, torch.Tensor):
-        raise TypeError(f"`sample` must be a torch.Tensor, but got {type(sample).__name__}.")
-    if not sample.is_floating_point():
-        raise TypeError(f"`sample` must be a floating-point tensor, but got dtype {sample.dtype}.")
+    check_tensor(sample, argument)
     if tuple(sample.shape[1:]) != tuple(expected_shape) or sample.ndim != len(expected_shape) + 1:
         raise ValueError(
-            f"`sample` must have shape (B, {', '.join(map(str, expected_shape))}), but got {tuple(sample.shape)}."
+            f"`{argument}` must have shape (B, {', '.join(map(str, expected_shape))}), but got {tuple(sample.shape)}."
         )

@@ -15,7 +15,8 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..hub import load_pipeline_components, write_remote_code_files
-from ..objective import slerp
+from ..models.z_embedding import as_label_tensor
+from ..objective import check_real, check_tensor, slerp
 from ..schedulers.scheduling_vrfm import VRFMScheduler
 
 OUTPUT_TYPES = ("pt", "np", "pil", "latent")
@@ -132,10 +133,14 @@ class VRFMPipeline(DiffusionPipeline):
         if not isinstance(latents, torch.Tensor):
             raise TypeError(f"`latents` must be a torch.Tensor, but got {type(latents).__name__}.")
         if tuple(latents.shape) != shape:
-            raise ValueError(f"`latents` must have shape {shape}, but got {tuple(latents.shape)}.")
-        if not latents.is_floating_point() or not torch.isfinite(latents).all():
-            raise ValueError("`latents` must be a finite floating-point tensor.")
-        return latents.to(device=device, dtype=dtype)
+            raise ValueError(
+                f"`latents` must have shape {shape} (`batch_size`, *sample_shape), but got {tuple(latents.shape)}."
+            )
+        check_tensor(latents, "latents")  # floating point, not on the meta device; any other device is moved
+        latents = latents.to(device=device, dtype=dtype)
+        if not torch.isfinite(latents).all():
+            raise ValueError(f"`latents` must be a finite floating-point tensor (in the model's dtype {dtype}).")
+        return latents
 
     def prepare_z(self, batch_size, generator, device, dtype, z=None, source=None):
         """Draws one ``z`` per trajectory (or checks the given ones). `None` for plain rectified flow.
@@ -158,11 +163,14 @@ class VRFMPipeline(DiffusionPipeline):
             z = z.unsqueeze(0).expand(batch_size, -1)
         if tuple(z.shape) != (batch_size, latent_dim):
             raise ValueError(
-                f"`z` must have shape ({batch_size}, {latent_dim}) or ({latent_dim},), but got {tuple(z.shape)}."
+                f"`z` must have shape ({batch_size}, {latent_dim}) (`batch_size`, latent_dim) or ({latent_dim},), but "
+                f"got {tuple(z.shape)}."
             )
-        if not z.is_floating_point() or not torch.isfinite(z).all():
-            raise ValueError("`z` must be a finite floating-point tensor.")
-        return z.to(device=device, dtype=dtype)
+        check_tensor(z, "z")  # floating point, not on the meta device; any other device is moved
+        z = z.to(device=device, dtype=dtype)
+        if not torch.isfinite(z).all():
+            raise ValueError(f"`z` must be a finite floating-point tensor (in the model's dtype {dtype}).")
+        return z
 
     def velocity(self, sample, t, z=None, class_labels=None, guidance_scale: float = 1.0) -> torch.Tensor:
         """One velocity evaluation at scalar time `t`, with classifier-free guidance when `guidance_scale != 1`."""
@@ -199,14 +207,13 @@ class VRFMPipeline(DiffusionPipeline):
                 raise TypeError(f"`num_inference_steps` must be an int, but got {num_inference_steps!r}.")
             if num_inference_steps < 1:
                 raise ValueError(f"`num_inference_steps` must be >= 1, but got {num_inference_steps}.")
-        if output_type not in OUTPUT_TYPES:
+        if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, but got {output_type!r}.")
         if output_type == "pil" and not self.is_image_model:
             raise ValueError(
                 "`output_type='pil'` needs an image model; this pipeline makes vectors: use 'pt' or 'np'."
             )
-        if not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale):
-            raise ValueError(f"`guidance_scale` must be a finite number, but got {guidance_scale!r}.")
+        check_real(guidance_scale, "guidance_scale")
         if guidance_scale != 1.0 and class_labels is None:
             raise ValueError(
                 f"`guidance_scale={guidance_scale}` needs `class_labels`: classifier-free guidance contrasts the "
@@ -230,11 +237,11 @@ class VRFMPipeline(DiffusionPipeline):
             raise ValueError(
                 "`class_labels` were given, but the velocity model is unconditional (`num_classes=None`)."
             )
-        labels = torch.as_tensor(class_labels, device=device)
+        labels = as_label_tensor(class_labels, device)
         if labels.ndim == 0:
             labels = labels.expand(batch_size)
-        if labels.is_floating_point() or labels.shape != (batch_size,):
-            raise ValueError(f"`class_labels` must be {batch_size} integers, but got {class_labels!r}.")
+        if labels.shape != (batch_size,):
+            raise ValueError(f"`class_labels` must be {batch_size} (`batch_size`) integers, but got {class_labels!r}.")
         if (labels < 0).any() or (labels >= num_classes).any():
             raise ValueError(f"`class_labels` must lie in [0, {num_classes - 1}], but got {labels.tolist()}.")
         return labels.long()
@@ -276,7 +283,13 @@ class VRFMPipeline(DiffusionPipeline):
         if output_type is None:
             output_type = "pil" if self.is_image_model else "pt"
         if timesteps is not None:
-            num_inference_steps = len(timesteps)
+            if self.scheduler.is_adaptive:
+                raise ValueError(
+                    f"`timesteps` sets a fixed grid, but the scheduler's solver {self.scheduler.config.solver!r} is "
+                    "adaptive; drop `timesteps` or use a scheduler with solver='euler', 'heun' or 'midpoint'."
+                )
+            self.scheduler.set_timesteps(timesteps=timesteps)  # checks the grid before anything is drawn
+            num_inference_steps = self.scheduler.num_inference_steps
         self._check_call_arguments(
             batch_size, num_inference_steps, output_type, guidance_scale, generator, class_labels
         )
@@ -301,6 +314,12 @@ class VRFMPipeline(DiffusionPipeline):
             for t in self.progress_bar(self.scheduler.timesteps):
                 velocity = self.velocity(x, t, z, labels, guidance_scale)
                 x = self.scheduler.step(velocity, t, x).prev_sample
+        if not torch.isfinite(x).all():
+            raise ValueError(
+                f"Sampling produced non-finite values (NaN or inf) in {x.dtype}, from finite `latents` and `z`: an "
+                f"extreme input magnitude or `guidance_scale` ({guidance_scale}) overflowed, or the velocity model's "
+                "weights are not finite."
+            )
 
         if output_type == "latent":
             samples = x

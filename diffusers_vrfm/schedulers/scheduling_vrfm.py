@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -11,7 +12,16 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from ..objective import TIMESTEP_DENSITIES, interpolate, sample_timesteps, sigma_to_t, t_to_sigma, target_velocity
+from ..objective import (
+    TIMESTEP_DENSITIES,
+    check_real,
+    check_tensor,
+    interpolate,
+    sample_timesteps,
+    sigma_to_t,
+    t_to_sigma,
+    target_velocity,
+)
 
 FIXED_STEP_SOLVERS = ("euler", "heun", "midpoint")
 ADAPTIVE_SOLVERS = ("dopri5", "bosh3", "adaptive_heun", "dopri8")
@@ -105,16 +115,24 @@ class VRFMScheduler(SchedulerMixin, ConfigMixin):
         logit_std: float = 1.0,
         mode_scale: float = 1.29,
     ):
-        if solver not in FIXED_STEP_SOLVERS + ADAPTIVE_SOLVERS:
+        if not isinstance(solver, str) or solver not in FIXED_STEP_SOLVERS + ADAPTIVE_SOLVERS:
             raise ValueError(f"`solver` must be one of {FIXED_STEP_SOLVERS + ADAPTIVE_SOLVERS}, but got {solver!r}.")
-        if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
+        if isinstance(shift, bool) or not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
             raise ValueError(f"`shift` must be a finite number > 0, but got {shift!r}.")
-        if not (isinstance(num_train_timesteps, int) and num_train_timesteps > 0):
+        if isinstance(num_train_timesteps, bool) or not (
+            isinstance(num_train_timesteps, int) and num_train_timesteps > 0
+        ):
             raise ValueError(f"`num_train_timesteps` must be a positive integer, but got {num_train_timesteps!r}.")
-        if timestep_density not in TIMESTEP_DENSITIES:
+        if not isinstance(timestep_density, str) or timestep_density not in TIMESTEP_DENSITIES:
             raise ValueError(f"`timestep_density` must be one of {TIMESTEP_DENSITIES}, but got {timestep_density!r}.")
-        if not (rtol > 0 and atol > 0):
-            raise ValueError(f"`rtol` and `atol` must be > 0, but got rtol={rtol!r}, atol={atol!r}.")
+        for name, value in (("rtol", rtol), ("atol", atol)):
+            if check_real(value, name) <= 0:
+                raise ValueError(f"`{name}` must be > 0, but got {value!r}.")
+        check_real(logit_mean, "logit_mean")
+        check_real(logit_std, "logit_std")
+        check_real(mode_scale, "mode_scale")
+        if timestep_density == "logit_normal" and logit_std <= 0:
+            raise ValueError(f"`logit_std` must be > 0 for the logit-normal density, but got {logit_std!r}.")
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self.time_grid = None
@@ -169,7 +187,8 @@ class VRFMScheduler(SchedulerMixin, ConfigMixin):
         if shift == 1.0:
             return t
         sigma = t_to_sigma(t)
-        return sigma_to_t(shift * sigma / (1 + (shift - 1) * sigma))
+        # clamped: for shift < 1, rounding takes the first time a hair below 0
+        return sigma_to_t(shift * sigma / (1 + (shift - 1) * sigma)).clamp(0.0, 1.0)
 
     def set_timesteps(
         self,
@@ -196,7 +215,17 @@ class VRFMScheduler(SchedulerMixin, ConfigMixin):
         if timesteps is not None:
             if num_inference_steps is not None:
                 raise ValueError("Pass either `num_inference_steps` or `timesteps`, not both.")
-            grid = torch.as_tensor(timesteps, dtype=torch.float64).flatten()
+            if isinstance(timesteps, torch.Tensor):
+                check_tensor(timesteps, "timesteps", floating=False)
+            try:
+                grid = torch.as_tensor(timesteps)
+            except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+                raise TypeError(
+                    f"`timesteps` must be a list of floats or a tensor, but got {timesteps!r} ({error})."
+                ) from None
+            if grid.dtype == torch.bool or grid.is_complex():
+                raise TypeError(f"`timesteps` must hold real numbers, but got dtype {grid.dtype}.")
+            grid = grid.to(dtype=torch.float64).flatten()
             if grid.numel() == 0:
                 raise ValueError("`timesteps` must not be empty.")
             if not torch.isfinite(grid).all():
@@ -209,6 +238,8 @@ class VRFMScheduler(SchedulerMixin, ConfigMixin):
                 grid = torch.cat([grid, grid.new_ones(1)])
             if grid.numel() < 2:
                 raise ValueError("`timesteps` must contain at least one time below 1.0.")
+            if not (grid.float()[1:] > grid.float()[:-1]).all():
+                raise ValueError(f"`timesteps` must stay strictly increasing in float32, but got {grid.tolist()}.")
         else:
             if num_inference_steps is None:
                 raise ValueError("Pass `num_inference_steps` or `timesteps`.")
@@ -220,6 +251,11 @@ class VRFMScheduler(SchedulerMixin, ConfigMixin):
             if num_inference_steps < 1:
                 raise ValueError(f"`num_inference_steps` must be >= 1, but got {num_inference_steps}.")
             grid = self._shift_time(torch.linspace(0.0, 1.0, num_inference_steps + 1, dtype=torch.float64))
+            if not (grid.float()[1:] > grid.float()[:-1]).all():
+                raise ValueError(
+                    f"`shift`={self.config.shift} squeezes the grid of `num_inference_steps`={num_inference_steps} "
+                    "into repeated float32 times; use a shift closer to 1 or fewer steps."
+                )
 
         self.num_inference_steps = grid.numel() - 1
         self.time_grid = grid.to(dtype=torch.float32, device=device)
@@ -261,6 +297,16 @@ class VRFMScheduler(SchedulerMixin, ConfigMixin):
         """
         if self.timesteps is None:
             raise ValueError("Call `set_timesteps` before `step`.")
+        check_tensor(model_output, "model_output")
+        check_tensor(sample, "sample")
+        if isinstance(timestep, torch.Tensor):
+            check_tensor(timestep, "timestep", floating=False)
+            if timestep.dtype == torch.bool or timestep.is_complex():
+                raise TypeError(f"`timestep` must be a real-valued tensor, but got dtype {timestep.dtype}.")
+        elif isinstance(timestep, bool) or not isinstance(timestep, numbers.Real):
+            raise TypeError(f"`timestep` must be a float or a tensor, but got {type(timestep).__name__}.")
+        else:
+            timestep = float(timestep)  # an int beyond int64 would not convert
         if self._step_index >= len(self.timesteps):
             raise ValueError(
                 f"`step` was called {self._step_index + 1} times, but the schedule has only {len(self.timesteps)} "
@@ -270,6 +316,10 @@ class VRFMScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(
                 f"`model_output` must have the shape of `sample` {tuple(sample.shape)}, but got "
                 f"{tuple(model_output.shape)}."
+            )
+        if model_output.device != sample.device:
+            raise ValueError(
+                f"`model_output` must be on the device of `sample` ({sample.device}), but is on {model_output.device}."
             )
         expected = self.timesteps[self._step_index]
         timestep = torch.as_tensor(timestep, dtype=torch.float32, device=expected.device)
@@ -334,7 +384,16 @@ class VRFMScheduler(SchedulerMixin, ConfigMixin):
             return velocity_fn(x, t.clamp(min(t_start, t_end), max(t_start, t_end)))
 
         times = torch.tensor([t_start, t_end], dtype=sample.dtype, device=sample.device)
-        solution = odeint(ode_func, sample, times, method=solver, rtol=self.config.rtol, atol=self.config.atol)
+        try:
+            solution = odeint(ode_func, sample, times, method=solver, rtol=self.config.rtol, atol=self.config.atol)
+        except AssertionError as error:  # torchdiffeq asserts when the step size underflows
+            if "underflow" not in str(error):
+                raise
+            raise ValueError(
+                f"The adaptive solver {solver!r} could not integrate from `t_start`={t_start} to `t_end`={t_end} "
+                f"({error}): the velocity is too large or not finite along the path from this `sample`. In "
+                "VRFMPipeline this comes from extreme `latents`, `z` or `guidance_scale`, or non-finite model weights."
+            ) from None
         prev_sample = solution[-1]
         if not return_dict:
             return (prev_sample, counter["evals"])

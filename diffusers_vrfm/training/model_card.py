@@ -97,10 +97,14 @@ def render_model_card(
         pipeline_tag="unconditional-image-generation" if data_kind == "image" and not num_classes else None,
     )
     if data_kind == "image":
-        labels = "class_labels=list(range(10)), " if num_classes else ""
-        usage_call = f"images = pipe(batch_size=16, {labels}num_inference_steps=8).images  # a list of PIL images"
         if num_classes:
-            usage_call = f"images = pipe(batch_size=10, {labels}num_inference_steps=8).images  # a list of PIL images"
+            count = min(num_classes, 10)
+            usage_call = (
+                f"images = pipe(batch_size={count}, class_labels=list(range({count})), guidance_scale=1.5, "
+                "num_inference_steps=8).images"
+            )
+        else:
+            usage_call = "images = pipe(batch_size=16, num_inference_steps=8).images  # a list of PIL images"
         model_kind = "class-conditional image model" if num_classes else "image model"
         source_note = ""
     else:
@@ -122,11 +126,13 @@ def render_model_card(
         if args.get("use_ema", True)
         else "EMA off: the raw weights"
     )
+    steps = args.get("max_train_steps") or 0
     limitations = (
-        "Trained briefly on a small dataset on CPU to demonstrate the pipeline: samples are recognisable at best; "
-        "use the GPU recipes of the README for real models."
-        if args.get("max_train_steps", 0) <= 5000
-        else "Check the few-step and many-step sample quality for your use; VRFM's gain is largest at few steps."
+        f"A short, demonstration-scale run ({steps} steps): it shows the method and the pipeline working, not the "
+        "sample quality of a full training run (see the README's GPU recipes)."
+        if steps <= 5000
+        else "Check sample quality at both few and many steps for your use: VRFM's gain is largest at few steps, and "
+        "a posterior that carries too much information can hurt many-step sampling (a prior hole)."
     )
     card = ModelCard.from_template(
         card_data,
