@@ -635,7 +635,7 @@ def main(args: argparse.Namespace) -> dict:
     # Everything is checked: only now create the Hub repository (if asked), as diffusers' scripts do.
     repo_id = None
     if args.push_to_hub and accelerator.is_main_process:
-        from diffusers_vrfm.training.publish import create_hub_repo
+        from diffusers_vrfm.hub import create_hub_repo
 
         repo_id = create_hub_repo(
             args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)),
@@ -1042,13 +1042,14 @@ def main(args: argparse.Namespace) -> dict:
             license=args.license,
             num_classes=data.num_classes,
             template_path=args.model_card_template,
+            accelerate_launch=any(key.startswith("ACCELERATE_") for key in os.environ),
         )
         card.save(os.path.join(args.output_dir, "README.md"))
         with open(os.path.join(logging_dir, "summary.json"), "w", encoding="utf-8") as handle:
             json.dump({"metrics": metrics, "total_seconds": time.time() - run_start}, handle, indent=2, default=str)
         summary["metrics"] = metrics
         if args.push_to_hub:
-            from diffusers_vrfm.training.publish import upload_pipeline_folder
+            from diffusers_vrfm.hub import upload_pipeline_folder
 
             upload_pipeline_folder(args.output_dir, repo_id, token=args.hub_token, commit_message="End of training")
     accelerator.wait_for_everyone()

@@ -155,3 +155,39 @@ def load_pipeline_components(folder: str, torch_dtype=None, allow_pickle: bool =
         else:  # pragma: no cover - the allowlist holds models and schedulers only
             raise ValueError(f"`{name}`: {component_class.__name__} is neither a model nor a scheduler.")
     return components
+
+
+# What never goes to the Hub: training checkpoints, logs, validation images of intermediate steps, temporary files.
+UPLOAD_IGNORE_PATTERNS = [
+    "checkpoint-*",
+    "checkpoint-*/**",
+    ".tmp-*",
+    ".tmp-*/**",
+    "logs/**",
+    "validation/**",
+    "*.tmp-*",
+]
+
+
+def create_hub_repo(repo_id: str, token: str | None = None, private: bool | None = None) -> str:
+    """Creates (or reuses) the model repository and returns its full id (`user/name`)."""
+    import huggingface_hub
+
+    return huggingface_hub.create_repo(repo_id, exist_ok=True, token=token, private=private, repo_type="model").repo_id
+
+
+def upload_pipeline_folder(
+    folder: str, repo_id: str, token: str | None = None, commit_message: str = "Upload VRFM pipeline"
+):
+    """Uploads a pipeline folder: model_index.json, weights, remote-code files, README.md and sample images, but no
+    checkpoints, logs or temporary files (see `UPLOAD_IGNORE_PATTERNS`)."""
+    import huggingface_hub
+
+    return huggingface_hub.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        commit_message=commit_message,
+        ignore_patterns=UPLOAD_IGNORE_PATTERNS,
+        token=token,
+        repo_type="model",
+    )

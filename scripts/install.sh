@@ -12,4 +12,9 @@ python -m pip install --quiet "torch==${TORCH_VERSION}"
 constraints="$(mktemp)"
 echo "torch==${TORCH_VERSION}" > "${constraints}"
 python -m pip install --quiet -c "${constraints}" -e ".[${extras}]"
+if [[ "${extras}" == *test* ]]; then
+  # The toy benchmark's baselines. torchcfm's own requirements pull torchdyn -> torchvision, whose PyPI wheel fails
+  # to import beside a CPU torch; the parts used here need only torch, numpy and POT (installed above).
+  python -m pip install --quiet --no-deps "torchcfm>=1.0.5"
+fi
 rm -f "${constraints}"

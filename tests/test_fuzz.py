@@ -322,6 +322,7 @@ PIPELINES = [
     _make_pipeline(latent_dim=3, num_classes=None, solver="euler", seed=0),
     _make_pipeline(latent_dim=0, num_classes=3, solver="heun", seed=1),
     _make_pipeline(latent_dim=2, num_classes=2, solver="midpoint", seed=2),
+    _make_pipeline(latent_dim=2, num_classes=None, solver="heun", seed=5).to(torch.bfloat16),
 ]
 CALL_ARGUMENTS = (
     "batch_size",

@@ -258,12 +258,15 @@ def test_push_to_hub_uploads_exactly_the_saved_layout(tmp_path, monkeypatch):
         recorded["repo"] = repo_id
         return RepoUrl("https://example.invalid/user/tiny-vrfm")
 
-    def fake_upload_folder(repo_id, folder_path, **kwargs):
-        recorded["files"] = sorted(
+    def fake_upload_folder(repo_id, folder_path, ignore_patterns=(), **kwargs):
+        from huggingface_hub.utils import filter_repo_objects
+
+        files = [
             os.path.relpath(os.path.join(root, name), folder_path)
             for root, _, names in os.walk(folder_path)
             for name in names
-        )
+        ]
+        recorded["files"] = sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))
         recorded["upload_repo"] = repo_id
 
     monkeypatch.setattr(huggingface_hub, "create_repo", fake_create_repo)

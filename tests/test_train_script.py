@@ -92,9 +92,8 @@ def test_tiny_end_to_end_run(tmp_path, train):
 
 
 def test_vector_run_and_push_to_hub_without_network(tmp_path, train, monkeypatch):
+    import huggingface_hub
     from huggingface_hub.utils import filter_repo_objects
-
-    import diffusers_vrfm.training.publish as publish
 
     calls = {}
 
@@ -112,8 +111,8 @@ def test_vector_run_and_push_to_hub_without_network(tmp_path, train, monkeypatch
         calls["uploaded"] = sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))
         calls["upload_repo"] = repo_id
 
-    monkeypatch.setattr(publish, "create_repo", fake_create_repo)
-    monkeypatch.setattr(publish, "upload_folder", fake_upload_folder)
+    monkeypatch.setattr(huggingface_hub, "create_repo", fake_create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload_folder)
     output_dir = str(tmp_path / "ring")
     argv = ["--backbone", "mlp", "--output_dir", output_dir, "--max_train_steps", "3", "--train_batch_size", "32"]
     argv += ["--checkpointing_steps", "2", "--num_validation_samples", "64", *FAST]

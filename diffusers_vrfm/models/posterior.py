@@ -29,10 +29,10 @@ class VRFMPosteriorOutput(BaseOutput):
         kl (`torch.Tensor` of shape `(B,)`): ``KL(q || N(0, I))`` of each example, summed over latent dimensions.
     """
 
-    mean: torch.Tensor
-    logvar: torch.Tensor
-    sample: torch.Tensor
-    kl: torch.Tensor
+    mean: torch.Tensor = None
+    logvar: torch.Tensor = None
+    sample: torch.Tensor = None
+    kl: torch.Tensor = None
 
 
 def validate_posterior_inputs(posterior_inputs) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..hub import load_pipeline_components, write_remote_code_files
+from ..hub import create_hub_repo, load_pipeline_components, upload_pipeline_folder, write_remote_code_files
 from ..models.z_embedding import as_label_tensor
 from ..objective import check_real, check_tensor, slerp
 from ..schedulers.scheduling_vrfm import VRFMScheduler
@@ -358,15 +358,14 @@ class VRFMPipeline(DiffusionPipeline):
         super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
         write_remote_code_files(save_directory, self)
         if push_to_hub:
-            from huggingface_hub import create_repo, upload_folder
-
-            repo_id = kwargs.get("repo_id", os.path.basename(os.path.normpath(save_directory)))
-            repo_id = create_repo(
-                repo_id, exist_ok=True, private=kwargs.get("private"), token=kwargs.get("token")
-            ).repo_id
-            upload_folder(
-                repo_id=repo_id,
-                folder_path=save_directory,
+            repo_id = create_hub_repo(
+                kwargs.get("repo_id", os.path.basename(os.path.normpath(save_directory))),
+                token=kwargs.get("token"),
+                private=kwargs.get("private"),
+            )
+            upload_pipeline_folder(
+                save_directory,
+                repo_id,
                 token=kwargs.get("token"),
                 commit_message=kwargs.get("commit_message", "Upload VRFMPipeline"),
             )

@@ -384,8 +384,13 @@ class VRFMScheduler(SchedulerMixin, ConfigMixin):
             return velocity_fn(x, t.clamp(min(t_start, t_end), max(t_start, t_end)))
 
         times = torch.tensor([t_start, t_end], dtype=sample.dtype, device=sample.device)
+        # step_t makes the solver land on t_end instead of stepping past it and interpolating back: past t_end the
+        # clamp above would integrate a different ODE
+        options = {"step_t": times[1:]}
         try:
-            solution = odeint(ode_func, sample, times, method=solver, rtol=self.config.rtol, atol=self.config.atol)
+            solution = odeint(
+                ode_func, sample, times, method=solver, rtol=self.config.rtol, atol=self.config.atol, options=options
+            )
         except AssertionError as error:  # torchdiffeq asserts when the step size underflows
             if "underflow" not in str(error):
                 raise

@@ -17,8 +17,10 @@ def format_metric(value) -> str:
     return str(value)
 
 
-def training_command(argv: list[str], num_processes: int = 1, script: str = "train_vrfm.py") -> str:
-    """The command line that reproduces a run, with secrets removed."""
+def training_command(
+    argv: list[str], num_processes: int = 1, script: str = "train_vrfm.py", accelerate_launch: bool = True
+) -> str:
+    """The command line that reproduces a run, with secrets removed (`python script` for a plain 1-process run)."""
     cleaned, skip = [], False
     for token in argv:
         if skip:
@@ -28,11 +30,10 @@ def training_command(argv: list[str], num_processes: int = 1, script: str = "tra
             skip = "=" not in token
             continue
         cleaned.append(token)
-    launcher = (
-        f"accelerate launch --multi_gpu --num_processes {num_processes} {script}"
-        if num_processes > 1
-        else f"accelerate launch {script}"
-    )
+    if num_processes > 1:
+        launcher = f"accelerate launch --multi_gpu --num_processes {num_processes} {script}"
+    else:
+        launcher = f"accelerate launch {script}" if accelerate_launch else f"python {script}"
     return launcher + ("" if not cleaned else " " + shlex.join(cleaned))
 
 
@@ -67,6 +68,7 @@ def render_model_card(
     license: str = "apache-2.0",
     num_classes: int | None = None,
     template_path: str | None = None,
+    accelerate_launch: bool = True,
 ):
     """Renders the card; returns a `huggingface_hub.ModelCard` (write it with `.save(path)`).
 
@@ -159,7 +161,7 @@ def render_model_card(
         global_batch_size=global_batch_size,
         max_train_steps=args.get("max_train_steps"),
         ema_note=ema_note,
-        command=training_command(argv, num_processes),
+        command=training_command(argv, num_processes, accelerate_launch=accelerate_launch),
         config_json=json.dumps(public_config(args), indent=2, sort_keys=True),
         metrics=[(name, format_metric(value)) for name, value in metrics.items()],
         metric_window=metric_window,
