@@ -175,6 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--free_bits", type=float, default=0.0, help="Floor (nats) under each latent dimension's KL; 0 = off."
     )
     objective.add_argument(
+        "--learned_prior",
+        action="store_true",
+        help="Train a conditional prior p_psi(z | x0) (the posterior's class reading only x0) jointly through "
+        "KL(q || p_psi); it is saved as the pipeline's `prior` component and sampled at the source point. Off by "
+        "default: see benchmarks/results/prior_hole.md.",
+    )
+    objective.add_argument(
+        "--prior_mix",
+        type=float,
+        default=0.0,
+        help="Fraction of training examples whose z is drawn from the prior (learned, or N(0, I)) instead of the "
+        "posterior (issue 6); 0 = off.",
+    )
+    objective.add_argument(
         "--loss_reduction",
         type=str,
         default="mean",
@@ -315,6 +329,10 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         fail("beta", args.beta, "a finite number >= 0 (the KL weight)")
     if not (math.isfinite(args.free_bits) and args.free_bits >= 0):
         fail("free_bits", args.free_bits, "a finite number >= 0")
+    if not (math.isfinite(args.prior_mix) and 0 <= args.prior_mix <= 1):
+        fail("prior_mix", args.prior_mix, "a number in [0, 1]")
+    if (args.learned_prior or args.prior_mix > 0) and args.latent_dim == 0:
+        fail("latent_dim", args.latent_dim, "> 0 with --learned_prior or --prior_mix (they act on z)")
     if not 0.0 <= args.label_dropout <= 1.0:
         fail("label_dropout", args.label_dropout, "in [0, 1]")
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps"):
@@ -405,8 +423,9 @@ def _clean_copy(model):
     return copy.eval()
 
 
-def build_pipeline(velocity_model, posterior_encoder, scheduler, ema_model=None, vae=None):
-    """A VRFMPipeline: a clean copy of the velocity model holding the EMA weights (if any), and the VAE (if any)."""
+def build_pipeline(velocity_model, posterior_encoder, scheduler, ema_model=None, vae=None, prior=None):
+    """A VRFMPipeline: a clean copy of the velocity model holding the EMA weights (if any), the VAE (if any) and the
+    learned prior (if any)."""
     from diffusers_vrfm import VRFMPipeline, VRFMScheduler
 
     velocity = _clean_copy(velocity_model)
@@ -417,6 +436,7 @@ def build_pipeline(velocity_model, posterior_encoder, scheduler, ema_model=None,
         scheduler=VRFMScheduler.from_config(scheduler.config),
         posterior_encoder=_clean_copy(posterior_encoder),
         vae=vae,
+        prior=_clean_copy(prior),
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -459,6 +479,7 @@ def main(args: argparse.Namespace) -> dict:
         EMA_DIR,
         MANIFEST_NAME,
         POSTERIOR_ENCODER_DIR,
+        PRIOR_DIR,
         VELOCITY_MODEL_DIR,
         make_state_hooks,
         resolve_resume_path,
@@ -466,7 +487,12 @@ def main(args: argparse.Namespace) -> dict:
     )
     from diffusers_vrfm.training.data import MicroBatchPlan, collate_examples
     from diffusers_vrfm.training.determinism import make_generator
-    from diffusers_vrfm.training.step import beta_at_step, draw_step_randomness, vrfm_training_loss
+    from diffusers_vrfm.training.step import (
+        aggregate_posterior_stats,
+        beta_at_step,
+        draw_step_randomness,
+        vrfm_training_loss,
+    )
 
     check_args(args)
     run_start = time.time()
@@ -602,6 +628,15 @@ def main(args: argparse.Namespace) -> dict:
         pretrained=pretrained,
     )
     velocity_model, posterior_encoder = built.velocity_model, built.posterior_encoder
+    prior_model = None
+    if (args.learned_prior or args.prior_mix > 0) and posterior_encoder is None:
+        raise ValueError(
+            "`--learned_prior` and `--prior_mix` need a latent (`--latent_dim` > 0), but the model has none."
+        )
+    if args.learned_prior:
+        # the posterior's own class and config, reading only the source point: p_psi(z | x0)
+        prior_config = {k: v for k, v in posterior_encoder.config.items() if not k.startswith("_")}
+        prior_model = type(posterior_encoder).from_config({**prior_config, "posterior_inputs": ["x0"]})
     if tuple(velocity_model.sample_shape) != model_shape:
         raise ValueError(
             f"The model expects samples of shape {tuple(velocity_model.sample_shape)}, but the data gives "
@@ -647,6 +682,8 @@ def main(args: argparse.Namespace) -> dict:
     trainable = list(velocity_model.parameters())
     if posterior_encoder is not None:
         trainable += list(posterior_encoder.parameters())
+    if prior_model is not None:
+        trainable += list(prior_model.parameters())
     optimizer = torch.optim.AdamW(
         trainable,
         lr=args.learning_rate,
@@ -675,11 +712,16 @@ def main(args: argparse.Namespace) -> dict:
             model_config=velocity_model.config,
         )
         ema_model.to(accelerator.device)
-    save_hook, load_hook = make_state_hooks(accelerator, ema_model)
+    save_hook, load_hook = make_state_hooks(accelerator, ema_model, prior_model=prior_model)
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
-    if posterior_encoder is not None:
+    if prior_model is not None:
+        velocity_model, posterior_encoder, prior_model, optimizer, lr_scheduler = accelerator.prepare(
+            velocity_model, posterior_encoder, prior_model, optimizer, lr_scheduler
+        )
+        train_models = (velocity_model, posterior_encoder, prior_model)
+    elif posterior_encoder is not None:
         velocity_model, posterior_encoder, optimizer, lr_scheduler = accelerator.prepare(
             velocity_model, posterior_encoder, optimizer, lr_scheduler
         )
@@ -689,6 +731,7 @@ def main(args: argparse.Namespace) -> dict:
         train_models = (velocity_model,)
     required_dirs = (VELOCITY_MODEL_DIR,)
     required_dirs += (POSTERIOR_ENCODER_DIR,) if posterior_encoder is not None else ()
+    required_dirs += (PRIOR_DIR,) if prior_model is not None else ()
     required_dirs += (EMA_DIR,) if ema_model is not None else ()
 
     if accelerator.is_main_process:
@@ -811,6 +854,8 @@ def main(args: argparse.Namespace) -> dict:
                 num_classes=data.num_classes,
                 latent_dim=latent_dim,
                 generator=generator,
+                prior_mix=args.prior_mix,
+                learned_prior=args.learned_prior,
             )
             x0 = randomness.x0
             if vae is not None:
@@ -827,6 +872,8 @@ def main(args: argparse.Namespace) -> dict:
                 None,
                 latent_dim=latent_dim,
                 generator=generator,
+                prior_mix=args.prior_mix,
+                learned_prior=args.learned_prior,
             )
         if class_labels is not None and randomness.label_drop is not None:
             class_labels = torch.where(
@@ -849,6 +896,9 @@ def main(args: argparse.Namespace) -> dict:
                 beta=beta_now,
                 reduction=args.loss_reduction,
                 free_bits=args.free_bits,
+                prior_encoder=prior_model,
+                prior_generators=randomness.prior_generators,
+                prior_mask=randomness.prior_mask,
             )
             parts = output.loss
             kl_nats = parts.kl_per_dim.sum() if parts.kl_per_dim.numel() else parts.kl.new_zeros(())
@@ -895,9 +945,12 @@ def main(args: argparse.Namespace) -> dict:
             ema_model.step(accelerator.unwrap_model(velocity_model).parameters())
         global_step += 1
         progress_bar.update(1)
-        active_units = None
+        active_units = aggregate = None
         if last_means is not None:
-            active_units = count_active_units(accelerator.gather(last_means.float().contiguous()))
+            gathered_means = accelerator.gather(last_means.float().contiguous())
+            active_units = count_active_units(gathered_means)
+            if gathered_means.shape[0] >= 2:
+                aggregate = aggregate_posterior_stats(gathered_means)  # prior-hole diagnostics (issue 6)
         logs = {
             "loss": accumulated[0].item(),
             "mse": accumulated[1].item(),
@@ -910,6 +963,8 @@ def main(args: argparse.Namespace) -> dict:
         }
         if active_units is not None:
             logs["active_units"] = active_units
+        if aggregate is not None:
+            logs.update(aggregate)
         kl_per_dim = accumulated[4:].tolist()
         if kl_per_dim:
             if len(kl_per_dim) <= 16:
@@ -962,6 +1017,8 @@ def main(args: argparse.Namespace) -> dict:
         else parameter_digest(unwrapped_posterior.parameters()),
         "ema_sha256": None if ema_model is None else parameter_digest(ema_model.shadow_params),
     }
+    if prior_model is not None:
+        rank_record["prior_sha256"] = parameter_digest(accelerator.unwrap_model(prior_model).parameters())
     os.makedirs(logging_dir, exist_ok=True)
     with open(os.path.join(logging_dir, f"rank_{process_index}.json"), "w", encoding="utf-8") as handle:
         json.dump(rank_record, handle, indent=2)
@@ -974,7 +1031,10 @@ def main(args: argparse.Namespace) -> dict:
 
     # ------------------------------------------------------------------------------------- save and publish
     if accelerator.is_main_process:
-        pipeline = build_pipeline(unwrapped_velocity, unwrapped_posterior, noise_scheduler, ema_model, vae=vae)
+        unwrapped_prior = None if prior_model is None else accelerator.unwrap_model(prior_model)
+        pipeline = build_pipeline(
+            unwrapped_velocity, unwrapped_posterior, noise_scheduler, ema_model, vae=vae, prior=unwrapped_prior
+        )
         pipeline.save_pretrained(args.output_dir)
         sample_name = "sample_grid.png" if data.kind == "image" else "samples.png"
         run_validation(global_step, os.path.join(args.output_dir, sample_name))

@@ -137,6 +137,11 @@ def load_pipeline_components(folder: str, torch_dtype=None, allow_pickle: bool =
         if component_class is None:
             components[name] = None
             continue
+        if issubclass(component_class, ModelMixin) == (name == "scheduler"):  # every other component is a model
+            raise ValueError(
+                f"model_index.json: `{name}` names {component_class.__name__}, which is "
+                f"{'a model, not a scheduler' if name == 'scheduler' else 'not a model'}."
+            )
         subfolder = os.path.join(folder, name)
         if not os.path.isdir(subfolder):
             raise FileNotFoundError(f"The pipeline folder {folder!r} names `{name}`, but has no `{name}/` folder.")

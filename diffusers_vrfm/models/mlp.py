@@ -122,12 +122,13 @@ class VRFMMLPModel(ModelMixin, ConfigMixin):
             return_dict (`bool`): return a [`VRFMVelocityOutput`] rather than a tuple.
         """
         check_sample(sample, self.sample_shape)
+        weight = self.x_embedding.weight
+        sample = sample.to(device=weight.device, dtype=weight.dtype)  # inputs run on the model's device and dtype
         batch_size = sample.shape[0]
         t = check_timestep(timestep, batch_size, sample.device, torch.float32)  # full precision before the x1000
         check_latent(z, self.config.latent_dim, batch_size)
         labels = check_class_labels(class_labels, self.config.num_classes, batch_size, sample.device)
 
-        sample = sample.to(self.x_embedding.weight.dtype)  # a float64 (or float16) batch runs in the model's dtype
         t_features = get_timestep_embedding(t * 1000.0, self.config.time_embed_dim, flip_sin_to_cos=True)
         cond = self.t_embedding(t_features.to(sample.dtype))
         if self.z_embedding is not None:

@@ -179,10 +179,14 @@ class VRFMPosteriorEncoder(PosteriorEncoderMixin, ModelMixin, ConfigMixin):
         return (self.config.sample_size,)
 
     def encode(self, inputs: dict[str, torch.Tensor], time: torch.Tensor | None):
-        dtype = self.to_mean.weight.dtype  # inputs of another float dtype run in the model's dtype
-        features = [inputs[name].flatten(1).to(dtype) for name in self.posterior_inputs if name != "t"]
+        weight = self.to_mean.weight  # inputs run on the model's device and dtype
+        features = [
+            inputs[name].flatten(1).to(device=weight.device, dtype=weight.dtype)
+            for name in self.posterior_inputs
+            if name != "t"
+        ]
         if time is not None:
             embedding = get_timestep_embedding(time * 1000.0, self.config.time_embed_dim, flip_sin_to_cos=True)
-            features.append(embedding.to(features[0].dtype))
+            features.append(embedding.to(device=weight.device, dtype=weight.dtype))
         hidden = self.net(torch.cat(features, dim=-1))
         return self.to_mean(hidden), self.to_logvar(hidden)

@@ -21,6 +21,7 @@ TEMPORARY_PREFIX = ".tmp-checkpoint-"
 MANIFEST_NAME = "training_state.json"
 VELOCITY_MODEL_DIR = "velocity_model"
 POSTERIOR_ENCODER_DIR = "posterior_encoder"
+PRIOR_DIR = "prior"
 EMA_DIR = "ema_velocity_model"
 _CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
@@ -211,16 +212,19 @@ def resolve_resume_path(resume_from_checkpoint: str, output_dir: str, required_d
     return path
 
 
-def make_state_hooks(accelerator, ema_model=None):
+def make_state_hooks(accelerator, ema_model=None, prior_model=None):
     """accelerate `save_state` / `load_state` pre-hooks that write each model with `save_pretrained`.
 
     Models are told apart by type: a posterior encoder (anything with `posterior_inputs` and an `encode` method) goes
     to `posterior_encoder/`, the velocity model to `velocity_model/`, and the EMA copy of the velocity model (if any)
-    to `ema_velocity_model/` through `EMAModel.save_pretrained`. Weights are written by the main process only.
+    to `ema_velocity_model/` through `EMAModel.save_pretrained`. The learned prior `prior_model` (if any; an encoder
+    too, told apart by identity) goes to `prior/`. Weights are written by the main process only.
     """
 
     def kind_of(model) -> str:
         unwrapped = accelerator.unwrap_model(model)
+        if prior_model is not None and unwrapped is accelerator.unwrap_model(prior_model):
+            return PRIOR_DIR
         if hasattr(unwrapped, "posterior_inputs") and hasattr(unwrapped, "encode"):
             return POSTERIOR_ENCODER_DIR
         if hasattr(unwrapped, "sample_shape") and hasattr(unwrapped, "latent_dim"):

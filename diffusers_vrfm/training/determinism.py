@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-PURPOSES = {"noise": 1, "posterior": 2, "augment": 3, "order": 4, "validation": 5, "vae": 6}
+PURPOSES = {"noise": 1, "posterior": 2, "augment": 3, "order": 4, "validation": 5, "vae": 6, "prior": 7}
 
 
 def derive_seed(seed: int, purpose: str, *positions: int) -> int:

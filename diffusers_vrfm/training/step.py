@@ -45,12 +45,18 @@ class StepRandomness:
         x0 (`torch.Tensor` of shape `(B, ...)`): source samples (noise), or `None` when the data supplies them.
         label_drop (`torch.Tensor` of shape `(B,)`, bool, *optional*): which labels to replace by the null label.
         posterior_generators (`list[torch.Generator]`): one generator per example for the posterior's draw of `z`.
+        prior_generators (`list[torch.Generator]`, *optional*): one generator per example for its prior draw of `z`
+            (a learned prior's, or `N(0, I)`); only drawn with `prior_mix > 0` or a learned prior.
+        prior_mask (`torch.Tensor` of shape `(B,)`, bool, *optional*): which examples take their `z` from the prior
+            instead of the posterior (`--prior_mix`); `None` when `prior_mix` is 0.
     """
 
     t: torch.Tensor
     x0: torch.Tensor | None
     label_drop: torch.Tensor | None
     posterior_generators: list[torch.Generator] | None
+    prior_generators: list[torch.Generator] | None = None
+    prior_mask: torch.Tensor | None = None
 
 
 def draw_step_randomness(
@@ -64,6 +70,8 @@ def draw_step_randomness(
     num_classes: int | None = None,
     latent_dim: int = 0,
     generator: torch.Generator | None = None,
+    prior_mix: float = 0.0,
+    learned_prior: bool = False,
 ) -> StepRandomness:
     """Draws the randomness of micro-step `micro_step` for the whole global batch, then keeps this process's `rows`.
 
@@ -81,6 +89,10 @@ def draw_step_randomness(
         num_classes (`int`, *optional*): the number of classes (the null label); `None` when unconditional.
         latent_dim (`int`): the dimension of `z`; 0 means no posterior draws.
         generator (`torch.Generator`, *optional*): continue an existing stream (used when `x0` came from it).
+        prior_mix (`float`): the probability that an example takes its `z` from the prior (issue 6); 0 draws nothing
+            more, so runs without it keep their random numbers.
+        learned_prior (`bool`): whether a learned prior `p_psi(z | x0)` is trained (it then needs per-example
+            generators even when `prior_mix` is 0, for its reparameterised draw).
     """
     generator = generator or make_generator(seed, "noise", micro_step)
     t = scheduler.sample_training_timesteps(global_batch_size, generator=generator)[rows]
@@ -92,11 +104,22 @@ def draw_step_randomness(
         # drop_labels only decides where to put the null label; feed it positions so the mask covers the global batch.
         positions = torch.zeros(global_batch_size, dtype=torch.long)
         label_drop = (drop_labels(positions, label_dropout, null_class=1, generator=generator) == 1)[rows]
-    posterior_generators = None
+    posterior_generators = prior_generators = prior_mask = None
     if latent_dim > 0:
         indices = range(global_batch_size)[rows]
         posterior_generators = example_generators(seed, "posterior", micro_step, indices)
-    return StepRandomness(t=t, x0=x0, label_drop=label_drop, posterior_generators=posterior_generators)
+        if prior_mix > 0 or learned_prior:
+            prior_generators = example_generators(seed, "prior", micro_step, indices)
+        if prior_mix > 0:
+            prior_mask = (torch.rand(global_batch_size, generator=generator) < prior_mix)[rows]
+    return StepRandomness(
+        t=t,
+        x0=x0,
+        label_drop=label_drop,
+        posterior_generators=posterior_generators,
+        prior_generators=prior_generators,
+        prior_mask=prior_mask,
+    )
 
 
 @dataclass
@@ -118,10 +141,18 @@ def vrfm_training_loss(
     beta: float = 1.0,
     reduction: str = "mean",
     free_bits: float = 0.0,
+    prior_encoder=None,
+    prior_generators: list[torch.Generator] | None = None,
+    prior_mask: torch.Tensor | None = None,
 ) -> TrainingStepOutput:
     """The VRFM loss of one batch: path point, posterior draw of `z`, velocity prediction and the ELBO terms.
 
     With `posterior_encoder=None` this is plain rectified flow (the velocity model must have `latent_dim=0`).
+
+    Prior-hole remedies (issue 6): a learned conditional prior `prior_encoder` (`posterior_inputs=("x0",)`) replaces
+    `N(0, I)` in the KL, `KL(q(z | ...) || p_psi(z | x0))`, and is trained through it; `prior_mask` (bool, `(B,)`)
+    marks the examples whose `z` is drawn from the prior (learned or `N(0, I)`, with `prior_generators`) instead of
+    the posterior, so that the velocity net also learns on the latents inference feeds it.
 
     Example:
 
@@ -144,6 +175,14 @@ def vrfm_training_loss(
         mean, logvar, z, _ = posterior_encoder(
             x0=x0, x1=x1, x_t=x_t, t=t, generator=posterior_generators, return_dict=False
         )
+    prior_mean = prior_logvar = None
+    if posterior_encoder is not None and (prior_encoder is not None or prior_mask is not None):
+        if prior_encoder is not None:
+            prior_mean, prior_logvar, prior_z, _ = prior_encoder(x0=x0, generator=prior_generators, return_dict=False)
+        elif prior_mask is not None:
+            prior_z = _standard_normal_draws(z, prior_generators)
+        if prior_mask is not None:
+            z = torch.where(prior_mask.to(z.device).reshape(-1, 1), prior_z.to(z.dtype), z)
     prediction = velocity_model(x_t, t, z=z, class_labels=class_labels).sample
     loss = vrfm_loss(
         prediction,
@@ -153,5 +192,37 @@ def vrfm_training_loss(
         beta=beta,
         reduction=reduction,
         free_bits=free_bits,
+        prior_mean=prior_mean,
+        prior_logvar=prior_logvar,
     )
     return TrainingStepOutput(loss=loss, posterior_mean=None if mean is None else mean.detach())
+
+
+def _standard_normal_draws(like: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
+    """`N(0, I)` draws shaped like `like`, one per-example generator per row when given."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return randn_tensor(like.shape, generator=generators, device=like.device, dtype=like.dtype)
+
+
+def aggregate_posterior_stats(posterior_means: torch.Tensor) -> dict[str, float]:
+    """Prior-hole diagnostics of one batch (issue 6): how far the posterior means spread away from ``N(0, I)``.
+
+    Returns ``mu_mean_norm``, the norm of the batch mean of ``mu`` (0 when the aggregate posterior is centred like the
+    prior), and ``mu_var``, the variance of ``mu`` over the batch averaged over latent dimensions (the aggregate
+    posterior's variance is ``mu_var`` plus the mean posterior variance; far above 1 means a prior hole).
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_vrfm.training.step import aggregate_posterior_stats
+    >>> aggregate_posterior_stats(torch.tensor([[1.0, 0.0], [3.0, 0.0]]))
+    {'mu_mean_norm': 2.0, 'mu_var': 1.0}
+    ```
+    """
+    if not isinstance(posterior_means, torch.Tensor) or posterior_means.ndim != 2 or posterior_means.shape[0] < 2:
+        shape = tuple(posterior_means.shape) if isinstance(posterior_means, torch.Tensor) else type(posterior_means)
+        raise ValueError(f"`posterior_means` must be a tensor of shape (N >= 2, latent_dim), but got {shape}.")
+    means = posterior_means.detach().float()
+    return {"mu_mean_norm": float(means.mean(dim=0).norm()), "mu_var": float(means.var(dim=0).mean())}

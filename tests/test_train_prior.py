@@ -1,0 +1,151 @@
+"""The prior-hole options of training (issue 6): a learned conditional prior `--learned_prior`, `--prior_mix`, and the
+aggregate-posterior diagnostics in the training log. Small and fast: an MLP on a toy task."""
+
+import json
+import os
+
+import pytest
+import torch
+from train_helpers import FAST, read_metrics, train_runner
+
+from diffusers_vrfm import VRFMMLPModel, VRFMPipeline, VRFMPosteriorEncoder, VRFMScheduler, gaussian_kl
+from diffusers_vrfm.training.checkpointing import PRIOR_DIR, list_checkpoints
+from diffusers_vrfm.training.step import aggregate_posterior_stats, draw_step_randomness, vrfm_training_loss
+
+
+@pytest.fixture
+def train():
+    yield from train_runner()
+
+
+def _models(seed=0):
+    torch.manual_seed(seed)
+    model = VRFMMLPModel(sample_size=2, latent_dim=3, hidden_dim=16)
+    encoder = VRFMPosteriorEncoder(sample_size=2, latent_dim=3, hidden_dim=16)
+    prior = VRFMPosteriorEncoder(sample_size=2, latent_dim=3, hidden_dim=16, posterior_inputs=("x0",))
+    # make the prior non-trivial so that its KL differs from the N(0, I) one
+    torch.nn.init.normal_(prior.to_mean.weight)
+    return model, encoder, prior
+
+
+def test_learned_prior_enters_the_kl_and_is_trained_through_it():
+    model, encoder, prior = _models()
+    x0, x1, t = torch.randn(16, 2), torch.randn(16, 2), torch.rand(16)
+    gens = [torch.Generator().manual_seed(i) for i in range(16)]
+    out = vrfm_training_loss(model, encoder, x0, x1, t, posterior_generators=gens, beta=0.5, prior_encoder=prior)
+    post = encoder(x0=x0, x1=x1, x_t=(1 - t[:, None]) * x0 + t[:, None] * x1, t=t)
+    p = prior(x0=x0)
+    expected = gaussian_kl(post.mean, post.logvar, p.mean, p.logvar).sum(dim=1).mean() / 2  # "mean" reduction, D=2
+    assert torch.allclose(out.loss.kl, expected, atol=1e-6)
+    standard = vrfm_training_loss(model, encoder, x0, x1, t, beta=0.5)
+    assert not torch.allclose(out.loss.kl, standard.loss.kl)
+    out.loss.loss.backward()
+    assert prior.to_mean.weight.grad is not None and prior.to_mean.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_prior_mask_feeds_the_prior_draw_to_the_velocity_model(learned):
+    model, encoder, prior = _models(1)
+    for param in model.z_embedding.parameters():  # zero-initialised: make the velocity depend on z
+        torch.nn.init.normal_(param, std=0.5)
+    x0, x1, t = torch.randn(8, 2), torch.randn(8, 2), torch.rand(8)
+    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(8)]  # noqa: E731
+    mask = torch.tensor([True, False] * 4)
+
+    def run(prior_mask):  # fresh generators for every call: a generator's state advances when drawn from
+        return vrfm_training_loss(
+            model,
+            encoder,
+            x0,
+            x1,
+            t,
+            posterior_generators=gens(),
+            prior_encoder=prior if learned else None,
+            prior_generators=gens(),
+            prior_mask=prior_mask,
+        )
+
+    mixed, all_prior, none = run(mask), run(torch.ones(8, dtype=torch.bool)), run(None)
+    # the z that reached the model: the prior draw, rebuilt with the same per-example generators
+    if learned:
+        z_prior = prior(x0=x0, generator=gens()).sample
+    else:
+        z_prior = torch.stack([torch.randn(3, generator=g) for g in gens()])
+    x_t = (1 - t[:, None]) * x0 + t[:, None] * x1
+    v_prior = model(x_t, t, z=z_prior).sample
+    expected = (v_prior - (x1 - x0)).pow(2).sum(dim=1).mean() / 2
+    assert torch.allclose(all_prior.loss.mse, expected, atol=1e-6)
+    # the KL never depends on the mask
+    assert torch.allclose(mixed.loss.kl, none.loss.kl) and torch.allclose(all_prior.loss.kl, none.loss.kl)
+
+
+def test_draw_step_randomness_prior_mix_keeps_the_old_stream_and_splits_rows():
+    scheduler = VRFMScheduler()
+    base = draw_step_randomness(scheduler, 0, 3, 8, slice(0, 8), (2,), latent_dim=3)
+    mixed = draw_step_randomness(scheduler, 0, 3, 8, slice(0, 8), (2,), latent_dim=3, prior_mix=0.5)
+    assert base.prior_mask is None and base.prior_generators is None
+    assert torch.equal(base.t, mixed.t) and torch.equal(base.x0, mixed.x0), "t and x0 unchanged by the option"
+    half = draw_step_randomness(scheduler, 0, 3, 8, slice(4, 8), (2,), latent_dim=3, prior_mix=0.5)
+    assert torch.equal(half.prior_mask, mixed.prior_mask[4:]), "each process keeps its rows of one global draw"
+    big = draw_step_randomness(scheduler, 0, 3, 4000, slice(0, 4000), None, latent_dim=3, prior_mix=0.3)
+    assert abs(big.prior_mask.float().mean().item() - 0.3) < 0.03
+    learned = draw_step_randomness(scheduler, 0, 3, 8, slice(0, 8), (2,), latent_dim=3, learned_prior=True)
+    assert learned.prior_mask is None and len(learned.prior_generators) == 8
+
+
+def test_aggregate_posterior_stats():
+    g = torch.Generator().manual_seed(0)
+    stats = aggregate_posterior_stats(torch.randn(4000, 4, generator=g) * 2.0 + 3.0)
+    assert abs(stats["mu_mean_norm"] - 6.0) < 0.2 and abs(stats["mu_var"] - 4.0) < 0.3
+    with pytest.raises(ValueError, match="posterior_means"):
+        aggregate_posterior_stats(torch.zeros(1, 4))
+
+
+def _toy_args(output_dir, *extra):
+    return ["--output_dir", output_dir, *_toy_common(*extra)]
+
+
+def _toy_common(*extra):
+    return [
+        "--backbone", "mlp", "--dataset_name", "toy:8gaussians_moons", "--train_batch_size", "32",
+        "--max_train_steps", "6", "--checkpointing_steps", "3", "--validation_steps", "100",
+        "--num_validation_samples", "16", "--latent_dim", "3", *FAST, *extra,
+    ]  # fmt: skip
+
+
+def test_learned_prior_run_saves_the_prior_component_and_logs_diagnostics(tmp_path, train):
+    output_dir = str(tmp_path / "run")
+    summary = train(_toy_args(output_dir, "--learned_prior", "--prior_mix", "0.3"))
+    assert summary["finished"]
+    assert os.path.isdir(os.path.join(output_dir, "checkpoint-3", PRIOR_DIR)), "checkpoints hold the prior"
+    pipe = VRFMPipeline.from_pretrained(output_dir)
+    assert pipe.prior is not None and tuple(pipe.prior.config.posterior_inputs) == ("x0",)
+    samples = pipe(batch_size=5, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).samples
+    assert samples.shape == (5, 2) and torch.isfinite(samples).all()
+    metrics = read_metrics(output_dir)
+    for key in ("mu_mean_norm", "mu_var", "active_units"):
+        assert key in metrics[6], key
+
+
+def test_resume_with_learned_prior_and_prior_mix_is_exact(tmp_path, train):
+    common = _toy_common("--learned_prior", "--prior_mix", "0.3")
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    train(["--output_dir", straight, *common])
+    first = train(["--output_dir", interrupted, "--stop_after_steps", "3", *common])
+    assert not first["finished"] and [s for s, _ in list_checkpoints(interrupted)] == [3]
+    assert train(["--output_dir", interrupted, "--resume_from_checkpoint", "latest", *common])["finished"]
+    expected, resumed = read_metrics(straight), read_metrics(interrupted)
+    for step in expected:
+        for key in ("loss", "mse", "kl", "mu_var"):
+            assert resumed[step][key] == expected[step][key], (step, key)
+    records = [json.load(open(os.path.join(d, "logs", "rank_0.json"))) for d in (straight, interrupted)]
+    assert records[0]["prior_sha256"] is not None and records[0] == records[1], "prior weights are bit-identical"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--prior_mix", "1.5"], "prior_mix"), (["--learned_prior", "--latent_dim", "0"], "latent_dim")],
+)
+def test_bad_prior_arguments_fail(tmp_path, train, extra, message):
+    with pytest.raises(ValueError, match=message):
+        train(["--backbone", "mlp", "--output_dir", str(tmp_path), *FAST, *extra])
