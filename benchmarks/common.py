@@ -346,11 +346,15 @@ def format_number(value: float, digits: int = 3) -> str:
 
 
 def format_mean_std(values: Sequence[float], digits: int = 3) -> str:
-    """`mean ± std` over seeds (just the mean when there is one value)."""
+    """`mean ± std` over seeds, the std with as many decimals as the mean (just the mean for one value)."""
     mean, std = mean_std(values)
-    if len(values) <= 1:
-        return format_number(mean, digits)
-    return f"{format_number(mean, digits)} ± {format_number(std, 2)}"
+    text = format_number(mean, digits)
+    if len(values) <= 1 or not math.isfinite(std):
+        return text
+    if "e" in text:
+        return f"{text} ± {std:.1e}"
+    decimals = len(text.split(".")[1]) if "." in text else 0
+    return f"{text} ± {std:.{max(decimals, 1) if std < 1 and decimals == 0 else decimals}f}"
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

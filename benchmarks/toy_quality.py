@@ -719,7 +719,8 @@ def run(args) -> dict:
     output_dir = Path(args.output_dir)
     plot_dir = Path(args.plot_dir) if args.plot_dir else output_dir / "cache"
     output_dir.mkdir(parents=True, exist_ok=True)
-    command = "python -m benchmarks.toy_quality " + " ".join(shlex.quote(a) for a in args.argv)
+    # `--resume` only continues (or re-renders) the run the rest of the command describes: leave it out.
+    command = "python -m benchmarks.toy_quality " + " ".join(shlex.quote(a) for a in args.argv if a != "--resume")
     results = {
         "meta": {
             "command": command.strip(),

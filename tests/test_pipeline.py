@@ -210,7 +210,8 @@ def test_from_pretrained_accepts_component_overrides(tmp_path):
 LOAD_SCRIPT = """
 import sys, torch
 from diffusers import DiffusionPipeline
-route, folder, out = sys.argv[1:]
+route, folder, out, threads = sys.argv[1:]
+torch.set_num_threads(int(threads))  # bit-identical results need the same reduction order as the parent process
 if route == "remote":
     pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
 else:
@@ -229,7 +230,15 @@ def test_both_load_routes_work_offline_in_a_fresh_process(tmp_path, route):
     expected = pipe(batch_size=6, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     subprocess.run(
-        [sys.executable, "-c", LOAD_SCRIPT, route, str(tmp_path / "pipe"), str(tmp_path / "out.pt")],
+        [
+            sys.executable,
+            "-c",
+            LOAD_SCRIPT,
+            route,
+            str(tmp_path / "pipe"),
+            str(tmp_path / "out.pt"),
+            str(torch.get_num_threads()),
+        ],
         check=True,
         env=environment,
     )

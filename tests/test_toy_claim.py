@@ -22,7 +22,6 @@ MANY_STEP_TOLERANCE = 0.03  # at NFE 50 VRFM may exceed RF's W2 by at most this 
 
 @pytest.fixture(scope="module", params=sorted(SETTINGS))
 def trained(request):
-    torch.set_num_threads(2)
     name = request.param
     latent_dim, beta, steps = SETTINGS[name]
     vrfm = train_toy(name, latent_dim, beta=beta, steps=steps)

@@ -115,7 +115,8 @@ class VRFMMLPModel(ModelMixin, ConfigMixin):
         """Predicts the velocity.
 
         Args:
-            sample (`torch.Tensor` of shape `(B, sample_size)`): the state ``x_t``.
+            sample (`torch.Tensor` of shape `(B, sample_size)`): the state ``x_t`` (run on the model's device and
+                dtype; the velocity comes back there).
             timestep (`float` or `torch.Tensor` of shape `(B,)`): ``t`` in `[0, 1]` (0 = noise, 1 = data).
             z (`torch.Tensor` of shape `(B, latent_dim)`): the latent; must be `None` when `latent_dim=0`.
             class_labels (`torch.Tensor` of shape `(B,)`, *optional*): labels, `num_classes` meaning "no label".

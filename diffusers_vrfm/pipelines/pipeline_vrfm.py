@@ -274,7 +274,8 @@ class VRFMPipeline(DiffusionPipeline):
                 instead of drawing them.
             class_labels (`int`, `list[int]` or `torch.Tensor`, *optional*): labels for a class-conditional model.
             guidance_scale (`float`, defaults to 1.0): classifier-free guidance; 1 turns it off.
-            timesteps (`list[float]`, *optional*): a custom time grid (see [`VRFMScheduler.set_timesteps`]).
+            timesteps (`list[float]`, *optional*): a custom time grid (see [`VRFMScheduler.set_timesteps`]); refused
+                with an adaptive solver, which picks its own times.
             output_type (`str`, *optional*): `"pt"`, `"np"`, `"pil"` or `"latent"`; defaults to `"pil"` for image
                 models and `"pt"` otherwise.
             return_dict (`bool`, defaults to `True`): return a [`VRFMPipelineOutput`] rather than a tuple
@@ -293,6 +294,7 @@ class VRFMPipeline(DiffusionPipeline):
         self._check_call_arguments(
             batch_size, num_inference_steps, output_type, guidance_scale, generator, class_labels
         )
+        guidance_scale = float(guidance_scale)  # an int beyond int64 would not multiply a tensor
         device = self._execution_device
         dtype = self.velocity_model.dtype
 
