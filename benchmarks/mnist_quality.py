@@ -393,7 +393,7 @@ def render_report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_grids(grids: dict, nfes: list[int], path: Path, columns: int = 8) -> None:
+def plot_grids(grids: dict, nfes: list[int], path: Path, columns: int = 8, dpi: int = 90) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(
         len(nfes),
@@ -415,11 +415,11 @@ def plot_grids(grids: dict, nfes: list[int], path: Path, columns: int = 8) -> No
             ax.set_title(f"{label}, NFE {nfe}", fontsize=9)
             ax.set_axis_off()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
-def plot_fd(results: dict, path: Path) -> None:
+def plot_fd(results: dict, path: Path, dpi: int = 110) -> None:
     plt = pyplot()
     nfes = results["meta"]["nfes"]
     fig, ax = plt.subplots(figsize=(4.5, 3.4))
@@ -432,7 +432,7 @@ def plot_fd(results: dict, path: Path) -> None:
     ax.set_ylabel("classifier-feature FD")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
@@ -532,8 +532,8 @@ def run(args) -> dict:
     results["meta"]["total_seconds"] = time.perf_counter() - start
     write_json(output_dir / "mnist_quality.json", results)
     (output_dir / "mnist_quality.md").write_text(render_report(results))
-    plot_grids(grids, list(args.nfe), output_dir / "mnist_grids.png")
-    plot_fd(results, output_dir / "mnist_fd_vs_nfe.png")
+    plot_grids(grids, list(args.nfe), output_dir / "mnist_grids.png", dpi=40 if args.quick else 90)
+    plot_fd(results, output_dir / "mnist_fd_vs_nfe.png", dpi=40 if args.quick else 110)
     return results
 
 

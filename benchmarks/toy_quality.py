@@ -477,7 +477,7 @@ def render_report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_w2_curves(results: dict, path: Path) -> None:
+def plot_w2_curves(results: dict, path: Path, dpi: int = 110) -> None:
     plt = pyplot()
     eval_config = EvalConfig(**results["meta"]["eval"])
     tasks = list(results["tasks"])
@@ -501,11 +501,11 @@ def plot_w2_curves(results: dict, path: Path) -> None:
         ax.set_ylabel("W2")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
-def plot_trajectories(plot_data: dict, tasks: list[str], path: Path) -> None:
+def plot_trajectories(plot_data: dict, tasks: list[str], path: Path, dpi: int = 100) -> None:
     """RF against VRFM paths (first seed), one row per task."""
     plt = pyplot()
     from matplotlib.collections import LineCollection
@@ -543,11 +543,11 @@ def plot_trajectories(plot_data: dict, tasks: list[str], path: Path) -> None:
             ax.legend(fontsize=7, loc="best")
             break
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
-def plot_samples(plot_data: dict, tasks: list[str], path: Path, nfes=("1", "2", "100")) -> None:
+def plot_samples(plot_data: dict, tasks: list[str], path: Path, nfes=("1", "2", "100"), dpi: int = 80) -> None:
     """Samples of every method at a few NFEs (first seed): one row per task and method."""
     plt = pyplot()
     rows = [(task, label) for task in tasks for label in plot_data.get(task, {})]
@@ -576,7 +576,7 @@ def plot_samples(plot_data: dict, tasks: list[str], path: Path, nfes=("1", "2", 
             ax.set_xticks([])
             ax.set_yticks([])
     fig.subplots_adjust(left=0.02, right=0.98, bottom=0.01, top=0.97, wspace=0.05, hspace=0.25)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
@@ -791,9 +791,12 @@ def run(args) -> dict:
     write_json(json_path, results)
     write_json(plot_path, plot_data)
     (output_dir / "toy_quality.md").write_text(render_report(results))
-    plot_w2_curves(results, output_dir / "toy_w2_vs_nfe.png")
-    plot_trajectories(plot_data, list(args.tasks), output_dir / "toy_trajectories.png")
-    plot_samples(plot_data, list(args.tasks), output_dir / "toy_samples.png")
+    dpi = 40 if args.quick else None  # the smoke run only checks that the figures are written
+    plot_w2_curves(results, output_dir / "toy_w2_vs_nfe.png", **({"dpi": dpi} if dpi else {}))
+    plot_trajectories(
+        plot_data, list(args.tasks), output_dir / "toy_trajectories.png", **({"dpi": dpi} if dpi else {})
+    )
+    plot_samples(plot_data, list(args.tasks), output_dir / "toy_samples.png", **({"dpi": dpi} if dpi else {}))
     return results
 
 
