@@ -11,10 +11,7 @@ from torch import nn
 from .z_embedding import (
     LatentEmbedding,
     VRFMVelocityOutput,
-    check_class_labels,
-    check_latent,
-    check_sample,
-    check_timestep,
+    check_velocity_inputs,
 )
 
 ACTIVATIONS = {"selu": nn.SELU, "silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU}
@@ -122,13 +119,7 @@ class VRFMMLPModel(ModelMixin, ConfigMixin):
             class_labels (`torch.Tensor` of shape `(B,)`, *optional*): labels, `num_classes` meaning "no label".
             return_dict (`bool`): return a [`VRFMVelocityOutput`] rather than a tuple.
         """
-        check_sample(sample, self.sample_shape)
-        weight = self.x_embedding.weight
-        sample = sample.to(device=weight.device, dtype=weight.dtype)  # inputs run on the model's device and dtype
-        batch_size = sample.shape[0]
-        t = check_timestep(timestep, batch_size, sample.device, torch.float32)  # full precision before the x1000
-        check_latent(z, self.config.latent_dim, batch_size)
-        labels = check_class_labels(class_labels, self.config.num_classes, batch_size, sample.device)
+        sample, t, labels = check_velocity_inputs(self, sample, timestep, z, class_labels)
 
         t_features = get_timestep_embedding(t * 1000.0, self.config.time_embed_dim, flip_sin_to_cos=True)
         cond = self.t_embedding(t_features.to(sample.dtype))

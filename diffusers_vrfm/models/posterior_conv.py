@@ -83,7 +83,7 @@ class VRFMConvPosteriorEncoder(PosteriorEncoderMixin, ModelMixin, ConfigMixin):
         _check_int("layers_per_block", layers_per_block, 1)
         _check_int("norm_num_groups", norm_num_groups, 1)
         _check_int("hidden_dim", hidden_dim, 1)
-        _check_int("time_embed_dim", time_embed_dim, 2)
+        _check_int("time_embed_dim", time_embed_dim, 4)  # below 4 the sinusoidal embedding divides by 0
         if isinstance(block_out_channels, int) or not block_out_channels:
             raise ValueError(f"`block_out_channels` must be a non-empty sequence, but got {block_out_channels!r}.")
         for channels in block_out_channels:

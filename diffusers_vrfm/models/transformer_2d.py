@@ -23,10 +23,7 @@ from torch import nn
 from .z_embedding import (
     LatentEmbedding,
     VRFMVelocityOutput,
-    check_class_labels,
-    check_latent,
-    check_sample,
-    check_timestep,
+    check_velocity_inputs,
 )
 
 # Arguments of `DiTTransformer2DModel` that the wrapper mirrors one to one (`num_embeds_ada_norm` is its own).
@@ -288,13 +285,9 @@ class VRFMDiTTransformer2DModel(ModelMixin, ConfigMixin):
                 (the default when a class-conditional model gets none).
             return_dict (`bool`): return a [`VRFMVelocityOutput`] rather than a tuple.
         """
-        check_sample(sample, self.sample_shape)
-        batch_size = sample.shape[0]
-        t = check_timestep(timestep, batch_size, sample.device, torch.float32)
-        check_latent(z, self.config.latent_dim, batch_size)
-        labels = check_class_labels(class_labels, self.config.num_classes, batch_size, sample.device)
+        sample, t, labels = check_velocity_inputs(self, sample, timestep, z, class_labels)
         if labels is None:
-            labels = torch.zeros(batch_size, dtype=torch.long, device=sample.device)
+            labels = torch.zeros(sample.shape[0], dtype=torch.long, device=sample.device)
         z_embedding = self.z_embedding(z.to(self.dtype)) if self.z_embedding is not None else None
         velocity = self.transformer(
             sample, timestep=t * self.config.timestep_scale, class_labels=AdaLNCondition(labels, z_embedding)

@@ -23,10 +23,7 @@ from torch import nn
 from .z_embedding import (
     LatentEmbedding,
     VRFMVelocityOutput,
-    check_class_labels,
-    check_latent,
-    check_sample,
-    check_timestep,
+    check_velocity_inputs,
 )
 
 # Arguments of `UNet2DModel` that `VRFMUNet2DModel` mirrors one to one (the class path is the wrapper's own).
@@ -352,11 +349,7 @@ class VRFMUNet2DModel(ModelMixin, ConfigMixin):
                 (the default when a class-conditional model gets none).
             return_dict (`bool`): return a [`VRFMVelocityOutput`] rather than a tuple.
         """
-        check_sample(sample, self.sample_shape)
-        batch_size = sample.shape[0]
-        t = check_timestep(timestep, batch_size, sample.device, torch.float32)
-        check_latent(z, self.config.latent_dim, batch_size)
-        labels = check_class_labels(class_labels, self.config.num_classes, batch_size, sample.device)
+        sample, t, labels = check_velocity_inputs(self, sample, timestep, z, class_labels)
         condition = self.condition_embedding(z, labels, self.dtype)
         velocity = self.unet(sample, t * self.config.timestep_scale, class_labels=condition).sample
         if not return_dict:
@@ -595,11 +588,7 @@ class VRFMUNet2DConditionModel(ModelMixin, ConfigMixin):
             added_cond_kwargs (`dict`, *optional*): passed to the inner UNet (SDXL-style added conditions).
             return_dict (`bool`): return a [`VRFMVelocityOutput`] rather than a tuple.
         """
-        check_sample(sample, self.sample_shape)
-        batch_size = sample.shape[0]
-        t = check_timestep(timestep, batch_size, sample.device, torch.float32)
-        check_latent(z, self.config.latent_dim, batch_size)
-        labels = check_class_labels(class_labels, self.config.num_classes, batch_size, sample.device)
+        sample, t, labels = check_velocity_inputs(self, sample, timestep, z, class_labels)
         parts = []
         if z is not None:
             parts.append(z.to(self.dtype))
@@ -611,7 +600,7 @@ class VRFMUNet2DConditionModel(ModelMixin, ConfigMixin):
             width = self.unet.config.encoder_hid_dim or self.unet.config.cross_attention_dim
             if not isinstance(width, int):
                 raise ValueError("This UNet has several cross-attention widths; pass `encoder_hidden_states`.")
-            encoder_hidden_states = sample.new_zeros(batch_size, context_length, width)
+            encoder_hidden_states = sample.new_zeros(sample.shape[0], context_length, width)
         velocity = self.unet(
             sample,
             t * self.config.timestep_scale,

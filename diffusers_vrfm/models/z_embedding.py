@@ -146,3 +146,19 @@ def check_sample(sample, expected_shape: tuple[int, ...], argument: str = "sampl
         raise ValueError(
             f"`{argument}` must have shape (B, {', '.join(map(str, expected_shape))}), but got {tuple(sample.shape)}."
         )
+
+
+def check_velocity_inputs(model, sample, timestep, z, class_labels):
+    """Validates a velocity model's inputs and returns `(sample, t, labels)`.
+
+    `sample` is moved to the model's device and dtype, `t` is a float32 tensor of shape (B,) (full precision before
+    the backbones scale it by 1000), and `labels` are long labels (the null label when a class-conditional model gets
+    none) or `None`.
+    """
+    check_sample(sample, model.sample_shape)
+    sample = sample.to(device=model.device, dtype=model.dtype)
+    batch_size = sample.shape[0]
+    t = check_timestep(timestep, batch_size, sample.device, torch.float32)
+    check_latent(z, model.latent_dim, batch_size)
+    labels = check_class_labels(class_labels, model.num_classes, batch_size, sample.device)
+    return sample, t, labels
