@@ -464,3 +464,20 @@ def test_tiny_model_trains_with_the_posterior(name):
     assert last < 0.75 * first
     # the zero-initialised z path has left zero: the velocity net now reads z
     assert model.z_embedding.linear_2.weight.abs().max() > 0
+
+
+@pytest.mark.parametrize("build", [tiny_unet, tiny_cond_unet, tiny_dit], ids=["unet", "cond_unet", "dit"])
+def test_inputs_of_another_dtype_run_in_the_model_dtype(build):
+    model = build().eval()
+    channels = model.sample_shape[0]
+    x, t, z = torch.randn(2, channels, 8, 8), torch.rand(2), torch.randn(2, 4)
+    with torch.no_grad():
+        expected = model(x, t, z=z).sample
+        from_double = model(x.double(), t.double(), z=z.double()).sample
+    assert from_double.dtype == torch.float32
+    torch.testing.assert_close(from_double, expected)
+
+
+def test_conv_posterior_refuses_a_degenerate_time_embedding():
+    with pytest.raises(ValueError, match="`time_embed_dim`"):
+        tiny_posterior(time_embed_dim=3)
