@@ -197,10 +197,9 @@ def adaptive_sample(
 ) -> tuple[torch.Tensor, int]:
     """Integrates ``dx/dt = v(x, t, z)`` from 0 to 1 with `VRFMScheduler(solver=solver).integrate_adaptive`.
 
-    Returns the samples and the number of velocity evaluations. torchdiffeq's adaptive solvers overshoot the end of
-    the interval on their last step and evaluate the field at ``t > 1`` (then interpolate back), which the package's
-    models refuse; the time handed to the model is therefore clamped to ``[0, 1]`` here (the field is held at its
-    ``t = 1`` value beyond the end, which only affects the interpolated part of that last step).
+    Returns the samples and the number of velocity evaluations. For a model without the pipeline (for example inside
+    a training loop). The time handed to the model is clamped to ``[0, 1]``: torchdiffeq's adaptive solvers can place
+    stage times past the end of the interval, which the package's models refuse.
     """
     scheduler = VRFMScheduler(solver=solver, rtol=tol, atol=tol)
 
@@ -346,15 +345,16 @@ def format_number(value: float, digits: int = 3) -> str:
 
 
 def format_mean_std(values: Sequence[float], digits: int = 3) -> str:
-    """`mean ± std` over seeds, the std with as many decimals as the mean (just the mean for one value)."""
+    """`mean ± std` over seeds: the mean to `digits` significant figures (trailing zeros kept), the std to as many
+    decimals as the mean; just the mean for one value."""
     mean, std = mean_std(values)
-    text = format_number(mean, digits)
-    if len(values) <= 1 or not math.isfinite(std):
-        return text
-    if "e" in text:
-        return f"{text} ± {std:.1e}"
+    if len(values) <= 1 or not math.isfinite(std) or not math.isfinite(mean):
+        return format_number(mean, digits)
+    if mean != 0 and (abs(mean) >= 10**digits or abs(mean) < 10 ** -(digits - 1)):
+        return f"{mean:.{digits - 1}e} ± {std:.1e}"
+    text = f"{mean:#.{digits}g}".rstrip(".")
     decimals = len(text.split(".")[1]) if "." in text else 0
-    return f"{text} ± {std:.{max(decimals, 1) if std < 1 and decimals == 0 else decimals}f}"
+    return f"{text} ± {std:.{decimals}f}"
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

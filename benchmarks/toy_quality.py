@@ -49,7 +49,6 @@ if __package__ in (None, ""):  # run as `python benchmarks/toy_quality.py`
 
 from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
-    adaptive_sample,
     count_parameters,
     euler_trajectory,
     format_mean_std,
@@ -278,7 +277,11 @@ def evaluate_toy(task: ToyTask, trained: TrainedToyModel, config: EvalConfig, se
     if last_z is None and trained.model.latent_dim > 0:
         last_z = torch.randn(config.num_samples, trained.model.latent_dim, generator=z_generator())
     if config.dopri5:
-        samples, nfe = adaptive_sample(trained.model, x0, z=last_z, solver="dopri5", tol=config.dopri5_tol)
+        scheduler = VRFMScheduler(solver="dopri5", rtol=config.dopri5_tol, atol=config.dopri5_tol)
+        dopri = VRFMPipeline(velocity_model=trained.model, scheduler=scheduler)
+        dopri.set_progress_bar_config(disable=True)
+        out = dopri(batch_size=config.num_samples, latents=x0, generator=z_generator())  # the same z as Euler
+        samples, nfe = out.samples, out.num_function_evals
         metrics["w2"]["dopri5"] = wasserstein2(samples, target)
         metrics["sw2"]["dopri5"] = sliced_wasserstein2(samples, target, seed=seed)
         if has_modes:

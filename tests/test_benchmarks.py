@@ -131,7 +131,7 @@ def test_markdown_table_roundtrip_and_errors():
     assert table == [["a", "b\\|c"], ["1", "0.5"], ["x", "nan"]]
     with pytest.raises(ValueError, match="needs 2 cells"):
         common.markdown_table(["a", "b"], [[1]])
-    assert common.format_mean_std([1.0, 3.0]) == "2 ± 1"
+    assert common.format_mean_std([1.0, 3.0]) == "2.00 ± 1.00"
 
 
 def test_interleaved_timings_shape_and_ratio():
