@@ -232,3 +232,33 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
     assert results["meta"]["fd_floor"] >= 0 and 0 <= results["meta"]["classifier_accuracy"] <= 1
     _assert_png(tmp_path / "mnist_grids.png")
     _assert_png(tmp_path / "mnist_fd_vs_nfe.png")
+
+
+def test_soak_quick_outputs_are_well_formed(tmp_path):
+    from benchmarks import soak
+
+    results = soak.main(["--quick", "--output-dir", str(tmp_path), "--work-dir", str(tmp_path)])
+    run = results["runs"]["mlp"]
+    assert run["steps_completed"] == results["meta"]["steps"] == 60
+    assert run["checkpoints_written"] == 3 and run["checkpoints_kept"] == ["checkpoint-40", "checkpoint-60"]
+    assert run["validations_written"] == 2  # at steps 25 and 50 (the final samples go elsewhere)
+    analysis = run["analysis"]
+    for key in (
+        "rss_peak_first_window_mib",
+        "rss_peak_last_window_mib",
+        "rss_growth_ratio",
+        "hwm_after_first_window_mib",
+        "hwm_after_last_window_mib",
+        "max_rss_mib_rusage",
+    ):
+        assert math.isfinite(analysis[key]) and analysis[key] > 0, key
+    # The peak only grows, and the exit peak bounds every reading (a tiny model still takes > 50 MiB with torch).
+    assert 50 < analysis["hwm_after_first_window_mib"] <= analysis["hwm_after_last_window_mib"]
+    assert analysis["hwm_after_last_window_mib"] <= analysis["max_rss_mib_rusage"] + 1
+    assert analysis["rss_peak_first_window_mib"] <= analysis["hwm_after_first_window_mib"]
+    tables = common.parse_markdown_tables((tmp_path / "soak.md").read_text())
+    (summary,) = list(_table_with_header(tables, "backbone", "growth"))
+    assert summary[1][0] == "mlp" and summary[1][-1] in {"flat", "NOT flat"}
+    assert all(math.isfinite(_number(cell)) for cell in summary[1][1:-2])
+    assert json.loads((tmp_path / "soak.json").read_text())["runs"]["mlp"]["analysis"]["num_samples"] > 0
+    _assert_png(tmp_path / "soak.png")
