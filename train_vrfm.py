@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ from collections import deque
 
 import torch
 
-from diffusers_vrfm.objective import LOSS_REDUCTIONS, TIMESTEP_DENSITIES, count_active_units
+from diffusers_vrfm.objective import LOSS_REDUCTIONS, TIMESTEP_DENSITIES, adapt_beta, count_active_units
 from diffusers_vrfm.training.data import TOY_PREFIX, load_training_data, parse_dataset_name
 from diffusers_vrfm.training.factory import (
     BACKBONES,
@@ -44,6 +45,10 @@ from diffusers_vrfm.training.factory import (
 )
 
 DEFAULT_BETA = {"vector": 0.1, "image": 0.1}
+# Measured in benchmarks/results/prior_hole_20k.md (issue 6): a posterior on x1 alone, a KL held at 3 nats and z drawn
+# from the aggregate posterior at inference beat rectified flow at every step count on the four toy tasks.
+DEFAULT_KL_TARGET = {"vector": 3.0, "image": 3.0}
+DEFAULT_AGGREGATE_PRIOR_ATOMS = 4096
 DEFAULT_LEARNING_RATE = {"mlp": 1e-3, "unet": 1e-3, "dit": 3e-4}
 POSTERIOR_INPUT_CHOICES = ("x0", "x1", "x_t", "t")
 NONFINITE_POLICIES = ("stop", "skip")
@@ -157,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         choices=POSTERIOR_INPUT_CHOICES,
-        help="What the posterior q(z | ...) reads. Default: x0 x1 x_t t for mlp, x1 t for images (the paper's).",
+        help="What the posterior q(z | ...) reads. Default: x1 (a path-level z; the paper's x0 x1 x_t t degrades "
+        "many-step sampling, see benchmarks/results/prior_hole_20k.md).",
     )
 
     objective = parser.add_argument_group("objective")
@@ -165,8 +171,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--beta",
         type=float,
         default=None,
-        help="KL weight (>= 0); default 0.1 for both images and vectors. The best value scales with the size of the "
-        "velocity |x1 - x0|^2; with 0 the posterior is free and z can carry everything (a prior hole).",
+        help="KL weight (>= 0): fixed with `--kl_target off`, else the starting value that --kl_target adapts; "
+        "default 0.1. A fixed beta's best value scales with the size of the velocity |x1 - x0|^2.",
+    )
+    objective.add_argument(
+        "--kl_target",
+        type=parse_kl_target,
+        default=None,
+        help=f"Hold the KL at this many nats (summed over z dims) by adapting beta each step (dual ascent, "
+        f"`diffusers_vrfm.adapt_beta`); `off` keeps beta fixed. Default: {DEFAULT_KL_TARGET['vector']:g} nats.",
+    )
+    objective.add_argument(
+        "--aggregate_prior_atoms",
+        type=int,
+        default=None,
+        help=f"After training, fit a VRFMAggregatePosteriorPrior (the posteriors of this many training examples) and "
+        f"save it as the pipeline's `prior`, so that sampling draws z where training put it; 0 = off (z ~ N(0, I)). "
+        f"Default: {DEFAULT_AGGREGATE_PRIOR_ATOMS} (0 with --learned_prior or --latent_dim 0).",
     )
     objective.add_argument(
         "--beta_warmup_steps", type=int, default=0, help="Ramp beta linearly from 0 over this many steps."
@@ -319,6 +340,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_kl_target(text: str) -> float | str:
+    """`--kl_target`: a number of nats >= 0, or `off`."""
+    if text.strip().lower() in ("off", "none"):
+        return "off"
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number of nats >= 0 or `off`, but got {text!r}")
+    return value
+
+
 def check_args(args: argparse.Namespace) -> argparse.Namespace:
     """Checks every argument that can be checked without data or models; raises ValueError naming the argument."""
 
@@ -333,6 +367,15 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         fail("prior_mix", args.prior_mix, "a number in [0, 1]")
     if (args.learned_prior or args.prior_mix > 0) and args.latent_dim == 0:
         fail("latent_dim", args.latent_dim, "> 0 with --learned_prior or --prior_mix (they act on z)")
+    if args.aggregate_prior_atoms is not None:
+        if args.aggregate_prior_atoms < 0:
+            fail("aggregate_prior_atoms", args.aggregate_prior_atoms, "an integer >= 0 (0 = off)")
+        if args.aggregate_prior_atoms > 0 and args.learned_prior:
+            fail("aggregate_prior_atoms", args.aggregate_prior_atoms, "0 with --learned_prior (one prior at a time)")
+        if args.aggregate_prior_atoms > 0 and args.latent_dim == 0:
+            fail("aggregate_prior_atoms", args.aggregate_prior_atoms, "0 with --latent_dim 0 (there is no z)")
+    if isinstance(args.kl_target, float) and args.beta_warmup_steps > 0:
+        fail("beta_warmup_steps", args.beta_warmup_steps, "0 with --kl_target (beta adapts; pass --kl_target off)")
     if not 0.0 <= args.label_dropout <= 1.0:
         fail("label_dropout", args.label_dropout, "in [0, 1]")
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps"):
@@ -443,13 +486,15 @@ def build_pipeline(velocity_model, posterior_encoder, scheduler, ema_model=None,
 
 
 @torch.no_grad()
-def encode_with_vae(vae, pixels: torch.Tensor, seed: int, micro_step: int, example_indices) -> torch.Tensor:
+def encode_with_vae(
+    vae, pixels: torch.Tensor, seed: int, micro_step: int, example_indices, purpose: str = "vae"
+) -> torch.Tensor:
     """Encodes images in `[-1, 1]` to scaled VAE latents, ``(latent - shift_factor) * scaling_factor`` (what the
-    pipeline's `decode` undoes), drawing each example's latent with its own generator."""
+    pipeline's `decode` undoes), drawing each example's latent with its own generator (of `purpose`)."""
     from diffusers_vrfm.training.determinism import example_generators
 
     distribution = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
-    latents = distribution.sample(generator=example_generators(seed, "vae", micro_step, example_indices))
+    latents = distribution.sample(generator=example_generators(seed, purpose, micro_step, example_indices))
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return ((latents - shift) * vae.config.scaling_factor).float()
 
@@ -612,6 +657,10 @@ def main(args: argparse.Namespace) -> dict:
     )
     if args.beta is None:
         args.beta = DEFAULT_BETA[kind]
+    if args.kl_target is None:  # explicit --beta_warmup_steps means a fixed-beta schedule
+        args.kl_target = "off" if args.beta_warmup_steps > 0 else DEFAULT_KL_TARGET[kind]
+    if args.aggregate_prior_atoms is None:
+        args.aggregate_prior_atoms = 0 if args.learned_prior or args.latent_dim == 0 else DEFAULT_AGGREGATE_PRIOR_ATOMS
     if args.learning_rate is None:
         args.learning_rate = DEFAULT_LEARNING_RATE[backbone]
     if args.num_validation_samples is None:
@@ -749,6 +798,7 @@ def main(args: argparse.Namespace) -> dict:
 
     # ------------------------------------------------------------------------------------------------- resume
     global_step = 0
+    adaptive_beta = args.beta  # the KL weight of the next step when --kl_target adapts it (checkpointed)
     if args.resume_from_checkpoint:
         path = resolve_resume_path(
             args.resume_from_checkpoint, args.output_dir, required_dirs, log=lambda m: log.warning(m)
@@ -770,6 +820,8 @@ def main(args: argparse.Namespace) -> dict:
                     )
             accelerator.load_state(path)
             global_step = int(manifest["global_step"])
+            if isinstance(args.kl_target, float) and "adaptive_beta" in manifest:
+                adaptive_beta = float(manifest["adaptive_beta"])
             log.info(f"Resumed from {path} at step {global_step}.")
 
     # ----------------------------------------------------------------------------------------- data iterator
@@ -798,25 +850,59 @@ def main(args: argparse.Namespace) -> dict:
     validation_labels = validation_class_labels(data.num_classes, args.num_validation_samples)
     validation_dir = os.path.join(args.output_dir, "validation")
 
-    def run_validation(step: int, path: str | None = None) -> str:
+    def run_validation(step: int, path: str | None = None, prior=None) -> str:
+        """A validation figure with the fixed source points; z from `prior` when given (drawn the same way on every
+        call), else the fixed N(0, I) draws."""
         pipeline = build_pipeline(
-            accelerator.unwrap_model(velocity_model), None, noise_scheduler, ema_model, vae=vae
+            accelerator.unwrap_model(velocity_model), None, noise_scheduler, ema_model, vae=vae, prior=prior
         ).to(accelerator.device)
+        z = validation_z
+        if pipeline.prior is not None:
+            z = pipeline.prior(
+                x0=validation_x0.to(pipeline.prior.device), generator=make_generator(args.seed, "validation", 1)
+            ).sample.cpu()
         os.makedirs(validation_dir, exist_ok=True)
         path = path or os.path.join(validation_dir, f"step_{step:06d}.png")
         if data.kind == "image":
             grid = image_validation_grid(
-                pipeline, validation_x0, validation_z, args.validation_inference_steps, validation_labels
+                pipeline, validation_x0, z, args.validation_inference_steps, validation_labels
             )
             grid.save(path)
             for tracker in accelerator.trackers:
                 if tracker.name == "tensorboard":
                     tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
         else:
-            vector_validation_figure(
-                pipeline, data.toy_task, validation_x0, validation_z, args.validation_inference_steps, path
-            )
+            vector_validation_figure(pipeline, data.toy_task, validation_x0, z, args.validation_inference_steps, path)
         return path
+
+    def fit_aggregate_prior(posterior):
+        """The VRFMAggregatePosteriorPrior of the trained posterior, on training pairs drawn as training draws them
+        (from their own random stream, so that fitting changes nothing else)."""
+        from diffusers_vrfm import VRFMAggregatePosteriorPrior
+
+        batch_size = min(256, args.aggregate_prior_atoms)
+
+        def training_pairs():
+            for index in itertools.count():
+                generator = make_generator(args.seed, "aggregate_prior", 1, index)
+                if data.kind == "vector":
+                    yield data.toy_pairs(batch_size, generator)
+                    continue
+                rows = torch.randint(data.num_examples, (batch_size,), generator=generator).tolist()
+                augmentation_seeds = torch.randint(2**62, (batch_size,), generator=generator).tolist()
+                items = [data.dataset[key] for key in zip(rows, augmentation_seeds)]
+                x1 = collate_examples(items)["pixel_values"]
+                if vae is not None:
+                    x1 = encode_with_vae(vae, x1, args.seed, index, range(batch_size), purpose="aggregate_prior")
+                yield torch.randn(x1.shape, generator=generator), x1
+
+        posterior.eval()
+        return VRFMAggregatePosteriorPrior.from_posterior(
+            posterior,
+            training_pairs(),
+            num_atoms=args.aggregate_prior_atoms,
+            generator=make_generator(args.seed, "aggregate_prior", 0),
+        )
 
     # ------------------------------------------------------------------------------------------------ training
     stop_at = min(args.max_train_steps, args.stop_after_steps or args.max_train_steps)
@@ -882,7 +968,10 @@ def main(args: argparse.Namespace) -> dict:
         device = accelerator.device
         x0, x1, t = x0.to(device), x1.to(device), randomness.t.to(device)
         class_labels = None if class_labels is None else class_labels.to(device)
-        beta_now = beta_at_step(args.beta, global_step, args.beta_warmup_steps)
+        if isinstance(args.kl_target, float):
+            beta_now = adaptive_beta
+        else:
+            beta_now = beta_at_step(args.beta, global_step, args.beta_warmup_steps)
 
         with accelerator.accumulate(*train_models):
             output = vrfm_training_loss(
@@ -943,6 +1032,9 @@ def main(args: argparse.Namespace) -> dict:
         # ---------------------------------------------------------------------------------- after an update
         if ema_model is not None and not window_bad:
             ema_model.step(accelerator.unwrap_model(velocity_model).parameters())
+        if isinstance(args.kl_target, float) and latent_dim > 0 and not window_bad:
+            # the same on every process: the KL is the mean gathered over processes and micro-steps
+            adaptive_beta = adapt_beta(adaptive_beta, accumulated[3].item(), args.kl_target)
         global_step += 1
         progress_bar.update(1)
         active_units = aggregate = None
@@ -978,7 +1070,8 @@ def main(args: argparse.Namespace) -> dict:
         progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", kl=f"{logs['kl']:.3g}", lr=f"{logs['lr']:.2e}")
         if accelerator.is_main_process:
             with open(metrics_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": global_step, **logs}) + "\n")
+                record = {"step": global_step, "seconds": round(time.time() - train_start, 4), **logs}
+                handle.write(json.dumps(record) + "\n")
         accumulated, window_bad = None, False
 
         if global_step % args.checkpointing_steps == 0 or (global_step == stop_at and stop_at < args.max_train_steps):
@@ -988,6 +1081,7 @@ def main(args: argparse.Namespace) -> dict:
                 "global_batch_size": global_batch_size,
                 "gradient_accumulation_steps": args.gradient_accumulation_steps,
                 "num_processes": num_processes,
+                "adaptive_beta": adaptive_beta,
             }
             path = save_checkpoint(accelerator, args.output_dir, global_step, state, args.checkpoints_total_limit)
             log.info(f"Saved {path}")
@@ -996,7 +1090,7 @@ def main(args: argparse.Namespace) -> dict:
             and global_step % args.validation_steps == 0
             and global_step < args.max_train_steps
         ):
-            run_validation(global_step)
+            run_validation(global_step, prior=None if prior_model is None else accelerator.unwrap_model(prior_model))
 
     progress_bar.close()
     train_seconds = time.time() - train_start
@@ -1032,17 +1126,24 @@ def main(args: argparse.Namespace) -> dict:
     # ------------------------------------------------------------------------------------- save and publish
     if accelerator.is_main_process:
         unwrapped_prior = None if prior_model is None else accelerator.unwrap_model(prior_model)
+        if args.aggregate_prior_atoms > 0:
+            unwrapped_prior = fit_aggregate_prior(unwrapped_posterior)
+            log.info(
+                f"Fitted the aggregate-posterior prior ({args.aggregate_prior_atoms} atoms); sampling draws z from it."
+            )
         pipeline = build_pipeline(
             unwrapped_velocity, unwrapped_posterior, noise_scheduler, ema_model, vae=vae, prior=unwrapped_prior
         )
         pipeline.save_pretrained(args.output_dir)
         sample_name = "sample_grid.png" if data.kind == "image" else "samples.png"
-        run_validation(global_step, os.path.join(args.output_dir, sample_name))
+        run_validation(global_step, os.path.join(args.output_dir, sample_name), prior=unwrapped_prior)
         metrics = {}
         for key in ("loss", "mse", "kl", "kl_nats"):
             values = [entry[key] for entry in recent if entry.get(key) is not None and math.isfinite(entry[key])]
             if values:
                 metrics[f"train {key} (mean of last {len(values)} steps)"] = float(np.mean(values))
+        if recent and isinstance(args.kl_target, float) and latent_dim > 0:
+            metrics["beta (last step, adapted to the KL target)"] = recent[-1]["beta"]
         if recent and "active_units" in recent[-1]:
             metrics["active latent units (last step)"] = f"{recent[-1]['active_units']} / {latent_dim}"
         metrics["skipped updates (non-finite)"] = skipped_updates

@@ -390,7 +390,10 @@ def parse_markdown_tables(text: str) -> list[list[list[str]]]:
 
 
 def write_json(path: Path, payload: object) -> None:
-    """Writes `payload` as indented JSON (dataclasses converted), creating folders as needed."""
+    """Writes `payload` as indented JSON (dataclasses converted), creating folders as needed.
+
+    The text goes to a temporary file that is then renamed, so a run killed mid-write leaves the previous file whole.
+    """
 
     def default(value):
         if hasattr(value, "__dataclass_fields__"):
@@ -401,8 +404,11 @@ def write_json(path: Path, payload: object) -> None:
             return str(value)
         raise TypeError(f"Cannot serialise {type(value).__name__}")
 
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1, default=default, allow_nan=True))
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(payload, indent=1, default=default, allow_nan=True))
+    os.replace(temporary, path)
 
 
 def pyplot():

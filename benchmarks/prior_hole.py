@@ -31,9 +31,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import shlex
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -66,12 +68,15 @@ from diffusers_vrfm import (  # noqa: E402
     vrfm_loss,
 )
 from diffusers_vrfm.data.toy import ToyTask, get_toy_task  # noqa: E402
-from diffusers_vrfm.objective import latent_mmd, mix_latents  # noqa: E402
+from diffusers_vrfm.models.latent_prior import VRFMAggregatePosteriorPrior  # noqa: E402
+from diffusers_vrfm.objective import adapt_beta, latent_mmd, mix_latents  # noqa: E402
 
 NFES = (1, 2, 4, 8, 16, 100)
 REDRAW_NFES = (8, 100)
 ALL_INPUTS = ("x0", "x1", "x_t", "t")
-STUDY_TASKS = ("8gaussians_moons", "gaussian_8gaussians", "ring_2d")
+STUDY_TASKS = ("two_modes_1d", "ring_2d", "8gaussians_moons", "gaussian_8gaussians")
+AGGREGATE_PRIOR_ATOMS = 4096
+AGGREGATE_PRIOR_SUFFIX = " +AP"
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,10 @@ def study_configs() -> list[PriorHoleConfig]:
         PriorHoleConfig("b3 q(x1)", beta=3.0, posterior_inputs=("x1",)),
         PriorHoleConfig("b1 q(x1) mix0.3", posterior_inputs=("x1",), prior_mix=0.3),
         PriorHoleConfig("KL3 q(x1)", posterior_inputs=("x1",), kl_target=3.0),
+        PriorHoleConfig("KL1.5 q(x1)", posterior_inputs=("x1",), kl_target=1.5),
+        PriorHoleConfig("KL6 q(x1)", posterior_inputs=("x1",), kl_target=6.0),
+        PriorHoleConfig("KL3 q(x1,t)", posterior_inputs=("x1", "t"), kl_target=3.0),
+        PriorHoleConfig("KL3", kl_target=3.0),
     ]
 
 
@@ -197,7 +206,6 @@ def train(task: ToyTask, config: PriorHoleConfig, budget: Budget, seed: int) -> 
     optimizer = torch.optim.Adam(params, lr=budget.lr)
     data_generator = torch.Generator().manual_seed(1_000_003 * (seed + 1))
     beta = config.beta * (velocity_scale(task) if config.beta_scale == "velocity" else 1.0)
-    log_beta = math.log(max(beta, 1e-8))
     log, window = [], {"mse": 0.0, "kl": 0.0, "n": 0}
     start = time.perf_counter()
     for step in range(1, budget.steps + 1):
@@ -217,8 +225,6 @@ def train(task: ToyTask, config: PriorHoleConfig, budget: Budget, seed: int) -> 
             else:
                 prior_draw = torch.randn(posterior.sample.shape, generator=data_generator)
             z = mix_latents(posterior.sample, prior_draw, config.prior_mix, generator=data_generator)
-            if config.kl_target is not None:
-                beta = math.exp(log_beta)
             out = vrfm_loss(
                 model(x_t, t, z=z).sample,
                 target,
@@ -233,7 +239,7 @@ def train(task: ToyTask, config: PriorHoleConfig, budget: Budget, seed: int) -> 
             if config.mmd_weight:
                 loss = loss + config.mmd_weight * latent_mmd(posterior.sample, prior_draw.detach())
             if config.kl_target is not None:  # dual ascent: raise beta while the KL is above target
-                log_beta = min(max(log_beta + budget.kl_dual_lr * (out.kl.item() - config.kl_target), -9.0), 5.0)
+                beta = adapt_beta(beta, out.kl.item(), config.kl_target, rate=budget.kl_dual_lr)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -351,14 +357,29 @@ def evaluate(trained: Trained, task: ToyTask, budget: Budget, seed: int, nfes=NF
         z_agg = trained.encoder(x1=x1_fresh, generator=agg_generator).sample
         for nfe in nfes:
             aggpost[str(nfe)] = wasserstein2(euler_trajectory(trained.model, x0, nfe, z=z_agg).states[-1], target)
-    on_mode = None
+    aggprior = {}
+    if trained.encoder is not None and trained.prior is None:
+        # the package's remedy: z from VRFMAggregatePosteriorPrior fitted on training pairs after training
+        fit_generator = torch.Generator().manual_seed(60_013 * (seed + 1))
+        pairs = (task.sample_pairs(1024, fit_generator) for _ in range(math.ceil(AGGREGATE_PRIOR_ATOMS / 1024)))
+        fitted = VRFMAggregatePosteriorPrior.from_posterior(
+            trained.encoder, pairs, num_atoms=AGGREGATE_PRIOR_ATOMS, generator=fit_generator
+        )
+        z_fitted = fitted(x0=x0, generator=torch.Generator().manual_seed(20_011 * (seed + 1))).sample
+        for nfe in nfes:
+            aggprior[str(nfe)] = wasserstein2(euler_trajectory(trained.model, x0, nfe, z=z_fitted).states[-1], target)
+    on_mode = on_mode_aggprior = None
+    if task.target_modes is not None and aggprior:
+        on_mode_aggprior = task.fraction_on_mode(euler_trajectory(trained.model, x0, 100, z=z_fitted).states[-1])
     if task.target_modes is not None:
         on_mode = task.fraction_on_mode(euler_trajectory(trained.model, x0, 100, z=z).states[-1])
     return {
         "w2": w2,
         "w2_redraw": redraw,
         "w2_aggpost": aggpost,
+        "w2_aggprior": aggprior,
         "on_mode_nfe100": on_mode,
+        "on_mode_aggprior_nfe100": on_mode_aggprior,
         "posterior": diagnostics(trained, task, seed),
     }
 
@@ -517,7 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-samples", type=int, default=2000)
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="prior_hole", help="basename of the .md/.json/.png outputs")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of a sequential run (--jobs 1)")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="processes that train (task, configuration, seed) jobs in parallel"
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run in well under 30 s (not a result)")
     parser.add_argument(
         "--merge", nargs="+", type=Path, default=None, help="render the tasks of these result JSONs (no training)"
@@ -557,6 +581,8 @@ def merge_results(paths: list[Path]) -> dict:
 def write_outputs(results: dict, output_dir: Path, name: str, findings: Path | None = None) -> None:
     if findings is not None:
         results["findings"] = ["", Path(findings).read_text()]
+    for entry in results["tasks"].values():  # configurations no job finished (a study cut short) are left out
+        entry["configs"] = {label: config for label, config in entry["configs"].items() if config["runs"]}
     write_json(output_dir / f"{name}.json", results)
     (output_dir / f"{name}.md").write_text(render(results))
     plot_curves(results, output_dir / f"{name}_w2_vs_nfe.png")
@@ -572,6 +598,8 @@ def main(argv: list[str] | None = None) -> dict:
         return results
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    if args.jobs < 1:
+        raise ValueError(f"`--jobs` must be an integer >= 1, but got {args.jobs}.")
     grid = {c.label: c for c in study_configs()}
     labels = args.configs or list(grid)
     unknown = [label for label in labels if label not in grid]
@@ -599,34 +627,71 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    # every (task, configuration, seed) is one job; jobs run in priority order (configurations in grid order, then
+    # seeds, then tasks), so that a study cut short by its time budget keeps the most important cells
+    jobs = []
+    for task_name in args.tasks:
+        task = get_toy_task(task_name)
+        floors = [sampling_floor(task.sample_target, budget.num_samples, seed=40_009 + s) for s in args.seeds]
+        results["tasks"][task_name] = {"floor": floors, "has_modes": task.target_modes is not None, "configs": {}}
+    for label in labels:
+        for seed in args.seeds:
+            for task_name in args.tasks:
+                if task_name == "ring_2d" and not args.configs and not args.quick and label not in RING_CONFIGS:
+                    continue
+                jobs.append((task_name, label, seed))
+    for task_name, label, _ in jobs:  # table rows in grid order, whatever order jobs finish in
+        results["tasks"][task_name]["configs"].setdefault(label, {"settings": grid[label].describe(), "runs": {}})
+
+    def record(task_name: str, label: str, seed: int, metrics: dict) -> None:
+        entry = results["tasks"][task_name]
+        entry["configs"][label]["runs"][str(seed)] = metrics
+        if metrics["w2_aggprior"]:  # the same trained model, sampled with the fitted aggregate-posterior prior
+            fitted_entry = entry["configs"].setdefault(
+                label + AGGREGATE_PRIOR_SUFFIX,
+                {
+                    "settings": f"{grid[label].describe()}, z from VRFMAggregatePosteriorPrior "
+                    f"({AGGREGATE_PRIOR_ATOMS} atoms)",
+                    "runs": {},
+                },
+            )
+            fitted_entry["runs"][str(seed)] = {
+                **metrics,
+                "w2": metrics["w2_aggprior"],
+                "on_mode_nfe100": metrics["on_mode_aggprior_nfe100"],
+            }
+        w2 = " ".join(f"{v:.3f}" for v in metrics["w2"].values())
+        print(f"[{time.perf_counter() - start:6.0f}s] {task_name} {label:>24} s{seed}: W2 {w2}", flush=True)
+        results["meta"]["total_seconds"] = time.perf_counter() - start
+        write_json(output_dir / f"{args.name}.json", results)
+
+    job_arguments = [(task_name, grid[label], budget, seed, nfes, redraw_nfes) for task_name, label, seed in jobs]
     try:
-        for task_name in args.tasks:
-            task = get_toy_task(task_name)
-            task_labels = labels
-            if task_name == "ring_2d" and not args.configs and not args.quick:
-                task_labels = [label for label in labels if label in RING_CONFIGS]
-            floors = [sampling_floor(task.sample_target, budget.num_samples, seed=40_009 + s) for s in args.seeds]
-            entry = {"floor": floors, "has_modes": task.target_modes is not None, "configs": {}}
-            results["tasks"][task_name] = entry
-            for label in task_labels:
-                config = grid[label]
-                entry["configs"][label] = {"settings": config.describe(), "runs": {}}
-                for seed in args.seeds:
-                    trained = train(task, config, budget, seed)
-                    metrics = evaluate(trained, task, budget, seed, nfes, redraw_nfes)
-                    metrics.update(beta_final=trained.beta_final, train_seconds=trained.train_seconds, log=trained.log)
-                    entry["configs"][label]["runs"][str(seed)] = metrics
-                    w2 = " ".join(f"{v:.3f}" for v in metrics["w2"].values())
-                    print(
-                        f"[{time.perf_counter() - start:6.0f}s] {task_name} {label:>24} s{seed}: W2 {w2}", flush=True
-                    )
-                    results["meta"]["total_seconds"] = time.perf_counter() - start
-                    write_json(output_dir / f"{args.name}.json", results)
+        if args.jobs == 1:
+            for (task_name, label, seed), arguments in zip(jobs, job_arguments):
+                record(task_name, label, seed, run_job(*arguments))
+        else:
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(
+                args.jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)
+            ) as pool:
+                futures = {pool.submit(run_job, *arguments): job for job, arguments in zip(jobs, job_arguments)}
+                for future in as_completed(futures):
+                    record(*futures[future], future.result())
     finally:
         torch.set_num_threads(previous_threads)
     results["meta"]["total_seconds"] = time.perf_counter() - start
     write_outputs(results, output_dir, args.name, args.findings)
     return results
+
+
+def run_job(task_name: str, config: PriorHoleConfig, budget: Budget, seed: int, nfes, redraw_nfes) -> dict:
+    """Trains and evaluates one configuration on one task with one seed (one process of a parallel study)."""
+    task = get_toy_task(task_name)
+    trained = train(task, config, budget, seed)
+    metrics = evaluate(trained, task, budget, seed, nfes, redraw_nfes)
+    metrics.update(beta_final=trained.beta_final, train_seconds=trained.train_seconds, log=trained.log)
+    return metrics
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """diffusers-vrfm: Variational Rectified Flow Matching for the Hugging Face diffusers ecosystem."""
 
 from .likelihood import VRFMLikelihoodOutput, log_likelihood
+from .models.latent_prior import VRFMAggregatePosteriorPrior
 from .models.mlp import VRFMMLPModel
 from .models.posterior import VRFMPosteriorEncoder, VRFMPosteriorOutput
 from .models.posterior_conv import VRFMConvPosteriorEncoder
@@ -9,6 +10,7 @@ from .models.unet_2d import VRFMUNet2DConditionModel, VRFMUNet2DModel
 from .models.z_embedding import LatentEmbedding, VRFMVelocityOutput
 from .objective import (
     VRFMLossOutput,
+    adapt_beta,
     count_active_units,
     drop_labels,
     flow_match_output_to_velocity,
@@ -31,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LatentEmbedding",
     "VRFMAdaptiveOutput",
+    "VRFMAggregatePosteriorPrior",
     "VRFMConvPosteriorEncoder",
     "VRFMDiTTransformer2DModel",
     "VRFMLikelihoodOutput",
@@ -45,6 +48,7 @@ __all__ = [
     "VRFMUNet2DConditionModel",
     "VRFMUNet2DModel",
     "VRFMVelocityOutput",
+    "adapt_beta",
     "count_active_units",
     "drop_labels",
     "flow_match_output_to_velocity",

@@ -25,6 +25,7 @@ ALLOWED_COMPONENT_CLASSES = {
     "VRFMDiTTransformer2DModel": "diffusers_vrfm",
     "VRFMPosteriorEncoder": "diffusers_vrfm",
     "VRFMConvPosteriorEncoder": "diffusers_vrfm",
+    "VRFMAggregatePosteriorPrior": "diffusers_vrfm",
     "VRFMScheduler": "diffusers_vrfm",
     "AutoencoderKL": "diffusers",
     "AutoencoderTiny": "diffusers",
@@ -51,7 +52,7 @@ def write_remote_code_files(save_directory: str | os.PathLike, pipeline) -> None
     with open(index_path, encoding="utf-8") as handle:
         model_index = json.load(handle)
     model_index["_class_name"] = [PIPELINE_FILE.removesuffix(".py"), type(pipeline).__name__]
-    _write_text(os.path.join(save_directory, PIPELINE_FILE), remote_code_line(type(pipeline).__name__))
+    write_text_atomic(os.path.join(save_directory, PIPELINE_FILE), remote_code_line(type(pipeline).__name__))
     for name, entry in model_index.items():
         if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
             continue
@@ -59,12 +60,12 @@ def write_remote_code_files(save_directory: str | os.PathLike, pipeline) -> None
         if not library.startswith("diffusers_vrfm"):
             continue
         file_name = remote_code_file_name(class_name)
-        _write_text(os.path.join(save_directory, name, file_name + ".py"), remote_code_line(class_name))
+        write_text_atomic(os.path.join(save_directory, name, file_name + ".py"), remote_code_line(class_name))
         model_index[name] = [file_name, class_name]
-    _write_text(index_path, json.dumps(model_index, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(index_path, json.dumps(model_index, indent=2, sort_keys=True) + "\n")
 
 
-def _write_text(path: str, text: str) -> None:
+def write_text_atomic(path: str, text: str) -> None:
     """Writes a file atomically: to a temporary name in the same folder, then renamed into place."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     temporary = f"{path}.tmp-{os.getpid()}"

@@ -422,6 +422,7 @@ def log_likelihood(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     z_chunk_size: int | None = None,
+    prior: torch.nn.Module | None = None,
 ) -> VRFMLikelihoodOutput:
     """The log-likelihood of data under a (variational) rectified-flow model, by backward integration of the ODE
     together with the divergence: ``log p1(x) = log p0(x0) - integral_0^1 div v(x_t, t, z) dt``.
@@ -435,7 +436,7 @@ def log_likelihood(
         x (`torch.Tensor` of shape `(B, *sample_shape)`): data in model space (for images: `[-1, 1]`).
         z (`torch.Tensor` of shape `(B, latent_dim)` or `(latent_dim,)`, *optional*): a latent per example; then
             `log_prob` is ``log p(x | z)``. Must be `None` for models with `latent_dim=0`.
-        num_z_samples (`int`, defaults to 16): `K`, the number of prior draws ``z_k ~ N(0, I)`` of the marginal
+        num_z_samples (`int`, defaults to 16): `K`, the number of prior draws ``z_k ~ p(z)`` of the marginal
             estimate ``logmeanexp_k log p(x | z_k)`` when `z` is not given (a stochastic lower bound on
             ``log p(x)`` that tightens with `K`); irrelevant when `z` is given or `latent_dim=0`.
         divergence (`str`, defaults to `"exact"`): `"exact"` (autograd, one backward pass per dimension: low
@@ -459,6 +460,8 @@ def log_likelihood(
         dequantize_input (`bool`, *optional*): add uniform noise ``bin_width * (u - 1/2)`` to `x` first; defaults to
             `compute_bits_per_dim`. Leave it off when `x` is already dequantised.
         rtol, atol (`float`, default to `1e-5`): tolerances of `"dopri5"`.
+        prior ([`VRFMAggregatePosteriorPrior`], *optional*): the unconditional prior ``p(z)`` of the marginal
+            (``N(0, I)`` by default); [`VRFMPipeline.log_likelihood`] passes its own.
         z_chunk_size (`int`, *optional*): how many of the `K` draws to integrate together in one batch (of
             `z_chunk_size * B` trajectories); all `K` by default. Lower it to save memory.
 
@@ -485,6 +488,12 @@ def log_likelihood(
         _check_positive_float("atol", atol)
     if z_chunk_size is not None:
         _check_int("z_chunk_size", z_chunk_size, 1)
+    if prior is not None and getattr(prior, "latent_dim", None) != velocity_model.latent_dim:
+        raise ValueError(
+            f"`prior` must be an unconditional prior over z with latent_dim {velocity_model.latent_dim} (for "
+            f"example a VRFMAggregatePosteriorPrior), but got {type(prior).__name__} with latent_dim "
+            f"{getattr(prior, 'latent_dim', None)}."
+        )
     if source_log_prob is None:
         source_log_prob = standard_normal_log_prob
     elif not callable(source_log_prob):
@@ -510,6 +519,9 @@ def log_likelihood(
             zs = None
         elif z is not None:
             zs = z.unsqueeze(0)
+        elif prior is not None:
+            draws = prior(batch_size=num_z_samples * batch_size, generator=generator).sample
+            zs = draws.to(device=x.device, dtype=x.dtype).reshape(num_z_samples, batch_size, latent_dim)
         else:
             zs = randn_tensor(
                 (num_z_samples, batch_size, latent_dim), generator=generator, device=x.device, dtype=x.dtype

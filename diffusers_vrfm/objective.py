@@ -369,6 +369,48 @@ def vrfm_loss(
     return VRFMLossOutput(loss=loss, mse=mse, kl=kl, kl_per_dim=kl_per_dim.detach())
 
 
+KL_TARGET_BETA_RANGE = (1e-4, 150.0)
+
+
+def adapt_beta(
+    beta: float,
+    kl: float,
+    kl_target: float,
+    rate: float = 0.01,
+    beta_range: tuple[float, float] = KL_TARGET_BETA_RANGE,
+) -> float:
+    """One dual-ascent step on ``log beta`` that steers the KL towards `kl_target` nats.
+
+    ``beta <- beta * exp(rate * (kl - kl_target))``, clipped to `beta_range`: beta rises while the KL is above the
+    target and falls while it is below. A KL target fixes how much information ``z`` carries (in nats, summed over
+    latent dimensions), which, unlike a fixed ``beta``, means the same on tasks whose velocities differ in scale.
+
+    Args:
+        beta (`float`): the current KL weight (> 0).
+        kl (`float`): the KL of the current batch, nats summed over latent dimensions (mean over examples).
+        kl_target (`float`): the target, in the same units (>= 0).
+        rate (`float`, defaults to 0.01): the step size on ``log beta`` per nat of error.
+        beta_range (`tuple[float, float]`): the bounds of beta.
+
+    Example:
+
+    ```py
+    >>> from diffusers_vrfm.objective import adapt_beta
+    >>> adapt_beta(1.0, kl=5.0, kl_target=3.0) > 1.0, adapt_beta(1.0, kl=1.0, kl_target=3.0) < 1.0
+    (True, True)
+    ```
+    """
+    beta = check_real(beta, "beta", minimum=0.0)
+    kl = check_real(kl, "kl")
+    kl_target = check_real(kl_target, "kl_target", minimum=0.0)
+    rate = check_real(rate, "rate", minimum=0.0)
+    low, high = beta_range
+    if not 0 < low <= high:
+        raise ValueError(f"`beta_range` must be (low, high) with 0 < low <= high, but got {beta_range!r}.")
+    log_beta = math.log(min(max(beta, low), high)) + rate * (kl - kl_target)
+    return float(min(max(math.exp(min(log_beta, 700.0)), low), high))
+
+
 def count_active_units(posterior_means: torch.Tensor, threshold: float = 1e-2) -> int:
     """The number of active latent units (Burda et al., 2016): dimensions whose posterior mean varies over the data
     with variance above ``threshold``. ``posterior_means`` has shape ``(N, latent_dim)``."""

@@ -230,8 +230,8 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
     (target,) = list(_table_with_header(tables, "quantity"))
     assert target[1][-1] in {"met", "NOT met"}
     assert results["meta"]["fd_floor"] >= 0 and 0 <= results["meta"]["classifier_accuracy"] <= 1
-    _assert_png(tmp_path / "mnist_grids.png")
-    _assert_png(tmp_path / "mnist_fd_vs_nfe.png")
+    _assert_png(tmp_path / "mnist_quality_grids.png")
+    _assert_png(tmp_path / "mnist_quality_fd_vs_nfe.png")
 
 
 def test_soak_quick_outputs_are_well_formed(tmp_path):

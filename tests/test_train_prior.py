@@ -8,7 +8,15 @@ import pytest
 import torch
 from train_helpers import FAST, read_metrics, train_runner
 
-from diffusers_vrfm import VRFMMLPModel, VRFMPipeline, VRFMPosteriorEncoder, VRFMScheduler, gaussian_kl
+from diffusers_vrfm import (
+    VRFMAggregatePosteriorPrior,
+    VRFMMLPModel,
+    VRFMPipeline,
+    VRFMPosteriorEncoder,
+    VRFMScheduler,
+    adapt_beta,
+    gaussian_kl,
+)
 from diffusers_vrfm.training.checkpointing import PRIOR_DIR, list_checkpoints
 from diffusers_vrfm.training.step import aggregate_posterior_stats, draw_step_randomness, vrfm_training_loss
 
@@ -149,3 +157,66 @@ def test_resume_with_learned_prior_and_prior_mix_is_exact(tmp_path, train):
 def test_bad_prior_arguments_fail(tmp_path, train, extra, message):
     with pytest.raises(ValueError, match=message):
         train(["--backbone", "mlp", "--output_dir", str(tmp_path), *FAST, *extra])
+
+
+# ---------------------------------------------------------------- the defaults measured in issue 6: KL target + AP
+def test_default_run_holds_the_kl_at_its_target_and_fits_the_aggregate_prior(tmp_path, train):
+    output_dir = str(tmp_path / "run")
+    assert train(_toy_args(output_dir, "--aggregate_prior_atoms", "40"))["finished"]
+    metrics = read_metrics(output_dir)
+    steps = sorted(metrics)
+    assert metrics[1]["beta"] == 0.1, "beta starts at --beta"
+    for step, following in zip(steps, steps[1:]):  # each step's beta is the dual-ascent update of the previous one
+        expected = adapt_beta(metrics[step]["beta"], metrics[step]["kl_nats"], 3.0)
+        assert metrics[following]["beta"] == pytest.approx(expected, rel=1e-12), step
+    pipe = VRFMPipeline.from_pretrained(output_dir)
+    assert tuple(pipe.posterior_encoder.config.posterior_inputs) == ("x1",), "the default posterior reads x1 only"
+    assert isinstance(pipe.prior, VRFMAggregatePosteriorPrior) and pipe.prior.num_atoms == 40
+    with torch.no_grad():  # the atoms are the trained posterior's means at training targets
+        assert torch.isfinite(pipe.prior.atom_means).all() and pipe.prior.atom_means.std() > 0
+    out = pipe(batch_size=5, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    atoms = pipe.prior.atom_means
+    assert torch.isfinite(out.samples).all()
+    chosen = (out.z[:, None, :] - atoms).norm(dim=-1).argmin(dim=1)  # each z lies near one of the atoms
+    assert ((out.z - atoms[chosen]).abs() <= 6 * (0.5 * pipe.prior.atom_logvars[chosen]).exp()).all()
+
+
+def test_kl_target_off_keeps_beta_fixed_and_resume_restores_the_adapted_beta(tmp_path, train):
+    fixed = str(tmp_path / "fixed")
+    train(_toy_args(fixed, "--kl_target", "off", "--beta", "0.4", "--aggregate_prior_atoms", "0"))
+    assert {record["beta"] for record in read_metrics(fixed).values()} == {0.4}
+    assert VRFMPipeline.from_pretrained(fixed).prior is None, "--aggregate_prior_atoms 0: z ~ N(0, I)"
+    common = _toy_common("--kl_target", "1.5", "--aggregate_prior_atoms", "16")
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    train(["--output_dir", straight, *common])
+    train(["--output_dir", interrupted, "--stop_after_steps", "3", *common])
+    train(["--output_dir", interrupted, "--resume_from_checkpoint", "latest", *common])
+    expected, resumed = read_metrics(straight), read_metrics(interrupted)
+    assert len({record["beta"] for record in expected.values()}) == len(expected), "beta adapts every step"
+    for step in expected:
+        for key in ("loss", "kl_nats", "beta"):
+            assert resumed[step][key] == expected[step][key], (step, key)
+    priors = [VRFMPipeline.from_pretrained(d).prior for d in (straight, interrupted)]
+    assert torch.equal(priors[0].atom_means, priors[1].atom_means), "the fitted prior is reproducible"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--aggregate_prior_atoms", "8", "--learned_prior"], "aggregate_prior_atoms"),
+        (["--aggregate_prior_atoms", "8", "--latent_dim", "0"], "aggregate_prior_atoms"),
+        (["--aggregate_prior_atoms", "-1"], "aggregate_prior_atoms"),
+        (["--kl_target", "3", "--beta_warmup_steps", "10"], "beta_warmup_steps"),
+    ],
+)
+def test_bad_kl_target_and_aggregate_prior_arguments_fail(tmp_path, train, extra, message):
+    with pytest.raises(ValueError, match=message):
+        train(["--backbone", "mlp", "--output_dir", str(tmp_path), *FAST, *extra])
+
+
+def test_kl_target_must_be_nats_or_off(capsys):
+    from train_helpers import load_script
+
+    with pytest.raises(SystemExit):
+        load_script().parse_args(["--kl_target", "-2"])
+    assert "--kl_target: must be a number of nats >= 0 or `off`, but got '-2'" in capsys.readouterr().err

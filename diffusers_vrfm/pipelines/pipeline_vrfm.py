@@ -15,6 +15,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..hub import create_hub_repo, load_pipeline_components, upload_pipeline_folder, write_remote_code_files
+from ..models.latent_prior import VRFMAggregatePosteriorPrior
 from ..models.z_embedding import as_label_tensor
 from ..objective import check_real, check_tensor, slerp
 from ..schedulers.scheduling_vrfm import VRFMScheduler
@@ -54,9 +55,10 @@ class VRFMPipeline(DiffusionPipeline):
         scheduler ([`VRFMScheduler`]): the time grid and solver.
         posterior_encoder (*optional*): ``q(z | x0, x1, x_t, t)``, used for training only.
         vae ([`~diffusers.AutoencoderKL`], *optional*): decodes latent-space samples to images.
-        prior (*optional*): a learned conditional prior ``p_psi(z | x0)``: a posterior-encoder class configured with
-            `posterior_inputs=("x0",)`, trained jointly through ``KL(q || p_psi)`` (see `vrfm_loss`'s `prior_mean`).
-            When present, each trajectory's ``z`` is drawn from it at its source point instead of from ``N(0, I)``.
+        prior (*optional*): the distribution each trajectory draws its ``z`` from instead of ``N(0, I)``: a
+            [`VRFMAggregatePosteriorPrior`] fitted to the trained posterior (the default of `train_vrfm.py`, which
+            closes the prior hole), or a learned conditional prior ``p_psi(z | x0)`` (a posterior-encoder class with
+            `posterior_inputs=("x0",)`, trained through ``KL(q || p_psi)``), drawn at the trajectory's source point.
 
     Saved folders load with `VRFMPipeline.from_pretrained(folder)`, and with
     `DiffusionPipeline.from_pretrained(folder_or_repo, trust_remote_code=True)` through one-line re-export files that
@@ -100,9 +102,11 @@ class VRFMPipeline(DiffusionPipeline):
                 f"`velocity_model.latent_dim` ({velocity_model.latent_dim})."
             )
         if prior is not None:
-            if tuple(getattr(prior.config, "posterior_inputs", ())) != ("x0",):
+            conditional = tuple(getattr(prior.config, "posterior_inputs", ())) == ("x0",)
+            if not (conditional or isinstance(prior, VRFMAggregatePosteriorPrior)):
                 raise ValueError(
-                    "`prior` must be an encoder that reads only the source point, `posterior_inputs=('x0',)`, but got "
+                    "`prior` must be a VRFMAggregatePosteriorPrior or an encoder that reads only the source point, "
+                    f"`posterior_inputs=('x0',)`, but got {type(prior).__name__} with posterior_inputs "
                     f"{getattr(prior.config, 'posterior_inputs', None)!r}."
                 )
             if prior.latent_dim != velocity_model.latent_dim:
@@ -145,8 +149,8 @@ class VRFMPipeline(DiffusionPipeline):
     def prepare_z(self, batch_size, generator, device, dtype, z=None, source=None):
         """Draws one ``z`` per trajectory (or checks the given ones). `None` for plain rectified flow.
 
-        ``z ~ N(0, I)``, or ``z ~ p_psi(z | x0)`` from the learned conditional `prior` component when the pipeline has
-        one (then `source`, the trajectory's starting point ``x0``, is required).
+        ``z ~ N(0, I)``, or a draw from the pipeline's `prior` component when it has one (a conditional prior reads
+        `source`, the trajectory's starting point ``x0``; an unconditional one takes only its batch size).
         """
         latent_dim = self.velocity_model.latent_dim
         if latent_dim == 0:
@@ -440,6 +444,8 @@ class VRFMPipeline(DiffusionPipeline):
         """
         from ..likelihood import log_likelihood
 
+        if isinstance(self.prior, VRFMAggregatePosteriorPrior):  # the marginal over z uses the sampling prior
+            kwargs.setdefault("prior", self.prior)
         if self.vae is not None:
             kwargs.setdefault("compute_bits_per_dim", False)
         return log_likelihood(self.velocity_model, x, **kwargs)

@@ -16,6 +16,8 @@ import os
 import re
 import shutil
 
+from ..hub import write_text_atomic
+
 CHECKPOINT_PREFIX = "checkpoint-"
 TEMPORARY_PREFIX = ".tmp-checkpoint-"
 MANIFEST_NAME = "training_state.json"
@@ -60,19 +62,14 @@ def _fsync_directory(path: str) -> None:
 
 def write_json_atomic(path: str, payload: dict) -> None:
     """Writes JSON to a temporary file in the same folder, flushes it to disk, then renames it into place."""
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def build_manifest(folder: str) -> dict[str, int]:
     """`{relative path: size in bytes}` of every file under `folder` (the manifest excluded), fsync'ing each file."""
     files = {}
     for root, _, names in os.walk(folder):
+        _fsync_directory(root)  # the entries of every subfolder, not only the files' contents
         for name in names:
             path = os.path.join(root, name)
             relative = os.path.relpath(path, folder).replace(os.sep, "/")

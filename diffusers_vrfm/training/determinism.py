@@ -13,7 +13,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-PURPOSES = {"noise": 1, "posterior": 2, "augment": 3, "order": 4, "validation": 5, "vae": 6, "prior": 7}
+PURPOSES = {
+    "noise": 1,
+    "posterior": 2,
+    "augment": 3,
+    "order": 4,
+    "validation": 5,
+    "vae": 6,
+    "prior": 7,
+    "aggregate_prior": 8,
+}
 
 
 def derive_seed(seed: int, purpose: str, *positions: int) -> int:

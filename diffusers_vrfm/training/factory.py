@@ -33,7 +33,7 @@ DEFAULT_POSTERIOR_CONFIGS = {
     "mlp": {"hidden_dim": 64, "num_layers": 2},
     "image": {"block_out_channels": [16, 32], "layers_per_block": 1, "norm_num_groups": 8, "hidden_dim": 64},
 }
-DEFAULT_POSTERIOR_INPUTS = {"mlp": ("x0", "x1", "x_t", "t"), "image": ("x1", "t")}
+DEFAULT_POSTERIOR_INPUTS = {"mlp": ("x1",), "image": ("x1",)}
 DEFAULT_LATENT_DIM = {"mlp": 8, "unet": 4, "dit": 4}
 
 # diffusers backbones that can be wrapped, by the `_class_name` in their config.json.

@@ -128,6 +128,20 @@ def render_model_card(
         if args.get("use_ema", True)
         else "EMA off: the raw weights"
     )
+    atoms = int(args.get("aggregate_prior_atoms") or 0)
+    if latent_dim == 0:
+        prior_description = "none (no `z`)"
+    elif atoms > 0:
+        prior_description = (
+            f"`VRFMAggregatePosteriorPrior`, the posteriors of {atoms:,} training examples fitted after training: "
+            "each trajectory draws its `z` where training put it (the pipeline's `prior` component)"
+        )
+    elif args.get("learned_prior"):
+        prior_description = "a learned conditional prior `p(z | x0)`, drawn at each trajectory's source point"
+    else:
+        prior_description = "`N(0, I)`"
+    kl_target = args.get("kl_target")
+    kl_target = kl_target if isinstance(kl_target, (int, float)) and latent_dim > 0 else None
     steps = args.get("max_train_steps") or 0
     limitations = (
         f"A short, demonstration-scale run ({steps} steps): it shows the method and the pipeline working, not the "
@@ -153,6 +167,8 @@ def render_model_card(
         posterior_description=posterior_description,
         latent_dim=latent_dim,
         beta=args.get("beta"),
+        kl_target=kl_target,
+        prior_description=prior_description,
         beta_warmup_steps=args.get("beta_warmup_steps"),
         loss_reduction=args.get("loss_reduction"),
         free_bits=args.get("free_bits"),

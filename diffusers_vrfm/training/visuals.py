@@ -158,6 +158,8 @@ def toy_metrics(pipeline, toy_task, steps_list, num_samples: int = 1000, seed: i
     reference = toy_task.sample_target(num_samples, generator)
     latent_dim = pipeline.velocity_model.latent_dim
     z = torch.randn(num_samples, latent_dim, generator=generator) if latent_dim > 0 else None
+    if pipeline.prior is not None:  # z as the pipeline draws it
+        z = pipeline.prior(x0=x0.to(pipeline.prior.device), generator=generator).sample.cpu()
     try:
         import ot
     except ImportError:  # POT is optional (the `bench` extra)

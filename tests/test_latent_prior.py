@@ -1,0 +1,196 @@
+"""`VRFMAggregatePosteriorPrior` (issue 6): the unconditional prior fitted to the aggregate posterior after training,
+and `adapt_beta`, the KL-target controller."""
+
+import math
+import os
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from diffusers_vrfm import (
+    VRFMAggregatePosteriorPrior,
+    VRFMMLPModel,
+    VRFMPipeline,
+    VRFMPosteriorEncoder,
+    VRFMScheduler,
+    adapt_beta,
+    log_likelihood,
+)
+
+
+def _prior(means, logvars):
+    prior = VRFMAggregatePosteriorPrior(latent_dim=means.shape[1], num_atoms=means.shape[0])
+    return prior.set_atoms(means, logvars)
+
+
+def test_draws_pick_atoms_uniformly_and_add_the_atom_noise():
+    means = torch.tensor([[-3.0, 0.0], [3.0, 0.0], [0.0, 3.0], [0.0, -3.0]])
+    prior = _prior(means, torch.full((4, 2), -30.0))  # (almost) point atoms
+    out = prior(batch_size=4000, generator=torch.Generator().manual_seed(0))
+    distances = (out.sample[:, None, :] - means).norm(dim=-1)
+    assert distances.min(dim=1).values.max() < 1e-5, "every draw sits on an atom"
+    counts = torch.bincount(distances.argmin(dim=1), minlength=4).float() / 4000
+    assert counts.min() > 0.2 and counts.max() < 0.3, counts
+    assert torch.equal(out.mean, means[distances.argmin(dim=1)]) and out.kl is None
+    wide = _prior(torch.zeros(1, 2), torch.zeros(1, 2))(batch_size=20000, generator=torch.Generator().manual_seed(1))
+    assert abs(float(wide.sample.var()) - 1.0) < 0.05, "one unit-variance atom is N(0, I)"
+
+
+def test_draws_are_reproducible_and_per_row_with_generator_lists():
+    prior = _prior(torch.randn(16, 3), torch.randn(16, 3) - 1)
+    first = prior(batch_size=5, generator=torch.Generator().manual_seed(3)).sample
+    assert torch.equal(first, prior(batch_size=5, generator=torch.Generator().manual_seed(3)).sample)
+    rows = prior(x0=torch.zeros(5, 7), generator=[torch.Generator().manual_seed(10 + i) for i in range(5)]).sample
+    for i in range(5):  # row i depends on its own generator only
+        alone = prior(batch_size=1, generator=[torch.Generator().manual_seed(10 + i)]).sample
+        assert torch.equal(rows[i], alone[0])
+
+
+def test_log_prob_is_the_mixture_density():
+    means, logvars = torch.randn(6, 3), 0.5 * torch.randn(6, 3)
+    prior = _prior(means, logvars)
+    z = torch.randn(10, 3)
+    reference = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(torch.ones(6)),
+        torch.distributions.Independent(torch.distributions.Normal(means, (0.5 * logvars).exp()), 1),
+    ).log_prob(z)
+    assert torch.allclose(prior.log_prob(z), reference, atol=1e-5)
+
+
+def test_from_posterior_keeps_the_posteriors_of_the_first_examples():
+    torch.manual_seed(0)
+    encoder = VRFMPosteriorEncoder(sample_size=2, latent_dim=3, posterior_inputs=("x1",), hidden_dim=16).eval()
+    batches = [(torch.randn(8, 2), torch.randn(8, 2)) for _ in range(3)]
+    prior = VRFMAggregatePosteriorPrior.from_posterior(encoder, iter(batches), num_atoms=12)
+    x1 = torch.cat([x1 for _, x1 in batches])[:12]
+    with torch.no_grad():
+        expected = encoder(x1=x1)
+    assert (prior.latent_dim, prior.num_atoms) == (3, 12)
+    assert torch.allclose(prior.atom_means, expected.mean) and torch.allclose(prior.atom_logvars, expected.logvar)
+    with pytest.raises(ValueError, match="fewer than `num_atoms`"):
+        VRFMAggregatePosteriorPrior.from_posterior(encoder, iter(batches), num_atoms=100)
+
+
+def test_an_encoder_reading_t_and_x_t_is_fitted_on_training_style_inputs():
+    encoder = VRFMPosteriorEncoder(sample_size=2, latent_dim=2, hidden_dim=8)  # reads x0, x1, x_t, t
+    pairs = ((torch.randn(4, 2), torch.randn(4, 2)) for _ in range(2))
+    prior = VRFMAggregatePosteriorPrior.from_posterior(encoder, pairs, num_atoms=8, generator=torch.Generator())
+    assert torch.isfinite(prior.atom_means).all() and prior.atom_means.std() > 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"latent_dim": 0}, "`latent_dim` must be a positive integer"),
+        ({"num_atoms": 2.5}, "`num_atoms` must be a positive integer"),
+    ],
+)
+def test_bad_configuration_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        VRFMAggregatePosteriorPrior(**kwargs)
+
+
+def test_bad_atoms_and_calls_are_refused_with_the_argument_named():
+    prior = VRFMAggregatePosteriorPrior(latent_dim=2, num_atoms=3)
+    with pytest.raises(ValueError, match=r"`means` must have shape \(3, 2\)"):
+        prior.set_atoms(torch.zeros(4, 2), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="`logvars` must be finite"):
+        prior.set_atoms(torch.zeros(3, 2), torch.full((3, 2), math.nan))
+    with pytest.raises(ValueError, match="`batch_size`"):
+        prior()
+    with pytest.raises(ValueError, match="`generator` is a list of 2"):
+        prior(batch_size=3, generator=[torch.Generator(), torch.Generator()])
+    with pytest.raises(ValueError, match=r"`z` must have shape \(B, 2\)"):
+        prior.log_prob(torch.zeros(4, 3))
+
+
+def _pipeline_with_prior(latent_dim=3):
+    torch.manual_seed(0)
+    model = VRFMMLPModel(sample_size=2, latent_dim=latent_dim, hidden_dim=16)
+    torch.nn.init.normal_(model.z_embedding.linear_2.weight)  # zero-initialised: make the velocity depend on z
+    encoder = VRFMPosteriorEncoder(sample_size=2, latent_dim=latent_dim, posterior_inputs=("x1",), hidden_dim=16)
+    prior = _prior(4.0 + torch.randn(32, latent_dim), torch.full((32, latent_dim), -4.0))
+    return VRFMPipeline(velocity_model=model, scheduler=VRFMScheduler(), posterior_encoder=encoder, prior=prior)
+
+
+def test_the_pipeline_draws_z_from_the_prior_and_saves_and_loads_it(tmp_path):
+    pipe = _pipeline_with_prior()
+    out = pipe(batch_size=64, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.z.mean() > 3.0, "z comes from the atoms near 4, not from N(0, I)"
+    pipe.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path / "prior")) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "vrfmaggregateposteriorprior.py",
+    ]
+    for loaded in (
+        VRFMPipeline.from_pretrained(tmp_path),
+        DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True),
+    ):
+        assert type(loaded.prior).__name__ == "VRFMAggregatePosteriorPrior"
+        assert torch.equal(loaded.prior.atom_means, pipe.prior.atom_means)
+        again = loaded(batch_size=64, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(again.z, out.z) and torch.equal(again.samples, out.samples)
+
+
+def test_the_pipeline_refuses_a_prior_that_is_neither_kind():
+    pipe = _pipeline_with_prior()
+    reads_x1 = VRFMPosteriorEncoder(sample_size=2, latent_dim=3, posterior_inputs=("x1",))
+    with pytest.raises(ValueError, match="`prior` must be a VRFMAggregatePosteriorPrior or an encoder"):
+        VRFMPipeline(velocity_model=pipe.velocity_model, scheduler=VRFMScheduler(), prior=reads_x1)
+    with pytest.raises(ValueError, match=r"`prior.latent_dim` \(2\) must equal"):
+        VRFMPipeline(
+            velocity_model=pipe.velocity_model,
+            scheduler=VRFMScheduler(),
+            prior=VRFMAggregatePosteriorPrior(latent_dim=2, num_atoms=4),
+        )
+
+
+def test_log_likelihood_marginalises_over_the_prior():
+    pipe = _pipeline_with_prior()
+    point = torch.tensor([4.0, -4.0, 4.0])
+    pipe.register_modules(prior=_prior(point[None].expand(5, 3), torch.full((5, 3), -30.0)))
+    x = torch.randn(3, 2)
+    kwargs = {"num_inference_steps": 8, "solver": "euler"}
+    marginal = pipe.log_likelihood(x, num_z_samples=4, generator=torch.Generator().manual_seed(0), **kwargs)
+    conditional = log_likelihood(pipe.velocity_model, x, z=point, **kwargs)
+    assert torch.allclose(marginal.log_prob, conditional.log_prob, atol=1e-4)
+    standard = log_likelihood(pipe.velocity_model, x, num_z_samples=4, generator=torch.Generator(), **kwargs)
+    assert not torch.allclose(standard.log_prob, conditional.log_prob, atol=1e-2)
+    with pytest.raises(ValueError, match="`prior` must be an unconditional prior over z with latent_dim 3"):
+        log_likelihood(pipe.velocity_model, x, prior=VRFMAggregatePosteriorPrior(latent_dim=2, num_atoms=2))
+
+
+# ----------------------------------------------------------------------------------------------------- adapt_beta
+def test_adapt_beta_moves_towards_the_target_and_stays_in_range():
+    assert adapt_beta(1.0, kl=5.0, kl_target=3.0) == pytest.approx(math.exp(0.02))
+    assert adapt_beta(1.0, kl=1.0, kl_target=3.0) == pytest.approx(math.exp(-0.02))
+    assert adapt_beta(0.7, kl=3.0, kl_target=3.0) == pytest.approx(0.7)
+    assert adapt_beta(140.0, kl=1e6, kl_target=0.0) == 150.0
+    assert adapt_beta(1e-4, kl=0.0, kl_target=1e6) == 1e-4
+    assert adapt_beta(0.0, kl=1.0, kl_target=0.0) > 0, "a zero beta starts from the lower bound"
+
+
+def test_adapt_beta_settles_the_kl_of_a_simple_model_at_the_target():
+    # a posterior whose KL falls as beta rises, KL(beta) = 2 / beta: the fixed point is beta = 2 / target
+    beta = 0.05
+    for _ in range(3000):
+        beta = adapt_beta(beta, kl=2.0 / beta, kl_target=4.0, rate=0.05)
+    assert 2.0 / beta == pytest.approx(4.0, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"beta": -1.0}, "`beta` must lie in"),
+        ({"kl": math.nan}, "`kl` must be finite"),
+        ({"kl_target": -0.5}, "`kl_target` must lie in"),
+        ({"rate": "fast"}, "`rate` must be a real number"),
+        ({"beta_range": (1.0, 0.5)}, "`beta_range` must be"),
+    ],
+)
+def test_adapt_beta_refuses_bad_input(kwargs, message):
+    arguments = {"beta": 1.0, "kl": 1.0, "kl_target": 1.0, **kwargs}
+    with pytest.raises((ValueError, TypeError), match=message):
+        adapt_beta(**arguments)
