@@ -262,3 +262,15 @@ def test_soak_quick_outputs_are_well_formed(tmp_path):
     assert all(math.isfinite(_number(cell)) for cell in summary[1][1:-2])
     assert json.loads((tmp_path / "soak.json").read_text())["runs"]["mlp"]["analysis"]["num_samples"] > 0
     _assert_png(tmp_path / "soak.png")
+
+
+def test_train_throughput_quick_runs_the_training_script_for_both_methods(tmp_path):
+    from benchmarks import train_throughput
+
+    results = train_throughput.main(["--quick", "--backbones", "unet", "--output-dir", str(tmp_path)])
+    cells = results["cells"]
+    assert [(c["backbone"], c["method"]) for c in cells] == [("unet", "VRFM"), ("unet", "RF")]
+    for cell in cells:
+        assert cell["ms_per_step"] > 0 and cell["timed_steps"] >= 1 and math.isfinite(cell["final_loss"])
+    assert cells[0]["velocity_parameters"] > cells[1]["velocity_parameters"], "VRFM adds the z path"
+    assert "| unet | default | no |" in (tmp_path / "train_throughput.md").read_text()

@@ -53,3 +53,19 @@ def test_decodability_tells_informative_from_uninformative_latents():
     assert decodability(torch.randn(1000, 8, generator=g), x) < 0.05
     # a quadratic fit also reads x^2 from the features (here the signs of x stay hidden: R^2 of x itself is low)
     assert decodability(informative, x.pow(2)) > 0.99
+
+
+def test_parallel_jobs_reproduce_the_sequential_run_and_add_the_fitted_prior_rows(tmp_path):
+    argv = ["--quick", "--configs", "RF", "KL3 q(x1)", "--seeds", "0", "1", "--output-dir"]
+    sequential = main([*argv, str(tmp_path / "one"), "--jobs", "1"])
+    parallel = main([*argv, str(tmp_path / "two"), "--jobs", "2"])
+    (task,) = sequential["tasks"]
+    configs = sequential["tasks"][task]["configs"]
+    assert list(configs) == ["RF", "KL3 q(x1)", "KL3 q(x1) +AP"], (
+        "each VRFM model is also sampled with the fitted prior"
+    )
+    for label, config in configs.items():
+        for seed, run in config["runs"].items():
+            assert parallel["tasks"][task]["configs"][label]["runs"][seed]["w2"] == run["w2"], (label, seed)
+    fitted = configs["KL3 q(x1) +AP"]["runs"]["0"]
+    assert fitted["w2"] == fitted["w2_aggprior"] != configs["KL3 q(x1)"]["runs"]["0"]["w2"]
