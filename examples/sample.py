@@ -27,7 +27,8 @@ def main():
     generator = torch.Generator().manual_seed(args.seed)
     model = pipe.velocity_model
     latents = torch.randn(args.num_samples, *model.sample_shape, generator=generator)
-    z = torch.randn(args.num_samples, model.latent_dim, generator=generator) if model.latent_dim else None
+    # one z per column, drawn as the pipeline draws it: from its prior component if it has one, else N(0, I)
+    z = pipe.prepare_z(args.num_samples, generator, model.device, model.dtype, source=latents)
     rows = []
     for steps in args.num_inference_steps:
         out = pipe(batch_size=args.num_samples, num_inference_steps=steps, latents=latents, z=z)
