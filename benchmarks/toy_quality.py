@@ -65,10 +65,12 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 from diffusers_vrfm import (  # noqa: E402
+    VRFMAggregatePosteriorPrior,
     VRFMMLPModel,
     VRFMPipeline,
     VRFMPosteriorEncoder,
     VRFMScheduler,
+    adapt_beta,
     interpolate,
     sample_timesteps,
     target_velocity,
@@ -80,6 +82,7 @@ DEFAULT_NFES = (1, 2, 4, 8, 16, 100)
 BASELINE_KINDS = ("rf", "icfm", "otcfm")
 METHOD_KINDS = ("vrfm",) + BASELINE_KINDS
 METHOD_LABELS = {"vrfm": "VRFM", "rf": "RF", "icfm": "I-CFM", "otcfm": "OT-CFM"}
+PAPER_LABEL = "VRFM (paper)"
 ALL_INPUTS = ("x0", "x1", "x_t", "t")
 
 
@@ -91,13 +94,23 @@ class VRFMSettings:
     latent_dim: int
     posterior_inputs: tuple[str, ...] = ALL_INPUTS
     free_bits: float = 0.0
+    kl_target: float | None = None  # nats; beta then adapts from `beta` (`diffusers_vrfm.adapt_beta`)
+    aggregate_prior_atoms: int = 0  # > 0: sample z from a VRFMAggregatePosteriorPrior fitted after training
 
     def describe(self) -> str:
         text = f"beta {self.beta:g}, dim z {self.latent_dim}, q({', '.join(self.posterior_inputs)})"
-        return text + (f", free bits {self.free_bits:g}" if self.free_bits else "")
+        text += f", free bits {self.free_bits:g}" if self.free_bits else ""
+        text += f", KL target {self.kl_target:g} nats" if self.kl_target is not None else ""
+        return text + (f", aggregate prior ({self.aggregate_prior_atoms} atoms)" if self.aggregate_prior_atoms else "")
 
 
-TASK_DEFAULTS: dict[str, VRFMSettings] = {
+# The package's defaults (those of `train_vrfm.py`, measured in benchmarks/results/prior_hole_20k.md): the "VRFM" rows.
+PACKAGE_DEFAULTS = VRFMSettings(
+    beta=0.1, latent_dim=8, posterior_inputs=("x1",), kl_target=3.0, aggregate_prior_atoms=4096
+)
+TASK_DEFAULTS: dict[str, VRFMSettings] = {task: PACKAGE_DEFAULTS for task in TOY_TASKS}
+# The paper's settings and those of the reference runs: the "VRFM (paper)" rows.
+PAPER_SETTINGS: dict[str, VRFMSettings] = {
     "two_modes_1d": VRFMSettings(beta=1.0, latent_dim=4, posterior_inputs=ALL_INPUTS),
     "ring_2d": VRFMSettings(beta=0.1, latent_dim=8, posterior_inputs=("x0", "x1", "x_t")),
     "8gaussians_moons": VRFMSettings(beta=1.0, latent_dim=8, posterior_inputs=ALL_INPUTS),
@@ -144,6 +157,7 @@ class TrainedToyModel:
     encoder: VRFMPosteriorEncoder | None
     train_seconds: float
     log: list[dict] = field(default_factory=list)
+    prior: VRFMAggregatePosteriorPrior | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------- training
@@ -188,6 +202,7 @@ def train_toy(task: ToyTask, method: MethodSpec, config: TrainConfig, seed: int)
         flow_matcher = cls(sigma=config.cfm_sigma)
 
     log, window = [], {"loss": 0.0, "mse": 0.0, "kl": 0.0, "n": 0}
+    beta = method.settings.beta if method.settings is not None else 0.0
     model.train()
     start = time.perf_counter()
     for step in range(1, config.steps + 1):
@@ -207,9 +222,11 @@ def train_toy(task: ToyTask, method: MethodSpec, config: TrainConfig, seed: int)
                     target_velocity(x0, x1),
                     posterior.mean,
                     posterior.logvar,
-                    beta=method.settings.beta,
+                    beta=beta,
                     free_bits=method.settings.free_bits,
                 )
+                if method.settings.kl_target is not None:
+                    beta = adapt_beta(beta, out.kl.item(), method.settings.kl_target)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
@@ -219,13 +236,20 @@ def train_toy(task: ToyTask, method: MethodSpec, config: TrainConfig, seed: int)
         window["n"] += 1
         if step % config.log_every == 0 or step == config.steps:
             n = window.pop("n")
-            log.append({"step": step, **{k: v / n for k, v in window.items()}})
+            log.append({"step": step, **{k: v / n for k, v in window.items()}, "beta": beta})
             window = {"loss": 0.0, "mse": 0.0, "kl": 0.0, "n": 0}
     train_seconds = time.perf_counter() - start
     model.eval()
+    prior = None
     if encoder is not None:
         encoder.eval()
-    return TrainedToyModel(model=model, encoder=encoder, train_seconds=train_seconds, log=log)
+        atoms = method.settings.aggregate_prior_atoms
+        if atoms:  # fitted on fresh training pairs, after training, as train_vrfm.py does
+            pairs = (task.sample_pairs(1024, data_generator) for _ in range(math.ceil(atoms / 1024)))
+            prior = VRFMAggregatePosteriorPrior.from_posterior(
+                encoder, pairs, num_atoms=atoms, generator=data_generator
+            )
+    return TrainedToyModel(model=model, encoder=encoder, train_seconds=train_seconds, log=log, prior=prior)
 
 
 # -------------------------------------------------------------------------------------------------------- evaluation
@@ -254,7 +278,7 @@ def evaluate_toy(task: ToyTask, trained: TrainedToyModel, config: EvalConfig, se
     x0 = task.sample_source(config.num_samples, generator)
     target = task.sample_target(config.num_samples, generator)
     has_modes = task.target_modes is not None
-    pipe = VRFMPipeline(velocity_model=trained.model, scheduler=VRFMScheduler())
+    pipe = VRFMPipeline(velocity_model=trained.model, scheduler=VRFMScheduler(), prior=trained.prior)
     pipe.set_progress_bar_config(disable=True)
 
     def z_generator():
@@ -278,7 +302,7 @@ def evaluate_toy(task: ToyTask, trained: TrainedToyModel, config: EvalConfig, se
         last_z = torch.randn(config.num_samples, trained.model.latent_dim, generator=z_generator())
     if config.dopri5:
         scheduler = VRFMScheduler(solver="dopri5", rtol=config.dopri5_tol, atol=config.dopri5_tol)
-        dopri = VRFMPipeline(velocity_model=trained.model, scheduler=scheduler)
+        dopri = VRFMPipeline(velocity_model=trained.model, scheduler=scheduler, prior=trained.prior)
         dopri.set_progress_bar_config(disable=True)
         out = dopri(batch_size=config.num_samples, latents=x0, generator=z_generator())  # the same z as Euler
         samples, nfe = out.samples, out.num_function_evals
@@ -625,13 +649,18 @@ def parse_variant(text: str) -> tuple[str, dict, tuple[str, ...] | None]:
             fields["posterior_inputs"] = parse_inputs(value)
         elif key == "free_bits":
             fields["free_bits"] = float(value)
+        elif key == "kl_target":
+            fields["kl_target"] = None if value in ("off", "none") else float(value)
+        elif key == "prior_atoms":
+            fields["aggregate_prior_atoms"] = int(value)
         elif key == "tasks":
             tasks = tuple(value.split("+"))
             for task in tasks:
                 get_toy_task(task)
         else:
             raise ValueError(
-                f"`--variant` got the unknown key {key!r}; use beta, latent_dim, inputs, free_bits, tasks."
+                f"`--variant` got the unknown key {key!r}; use beta, latent_dim, inputs, free_bits, kl_target, "
+                "prior_atoms, tasks."
             )
     return f"VRFM[{label}]", fields, tasks
 
@@ -658,6 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--posterior-inputs", nargs="+", help="VRFM posterior inputs: x0+x1+x_t+t or TASK=x1+x_t+t")
     parser.add_argument("--free-bits", nargs="+", help="VRFM free-bits floor (nats per dim): VALUE or TASK=VALUE")
     parser.add_argument("--variant", action="append", default=[], help="an extra VRFM configuration, see the doc")
+    parser.add_argument("--no-paper", action="store_true", help="leave out the VRFM (paper) rows")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--plot-dir", type=Path, default=None, help="where to keep plot data (default: cache/)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps the shared CPU usable)")
@@ -688,6 +718,8 @@ def resolve_methods(args, task: str) -> list[MethodSpec]:
     methods = []
     for kind in args.methods:
         methods.append(MethodSpec(METHOD_LABELS[kind], kind, settings if kind == "vrfm" else None))
+        if kind == "vrfm" and not args.no_paper:
+            methods.append(MethodSpec(PAPER_LABEL, "vrfm", PAPER_SETTINGS[task]))
     for text in args.variant:
         label, fields, tasks = parse_variant(text)
         if tasks is None or task in tasks:
@@ -751,6 +783,11 @@ def run(args) -> dict:
             print(f"resuming from {json_path}", flush=True)
         else:
             print(f"not resuming: {json_path} was made with other training or evaluation settings", flush=True)
+    previous_runs = {  # (task, kind, settings) -> (label, runs): runs are reused by settings, whatever their label
+        (task_name, old["kind"], old["settings"]): (label, old["runs"])
+        for task_name, entry in previous.items()
+        for label, old in entry.get("methods", {}).items()
+    }
     start = time.perf_counter()
     for task_name in args.tasks:
         task = get_toy_task(task_name)
@@ -767,12 +804,18 @@ def run(args) -> dict:
                 "params_posterior": count_parameters(encoder),
                 "runs": {},
             }
+            old_label, _ = previous_runs.get(
+                (task_name, method.kind, task_result["methods"][method.label]["settings"]), (None, {})
+            )
+            task_plots = plot_data.setdefault(task_name, {})
+            if old_label not in (None, method.label) and old_label in task_plots:  # keep a relabelled run's plots
+                task_plots[method.label] = task_plots[old_label]
         for seed in args.seeds:
             for method in methods:
                 entry = task_result["methods"][method.label]
-                old_method = previous.get(task_name, {}).get("methods", {}).get(method.label, {})
-                if old_method.get("settings") == entry["settings"] and str(seed) in old_method.get("runs", {}):
-                    entry["runs"][str(seed)] = old_method["runs"][str(seed)]
+                _, old_runs = previous_runs.get((task_name, method.kind, entry["settings"]), (None, {}))
+                if str(seed) in old_runs:  # the same settings, under any label
+                    entry["runs"][str(seed)] = old_runs[str(seed)]
                     continue
                 trained = train_toy(task, method, train_config, seed)
                 metrics, plot = evaluate_toy(task, trained, eval_config, seed, keep_plot_data=seed == args.seeds[0])
