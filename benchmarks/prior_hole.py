@@ -70,6 +70,7 @@ from diffusers_vrfm import (  # noqa: E402
 from diffusers_vrfm.data.toy import ToyTask, get_toy_task  # noqa: E402
 from diffusers_vrfm.models.latent_prior import VRFMAggregatePosteriorPrior  # noqa: E402
 from diffusers_vrfm.objective import adapt_beta, latent_mmd, mix_latents  # noqa: E402
+from diffusers_vrfm.training.step import beta_at_step  # noqa: E402
 
 NFES = (1, 2, 4, 8, 16, 100)
 REDRAW_NFES = (8, 100)
@@ -93,6 +94,7 @@ class PriorHoleConfig:
     kl_target: float | None = None  # nats (summed over latent dims); beta then adapts, starting from `beta`
     beta_scale: str = "none"  # "none" or "velocity" (beta times E||x1 - x0||^2 of the task)
     mmd_weight: float = 0.0
+    beta_warmup: float = 0.0  # fraction of the steps over which beta ramps up linearly from 0 (train_vrfm's warm-up)
 
     def describe(self) -> str:
         if self.latent_dim == 0:
@@ -111,6 +113,8 @@ class PriorHoleConfig:
             parts.append(f"KL target {self.kl_target:g} nats")
         if self.mmd_weight:
             parts.append(f"MMD weight {self.mmd_weight:g}")
+        if self.beta_warmup:
+            parts.append(f"beta warm-up over {self.beta_warmup:.0%} of the steps")
         return ", ".join(parts)
 
 
@@ -148,6 +152,8 @@ def study_configs() -> list[PriorHoleConfig]:
         PriorHoleConfig("KL6 q(x1)", posterior_inputs=("x1",), kl_target=6.0),
         PriorHoleConfig("KL3 q(x1,t)", posterior_inputs=("x1", "t"), kl_target=3.0),
         PriorHoleConfig("KL3", kl_target=3.0),
+        PriorHoleConfig("b1 warm", beta_warmup=0.5),
+        PriorHoleConfig("b1 q(x1) warm", posterior_inputs=("x1",), beta_warmup=0.5),
     ]
 
 
@@ -225,12 +231,13 @@ def train(task: ToyTask, config: PriorHoleConfig, budget: Budget, seed: int) -> 
             else:
                 prior_draw = torch.randn(posterior.sample.shape, generator=data_generator)
             z = mix_latents(posterior.sample, prior_draw, config.prior_mix, generator=data_generator)
+            step_beta = beta_at_step(beta, step - 1, round(config.beta_warmup * budget.steps))
             out = vrfm_loss(
                 model(x_t, t, z=z).sample,
                 target,
                 posterior.mean,
                 posterior.logvar,
-                beta=beta,
+                beta=step_beta,
                 free_bits=config.free_bits,
                 prior_mean=prior_mean,
                 prior_logvar=prior_logvar,
