@@ -47,7 +47,7 @@ from diffusers_vrfm.training.factory import (
 DEFAULT_BETA = {"vector": 0.1, "image": 0.1}
 # Measured in benchmarks/results/prior_hole_20k.md (issue 6): a posterior on x1 alone, a KL held at 3 nats and z drawn
 # from the aggregate posterior at inference beat rectified flow at every step count on the four toy tasks.
-DEFAULT_KL_TARGET = {"vector": 3.0, "image": 3.0}
+DEFAULT_KL_TARGET = 3.0  # nats, images and vectors alike
 DEFAULT_AGGREGATE_PRIOR_ATOMS = 4096
 DEFAULT_LEARNING_RATE = {"mlp": 1e-3, "unet": 1e-3, "dit": 3e-4}
 POSTERIOR_INPUT_CHOICES = ("x0", "x1", "x_t", "t")
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_kl_target,
         default=None,
         help=f"Hold the KL at this many nats (summed over z dims) by adapting beta each step (dual ascent, "
-        f"`diffusers_vrfm.adapt_beta`); `off` keeps beta fixed. Default: {DEFAULT_KL_TARGET['vector']:g} nats.",
+        f"`diffusers_vrfm.adapt_beta`); `off` keeps beta fixed. Default: {DEFAULT_KL_TARGET:g} nats.",
     )
     objective.add_argument(
         "--aggregate_prior_atoms",
@@ -658,7 +658,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.beta is None:
         args.beta = DEFAULT_BETA[kind]
     if args.kl_target is None:  # explicit --beta_warmup_steps means a fixed-beta schedule
-        args.kl_target = "off" if args.beta_warmup_steps > 0 else DEFAULT_KL_TARGET[kind]
+        args.kl_target = "off" if args.beta_warmup_steps > 0 else DEFAULT_KL_TARGET
     if args.aggregate_prior_atoms is None:
         args.aggregate_prior_atoms = 0 if args.learned_prior or args.latent_dim == 0 else DEFAULT_AGGREGATE_PRIOR_ATOMS
     if args.learning_rate is None:
