@@ -167,14 +167,15 @@ def test_toy_quick_outputs_are_well_formed(toy_run):
     for table in w2_tables:
         header = table[0]
         assert [h for h in header if h.startswith("W2")] == [f"W2 NFE {n}" for n in DEFAULT_NFES] + ["W2 dopri5"]
-        assert [row[0] for row in table[1:]] == ["VRFM", "RF", "I-CFM", "OT-CFM"]
+        assert [row[0] for row in table[1:]] == ["VRFM", "VRFM (paper)", "RF", "I-CFM", "OT-CFM"]
         for row in table[1:]:
             assert len(row) == len(header)
             numbers = [_number(c) for h, c in zip(header, row) if h.startswith("W2") or h == "straightness"]
             assert all(math.isfinite(v) and v >= 0 for v in numbers)
             assert _number(row[header.index("dopri5 NFE")]) >= 6
     diagnostics = list(_table_with_header(tables, "method", "MMD^2 q vs prior"))
-    assert len(diagnostics) == len(TOY_TASKS) and all(row[0] == "VRFM" for t in diagnostics for row in t[1:])
+    assert len(diagnostics) == len(TOY_TASKS)
+    assert all([row[0] for row in table[1:]] == ["VRFM", "VRFM (paper)"] for table in diagnostics)
     stored = json.loads((out / "toy_quality.json").read_text())
     assert stored["meta"]["quick"] is True and set(stored["tasks"]) == set(TOY_TASKS)
     for name in ("toy_w2_vs_nfe.png", "toy_trajectories.png", "toy_samples.png"):
@@ -192,6 +193,13 @@ def test_toy_variant_parsing():
     assert ring["VRFM"].settings.beta == 0.01 and ring["VRFM"].settings.latent_dim == 3
     assert ring["VRFM[small]"].settings.posterior_inputs == ("x1", "t") and ring["VRFM[small]"].settings.beta == 0.5
     assert "VRFM[small]" not in {m.label for m in resolve_methods(args, "two_modes_1d")}
+    # the VRFM rows are the package's defaults; the paper's settings are their own row
+    defaults = {m.label: m for m in resolve_methods(build_parser().parse_args([]), "ring_2d")}
+    assert defaults["VRFM"].settings.kl_target == 3.0 and defaults["VRFM"].settings.aggregate_prior_atoms == 4096
+    assert defaults["VRFM (paper)"].settings.posterior_inputs == ("x0", "x1", "x_t")
+    args = build_parser().parse_args(["--no-paper", "--variant", "fixed:kl_target=off,prior_atoms=0,tasks=ring_2d"])
+    ring = {m.label: m for m in resolve_methods(args, "ring_2d")}
+    assert "VRFM (paper)" not in ring and ring["VRFM[fixed]"].settings.kl_target is None
     with pytest.raises(ValueError, match="unknown task"):
         resolve_methods(build_parser().parse_args(["--beta", "nope=1"]), "ring_2d")
 
