@@ -353,6 +353,12 @@ def parse_kl_target(text: str) -> float | str:
     return value
 
 
+def check_data_fits_backbone(dataset_name: str | None, backbone: str) -> None:
+    """Toy (vector) data needs the MLP backbone."""
+    if dataset_name is not None and dataset_name.startswith(TOY_PREFIX) and backbone != "mlp":
+        raise ValueError(f"`--dataset_name` {dataset_name!r} is vector data: it needs `--backbone mlp`.")
+
+
 def check_args(args: argparse.Namespace) -> argparse.Namespace:
     """Checks every argument that can be checked without data or models; raises ValueError naming the argument."""
 
@@ -418,8 +424,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("`--vae_name_or_path` encodes images: use it with `--backbone unet` or `--backbone dit`.")
     if args.dataset_name is not None and args.train_data_dir is not None:
         raise ValueError("Pass only one of `--dataset_name` and `--train_data_dir`.")
-    if args.dataset_name is not None and args.dataset_name.startswith(TOY_PREFIX) and args.backbone != "mlp":
-        raise ValueError(f"`--dataset_name` {args.dataset_name!r} is vector data: it needs `--backbone mlp`.")
+    if args.pretrained_model_name_or_path is None:  # else the pretrained model decides the backbone: checked in main
+        check_data_fits_backbone(args.dataset_name, args.backbone)
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         fail("train_data_dir", args.train_data_dir, "an existing folder")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -577,6 +583,7 @@ def main(args: argparse.Namespace) -> dict:
             args.backbone = pretrained.backbone
         args._pretrained_kind = pretrained.kind
     backbone = args.backbone
+    check_data_fits_backbone(args.dataset_name, backbone)
     kind = "vector" if backbone == "mlp" else "image"
     model_config = {**DEFAULT_MODEL_CONFIGS[backbone], **parse_json_config(args.model_config, "--model_config")}
     posterior_config = parse_json_config(args.posterior_config, "--posterior_config")

@@ -220,3 +220,13 @@ def test_kl_target_must_be_nats_or_off(capsys):
     with pytest.raises(SystemExit):
         load_script().parse_args(["--kl_target", "-2"])
     assert "--kl_target: must be a number of nats >= 0 or `off`, but got '-2'" in capsys.readouterr().err
+
+
+def test_a_vector_pipeline_continues_training_without_naming_its_backbone(tmp_path, train):
+    first = str(tmp_path / "first")
+    train(_toy_args(first, "--aggregate_prior_atoms", "16"))
+    common = ["--dataset_name", "toy:8gaussians_moons", "--train_batch_size", "32", "--max_train_steps", "2", *FAST]
+    summary = train(["--output_dir", str(tmp_path / "second"), "--pretrained_model_name_or_path", first, *common])
+    assert summary["finished"], "the backbone (mlp) comes from the pretrained pipeline, not from --backbone"
+    with pytest.raises(ValueError, match="is vector data: it needs `--backbone mlp`"):
+        train(["--output_dir", str(tmp_path / "third"), *common])
