@@ -76,7 +76,7 @@ class VRFMLikelihoodOutput(BaseOutput):
     Args:
         log_prob (`torch.Tensor` of shape `(B,)`): the log-density of each example in nats. Given `z`:
             ``log p(x | z)``. Without `z`, for a model with a latent: the marginal estimate
-            ``logmeanexp_k log p(x | z_k)`` (a stochastic lower bound on ``log p(x)`` that tightens with `K`). For a
+            ``logmeanexp_k log_weights[k]`` (a stochastic lower bound on ``log p(x)`` that tightens with `K`). For a
             model without latent: ``log p(x)``. With dequantisation it is the density of the dequantised `x`.
         bits_per_dim (`torch.Tensor` of shape `(B,)` or `None`): ``-(log_prob + D log(bin_width)) / (D log 2)`` when
             bits per dimension were asked for (by default for image models), else `None`.
@@ -85,6 +85,8 @@ class VRFMLikelihoodOutput(BaseOutput):
             the number of evaluations per trajectory.
         log_prob_per_z (`torch.Tensor` of shape `(K, B)`): ``log p(x | z_k)`` for each draw (`K = 1` when `z` was given
             or the model has no latent).
+        log_weights (`torch.Tensor` of shape `(K, B)`): the terms of the marginal estimate: `log_prob_per_z` for draws
+            from the prior, ``log p(x | z_k) + log p(z_k) - log q(z_k | x)`` for draws from a `proposal`.
         log_prob_source (`torch.Tensor` of shape `(K, B)`): ``log p0(x0)`` at the reached source points.
         divergence_integral (`torch.Tensor` of shape `(K, B)`): ``integral_0^1 div v(x_t, t) dt`` along each
             trajectory, so that ``log_prob_per_z = log_prob_source - divergence_integral``.
@@ -96,6 +98,7 @@ class VRFMLikelihoodOutput(BaseOutput):
     bits_per_dim: torch.Tensor | None = None
     num_function_evals: int = 0
     log_prob_per_z: torch.Tensor | None = None
+    log_weights: torch.Tensor | None = None
     log_prob_source: torch.Tensor | None = None
     divergence_integral: torch.Tensor | None = None
     x0: torch.Tensor | None = None
@@ -423,6 +426,7 @@ def log_likelihood(
     atol: float = 1e-5,
     z_chunk_size: int | None = None,
     prior: torch.nn.Module | None = None,
+    proposal: torch.nn.Module | None = None,
 ) -> VRFMLikelihoodOutput:
     """The log-likelihood of data under a (variational) rectified-flow model, by backward integration of the ODE
     together with the divergence: ``log p1(x) = log p0(x0) - integral_0^1 div v(x_t, t, z) dt``.
@@ -462,6 +466,11 @@ def log_likelihood(
         rtol, atol (`float`, default to `1e-5`): tolerances of `"dopri5"`.
         prior ([`VRFMAggregatePosteriorPrior`], *optional*): the unconditional prior ``p(z)`` of the marginal
             (``N(0, I)`` by default); [`VRFMPipeline.log_likelihood`] passes its own.
+        proposal (posterior encoder, *optional*): draw the `K` latents from ``q(z | x)`` instead of the prior and
+            weight them, ``logmeanexp_k [log p(x | z_k) + log p(z_k) - log q(z_k | x)]`` (importance sampling; still a
+            lower bound on ``log p(x)`` in expectation, and far tighter for a given `K` when ``z`` is informative).
+            It must read only the data point (`posterior_inputs=("x1",)`, the default of `train_vrfm.py`); ``log
+            p(z)`` comes from `prior` (which then needs `log_prob`) or ``N(0, I)``.
         z_chunk_size (`int`, *optional*): how many of the `K` draws to integrate together in one batch (of
             `z_chunk_size * B` trajectories); all `K` by default. Lower it to save memory.
 
@@ -488,6 +497,18 @@ def log_likelihood(
         _check_positive_float("atol", atol)
     if z_chunk_size is not None:
         _check_int("z_chunk_size", z_chunk_size, 1)
+    if proposal is not None:
+        inputs = tuple(getattr(getattr(proposal, "config", None), "posterior_inputs", None) or ())
+        if inputs != ("x1",) or getattr(proposal, "latent_dim", None) != velocity_model.latent_dim:
+            raise ValueError(
+                f"`proposal` must be a posterior encoder that reads only the data point (posterior_inputs ('x1',)) "
+                f"with latent_dim {velocity_model.latent_dim}, but got {type(proposal).__name__} reading {inputs} "
+                f"with latent_dim {getattr(proposal, 'latent_dim', None)}."
+            )
+        if z is not None:
+            raise ValueError("Pass either `z` (log p(x | z)) or `proposal` (the marginal over z), not both.")
+        if prior is not None and not hasattr(prior, "log_prob"):
+            raise ValueError(f"With a `proposal`, `prior` must have `log_prob`, but {type(prior).__name__} has not.")
     if prior is not None and getattr(prior, "latent_dim", None) != velocity_model.latent_dim:
         raise ValueError(
             f"`prior` must be an unconditional prior over z with latent_dim {velocity_model.latent_dim} (for "
@@ -519,6 +540,15 @@ def log_likelihood(
             zs = None
         elif z is not None:
             zs = z.unsqueeze(0)
+        elif proposal is not None:
+            posterior = proposal(x1=x.to(proposal.dtype))
+            mean, logvar = posterior.mean.to(x.dtype), posterior.logvar.to(x.dtype)
+            eps = randn_tensor((num_z_samples, *mean.shape), generator=generator, device=x.device, dtype=x.dtype)
+            zs = mean + torch.exp(0.5 * logvar) * eps
+            log_q = -0.5 * (eps.pow(2) + logvar + math.log(2 * math.pi)).sum(dim=-1)  # (K, B)
+            flat = zs.reshape(-1, latent_dim)
+            log_p_z = prior.log_prob(flat) if prior is not None else standard_normal_log_prob(flat)
+            log_correction = log_p_z.to(x.dtype).reshape(num_z_samples, batch_size) - log_q
         elif prior is not None:
             draws = prior(batch_size=num_z_samples * batch_size, generator=generator).sample
             zs = draws.to(device=x.device, dtype=x.dtype).reshape(num_z_samples, batch_size, latent_dim)
@@ -572,7 +602,8 @@ def log_likelihood(
             source_points.append(x0.reshape(count, batch_size, *sample_shape))
 
         log_prob_per_z = torch.cat(per_z)
-        log_prob = logmeanexp(log_prob_per_z, dim=0)
+        log_weights = log_prob_per_z if proposal is None else log_prob_per_z + log_correction
+        log_prob = logmeanexp(log_weights, dim=0)
         bpd = bits_per_dim_from_log_prob(log_prob, num_dims, bin_width) if compute_bits_per_dim else None
 
     return VRFMLikelihoodOutput(
@@ -580,6 +611,7 @@ def log_likelihood(
         bits_per_dim=bpd,
         num_function_evals=total_evals,
         log_prob_per_z=log_prob_per_z,
+        log_weights=log_weights,
         log_prob_source=torch.cat(source_terms),
         divergence_integral=torch.cat(integrals),
         x0=torch.cat(source_points),

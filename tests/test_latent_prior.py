@@ -194,3 +194,48 @@ def test_adapt_beta_refuses_bad_input(kwargs, message):
     arguments = {"beta": 1.0, "kl": 1.0, "kl_target": 1.0, **kwargs}
     with pytest.raises((ValueError, TypeError), match=message):
         adapt_beta(**arguments)
+
+
+# ------------------------------------------------------------------------------- importance-weighted likelihood
+def _proposal(latent_dim=3, seed=0):
+    torch.manual_seed(seed)
+    return VRFMPosteriorEncoder(sample_size=2, latent_dim=latent_dim, posterior_inputs=("x1",), hidden_dim=16).eval()
+
+
+def test_importance_weights_are_the_likelihood_plus_the_prior_over_the_proposal():
+    pipe = _pipeline_with_prior()
+    proposal = _proposal()
+    x = torch.randn(4, 2)
+    kwargs = {"num_inference_steps": 6, "solver": "euler", "num_z_samples": 5}
+    out = log_likelihood(
+        pipe.velocity_model, x, proposal=proposal, prior=pipe.prior, generator=torch.Generator(), **kwargs
+    )
+    with torch.no_grad():
+        posterior = proposal(x1=x)
+    std = (0.5 * posterior.logvar).exp()
+    log_q = torch.distributions.Normal(posterior.mean, std).log_prob(out.z).sum(dim=-1)
+    log_p = pipe.prior.log_prob(out.z.reshape(-1, 3)).reshape(5, 4)
+    assert torch.allclose(out.log_weights - out.log_prob_per_z, log_p - log_q, atol=1e-4)
+    assert torch.allclose(out.log_prob, torch.logsumexp(out.log_weights, dim=0) - math.log(5))
+    plain = log_likelihood(pipe.velocity_model, x, generator=torch.Generator(), **kwargs)
+    assert torch.equal(plain.log_weights, plain.log_prob_per_z), "prior draws need no weights"
+
+
+def test_importance_weighting_recovers_the_density_when_z_does_not_matter():
+    model = VRFMMLPModel(sample_size=2, latent_dim=3, hidden_dim=16).eval()  # zero-initialised z path: v ignores z
+    x = torch.randn(3, 2)
+    kwargs = {"num_inference_steps": 6, "solver": "euler"}
+    exact = log_likelihood(model, x, z=torch.zeros(3), **kwargs).log_prob
+    weighted = log_likelihood(
+        model, x, proposal=_proposal(), num_z_samples=4000, generator=torch.Generator().manual_seed(0), **kwargs
+    )
+    assert torch.allclose(weighted.log_prob, exact, atol=0.05), "E_q[p(z) / q(z | x)] = 1"
+
+
+def test_a_proposal_must_read_only_the_data_point():
+    model = VRFMMLPModel(sample_size=2, latent_dim=3)
+    reads_more = VRFMPosteriorEncoder(sample_size=2, latent_dim=3)
+    with pytest.raises(ValueError, match="`proposal` must be a posterior encoder that reads only the data point"):
+        log_likelihood(model, torch.randn(2, 2), proposal=reads_more, num_inference_steps=2, solver="euler")
+    with pytest.raises(ValueError, match="Pass either `z`"):
+        log_likelihood(model, torch.randn(2, 2), z=torch.zeros(3), proposal=_proposal(), num_inference_steps=2)
