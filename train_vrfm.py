@@ -666,6 +666,7 @@ def main(args: argparse.Namespace) -> dict:
         args.beta = DEFAULT_BETA[kind]
     if args.kl_target is None:  # explicit --beta_warmup_steps means a fixed-beta schedule
         args.kl_target = "off" if args.beta_warmup_steps > 0 else DEFAULT_KL_TARGET
+    kl_target = None if args.kl_target == "off" or args.latent_dim == 0 else args.kl_target  # None: beta is fixed
     if args.aggregate_prior_atoms is None:
         args.aggregate_prior_atoms = 0 if args.learned_prior or args.latent_dim == 0 else DEFAULT_AGGREGATE_PRIOR_ATOMS
     if args.learning_rate is None:
@@ -827,7 +828,7 @@ def main(args: argparse.Namespace) -> dict:
                     )
             accelerator.load_state(path)
             global_step = int(manifest["global_step"])
-            if isinstance(args.kl_target, float) and "adaptive_beta" in manifest:
+            if kl_target is not None and "adaptive_beta" in manifest:
                 adaptive_beta = float(manifest["adaptive_beta"])
             log.info(f"Resumed from {path} at step {global_step}.")
 
@@ -864,10 +865,10 @@ def main(args: argparse.Namespace) -> dict:
             accelerator.unwrap_model(velocity_model), None, noise_scheduler, ema_model, vae=vae, prior=prior
         ).to(accelerator.device)
         z = validation_z
-        if pipeline.prior is not None:
-            z = pipeline.prior(
-                x0=validation_x0.to(pipeline.prior.device), generator=make_generator(args.seed, "validation", 1)
-            ).sample.cpu()
+        if pipeline.prior is not None:  # z as the pipeline draws it (the same draws on every call)
+            model = pipeline.velocity_model
+            generator = make_generator(args.seed, "validation", 1)
+            z = pipeline.prepare_z(len(validation_x0), generator, model.device, model.dtype, source=validation_x0)
         os.makedirs(validation_dir, exist_ok=True)
         path = path or os.path.join(validation_dir, f"step_{step:06d}.png")
         if data.kind == "image":
@@ -975,7 +976,7 @@ def main(args: argparse.Namespace) -> dict:
         device = accelerator.device
         x0, x1, t = x0.to(device), x1.to(device), randomness.t.to(device)
         class_labels = None if class_labels is None else class_labels.to(device)
-        if isinstance(args.kl_target, float):
+        if kl_target is not None:
             beta_now = adaptive_beta
         else:
             beta_now = beta_at_step(args.beta, global_step, args.beta_warmup_steps)
@@ -1039,9 +1040,6 @@ def main(args: argparse.Namespace) -> dict:
         # ---------------------------------------------------------------------------------- after an update
         if ema_model is not None and not window_bad:
             ema_model.step(accelerator.unwrap_model(velocity_model).parameters())
-        if isinstance(args.kl_target, float) and latent_dim > 0 and not window_bad:
-            # the same on every process: the KL is the mean gathered over processes and micro-steps
-            adaptive_beta = adapt_beta(adaptive_beta, accumulated[3].item(), args.kl_target)
         global_step += 1
         progress_bar.update(1)
         active_units = aggregate = None
@@ -1060,6 +1058,9 @@ def main(args: argparse.Namespace) -> dict:
             "grad_norm": grad_norm,
             "skipped_updates": skipped_updates,
         }
+        if kl_target is not None and not window_bad:
+            # the same on every process: the KL is the mean gathered over processes and micro-steps
+            adaptive_beta = adapt_beta(adaptive_beta, logs["kl_nats"], kl_target)
         if active_units is not None:
             logs["active_units"] = active_units
         if aggregate is not None:
@@ -1149,7 +1150,7 @@ def main(args: argparse.Namespace) -> dict:
             values = [entry[key] for entry in recent if entry.get(key) is not None and math.isfinite(entry[key])]
             if values:
                 metrics[f"train {key} (mean of last {len(values)} steps)"] = float(np.mean(values))
-        if recent and isinstance(args.kl_target, float) and latent_dim > 0:
+        if recent and kl_target is not None:
             metrics["beta (last step, adapted to the KL target)"] = recent[-1]["beta"]
         if recent and "active_units" in recent[-1]:
             metrics["active latent units (last step)"] = f"{recent[-1]['active_units']} / {latent_dim}"

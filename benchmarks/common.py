@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusers_vrfm import VRFMScheduler, count_active_units, interpolate
+from diffusers_vrfm import VRFMAggregatePosteriorPrior, VRFMScheduler, count_active_units, interpolate
 
 BENCHMARK_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCHMARK_DIR / "results"
@@ -151,6 +151,15 @@ def frechet_distance(features_a: np.ndarray | torch.Tensor, features_b: np.ndarr
     trace_sqrt = np.sqrt(np.clip(eigenvalues.real, 0.0, None)).sum()
     value = np.sum((mean_a - mean_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2.0 * trace_sqrt
     return float(max(value, 0.0))
+
+
+def fit_toy_aggregate_prior(
+    encoder: torch.nn.Module, task, num_atoms: int, generator: torch.Generator, batch_size: int = 1024
+) -> VRFMAggregatePosteriorPrior:
+    """[`VRFMAggregatePosteriorPrior.from_posterior`] on fresh training pairs of a toy task, as `train_vrfm.py` fits
+    it after training (`generator` draws the pairs and the times)."""
+    pairs = (task.sample_pairs(batch_size, generator) for _ in range(math.ceil(num_atoms / batch_size)))
+    return VRFMAggregatePosteriorPrior.from_posterior(encoder, pairs, num_atoms=num_atoms, generator=generator)
 
 
 # ----------------------------------------------------------------------------------------------- paths, straightness

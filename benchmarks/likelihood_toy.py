@@ -29,11 +29,15 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from diffusers_vrfm import (
-    VRFMAggregatePosteriorPrior,
+if __package__ in (None, ""):  # run as `python benchmarks/likelihood_toy.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import fit_toy_aggregate_prior  # noqa: E402
+from diffusers_vrfm import (  # noqa: E402
     VRFMMLPModel,
     VRFMPosteriorEncoder,
     adapt_beta,
@@ -42,7 +46,7 @@ from diffusers_vrfm import (
     target_velocity,
     vrfm_loss,
 )
-from diffusers_vrfm.data import get_toy_task
+from diffusers_vrfm.data import get_toy_task  # noqa: E402
 
 TASKS = ("ring_2d", "8gaussians_moons", "gaussian_8gaussians")
 # KL weights from the reference runs in docs/vrfm-method.md (the best-W2 settings of each task family).
@@ -207,60 +211,39 @@ def evaluate_task(task_name: str, config: BenchmarkConfig, log=print) -> list[di
                  nfe=out.num_function_evals)
         )  # fmt: skip
 
+    k_max = max(config.z_counts)
+
+    def marginal_rows(model, encoder, label: str, **kwargs) -> None:
+        """One row per K: the marginal ``-logmeanexp_k log_weights`` on nested subsets of one set of `k_max` draws."""
+        out = log_likelihood(
+            model, test, num_z_samples=k_max, generator=torch.Generator().manual_seed(20_000 + config.seed),
+            **common, **kwargs,
+        )  # fmt: skip
+        params = f"{count_parameters(model)} (+{count_parameters(encoder)} enc.)"
+        for k in config.z_counts:
+            mean, err = mean_and_error(-(torch.logsumexp(out.log_weights[:k], dim=0) - math.log(k)))
+            rows.append(
+                dict(task=task_name, method=f"{label}, K={k}", params=params, nll=mean, err=err,
+                     nfe=out.num_function_evals)
+            )  # fmt: skip
+        log(f"{task_name}: {label}: NLL(K={k_max}) {rows[-1]['nll']:.3f}")
+
     beta = BETAS[task_name]
     vrfm, encoder, vrfm_seconds = train_model(task_name, LATENT_DIM, beta, config, seed=config.seed)
-    k_max = max(config.z_counts)
-    out = log_likelihood(
-        vrfm, test, num_z_samples=k_max, generator=torch.Generator().manual_seed(20_000 + config.seed), **common
-    )
-    params = f"{count_parameters(vrfm)} (+{count_parameters(encoder)} enc.)"
-    for k in config.z_counts:
-        marginal = torch.logsumexp(out.log_prob_per_z[:k], dim=0) - math.log(k)
-        mean, err = mean_and_error(-marginal)
-        rows.append(
-            dict(task=task_name, method=f"VRFM beta={beta:g}, dim z={LATENT_DIM}, K={k}", params=params, nll=mean,
-                 err=err, nfe=out.num_function_evals)
-        )  # fmt: skip
-    log(f"{task_name}: VRFM trained in {vrfm_seconds:.0f} s, NLL(K={k_max}) {rows[-1]['nll']:.3f}")
+    log(f"{task_name}: VRFM trained in {vrfm_seconds:.0f} s")
+    marginal_rows(vrfm, encoder, f"VRFM beta={beta:g}, dim z={LATENT_DIM}")
 
     # the package's defaults: posterior on x1, KL held at 3 nats, z from the aggregate prior fitted after training
     vrfm, encoder, vrfm_seconds = train_model(
         task_name, LATENT_DIM, 0.1, config, seed=config.seed, posterior_inputs=("x1",), kl_target=DEFAULTS_KL_TARGET
     )
-    fit_generator = torch.Generator().manual_seed(30_000 + config.seed)
-    pairs = (task.sample_pairs(1024, fit_generator) for _ in range(4))
-    prior = VRFMAggregatePosteriorPrior.from_posterior(encoder, pairs, num_atoms=4096, generator=fit_generator)
-    out = log_likelihood(
-        vrfm,
-        test,
-        num_z_samples=k_max,
-        generator=torch.Generator().manual_seed(20_000 + config.seed),
-        prior=prior,
-        **common,
-    )
-    params = f"{count_parameters(vrfm)} (+{count_parameters(encoder)} enc.)"
-    for k in config.z_counts:
-        marginal = torch.logsumexp(out.log_prob_per_z[:k], dim=0) - math.log(k)
-        mean, err = mean_and_error(-marginal)
-        label = f"VRFM defaults (q(x1), KL {DEFAULTS_KL_TARGET:g} nats, aggregate prior), K={k}"
-        rows.append(dict(task=task_name, method=label, params=params, nll=mean, err=err, nfe=out.num_function_evals))
-    log(f"{task_name}: VRFM (defaults) trained in {vrfm_seconds:.0f} s, NLL(K={k_max}) {rows[-1]['nll']:.3f}")
+    log(f"{task_name}: VRFM (defaults) trained in {vrfm_seconds:.0f} s")
+    prior = fit_toy_aggregate_prior(encoder, task, 4096, torch.Generator().manual_seed(30_000 + config.seed))
+    label = f"VRFM defaults (q(x1), KL {DEFAULTS_KL_TARGET:g} nats, aggregate prior)"
+    marginal_rows(vrfm, encoder, label, prior=prior)
     # the same model, with the K latents drawn from the posterior q(z | x1) and importance-weighted
-    out = log_likelihood(
-        vrfm,
-        test,
-        num_z_samples=k_max,
-        generator=torch.Generator().manual_seed(20_000 + config.seed),
-        prior=prior,
-        proposal=encoder,
-        **common,
-    )
-    for k in config.z_counts:
-        marginal = torch.logsumexp(out.log_weights[:k], dim=0) - math.log(k)
-        mean, err = mean_and_error(-marginal)
-        label = f"VRFM defaults, importance-weighted (posterior proposal), K={k}"
-        rows.append(dict(task=task_name, method=label, params=params, nll=mean, err=err, nfe=out.num_function_evals))
-    log(f"{task_name}: VRFM (defaults, importance-weighted) NLL(K={k_max}) {rows[-1]['nll']:.3f}")
+    label = "VRFM defaults, importance-weighted (posterior proposal)"
+    marginal_rows(vrfm, encoder, label, prior=prior, proposal=encoder)
     return rows
 
 

@@ -53,6 +53,7 @@ from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
     count_parameters,
     euler_trajectory,
+    fit_toy_aggregate_prior,
     format_mean_std,
     machine_description,
     markdown_table,
@@ -67,7 +68,6 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 from diffusers_vrfm import (  # noqa: E402
-    VRFMAggregatePosteriorPrior,
     VRFMMLPModel,
     VRFMPipeline,
     VRFMPosteriorEncoder,
@@ -159,7 +159,7 @@ class TrainedToyModel:
     encoder: VRFMPosteriorEncoder | None
     train_seconds: float
     log: list[dict] = field(default_factory=list)
-    prior: VRFMAggregatePosteriorPrior | None = None
+    prior: torch.nn.Module | None = None  # a VRFMAggregatePosteriorPrior
 
 
 # ---------------------------------------------------------------------------------------------------------- training
@@ -247,10 +247,7 @@ def train_toy(task: ToyTask, method: MethodSpec, config: TrainConfig, seed: int)
         encoder.eval()
         atoms = method.settings.aggregate_prior_atoms
         if atoms:  # fitted on fresh training pairs, after training, as train_vrfm.py does
-            pairs = (task.sample_pairs(1024, data_generator) for _ in range(math.ceil(atoms / 1024)))
-            prior = VRFMAggregatePosteriorPrior.from_posterior(
-                encoder, pairs, num_atoms=atoms, generator=data_generator
-            )
+            prior = fit_toy_aggregate_prior(encoder, task, atoms, data_generator)
     return TrainedToyModel(model=model, encoder=encoder, train_seconds=train_seconds, log=log, prior=prior)
 
 

@@ -159,7 +159,8 @@ def toy_metrics(pipeline, toy_task, steps_list, num_samples: int = 1000, seed: i
     latent_dim = pipeline.velocity_model.latent_dim
     z = torch.randn(num_samples, latent_dim, generator=generator) if latent_dim > 0 else None
     if pipeline.prior is not None:  # z as the pipeline draws it
-        z = pipeline.prior(x0=x0.to(pipeline.prior.device), generator=generator).sample.cpu()
+        model = pipeline.velocity_model
+        z = pipeline.prepare_z(num_samples, generator, model.device, model.dtype, source=x0).cpu()
     try:
         import ot
     except ImportError:  # POT is optional (the `bench` extra)
