@@ -16,8 +16,6 @@ from diffusers_vrfm import (
     vrfm_loss,
 )
 
-torch.set_num_threads(1)
-
 UNET_BLOCKS = {
     "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
     "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),

@@ -18,8 +18,6 @@ from diffusers_vrfm import (
     VRFMUNet2DModel,
 )
 
-torch.set_num_threads(1)
-
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 UNET_BLOCKS = {
     "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),

@@ -31,15 +31,6 @@ from diffusers_vrfm.likelihood import (
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machine's cores are shared: extra intra-op threads only oversubscribe them."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def load_benchmark():
     path = os.path.join(REPO, "benchmarks", "likelihood_toy.py")
     spec = importlib.util.spec_from_file_location("likelihood_toy_benchmark", path)
