@@ -54,7 +54,8 @@ def check_real(value, argument: str, minimum: float | None = None, maximum: floa
         number = float(value)
     except OverflowError:  # an int beyond the float range, e.g. 10**400
         raise ValueError(
-            f"`{argument}` must be finite, but got an integer of {int(value).bit_length()} bits, beyond the float range."
+            f"`{argument}` must be finite, but got an integer of {int(value).bit_length()} bits, beyond the float "
+            "range."
         ) from None
     if not math.isfinite(number):
         raise ValueError(f"`{argument}` must be finite, but got {value!r}.")

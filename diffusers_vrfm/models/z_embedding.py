@@ -159,9 +159,9 @@ def execution_device(model, sample: torch.Tensor) -> torch.device:
 def check_velocity_inputs(model, sample, timestep, z, class_labels):
     """Validates a velocity model's inputs and returns `(sample, t, labels)`.
 
-    `sample` is moved to the model's device (see [`execution_device`]) and dtype, `t` is a float32 tensor of shape (B,) (full precision before
-    the backbones scale it by 1000), and `labels` are long labels (the null label when a class-conditional model gets
-    none) or `None`.
+    `sample` is moved to the model's device (see [`execution_device`]) and dtype, `t` is a float32 tensor of shape
+    (B,) (full precision before the backbones scale it by 1000), and `labels` are long labels (the null label when a
+    class-conditional model gets none) or `None`.
     """
     check_sample(sample, model.sample_shape)
     sample = sample.to(device=execution_device(model, sample), dtype=model.dtype)
