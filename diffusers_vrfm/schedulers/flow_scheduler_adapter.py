@@ -176,3 +176,44 @@ class FlowSchedulerAdapter:
         """Integrates from noise to data with the scheduler's adaptive solver (see
         [`VRFMScheduler.integrate_adaptive`])."""
         return self.scheduler.integrate_adaptive(velocity_fn, sample)
+
+
+# Short names for the schedulers a pipeline can sample with, e.g. for a benchmark's `--scheduler` option.
+FLOW_SCHEDULER_NAMES = ("euler", "heun", "midpoint", "flow_euler", "flow_heun", "dpm_multistep", "unipc_multistep")
+# those that evaluate the model once per step, so that `num_inference_steps` is the NFE
+SINGLE_EVAL_SCHEDULERS = ("euler", "flow_euler", "dpm_multistep", "unipc_multistep")
+
+
+def make_flow_scheduler(name: str, config=None):
+    """Creates the scheduler called `name` (see `FLOW_SCHEDULER_NAMES`) from a `VRFMScheduler` config (the default
+    one when `config` is `None`): `"euler"`, `"heun"`, `"midpoint"` are `VRFMScheduler` solvers; the others are
+    diffusers' flow schedulers, the multistep ones with flow sigmas, `flow_prediction` and `flow_shift` = `shift`.
+
+    Example:
+
+    ```py
+    >>> from diffusers_vrfm.schedulers.flow_scheduler_adapter import make_flow_scheduler
+    >>> type(make_flow_scheduler("unipc_multistep")).__name__
+    'UniPCMultistepScheduler'
+    ```
+    """
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        FlowMatchHeunDiscreteScheduler,
+        UniPCMultistepScheduler,
+    )
+
+    if name not in FLOW_SCHEDULER_NAMES:
+        raise ValueError(f"`name` must be one of {FLOW_SCHEDULER_NAMES}, but got {name!r}.")
+    config = VRFMScheduler().config if config is None else config
+    if name in ("euler", "heun", "midpoint"):
+        return VRFMScheduler.from_config(config, solver=name)
+    multistep = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": config.get("shift", 1.0)}
+    scheduler_class, extra = {
+        "flow_euler": (FlowMatchEulerDiscreteScheduler, {}),
+        "flow_heun": (FlowMatchHeunDiscreteScheduler, {}),
+        "dpm_multistep": (DPMSolverMultistepScheduler, multistep),
+        "unipc_multistep": (UniPCMultistepScheduler, multistep),
+    }[name]
+    return scheduler_class.from_config(config, **extra)
