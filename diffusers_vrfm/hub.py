@@ -138,12 +138,12 @@ def resolve_pipeline_folder(
     A string that is no folder and cannot be a repository id (a mistyped path) raises `FileNotFoundError`, as does a
     repository that cannot be fetched (or is not in the cache with `local_files_only=True`).
     """
+    if os.path.isdir(name_or_path):
+        return name_or_path
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    if os.path.isdir(name_or_path):
-        return name_or_path
     try:
         validate_repo_id(name_or_path)
     except HFValidationError:

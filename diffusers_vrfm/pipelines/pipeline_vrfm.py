@@ -9,16 +9,17 @@ from dataclasses import dataclass
 import numpy as np
 import PIL.Image
 import torch
-from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.image_processor import VaeImageProcessor
-from diffusers.models import AutoencoderKL, AutoencoderTiny
-from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from diffusers.schedulers import (
+from diffusers import (  # from the top level, as the safe loader resolves them (`hub.resolve_component_class`)
+    AutoencoderKL,
+    AutoencoderTiny,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     FlowMatchHeunDiscreteScheduler,
     UniPCMultistepScheduler,
 )
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
