@@ -57,7 +57,6 @@ from diffusers_vrfm import (  # noqa: E402
     VRFMAggregatePosteriorPrior,
     VRFMConvPosteriorEncoder,
     VRFMPipeline,
-    VRFMScheduler,
     VRFMUNet2DModel,
     adapt_beta,
     interpolate,
@@ -65,6 +64,7 @@ from diffusers_vrfm import (  # noqa: E402
     target_velocity,
     vrfm_loss,
 )
+from diffusers_vrfm.schedulers.flow_scheduler_adapter import SINGLE_EVAL_SCHEDULERS, make_flow_scheduler  # noqa: E402
 
 DEFAULT_NFES = (1, 2, 4, 8, 16)
 METHOD_LABELS = {"rf": "RF", "vrfm": "VRFM", "vrfm_ap": "VRFM + aggregate prior"}
@@ -267,10 +267,13 @@ def train_image_model(method: str, data: dict, args, log_prefix: str = ""):
 
 
 @torch.no_grad()
-def generate(model, num_samples: int, nfe: int, seed: int, batch_size: int = 250, prior=None) -> torch.Tensor:
-    """`num_samples` images in [0, 1] from `VRFMPipeline` (Euler, `nfe` steps); same noise and z for every NFE.
-    With `prior` (a `VRFMAggregatePosteriorPrior`), each trajectory draws its z from it instead of N(0, I)."""
-    pipe = VRFMPipeline(velocity_model=model, scheduler=VRFMScheduler(), prior=prior)
+def generate(
+    model, num_samples: int, nfe: int, seed: int, batch_size: int = 250, prior=None, scheduler: str = "euler"
+) -> torch.Tensor:
+    """`num_samples` images in [0, 1] from `VRFMPipeline` (`scheduler`, one of `SINGLE_EVAL_SCHEDULERS`, with `nfe`
+    steps); same noise and z for every NFE. With `prior` (a `VRFMAggregatePosteriorPrior`), each trajectory draws its
+    z from it instead of N(0, I)."""
+    pipe = VRFMPipeline(velocity_model=model, scheduler=make_flow_scheduler(scheduler), prior=prior)
     pipe.set_progress_bar_config(disable=True)
     chunks = []
     for index, start in enumerate(range(0, num_samples, batch_size)):
@@ -311,6 +314,7 @@ def render_report(results: dict) -> str:
         f"- Command: `{meta['command']}`",
         f"- Machine: {meta['machine']}",
         f"- Data: {meta['dataset']}.",
+        f"- Sampler: `{meta.get('scheduler', 'euler')}` through `VRFMPipeline`, NFE = steps.",
         f"- Budget: {meta['steps']} steps at batch {meta['batch_size']}, Adam lr {meta['lr']:g}, grad-norm clip 1, "
         f"no EMA, seed {meta['seed']}; UNet {meta['unet']['block_out_channels']} channels, "
         f"{meta['params']['velocity_rf']} parameters (RF) / {meta['params']['velocity_vrfm']} (VRFM velocity net) + "
@@ -506,7 +510,7 @@ def run(args) -> dict:
         }
     for method, prior in priors.items():
         for nfe in args.nfe:
-            samples = generate(models[method], n, nfe, seed=args.seed, prior=prior)
+            samples = generate(models[method], n, nfe, seed=args.seed, prior=prior, scheduler=args.scheduler)
             fd[method][str(nfe)] = frechet_distance(classifier_features(classifier, samples), reference)
             grids[method][nfe] = samples[:64]
             if inception is not None and nfe in args.inception_nfe:
@@ -532,6 +536,7 @@ def run(args) -> dict:
             "lr": args.lr,
             "seed": args.seed,
             "nfes": list(args.nfe),
+            "scheduler": args.scheduler,
             "num_samples": n,
             "unet": unet_config(data["size"], args.quick),
             "params": {
@@ -603,6 +608,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="per_pixel: mean-over-pixels squared error + beta * KL; sum: the package's sum convention",
     )
     parser.add_argument("--nfe", nargs="+", type=int, default=list(DEFAULT_NFES))
+    parser.add_argument(
+        "--scheduler",
+        default="euler",
+        choices=SINGLE_EVAL_SCHEDULERS,
+        help="the sampler: VRFMScheduler's Euler (default) or a diffusers multistep solver (try --nfe 2 4 6 8)",
+    )
     parser.add_argument("--num-samples", type=int, default=2000, help="generated (and test) images per NFE for FD")
     parser.add_argument("--inception-samples", type=int, default=200, help="images per set for Inception FID; 0: off")
     parser.add_argument("--inception-nfe", nargs="+", type=int, default=[2, 16], help="NFEs with an Inception FID")

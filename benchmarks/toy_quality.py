@@ -79,6 +79,7 @@ from diffusers_vrfm import (  # noqa: E402
     vrfm_loss,
 )
 from diffusers_vrfm.data.toy import TOY_TASKS, ToyTask, get_toy_task  # noqa: E402
+from diffusers_vrfm.schedulers.flow_scheduler_adapter import SINGLE_EVAL_SCHEDULERS, make_flow_scheduler  # noqa: E402
 
 DEFAULT_NFES = (1, 2, 4, 8, 16, 100)
 BASELINE_KINDS = ("rf", "icfm", "otcfm")
@@ -147,6 +148,7 @@ class TrainConfig:
 class EvalConfig:
     num_samples: int = 2000
     nfes: tuple[int, ...] = DEFAULT_NFES
+    scheduler: str = "euler"  # the fixed-NFE sampler: VRFMScheduler's Euler, or a diffusers multistep solver
     dopri5: bool = True
     dopri5_tol: float = 1e-5
     straightness_nfe: int = 100
@@ -277,7 +279,8 @@ def evaluate_toy(task: ToyTask, trained: TrainedToyModel, config: EvalConfig, se
     x0 = task.sample_source(config.num_samples, generator)
     target = task.sample_target(config.num_samples, generator)
     has_modes = task.target_modes is not None
-    pipe = VRFMPipeline(velocity_model=trained.model, scheduler=VRFMScheduler(), prior=trained.prior)
+    scheduler = make_flow_scheduler(config.scheduler)
+    pipe = VRFMPipeline(velocity_model=trained.model, scheduler=scheduler, prior=trained.prior)
     pipe.set_progress_bar_config(disable=True)
 
     def z_generator():
@@ -387,7 +390,7 @@ def render_report(results: dict) -> str:
         f"{train['num_layers']} hidden layers (VRFMMLPModel, SELU), seeds {meta['seeds']}; torchcfm sigma "
         f"{train['cfm_sigma']:g}.",
         f"- Evaluation: {eval_config.num_samples} generated vs {eval_config.num_samples} fresh target samples, exact "
-        "W2 (POT `emd2`, squared Euclidean cost, square root); Euler via `VRFMPipeline` at NFE "
+        f"W2 (POT `emd2`, squared Euclidean cost, square root); `{eval_config.scheduler}` via `VRFMPipeline` at NFE "
         f"{', '.join(map(str, eval_config.nfes))}"
         + (f"; dopri5 (rtol = atol = {eval_config.dopri5_tol:g}) with its NFE" if eval_config.dopri5 else "")
         + f". Straightness = E ||x1_hat - x0 - v(x_t, t, z)||^2 along Euler NFE-{eval_config.straightness_nfe} paths.",
@@ -679,6 +682,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cfm-sigma", type=float, default=0.0, help="torchcfm's sigma (0: I-CFM is exactly RF)")
     parser.add_argument("--num-samples", type=int, default=2000, help="generated and target samples for W2")
     parser.add_argument("--nfe", nargs="+", type=int, default=list(DEFAULT_NFES))
+    parser.add_argument(
+        "--scheduler",
+        default="euler",
+        choices=SINGLE_EVAL_SCHEDULERS,
+        help="the fixed-NFE sampler: VRFMScheduler's Euler (default) or a diffusers multistep solver (try NFE 2-8)",
+    )
     parser.add_argument("--no-dopri5", action="store_true")
     parser.add_argument("--dopri5-tol", type=float, default=1e-5, help="rtol = atol of dopri5")
     parser.add_argument("--beta", nargs="+", help="VRFM beta: VALUE for every task or TASK=VALUE (sum convention)")
@@ -746,6 +755,7 @@ def run(args) -> dict:
     eval_config = EvalConfig(
         num_samples=args.num_samples,
         nfes=tuple(args.nfe),
+        scheduler=args.scheduler,
         dopri5=not args.no_dopri5,
         dopri5_tol=args.dopri5_tol,
         straightness_nfe=100 if not args.quick else 20,

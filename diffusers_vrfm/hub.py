@@ -14,6 +14,10 @@ import json
 import os
 import re
 
+from diffusers.utils import logging
+
+logger = logging.get_logger(__name__)
+
 PIPELINE_FILE = "pipeline.py"
 PIPELINE_CLASS = "VRFMPipeline"
 
@@ -27,6 +31,10 @@ ALLOWED_COMPONENT_CLASSES = {
     "VRFMConvPosteriorEncoder": "diffusers_vrfm",
     "VRFMAggregatePosteriorPrior": "diffusers_vrfm",
     "VRFMScheduler": "diffusers_vrfm",
+    "FlowMatchEulerDiscreteScheduler": "diffusers",
+    "FlowMatchHeunDiscreteScheduler": "diffusers",
+    "DPMSolverMultistepScheduler": "diffusers",
+    "UniPCMultistepScheduler": "diffusers",
     "AutoencoderKL": "diffusers",
     "AutoencoderTiny": "diffusers",
 }
@@ -115,19 +123,89 @@ def read_model_index(folder: str) -> dict:
     return model_index
 
 
-def load_pipeline_components(folder: str, torch_dtype=None, allow_pickle: bool = False) -> dict:
+def resolve_pipeline_folder(
+    name_or_path: str,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
+    allow_pickle: bool = False,
+) -> str:
+    """The local folder of a pipeline: `name_or_path` itself when it is a folder, else a snapshot of the Hub repository
+    of that id (configs, safetensors and the card; `.bin` files only with `allow_pickle`).
+
+    A string that is no folder and cannot be a repository id (a mistyped path) raises `FileNotFoundError`, as does a
+    repository that cannot be fetched (or is not in the cache with `local_files_only=True`).
+    """
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"No such folder: {name_or_path!r} (and it is not a Hub repository id either)."
+        ) from None
+    patterns = ["*.json", "*.safetensors", "*.md"] + (["*.bin"] if allow_pickle else [])
+    try:
+        return snapshot_download(
+            name_or_path,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            force_download=force_download,
+            allow_patterns=patterns,
+        )
+    except (OSError, ValueError) as error:  # the hub's not-found, offline and cache errors derive from these
+        where = "in the local cache (`local_files_only=True`)" if local_files_only else "on the Hub"
+        raise FileNotFoundError(
+            f"{name_or_path!r} is not a local folder, and no pipeline of that id could be fetched {where}: {error}"
+        ) from error
+
+
+def load_pipeline_components(
+    folder: str,
+    torch_dtype=None,
+    allow_pickle: bool = False,
+    variant: str | None = None,
+    use_safetensors: bool | None = None,
+    device_map: str | None = None,
+    low_cpu_mem_usage: bool = True,
+) -> dict:
     """Loads every component of a saved VRFM pipeline folder, executing no file from it.
 
     Args:
         folder (`str`): a local folder written by `VRFMPipeline.save_pretrained`.
         torch_dtype (`torch.dtype`, *optional*): the dtype to load models in.
-        allow_pickle (`bool`, defaults to `False`): allow `.bin` (pickle) weights when no safetensors file exists.
-            Pickle files can execute code when loaded; leave this off for files you did not write.
+        allow_pickle (`bool`, defaults to `False`): allow `.bin` (pickle) weights. Pickle files can execute code when
+            loaded; leave this off for files you did not write.
+        variant (`str`, *optional*): load `*.<variant>.safetensors` weights (written by `save_pretrained(variant=...)`)
+            where a component has them, the plain files elsewhere (as diffusers does); refused when no component has
+            them.
+        use_safetensors (`bool`, *optional*): `True` requires safetensors, `False` loads `.bin` files (which needs
+            `allow_pickle=True`), `None` takes safetensors when present.
+        device_map (`str`, *optional*): a device to load every model onto directly (e.g. `"cpu"`, `"cuda"`).
+        low_cpu_mem_usage (`bool`, defaults to `True`): diffusers' low-memory loading.
+
+    Every model's weights must match its class exactly: a missing or unexpected key raises a `ValueError` that names
+    the component and the keys (diffusers would leave a missing weight on the `meta` device).
     """
     from diffusers.configuration_utils import ConfigMixin
     from diffusers.models.modeling_utils import ModelMixin
 
+    if use_safetensors is False and not allow_pickle:
+        raise ValueError(
+            "`use_safetensors=False` loads pickle (.bin) weights, which can run code when loaded; pass "
+            "`allow_pickle=True` as well, and only for files you trust."
+        )
     model_index = read_model_index(folder)
+    if variant is not None and not any(_has_variant(os.path.join(folder, name), variant) for name in model_index):
+        raise ValueError(f"`variant={variant!r}`: no component in {folder!r} has `*.{variant}.*` weights.")
     components = {}
     for name, entry in model_index.items():
         if name.startswith("_"):
@@ -147,20 +225,70 @@ def load_pipeline_components(folder: str, torch_dtype=None, allow_pickle: bool =
         if not os.path.isdir(subfolder):
             raise FileNotFoundError(f"The pipeline folder {folder!r} names `{name}`, but has no `{name}/` folder.")
         if issubclass(component_class, ModelMixin):
-            has_safetensors = any(f.endswith(".safetensors") for f in os.listdir(subfolder))
-            if not has_safetensors and not allow_pickle:
-                raise ValueError(
-                    f"`{name}` in {folder!r} has no safetensors weights. Pickle (.bin) weights can run code when "
-                    "loaded and are refused; pass `allow_pickle=True` only for files you trust."
-                )
-            components[name] = component_class.from_pretrained(
-                subfolder, torch_dtype=torch_dtype, use_safetensors=has_safetensors
+            component_variant = variant if variant is not None and _has_variant(subfolder, variant) else None
+            if variant is not None and component_variant is None:
+                logger.warning(f"`{name}` has no `{variant}` weights; loading its plain weights.")
+            components[name] = load_model_component(
+                name,
+                component_class,
+                subfolder,
+                torch_dtype=torch_dtype,
+                allow_pickle=allow_pickle,
+                variant=component_variant,
+                use_safetensors=use_safetensors,
+                device_map=device_map,
+                low_cpu_mem_usage=low_cpu_mem_usage,
             )
         elif issubclass(component_class, ConfigMixin):
             components[name] = component_class.from_pretrained(subfolder)
         else:  # pragma: no cover - the allowlist holds models and schedulers only
             raise ValueError(f"`{name}`: {component_class.__name__} is neither a model nor a scheduler.")
+        logger.info(f"Loaded `{name}` ({component_class.__name__}) from {subfolder}.")
     return components
+
+
+def _has_variant(subfolder: str, variant: str) -> bool:
+    """Whether a component folder holds weights of `variant` (`*.<variant>.safetensors` or `.bin`)."""
+    return os.path.isdir(subfolder) and any(f".{variant}." in file_name for file_name in os.listdir(subfolder))
+
+
+def load_model_component(
+    name: str, component_class, subfolder: str, torch_dtype, allow_pickle: bool, use_safetensors, **loading_kwargs
+):
+    """Loads one model component, refusing pickle without the opt-in and weights that do not match the class."""
+    has_safetensors = any(file_name.endswith(".safetensors") for file_name in os.listdir(subfolder))
+    if use_safetensors is None:
+        use_safetensors = has_safetensors
+    if use_safetensors and not has_safetensors:
+        raise ValueError(f"`{name}` in {subfolder!r} has no safetensors weights, and `use_safetensors=True`.")
+    if not use_safetensors and not allow_pickle:
+        raise ValueError(
+            f"`{name}` in {subfolder!r} has no safetensors weights. Pickle (.bin) weights can run code when loaded "
+            "and are refused; pass `allow_pickle=True` only for files you trust."
+        )
+    model, loading_info = component_class.from_pretrained(
+        subfolder,
+        torch_dtype=torch_dtype,
+        use_safetensors=use_safetensors,
+        output_loading_info=True,
+        **loading_kwargs,
+    )
+    check_loading_info(name, loading_info)
+    return model
+
+
+def check_loading_info(component: str, loading_info: dict) -> None:
+    """Raises when a component's weights file lacks keys of its class or holds keys the class does not have."""
+    problems = [
+        f"{kind.replace('_', ' ')} {sorted(loading_info[kind])}"
+        for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+        if loading_info.get(kind)
+    ]
+    if problems:
+        raise ValueError(
+            f"The weights of `{component}` do not match its class: {'; '.join(problems)}. The file is incomplete or "
+            "belongs to another model configuration; a saved pipeline must load completely."
+        )
 
 
 # What never goes to the Hub: training checkpoints, logs, validation images of intermediate steps, temporary files.

@@ -50,7 +50,13 @@ def check_real(value, argument: str, minimum: float | None = None, maximum: floa
     with a message that names `argument`; returns it as a float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{argument}` must be a real number, but got {type(value).__name__} {value!r}.")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond the float range, e.g. 10**400
+        raise ValueError(
+            f"`{argument}` must be finite, but got an integer of {int(value).bit_length()} bits, beyond the float "
+            "range."
+        ) from None
     if not math.isfinite(number):
         raise ValueError(f"`{argument}` must be finite, but got {value!r}.")
     if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):

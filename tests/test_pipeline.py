@@ -135,8 +135,12 @@ def test_classifier_free_guidance():
         ({"generator": [torch.Generator()]}, ValueError, "`generator`"),
         ({"generator": 3}, TypeError, "`generator`"),
         ({"class_labels": [0, 1, 0, 1]}, ValueError, "`class_labels`"),
-        ({"timesteps": [0.0, 0.6, 0.3]}, ValueError, "strictly increasing"),
+        ({"timesteps": [0.0, 0.6, 0.3], "num_inference_steps": None}, ValueError, "strictly increasing"),
+        ({"timesteps": [0.0, 0.5]}, ValueError, "either `num_inference_steps` \\(2\\) or `timesteps`, not both"),
         ({"guidance_scale": float("inf")}, ValueError, "`guidance_scale`"),
+        ({"class_labels": [0, 1, 0, 1], "guidance_scale": 10**400}, ValueError, "`guidance_scale` must be finite"),
+        ({"callback_on_step_end": 3}, TypeError, "`callback_on_step_end` must be callable"),
+        ({"callback_on_step_end_tensor_inputs": ["z"], "callback_on_step_end": print}, ValueError, "among"),
     ],
 )
 def test_bad_call_arguments_are_refused(kwargs, error, match):
@@ -148,10 +152,10 @@ def test_bad_call_arguments_are_refused(kwargs, error, match):
 def test_constructor_refuses_mismatched_components():
     with pytest.raises(ValueError, match="latent_dim"):
         VRFMPipeline(VRFMMLPModel(latent_dim=3), VRFMScheduler(), VRFMPosteriorEncoder(latent_dim=2))
-    with pytest.raises(TypeError, match="`scheduler`"):
-        from diffusers import FlowMatchEulerDiscreteScheduler
+    with pytest.raises(TypeError, match="`scheduler` must be a scheduler that integrates a flow ODE.*VRFMScheduler"):
+        from diffusers import DDPMScheduler
 
-        VRFMPipeline(VRFMMLPModel(), FlowMatchEulerDiscreteScheduler())
+        VRFMPipeline(VRFMMLPModel(), DDPMScheduler())
 
 
 def test_custom_timesteps_in_pipeline():
@@ -319,9 +323,17 @@ def test_pickle_weights_are_refused_unless_opted_in(tmp_path):
     assert torch.equal(reloaded.velocity_model.x_embedding.weight, pipe.velocity_model.x_embedding.weight)
 
 
-def test_unsafe_serialization_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="safe_serialization"):
-        make_pipeline().save_pretrained(tmp_path, safe_serialization=False)
+def test_unsafe_serialization_writes_pickle_that_loads_only_with_the_opt_in(tmp_path):
+    pipe = make_pipeline()
+    pipe.save_pretrained(tmp_path, safe_serialization=False)
+    assert os.path.isfile(tmp_path / "velocity_model" / "diffusion_pytorch_model.bin")
+    with pytest.raises(ValueError, match="allow_pickle=True"):
+        VRFMPipeline.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="allow_pickle=True"):
+        VRFMPipeline.from_pretrained(tmp_path, use_safetensors=False)
+    reloaded = VRFMPipeline.from_pretrained(tmp_path, allow_pickle=True)
+    for name, tensor in pipe.velocity_model.state_dict().items():
+        assert torch.equal(tensor, reloaded.velocity_model.state_dict()[name])
 
 
 def test_to_dtype_runs_in_bfloat16():

@@ -3,24 +3,62 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import PIL.Image
 import torch
+from diffusers import (  # from the top level, as the safe loader resolves them (`hub.resolve_component_class`)
+    AutoencoderKL,
+    AutoencoderTiny,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..hub import create_hub_repo, load_pipeline_components, upload_pipeline_folder, write_remote_code_files
+from ..hub import (
+    create_hub_repo,
+    load_pipeline_components,
+    resolve_pipeline_folder,
+    upload_pipeline_folder,
+    write_remote_code_files,
+)
 from ..models.latent_prior import VRFMAggregatePosteriorPrior
+from ..models.mlp import VRFMMLPModel
+from ..models.posterior import VRFMPosteriorEncoder
+from ..models.posterior_conv import VRFMConvPosteriorEncoder
+from ..models.transformer_2d import VRFMDiTTransformer2DModel
+from ..models.unet_2d import VRFMUNet2DConditionModel, VRFMUNet2DModel
 from ..models.z_embedding import as_label_tensor
 from ..objective import check_real, check_tensor, slerp
+from ..schedulers.flow_scheduler_adapter import FlowSchedulerAdapter, check_flow_scheduler
 from ..schedulers.scheduling_vrfm import VRFMScheduler
 
+logger = logging.get_logger(__name__)
+
 OUTPUT_TYPES = ("pt", "np", "pil", "latent")
+DEFAULT_NUM_INFERENCE_STEPS = 8
+
+# The component types, as diffusers reads them from `__init__`'s hints: `from_pipe` carries a model over only when its
+# class is named here.
+VelocityModel = VRFMMLPModel | VRFMUNet2DModel | VRFMUNet2DConditionModel | VRFMDiTTransformer2DModel
+PosteriorEncoder = VRFMPosteriorEncoder | VRFMConvPosteriorEncoder
+Prior = VRFMAggregatePosteriorPrior | VRFMPosteriorEncoder | VRFMConvPosteriorEncoder
+Autoencoder = AutoencoderKL | AutoencoderTiny
+FlowScheduler = (
+    VRFMScheduler
+    | FlowMatchEulerDiscreteScheduler
+    | FlowMatchHeunDiscreteScheduler
+    | DPMSolverMultistepScheduler
+    | UniPCMultistepScheduler
+)
 
 
 @dataclass
@@ -42,6 +80,48 @@ class VRFMPipelineOutput(BaseOutput):
     def images(self):
         """Alias of `samples`, under the name diffusers' image pipelines use."""
         return self.samples
+
+
+def resolve_dtype(dtype, torch_dtype):
+    """The dtype to load in, from diffusers' two names for it (`dtype`, `torch_dtype`), refusing a conflict."""
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"`dtype` ({dtype}) and `torch_dtype` ({torch_dtype}) disagree; pass one of them.")
+    chosen = dtype if dtype is not None else torch_dtype
+    if chosen is not None and not isinstance(chosen, torch.dtype):
+        raise TypeError(f"`dtype` must be a torch.dtype such as torch.float16, but got {chosen!r}.")
+    return chosen
+
+
+def check_device_map(device_map, low_cpu_mem_usage: bool) -> None:
+    """Accepts a single device (every model is loaded onto it); diffusers' `"balanced"` split is not supported."""
+    if device_map is None:
+        return
+    if not isinstance(device_map, str):
+        raise TypeError(f"`device_map` must be a device name such as 'cpu' or 'cuda', but got {device_map!r}.")
+    try:
+        torch.device(device_map)
+    except RuntimeError:
+        raise ValueError(
+            f"`device_map` must be a device name such as 'cpu' or 'cuda' (a VRFM pipeline is small enough to sit on "
+            f"one device; 'balanced' is not supported), but got {device_map!r}."
+        ) from None
+    if not low_cpu_mem_usage:
+        raise ValueError(f"`device_map={device_map!r}` needs `low_cpu_mem_usage=True`, as in diffusers.")
+
+
+def check_weights_loaded(component, name: str) -> None:
+    """Refuses a model component with weights left on the `meta` device, which is how diffusers' loader leaves the
+    keys a weights file lacked (offload hooks from accelerate, which move weights in per call, are fine)."""
+    if not isinstance(component, torch.nn.Module):
+        return
+    if any(hasattr(module, "_hf_hook") for module in component.modules()):
+        return
+    missing = [key for key, tensor in component.state_dict(keep_vars=True).items() if tensor.is_meta]
+    if missing:
+        raise ValueError(
+            f"`{name}` ({type(component).__name__}) has weights that were never loaded (left on the meta device): "
+            f"{missing}. Its weights file lacks these keys; a saved pipeline must load completely."
+        )
 
 
 class VRFMPipeline(DiffusionPipeline):
@@ -76,20 +156,24 @@ class VRFMPipeline(DiffusionPipeline):
     ```
     """
 
-    model_cpu_offload_seq = "velocity_model->vae"
+    model_cpu_offload_seq = "prior->velocity_model->vae"
     _optional_components = ["posterior_encoder", "vae", "prior"]
+    _exclude_from_cpu_offload = ["posterior_encoder"]  # not used to sample
+    _callback_tensor_inputs = ["latents"]
+    _guidance_scale = 1.0
+    _num_timesteps = None
+    _interrupt = False
 
     def __init__(
         self,
-        velocity_model: ModelMixin,
-        scheduler: VRFMScheduler,
-        posterior_encoder: ModelMixin | None = None,
-        vae: ModelMixin | None = None,
-        prior: ModelMixin | None = None,
+        velocity_model: VelocityModel,
+        scheduler: FlowScheduler,
+        posterior_encoder: PosteriorEncoder | None = None,
+        vae: Autoencoder | None = None,
+        prior: Prior | None = None,
     ):
         super().__init__()
-        if not isinstance(scheduler, VRFMScheduler):
-            raise TypeError(f"`scheduler` must be a VRFMScheduler, but got {type(scheduler).__name__}.")
+        check_flow_scheduler(scheduler)
         for attribute in ("latent_dim", "sample_shape", "num_classes"):
             if not hasattr(velocity_model, attribute):
                 raise TypeError(
@@ -114,14 +198,32 @@ class VRFMPipeline(DiffusionPipeline):
                     f"`prior.latent_dim` ({prior.latent_dim}) must equal `velocity_model.latent_dim` "
                     f"({velocity_model.latent_dim})."
                 )
-        self.register_modules(
-            velocity_model=velocity_model,
-            scheduler=scheduler,
-            posterior_encoder=posterior_encoder,
-            vae=vae,
-            prior=prior,
-        )
+        components = dict(velocity_model=velocity_model, posterior_encoder=posterior_encoder, vae=vae, prior=prior)
+        for name, component in components.items():
+            check_weights_loaded(component, name)
+        self.register_modules(scheduler=scheduler, **components)
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_normalize=True)
+
+    def __setattr__(self, name, value):
+        if name == "scheduler":  # `pipe.scheduler = X.from_config(...)` is refused at once when X cannot integrate
+            check_flow_scheduler(value)
+        super().__setattr__(name, value)
+
+    # ------------------------------------------------------------------------------------------------ call properties
+    @property
+    def guidance_scale(self) -> float:
+        """The classifier-free guidance scale of the current (or last) call."""
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int | None:
+        """Model evaluations per trajectory of the current (or last) call (`None` before the first call)."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` from a `callback_on_step_end` to skip the remaining steps."""
+        return self._interrupt
 
     # -------------------------------------------------------------------------------------------------------- helpers
     @property
@@ -201,16 +303,48 @@ class VRFMPipeline(DiffusionPipeline):
         latents = samples.to(self.vae.dtype) / scaling + shift
         return self.vae.decode(latents).sample
 
-    def _check_call_arguments(
-        self, batch_size, num_inference_steps, output_type, guidance_scale, generator, class_labels
-    ):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, but got {batch_size!r}.")
-        if not self.scheduler.is_adaptive:
+    @staticmethod
+    def _infer_batch_size(batch_size, class_labels, latents, z) -> int:
+        """`batch_size` when given, else the length of `class_labels`, `latents` or a batch of `z` (in that order),
+        else 1; as diffusers' pipelines infer it from their prompts."""
+        if batch_size is not None:
+            return batch_size
+        if isinstance(class_labels, (list, tuple)) or getattr(class_labels, "ndim", 0) >= 1:
+            return len(class_labels)
+        for tensor, batched_ndim in ((latents, 1), (z, 2)):
+            if isinstance(tensor, torch.Tensor) and tensor.ndim >= batched_ndim:
+                return tensor.shape[0]
+        return 1
+
+    @staticmethod
+    def _resolve_num_inference_steps(adapter, num_inference_steps, timesteps) -> int | None:
+        """The number of solver steps. Refuses `timesteps` together with `num_inference_steps` (the contract of
+        diffusers' `retrieve_timesteps`: a custom schedule sets the number of steps itself) or an adaptive solver."""
+        if timesteps is not None:
+            if num_inference_steps is not None:
+                raise ValueError(
+                    f"Pass either `num_inference_steps` ({num_inference_steps!r}) or `timesteps`, not both: the "
+                    "custom `timesteps` grid sets the number of steps itself."
+                )
+            if adapter.is_adaptive:
+                raise ValueError(
+                    "`timesteps` sets a fixed grid, but the scheduler's solver "
+                    f"{adapter.scheduler.config.solver!r} is adaptive; drop `timesteps` or use a scheduler with "
+                    "solver='euler', 'heun' or 'midpoint'."
+                )
+            return None
+        if num_inference_steps is None:
+            return DEFAULT_NUM_INFERENCE_STEPS
+        if not adapter.is_adaptive:
             if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
                 raise TypeError(f"`num_inference_steps` must be an int, but got {num_inference_steps!r}.")
             if num_inference_steps < 1:
                 raise ValueError(f"`num_inference_steps` must be >= 1, but got {num_inference_steps}.")
+        return num_inference_steps
+
+    def _check_call_arguments(self, batch_size, output_type, guidance_scale, generator, class_labels):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, but got {batch_size!r}.")
         if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, but got {output_type!r}.")
         if output_type == "pil" and not self.is_image_model:
@@ -233,6 +367,38 @@ class VRFMPipeline(DiffusionPipeline):
                 f"`generator` must be a torch.Generator or a list of them, but got {type(generator).__name__}."
             )
 
+    def _check_callback(self, callback, tensor_inputs, adapter) -> list[str]:
+        """Checks `callback_on_step_end` and returns the tensor names it receives."""
+        if callback is None:
+            return []
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            tensor_inputs = callback.tensor_inputs
+        elif not callable(callback):
+            raise TypeError(f"`callback_on_step_end` must be callable, but got {type(callback).__name__}.")
+        unknown = [name for name in tensor_inputs if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}, but got "
+                f"{unknown}."
+            )
+        if adapter.is_adaptive:
+            raise ValueError(
+                "`callback_on_step_end` runs after each solver step, but the adaptive solver "
+                f"{adapter.scheduler.config.solver!r} takes its steps inside torchdiffeq; use a fixed-step solver."
+            )
+        return list(tensor_inputs)
+
+    def _run_callback(self, callback, tensor_inputs, index, t, latents) -> torch.Tensor:
+        """Calls `callback_on_step_end(self, index, t, {"latents": ...})` and returns the latents it hands back."""
+        outputs = callback(self, index, t, {"latents": latents} if "latents" in tensor_inputs else {})
+        new_latents = (outputs or {}).get("latents", latents)
+        if not isinstance(new_latents, torch.Tensor) or new_latents.shape != latents.shape:
+            raise ValueError(
+                f"`callback_on_step_end` must return `latents` as a tensor of shape {tuple(latents.shape)}, but got "
+                f"{getattr(new_latents, 'shape', type(new_latents).__name__)}."
+            )
+        return new_latents.to(device=latents.device, dtype=latents.dtype)
+
     def _prepare_class_labels(self, class_labels, batch_size, device):
         num_classes = self.velocity_model.num_classes
         if class_labels is None:
@@ -254,8 +420,8 @@ class VRFMPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        batch_size: int = 1,
-        num_inference_steps: int = 8,
+        batch_size: int | None = None,
+        num_inference_steps: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         z: torch.Tensor | None = None,
         latents: torch.Tensor | None = None,
@@ -264,62 +430,88 @@ class VRFMPipeline(DiffusionPipeline):
         timesteps: list[float] | None = None,
         output_type: str | None = None,
         return_dict: bool = True,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ) -> VRFMPipelineOutput | tuple:
         """Samples `batch_size` trajectories.
 
         Args:
-            batch_size (`int`, defaults to 1): the number of samples.
-            num_inference_steps (`int`, defaults to 8): solver steps (grid intervals); ignored by adaptive solvers.
+            batch_size (`int`, *optional*): the number of samples; defaults to the length of `class_labels`,
+                `latents` or a batch of `z` when one is given, else 1.
+            num_inference_steps (`int`, *optional*, defaults to 8): solver steps (grid intervals) on the scheduler's
+                default grid; ignored by adaptive solvers. Refused together with `timesteps`, which set the number of
+                steps themselves (the contract of diffusers' `retrieve_timesteps`).
             generator (`torch.Generator` or a list of `batch_size` of them, *optional*): makes the draw of the source
                 samples and of `z` reproducible; with a list, sample `i` depends on generator `i` only.
             z (`torch.Tensor` of shape `(batch_size, latent_dim)` or `(latent_dim,)`, *optional*): latents to use
-                instead of drawing them.
+                instead of drawing them. Each trajectory keeps its `z` from start to end, whatever the scheduler.
             latents (`torch.Tensor` of shape `(batch_size, *sample_shape)`, *optional*): source samples ``x0`` to use
                 instead of drawing them.
             class_labels (`int`, `list[int]` or `torch.Tensor`, *optional*): labels for a class-conditional model.
             guidance_scale (`float`, defaults to 1.0): classifier-free guidance; 1 turns it off.
-            timesteps (`list[float]`, *optional*): a custom time grid (see [`VRFMScheduler.set_timesteps`]); refused
+            timesteps (`list[float]`, *optional*): a custom time grid in this package's clock (0 = noise, 1 = data;
+                see [`VRFMScheduler.set_timesteps`]); a diffusers scheduler receives it as `sigmas = 1 - t`. Refused
                 with an adaptive solver, which picks its own times.
             output_type (`str`, *optional*): `"pt"`, `"np"`, `"pil"` or `"latent"`; defaults to `"pil"` for image
                 models and `"pt"` otherwise.
             return_dict (`bool`, defaults to `True`): return a [`VRFMPipelineOutput`] rather than a tuple
                 `(samples, z)`.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*): called
+                after every scheduler step as `callback_on_step_end(pipe, step_index, t, callback_kwargs)`, with `t`
+                in this package's clock; it may return a dict whose `"latents"` replace the current state. Set
+                `pipe._interrupt = True` in it to skip the remaining steps. Fixed-step schedulers only.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): the tensors in
+                `callback_kwargs`; see `pipe._callback_tensor_inputs`.
+
+        Examples:
+
+        ```py
+        >>> import torch
+        >>> from diffusers import FlowMatchEulerDiscreteScheduler
+        >>> from diffusers_vrfm import VRFMMLPModel, VRFMPipeline, VRFMScheduler
+        >>> pipe = VRFMPipeline(velocity_model=VRFMMLPModel(sample_size=2, latent_dim=4), scheduler=VRFMScheduler())
+        >>> pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        >>> seen = []
+        >>> def record(pipe, step_index, t, callback_kwargs):
+        ...     seen.append(round(float(t), 3))
+        ...     return callback_kwargs
+        >>> out = pipe(batch_size=3, num_inference_steps=4, callback_on_step_end=record)
+        >>> out.samples.shape, seen, pipe.num_timesteps
+        (torch.Size([3, 2]), [0.0, 0.333, 0.666, 0.999], 4)
+        ```
         """
         if output_type is None:
             output_type = "pil" if self.is_image_model else "pt"
-        if timesteps is not None:
-            if self.scheduler.is_adaptive:
-                raise ValueError(
-                    f"`timesteps` sets a fixed grid, but the scheduler's solver {self.scheduler.config.solver!r} is "
-                    "adaptive; drop `timesteps` or use a scheduler with solver='euler', 'heun' or 'midpoint'."
-                )
-            self.scheduler.set_timesteps(timesteps=timesteps)  # checks the grid before anything is drawn
-            num_inference_steps = self.scheduler.num_inference_steps
-        self._check_call_arguments(
-            batch_size, num_inference_steps, output_type, guidance_scale, generator, class_labels
-        )
-        guidance_scale = float(guidance_scale)  # an int beyond int64 would not multiply a tensor
+        batch_size = self._infer_batch_size(batch_size, class_labels, latents, z)
+        adapter = FlowSchedulerAdapter(self.scheduler)
+        num_inference_steps = self._resolve_num_inference_steps(adapter, num_inference_steps, timesteps)
+        self._check_call_arguments(batch_size, output_type, guidance_scale, generator, class_labels)
+        tensor_inputs = self._check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, adapter)
+        self._guidance_scale = guidance_scale = float(guidance_scale)  # an int beyond int64 would not multiply
+        self._interrupt = False
         device = self._execution_device
         dtype = self.velocity_model.dtype
+        if not adapter.is_adaptive:  # checks a custom grid before anything is drawn
+            adapter.set_timesteps(num_inference_steps, timesteps=timesteps, device=device)
 
         x = self.prepare_latents(batch_size, generator, device, dtype, latents)
         z = self.prepare_z(batch_size, generator, device, dtype, z, source=x)
         labels = self._prepare_class_labels(class_labels, batch_size, device)
 
-        if self.scheduler.is_adaptive:
-            result = self.scheduler.integrate_adaptive(
+        if adapter.is_adaptive:
+            result = adapter.integrate_adaptive(
                 lambda sample, t: self.velocity(sample, t, z, labels, guidance_scale), x
             )
             x, num_function_evals = result.prev_sample, result.num_function_evals
         else:
-            if timesteps is not None:
-                self.scheduler.set_timesteps(timesteps=timesteps, device=device)
-            else:
-                self.scheduler.set_timesteps(num_inference_steps, device=device)
-            num_function_evals = self.scheduler.num_function_evals
-            for t in self.progress_bar(self.scheduler.timesteps):
-                velocity = self.velocity(x, t, z, labels, guidance_scale)
-                x = self.scheduler.step(velocity, t, x).prev_sample
+            num_function_evals = self._num_timesteps = adapter.num_function_evals
+            for index, t in enumerate(self.progress_bar(adapter.times)):
+                if self.interrupt:
+                    continue
+                x = adapter.step(self.velocity(x, t, z, labels, guidance_scale), index, x)
+                if callback_on_step_end is not None:
+                    x = self._run_callback(callback_on_step_end, tensor_inputs, index, t, x)
+        self._num_timesteps = num_function_evals
         if not torch.isfinite(x).all():
             raise ValueError(
                 f"Sampling produced non-finite values (NaN or inf) in {x.dtype}, from finite `latents` and `z`: an "
@@ -353,15 +545,15 @@ class VRFMPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------------------------------------ saving, loading
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs):
-        """Saves the pipeline like [`~DiffusionPipeline.save_pretrained`], then writes the one-line re-export files
-        that let `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` load it from the Hub.
+        """Saves the pipeline like [`~DiffusionPipeline.save_pretrained`] (every argument of it, `variant` included),
+        then writes the one-line re-export files that let `DiffusionPipeline.from_pretrained(...,
+        trust_remote_code=True)` load it from the Hub.
 
-        Only safetensors are written: `safe_serialization=False` is refused.
+        `safe_serialization=False` writes pickle (`.bin`) weights, as in diffusers; loading them back needs
+        `from_pretrained(..., allow_pickle=True)`.
         """
-        if not safe_serialization:
-            raise ValueError("`safe_serialization=False` is not supported: diffusers-vrfm writes safetensors only.")
         push_to_hub = kwargs.pop("push_to_hub", False)
-        super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
         write_remote_code_files(save_directory, self)
         if push_to_hub:
             repo_id = create_hub_repo(
@@ -385,36 +577,72 @@ class VRFMPipeline(DiffusionPipeline):
         revision: str | None = None,
         token: str | bool | None = None,
         cache_dir: str | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        variant: str | None = None,
+        use_safetensors: bool | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+        device_map: str | None = None,
+        low_cpu_mem_usage: bool = True,
         **components,
     ) -> VRFMPipeline:
         """Loads a pipeline from a local folder or a Hub repository, executing no file from it.
 
         Every class named in `model_index.json` must be one a VRFM pipeline uses; weights load from safetensors only
-        (pass `allow_pickle=True` to accept `.bin` files you trust). Components passed as keyword arguments (for
-        example `scheduler=VRFMScheduler(solver="heun")`) replace the saved ones.
+        unless you pass `allow_pickle=True` for `.bin` files you trust, and must match their classes exactly (a
+        missing or unexpected key raises, naming the component). Components passed as keyword arguments (for example
+        `scheduler=VRFMScheduler(solver="heun")`) replace the saved ones.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): a local folder, or a Hub repository id.
+            torch_dtype, dtype (`torch.dtype`, *optional*): the dtype to load models in (`dtype` is the name diffusers
+                now prefers; pass one of the two).
+            allow_pickle (`bool`, defaults to `False`): accept pickle (`.bin`) weights.
+            revision, token, cache_dir, local_files_only, force_download: as in `huggingface_hub.snapshot_download`,
+                for a Hub repository.
+            variant (`str`, *optional*): load the `*.<variant>.safetensors` weights written by
+                `save_pretrained(variant=...)`.
+            use_safetensors (`bool`, *optional*): `True` requires safetensors; `False` loads `.bin` files (and needs
+                `allow_pickle=True`); `None` prefers safetensors.
+            device_map (`str`, *optional*): a device to load every model onto, e.g. `"cpu"` or `"cuda"`.
+            low_cpu_mem_usage (`bool`, defaults to `True`): diffusers' low-memory loading.
 
         Example:
 
         ```py
         >>> import tempfile
+        >>> import torch
         >>> from diffusers_vrfm import VRFMMLPModel, VRFMPipeline, VRFMScheduler
         >>> pipe = VRFMPipeline(velocity_model=VRFMMLPModel(sample_size=2), scheduler=VRFMScheduler())
         >>> with tempfile.TemporaryDirectory() as folder:
-        ...     pipe.save_pretrained(folder)
-        ...     reloaded = VRFMPipeline.from_pretrained(folder)
-        >>> type(reloaded.velocity_model).__name__
-        'VRFMMLPModel'
+        ...     pipe.save_pretrained(folder, variant="fp16")
+        ...     reloaded = VRFMPipeline.from_pretrained(folder, variant="fp16", dtype=torch.float16)
+        >>> type(reloaded.velocity_model).__name__, reloaded.velocity_model.dtype
+        ('VRFMMLPModel', torch.float16)
         ```
         """
-        folder = os.fspath(pretrained_model_name_or_path)
-        if not os.path.isdir(folder):
-            from huggingface_hub import snapshot_download
-
-            patterns = ["*.json", "*.safetensors", "*.md"] + (["*.bin"] if allow_pickle else [])
-            folder = snapshot_download(
-                folder, revision=revision, token=token, cache_dir=cache_dir, allow_patterns=patterns
-            )
-        loaded = load_pipeline_components(folder, torch_dtype=torch_dtype, allow_pickle=allow_pickle)
+        torch_dtype = resolve_dtype(dtype, torch_dtype)
+        check_device_map(device_map, low_cpu_mem_usage)
+        folder = resolve_pipeline_folder(
+            os.fspath(pretrained_model_name_or_path),
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            force_download=force_download,
+            allow_pickle=allow_pickle,
+        )
+        logger.info(f"Loading {cls.__name__} from {folder}.")
+        loaded = load_pipeline_components(
+            folder,
+            torch_dtype=torch_dtype,
+            allow_pickle=allow_pickle,
+            variant=variant,
+            use_safetensors=use_safetensors,
+            device_map=device_map,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
         unknown = sorted(set(components) - set(loaded) - set(cls._optional_components))
         if unknown:
             raise TypeError(f"`from_pretrained` got unexpected arguments {unknown}; components are {sorted(loaded)}.")

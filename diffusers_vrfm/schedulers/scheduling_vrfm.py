@@ -27,6 +27,40 @@ FIXED_STEP_SOLVERS = ("euler", "heun", "midpoint")
 ADAPTIVE_SOLVERS = ("dopri5", "bosh3", "adaptive_heun", "dopri8")
 
 
+def check_time_grid(timesteps: list[float] | torch.Tensor) -> torch.Tensor:
+    """Checks a custom sampling grid in this package's clock and returns it as float64, ending at ``t = 1``.
+
+    The grid must be real, finite, within `[0, 1]` (0 = noise, 1 = data) and strictly increasing (in float32 too);
+    `1.0` is appended when it does not already end there. Errors name the argument `timesteps`.
+    """
+    if isinstance(timesteps, torch.Tensor):
+        check_tensor(timesteps, "timesteps", floating=False)
+    try:
+        grid = torch.as_tensor(timesteps)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+        raise TypeError(
+            f"`timesteps` must be a list of floats or a tensor, but got {timesteps!r} ({error})."
+        ) from None
+    if grid.dtype == torch.bool or grid.is_complex():
+        raise TypeError(f"`timesteps` must hold real numbers, but got dtype {grid.dtype}.")
+    grid = grid.to(dtype=torch.float64).flatten()
+    if grid.numel() == 0:
+        raise ValueError("`timesteps` must not be empty.")
+    if not torch.isfinite(grid).all():
+        raise ValueError(f"`timesteps` must be finite, but got {grid.tolist()}.")
+    if grid.min() < 0 or grid.max() > 1:
+        raise ValueError(f"`timesteps` must lie in [0, 1] (0 = noise, 1 = data), but got {grid.tolist()}.")
+    if grid.numel() > 1 and not (grid[1:] > grid[:-1]).all():
+        raise ValueError(f"`timesteps` must be strictly increasing, but got {grid.tolist()}.")
+    if grid[-1] < 1:
+        grid = torch.cat([grid, grid.new_ones(1)])
+    if grid.numel() < 2:
+        raise ValueError("`timesteps` must contain at least one time below 1.0.")
+    if not (grid.float()[1:] > grid.float()[:-1]).all():
+        raise ValueError(f"`timesteps` must stay strictly increasing in float32, but got {grid.tolist()}.")
+    return grid
+
+
 @dataclass
 class VRFMSchedulerOutput(BaseOutput):
     """Output of [`VRFMScheduler.step`].
@@ -99,8 +133,14 @@ class VRFMScheduler(SchedulerMixin, ConfigMixin):
     """
 
     config_name = "scheduler_config.json"
-    _compatibles = []
-    order = 1
+    # the diffusers schedulers that `from_config(scheduler.config)` can swap in (VRFMPipeline drives them through
+    # `FlowSchedulerAdapter`; the multistep two need `use_flow_sigmas=True, prediction_type="flow_prediction"`)
+    _compatibles = [
+        "FlowMatchEulerDiscreteScheduler",
+        "FlowMatchHeunDiscreteScheduler",
+        "DPMSolverMultistepScheduler",
+        "UniPCMultistepScheduler",
+    ]
 
     @register_to_config
     def __init__(
@@ -167,6 +207,12 @@ class VRFMScheduler(SchedulerMixin, ConfigMixin):
         return self.config.solver in ADAPTIVE_SOLVERS
 
     @property
+    def order(self) -> int:
+        """Model evaluations per solver step, as diffusers' `order` counts them (2 for Heun and midpoint, 1 for Euler
+        and for the adaptive solvers, which run outside `step`)."""
+        return 1 if self.is_adaptive else self.evals_per_step
+
+    @property
     def evals_per_step(self) -> int:
         """Model evaluations per grid interval of the fixed-step solver."""
         return 1 if self.config.solver == "euler" else 2
@@ -215,31 +261,7 @@ class VRFMScheduler(SchedulerMixin, ConfigMixin):
         if timesteps is not None:
             if num_inference_steps is not None:
                 raise ValueError("Pass either `num_inference_steps` or `timesteps`, not both.")
-            if isinstance(timesteps, torch.Tensor):
-                check_tensor(timesteps, "timesteps", floating=False)
-            try:
-                grid = torch.as_tensor(timesteps)
-            except (TypeError, ValueError, RuntimeError, OverflowError) as error:
-                raise TypeError(
-                    f"`timesteps` must be a list of floats or a tensor, but got {timesteps!r} ({error})."
-                ) from None
-            if grid.dtype == torch.bool or grid.is_complex():
-                raise TypeError(f"`timesteps` must hold real numbers, but got dtype {grid.dtype}.")
-            grid = grid.to(dtype=torch.float64).flatten()
-            if grid.numel() == 0:
-                raise ValueError("`timesteps` must not be empty.")
-            if not torch.isfinite(grid).all():
-                raise ValueError(f"`timesteps` must be finite, but got {grid.tolist()}.")
-            if grid.min() < 0 or grid.max() > 1:
-                raise ValueError(f"`timesteps` must lie in [0, 1] (0 = noise, 1 = data), but got {grid.tolist()}.")
-            if grid.numel() > 1 and not (grid[1:] > grid[:-1]).all():
-                raise ValueError(f"`timesteps` must be strictly increasing, but got {grid.tolist()}.")
-            if grid[-1] < 1:
-                grid = torch.cat([grid, grid.new_ones(1)])
-            if grid.numel() < 2:
-                raise ValueError("`timesteps` must contain at least one time below 1.0.")
-            if not (grid.float()[1:] > grid.float()[:-1]).all():
-                raise ValueError(f"`timesteps` must stay strictly increasing in float32, but got {grid.tolist()}.")
+            grid = check_time_grid(timesteps)
         else:
             if num_inference_steps is None:
                 raise ValueError("Pass `num_inference_steps` or `timesteps`.")
@@ -378,8 +400,17 @@ class VRFMScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"`{name}` must be a number in [0, 1], but got {value!r}.")
         counter = {"evals": 0}
 
+        def failure(reason: str) -> ValueError:
+            return ValueError(
+                f"The adaptive solver {solver!r} could not integrate from `t_start`={t_start} to `t_end`={t_end} "
+                f"({reason}): the velocity is too large or not finite along the path from this `sample`. In "
+                "VRFMPipeline this comes from extreme `latents`, `z` or `guidance_scale`, or non-finite model weights."
+            )
+
         def ode_func(t, x):
             counter["evals"] += 1
+            if not torch.isfinite(t):  # a non-finite velocity turns the step size, and so the next time, into NaN
+                raise failure(f"the step size turned non-finite after {counter['evals'] - 1} velocity evaluation(s)")
             # dopri5's stage times can overshoot t_end by a rounding error; keep them in [0, 1]
             return velocity_fn(x, t.clamp(min(t_start, t_end), max(t_start, t_end)))
 
@@ -394,11 +425,7 @@ class VRFMScheduler(SchedulerMixin, ConfigMixin):
         except AssertionError as error:  # torchdiffeq asserts when the step size underflows
             if "underflow" not in str(error):
                 raise
-            raise ValueError(
-                f"The adaptive solver {solver!r} could not integrate from `t_start`={t_start} to `t_end`={t_end} "
-                f"({error}): the velocity is too large or not finite along the path from this `sample`. In "
-                "VRFMPipeline this comes from extreme `latents`, `z` or `guidance_scale`, or non-finite model weights."
-            ) from None
+            raise failure(str(error)) from None
         prev_sample = solution[-1]
         if not return_dict:
             return (prev_sample, counter["evals"])
@@ -420,7 +447,13 @@ class VRFMScheduler(SchedulerMixin, ConfigMixin):
         )
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The training path point ``x_t = (1 - t) * noise + t * original_samples`` (`timesteps` are `t` values)."""
+        """The training path point ``x_t = (1 - t) * noise + t * original_samples`` (`timesteps` are `t` values).
+
+        `timesteps` is a scalar, one time per example `(B,)`, or a single time `(1,)` that applies to every example
+        (diffusers' schedulers broadcast it the same way).
+        """
+        if isinstance(timesteps, torch.Tensor) and timesteps.ndim == 1 and timesteps.numel() == 1:
+            timesteps = timesteps.reshape(())
         return interpolate(noise, original_samples, timesteps)
 
     def get_velocity(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps=None) -> torch.Tensor:
