@@ -6,6 +6,7 @@ from .models.mlp import VRFMMLPModel
 from .models.posterior import VRFMPosteriorEncoder, VRFMPosteriorOutput
 from .models.posterior_conv import VRFMConvPosteriorEncoder
 from .models.transformer_2d import VRFMDiTTransformer2DModel
+from .models.transformer_sd3 import VRFMSD3Transformer2DModel
 from .models.unet_2d import VRFMUNet2DConditionModel, VRFMUNet2DModel
 from .models.z_embedding import LatentEmbedding, VRFMVelocityOutput
 from .objective import (
@@ -43,6 +44,7 @@ __all__ = [
     "VRFMPipelineOutput",
     "VRFMPosteriorEncoder",
     "VRFMPosteriorOutput",
+    "VRFMSD3Transformer2DModel",
     "VRFMScheduler",
     "VRFMSchedulerOutput",
     "VRFMUNet2DConditionModel",
