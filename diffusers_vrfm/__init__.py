@@ -28,6 +28,7 @@ from .objective import (
 )
 from .pipelines.pipeline_vrfm import VRFMPipeline, VRFMPipelineOutput
 from .schedulers.scheduling_vrfm import VRFMAdaptiveOutput, VRFMScheduler, VRFMSchedulerOutput
+from .text_encoding import VRFMPromptEmbeddings, VRFMTextEncoders, word_level_tokenizer
 
 __version__ = "0.1.0"
 
@@ -44,9 +45,11 @@ __all__ = [
     "VRFMPipelineOutput",
     "VRFMPosteriorEncoder",
     "VRFMPosteriorOutput",
+    "VRFMPromptEmbeddings",
     "VRFMSD3Transformer2DModel",
     "VRFMScheduler",
     "VRFMSchedulerOutput",
+    "VRFMTextEncoders",
     "VRFMUNet2DConditionModel",
     "VRFMUNet2DModel",
     "VRFMVelocityOutput",
@@ -65,4 +68,5 @@ __all__ = [
     "target_velocity",
     "velocity_to_flow_match_output",
     "vrfm_loss",
+    "word_level_tokenizer",
 ]
