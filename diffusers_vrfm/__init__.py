@@ -27,6 +27,7 @@ from .objective import (
     vrfm_loss,
 )
 from .pipelines.pipeline_vrfm import VRFMPipeline, VRFMPipelineOutput
+from .pipelines.pipeline_vrfm_text2img import VRFMTextToImagePipeline
 from .schedulers.scheduling_vrfm import VRFMAdaptiveOutput, VRFMScheduler, VRFMSchedulerOutput
 from .text_encoding import VRFMPromptEmbeddings, VRFMTextEncoders, word_level_tokenizer
 
@@ -50,6 +51,7 @@ __all__ = [
     "VRFMScheduler",
     "VRFMSchedulerOutput",
     "VRFMTextEncoders",
+    "VRFMTextToImagePipeline",
     "VRFMUNet2DConditionModel",
     "VRFMUNet2DModel",
     "VRFMVelocityOutput",

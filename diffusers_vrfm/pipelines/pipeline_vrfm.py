@@ -410,11 +410,13 @@ class VRFMPipeline(DiffusionPipeline):
         if not os.path.isdir(folder):
             from huggingface_hub import snapshot_download
 
-            patterns = ["*.json", "*.safetensors", "*.md"] + (["*.bin"] if allow_pickle else [])
+            patterns = ["*.json", "*.safetensors", "*.md", "*.txt", "*.model"] + (["*.bin"] if allow_pickle else [])
             folder = snapshot_download(
                 folder, revision=revision, token=token, cache_dir=cache_dir, allow_patterns=patterns
             )
-        loaded = load_pipeline_components(folder, torch_dtype=torch_dtype, allow_pickle=allow_pickle)
+        loaded = load_pipeline_components(
+            folder, torch_dtype=torch_dtype, allow_pickle=allow_pickle, pipeline_class=cls.__name__
+        )
         unknown = sorted(set(components) - set(loaded) - set(cls._optional_components))
         if unknown:
             raise TypeError(f"`from_pretrained` got unexpected arguments {unknown}; components are {sorted(loaded)}.")
