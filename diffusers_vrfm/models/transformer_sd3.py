@@ -283,6 +283,7 @@ class VRFMSD3Transformer2DModel(ModelMixin, ConfigMixin):
         encoder_hidden_states: torch.Tensor | None = None,
         pooled_projections: torch.Tensor | None = None,
         joint_attention_kwargs: dict | None = None,
+        class_labels: None = None,
         return_dict: bool = True,
     ) -> VRFMVelocityOutput | tuple:
         """Predicts the velocity.
@@ -297,8 +298,11 @@ class VRFMSD3Transformer2DModel(ModelMixin, ConfigMixin):
                 embedding; none means all zeros.
             joint_attention_kwargs (`dict`, *optional*): passed to the attention processors (for example
                 `{"scale": 0.5}` to scale LoRA layers).
+            class_labels (`None`): the velocity models' common argument; this text-conditioned model takes none.
             return_dict (`bool`): return a [`VRFMVelocityOutput`] rather than a tuple.
         """
+        if class_labels is not None:
+            raise ValueError("This model is text-conditioned (`num_classes=None`) and takes no `class_labels`.")
         sample = self._check_sample(sample)
         batch_size = sample.shape[0]
         t = check_timestep(timestep, batch_size, sample.device, torch.float32)

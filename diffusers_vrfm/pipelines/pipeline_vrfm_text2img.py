@@ -443,6 +443,31 @@ class VRFMTextToImagePipeline(VRFMPipeline):
             pipeline.register_to_config(_base_model=name)
         return pipeline
 
+    @classmethod
+    def from_vrfm_adapter(
+        cls, adapter_folder: str | os.PathLike, base_model: str | os.PathLike | None = None, **load_kwargs
+    ) -> VRFMTextToImagePipeline:
+        """Loads the base pipeline and a VRFM LoRA adapter folder on top of it, in one call.
+
+        The base is the one the adapter records (a stock SD3 pipeline, converted with the adapter's `latent_dim`, or
+        a VRFM text-to-image pipeline folder) unless `base_model` names another. `load_kwargs` (e.g.
+        `torch_dtype`) go to the base's loader. See [`diffusers_vrfm.lora`] for the folder format.
+        """
+        from ..lora import load_vrfm_adapter, read_vrfm_adapter_config
+
+        record = read_vrfm_adapter_config(adapter_folder)
+        base_model = base_model or record["base_model"]
+        if base_model is None:
+            raise ValueError("The adapter records no base pipeline: pass `base_model` (a folder or a Hub id).")
+        if record["base_format"] == "stable_diffusion_3":
+            pipeline = cls.from_stable_diffusion_3(
+                base_model, latent_dim=record["latent_dim"], z_embed_hidden_dim=record["z_embed_hidden_dim"],
+                **load_kwargs,
+            )  # fmt: skip
+        else:
+            pipeline = cls.from_pretrained(base_model, **load_kwargs)
+        return load_vrfm_adapter(pipeline, adapter_folder)
+
     # ---------------------------------------------------------------------------------------------------- not here
     def log_likelihood(self, x: torch.Tensor, **kwargs):
         """Not available for text-conditioned pipelines yet: the likelihood would need the text."""
