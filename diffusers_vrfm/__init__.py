@@ -1,6 +1,7 @@
 """diffusers-vrfm: Variational Rectified Flow Matching for the Hugging Face diffusers ecosystem."""
 
 from .likelihood import VRFMLikelihoodOutput, log_likelihood
+from .lora import add_lora, load_vrfm_adapter, save_vrfm_adapter
 from .models.latent_prior import VRFMAggregatePosteriorPrior
 from .models.mlp import VRFMMLPModel
 from .models.posterior import VRFMPosteriorEncoder, VRFMPosteriorOutput
@@ -56,14 +57,17 @@ __all__ = [
     "VRFMUNet2DModel",
     "VRFMVelocityOutput",
     "adapt_beta",
+    "add_lora",
     "count_active_units",
     "drop_labels",
     "flow_match_output_to_velocity",
     "gaussian_kl",
     "interpolate",
+    "load_vrfm_adapter",
     "log_likelihood",
     "reparameterize",
     "sample_timesteps",
+    "save_vrfm_adapter",
     "sigma_to_t",
     "slerp",
     "t_to_sigma",
