@@ -280,3 +280,21 @@ def test_converted_stock_sd3_pipeline_samples_what_the_stock_pipeline_samples(tm
     assert (converted.images - latents).abs().mean() > 0.1  # it moved
     with pytest.raises(TypeError, match="StableDiffusion3Pipeline"):
         VRFMTextToImagePipeline.from_stable_diffusion_3(pipe)
+
+
+def test_pipeline_with_a_text_conditioned_unet():
+    tokenizer, text_encoder = tiny_clip()
+    unet = VRFMUNet2DConditionModel(
+        sample_size=8, in_channels=3, out_channels=3, latent_dim=2, block_out_channels=(8, 16), norm_num_groups=4,
+        layers_per_block=1, cross_attention_dim=8, attention_head_dim=4,
+    )  # fmt: skip
+    from diffusers_vrfm import VRFMScheduler
+
+    pipe = VRFMTextToImagePipeline(unet, VRFMScheduler(), text_encoder=text_encoder, tokenizer=tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    context = VRFMTextEncoders.from_pipeline(pipe).encode(["a handwritten seven"]).prompt_embeds
+    out = pipe(prompt_embeds=context, negative_prompt="blurry", guidance_scale=2.0, num_inference_steps=2,
+               output_type="np")  # fmt: skip
+    assert out.images.shape == (1, 8, 8, 3)
+    with pytest.raises(ValueError, match=r"`prompt_embeds` must have shape \(B, L, 8\)"):
+        pipe(prompt_embeds=torch.zeros(1, 8, 16), num_inference_steps=1)

@@ -233,16 +233,14 @@ class VRFMTextToImagePipeline(VRFMPipeline):
         """The velocity at time `t`, guided (``v_neg + g * (v_text - v_neg)``) when `negative_text` is given."""
         batch_size = sample.shape[0]
         t_batch = torch.as_tensor(t, device=sample.device, dtype=torch.float32).reshape(()).expand(batch_size)
+        texts = [text] if negative_text is None else [text, negative_text]
+        text_inputs = {"encoder_hidden_states": torch.cat([part.prompt_embeds for part in texts])}
+        if self.velocity_model.pooled_projection_dim is not None:
+            text_inputs["pooled_projections"] = torch.cat([part.pooled_prompt_embeds for part in texts])
         if negative_text is not None:
             sample, t_batch = torch.cat([sample, sample]), torch.cat([t_batch, t_batch])
             z = None if z is None else torch.cat([z, z])
-            text = VRFMPromptEmbeddings(
-                prompt_embeds=torch.cat([text.prompt_embeds, negative_text.prompt_embeds]),
-                pooled_prompt_embeds=torch.cat([text.pooled_prompt_embeds, negative_text.pooled_prompt_embeds]),
-            )
-        text_inputs = {"encoder_hidden_states": text.prompt_embeds.to(self.velocity_model.dtype)}
-        if self.velocity_model.pooled_projection_dim is not None:
-            text_inputs["pooled_projections"] = text.pooled_prompt_embeds.to(self.velocity_model.dtype)
+        text_inputs = {name: value.to(self.velocity_model.dtype) for name, value in text_inputs.items()}
         velocity = self.velocity_model(sample, t_batch, z=z, **text_inputs).sample
         if negative_text is None:
             return velocity
