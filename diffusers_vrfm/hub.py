@@ -20,6 +20,7 @@ logger = logging.get_logger(__name__)
 
 PIPELINE_FILE = "pipeline.py"
 PIPELINE_CLASS = "VRFMPipeline"
+PIPELINE_CLASSES = (PIPELINE_CLASS, "VRFMTextToImagePipeline")
 
 # Component classes a VRFM pipeline folder may name, and where they come from.
 ALLOWED_COMPONENT_CLASSES = {
@@ -31,12 +32,22 @@ ALLOWED_COMPONENT_CLASSES = {
     "VRFMConvPosteriorEncoder": "diffusers_vrfm",
     "VRFMAggregatePosteriorPrior": "diffusers_vrfm",
     "VRFMScheduler": "diffusers_vrfm",
+    "VRFMSD3Transformer2DModel": "diffusers_vrfm",
     "FlowMatchEulerDiscreteScheduler": "diffusers",
     "FlowMatchHeunDiscreteScheduler": "diffusers",
     "DPMSolverMultistepScheduler": "diffusers",
     "UniPCMultistepScheduler": "diffusers",
     "AutoencoderKL": "diffusers",
     "AutoencoderTiny": "diffusers",
+    "CLIPTextModel": "transformers",
+    "CLIPTextModelWithProjection": "transformers",
+    "T5EncoderModel": "transformers",
+    "CLIPTokenizer": "transformers",
+    "CLIPTokenizerFast": "transformers",
+    "T5Tokenizer": "transformers",
+    "T5TokenizerFast": "transformers",
+    "PreTrainedTokenizerFast": "transformers",
+    "TokenizersBackend": "transformers",
 }
 _SAFE_FILE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -106,8 +117,8 @@ def resolve_component_class(component: str, entry) -> type | None:
     return getattr(importlib.import_module(source), class_name)
 
 
-def read_model_index(folder: str) -> dict:
-    """Reads and checks a pipeline folder's `model_index.json`."""
+def read_model_index(folder: str, pipeline_class: str | None = None) -> dict:
+    """Reads and checks a pipeline folder's `model_index.json` (written for `pipeline_class`, or any VRFM pipeline)."""
     index_path = os.path.join(folder, "model_index.json")
     if not os.path.isfile(index_path):
         raise FileNotFoundError(f"{folder!r} is not a pipeline folder: it has no model_index.json.")
@@ -118,8 +129,9 @@ def read_model_index(folder: str) -> dict:
         if len(class_name) != 2 or class_name[0] != PIPELINE_FILE.removesuffix(".py"):
             raise ValueError(f"model_index.json: unexpected `_class_name` {class_name!r}.")
         class_name = class_name[1]
-    if class_name != PIPELINE_CLASS:
-        raise ValueError(f"model_index.json: `_class_name` must be {PIPELINE_CLASS!r}, but got {class_name!r}.")
+    expected = (pipeline_class,) if pipeline_class else PIPELINE_CLASSES
+    if class_name not in expected:
+        raise ValueError(f"model_index.json: `_class_name` must be one of {expected}, but got {class_name!r}.")
     return model_index
 
 
@@ -150,7 +162,7 @@ def resolve_pipeline_folder(
         raise FileNotFoundError(
             f"No such folder: {name_or_path!r} (and it is not a Hub repository id either)."
         ) from None
-    patterns = ["*.json", "*.safetensors", "*.md"] + (["*.bin"] if allow_pickle else [])
+    patterns = ["*.json", "*.safetensors", "*.md", "*.txt", "*.model"] + (["*.bin"] if allow_pickle else [])
     try:
         return snapshot_download(
             name_or_path,
@@ -176,11 +188,13 @@ def load_pipeline_components(
     use_safetensors: bool | None = None,
     device_map: str | None = None,
     low_cpu_mem_usage: bool = True,
+    pipeline_class: str | None = None,
 ) -> dict:
     """Loads every component of a saved VRFM pipeline folder, executing no file from it.
 
     Args:
         folder (`str`): a local folder written by `VRFMPipeline.save_pretrained`.
+        pipeline_class (`str`, *optional*): the pipeline class the folder must have been saved from.
         torch_dtype (`torch.dtype`, *optional*): the dtype to load models in.
         allow_pickle (`bool`, defaults to `False`): allow `.bin` (pickle) weights. Pickle files can execute code when
             loaded; leave this off for files you did not write.
@@ -203,7 +217,7 @@ def load_pipeline_components(
             "`use_safetensors=False` loads pickle (.bin) weights, which can run code when loaded; pass "
             "`allow_pickle=True` as well, and only for files you trust."
         )
-    model_index = read_model_index(folder)
+    model_index = read_model_index(folder, pipeline_class)
     if variant is not None and not any(_has_variant(os.path.join(folder, name), variant) for name in model_index):
         raise ValueError(f"`variant={variant!r}`: no component in {folder!r} has `*.{variant}.*` weights.")
     components = {}
@@ -216,12 +230,15 @@ def load_pipeline_components(
         if component_class is None:
             components[name] = None
             continue
+        subfolder = os.path.join(folder, name)
+        if ALLOWED_COMPONENT_CLASSES[component_class.__name__] == "transformers":
+            components[name] = _load_transformers_component(component_class, subfolder, torch_dtype)
+            continue
         if issubclass(component_class, ModelMixin) == (name == "scheduler"):  # every other component is a model
             raise ValueError(
                 f"model_index.json: `{name}` names {component_class.__name__}, which is "
                 f"{'a model, not a scheduler' if name == 'scheduler' else 'not a model'}."
             )
-        subfolder = os.path.join(folder, name)
         if not os.path.isdir(subfolder):
             raise FileNotFoundError(f"The pipeline folder {folder!r} names `{name}`, but has no `{name}/` folder.")
         if issubclass(component_class, ModelMixin):
@@ -289,6 +306,21 @@ def check_loading_info(component: str, loading_info: dict) -> None:
             f"The weights of `{component}` do not match its class: {'; '.join(problems)}. The file is incomplete or "
             "belongs to another model configuration; a saved pipeline must load completely."
         )
+
+
+def _load_transformers_component(component_class: type, subfolder: str, torch_dtype=None):
+    """A text encoder (safetensors weights only) or a tokenizer (vocabulary files, no pickle) from transformers."""
+    if not os.path.isdir(subfolder):
+        raise FileNotFoundError(f"The pipeline folder has no `{os.path.basename(subfolder)}/` folder.")
+    from transformers import PreTrainedModel
+
+    if issubclass(component_class, PreTrainedModel):
+        model, loading_info = component_class.from_pretrained(
+            subfolder, torch_dtype=torch_dtype, use_safetensors=True, output_loading_info=True
+        )
+        check_loading_info(os.path.basename(subfolder), loading_info)
+        return model
+    return component_class.from_pretrained(subfolder)
 
 
 # What never goes to the Hub: training checkpoints, logs, validation images of intermediate steps, temporary files.

@@ -23,6 +23,7 @@ from torch import nn
 from .z_embedding import (
     LatentEmbedding,
     VRFMVelocityOutput,
+    check_context,
     check_velocity_inputs,
 )
 
@@ -365,9 +366,11 @@ class VRFMUNet2DConditionModel(ModelMixin, ConfigMixin):
     layer (`unet.class_embedding.linear_2`) starts at zero. A one-hot vector through a linear layer is a learned class
     embedding, so this is ``MLP(z, class)``; label `num_classes` is the null label of classifier-free guidance.
 
-    Context: a UNet without cross-attention blocks gets an empty context `(B, 0, cross_attention_dim)`. A UNet with
-    cross-attention takes `encoder_hidden_states` when given and otherwise attends to one all-zero context token (a
-    fixed null context), so that it can be trained and sampled without text.
+    Context: a UNet with cross-attention blocks reads text as SD-style UNets do: `encoder_hidden_states` of shape
+    `(B, L, context_dim)`, for example the last hidden states of a CLIP text encoder (what
+    [`VRFMTextToImagePipeline`] passes). Without `encoder_hidden_states` it attends to one all-zero context token (a
+    fixed null context), so that it can be trained and sampled without text; a UNet without cross-attention blocks
+    gets an empty context `(B, 0, cross_attention_dim)`.
 
     Args:
         sample_size (`int` or `(int, int)`, defaults to 32): the height and width.
@@ -390,6 +393,13 @@ class VRFMUNet2DConditionModel(ModelMixin, ConfigMixin):
     ...     mid_block_type="UNetMidBlock2D",
     ... )
     >>> model(torch.randn(2, 4, 8, 8), 0.5, z=torch.randn(2, 4)).sample.shape
+    torch.Size([2, 4, 8, 8])
+    >>> text_model = VRFMUNet2DConditionModel(
+    ...     sample_size=8, latent_dim=4, block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
+    ...     cross_attention_dim=16, attention_head_dim=4,
+    ... )
+    >>> context = torch.randn(2, 7, text_model.context_dim)  # e.g. CLIP hidden states of 7 tokens
+    >>> text_model(torch.randn(2, 4, 8, 8), 0.5, z=torch.randn(2, 4), encoder_hidden_states=context).sample.shape
     torch.Size([2, 4, 8, 8])
     ```
     """
@@ -505,6 +515,17 @@ class VRFMUNet2DConditionModel(ModelMixin, ConfigMixin):
         return (self.config.in_channels, *_spatial_size(self.config.sample_size))
 
     @property
+    def context_dim(self) -> int | None:
+        """The width of `encoder_hidden_states` (the text context), or `None` when the UNet has several widths."""
+        width = self.unet.config.encoder_hid_dim or self.unet.config.cross_attention_dim
+        return width if isinstance(width, int) else None
+
+    @property
+    def pooled_projection_dim(self) -> None:
+        """This UNet reads no pooled text embedding (the text enters through cross-attention only)."""
+        return None
+
+    @property
     def has_cross_attention(self) -> bool:
         """Whether the inner UNet has cross-attention blocks (and so reads `encoder_hidden_states`)."""
         return self._has_cross_attention
@@ -595,12 +616,15 @@ class VRFMUNet2DConditionModel(ModelMixin, ConfigMixin):
         if labels is not None:
             parts.append(nn.functional.one_hot(labels, self.config.num_classes + 1).to(self.dtype))
         condition = torch.cat(parts, dim=-1) if parts else None
+        width = self.context_dim
         if encoder_hidden_states is None:
             context_length = 1 if self._has_cross_attention else 0
-            width = self.unet.config.encoder_hid_dim or self.unet.config.cross_attention_dim
-            if not isinstance(width, int):
+            if width is None:
                 raise ValueError("This UNet has several cross-attention widths; pass `encoder_hidden_states`.")
             encoder_hidden_states = sample.new_zeros(sample.shape[0], context_length, width)
+        elif width is not None:
+            check_context(encoder_hidden_states, "encoder_hidden_states", sample.shape[0], width, ndim=3)
+            encoder_hidden_states = encoder_hidden_states.to(device=sample.device, dtype=self.dtype)
         velocity = self.unet(
             sample,
             t * self.config.timestep_scale,

@@ -170,3 +170,17 @@ def check_velocity_inputs(model, sample, timestep, z, class_labels):
     check_latent(z, model.latent_dim, batch_size)
     labels = check_class_labels(class_labels, model.num_classes, batch_size, sample.device)
     return sample, t, labels
+
+
+def check_context(
+    value, argument: str, batch_size: int, width: int, ndim: int, batch_from: str = "sample"
+) -> torch.Tensor:
+    """Validates a text context (`ndim=3`, `(B, L, width)`) or pooled text vector (`ndim=2`, `(B, width)`)."""
+    check_tensor(value, argument)
+    expected = f"({batch_size}, L, {width})" if ndim == 3 else f"({batch_size}, {width})"
+    if value.ndim != ndim or value.shape[0] != batch_size or value.shape[-1] != width:
+        raise ValueError(
+            f"`{argument}` must have shape {expected} (the batch size of `{batch_from}`, the model's width), but got "
+            f"{tuple(value.shape)}."
+        )
+    return value

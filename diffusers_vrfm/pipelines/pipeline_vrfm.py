@@ -642,6 +642,7 @@ class VRFMPipeline(DiffusionPipeline):
             use_safetensors=use_safetensors,
             device_map=device_map,
             low_cpu_mem_usage=low_cpu_mem_usage,
+            pipeline_class=cls.__name__,
         )
         unknown = sorted(set(components) - set(loaded) - set(cls._optional_components))
         if unknown:

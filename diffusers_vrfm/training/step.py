@@ -144,6 +144,7 @@ def vrfm_training_loss(
     prior_encoder=None,
     prior_generators: list[torch.Generator] | None = None,
     prior_mask: torch.Tensor | None = None,
+    model_kwargs: dict | None = None,
 ) -> TrainingStepOutput:
     """The VRFM loss of one batch: path point, posterior draw of `z`, velocity prediction and the ELBO terms.
 
@@ -153,6 +154,9 @@ def vrfm_training_loss(
     `N(0, I)` in the KL, `KL(q(z | ...) || p_psi(z | x0))`, and is trained through it; `prior_mask` (bool, `(B,)`)
     marks the examples whose `z` is drawn from the prior (learned or `N(0, I)`, with `prior_generators`) instead of
     the posterior, so that the velocity net also learns on the latents inference feeds it.
+
+    `model_kwargs` go to the velocity model as they are: the text of a text-conditioned model
+    (`encoder_hidden_states`, `pooled_projections`).
 
     Example:
 
@@ -183,7 +187,7 @@ def vrfm_training_loss(
             prior_z = _standard_normal_draws(z, prior_generators)
         if prior_mask is not None:
             z = torch.where(prior_mask.to(z.device).reshape(-1, 1), prior_z.to(z.dtype), z)
-    prediction = velocity_model(x_t, t, z=z, class_labels=class_labels).sample
+    prediction = velocity_model(x_t, t, z=z, class_labels=class_labels, **(model_kwargs or {})).sample
     loss = vrfm_loss(
         prediction,
         target,

@@ -1,0 +1,300 @@
+"""The SD3 wrapper, text conditioning of the conditional UNet, text encoding and VRFMTextToImagePipeline."""
+
+import json
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline, UNet2DConditionModel
+from text_to_image_helpers import (
+    SD3_CONFIG,
+    tiny_clip,
+    tiny_sd3_transformer,
+    tiny_stock_sd3_pipeline,
+    tiny_t5,
+    tiny_text_pipeline,
+)
+
+from diffusers_vrfm import (
+    VRFMPipeline,
+    VRFMSD3Transformer2DModel,
+    VRFMTextEncoders,
+    VRFMTextToImagePipeline,
+    VRFMUNet2DConditionModel,
+)
+
+torch.set_num_threads(1)
+
+
+def _sd3_inputs(batch_size=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, 4, 8, 8, generator=generator)
+    context = torch.randn(batch_size, 5, SD3_CONFIG["joint_attention_dim"], generator=generator)
+    pooled = torch.randn(batch_size, SD3_CONFIG["pooled_projection_dim"], generator=generator)
+    return x, context, pooled, torch.rand(batch_size, generator=generator)
+
+
+# ------------------------------------------------------------------------------------------------------ SD3 wrapper
+def test_wrapped_sd3_transformer_is_bit_identical_to_the_stock_one_on_the_package_clock():
+    backbone = tiny_sd3_transformer()
+    model = VRFMSD3Transformer2DModel.from_backbone(backbone, latent_dim=6).eval()
+    x, context, pooled, t = _sd3_inputs()
+    with torch.no_grad():
+        stock = backbone(x, encoder_hidden_states=context, pooled_projections=pooled, timestep=(1 - t) * 1000).sample
+        for z in (torch.randn(3, 6), 100 * torch.randn(3, 6)):
+            velocity = model(x, t, z=z, encoder_hidden_states=context, pooled_projections=pooled).sample
+            assert torch.equal(velocity, -stock)
+    assert stock.abs().mean() > 0.1  # a real output, not zeros
+
+
+def test_sd3_z_path_changes_the_output_once_trained_and_round_trips_through_save(tmp_path):
+    model = VRFMSD3Transformer2DModel(**SD3_CONFIG, latent_dim=3).eval()
+    torch.nn.init.normal_(model.z_embedding.linear_2.weight)
+    x, context, pooled, t = _sd3_inputs(2)
+    z_a, z_b = torch.randn(2, 3), torch.randn(2, 3)
+    with torch.no_grad():
+        out_a = model(x, t, z=z_a, encoder_hidden_states=context, pooled_projections=pooled).sample
+        out_b = model(x, t, z=z_b, encoder_hidden_states=context, pooled_projections=pooled).sample
+        assert (out_a - out_b).abs().max() > 1e-4
+        model.save_pretrained(tmp_path)
+        reloaded = VRFMSD3Transformer2DModel.from_pretrained(tmp_path).eval()
+        again = reloaded(x, t, z=z_a, encoder_hidden_states=context, pooled_projections=pooled).sample
+        assert torch.equal(again, out_a)
+    assert any(p.suffix == ".safetensors" for p in tmp_path.iterdir())
+
+
+def test_sd3_wrapper_runs_without_text_and_at_other_sizes():
+    model = VRFMSD3Transformer2DModel(**SD3_CONFIG, latent_dim=0).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 4, 8, 8), 0.3).sample.shape == (2, 4, 8, 8)
+        assert model(torch.randn(1, 4, 4, 6), 0.3).sample.shape == (1, 4, 4, 6)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"encoder_hidden_states": torch.randn(2, 5, 7)}, r"`encoder_hidden_states` must have shape \(2, L, 16\)"),
+        ({"encoder_hidden_states": torch.randn(3, 5, 16)}, r"`encoder_hidden_states` must have shape \(2, L, 16\)"),
+        ({"pooled_projections": torch.randn(2, 5)}, r"`pooled_projections` must have shape \(2, 8\)"),
+        ({"z": None}, "needs `z`"),
+        ({"sample": torch.randn(2, 4, 7, 8)}, "multiples of `patch_size`"),
+        ({"sample": torch.randn(2, 3, 8, 8)}, r"shape \(B, 4, H, W\)"),
+        ({"timestep": 1.5}, r"must lie in \[0, 1\]"),
+    ],
+)
+def test_sd3_wrapper_refuses_bad_input_by_name(change, message):
+    model = VRFMSD3Transformer2DModel(**SD3_CONFIG, latent_dim=3)
+    inputs = {"sample": torch.randn(2, 4, 8, 8), "timestep": 0.5, "z": torch.randn(2, 3)}
+    inputs.update(change)
+    with pytest.raises(ValueError, match=message):
+        model(**inputs)
+
+
+def test_sd3_inner_transformer_cannot_be_called_directly_and_wrapping_checks_the_type():
+    model = VRFMSD3Transformer2DModel(**SD3_CONFIG, latent_dim=3)
+    x, context, pooled, t = _sd3_inputs(1)
+    with pytest.raises(TypeError, match="call the wrapper"):
+        model.transformer(x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t)
+    with pytest.raises(TypeError, match="SD3Transformer2DModel"):
+        VRFMSD3Transformer2DModel.from_backbone(torch.nn.Linear(2, 2))
+
+
+# --------------------------------------------------------------------------------------------- conditional UNet text
+def test_conditional_unet_reads_clip_context_and_equals_its_backbone():
+    torch.manual_seed(0)
+    backbone = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
+        layers_per_block=1, cross_attention_dim=8, attention_head_dim=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    ).eval()  # fmt: skip
+    model = VRFMUNet2DConditionModel.from_backbone(backbone, latent_dim=3).eval()
+    tokenizer, text_encoder = tiny_clip()
+    context = VRFMTextEncoders(tokenizer, text_encoder).encode(["a handwritten seven", "a blurry two"]).prompt_embeds
+    x, t = torch.randn(2, 4, 8, 8), torch.rand(2)
+    with torch.no_grad():
+        velocity = model(x, t, z=torch.randn(2, 3), encoder_hidden_states=context).sample
+        assert torch.equal(velocity, backbone(x, t * 1000, context).sample)
+        other = model(x, t, z=torch.randn(2, 3), encoder_hidden_states=context.flip(0)).sample
+    assert (velocity - other).abs().max() > 1e-5  # the text matters
+    assert model.context_dim == 8 and model.pooled_projection_dim is None
+    with pytest.raises(ValueError, match=r"`encoder_hidden_states` must have shape \(2, L, 8\)"):
+        model(x, t, z=torch.randn(2, 3), encoder_hidden_states=torch.randn(2, 4, 5))
+
+
+# ------------------------------------------------------------------------------------------------------ text encoding
+def test_text_encoders_follow_the_sd3_layout():
+    (tok, clip), (tok_2, clip_2), (tok_3, t5) = tiny_clip(0), tiny_clip(1), tiny_t5()
+    encoders = VRFMTextEncoders(tok, clip, tok_2, clip_2, tok_3, t5, max_sequence_length=6)
+    out = encoders.encode(["a handwritten seven", "one"])
+    assert out.prompt_embeds.shape == (2, 8 + 6, 16) and out.pooled_prompt_embeds.shape == (2, 8)
+    clip_part = out.prompt_embeds[:, :8]
+    assert torch.equal(clip_part[..., 16:], torch.zeros_like(clip_part[..., 16:]))  # (8 + 8) padded to T5's 16
+    with torch.no_grad():
+        pooled = clip(tok(["one"], padding="max_length", max_length=8, return_tensors="pt").input_ids).text_embeds
+    assert torch.allclose(out.pooled_prompt_embeds[1, :4], pooled[0])
+    assert not torch.allclose(out.prompt_embeds[0], out.prompt_embeds[1])
+
+
+def test_text_encoders_refuse_bad_arguments():
+    tokenizer, clip = tiny_clip()
+    with pytest.raises(ValueError, match="`tokenizer_2` and `text_encoder_2` must be given together"):
+        VRFMTextEncoders(tokenizer, clip, text_encoder_2=clip)
+    with pytest.raises(ValueError, match="`context_dim` \\(4\\) must be at least the CLIP width \\(8\\)"):
+        VRFMTextEncoders(tokenizer, clip, context_dim=4)
+    with pytest.raises(TypeError, match="`prompt` must be a string or a non-empty list of strings"):
+        VRFMTextEncoders(tokenizer, clip).encode([1, 2])
+
+
+# ----------------------------------------------------------------------------------------------------------- pipeline
+def test_pipeline_with_prompts_negative_prompts_and_guidance():
+    pipe = tiny_text_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a handwritten seven", "a handwritten three"]
+    common = {"num_inference_steps": 3, "num_images_per_prompt": 2, "output_type": "pt"}
+    seeded = {"generator": torch.Generator().manual_seed(0)}
+    out = pipe(prompts, negative_prompt="blurry", guidance_scale=3.0, **seeded, **common)
+    assert out.images.shape == (4, 3, 16, 16) and out.z.shape == (4, 4) and out.num_function_evals == 3
+    assert 0 <= out.images.min() and out.images.max() <= 1
+    assert not torch.equal(out.z[0], out.z[1])  # one z per trajectory
+    unguided = pipe(prompts, guidance_scale=1.0, generator=torch.Generator().manual_seed(0), **common)
+    seeded = {"generator": torch.Generator().manual_seed(0)}
+    other_negative = pipe(prompts, negative_prompt=["one", "two"], guidance_scale=3.0, **seeded, **common)
+    assert (out.images - unguided.images).abs().max() > 1e-4
+    assert (out.images - other_negative.images).abs().max() > 1e-4
+    assert pipe.components.keys() >= {"text_encoder", "tokenizer", "velocity_model", "vae", "scheduler"}
+
+
+def test_precomputed_embeddings_give_the_same_images_as_prompts():
+    pipe = tiny_text_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    encoders = VRFMTextEncoders.from_pipeline(pipe)
+    text, negative = encoders.encode(["a handwritten seven"]), encoders.encode([""])
+    common = {"num_inference_steps": 2, "guidance_scale": 2.0, "output_type": "latent"}
+    from_prompt = pipe("a handwritten seven", generator=torch.Generator().manual_seed(1), **common)
+    from_embeds = pipe(
+        prompt_embeds=text.prompt_embeds, pooled_prompt_embeds=text.pooled_prompt_embeds,
+        negative_prompt_embeds=negative.prompt_embeds, negative_pooled_prompt_embeds=negative.pooled_prompt_embeds,
+        generator=torch.Generator().manual_seed(1), **common,
+    )  # fmt: skip
+    assert torch.equal(from_prompt.images, from_embeds.images)
+
+
+def test_batch_equals_its_items_with_a_list_of_generators():
+    pipe = tiny_text_pipeline(with_vae=False)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a handwritten seven", "a blurry one"]
+    batch = pipe(prompts, num_inference_steps=2, generator=[torch.Generator().manual_seed(i) for i in (7, 8)],
+                 output_type="pt", guidance_scale=2.0)  # fmt: skip
+    for index, (prompt, seed) in enumerate(zip(prompts, (7, 8))):
+        single = pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(seed), output_type="pt",
+                      guidance_scale=2.0)  # fmt: skip
+        assert torch.allclose(batch.images[index], single.images[0], atol=1e-5)
+
+
+EMBEDS = {"prompt_embeds": torch.zeros(2, 8, 16), "pooled_prompt_embeds": torch.zeros(2, 4)}
+BAD_CALLS = [
+    ({"prompt": "a", "prompt_embeds": torch.zeros(1, 8, 16)}, "but got both"),
+    ({}, "exactly one of `prompt` and `prompt_embeds`, but got neither"),
+    ({"prompt": ["a", "one"], "negative_prompt": ["a", "b", "c"]}, "`negative_prompt` has 3 prompts, but there are 2"),
+    ({"prompt": "a", "negative_prompt": "b", "negative_prompt_embeds": torch.zeros(1, 8, 16)}, "at most one of"),
+    (
+        {**EMBEDS, "negative_prompt_embeds": torch.zeros(3, 8, 16), "negative_pooled_prompt_embeds": torch.ones(3, 4)},
+        "`negative_prompt_embeds` has batch size 3, but there are 2 prompts",
+    ),
+    ({**EMBEDS, "pooled_prompt_embeds": torch.zeros(3, 4)}, r"`pooled_prompt_embeds` must have shape \(2, 4\)"),
+    ({"prompt_embeds": torch.zeros(2, 8, 16)}, "needs `pooled_prompt_embeds` too"),
+    ({**EMBEDS, "prompt_embeds": torch.zeros(2, 8, 9)}, r"shape \(B, L, 16\)"),
+    ({"prompt": 3}, "`prompt` must be a string or a non-empty list of strings, but got 3"),
+    ({"prompt": "a", "height": 15}, "`height` must be a positive multiple of the VAE's scale factor"),
+    ({"prompt": ["a", "b"], "generator": [torch.Generator()]}, "`generator` is a list of 1, but the batch size is 2"),
+    ({"prompt": "a", "num_images_per_prompt": 0}, "`num_images_per_prompt` must be >= 1"),
+    ({"prompt": "a", "latents": torch.zeros(2, 4, 8, 8)}, r"`latents` must have shape \(1, 4, 8, 8\)"),
+    ({"prompt": "a", "output_type": "jpg"}, "`output_type` must be one of"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", BAD_CALLS)
+def test_pipeline_refuses_bad_input_by_name(kwargs, message):
+    pipe = tiny_text_pipeline()
+    with pytest.raises((ValueError, TypeError), match=message):
+        pipe(num_inference_steps=1, **kwargs)
+
+
+def test_pipeline_refuses_mismatched_components():
+    tokenizer, clip = tiny_clip(projection_dim=5)
+    velocity_model = VRFMSD3Transformer2DModel(**{**SD3_CONFIG, "pooled_projection_dim": 4}, latent_dim=2)
+    from diffusers_vrfm import VRFMScheduler
+
+    with pytest.raises(ValueError, match=r"pooled width \(5\) must equal `velocity_model.pooled_projection_dim`"):
+        VRFMTextToImagePipeline(velocity_model, VRFMScheduler(), text_encoder=clip, tokenizer=tokenizer)
+    with pytest.raises(TypeError, match="text-conditioned VRFM model"):
+        from diffusers_vrfm import VRFMMLPModel
+
+        VRFMTextToImagePipeline(VRFMMLPModel(sample_size=2), VRFMScheduler(), text_encoder=clip, tokenizer=tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------- save and load
+def test_save_and_load_both_ways(tmp_path):
+    pipe = tiny_text_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline", "VRFMTextToImagePipeline"]
+    assert index["velocity_model"] == ["vrfmsd3transformer2dmodel", "VRFMSD3Transformer2DModel"]
+    assert index["text_encoder"][0] == "transformers" and index["text_encoder_3"] == [None, None]
+    assert not list(tmp_path.rglob("*.bin"))
+
+    def sample(p):
+        p.set_progress_bar_config(disable=True)
+        return p(["a handwritten seven"], negative_prompt="blurry", guidance_scale=2.0, num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(3), output_type="pt").images  # fmt: skip
+
+    expected = sample(pipe)
+    reloaded = VRFMTextToImagePipeline.from_pretrained(tmp_path)
+    assert reloaded.text_encoder_2 is None and reloaded.posterior_encoder is None
+    assert torch.equal(sample(reloaded), expected)
+    remote = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(remote).__name__ == "VRFMTextToImagePipeline"
+    assert torch.equal(sample(remote), expected)
+    with pytest.raises(ValueError, match="`_class_name` must be one of \\('VRFMPipeline',\\)"):
+        VRFMPipeline.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------------ SD3 conversion
+def test_converted_stock_sd3_pipeline_samples_what_the_stock_pipeline_samples(tmp_path):
+    stock = tiny_stock_sd3_pipeline()
+    stock.set_progress_bar_config(disable=True)
+    stock.save_pretrained(tmp_path)
+    pipe = VRFMTextToImagePipeline.from_stable_diffusion_3(str(tmp_path), latent_dim=5)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.shift == 3.0 and pipe.velocity_model.latent_dim == 5
+    assert pipe.config._base_model == str(tmp_path)
+
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    call = {"negative_prompt": "blurry", "guidance_scale": 4.0, "max_sequence_length": 6, "output_type": "latent"}
+    prompts = ["a handwritten seven", "a blurry one"]
+    expected = stock(prompts, latents=latents, num_inference_steps=4, **call).images
+    stock.scheduler.set_timesteps(4)
+    grid = (1 - stock.scheduler.sigmas[:-1]).tolist()  # the stock grid, on this package's clock
+    converted = pipe(prompts, latents=latents, timesteps=grid, generator=torch.Generator().manual_seed(1), **call)
+    assert torch.allclose(converted.images, expected, atol=1e-5)
+    assert (converted.images - latents).abs().mean() > 0.1  # it moved
+    with pytest.raises(TypeError, match="StableDiffusion3Pipeline"):
+        VRFMTextToImagePipeline.from_stable_diffusion_3(pipe)
+
+
+def test_pipeline_with_a_text_conditioned_unet():
+    tokenizer, text_encoder = tiny_clip()
+    unet = VRFMUNet2DConditionModel(
+        sample_size=8, in_channels=3, out_channels=3, latent_dim=2, block_out_channels=(8, 16), norm_num_groups=4,
+        layers_per_block=1, cross_attention_dim=8, attention_head_dim=4,
+    )  # fmt: skip
+    from diffusers_vrfm import VRFMScheduler
+
+    pipe = VRFMTextToImagePipeline(unet, VRFMScheduler(), text_encoder=text_encoder, tokenizer=tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    context = VRFMTextEncoders.from_pipeline(pipe).encode(["a handwritten seven"]).prompt_embeds
+    out = pipe(prompt_embeds=context, negative_prompt="blurry", guidance_scale=2.0, num_inference_steps=2,
+               output_type="np")  # fmt: skip
+    assert out.images.shape == (1, 8, 8, 3)
+    with pytest.raises(ValueError, match=r"`prompt_embeds` must have shape \(B, L, 8\)"):
+        pipe(prompt_embeds=torch.zeros(1, 8, 16), num_inference_steps=1)
