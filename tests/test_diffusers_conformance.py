@@ -5,8 +5,6 @@ import inspect
 import json
 import logging
 import os
-import pathlib
-import re
 
 import pytest
 import safetensors.torch
@@ -518,15 +516,3 @@ def test_model_card_snippets_run_as_copied(tmp_path, data_kind):
         namespace = {}
         exec(compile(block, "model card", "exec"), namespace)  # noqa: S102 - our own rendered template
         assert isinstance(namespace["pipe"], VRFMPipeline)
-
-
-def test_schedulers_doc_runs_as_written(capsys):
-    """docs/schedulers.md: its Python blocks run in order, in one namespace, and print what their comments say."""
-    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "schedulers.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    namespace = {}
-    for block in blocks:
-        exec(compile(block, "docs/schedulers.md", "exec"), namespace)  # noqa: S102 - our own documentation
-    printed = capsys.readouterr().out
-    for expected in ("torch.Size([8, 2]) 4", "True", "but got DDPMScheduler", "8 True"):
-        assert expected in printed
