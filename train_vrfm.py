@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 
-from diffusers_vrfm.training.cli import check_args, parse_args, resolve_defaults
+from diffusers_vrfm.training.cli import check_args, parse_args, parse_args_or_exit, resolve_defaults
+
+__all__ = ["main", "parse_args"]  # what tests and callers import from this script
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -43,4 +45,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main(parse_args_or_exit())

@@ -449,6 +449,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return check_args(args)
 
 
+def parse_args_or_exit(argv: list[str] | None = None) -> argparse.Namespace:
+    """[`parse_args`] for the command line: an invalid value is reported in one line with exit status 2, as argparse
+    reports an unknown flag, instead of a traceback."""
+    try:
+        return parse_args(argv)
+    except ValueError as error:
+        parser = build_parser()
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+
+
 def resolve_defaults(args: argparse.Namespace, kind: str, pretrained_latent_dim: int | None = None) -> float | None:
     """Fills the arguments whose default depends on the backbone and the data (`kind` is `"image"` or `"vector"`), in
     place; returns the KL target in nats, or `None` when beta stays fixed.
