@@ -2,6 +2,7 @@
 neither torch nor diffusers; a bad value is one error line with exit status 2; the help text is clean."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 from train_helpers import REPO_ROOT, SCRIPT
 
 import diffusers_vrfm
+from diffusers_vrfm.training.cli import build_parser
 
 HEAVY = ("torch", "diffusers", "accelerate", "datasets", "transformers")
 
@@ -49,6 +51,19 @@ def test_help_runs_and_names_every_group():
     result = _run([SCRIPT, "--help"], check=True)
     for group in ("data:", "model:", "objective:", "optimisation:", "output, logging and checkpoints:", "system:"):
         assert group in result.stdout
+
+
+def test_help_states_each_default_once_and_names_no_issue():
+    parser = build_parser()
+    text = parser.format_help()
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert not re.search(r"issue \d", text, flags=re.IGNORECASE)
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.help is None:
+            continue
+        rendered = formatter._get_help_string(action) % {**vars(action), "prog": parser.prog}
+        assert rendered.lower().count("default") <= 1, (action.dest, rendered)
 
 
 def test_lazy_package_exports_every_public_name():

