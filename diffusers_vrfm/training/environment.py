@@ -61,6 +61,26 @@ def tracker_config(args: argparse.Namespace) -> dict:
     return config
 
 
+def mixed_precision_warning(mixed_precision: str, device_type: str) -> str | None:
+    """A warning for a precision that runs but slowly on this device: bf16 on CPU, where most processors emulate it.
+
+    ```py
+    >>> from diffusers_vrfm.training.environment import mixed_precision_warning
+    >>> mixed_precision_warning("bf16", "cuda") is None
+    True
+    >>> print(mixed_precision_warning("bf16", "cpu"))
+    `--mixed_precision bf16` on CPU: it runs, but usually much slower than fp32 ...
+
+    ```
+    """
+    if mixed_precision == "bf16" and device_type == "cpu":
+        return (
+            "`--mixed_precision bf16` on CPU: it runs, but usually much slower than fp32 (few CPUs compute in bf16 "
+            "natively). Pass `--mixed_precision no` unless this CPU is known to be fast in bf16."
+        )
+    return None
+
+
 def set_up_run(args: argparse.Namespace) -> RunContext:
     """Sets the thread count, creates the accelerator and the logger, and seeds everything with `--seed`."""
     run_start = time.time()
@@ -83,7 +103,8 @@ def set_up_run(args: argparse.Namespace) -> RunContext:
         f"device={accelerator.device} mixed_precision={accelerator.mixed_precision}",
         main_process_only=False,
     )
+    warning = mixed_precision_warning(accelerator.mixed_precision, accelerator.device.type)
+    if warning:
+        log.warning(warning)
     set_seed(args.seed)
-    if accelerator.is_main_process:
-        os.makedirs(logging_dir, exist_ok=True)
     return RunContext(accelerator=accelerator, log=log, logging_dir=logging_dir, argv=argv, run_start=run_start)

@@ -328,6 +328,7 @@ def train_loop(
         accelerator.log(logs, step=state.global_step)
         progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", kl=f"{logs['kl']:.3g}", lr=f"{logs['lr']:.2e}")
         if accelerator.is_main_process:
+            os.makedirs(context.logging_dir, exist_ok=True)  # created by the first write, so failed runs leave none
             with open(metrics_path, "a", encoding="utf-8") as handle:
                 record = {"step": state.global_step, "seconds": round(time.time() - train_start, 4), **logs}
                 handle.write(json.dumps(record) + "\n")

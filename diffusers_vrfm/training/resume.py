@@ -54,7 +54,10 @@ def resume_training(
         args.resume_from_checkpoint, args.output_dir, models.checkpoint_dirs, log=lambda m: log.warning(m)
     )
     if path is None:
-        log.info(f"No intact checkpoint in {args.output_dir}: starting a new training run.")
+        log.warning(
+            f"--resume_from_checkpoint latest: no intact checkpoint in {args.output_dir!r}, so training starts from "
+            "step 0."
+        )
         return state
     with open(os.path.join(path, checkpointing.MANIFEST_NAME), encoding="utf-8") as handle:
         manifest = json.load(handle)

@@ -52,8 +52,8 @@ class Validator:
             model = pipeline.velocity_model
             generator = make_generator(args.seed, "validation", 1)
             z = pipeline.prepare_z(len(self.x0), generator, model.device, model.dtype, source=self.x0)
-        os.makedirs(self.folder, exist_ok=True)
         path = path or os.path.join(self.folder, f"step_{step:06d}.png")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # validation/ only once a figure goes there
         if self.prepared.kind == "image":
             grid = image_validation_grid(pipeline, self.x0, z, args.validation_inference_steps, self.labels)
             grid.save(path)
