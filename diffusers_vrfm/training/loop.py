@@ -205,7 +205,6 @@ def accumulate_micro_step(
 
 
 def update_metrics(
-    args: argparse.Namespace,
     accelerator,
     models: TrainingModels,
     state: LoopState,
@@ -323,7 +322,7 @@ def train_loop(
             models.ema_model.step(accelerator.unwrap_model(models.velocity_model).parameters())
         state.global_step += 1
         progress_bar.update(1)
-        logs = update_metrics(args, accelerator, models, state, beta, grad_norm, kl_target)
+        logs = update_metrics(accelerator, models, state, beta, grad_norm, kl_target)
         state.recent.append(logs)
         accelerator.log(logs, step=state.global_step)
         progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", kl=f"{logs['kl']:.3g}", lr=f"{logs['lr']:.2e}")
