@@ -278,8 +278,8 @@ def _add_optimisation_arguments(parser: argparse.ArgumentParser) -> None:
         type=str,
         default=None,
         choices=["no", "fp16", "bf16"],
-        help="Mixed precision. fp16 needs a GPU. bf16 runs on CPU but is usually much slower there than fp32 (a "
-        "warning says so). Default: accelerate's config.",
+        help="Mixed precision. fp16 needs a GPU. bf16 runs on any CPU, but a CPU without native bf16 (AVX512-BF16 "
+        "or AMX) emulates it, much slower than fp32 (a warning says so). Default: accelerate's config.",
     )
     optim.add_argument("--seed", type=int, default=0, help="Seed of everything: init, data order, noise, z.")
     optim.add_argument(

@@ -61,22 +61,29 @@ def tracker_config(args: argparse.Namespace) -> dict:
     return config
 
 
-def mixed_precision_warning(mixed_precision: str, device_type: str) -> str | None:
-    """A warning for a precision that runs but slowly on this device: bf16 on CPU, where most processors emulate it.
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX tiles), as torch detects it."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def mixed_precision_warning(mixed_precision: str, device_type: str, native_bf16: bool) -> str | None:
+    """A warning for a precision that runs but slowly on this device: bf16 on a CPU without native bf16, where it is
+    emulated.
 
     ```py
     >>> from diffusers_vrfm.training.environment import mixed_precision_warning
-    >>> mixed_precision_warning("bf16", "cuda") is None
+    >>> mixed_precision_warning("bf16", "cpu", native_bf16=True) is None
     True
-    >>> print(mixed_precision_warning("bf16", "cpu"))
-    `--mixed_precision bf16` on CPU: it runs, but usually much slower than fp32 ...
+    >>> print(mixed_precision_warning("bf16", "cpu", native_bf16=False))
+    `--mixed_precision bf16` on a CPU without native bf16 (AVX512-BF16 or AMX): it runs, but emulated, ...
 
     ```
     """
-    if mixed_precision == "bf16" and device_type == "cpu":
+    if mixed_precision == "bf16" and device_type == "cpu" and not native_bf16:
         return (
-            "`--mixed_precision bf16` on CPU: it runs, but usually much slower than fp32 (few CPUs compute in bf16 "
-            "natively). Pass `--mixed_precision no` unless this CPU is known to be fast in bf16."
+            "`--mixed_precision bf16` on a CPU without native bf16 (AVX512-BF16 or AMX): it runs, but emulated, and "
+            "usually much slower than fp32. Pass `--mixed_precision no`."
         )
     return None
 
@@ -103,7 +110,7 @@ def set_up_run(args: argparse.Namespace) -> RunContext:
         f"device={accelerator.device} mixed_precision={accelerator.mixed_precision}",
         main_process_only=False,
     )
-    warning = mixed_precision_warning(accelerator.mixed_precision, accelerator.device.type)
+    warning = mixed_precision_warning(accelerator.mixed_precision, accelerator.device.type, cpu_has_native_bf16())
     if warning:
         log.warning(warning)
     set_seed(args.seed)
