@@ -28,8 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-TIMESTEP_DENSITIES = ("uniform", "logit_normal", "mode")
-LOSS_REDUCTIONS = ("sum", "mean")
+from .options import LOSS_REDUCTIONS, TIMESTEP_DENSITIES
 
 
 def check_tensor(value, argument: str, floating: bool = True) -> torch.Tensor:

@@ -84,7 +84,8 @@ def test_sample_script_writes_a_grid(tmp_path):
         check=True,
     )
     assert "2 Euler step(s): 2 model evaluations per sample" in result.stdout
-    assert Image.open(tmp_path / "grid.png").size == (3 * 8, 2 * 8)
+    # 8x8 samples enlarged 8x to the default 64-pixel cells, 2-pixel gaps, and a 56-pixel column of row labels
+    assert Image.open(tmp_path / "grid.png").size == (56 + 3 * (64 + 2), 2 * (64 + 2))
 
 
 # ------------------------------------------------------------------------------------------- code blocks of the docs

@@ -55,10 +55,13 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, train):
     assert len({round(m["loss"], 6) for m in expected.values()}) > 1
 
 
-def test_resume_latest_without_checkpoints_starts_fresh(tmp_path, train):
+def test_resume_latest_without_checkpoints_starts_fresh(tmp_path, train, caplog):
     output_dir = str(tmp_path / "fresh")
     summary = train(
         ["--backbone", "mlp", "--output_dir", output_dir, "--max_train_steps", "2", "--train_batch_size", "16",
          "--resume_from_checkpoint", "latest", "--num_validation_samples", "16", *FAST]
     )  # fmt: skip
     assert summary["finished"] and sorted(read_metrics(output_dir)) == [1, 2]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"--resume_from_checkpoint latest: no intact checkpoint in {output_dir!r}" in "\n".join(warnings)
+    assert not os.path.exists(os.path.join(output_dir, "validation")), "no empty validation/ without a validation"

@@ -261,3 +261,20 @@ def test_bad_data_or_model_arguments_fail_before_training(tmp_path, train, extra
         train(["--train_data_dir", folder, "--output_dir", output_dir, *FAST, *extra])
     assert not os.path.exists(os.path.join(output_dir, "logs", "metrics.jsonl")), "no training step ran"
     assert not list_checkpoints(output_dir)
+    for folder in ("logs", "validation"):
+        assert not os.path.exists(os.path.join(output_dir, folder)), f"a failed run leaves no empty {folder}/"
+
+
+def test_bf16_on_cpu_runs_and_warns_where_bf16_is_emulated(tmp_path, train, caplog):
+    from diffusers_vrfm.training.environment import cpu_has_native_bf16
+
+    if torch.cuda.is_available():
+        pytest.skip("the warning is for CPU runs")
+    output_dir = str(tmp_path / "bf16")
+    summary = train(
+        ["--backbone", "mlp", "--output_dir", output_dir, "--max_train_steps", "1", "--train_batch_size", "8",
+         "--mixed_precision", "bf16", "--aggregate_prior_atoms", "0", "--num_validation_samples", "8", *FAST]
+    )  # fmt: skip
+    assert summary["finished"]
+    warned = "`--mixed_precision bf16` on a CPU without native bf16" in caplog.text
+    assert warned == (not cpu_has_native_bf16())

@@ -26,10 +26,10 @@ import PIL.Image
 import torch
 
 from ..data.toy import TOY_TASKS, ToyTask
-from .determinism import derive_seed, make_generator
+from ..options import TOY_PREFIX
+from .determinism import derive_seed, example_generators, make_generator
 
 BUILTIN_DATASETS = ("builtin:digits", "builtin:mnist")
-TOY_PREFIX = "toy:"
 _GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
@@ -368,6 +368,18 @@ def collate_examples(examples: list[dict]) -> dict:
         batch["class_labels"] = torch.stack([e["class_labels"] for e in examples])
     return batch
 
+
+
+@torch.no_grad()
+def encode_with_vae(
+    vae, pixels: torch.Tensor, seed: int, micro_step: int, example_indices, purpose: str = "vae"
+) -> torch.Tensor:
+    """Encodes images in `[-1, 1]` to scaled VAE latents, ``(latent - shift_factor) * scaling_factor`` (what the
+    pipeline's `decode` undoes), drawing each example's latent with its own generator (of `purpose`)."""
+    distribution = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    latents = distribution.sample(generator=example_generators(seed, purpose, micro_step, example_indices))
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((latents - shift) * vae.config.scaling_factor).float()
 
 # ---------------------------------------------------------------------------------------------------- the batch plan
 @dataclass

@@ -263,3 +263,31 @@ def build_models(
 
 def count_parameters(model) -> int:
     return 0 if model is None else sum(p.numel() for p in model.parameters())
+
+
+def clean_copy(model):
+    """A fresh copy of a model built from its config (no accelerate forward wrappers, no DDP), in eval mode."""
+    if model is None:
+        return None
+    copy = type(model).from_config(model.config)
+    copy.load_state_dict(model.state_dict())
+    return copy.eval()
+
+
+def build_pipeline(velocity_model, posterior_encoder, scheduler, ema_model=None, vae=None, prior=None):
+    """A VRFMPipeline: a clean copy of the velocity model holding the EMA weights (if any), the VAE (if any) and the
+    prior (if any)."""
+    from diffusers_vrfm import VRFMPipeline, VRFMScheduler
+
+    velocity = clean_copy(velocity_model)
+    if ema_model is not None:
+        ema_model.copy_to(velocity.parameters())
+    pipeline = VRFMPipeline(
+        velocity_model=velocity,
+        scheduler=VRFMScheduler.from_config(scheduler.config),
+        posterior_encoder=clean_copy(posterior_encoder),
+        vae=vae,
+        prior=clean_copy(prior),
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

@@ -1,0 +1,168 @@
+"""The model stage of `train_vrfm.py`: the velocity model, the posterior and the learned prior (built, or loaded from
+`--pretrained_model_name_or_path`), the scheduler, then the optimiser, the EMA and accelerate's wrapping."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+
+from ..schedulers.scheduling_vrfm import VRFMScheduler
+from .checkpointing import EMA_DIR, POSTERIOR_ENCODER_DIR, PRIOR_DIR, VELOCITY_MODEL_DIR, make_state_hooks
+from .data_setup import BatchLayout, PreparedData
+from .environment import TRACKER_PROJECT, RunContext, tracker_config
+from .factory import build_models, count_parameters, parse_json_config
+
+
+@dataclass
+class TrainingModels:
+    """The models of a run and what trains them. After [`prepare_for_training`] the models are accelerate's wrapped
+    ones (use `accelerator.unwrap_model` for the plain modules).
+
+    Args:
+        velocity_model: the velocity model.
+        posterior_encoder: the posterior `q(z | ...)`, or `None` for plain rectified flow.
+        prior_model: the learned prior `p_psi(z | x0)` (`--learned_prior`), or `None`.
+        noise_scheduler ([`VRFMScheduler`]): draws the training times.
+        base_model (`str`, *optional*): the Hub id the run started from (for the model card).
+        ema_model (`diffusers.training_utils.EMAModel`, *optional*): the EMA of the velocity model.
+        optimizer, lr_scheduler: set by [`prepare_for_training`].
+        velocity_parameters (`int`), posterior_parameters (`int`): parameter counts.
+    """
+
+    velocity_model: torch.nn.Module
+    posterior_encoder: torch.nn.Module | None
+    prior_model: torch.nn.Module | None
+    noise_scheduler: VRFMScheduler
+    base_model: str | None = None
+    ema_model: EMAModel | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    lr_scheduler: object | None = None
+    velocity_parameters: int = 0
+    posterior_parameters: int = 0
+
+    @property
+    def trained(self) -> tuple[torch.nn.Module, ...]:
+        """The models the optimiser updates (velocity model, then posterior and prior when present)."""
+        return tuple(m for m in (self.velocity_model, self.posterior_encoder, self.prior_model) if m is not None)
+
+    @property
+    def checkpoint_dirs(self) -> tuple[str, ...]:
+        """The component folders every checkpoint of this run must hold."""
+        dirs = (VELOCITY_MODEL_DIR,)
+        dirs += (POSTERIOR_ENCODER_DIR,) if self.posterior_encoder is not None else ()
+        dirs += (PRIOR_DIR,) if self.prior_model is not None else ()
+        dirs += (EMA_DIR,) if self.ema_model is not None else ()
+        return dirs
+
+
+def trainable_parameters(models) -> list[torch.nn.Parameter]:
+    """The parameters of `models` that require gradients."""
+    return [p for model in models for p in model.parameters() if p.requires_grad]
+
+
+def build_training_models(args: argparse.Namespace, prepared: PreparedData) -> TrainingModels:
+    """Builds (or loads) the models for the data's shape, the learned prior when asked, and the noise scheduler."""
+    built = build_models(
+        args.backbone,
+        prepared.model_shape,
+        args.latent_dim,
+        args.posterior_inputs,
+        num_classes=prepared.data.num_classes,
+        model_config=parse_json_config(args.model_config, "--model_config"),
+        posterior_config=parse_json_config(args.posterior_config, "--posterior_config"),
+        pretrained=prepared.pretrained,
+    )
+    velocity_model, posterior_encoder = built.velocity_model, built.posterior_encoder
+    prior_model = None
+    if (args.learned_prior or args.prior_mix > 0) and posterior_encoder is None:
+        raise ValueError(
+            "`--learned_prior` and `--prior_mix` need a latent (`--latent_dim` > 0), but the model has none."
+        )
+    if args.learned_prior:
+        # the posterior's own class and config, reading only the source point: p_psi(z | x0)
+        prior_config = {k: v for k, v in posterior_encoder.config.items() if not k.startswith("_")}
+        prior_model = type(posterior_encoder).from_config({**prior_config, "posterior_inputs": ["x0"]})
+    if tuple(velocity_model.sample_shape) != prepared.model_shape:
+        raise ValueError(
+            f"The model expects samples of shape {tuple(velocity_model.sample_shape)}, but the data gives "
+            f"{prepared.model_shape}; check `--resolution`."
+        )
+    noise_scheduler = VRFMScheduler(
+        timestep_density=args.timestep_density,
+        logit_mean=args.logit_mean,
+        logit_std=args.logit_std,
+        mode_scale=args.mode_scale,
+    )
+    return TrainingModels(velocity_model, posterior_encoder, prior_model, noise_scheduler, base_model=built.base_model)
+
+
+def _make_ema(args: argparse.Namespace, velocity_model, device) -> EMAModel | None:
+    if not args.use_ema:
+        return None
+    ema_model = EMAModel(
+        velocity_model.parameters(),
+        decay=args.ema_max_decay,
+        min_decay=0.0,
+        use_ema_warmup=True,
+        inv_gamma=args.ema_inv_gamma,
+        power=args.ema_power,
+        model_cls=type(velocity_model),
+        model_config=velocity_model.config,
+    )
+    ema_model.to(device)
+    return ema_model
+
+
+def prepare_for_training(
+    args: argparse.Namespace, context: RunContext, models: TrainingModels, prepared: PreparedData, layout: BatchLayout
+) -> TrainingModels:
+    """Creates the optimiser, the learning-rate schedule and the EMA, registers the checkpoint hooks, wraps the models
+    with accelerate and starts the trackers. Returns `models`, updated in place."""
+    accelerator = context.accelerator
+    num_processes = accelerator.num_processes
+    optimizer = torch.optim.AdamW(
+        [p for model in models.trained for p in model.parameters()],
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=args.max_train_steps * num_processes,
+    )
+    if prepared.vae is not None:
+        prepared.vae.to(accelerator.device)
+    models.ema_model = _make_ema(args, models.velocity_model, accelerator.device)
+    save_hook, load_hook = make_state_hooks(accelerator, models.ema_model, prior_model=models.prior_model)
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+    *wrapped, models.optimizer, models.lr_scheduler = accelerator.prepare(*models.trained, optimizer, lr_scheduler)
+    models.velocity_model = wrapped[0]
+    if models.posterior_encoder is not None:
+        models.posterior_encoder = wrapped[1]
+    if models.prior_model is not None:
+        models.prior_model = wrapped[2]
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(args))
+    velocity = accelerator.unwrap_model(models.velocity_model)
+    models.velocity_parameters = count_parameters(velocity)
+    models.posterior_parameters = count_parameters(
+        None if models.posterior_encoder is None else accelerator.unwrap_model(models.posterior_encoder)
+    )
+    data = prepared.data
+    context.log.info(
+        f"data={data.name} ({data.kind}, sample shape {data.sample_shape}, {data.num_examples or 'fresh'} examples); "
+        f"velocity model {type(velocity).__name__} with {models.velocity_parameters:,} parameters, posterior "
+        f"{models.posterior_parameters:,}; latent_dim={args.latent_dim} beta={args.beta} global batch "
+        f"{layout.global_batch_size * args.gradient_accumulation_steps}, {args.max_train_steps} steps"
+    )
+    return models
