@@ -1,17 +1,19 @@
 """Checkpoint files, the training step, and the model card, tested without running the script."""
 
+import hashlib
 import json
 import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from train_helpers import read_card_metadata
 
 from diffusers_vrfm import VRFMMLPModel, VRFMPosteriorEncoder, VRFMScheduler, interpolate, target_velocity, vrfm_loss
 from diffusers_vrfm.training.checkpointing import (
     MANIFEST_NAME,
     CheckpointError,
+    FileDigests,
     finalize_checkpoint,
     find_resumable_checkpoint,
     list_checkpoints,
@@ -27,12 +29,14 @@ from diffusers_vrfm.training.step import beta_at_step, draw_step_randomness, vrf
 def _write_checkpoint(output_dir, step, with_manifest=True):
     temporary = os.path.join(output_dir, f".tmp-checkpoint-{step}")
     os.makedirs(os.path.join(temporary, "velocity_model"))
-    save_file({"w": torch.full((4, 4), float(step))}, os.path.join(temporary, "velocity_model", "m.safetensors"))
-    with open(os.path.join(temporary, "optimizer.bin"), "wb") as handle:
-        handle.write(b"x" * 100)
+    digests = FileDigests(temporary)
+    digests.write_bytes(
+        os.path.join(temporary, "velocity_model", "m.safetensors"), save({"w": torch.full((4, 4), float(step))})
+    )
+    digests.write_bytes(os.path.join(temporary, "optimizer.bin"), b"x" * 100)
     final = os.path.join(output_dir, f"checkpoint-{step}")
     if with_manifest:
-        return finalize_checkpoint(temporary, final, {"global_step": step})
+        return finalize_checkpoint(temporary, final, {"global_step": step}, digests)
     os.replace(temporary, final)
     return final
 
@@ -43,7 +47,7 @@ def test_finalize_writes_a_manifest_and_renames(tmp_path):
     assert not any(name.startswith(".tmp") for name in os.listdir(tmp_path)), "the temporary folder is gone"
     manifest = verify_checkpoint(path, ("velocity_model",))
     assert manifest["global_step"] == 3
-    assert manifest["files"]["optimizer.bin"] == 100
+    assert manifest["files"]["optimizer.bin"] == {"size": 100, "sha256": hashlib.sha256(b"x" * 100).hexdigest()}
     assert "velocity_model/m.safetensors" in manifest["files"]
 
 
@@ -63,14 +67,19 @@ def test_truncated_weights_missing_files_and_components_are_detected(tmp_path):
         verify_checkpoint(path, ("velocity_model", "posterior_encoder"))
 
 
-def test_corrupt_safetensors_header_is_detected(tmp_path):
+@pytest.mark.parametrize("relative", ["velocity_model/m.safetensors", "optimizer.bin"])
+@pytest.mark.parametrize("offset", [0, 60])  # in the safetensors header, or in the data
+def test_flipped_bytes_of_the_same_size_are_detected(tmp_path, relative, offset):
     path = _write_checkpoint(str(tmp_path), 1)
-    weights = os.path.join(path, "velocity_model", "m.safetensors")
-    size = os.path.getsize(weights)
-    with open(weights, "r+b") as handle:
-        handle.write(b"\xff" * 16)  # same size, garbage header
-    assert os.path.getsize(weights) == size
-    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+    target = os.path.join(path, relative)
+    size = os.path.getsize(target)
+    with open(target, "r+b") as handle:
+        handle.seek(offset)
+        original = handle.read(8)
+        handle.seek(offset)
+        handle.write(bytes(b ^ 0xFF for b in original))
+    assert os.path.getsize(target) == size
+    with pytest.raises(CheckpointError, match=f"{relative} does not match the SHA-256"):
         verify_checkpoint(path)
 
 
