@@ -276,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="On a NaN/inf loss or gradient: `stop` with a clear error, or `skip` the update (counted and logged). "
         "EMA and checkpoints never see a skipped update.",
     )
+    optim.add_argument(
+        "--max_skipped_updates",
+        type=int,
+        default=20,
+        help="With `--nonfinite_policy skip`: stop with an error (and write no pipeline) once more than this many "
+        "updates in a row were skipped; the run has diverged.",
+    )
 
     output = parser.add_argument_group("output, logging and checkpoints")
     output.add_argument("--output_dir", type=str, default="vrfm-model", help="Where the pipeline is written.")
@@ -389,7 +396,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
             fail(name, getattr(args, name), "an integer >= 1")
     if args.validation_steps < 1:
         fail("validation_steps", args.validation_steps, "an integer >= 1")
-    for name in ("beta_warmup_steps", "lr_warmup_steps", "dataloader_num_workers"):
+    for name in ("beta_warmup_steps", "lr_warmup_steps", "dataloader_num_workers", "max_skipped_updates"):
         if getattr(args, name) < 0:
             fail(name, getattr(args, name), "an integer >= 0")
     if args.latent_dim is not None and args.latent_dim < 0:
@@ -516,7 +523,19 @@ def _tracker_config(args) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> dict:
-    """Trains and saves; returns a small summary (`global_step`, `finished`, paths and final metrics)."""
+    """Trains and saves; returns a small summary (`global_step`, `finished`, paths and final metrics).
+
+    The main process holds the lock of `--output_dir` throughout: a second run on the same folder fails at once.
+    """
+    from diffusers_vrfm.training.lock import OutputDirLock, is_global_main_process
+
+    check_args(args)
+    with OutputDirLock(args.output_dir, enabled=is_global_main_process()):
+        return run_training(args)
+
+
+def run_training(args: argparse.Namespace) -> dict:
+    """The body of [`main`], run while the output folder is locked."""
     import numpy as np
     from accelerate import Accelerator
     from accelerate.logging import get_logger
@@ -532,12 +551,15 @@ def main(args: argparse.Namespace) -> dict:
         POSTERIOR_ENCODER_DIR,
         PRIOR_DIR,
         VELOCITY_MODEL_DIR,
+        describe_last_checkpoint,
         make_state_hooks,
         resolve_resume_path,
+        rewind_metrics_log,
         save_checkpoint,
     )
     from diffusers_vrfm.training.data import MicroBatchPlan, collate_examples
     from diffusers_vrfm.training.determinism import make_generator
+    from diffusers_vrfm.training.health import SkippedUpdates, check_trained_pipeline
     from diffusers_vrfm.training.step import (
         aggregate_posterior_stats,
         beta_at_step,
@@ -545,7 +567,6 @@ def main(args: argparse.Namespace) -> dict:
         vrfm_training_loss,
     )
 
-    check_args(args)
     run_start = time.time()
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
@@ -915,8 +936,10 @@ def main(args: argparse.Namespace) -> dict:
     # ------------------------------------------------------------------------------------------------ training
     stop_at = min(args.max_train_steps, args.stop_after_steps or args.max_train_steps)
     metrics_path = os.path.join(logging_dir, "metrics.jsonl")
+    if accelerator.is_main_process and rewind_metrics_log(metrics_path, global_step):
+        log.info(f"Dropped the records after step {global_step} from {metrics_path}: this run writes them again.")
     recent = deque(maxlen=METRIC_WINDOW)
-    skipped_updates = 0
+    skips = SkippedUpdates(limit=args.max_skipped_updates)
     progress_bar = tqdm(
         total=args.max_train_steps,
         initial=global_step,
@@ -1022,14 +1045,16 @@ def main(args: argparse.Namespace) -> dict:
                     if args.nonfinite_policy == "stop":
                         raise RuntimeError(
                             f"Non-finite {'loss' if not loss_finite else 'gradient'} at step {global_step + 1} "
-                            f"(loss={values[0].item()}, grad_norm={grad_norm}); nothing was updated and the last "
-                            "checkpoint is intact. Lower --learning_rate, check the data, or pass "
-                            "`--nonfinite_policy skip` to skip such updates."
+                            f"(loss={values[0].item()}, grad_norm={grad_norm}); nothing was updated, and "
+                            f"{describe_last_checkpoint(args.output_dir, required_dirs)}. Lower --learning_rate, "
+                            "check the data, or pass `--nonfinite_policy skip` to skip such updates."
                         )
-                    skipped_updates += 1
                     log.warning(f"Skipping the update of step {global_step + 1}: non-finite loss or gradient.")
                 else:
                     optimizer.step()
+                skips.record(
+                    window_bad, global_step + 1, lambda: describe_last_checkpoint(args.output_dir, required_dirs)
+                )
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
@@ -1056,7 +1081,7 @@ def main(args: argparse.Namespace) -> dict:
             "beta": beta_now,
             "lr": lr_scheduler.get_last_lr()[0],
             "grad_norm": grad_norm,
-            "skipped_updates": skipped_updates,
+            "skipped_updates": skips.total,
         }
         if kl_target is not None and not window_bad:
             # the same on every process: the KL is the mean gathered over processes and micro-steps
@@ -1141,7 +1166,8 @@ def main(args: argparse.Namespace) -> dict:
             )
         pipeline = build_pipeline(
             unwrapped_velocity, unwrapped_posterior, noise_scheduler, ema_model, vae=vae, prior=unwrapped_prior
-        )
+        ).to(accelerator.device)
+        check_trained_pipeline(pipeline, min(args.validation_inference_steps), skips.total, seed=args.seed)
         pipeline.save_pretrained(args.output_dir)
         sample_name = "sample_grid.png" if data.kind == "image" else "samples.png"
         run_validation(global_step, os.path.join(args.output_dir, sample_name), prior=unwrapped_prior)
@@ -1154,7 +1180,7 @@ def main(args: argparse.Namespace) -> dict:
             metrics["beta (last step, adapted to the KL target)"] = recent[-1]["beta"]
         if recent and "active_units" in recent[-1]:
             metrics["active latent units (last step)"] = f"{recent[-1]['active_units']} / {latent_dim}"
-        metrics["skipped updates (non-finite)"] = skipped_updates
+        metrics["skipped updates (non-finite)"] = skips.total
         if data.kind == "vector":
             for name, value in toy_metrics(
                 pipeline.to(accelerator.device), data.toy_task, args.validation_inference_steps, seed=args.seed
@@ -1206,6 +1232,7 @@ def main(args: argparse.Namespace) -> dict:
             global_batch_size=global_batch_size * args.gradient_accumulation_steps,
             metrics=metrics,
             metric_window=len(recent),
+            skipped_updates=skips.total,
             sample_image=sample_name,
             sample_caption=caption,
             license=args.license,

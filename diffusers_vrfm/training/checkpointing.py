@@ -499,3 +499,29 @@ def save_checkpoint(accelerator, output_dir: str, global_step: int, state: dict,
             logger.info(f"Removed {len(removed)} old checkpoint(s): {', '.join(os.path.basename(r) for r in removed)}")
     accelerator.wait_for_everyone()
     return final_dir
+
+
+def rewind_metrics_log(path: str, last_step: int) -> int:
+    """Keeps only the records of `metrics.jsonl` up to `last_step` (the step training starts from); returns how many
+    lines were dropped.
+
+    A resumed run repeats the steps after its checkpoint, and a new run in an old folder starts again at step 0:
+    without this the log would hold two records of those steps. Unreadable lines (a write cut short by a kill) are
+    dropped too. The file is rewritten atomically; a missing file is left missing.
+    """
+    if not os.path.isfile(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                step = json.loads(line)["step"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                step = None
+            if isinstance(step, int) and step <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        write_text_atomic(path, "".join(kept))
+    return dropped
