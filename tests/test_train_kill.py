@@ -5,9 +5,10 @@ uninterrupted run, bit for bit.
 Each run of `train_vrfm.py` is a child process forked from a small "zygote" subprocess that has imported torch,
 diffusers and the script once (a fresh interpreter costs seconds on a busy 2-core machine; a fork costs
 milliseconds). Before calling `train_vrfm.main`, the child wraps a few functions used while a checkpoint is written
-(`safetensors.torch.save_file`, `torch.save`, `os.replace`, `shutil.rmtree` and the helpers of
-`diffusers_vrfm.training.checkpointing`) so that, when asked, it stops at a chosen point of a chosen checkpoint
-write (after truncating the file it just wrote to half its size, where that point is a file write) and signals it in
+(`torch.save`, `os.replace`, `shutil.rmtree` and the helpers of `diffusers_vrfm.training.checkpointing`, among them
+`write_model`, which writes each model's weights) so that, when asked, it stops at a chosen point of a chosen
+checkpoint write (after truncating the file it just wrote to half its size, where that point is a file write) and
+signals it in
 an event log; the test then kills it with SIGKILL. Other kills land mid-step (between the two micro-steps of an
 update) or after a random delay. No production code is changed.
 
@@ -101,7 +102,7 @@ _ZYGOTE = textwrap.dedent(
             "prune_checkpoints": ckpt.prune_checkpoints,
             "resolve_resume_path": ckpt.resolve_resume_path,
             "loss": step_module.vrfm_training_loss,
-            "save_file": safetensors.torch.save_file,
+            "write_model": ckpt.write_model,
             "torch_save": torch.save,
             "replace": os.replace,
             "rmtree": shutil.rmtree,
@@ -150,19 +151,20 @@ _ZYGOTE = textwrap.dedent(
                 hold("mid-step")
             return original["loss"](*args, **kwargs)
 
-        def save_file(tensors, filename, *args, **kwargs):
-            result = original["save_file"](tensors, filename, *args, **kwargs)
-            if state["writing"] is not None:  # a checkpoint's weights (not the final pipeline's)
-                state["weights"] += 1
-                if armed("weights") and state["weights"] == pause.get("occurrence", 1):
-                    truncate_half(filename)
-                    hold("weights")
+        def write_model(model, folder, digests):
+            result = original["write_model"](model, folder, digests)
+            state["weights"] += 1
+            if armed("weights") and state["weights"] == pause.get("occurrence", 1):
+                truncate_half(os.path.join(folder, ckpt.WEIGHTS_FILE_NAME))
+                hold("weights")
             return result
 
         def torch_save(obj, f, *args, **kwargs):
             result = original["torch_save"](obj, f, *args, **kwargs)
-            if armed("optimizer") and isinstance(f, (str, os.PathLike)) and str(f).endswith("optimizer.bin"):
-                truncate_half(f)
+            path = getattr(getattr(f, "handle", None), "name", f)  # a checkpoint file comes as a HashingFile
+            if armed("optimizer") and isinstance(path, (str, os.PathLike)) and str(path).endswith("optimizer.bin"):
+                f.flush()
+                truncate_half(path)
                 hold("optimizer")
             return result
 
@@ -188,7 +190,7 @@ _ZYGOTE = textwrap.dedent(
         ckpt.prune_checkpoints = prune_checkpoints
         ckpt.resolve_resume_path = resolve_resume_path
         step_module.vrfm_training_loss = vrfm_training_loss
-        safetensors.torch.save_file = save_file
+        ckpt.write_model = write_model
         torch.save = torch_save
         os.replace = replace
         shutil.rmtree = rmtree

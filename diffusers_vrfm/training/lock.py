@@ -25,7 +25,8 @@ class OutputDirLockedError(RuntimeError):
 
 
 def process_is_running(pid: int) -> bool:
-    """Whether a process with this PID exists on this host (signal 0 checks without sending anything)."""
+    """Whether a process with this PID runs on this host (signal 0 checks without sending anything); a zombie (dead,
+    not yet reaped by its parent) does not count."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -34,7 +35,11 @@ def process_is_running(pid: int) -> bool:
         return True
     except OSError:
         return False
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (not Linux): signal 0 is all we can check
+        return True
 
 
 def is_global_main_process() -> bool:
