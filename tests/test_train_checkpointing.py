@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -14,11 +15,13 @@ from diffusers_vrfm.training.checkpointing import (
     MANIFEST_NAME,
     CheckpointError,
     FileDigests,
+    describe_last_checkpoint,
     finalize_checkpoint,
     find_resumable_checkpoint,
     list_checkpoints,
     prune_checkpoints,
     resolve_resume_path,
+    rewind_metrics_log,
     verify_checkpoint,
 )
 from diffusers_vrfm.training.model_card import render_model_card, training_command
@@ -81,6 +84,72 @@ def test_flipped_bytes_of_the_same_size_are_detected(tmp_path, relative, offset)
     assert os.path.getsize(target) == size
     with pytest.raises(CheckpointError, match=f"{relative} does not match the SHA-256"):
         verify_checkpoint(path)
+
+
+def _edit_manifest(path, edit):
+    manifest_path = os.path.join(path, MANIFEST_NAME)
+    with open(manifest_path) as handle:
+        manifest = json.load(handle)
+    edit(manifest)
+    with open(manifest_path, "w") as handle:
+        json.dump(manifest, handle)
+
+
+def test_a_step_that_disagrees_with_the_folder_name_is_refused(tmp_path):
+    path = _write_checkpoint(str(tmp_path), 20)
+    _edit_manifest(path, lambda manifest: manifest.update(global_step=25))
+    with pytest.raises(CheckpointError, match="says global_step 25, but the folder is named for step 20"):
+        verify_checkpoint(path)
+    with pytest.raises(ValueError, match="--resume_from_checkpoint.*not usable.*global_step 25"):
+        resolve_resume_path("checkpoint-20", str(tmp_path))
+
+
+@pytest.mark.parametrize("outside", ["/etc/hostname", "../outside.bin", "velocity_model/../../outside.bin", "./x"])
+def test_manifest_paths_outside_the_folder_are_refused(tmp_path, outside):
+    (tmp_path / "outside.bin").write_bytes(b"x")
+    path = _write_checkpoint(str(tmp_path), 3)
+    _edit_manifest(path, lambda manifest: manifest["files"].update({outside: {"size": 1, "sha256": "0" * 64}}))
+    with pytest.raises(CheckpointError, match=f"the manifest lists '{re.escape(outside)}'"):
+        verify_checkpoint(path)
+
+
+def test_a_symlink_leading_out_of_the_folder_is_refused(tmp_path):
+    (tmp_path / "secret.bin").write_bytes(b"x" * 100)
+    path = _write_checkpoint(str(tmp_path), 3)
+    os.remove(os.path.join(path, "optimizer.bin"))
+    os.symlink(str(tmp_path / "secret.bin"), os.path.join(path, "optimizer.bin"))
+    with pytest.raises(CheckpointError, match="'optimizer.bin', which resolves outside the folder"):
+        verify_checkpoint(path)
+
+
+def test_manifests_without_checksums_are_refused(tmp_path):
+    path = _write_checkpoint(str(tmp_path), 3)
+    _edit_manifest(path, lambda manifest: manifest.pop("manifest_version"))
+    with pytest.raises(CheckpointError, match="written without SHA-256 checksums"):
+        verify_checkpoint(path)
+
+
+def test_describe_last_checkpoint(tmp_path):
+    output_dir = str(tmp_path)
+    assert describe_last_checkpoint(output_dir) == f"no checkpoint has been written to {output_dir} yet"
+    path = _write_checkpoint(output_dir, 2)
+    assert describe_last_checkpoint(output_dir) == f"the newest checkpoint {path} is intact (verified)"
+    with open(os.path.join(path, "optimizer.bin"), "r+b") as handle:
+        handle.write(b"y")
+    assert "is NOT intact" in describe_last_checkpoint(output_dir)
+    assert "optimizer.bin does not match the SHA-256" in describe_last_checkpoint(output_dir)
+
+
+def test_rewind_metrics_log_keeps_one_record_per_step(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    assert rewind_metrics_log(path, 3) == 0 and not os.path.exists(path)
+    lines = [json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4, 5)] + ['{"step": 6, "lo']
+    with open(path, "w") as handle:
+        handle.writelines(lines)
+    assert rewind_metrics_log(path, 3) == 3  # steps 4 and 5, and the torn last line
+    with open(path) as handle:
+        assert handle.readlines() == lines[:3]
+    assert rewind_metrics_log(path, 0) == 3 and open(path).read() == ""
 
 
 def test_latest_falls_back_to_the_newest_intact_checkpoint(tmp_path):
