@@ -66,6 +66,16 @@ def test_mmd_separates_shifted_samples():
     assert abs(same) < 0.01 < different
 
 
+@pytest.mark.parametrize("metric", ["wasserstein2", "sliced_wasserstein2", "mmd_rbf", "frechet_distance"])
+def test_distances_refuse_non_finite_samples(metric):
+    x = torch.randn(20, 2)
+    diverged = x.clone()
+    diverged[3, 1] = float("nan")
+    diverged[7, 0] = float("inf")
+    with pytest.raises(ValueError, match="2 of 20 samples contain NaN or inf"):
+        getattr(common, metric)(diverged, x)  # POT alone would give W2 = 0 on the NaN cost
+
+
 def test_frechet_distance_gaussian_formula():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4000, 4, generator=g)
