@@ -158,7 +158,7 @@ class HashingFile:
 
     def write(self, data) -> int:
         self.digest.update(data)
-        self.size += len(memoryview(data).cast("B"))
+        self.size += memoryview(data).nbytes
         return self.handle.write(data)
 
     def flush(self) -> None:
@@ -390,10 +390,11 @@ def make_state_hooks(accelerator, ema_model=None, prior_model=None):
     def save_model_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             digests = active_digests(output_dir)
-            if ema_model is not None:
-                write_model(ema_as_model(ema_model), os.path.join(output_dir, EMA_DIR), digests)
             for model in models:
-                write_model(accelerator.unwrap_model(model), os.path.join(output_dir, kind_of(model)), digests)
+                kind = kind_of(model)
+                write_model(accelerator.unwrap_model(model), os.path.join(output_dir, kind), digests)
+                if ema_model is not None and kind == VELOCITY_MODEL_DIR:
+                    write_ema(ema_model, accelerator.unwrap_model(model), os.path.join(output_dir, EMA_DIR), digests)
         # Pop every entry so that accelerate does not also write `model.safetensors` files.
         while weights:
             weights.pop()
@@ -434,15 +435,24 @@ def write_model(model, folder: str, digests: FileDigests) -> None:
     digests.write_bytes(os.path.join(folder, WEIGHTS_FILE_NAME), serialize(state, metadata={"format": "pt"}))
 
 
-def ema_as_model(ema_model):
-    """The model `EMAModel.save_pretrained` writes: the model class built from its config, holding the averaged
-    weights, with the EMA settings added to its config (what [`load_ema_state`] reads back)."""
-    model = ema_model.model_cls.from_config(ema_model.model_config)
+def write_ema(ema_model, model, folder: str, digests: FileDigests) -> None:
+    """Writes what `EMAModel.save_pretrained` writes (the config of `model` with the EMA settings added, and the
+    averaged weights under the parameter names of `model`, the velocity model it averages), without building a copy of
+    the model. [`load_ema_state`] reads it back."""
+    from safetensors.torch import save as serialize
+
     settings = ema_model.state_dict()
     settings.pop("shadow_params", None)
-    model.register_to_config(**settings)
-    ema_model.copy_to(model.parameters())
-    return model
+    config = {**json.loads(model.to_json_string()), **settings}
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    digests.write_bytes(os.path.join(folder, CONFIG_FILE_NAME), text.encode("utf-8"))
+    state = {name: tensor.detach() for name, tensor in model.state_dict().items()}  # buffers as the model has them
+    names = [name for name, _ in model.named_parameters()]  # the order of `shadow_params`
+    if len(names) != len(ema_model.shadow_params):
+        raise ValueError(f"The EMA holds {len(ema_model.shadow_params)} tensors, the model {len(names)} parameters.")
+    state.update(zip(names, ema_model.shadow_params))
+    state = {name: tensor.detach().contiguous() for name, tensor in state.items()}
+    digests.write_bytes(os.path.join(folder, WEIGHTS_FILE_NAME), serialize(state, metadata={"format": "pt"}))
 
 
 EMA_STATE_KEYS = (
