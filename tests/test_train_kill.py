@@ -6,11 +6,10 @@ Each run of `train_vrfm.py` is a child process forked from a small "zygote" subp
 diffusers and the script once (a fresh interpreter costs seconds on a busy 2-core machine; a fork costs
 milliseconds). Before calling `train_vrfm.main`, the child wraps a few functions used while a checkpoint is written
 (`torch.save`, `os.replace`, `shutil.rmtree` and the helpers of `diffusers_vrfm.training.checkpointing`, among them
-`write_model`, which writes each model's weights) so that, when asked, it stops at a chosen point of a chosen
-checkpoint write (after truncating the file it just wrote to half its size, where that point is a file write) and
-signals it in
-an event log; the test then kills it with SIGKILL. Other kills land mid-step (between the two micro-steps of an
-update) or after a random delay. No production code is changed.
+`write_model` and `write_ema`, which write each model's weights) so that, when asked, it stops at a chosen point of a
+chosen checkpoint write (after truncating the file it just wrote to half its size, where that point is a file write)
+and signals it in an event log; the test then kills it with SIGKILL. Other kills land mid-step (between the two
+micro-steps of an update) or after a random delay. No production code is changed.
 
 After every kill the test checks that the newest `checkpoint-*` folder is complete and that it is the one `latest`
 picks (no incomplete checkpoint ever carries the final name), that no checkpoint that had been completed was lost,
@@ -103,6 +102,7 @@ _ZYGOTE = textwrap.dedent(
             "resolve_resume_path": ckpt.resolve_resume_path,
             "loss": step_module.vrfm_training_loss,
             "write_model": ckpt.write_model,
+            "write_ema": ckpt.write_ema,
             "torch_save": torch.save,
             "replace": os.replace,
             "rmtree": shutil.rmtree,
@@ -151,12 +151,20 @@ _ZYGOTE = textwrap.dedent(
                 hold("mid-step")
             return original["loss"](*args, **kwargs)
 
-        def write_model(model, folder, digests):
-            result = original["write_model"](model, folder, digests)
+        def written_weights(folder):
             state["weights"] += 1
             if armed("weights") and state["weights"] == pause.get("occurrence", 1):
                 truncate_half(os.path.join(folder, ckpt.WEIGHTS_FILE_NAME))
                 hold("weights")
+
+        def write_model(model, folder, digests):
+            result = original["write_model"](model, folder, digests)
+            written_weights(folder)
+            return result
+
+        def write_ema(ema_model, model, folder, digests):
+            result = original["write_ema"](ema_model, model, folder, digests)
+            written_weights(folder)
             return result
 
         def torch_save(obj, f, *args, **kwargs):
@@ -191,6 +199,7 @@ _ZYGOTE = textwrap.dedent(
         ckpt.resolve_resume_path = resolve_resume_path
         step_module.vrfm_training_loss = vrfm_training_loss
         ckpt.write_model = write_model
+        ckpt.write_ema = write_ema
         torch.save = torch_save
         os.replace = replace
         shutil.rmtree = rmtree
