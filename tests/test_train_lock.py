@@ -91,3 +91,11 @@ def test_only_the_main_process_takes_the_lock(tmp_path, monkeypatch):
     assert is_global_main_process()
     monkeypatch.delenv("RANK")
     assert is_global_main_process(), "a single-process run is the main process"
+
+
+def test_the_lock_is_never_uploaded_to_the_hub():
+    import fnmatch
+
+    from diffusers_vrfm.hub import UPLOAD_IGNORE_PATTERNS
+
+    assert any(fnmatch.fnmatch(LOCK_FILE_NAME, pattern) for pattern in UPLOAD_IGNORE_PATTERNS)
