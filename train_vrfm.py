@@ -25,12 +25,23 @@ __all__ = ["main", "parse_args"]  # what tests and callers import from this scri
 
 
 def main(args: argparse.Namespace) -> dict:
-    """Trains and saves; returns a small summary (`global_step`, `finished`, paths and final metrics)."""
+    """Trains and saves; returns a small summary (`global_step`, `finished`, paths and final metrics).
+
+    The main process holds the lock of `--output_dir` throughout: a second run on the same folder fails at once.
+    """
+    from diffusers_vrfm.training.lock import OutputDirLock, is_global_main_process
+
+    check_args(args)
+    with OutputDirLock(args.output_dir, enabled=is_global_main_process()):
+        return run_training(args)
+
+
+def run_training(args: argparse.Namespace) -> dict:
+    """The stages of [`main`], run while the output folder is locked."""
     # The heavy modules (torch, diffusers, accelerate, datasets) load here, once the arguments are valid.
     from diffusers_vrfm.training import data_setup, environment, finish, loop, model_setup, resume
     from diffusers_vrfm.training.validation import Validator
 
-    check_args(args)
     context = environment.set_up_run(args)  # threads, accelerator, logging, seed
     prepared = data_setup.prepare_data(args, context)  # pretrained model, VAE, resolution, dataset
     kl_target = resolve_defaults(args, prepared.kind, prepared.pretrained_latent_dim)

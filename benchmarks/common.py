@@ -57,11 +57,22 @@ def machine_description() -> str:
 
 
 def to_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Float64 NumPy copy of a tensor or array, flattened to `(N, D)`."""
+    """Float64 NumPy copy of a tensor or array, flattened to `(N, D)`; refuses NaN and inf.
+
+    Every distance below reads its samples through this function, so none of them scores diverged samples (POT's
+    `emd2` would return 0 on a NaN cost).
+    """
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().double().numpy()
     x = np.asarray(x, dtype=np.float64)
-    return x.reshape(x.shape[0], -1)
+    x = x.reshape(x.shape[0], -1)
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"{int(bad.sum())} of {len(x)} samples contain NaN or inf: the metric is undefined (the model or the "
+            "sampler diverged)."
+        )
+    return x
 
 
 # --------------------------------------------------------------------------------------------------------- distances

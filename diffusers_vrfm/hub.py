@@ -332,6 +332,7 @@ UPLOAD_IGNORE_PATTERNS = [
     "logs/**",
     "validation/**",
     "*.tmp-*",
+    ".train_vrfm.lock",  # the output folder's lock (diffusers_vrfm.training.lock), held while the run uploads
 ]
 
 

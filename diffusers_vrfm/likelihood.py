@@ -57,6 +57,7 @@ scaled by ``1/256`` (``delta = 1/256``), and ``7`` for the ``(k + u) / 128 - 1``
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -215,6 +216,22 @@ def bits_per_dim_from_log_prob(log_prob: torch.Tensor, num_dims: int, bin_width:
     return -(log_prob + num_dims * math.log(bin_width)) / (num_dims * math.log(2.0))
 
 
+def warn_if_impossible_bits_per_dim(bits_per_dim: torch.Tensor, solver: str, num_inference_steps, divergence) -> None:
+    """Warns when some bits per dimension are negative: a discrete value with a probability above 1, which no model
+    gives in expectation over the dequantisation noise. The usual cause is an inaccurate integral (too few solver
+    steps, the Hutchinson probe's variance) or a `bin_width` that does not match the data's scaling."""
+    negative = bits_per_dim < 0
+    if negative.any():
+        steps = "adaptive steps" if solver == "dopri5" else f"num_inference_steps={num_inference_steps}"
+        warnings.warn(
+            f"{int(negative.sum())} of {bits_per_dim.numel()} bits-per-dimension estimates are negative (min "
+            f"{bits_per_dim.min().item():.3g}), which is impossible for discrete data: the integral is inaccurate "
+            f"({solver} with {steps}, {divergence} divergence). Raise `num_inference_steps`, use solver='dopri5' or "
+            "divergence='exact', and check that `bin_width` matches how the data were scaled.",
+            stacklevel=3,
+        )
+
+
 def dequantize(x: torch.Tensor, bin_width: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform dequantisation ``x + bin_width * (u - 1/2)``, ``u ~ U(0, 1)``: each value spreads over its own bin."""
     noise = torch.rand(x.shape, generator=generator, device=generator.device if generator is not None else x.device)
@@ -222,6 +239,20 @@ def dequantize(x: torch.Tensor, bin_width: float, generator: torch.Generator | N
 
 
 # ---------------------------------------------------------------------------------------------- backward integration
+def check_finite_field(velocity: torch.Tensor, divergence: torch.Tensor, t: torch.Tensor) -> None:
+    """Raises a `ValueError` when the velocity or its divergence at time `t` holds a NaN or an inf.
+
+    Checked at every evaluation, so that a model with non-finite weights (or a state that overflowed) fails here,
+    naming the cause, instead of giving a NaN log-likelihood or misleading an adaptive solver's step-size control.
+    """
+    for name, value in (("velocity", velocity), ("divergence of the velocity", divergence)):
+        if not torch.isfinite(value).all():
+            raise ValueError(
+                f"The {name} is not finite (NaN or inf) at t={float(t):.4g} of the backward integration: the velocity "
+                "model's weights or the data are not finite, or the state overflowed. The log-likelihood is undefined."
+            )
+
+
 def _velocity_and_divergence(velocity_fn, x, t, divergence, probe, create_graph):
     with torch.enable_grad():
         x_in = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
@@ -292,7 +323,9 @@ def integrate_log_density(
     def field(x, t):
         counter["evals"] += 1
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).clamp(0.0, 1.0)
-        return _velocity_and_divergence(velocity_fn, x, t, divergence, probe, enable_grad)
+        velocity, div = _velocity_and_divergence(velocity_fn, x, t, divergence, probe, enable_grad)
+        check_finite_field(velocity, div, t)
+        return velocity, div
 
     with torch.set_grad_enabled(enable_grad):
         if solver == "dopri5":
@@ -596,6 +629,12 @@ def log_likelihood(
                     f"`source_log_prob` must return a tensor of shape ({rows},) for a batch of {rows} source points, "
                     f"but got {tuple(log_p0.shape) if isinstance(log_p0, torch.Tensor) else type(log_p0).__name__}."
                 )
+            invalid = torch.isnan(log_p0) | torch.isposinf(log_p0)
+            if invalid.any():
+                raise ValueError(
+                    f"`source_log_prob` returned NaN or +inf for {int(invalid.sum())} of {rows} source points: it "
+                    "must give a log-density (finite, or -inf outside its support)."
+                )
             per_z.append((log_p0 - integral).reshape(count, batch_size))
             integrals.append(integral.reshape(count, batch_size))
             source_terms.append(log_p0.reshape(count, batch_size))
@@ -605,6 +644,8 @@ def log_likelihood(
         log_weights = log_prob_per_z if proposal is None else log_prob_per_z + log_correction
         log_prob = logmeanexp(log_weights, dim=0)
         bpd = bits_per_dim_from_log_prob(log_prob, num_dims, bin_width) if compute_bits_per_dim else None
+        if bpd is not None:
+            warn_if_impossible_bits_per_dim(bpd, solver, num_inference_steps, divergence)
 
     return VRFMLikelihoodOutput(
         log_prob=log_prob,

@@ -66,6 +66,16 @@ def test_mmd_separates_shifted_samples():
     assert abs(same) < 0.01 < different
 
 
+@pytest.mark.parametrize("metric", ["wasserstein2", "sliced_wasserstein2", "mmd_rbf", "frechet_distance"])
+def test_distances_refuse_non_finite_samples(metric):
+    x = torch.randn(20, 2)
+    diverged = x.clone()
+    diverged[3, 1] = float("nan")
+    diverged[7, 0] = float("inf")
+    with pytest.raises(ValueError, match="2 of 20 samples contain NaN or inf"):
+        getattr(common, metric)(diverged, x)  # POT alone would give W2 = 0 on the NaN cost
+
+
 def test_frechet_distance_gaussian_formula():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4000, 4, generator=g)
@@ -282,3 +292,18 @@ def test_train_throughput_quick_runs_the_training_script_for_both_methods(tmp_pa
         assert cell["ms_per_step"] > 0 and cell["timed_steps"] >= 1 and math.isfinite(cell["final_loss"])
     assert cells[0]["velocity_parameters"] > cells[1]["velocity_parameters"], "VRFM adds the z path"
     assert "| unet | default | no |" in (tmp_path / "train_throughput.md").read_text()
+
+
+@pytest.mark.slow
+def test_checkpoint_speed_quick_runs_both_procedures(capsys):
+    from benchmarks import checkpoint_speed
+
+    result = checkpoint_speed.main(["--quick"])
+    assert set(result["medians"]) == {
+        "before (sizes only)",
+        "after (SHA-256 while writing)",
+        "after + verify (resume only)",
+    }
+    assert all(len(values) == 2 and min(values) > 0 for values in result["timings"].values())
+    assert result["checkpoint_bytes"] > 50 * 2**20, "the GPU-sized UNet, its posterior, EMA and AdamW state"
+    assert "| before (sizes only) |" in capsys.readouterr().out

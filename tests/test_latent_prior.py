@@ -239,3 +239,61 @@ def test_a_proposal_must_read_only_the_data_point():
         log_likelihood(model, torch.randn(2, 2), proposal=reads_more, num_inference_steps=2, solver="euler")
     with pytest.raises(ValueError, match="Pass either `z`"):
         log_likelihood(model, torch.randn(2, 2), z=torch.zeros(3), proposal=_proposal(), num_inference_steps=2)
+
+
+# ------------------------------------------------------------------------------ loading refuses bad atoms (issue 17)
+def _saved_prior(tmp_path, edit):
+    """A saved prior whose weights file was then edited by `edit(tensors)` (in place, as a bad writer or a bit flip
+    would leave it)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = str(tmp_path / "prior")
+    _prior(torch.randn(5, 3), torch.full((5, 3), -1.0)).save_pretrained(folder)
+    path = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("atom_means", float("nan"), r"`atom_means` of 1 atom\(s\) contain NaN or inf"),
+        ("atom_means", float("inf"), r"`atom_means` of 1 atom\(s\) contain NaN or inf"),
+        ("atom_logvars", float("nan"), r"`atom_logvars` of 1 atom\(s\) are not finite or lie outside"),
+        ("atom_logvars", 1e4, r"`atom_logvars` .* outside the log-variance range \[-30.0, 20.0\] \(e.g. 10000.0\)"),
+    ],
+)
+def test_loading_refuses_non_finite_or_unclamped_atoms(tmp_path, name, value, message):
+    folder = _saved_prior(tmp_path, lambda tensors: tensors[name][2].__setitem__(1, value))
+    with pytest.raises(ValueError, match=message):
+        VRFMAggregatePosteriorPrior.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("missing", ["atom_logvars", "atom_means"])
+def test_loading_refuses_a_weights_file_missing_atoms(tmp_path, missing):
+    folder = _saved_prior(tmp_path, lambda tensors: tensors.pop(missing))
+    with pytest.raises(ValueError, match=rf"lack \['{missing}'\]: the file is incomplete"):
+        VRFMAggregatePosteriorPrior.from_pretrained(folder)
+
+
+def test_loading_a_sound_prior_still_works_and_returns_loading_info(tmp_path):
+    folder = _saved_prior(tmp_path, lambda tensors: None)
+    prior, info = VRFMAggregatePosteriorPrior.from_pretrained(folder, output_loading_info=True)
+    assert info["missing_keys"] == [] and prior.atom_logvars.eq(-1.0).all()
+
+
+def test_a_saved_pipeline_with_nan_prior_atoms_is_refused_on_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    prior = _prior(torch.randn(5, 4), torch.zeros(5, 4))
+    model = VRFMMLPModel(sample_size=2, latent_dim=4)
+    pipe = VRFMPipeline(velocity_model=model, scheduler=VRFMScheduler(), prior=prior)
+    pipe.save_pretrained(str(tmp_path))
+    path = os.path.join(str(tmp_path), "prior", "diffusion_pytorch_model.safetensors")
+    tensors = load_file(path)
+    tensors["atom_means"][0, 0] = float("nan")
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="contain NaN or inf"):
+        VRFMPipeline.from_pretrained(str(tmp_path))

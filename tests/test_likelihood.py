@@ -7,6 +7,7 @@ import importlib.util
 import math
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -450,3 +451,58 @@ def test_quick_benchmark_writes_a_well_formed_table(tmp_path):
     for row in cells:
         mean, error = (float(part) for part in row[3].split("+-"))
         assert math.isfinite(mean) and error >= 0
+
+
+# ------------------------------------------------------------------------------------- non-finite values (issue 17)
+def _nan_model(latent_dim=0):
+    model = VRFMMLPModel(sample_size=2, latent_dim=latent_dim).eval()
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    return model
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "dopri5"])
+def test_nan_weights_give_a_clear_integration_error(solver):
+    if solver == "dopri5":
+        pytest.importorskip("torchdiffeq")
+    with pytest.raises(ValueError, match=r"velocity is not finite \(NaN or inf\) at t=1 of the backward integration"):
+        log_likelihood(_nan_model(), torch.randn(3, 2), num_inference_steps=4, solver=solver)
+
+
+def test_source_log_prob_returning_nan_is_refused():
+    model = VRFMMLPModel(sample_size=2, latent_dim=0).eval()
+
+    def broken(x):
+        return torch.full((x.shape[0],), float("nan"))
+
+    with pytest.raises(ValueError, match=r"`source_log_prob` returned NaN or \+inf for 3 of 3 source points"):
+        log_likelihood(model, torch.randn(3, 2), num_inference_steps=2, source_log_prob=broken)
+    # -inf (a point outside the source's support) is a valid log-density: it gives log p = -inf, no error
+    outside = log_likelihood(
+        model, torch.randn(3, 2), num_inference_steps=2, source_log_prob=lambda x: torch.full((len(x),), -math.inf)
+    )
+    assert torch.isneginf(outside.log_prob).all()
+
+
+class _SharpeningFlow(nn.Module):
+    """v(x, t) = -8 t^3 x on 1x2x2 images: the exact integral of -div v is 2 per dimension, but one backward Euler step
+    evaluates only t = 1 and adds 8 per dimension, a density no 8-bit bin can hold."""
+
+    latent_dim = 0
+    sample_shape = (1, 2, 2)
+
+    def forward(self, sample, t, z=None):
+        return VRFMVelocityOutput(sample=-8.0 * t.reshape(-1, 1, 1, 1) ** 3 * sample)
+
+
+def test_negative_bits_per_dim_from_too_few_steps_warns():
+    x = torch.zeros(2, 1, 2, 2)
+    with pytest.warns(UserWarning, match=r"2 of 2 bits-per-dimension estimates are negative.*num_inference_steps=1"):
+        few = log_likelihood(_SharpeningFlow(), x, num_inference_steps=1, solver="euler", dequantize_input=False)
+    assert (few.bits_per_dim < 0).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning once the integral is accurate
+        many = log_likelihood(_SharpeningFlow(), x, num_inference_steps=200, solver="heun", dequantize_input=False)
+    assert (many.bits_per_dim > 0).all()
+    expected_log_prob = 4 * (2.0 - 0.5 * math.log(2 * math.pi))  # log N(0; 0, I) + integral of -div v over 4 dims
+    assert many.log_prob == pytest.approx(torch.full((2,), expected_log_prob), abs=1e-3)

@@ -1,22 +1,27 @@
 """Checkpoint files, the training step, and the model card, tested without running the script."""
 
+import hashlib
 import json
 import os
+import re
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from train_helpers import read_card_metadata
 
 from diffusers_vrfm import VRFMMLPModel, VRFMPosteriorEncoder, VRFMScheduler, interpolate, target_velocity, vrfm_loss
 from diffusers_vrfm.training.checkpointing import (
     MANIFEST_NAME,
     CheckpointError,
+    FileDigests,
+    describe_last_checkpoint,
     finalize_checkpoint,
     find_resumable_checkpoint,
     list_checkpoints,
     prune_checkpoints,
     resolve_resume_path,
+    rewind_metrics_log,
     verify_checkpoint,
 )
 from diffusers_vrfm.training.model_card import render_model_card, training_command
@@ -27,12 +32,14 @@ from diffusers_vrfm.training.step import beta_at_step, draw_step_randomness, vrf
 def _write_checkpoint(output_dir, step, with_manifest=True):
     temporary = os.path.join(output_dir, f".tmp-checkpoint-{step}")
     os.makedirs(os.path.join(temporary, "velocity_model"))
-    save_file({"w": torch.full((4, 4), float(step))}, os.path.join(temporary, "velocity_model", "m.safetensors"))
-    with open(os.path.join(temporary, "optimizer.bin"), "wb") as handle:
-        handle.write(b"x" * 100)
+    digests = FileDigests(temporary)
+    digests.write_bytes(
+        os.path.join(temporary, "velocity_model", "m.safetensors"), save({"w": torch.full((4, 4), float(step))})
+    )
+    digests.write_bytes(os.path.join(temporary, "optimizer.bin"), b"x" * 100)
     final = os.path.join(output_dir, f"checkpoint-{step}")
     if with_manifest:
-        return finalize_checkpoint(temporary, final, {"global_step": step})
+        return finalize_checkpoint(temporary, final, {"global_step": step}, digests)
     os.replace(temporary, final)
     return final
 
@@ -43,7 +50,7 @@ def test_finalize_writes_a_manifest_and_renames(tmp_path):
     assert not any(name.startswith(".tmp") for name in os.listdir(tmp_path)), "the temporary folder is gone"
     manifest = verify_checkpoint(path, ("velocity_model",))
     assert manifest["global_step"] == 3
-    assert manifest["files"]["optimizer.bin"] == 100
+    assert manifest["files"]["optimizer.bin"] == {"size": 100, "sha256": hashlib.sha256(b"x" * 100).hexdigest()}
     assert "velocity_model/m.safetensors" in manifest["files"]
 
 
@@ -63,15 +70,86 @@ def test_truncated_weights_missing_files_and_components_are_detected(tmp_path):
         verify_checkpoint(path, ("velocity_model", "posterior_encoder"))
 
 
-def test_corrupt_safetensors_header_is_detected(tmp_path):
+@pytest.mark.parametrize("relative", ["velocity_model/m.safetensors", "optimizer.bin"])
+@pytest.mark.parametrize("offset", [0, 60])  # in the safetensors header, or in the data
+def test_flipped_bytes_of_the_same_size_are_detected(tmp_path, relative, offset):
     path = _write_checkpoint(str(tmp_path), 1)
-    weights = os.path.join(path, "velocity_model", "m.safetensors")
-    size = os.path.getsize(weights)
-    with open(weights, "r+b") as handle:
-        handle.write(b"\xff" * 16)  # same size, garbage header
-    assert os.path.getsize(weights) == size
-    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+    target = os.path.join(path, relative)
+    size = os.path.getsize(target)
+    with open(target, "r+b") as handle:
+        handle.seek(offset)
+        original = handle.read(8)
+        handle.seek(offset)
+        handle.write(bytes(b ^ 0xFF for b in original))
+    assert os.path.getsize(target) == size
+    with pytest.raises(CheckpointError, match=f"{relative} does not match the SHA-256"):
         verify_checkpoint(path)
+
+
+def _edit_manifest(path, edit):
+    manifest_path = os.path.join(path, MANIFEST_NAME)
+    with open(manifest_path) as handle:
+        manifest = json.load(handle)
+    edit(manifest)
+    with open(manifest_path, "w") as handle:
+        json.dump(manifest, handle)
+
+
+def test_a_step_that_disagrees_with_the_folder_name_is_refused(tmp_path):
+    path = _write_checkpoint(str(tmp_path), 20)
+    _edit_manifest(path, lambda manifest: manifest.update(global_step=25))
+    with pytest.raises(CheckpointError, match="says global_step 25, but the folder is named for step 20"):
+        verify_checkpoint(path)
+    with pytest.raises(ValueError, match="--resume_from_checkpoint.*not usable.*global_step 25"):
+        resolve_resume_path("checkpoint-20", str(tmp_path))
+
+
+@pytest.mark.parametrize("outside", ["/etc/hostname", "../outside.bin", "velocity_model/../../outside.bin", "./x"])
+def test_manifest_paths_outside_the_folder_are_refused(tmp_path, outside):
+    (tmp_path / "outside.bin").write_bytes(b"x")
+    path = _write_checkpoint(str(tmp_path), 3)
+    _edit_manifest(path, lambda manifest: manifest["files"].update({outside: {"size": 1, "sha256": "0" * 64}}))
+    with pytest.raises(CheckpointError, match=f"the manifest lists '{re.escape(outside)}'"):
+        verify_checkpoint(path)
+
+
+def test_a_symlink_leading_out_of_the_folder_is_refused(tmp_path):
+    (tmp_path / "secret.bin").write_bytes(b"x" * 100)
+    path = _write_checkpoint(str(tmp_path), 3)
+    os.remove(os.path.join(path, "optimizer.bin"))
+    os.symlink(str(tmp_path / "secret.bin"), os.path.join(path, "optimizer.bin"))
+    with pytest.raises(CheckpointError, match="'optimizer.bin', which resolves outside the folder"):
+        verify_checkpoint(path)
+
+
+def test_manifests_without_checksums_are_refused(tmp_path):
+    path = _write_checkpoint(str(tmp_path), 3)
+    _edit_manifest(path, lambda manifest: manifest.pop("manifest_version"))
+    with pytest.raises(CheckpointError, match="written without SHA-256 checksums"):
+        verify_checkpoint(path)
+
+
+def test_describe_last_checkpoint(tmp_path):
+    output_dir = str(tmp_path)
+    assert describe_last_checkpoint(output_dir) == f"no checkpoint has been written to {output_dir} yet"
+    path = _write_checkpoint(output_dir, 2)
+    assert describe_last_checkpoint(output_dir) == f"the newest checkpoint {path} is intact (verified)"
+    with open(os.path.join(path, "optimizer.bin"), "r+b") as handle:
+        handle.write(b"y")
+    assert "is NOT intact" in describe_last_checkpoint(output_dir)
+    assert "optimizer.bin does not match the SHA-256" in describe_last_checkpoint(output_dir)
+
+
+def test_rewind_metrics_log_keeps_one_record_per_step(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    assert rewind_metrics_log(path, 3) == 0 and not os.path.exists(path)
+    lines = [json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4, 5)] + ['{"step": 6, "lo']
+    with open(path, "w") as handle:
+        handle.writelines(lines)
+    assert rewind_metrics_log(path, 3) == 3  # steps 4 and 5, and the torn last line
+    with open(path) as handle:
+        assert handle.readlines() == lines[:3]
+    assert rewind_metrics_log(path, 0) == 3 and open(path).read() == ""
 
 
 def test_latest_falls_back_to_the_newest_intact_checkpoint(tmp_path):

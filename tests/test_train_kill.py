@@ -5,11 +5,11 @@ uninterrupted run, bit for bit.
 Each run of `train_vrfm.py` is a child process forked from a small "zygote" subprocess that has imported torch,
 diffusers and the script once (a fresh interpreter costs seconds on a busy 2-core machine; a fork costs
 milliseconds). Before calling `train_vrfm.main`, the child wraps a few functions used while a checkpoint is written
-(`safetensors.torch.save_file`, `torch.save`, `os.replace`, `shutil.rmtree` and the helpers of
-`diffusers_vrfm.training.checkpointing`) so that, when asked, it stops at a chosen point of a chosen checkpoint
-write (after truncating the file it just wrote to half its size, where that point is a file write) and signals it in
-an event log; the test then kills it with SIGKILL. Other kills land mid-step (between the two micro-steps of an
-update) or after a random delay. No production code is changed.
+(`torch.save`, `os.replace`, `shutil.rmtree` and the helpers of `diffusers_vrfm.training.checkpointing`, among them
+`write_model` and `write_ema`, which write each model's weights) so that, when asked, it stops at a chosen point of a
+chosen checkpoint write (after truncating the file it just wrote to half its size, where that point is a file write)
+and signals it in an event log; the test then kills it with SIGKILL. Other kills land mid-step (between the two
+micro-steps of an update) or after a random delay. No production code is changed.
 
 After every kill the test checks that the newest `checkpoint-*` folder is complete and that it is the one `latest`
 picks (no incomplete checkpoint ever carries the final name), that no checkpoint that had been completed was lost,
@@ -101,7 +101,8 @@ _ZYGOTE = textwrap.dedent(
             "prune_checkpoints": ckpt.prune_checkpoints,
             "resolve_resume_path": ckpt.resolve_resume_path,
             "loss": step_module.vrfm_training_loss,
-            "save_file": safetensors.torch.save_file,
+            "write_model": ckpt.write_model,
+            "write_ema": ckpt.write_ema,
             "torch_save": torch.save,
             "replace": os.replace,
             "rmtree": shutil.rmtree,
@@ -150,19 +151,28 @@ _ZYGOTE = textwrap.dedent(
                 hold("mid-step")
             return original["loss"](*args, **kwargs)
 
-        def save_file(tensors, filename, *args, **kwargs):
-            result = original["save_file"](tensors, filename, *args, **kwargs)
-            if state["writing"] is not None:  # a checkpoint's weights (not the final pipeline's)
-                state["weights"] += 1
-                if armed("weights") and state["weights"] == pause.get("occurrence", 1):
-                    truncate_half(filename)
-                    hold("weights")
+        def written_weights(folder):
+            state["weights"] += 1
+            if armed("weights") and state["weights"] == pause.get("occurrence", 1):
+                truncate_half(os.path.join(folder, ckpt.WEIGHTS_FILE_NAME))
+                hold("weights")
+
+        def write_model(model, folder, digests):
+            result = original["write_model"](model, folder, digests)
+            written_weights(folder)
+            return result
+
+        def write_ema(ema_model, model, folder, digests):
+            result = original["write_ema"](ema_model, model, folder, digests)
+            written_weights(folder)
             return result
 
         def torch_save(obj, f, *args, **kwargs):
             result = original["torch_save"](obj, f, *args, **kwargs)
-            if armed("optimizer") and isinstance(f, (str, os.PathLike)) and str(f).endswith("optimizer.bin"):
-                truncate_half(f)
+            path = getattr(getattr(f, "handle", None), "name", f)  # a checkpoint file comes as a HashingFile
+            if armed("optimizer") and isinstance(path, (str, os.PathLike)) and str(path).endswith("optimizer.bin"):
+                f.flush()
+                truncate_half(path)
                 hold("optimizer")
             return result
 
@@ -188,7 +198,8 @@ _ZYGOTE = textwrap.dedent(
         ckpt.prune_checkpoints = prune_checkpoints
         ckpt.resolve_resume_path = resolve_resume_path
         step_module.vrfm_training_loss = vrfm_training_loss
-        safetensors.torch.save_file = save_file
+        ckpt.write_model = write_model
+        ckpt.write_ema = write_ema
         torch.save = torch_save
         os.replace = replace
         shutil.rmtree = rmtree

@@ -73,6 +73,8 @@ class ToyTask:
         """The fraction of samples within `num_std` standard deviations of a target mode centre (sharpness)."""
         if self.target_modes is None:
             raise ValueError(f"The task {self.name!r} has no discrete target modes.")
+        if not torch.isfinite(samples).all():
+            raise ValueError("`samples` contain NaN or inf: the fraction on a mode is undefined (sampling diverged).")
         distance = torch.cdist(samples.float(), self.target_modes).min(dim=1).values
         return (distance <= num_std * self.target_mode_std).float().mean().item()
 

@@ -11,6 +11,7 @@ from their equal-weight mixture ``(1 / K) sum_k N(mu_k, diag(sigma_k^2))``, an e
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 
 import torch
@@ -57,6 +58,38 @@ class VRFMAggregatePosteriorPrior(ModelMixin, ConfigMixin):
                 raise ValueError(f"`{name}` must be a positive integer, but got {value!r}.")
         self.register_buffer("atom_means", torch.zeros(num_atoms, latent_dim))
         self.register_buffer("atom_logvars", torch.zeros(num_atoms, latent_dim))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' `from_pretrained`, then the checks of [`~VRFMAggregatePosteriorPrior.check_atoms`]: a weights
+        file missing an atom tensor, or holding atoms that are not finite or outside the log-variance clamp, is
+        refused (diffusers itself would keep the missing buffer at its initial zeros and only warn)."""
+        want_info = kwargs.pop("output_loading_info", False)
+        prior, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        missing = [name for name in ("atom_means", "atom_logvars") if name in info["missing_keys"]]
+        if missing:
+            raise ValueError(
+                f"The VRFMAggregatePosteriorPrior weights in {pretrained_model_name_or_path!r} lack {missing}: the "
+                "file is incomplete (a prior needs both `atom_means` and `atom_logvars`)."
+            )
+        prior.check_atoms(source=os.fspath(pretrained_model_name_or_path))
+        return (prior, info) if want_info else prior
+
+    def check_atoms(self, source: str = "the prior") -> None:
+        """Raises a `ValueError` unless every atom mean is finite and every log-variance lies in the clamp range
+        `LOGVAR_RANGE` that [`~VRFMAggregatePosteriorPrior.set_atoms`] applies."""
+        low, high = LOGVAR_RANGE
+        if not torch.isfinite(self.atom_means).all():
+            count = int((~torch.isfinite(self.atom_means)).any(dim=1).sum())
+            raise ValueError(f"{source}: `atom_means` of {count} atom(s) contain NaN or inf; atoms must be finite.")
+        logvars = self.atom_logvars
+        outside = ~torch.isfinite(logvars) | (logvars < low) | (logvars > high)
+        if outside.any():
+            raise ValueError(
+                f"{source}: `atom_logvars` of {int(outside.any(dim=1).sum())} atom(s) are not finite or lie outside "
+                f"the log-variance range [{low}, {high}] (e.g. {logvars[outside][0].item()}); set_atoms clamps to it, "
+                "so these atoms were not written by this class."
+            )
 
     @property
     def latent_dim(self) -> int:

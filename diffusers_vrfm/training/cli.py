@@ -290,6 +290,13 @@ def _add_optimisation_arguments(parser: argparse.ArgumentParser) -> None:
         help="On a NaN/inf loss or gradient: `stop` with a clear error, or `skip` the update (counted and logged). "
         "EMA and checkpoints never see a skipped update.",
     )
+    optim.add_argument(
+        "--max_skipped_updates",
+        type=int,
+        default=20,
+        help="With `--nonfinite_policy skip`: stop with an error (and write no pipeline) once more than this many "
+        "updates in a row were skipped; the run has diverged.",
+    )
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -412,7 +419,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
             fail(name, getattr(args, name), "an integer >= 1")
     if args.validation_steps < 1:
         fail("validation_steps", args.validation_steps, "an integer >= 1")
-    for name in ("beta_warmup_steps", "lr_warmup_steps", "dataloader_num_workers"):
+    for name in ("beta_warmup_steps", "lr_warmup_steps", "dataloader_num_workers", "max_skipped_updates"):
         if getattr(args, name) < 0:
             fail(name, getattr(args, name), "an integer >= 0")
     if args.latent_dim is not None and args.latent_dim < 0:

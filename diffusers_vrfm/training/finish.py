@@ -21,6 +21,7 @@ from .data_setup import PreparedData
 from .determinism import make_generator
 from .environment import RunContext
 from .factory import build_pipeline
+from .health import check_trained_pipeline
 from .loop import LoopResult
 from .model_setup import TrainingModels
 from .validation import Validator
@@ -199,7 +200,9 @@ def save_and_publish(
         )
     pipeline = build_pipeline(
         velocity, posterior, models.noise_scheduler, models.ema_model, vae=prepared.vae, prior=prior
-    )
+    ).to(accelerator.device)
+    # a diverged model is refused here: no pipeline and no card that look like a result
+    check_trained_pipeline(pipeline, min(args.validation_inference_steps), result.skipped_updates, seed=args.seed)
     pipeline.save_pretrained(args.output_dir)
     sample_name = "sample_grid.png" if data.kind == "image" else "samples.png"
     validator(result.global_step, os.path.join(args.output_dir, sample_name), prior=prior)
@@ -222,6 +225,7 @@ def save_and_publish(
         global_batch_size=args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
         metrics=metrics,
         metric_window=len(result.recent),
+        skipped_updates=result.skipped_updates,
         sample_image=sample_name,
         sample_caption=caption,
         license=args.license,

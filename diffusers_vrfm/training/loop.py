@@ -25,6 +25,7 @@ from .data import collate_examples, encode_with_vae
 from .data_setup import BatchLayout, PreparedData
 from .determinism import make_generator
 from .environment import RunContext
+from .health import SkippedUpdates
 from .model_setup import TrainingModels, trainable_parameters
 from .resume import ResumeState
 from .validation import Validator
@@ -40,7 +41,7 @@ class LoopState:
         global_step (`int`): updates made so far.
         micro_step (`int`): micro-steps made so far (the key of every random draw).
         adaptive_beta (`float`): the KL weight of the next step when `--kl_target` adapts it.
-        skipped_updates (`int`): updates skipped for a non-finite loss or gradient.
+        skips (`SkippedUpdates`): skipped updates (non-finite loss or gradient) and the limit on a run of them.
         recent (`deque`): the logged metrics of the last `METRIC_WINDOW` updates.
         accumulated (`torch.Tensor`, *optional*): the window's mean loss, MSE, KL, KL in nats and KL per dimension.
         window_bad (`bool`): whether a micro-step of the window had a non-finite loss.
@@ -50,7 +51,7 @@ class LoopState:
     global_step: int
     micro_step: int
     adaptive_beta: float
-    skipped_updates: int = 0
+    skips: SkippedUpdates
     recent: deque = field(default_factory=lambda: deque(maxlen=METRIC_WINDOW))
     accumulated: torch.Tensor | None = None
     window_bad: bool = False
@@ -147,6 +148,10 @@ def accumulate_micro_step(
     and updates the weights, unless a loss or gradient of the window was not finite (`--nonfinite_policy`). Returns the
     gradient norm on an update, else `None`."""
     accelerator = context.accelerator
+
+    def describe_checkpoint() -> str:
+        return checkpointing.describe_last_checkpoint(args.output_dir, models.checkpoint_dirs)
+
     with accelerator.accumulate(*models.trained):
         output = training_step.vrfm_training_loss(
             models.velocity_model,
@@ -189,16 +194,16 @@ def accumulate_micro_step(
                 if args.nonfinite_policy == "stop":
                     raise RuntimeError(
                         f"Non-finite {'loss' if not loss_finite else 'gradient'} at step {state.global_step + 1} "
-                        f"(loss={values[0].item()}, grad_norm={grad_norm}); nothing was updated and the last "
-                        "checkpoint is intact. Lower --learning_rate, check the data, or pass "
+                        f"(loss={values[0].item()}, grad_norm={grad_norm}); nothing was updated, and "
+                        f"{describe_checkpoint()}. Lower --learning_rate, check the data, or pass "
                         "`--nonfinite_policy skip` to skip such updates."
                     )
-                state.skipped_updates += 1
                 context.log.warning(
                     f"Skipping the update of step {state.global_step + 1}: non-finite loss or gradient."
                 )
             else:
                 models.optimizer.step()
+            state.skips.record(state.window_bad, state.global_step + 1, describe_checkpoint)
             models.lr_scheduler.step()
             models.optimizer.zero_grad(set_to_none=True)
     return grad_norm
@@ -229,7 +234,7 @@ def update_metrics(
         "beta": beta,
         "lr": models.lr_scheduler.get_last_lr()[0],
         "grad_norm": grad_norm,
-        "skipped_updates": state.skipped_updates,
+        "skipped_updates": state.skips.total,
     }
     if kl_target is not None and not state.window_bad:
         # the same on every process: the KL is the mean gathered over processes and micro-steps
@@ -293,11 +298,16 @@ def train_loop(
     the trackers and `logs/metrics.jsonl`, checkpointing and writing validation figures on their schedules."""
     accelerator = context.accelerator
     state = LoopState(
-        resumed.global_step, resumed.global_step * args.gradient_accumulation_steps, resumed.adaptive_beta
+        resumed.global_step,
+        resumed.global_step * args.gradient_accumulation_steps,
+        resumed.adaptive_beta,
+        SkippedUpdates(limit=args.max_skipped_updates),
     )
     data_iterator = make_data_iterator(args, prepared, layout, state.micro_step)
     stop_at = min(args.max_train_steps, args.stop_after_steps or args.max_train_steps)
     metrics_path = os.path.join(context.logging_dir, "metrics.jsonl")
+    if accelerator.is_main_process and checkpointing.rewind_metrics_log(metrics_path, state.global_step):
+        context.log.info(f"Dropped the records after step {state.global_step} from {metrics_path}: rewritten now.")
     progress_bar = tqdm(
         total=args.max_train_steps,
         initial=state.global_step,
@@ -343,7 +353,7 @@ def train_loop(
     return LoopResult(
         global_step=state.global_step,
         start_step=start_step,
-        skipped_updates=state.skipped_updates,
+        skipped_updates=state.skips.total,
         recent=list(state.recent),
         train_seconds=time.time() - train_start,
         finished=state.global_step >= args.max_train_steps,

@@ -69,8 +69,11 @@ def render_model_card(
     num_classes: int | None = None,
     template_path: str | None = None,
     accelerate_launch: bool = True,
+    skipped_updates: int = 0,
 ):
     """Renders the card; returns a `huggingface_hub.ModelCard` (write it with `.save(path)`).
+
+    `skipped_updates` (the updates skipped for a non-finite loss or gradient) is stated in the training section.
 
     Metadata: `library_name: diffusers`, the VRFM tags, the licence, the dataset (when it is a Hub dataset),
     `base_model` (when fine-tuned from a Hub model) and a `pipeline_tag` for image models.
@@ -150,6 +153,12 @@ def render_model_card(
         else "Check sample quality at both few and many steps for your use: VRFM's gain is largest at few steps, and "
         "a posterior that carries too much information can hurt many-step sampling (a prior hole)."
     )
+    skipped_note = (
+        "none"
+        if not skipped_updates
+        else f"{skipped_updates} of {args.get('max_train_steps')} updates were skipped (`--nonfinite_policy skip`); "
+        "the weights, the EMA and the checkpoints never saw them"
+    )
     card = ModelCard.from_template(
         card_data,
         template_path=template_path,
@@ -177,6 +186,7 @@ def render_model_card(
         global_batch_size=global_batch_size,
         max_train_steps=args.get("max_train_steps"),
         ema_note=ema_note,
+        skipped_note=skipped_note,
         command=training_command(argv, num_processes, accelerate_launch=accelerate_launch),
         config_json=json.dumps(public_config(args), indent=2, sort_keys=True),
         metrics=[(name, format_metric(value)) for name, value in metrics.items()],

@@ -149,9 +149,23 @@ def vector_validation_figure(pipeline, toy_task, x0: torch.Tensor, z: torch.Tens
     return path
 
 
+def check_finite_samples(samples: torch.Tensor, what: str) -> None:
+    """Refuses samples with a NaN or an inf: no distance or score is defined on them (POT's `emd2` returns 0 on a NaN
+    cost, which would read as a perfect score)."""
+    bad = (~torch.isfinite(samples.reshape(len(samples), -1))).any(dim=1)
+    if bad.any():
+        raise ValueError(
+            f"{what}: {int(bad.sum())} of {len(samples)} samples contain NaN or inf, so the metric is undefined (the "
+            "model or the sampler diverged)."
+        )
+
+
 @torch.no_grad()
 def toy_metrics(pipeline, toy_task, steps_list, num_samples: int = 1000, seed: int = 0) -> dict[str, float]:
-    """W2 (POT, when installed) and, for tasks with discrete modes, the fraction of samples on a mode, per NFE."""
+    """W2 (POT, when installed) and, for tasks with discrete modes, the fraction of samples on a mode, per NFE.
+
+    Raises a `ValueError` when the samples at some NFE are not all finite (never a score of 0).
+    """
     generator = make_generator(seed, "validation", 2)
     x0 = toy_task.sample_source(num_samples, generator)
     target = toy_task.sample_target(num_samples, generator)
@@ -176,6 +190,7 @@ def toy_metrics(pipeline, toy_task, steps_list, num_samples: int = 1000, seed: i
         metrics["w2_floor"] = w2(target, reference)
     for steps in steps_list:
         samples = sample_trajectories(pipeline, x0, z, steps)[-1]
+        check_finite_samples(samples, f"toy metrics at {steps} step(s)")
         if ot is not None:
             metrics[f"w2_nfe{steps}"] = w2(samples, target)
         if toy_task.target_modes is not None:
