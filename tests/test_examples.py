@@ -189,7 +189,9 @@ def test_documented_train_vrfm_commands_parse():
 
 
 def test_training_flag_table_names_only_real_flags():
-    options = {option for action in load_script().build_parser()._actions for option in action.option_strings}
+    from diffusers_vrfm.training.cli import build_parser
+
+    options = {option for action in build_parser()._actions for option in action.option_strings}
     rows = [line for line in (ROOT / "docs" / "training.md").read_text().splitlines() if line.startswith("| `--")]
     documented = {flag for row in rows for flag in re.findall(r"`(--[a-z_-]+)", row.split(" | ")[0])}
     assert len(documented) > 25
