@@ -86,6 +86,7 @@ class VRFMTextToImagePipeline(VRFMPipeline):
         "text_encoder_3",
         "tokenizer_3",
     ]
+    default_num_inference_steps = 28  # as in diffusers' text-to-image pipelines
 
     def __init__(
         self,
