@@ -311,8 +311,8 @@ class VRFMPipeline(DiffusionPipeline):
             z=None if z is None else torch.cat([z, z]),
             **inputs,
         ).sample
-        conditional, unconditional_velocity = velocity.chunk(2)
-        return unconditional_velocity + guidance_scale * (conditional - unconditional_velocity)
+        conditional_velocity, unconditional_velocity = velocity.chunk(2)
+        return unconditional_velocity + guidance_scale * (conditional_velocity - unconditional_velocity)
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         """Maps model-space samples to data space: through the VAE (undoing its scaling) when there is one."""
@@ -362,7 +362,7 @@ class VRFMPipeline(DiffusionPipeline):
                 raise ValueError(f"`num_inference_steps` must be >= 1, but got {num_inference_steps}.")
         return num_inference_steps
 
-    def _check_output_arguments(self, batch_size, output_type, guidance_scale, generator) -> float:
+    def _check_call_arguments(self, batch_size, output_type, guidance_scale, generator) -> float:
         """Checks the arguments every VRFM pipeline call shares; returns `guidance_scale` as a float."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, but got {batch_size!r}.")
@@ -546,7 +546,7 @@ class VRFMPipeline(DiffusionPipeline):
         if output_type is None:
             output_type = "pil" if self.is_image_model else "pt"
         batch_size = self._infer_batch_size(batch_size, class_labels, latents, z)
-        guidance_scale = self._check_output_arguments(batch_size, output_type, guidance_scale, generator)
+        guidance_scale = self._check_call_arguments(batch_size, output_type, guidance_scale, generator)
         if guidance_scale != 1.0 and class_labels is None:
             raise ValueError(
                 f"`guidance_scale={guidance_scale}` needs `class_labels`: classifier-free guidance contrasts the "

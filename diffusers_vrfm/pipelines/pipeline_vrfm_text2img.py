@@ -324,7 +324,7 @@ class VRFMTextToImagePipeline(VRFMPipeline):
             negative_pooled_prompt_embeds,
         )  # fmt: skip
         batch_size = num_prompts * num_images_per_prompt
-        guidance_scale = self._check_output_arguments(batch_size, output_type, guidance_scale, generator)
+        guidance_scale = self._check_call_arguments(batch_size, output_type, guidance_scale, generator)
         shape = self.sample_shape_for(height, width)
         device = self._execution_device
         adapter, tensor_inputs = self._prepare_integration(
