@@ -15,8 +15,8 @@ adapter/
   prior/                      save_pretrained of the prior (optional)
 ```
 
-Load it with one call: `VRFMTextToImagePipeline.from_vrfm_adapter(folder)` (base from the folder's record, or
-`base_model=`), or [`load_vrfm_adapter`] on a pipeline you already have.
+Load it with one call: `VRFMTextToImagePipeline.from_vrfm_adapter(folder_or_hub_id)` (base from the folder's record,
+or `base_model=`), or [`load_vrfm_adapter`] on a pipeline you already have.
 """
 
 from __future__ import annotations
@@ -179,6 +179,31 @@ def save_vrfm_adapter(folder: str | os.PathLike, pipeline, base_model: str | Non
     if os.path.isdir(folder):
         shutil.rmtree(folder)
     os.replace(temporary, folder)
+
+
+def resolve_adapter_folder(
+    folder_or_repo: str | os.PathLike,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
+) -> str:
+    """The local folder of a VRFM adapter: `folder_or_repo` itself when it is a folder, else a snapshot of the Hub
+    repository of that id, fetched like a pipeline's (configs and safetensors only, never pickle; see
+    [`diffusers_vrfm.hub.resolve_pipeline_folder`], which also raises `FileNotFoundError` for a mistyped path or a
+    repository that cannot be fetched)."""
+    from .hub import resolve_pipeline_folder
+
+    return resolve_pipeline_folder(
+        os.fspath(folder_or_repo),
+        revision=revision,
+        token=token,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        force_download=force_download,
+        allow_pickle=False,
+    )
 
 
 def read_vrfm_adapter_config(folder: str | os.PathLike) -> dict:

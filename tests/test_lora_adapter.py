@@ -1,5 +1,9 @@
 """LoRA fine-tuning of a wrapped SD3 transformer through peft, and the VRFM adapter folder round trip."""
 
+import fnmatch
+import shutil
+
+import huggingface_hub
 import pytest
 import torch
 from text_to_image_helpers import tiny_stock_sd3_pipeline, tiny_text_pipeline
@@ -103,3 +107,49 @@ def test_adapter_on_a_vrfm_pipeline_folder_and_mismatches_are_refused(tmp_path):
         VRFMTextToImagePipeline.from_vrfm_adapter(tmp_path / "base")
     with pytest.raises(ValueError, match="has no LoRA layers"):
         save_vrfm_adapter(tmp_path / "other", tiny_text_pipeline())
+
+
+def _adapter_on_a_vrfm_base(tmp_path):
+    """A base VRFM text-to-image folder, a pipeline fine-tuned from it for one step, and its adapter folder."""
+    tiny_text_pipeline().save_pretrained(tmp_path / "base")
+    pipe = VRFMTextToImagePipeline.from_pretrained(tmp_path / "base")
+    _fine_tune(pipe, VRFMConvPosteriorEncoder(sample_size=8, in_channels=4, latent_dim=4, block_out_channels=(8,)), 1)
+    save_vrfm_adapter(tmp_path / "adapter", pipe)
+    return pipe, tmp_path / "adapter"
+
+
+def test_adapter_loads_from_a_hub_id_in_the_local_cache(tmp_path):
+    pipe, adapter = _adapter_on_a_vrfm_base(tmp_path)
+    cache = tmp_path / "hub-cache"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--you--tiny-vrfm-lora"  # the cache layout huggingface_hub reads offline
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(adapter, repo / "snapshots" / commit)
+    reloaded = VRFMTextToImagePipeline.from_vrfm_adapter(
+        "you/tiny-vrfm-lora", local_files_only=True, cache_dir=str(cache)
+    )  # the base is the local folder the adapter records
+    assert torch.equal(_sample(reloaded), _sample(pipe))
+    with pytest.raises(FileNotFoundError, match="could be fetched in the local cache"):
+        VRFMTextToImagePipeline.from_vrfm_adapter("you/not-cached", local_files_only=True, cache_dir=str(cache))
+    with pytest.raises(FileNotFoundError, match="No such folder"):
+        VRFMTextToImagePipeline.from_vrfm_adapter(str(tmp_path / "mistyped" / "adapter"))
+
+
+def test_adapter_snapshot_asks_for_its_files_and_no_pickle(tmp_path, monkeypatch):
+    pipe, adapter = _adapter_on_a_vrfm_base(tmp_path)
+    requests = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        requests.append((repo_id, kwargs))
+        return str(adapter)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    reloaded = VRFMTextToImagePipeline.from_vrfm_adapter("you/tiny-vrfm-lora", adapter_revision="v1", token="t")
+    assert torch.equal(_sample(reloaded), _sample(pipe))
+    [(repo_id, kwargs)] = requests  # only the adapter is fetched: its base is a local folder
+    assert repo_id == "you/tiny-vrfm-lora" and kwargs["revision"] == "v1" and kwargs["token"] == "t"
+    patterns = kwargs["allow_patterns"]
+    files = [str(path.relative_to(adapter)) for path in adapter.rglob("*") if path.is_file()]
+    assert files and all(any(fnmatch.fnmatch(name, pattern) for pattern in patterns) for name in files), files
+    assert not any(fnmatch.fnmatch("lora_weights.bin", pattern) for pattern in patterns)

@@ -4,7 +4,14 @@ import json
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+    UNet2DConditionModel,
+    UniPCMultistepScheduler,
+)
 from text_to_image_helpers import (
     SD3_CONFIG,
     tiny_clip,
@@ -16,6 +23,7 @@ from text_to_image_helpers import (
 
 from diffusers_vrfm import (
     VRFMPipeline,
+    VRFMScheduler,
     VRFMSD3Transformer2DModel,
     VRFMTextEncoders,
     VRFMTextToImagePipeline,
@@ -230,6 +238,114 @@ def test_pipeline_refuses_mismatched_components():
         from diffusers_vrfm import VRFMMLPModel
 
         VRFMTextToImagePipeline(VRFMMLPModel(sample_size=2), VRFMScheduler(), text_encoder=clip, tokenizer=tokenizer)
+
+
+# ------------------------------------------------------------------------------ the shared loop: schedulers, callbacks
+def _latent_call(pipe, **kwargs):
+    """A seeded guided call on two prompts that returns model-space latents."""
+    pipe.set_progress_bar_config(disable=True)
+    call = {"negative_prompt": "blurry", "guidance_scale": 3.0, "output_type": "latent"}
+    return pipe(["a handwritten seven", "a blurry one"], generator=torch.Generator().manual_seed(0), **call, **kwargs)
+
+
+def _source_noise(shape):
+    """The source noise `_latent_call` draws first from its seeded generator."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0))
+
+
+def test_flow_match_euler_swapped_in_matches_vrfm_euler_on_the_same_grid():
+    pipe = tiny_text_pipeline(with_vae=False)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    theirs = _latent_call(pipe, num_inference_steps=5)
+    grid = (1 - pipe.scheduler.sigmas[:-1]).tolist()  # diffusers' grid on this package's clock
+    pipe.scheduler = VRFMScheduler.from_config(pipe.scheduler.config)
+    ours = _latent_call(pipe, timesteps=grid)
+    assert theirs.num_function_evals == ours.num_function_evals == pipe.num_timesteps == 5
+    assert torch.equal(theirs.z, ours.z)
+    assert (theirs.images - ours.images).abs().max() < 1e-5
+    assert (ours.images - _source_noise(ours.images.shape)).abs().mean() > 0.1  # it moved
+
+
+FLOW_KWARGS = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+DIFFUSERS_FLOW_SCHEDULERS = [
+    (FlowMatchHeunDiscreteScheduler, {}, 2 * 6 - 1),  # two evaluations per step, one on the last
+    (DPMSolverMultistepScheduler, FLOW_KWARGS, 6),
+    (UniPCMultistepScheduler, FLOW_KWARGS, 6),
+]
+
+
+@pytest.mark.parametrize("scheduler_class, extra, num_evals", DIFFUSERS_FLOW_SCHEDULERS)
+def test_each_diffusers_flow_scheduler_samples_text_to_image(scheduler_class, extra, num_evals):
+    pipe = tiny_text_pipeline(with_vae=False)
+    reference = _latent_call(pipe, num_inference_steps=6)  # VRFMScheduler's Euler
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **extra)
+    calls = []
+    pipe.velocity_model.register_forward_hook(lambda module, args, output: calls.append(1))
+    out = _latent_call(pipe, num_inference_steps=6)
+    assert out.num_function_evals == pipe.num_timesteps == len(calls) == num_evals
+    assert torch.equal(out.z, reference.z) and torch.isfinite(out.images).all()
+    # another solver of the same flow, in the same clock and sign: near Euler's end point, far from the start
+    distance_travelled = (reference.images - _source_noise(out.images.shape)).abs().mean()
+    assert (out.images - reference.images).abs().mean() < 0.2 * distance_travelled
+
+
+def test_callback_changes_the_latents_and_sees_the_schedule():
+    pipe = tiny_text_pipeline(with_vae=False)
+    plain = _latent_call(pipe, num_inference_steps=3)
+    seen = []
+
+    def shift_last_step(pipe, step_index, t, callback_kwargs):
+        seen.append((step_index, round(float(t), 4), pipe.guidance_scale))
+        latents = callback_kwargs["latents"]
+        return {"latents": latents + 1.0 if step_index == 2 else latents}
+
+    shifted = _latent_call(pipe, num_inference_steps=3, callback_on_step_end=shift_last_step)
+    assert seen == [(0, 0.0, 3.0), (1, 0.3333, 3.0), (2, 0.6667, 3.0)]
+    assert torch.allclose(shifted.images, plain.images + 1.0, atol=1e-6)
+    with pytest.raises(ValueError, match="`callback_on_step_end_tensor_inputs` must be among \\['latents'\\]"):
+        _latent_call(pipe, num_inference_steps=3, callback_on_step_end=shift_last_step,
+                     callback_on_step_end_tensor_inputs=["prompt_embeds"])  # fmt: skip
+
+
+def test_interrupt_skips_the_remaining_steps():
+    pipe = tiny_text_pipeline(with_vae=False)
+    after_first_step = []
+
+    def stop(pipe, step_index, t, callback_kwargs):
+        after_first_step.append(callback_kwargs["latents"].clone())
+        pipe._interrupt = True
+        return callback_kwargs
+
+    calls = []
+    pipe.velocity_model.register_forward_hook(lambda module, args, output: calls.append(1))
+    out = _latent_call(pipe, num_inference_steps=4, callback_on_step_end=stop)
+    assert len(calls) == len(after_first_step) == 1 and pipe.interrupt
+    assert torch.equal(out.images, after_first_step[0])
+    _latent_call(pipe, num_inference_steps=2)  # the next call starts afresh
+    assert not pipe.interrupt and len(calls) == 3
+
+
+def test_steps_default_to_28_and_a_custom_grid_refuses_an_explicit_step_count():
+    pipe = tiny_text_pipeline(with_vae=False)
+    assert _latent_call(pipe).num_function_evals == pipe.num_timesteps == 28
+    assert _latent_call(pipe, timesteps=[0.0, 0.5]).num_function_evals == 2
+    with pytest.raises(ValueError, match="Pass either `num_inference_steps` \\(28\\) or `timesteps`, not both"):
+        _latent_call(pipe, num_inference_steps=28, timesteps=[0.0, 0.5])
+    with pytest.raises(TypeError, match="`num_inference_steps` must be an int, but got 2.5"):
+        _latent_call(pipe, num_inference_steps=2.5)
+
+
+def test_a_pipeline_with_a_diffusers_scheduler_saves_loads_and_carries_over_with_from_pipe(tmp_path):
+    pipe = tiny_text_pipeline(with_vae=False)
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, **FLOW_KWARGS)
+    expected = _latent_call(pipe, num_inference_steps=3).images
+    pipe.save_pretrained(tmp_path)
+    reloaded = VRFMTextToImagePipeline.from_pretrained(tmp_path)
+    assert type(reloaded.scheduler).__name__ == "UniPCMultistepScheduler"
+    assert torch.equal(_latent_call(reloaded, num_inference_steps=3).images, expected)
+    carried = VRFMTextToImagePipeline.from_pipe(pipe)
+    assert carried.velocity_model is pipe.velocity_model and carried.text_encoder is pipe.text_encoder
+    assert torch.equal(_latent_call(carried, num_inference_steps=3).images, expected)
 
 
 # ---------------------------------------------------------------------------------------------------- save and load

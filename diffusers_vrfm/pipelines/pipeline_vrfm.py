@@ -37,14 +37,13 @@ from ..models.posterior_conv import VRFMConvPosteriorEncoder
 from ..models.transformer_2d import VRFMDiTTransformer2DModel
 from ..models.unet_2d import VRFMUNet2DConditionModel, VRFMUNet2DModel
 from ..models.z_embedding import as_label_tensor
-from ..objective import check_real, check_tensor, slerp
+from ..objective import check_generator, check_real, check_tensor, slerp
 from ..schedulers.flow_scheduler_adapter import FlowSchedulerAdapter, check_flow_scheduler
 from ..schedulers.scheduling_vrfm import VRFMScheduler
 
 logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("pt", "np", "pil", "latent")
-DEFAULT_NUM_INFERENCE_STEPS = 8
 
 # The component types, as diffusers reads them from `__init__`'s hints: `from_pipe` carries a model over only when its
 # class is named here.
@@ -160,6 +159,7 @@ class VRFMPipeline(DiffusionPipeline):
     _optional_components = ["posterior_encoder", "vae", "prior"]
     _exclude_from_cpu_offload = ["posterior_encoder"]  # not used to sample
     _callback_tensor_inputs = ["latents"]
+    default_num_inference_steps = 8  # when neither `num_inference_steps` nor `timesteps` is given
     _guidance_scale = 1.0
     _num_timesteps = None
     _interrupt = False
@@ -231,9 +231,10 @@ class VRFMPipeline(DiffusionPipeline):
         """Whether samples are images (a VAE is present, or the model's samples are `(C, H, W)`)."""
         return self.vae is not None or len(self.velocity_model.sample_shape) == 3
 
-    def prepare_latents(self, batch_size, generator, device, dtype, latents=None):
-        """Draws the source samples ``x0 ~ N(0, I)`` (or checks the given ones)."""
-        shape = (batch_size, *self.velocity_model.sample_shape)
+    def prepare_latents(self, batch_size, generator, device, dtype, latents=None, sample_shape=None):
+        """Draws the source samples ``x0 ~ N(0, I)`` of shape `(batch_size, *sample_shape)` (or checks the given
+        ones); `sample_shape` defaults to the velocity model's."""
+        shape = (batch_size, *(sample_shape or self.velocity_model.sample_shape))
         if latents is None:
             return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         if not isinstance(latents, torch.Tensor):
@@ -280,19 +281,38 @@ class VRFMPipeline(DiffusionPipeline):
 
     def velocity(self, sample, t, z=None, class_labels=None, guidance_scale: float = 1.0) -> torch.Tensor:
         """One velocity evaluation at scalar time `t`, with classifier-free guidance when `guidance_scale != 1`."""
+        if class_labels is None or guidance_scale == 1.0:
+            return self.guided_velocity(sample, t, z, {"class_labels": class_labels})
+        null_labels = torch.full_like(class_labels, self.velocity_model.num_classes)
+        return self.guided_velocity(
+            sample, t, z, {"class_labels": class_labels}, {"class_labels": null_labels}, guidance_scale
+        )
+
+    def guided_velocity(
+        self,
+        sample: torch.Tensor,
+        t: torch.Tensor | float,
+        z: torch.Tensor | None,
+        conditioning: dict[str, torch.Tensor | None],
+        unconditional: dict[str, torch.Tensor] | None = None,
+        guidance_scale: float = 1.0,
+    ) -> torch.Tensor:
+        """The velocity at scalar time `t` given the model inputs `conditioning` (e.g. `class_labels`, or
+        `encoder_hidden_states`); with `unconditional` inputs of the same names, classifier-free guidance
+        ``v_u + g * (v_c - v_u)`` from one batched call in which each trajectory keeps its `z`."""
         batch_size = sample.shape[0]
         t_batch = torch.as_tensor(t, device=sample.device, dtype=torch.float32).reshape(()).expand(batch_size)
-        if class_labels is None or guidance_scale == 1.0:
-            return self.velocity_model(sample, t_batch, z=z, class_labels=class_labels).sample
-        null_labels = torch.full_like(class_labels, self.velocity_model.num_classes)
+        if unconditional is None:
+            return self.velocity_model(sample, t_batch, z=z, **conditioning).sample
+        inputs = {name: torch.cat([value, unconditional[name]]) for name, value in conditioning.items()}
         velocity = self.velocity_model(
             torch.cat([sample, sample]),
             torch.cat([t_batch, t_batch]),
             z=None if z is None else torch.cat([z, z]),
-            class_labels=torch.cat([class_labels, null_labels]),
+            **inputs,
         ).sample
-        conditional, unconditional = velocity.chunk(2)
-        return unconditional + guidance_scale * (conditional - unconditional)
+        conditional_velocity, unconditional_velocity = velocity.chunk(2)
+        return unconditional_velocity + guidance_scale * (conditional_velocity - unconditional_velocity)
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         """Maps model-space samples to data space: through the VAE (undoing its scaling) when there is one."""
@@ -316,10 +336,10 @@ class VRFMPipeline(DiffusionPipeline):
                 return tensor.shape[0]
         return 1
 
-    @staticmethod
-    def _resolve_num_inference_steps(adapter, num_inference_steps, timesteps) -> int | None:
-        """The number of solver steps. Refuses `timesteps` together with `num_inference_steps` (the contract of
-        diffusers' `retrieve_timesteps`: a custom schedule sets the number of steps itself) or an adaptive solver."""
+    def _resolve_num_inference_steps(self, adapter, num_inference_steps, timesteps) -> int | None:
+        """The number of solver steps: `num_inference_steps`, else `default_num_inference_steps` when no `timesteps`
+        grid is given. Refuses `timesteps` together with `num_inference_steps` (the contract of diffusers'
+        `retrieve_timesteps`: a custom schedule sets the number of steps itself) or an adaptive solver."""
         if timesteps is not None:
             if num_inference_steps is not None:
                 raise ValueError(
@@ -334,7 +354,7 @@ class VRFMPipeline(DiffusionPipeline):
                 )
             return None
         if num_inference_steps is None:
-            return DEFAULT_NUM_INFERENCE_STEPS
+            return self.default_num_inference_steps
         if not adapter.is_adaptive:
             if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
                 raise TypeError(f"`num_inference_steps` must be an int, but got {num_inference_steps!r}.")
@@ -342,7 +362,8 @@ class VRFMPipeline(DiffusionPipeline):
                 raise ValueError(f"`num_inference_steps` must be >= 1, but got {num_inference_steps}.")
         return num_inference_steps
 
-    def _check_call_arguments(self, batch_size, output_type, guidance_scale, generator, class_labels):
+    def _check_call_arguments(self, batch_size, output_type, guidance_scale, generator) -> float:
+        """Checks the arguments every VRFM pipeline call shares; returns `guidance_scale` as a float."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, but got {batch_size!r}.")
         if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
@@ -351,21 +372,63 @@ class VRFMPipeline(DiffusionPipeline):
             raise ValueError(
                 "`output_type='pil'` needs an image model; this pipeline makes vectors: use 'pt' or 'np'."
             )
-        check_real(guidance_scale, "guidance_scale")
-        if guidance_scale != 1.0 and class_labels is None:
+        check_generator(generator, batch_size=batch_size)
+        return check_real(guidance_scale, "guidance_scale")  # a float: an int beyond int64 would not multiply
+
+    def _prepare_integration(
+        self, num_inference_steps, timesteps, guidance_scale, callback, callback_tensor_inputs, device
+    ) -> tuple[FlowSchedulerAdapter, list[str]]:
+        """Starts a call: checks the step arguments and the callback, resets the call properties
+        (`guidance_scale`, `interrupt`) and sets the schedule, all before anything is drawn. Returns the scheduler
+        adapter and the tensor names the callback receives."""
+        adapter = FlowSchedulerAdapter(self.scheduler)
+        num_inference_steps = self._resolve_num_inference_steps(adapter, num_inference_steps, timesteps)
+        tensor_inputs = self._check_callback(callback, callback_tensor_inputs, adapter)
+        self._guidance_scale = guidance_scale
+        self._interrupt = False
+        if not adapter.is_adaptive:
+            adapter.set_timesteps(num_inference_steps, timesteps=timesteps, device=device)
+        return adapter, tensor_inputs
+
+    def _integrate(self, velocity_fn, x, adapter, callback=None, tensor_inputs=()) -> tuple[torch.Tensor, int]:
+        """Integrates ``dx/dt = velocity_fn(x, t)`` from `x` at ``t = 0`` to ``t = 1`` with the scheduler behind
+        `adapter` (set by `_prepare_integration`), calling `callback` after each fixed step and honouring
+        `interrupt`. Returns the end point and the velocity evaluations per trajectory (also `num_timesteps`);
+        raises when the end point is not finite."""
+        if adapter.is_adaptive:
+            result = adapter.integrate_adaptive(velocity_fn, x)
+            x, num_function_evals = result.prev_sample, result.num_function_evals
+        else:
+            num_function_evals = self._num_timesteps = adapter.num_function_evals
+            for index, t in enumerate(self.progress_bar(adapter.times)):
+                if self.interrupt:
+                    continue
+                x = adapter.step(velocity_fn(x, t), index, x)
+                if callback is not None:
+                    x = self._run_callback(callback, tensor_inputs, index, t, x)
+        self._num_timesteps = num_function_evals
+        if not torch.isfinite(x).all():
             raise ValueError(
-                f"`guidance_scale={guidance_scale}` needs `class_labels`: classifier-free guidance contrasts the "
-                "class-conditional velocity with the unconditional one."
+                f"Sampling produced non-finite values (NaN or inf) in {x.dtype}, from finite `latents` and `z`: an "
+                f"extreme input magnitude or `guidance_scale` ({self.guidance_scale}) overflowed, or the velocity "
+                "model's weights are not finite."
             )
-        if isinstance(generator, list):
-            if len(generator) != batch_size:
-                raise ValueError(f"`generator` is a list of {len(generator)}, but `batch_size` is {batch_size}.")
-            if not all(isinstance(g, torch.Generator) for g in generator):
-                raise TypeError("`generator` must be a torch.Generator or a list of them.")
-        elif generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(
-                f"`generator` must be a torch.Generator or a list of them, but got {type(generator).__name__}."
-            )
+        return x, num_function_evals
+
+    def _finish_call(self, x, z, num_function_evals, output_type, return_dict) -> VRFMPipelineOutput | tuple:
+        """Decodes and post-processes the end points for `output_type`, frees offload hooks, and builds the output."""
+        if output_type == "latent":
+            samples = x
+        else:
+            samples = self.decode(x)
+            if self.is_image_model:
+                samples = self.image_processor.postprocess(samples.float(), output_type=output_type)
+            elif output_type == "np":
+                samples = samples.float().cpu().numpy()
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (samples, z)
+        return VRFMPipelineOutput(samples=samples, z=z, num_function_evals=num_function_evals)
 
     def _check_callback(self, callback, tensor_inputs, adapter) -> list[str]:
         """Checks `callback_on_step_end` and returns the tensor names it receives."""
@@ -483,54 +546,27 @@ class VRFMPipeline(DiffusionPipeline):
         if output_type is None:
             output_type = "pil" if self.is_image_model else "pt"
         batch_size = self._infer_batch_size(batch_size, class_labels, latents, z)
-        adapter = FlowSchedulerAdapter(self.scheduler)
-        num_inference_steps = self._resolve_num_inference_steps(adapter, num_inference_steps, timesteps)
-        self._check_call_arguments(batch_size, output_type, guidance_scale, generator, class_labels)
-        tensor_inputs = self._check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, adapter)
-        self._guidance_scale = guidance_scale = float(guidance_scale)  # an int beyond int64 would not multiply
-        self._interrupt = False
+        guidance_scale = self._check_call_arguments(batch_size, output_type, guidance_scale, generator)
+        if guidance_scale != 1.0 and class_labels is None:
+            raise ValueError(
+                f"`guidance_scale={guidance_scale}` needs `class_labels`: classifier-free guidance contrasts the "
+                "class-conditional velocity with the unconditional one."
+            )
         device = self._execution_device
+        adapter, tensor_inputs = self._prepare_integration(
+            num_inference_steps, timesteps, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs,
+            device,
+        )  # fmt: skip
         dtype = self.velocity_model.dtype
-        if not adapter.is_adaptive:  # checks a custom grid before anything is drawn
-            adapter.set_timesteps(num_inference_steps, timesteps=timesteps, device=device)
-
         x = self.prepare_latents(batch_size, generator, device, dtype, latents)
         z = self.prepare_z(batch_size, generator, device, dtype, z, source=x)
         labels = self._prepare_class_labels(class_labels, batch_size, device)
 
-        if adapter.is_adaptive:
-            result = adapter.integrate_adaptive(
-                lambda sample, t: self.velocity(sample, t, z, labels, guidance_scale), x
-            )
-            x, num_function_evals = result.prev_sample, result.num_function_evals
-        else:
-            num_function_evals = self._num_timesteps = adapter.num_function_evals
-            for index, t in enumerate(self.progress_bar(adapter.times)):
-                if self.interrupt:
-                    continue
-                x = adapter.step(self.velocity(x, t, z, labels, guidance_scale), index, x)
-                if callback_on_step_end is not None:
-                    x = self._run_callback(callback_on_step_end, tensor_inputs, index, t, x)
-        self._num_timesteps = num_function_evals
-        if not torch.isfinite(x).all():
-            raise ValueError(
-                f"Sampling produced non-finite values (NaN or inf) in {x.dtype}, from finite `latents` and `z`: an "
-                f"extreme input magnitude or `guidance_scale` ({guidance_scale}) overflowed, or the velocity model's "
-                "weights are not finite."
-            )
+        def velocity_fn(sample, t):
+            return self.velocity(sample, t, z, labels, guidance_scale)
 
-        if output_type == "latent":
-            samples = x
-        else:
-            samples = self.decode(x)
-            if self.is_image_model:
-                samples = self.image_processor.postprocess(samples.float(), output_type=output_type)
-            elif output_type == "np":
-                samples = samples.float().cpu().numpy()
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (samples, z)
-        return VRFMPipelineOutput(samples=samples, z=z, num_function_evals=num_function_evals)
+        x, num_function_evals = self._integrate(velocity_fn, x, adapter, callback_on_step_end, tensor_inputs)
+        return self._finish_call(x, z, num_function_evals, output_type, return_dict)
 
     # --------------------------------------------------------------------------------------------------- z utilities
     @staticmethod

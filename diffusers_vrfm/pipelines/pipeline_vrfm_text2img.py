@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
-from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
 from ..models.transformer_sd3 import VRFMSD3Transformer2DModel
-from ..objective import check_generator, check_real, check_tensor
+from ..models.unet_2d import VRFMUNet2DConditionModel
+from ..objective import check_tensor
 from ..schedulers.scheduling_vrfm import VRFMScheduler
 from ..text_encoding import VRFMPromptEmbeddings, VRFMTextEncoders, as_prompt_list
-from .pipeline_vrfm import OUTPUT_TYPES, VRFMPipeline, VRFMPipelineOutput
+from .pipeline_vrfm import (
+    Autoencoder,
+    FlowScheduler,
+    PosteriorEncoder,
+    Prior,
+    VRFMPipeline,
+    VRFMPipelineOutput,
+)
 
 
 class VRFMTextToImagePipeline(VRFMPipeline):
@@ -25,7 +33,8 @@ class VRFMTextToImagePipeline(VRFMPipeline):
 
     Components:
         velocity_model ([`VRFMSD3Transformer2DModel`] or [`VRFMUNet2DConditionModel`]): the text-conditioned velocity.
-        scheduler ([`VRFMScheduler`]): the time grid and solver.
+        scheduler ([`VRFMScheduler`], or a diffusers flow scheduler as in [`VRFMPipeline`]): the time grid and
+            solver.
         text_encoder (`CLIPTextModelWithProjection`), tokenizer: the CLIP text encoder.
         text_encoder_2, tokenizer_2 (*optional*): a second CLIP (SD3's CLIP-G).
         text_encoder_3 (`T5EncoderModel`), tokenizer_3 (*optional*): a T5 encoder.
@@ -77,20 +86,21 @@ class VRFMTextToImagePipeline(VRFMPipeline):
         "text_encoder_3",
         "tokenizer_3",
     ]
+    default_num_inference_steps = 28  # as in diffusers' text-to-image pipelines
 
     def __init__(
         self,
-        velocity_model: ModelMixin,
-        scheduler: VRFMScheduler,
+        velocity_model: VRFMSD3Transformer2DModel | VRFMUNet2DConditionModel,
+        scheduler: FlowScheduler,
         text_encoder,
         tokenizer,
-        vae: ModelMixin | None = None,
+        vae: Autoencoder | None = None,
         text_encoder_2=None,
         tokenizer_2=None,
         text_encoder_3=None,
         tokenizer_3=None,
-        posterior_encoder: ModelMixin | None = None,
-        prior: ModelMixin | None = None,
+        posterior_encoder: PosteriorEncoder | None = None,
+        prior: Prior | None = None,
     ):
         super().__init__(velocity_model, scheduler, posterior_encoder=posterior_encoder, vae=vae, prior=prior)
         for attribute in ("context_dim", "pooled_projection_dim"):
@@ -221,31 +231,14 @@ class VRFMTextToImagePipeline(VRFMPipeline):
         return num_prompts
 
     # ---------------------------------------------------------------------------------------------------- sampling
-    def text_velocity(
-        self,
-        sample: torch.Tensor,
-        t: torch.Tensor | float,
-        z: torch.Tensor | None,
-        text: VRFMPromptEmbeddings,
-        negative_text: VRFMPromptEmbeddings | None = None,
-        guidance_scale: float = 1.0,
-    ) -> torch.Tensor:
-        """The velocity at time `t`, guided (``v_neg + g * (v_text - v_neg)``) when `negative_text` is given."""
-        batch_size = sample.shape[0]
-        t_batch = torch.as_tensor(t, device=sample.device, dtype=torch.float32).reshape(()).expand(batch_size)
-        texts = [text] if negative_text is None else [text, negative_text]
-        text_inputs = {"encoder_hidden_states": torch.cat([part.prompt_embeds for part in texts])}
+    def text_inputs(self, text: VRFMPromptEmbeddings, device=None) -> dict[str, torch.Tensor]:
+        """The velocity model's text inputs (`encoder_hidden_states`, and `pooled_projections` when it reads them)
+        from prompt embeddings, on `device` in the model's dtype: the `conditioning` of
+        [`~VRFMPipeline.guided_velocity`]."""
+        inputs = {"encoder_hidden_states": text.prompt_embeds}
         if self.velocity_model.pooled_projection_dim is not None:
-            text_inputs["pooled_projections"] = torch.cat([part.pooled_prompt_embeds for part in texts])
-        if negative_text is not None:
-            sample, t_batch = torch.cat([sample, sample]), torch.cat([t_batch, t_batch])
-            z = None if z is None else torch.cat([z, z])
-        text_inputs = {name: value.to(self.velocity_model.dtype) for name, value in text_inputs.items()}
-        velocity = self.velocity_model(sample, t_batch, z=z, **text_inputs).sample
-        if negative_text is None:
-            return velocity
-        conditional, unconditional = velocity.chunk(2)
-        return unconditional + guidance_scale * (conditional - unconditional)
+            inputs["pooled_projections"] = text.pooled_prompt_embeds
+        return {name: value.to(device=device, dtype=self.velocity_model.dtype) for name, value in inputs.items()}
 
     def sample_shape_for(self, height: int | None, width: int | None) -> tuple[int, int, int]:
         """The model-space shape of one image of `height` x `width` pixels (the model's default when unset)."""
@@ -263,19 +256,6 @@ class VRFMTextToImagePipeline(VRFMPipeline):
             shape.append(value // factor)
         return tuple(shape)
 
-    def _integrate(self, velocity_fn, x, num_inference_steps, timesteps, device) -> tuple[torch.Tensor, int]:
-        """Integrates from `x` at ``t = 0`` to ``t = 1``; returns the end point and the function evaluations."""
-        if self.scheduler.is_adaptive:
-            result = self.scheduler.integrate_adaptive(velocity_fn, x)
-            return result.prev_sample, result.num_function_evals
-        if timesteps is not None:
-            self.scheduler.set_timesteps(timesteps=timesteps, device=device)
-        else:
-            self.scheduler.set_timesteps(num_inference_steps, device=device)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            x = self.scheduler.step(velocity_fn(x, t), t, x).prev_sample
-        return x, self.scheduler.num_function_evals
-
     @torch.no_grad()
     def __call__(
         self,
@@ -283,7 +263,7 @@ class VRFMTextToImagePipeline(VRFMPipeline):
         negative_prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 28,
+        num_inference_steps: int | None = None,
         guidance_scale: float = 7.0,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -297,14 +277,23 @@ class VRFMTextToImagePipeline(VRFMPipeline):
         max_sequence_length: int = 256,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ) -> VRFMPipelineOutput | tuple:
         """Generates `num_images_per_prompt` images for each prompt.
+
+        Sampling runs through the same loop as [`VRFMPipeline`], so every scheduler it takes works here too
+        (`pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)`, DPM-Solver++ or
+        UniPC with flow sigmas), as do `callback_on_step_end`, `pipe.interrupt`, `pipe.num_timesteps` and
+        `pipe.guidance_scale`.
 
         Args:
             prompt (`str` or `list[str]`): the prompts; or pass `prompt_embeds` (and `pooled_prompt_embeds`).
             negative_prompt (`str` or `list[str]`, *optional*): what guidance steers away from; `""` when unset.
             height, width (`int`, *optional*): the image size in pixels; the model's `sample_size` by default.
-            num_inference_steps (`int`, defaults to 28): solver steps; ignored by adaptive solvers.
+            num_inference_steps (`int`, *optional*, defaults to 28): solver steps on the scheduler's default grid;
+                ignored by adaptive solvers. 28 (the default of diffusers' text-to-image pipelines) applies only when
+                neither `num_inference_steps` nor `timesteps` is passed; passing both is refused.
             guidance_scale (`float`, defaults to 7.0): classifier-free guidance on the text; 1 turns it off.
             num_images_per_prompt (`int`, defaults to 1): images (trajectories, each with its own ``z``) per prompt.
             generator (`torch.Generator` or a list of one per image, *optional*): makes the draws reproducible.
@@ -314,73 +303,52 @@ class VRFMTextToImagePipeline(VRFMPipeline):
                 per prompt), for example from [`VRFMTextEncoders`].
             negative_prompt_embeds, negative_pooled_prompt_embeds (`torch.Tensor`, *optional*): the same for the
                 negative prompts.
-            timesteps (`list[float]`, *optional*): a custom time grid in this package's clock (see
-                [`VRFMScheduler.set_timesteps`]).
+            timesteps (`list[float]`, *optional*): a custom time grid in this package's clock (0 = noise, 1 = data;
+                see [`VRFMScheduler.set_timesteps`]); a diffusers scheduler receives it as `sigmas = 1 - t`.
             max_sequence_length (`int`, defaults to 256): the number of T5 tokens (with a T5 encoder).
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"` or `"latent"`.
             return_dict (`bool`, defaults to `True`): return a [`VRFMPipelineOutput`] rather than `(images, z)`.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*): called
+                after every scheduler step as `callback_on_step_end(pipe, step_index, t, callback_kwargs)`, `t` in
+                this package's clock; a returned `"latents"` replaces the current state. Set `pipe._interrupt = True`
+                in it to skip the remaining steps. Fixed-step schedulers only.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): the tensors in
+                `callback_kwargs`; see `pipe._callback_tensor_inputs`.
         """
-        if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, but got {output_type!r}.")
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int):
             raise TypeError(f"`num_images_per_prompt` must be an int, but got {num_images_per_prompt!r}.")
         if num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be >= 1, but got {num_images_per_prompt}.")
-        guidance_scale = check_real(guidance_scale, "guidance_scale")
+        num_prompts = self.check_prompt_inputs(
+            prompt, negative_prompt, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
+            negative_pooled_prompt_embeds,
+        )  # fmt: skip
+        batch_size = num_prompts * num_images_per_prompt
+        guidance_scale = self._check_call_arguments(batch_size, output_type, guidance_scale, generator)
         shape = self.sample_shape_for(height, width)
         device = self._execution_device
+        adapter, tensor_inputs = self._prepare_integration(
+            num_inference_steps, timesteps, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs,
+            device,
+        )  # fmt: skip
         positive, negative = self.encode_prompt(
             prompt, negative_prompt, guidance_scale != 1.0, prompt_embeds, pooled_prompt_embeds,
             negative_prompt_embeds, negative_pooled_prompt_embeds, max_sequence_length, device,
         )  # fmt: skip
-        positive = positive.repeat_each(num_images_per_prompt)
-        negative = negative.repeat_each(num_images_per_prompt) if negative is not None else None
-        batch_size = positive.prompt_embeds.shape[0]
-        check_generator(generator, batch_size=batch_size)
-        if timesteps is not None:
-            self.scheduler.set_timesteps(timesteps=timesteps)  # checks the grid before anything is drawn
-        elif not self.scheduler.is_adaptive:
-            steps = num_inference_steps
-            if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-                raise ValueError(f"`num_inference_steps` must be a positive integer, but got {steps!r}.")
-
-        dtype = self.velocity_model.dtype
-        x = self._prepare_source(batch_size, shape, generator, device, dtype, latents)
-        z = self.prepare_z(batch_size, generator, device, dtype, z, source=x)
-        positive, negative = (
-            None if text is None else VRFMPromptEmbeddings(*(value.to(device) for value in text.to_tuple()))
+        conditioning, unconditional = (
+            None if text is None else self.text_inputs(text.repeat_each(num_images_per_prompt), device)
             for text in (positive, negative)
         )
 
+        dtype = self.velocity_model.dtype
+        x = self.prepare_latents(batch_size, generator, device, dtype, latents, sample_shape=shape)
+        z = self.prepare_z(batch_size, generator, device, dtype, z, source=x)
+
         def velocity_fn(sample, t):
-            return self.text_velocity(sample, t, z, positive, negative, guidance_scale)
+            return self.guided_velocity(sample, t, z, conditioning, unconditional, guidance_scale)
 
-        x, num_function_evals = self._integrate(velocity_fn, x, num_inference_steps, timesteps, device)
-        if not torch.isfinite(x).all():
-            raise ValueError(
-                f"Sampling produced non-finite values (NaN or inf) in {x.dtype}: an extreme `guidance_scale` "
-                f"({guidance_scale}) or input overflowed, or the velocity model's weights are not finite."
-            )
-        images = x if output_type == "latent" else self.decode(x)
-        if output_type != "latent":
-            images = self.image_processor.postprocess(images.float(), output_type=output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images, z)
-        return VRFMPipelineOutput(samples=images, z=z, num_function_evals=num_function_evals)
-
-    def _prepare_source(self, batch_size, shape, generator, device, dtype, latents=None) -> torch.Tensor:
-        """Draws the source noise ``x0 ~ N(0, I)`` of shape `(batch_size, *shape)`, or checks the given one."""
-        full_shape = (batch_size, *shape)
-        if latents is None:
-            return randn_tensor(full_shape, generator=generator, device=device, dtype=dtype)
-        check_tensor(latents, "latents")
-        if tuple(latents.shape) != full_shape:
-            raise ValueError(
-                f"`latents` must have shape {full_shape} (prompts x `num_images_per_prompt`, *sample shape), but got "
-                f"{tuple(latents.shape)}."
-            )
-        return latents.to(device=device, dtype=dtype)
+        x, num_function_evals = self._integrate(velocity_fn, x, adapter, callback_on_step_end, tensor_inputs)
+        return self._finish_call(x, z, num_function_evals, output_type, return_dict)
 
     # ------------------------------------------------------------------------------------------------- conversion
     @classmethod
@@ -389,9 +357,9 @@ class VRFMTextToImagePipeline(VRFMPipeline):
         pipeline_or_path,
         latent_dim: int = 16,
         z_embed_hidden_dim: int | None = None,
-        scheduler: VRFMScheduler | None = None,
-        posterior_encoder: ModelMixin | None = None,
-        prior: ModelMixin | None = None,
+        scheduler: FlowScheduler | None = None,
+        posterior_encoder: PosteriorEncoder | None = None,
+        prior: Prior | None = None,
         **load_kwargs,
     ) -> VRFMTextToImagePipeline:
         """A VRFM text-to-image pipeline from a stock `StableDiffusion3Pipeline` (an object, a folder or a Hub id).
@@ -443,16 +411,36 @@ class VRFMTextToImagePipeline(VRFMPipeline):
 
     @classmethod
     def from_vrfm_adapter(
-        cls, adapter_folder: str | os.PathLike, base_model: str | os.PathLike | None = None, **load_kwargs
+        cls,
+        adapter: str | os.PathLike,
+        base_model: str | os.PathLike | None = None,
+        *,
+        adapter_revision: str | None = None,
+        **load_kwargs,
     ) -> VRFMTextToImagePipeline:
-        """Loads the base pipeline and a VRFM LoRA adapter folder on top of it, in one call.
+        """Loads the base pipeline and a VRFM LoRA adapter on top of it, in one call.
 
-        The base is the one the adapter records (a stock SD3 pipeline, converted with the adapter's `latent_dim`, or
-        a VRFM text-to-image pipeline folder) unless `base_model` names another. `load_kwargs` (e.g.
-        `torch_dtype`) go to the base's loader. See [`diffusers_vrfm.lora`] for the folder format.
+        Args:
+            adapter (`str` or `os.PathLike`): an adapter folder written by [`~diffusers_vrfm.save_vrfm_adapter`], or
+                the Hub id of a repository holding one (its configs and safetensors are fetched; nothing is run).
+            base_model (`str` or `os.PathLike`, *optional*): the base pipeline, a folder or a Hub id; defaults to
+                the one the adapter records (a stock SD3 pipeline, converted with the adapter's `latent_dim`, or a
+                VRFM text-to-image pipeline).
+            adapter_revision (`str`, *optional*): the revision of a Hub adapter (`load_kwargs["revision"]` is the
+                base's).
+            load_kwargs: go to the base's loader (e.g. `torch_dtype`). Those that say how to reach the Hub
+                (`token`, `cache_dir`, `local_files_only`, `force_download`) apply to the adapter too.
+
+        See [`diffusers_vrfm.lora`] for the folder format.
         """
-        from ..lora import load_vrfm_adapter, read_vrfm_adapter_config
+        from ..lora import load_vrfm_adapter, read_vrfm_adapter_config, resolve_adapter_folder
 
+        hub_kwargs = {
+            name: load_kwargs[name]
+            for name in ("token", "cache_dir", "local_files_only", "force_download")
+            if name in load_kwargs
+        }
+        adapter_folder = resolve_adapter_folder(adapter, revision=adapter_revision, **hub_kwargs)
         record = read_vrfm_adapter_config(adapter_folder)
         base_model = base_model or record["base_model"]
         if base_model is None:
