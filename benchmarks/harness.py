@@ -163,6 +163,7 @@ def train_toy(task: ToyTask, method: ToyMethod, budget: ToyBudget, seed: int) ->
     >>> trained = train_toy(get_toy_task("ring_2d"), ToyMethod(latent_dim=2, kl_target=3.0), ToyBudget(steps=3), 0)
     >>> trained.model.latent_dim, len(trained.log), trained.beta_final > 0
     (2, 1, True)
+
     ```
     """
     set_seed(seed)

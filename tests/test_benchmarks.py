@@ -327,3 +327,28 @@ def test_train_throughput_quick_runs_the_training_script_for_both_methods(tmp_pa
         assert cell["ms_per_step"] > 0 and cell["timed_steps"] >= 1 and math.isfinite(cell["final_loss"])
     assert cells[0]["velocity_parameters"] > cells[1]["velocity_parameters"], "VRFM adds the z path"
     assert "| unet | default | no |" in (tmp_path / "train_throughput.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------------ the harness
+def test_toy_harness_trains_every_remedy_and_shares_the_draws():
+    from benchmarks import harness
+    from diffusers_vrfm import VRFMAggregatePosteriorPrior
+    from diffusers_vrfm.data.toy import get_toy_task
+
+    task, budget = get_toy_task("ring_2d"), harness.ToyBudget(steps=4, batch_size=16, hidden_dim=8, log_every=2)
+    remedies = harness.ToyMethod(
+        latent_dim=2, kl_target=3.0, free_bits=0.1, beta_warmup=0.5, learned_prior=True, prior_mix=0.3, mmd_weight=1.0
+    )
+    trained = harness.train_toy(task, remedies, budget, seed=0)
+    assert [entry["step"] for entry in trained.log] == [2, 4] and trained.beta_final != remedies.beta
+    assert list(trained.prior.config.posterior_inputs) == ["x0"], "the learned prior is the pipeline's prior"
+    fitted = harness.train_toy(task, harness.ToyMethod(latent_dim=2, aggregate_prior_atoms=32), budget, seed=0)
+    assert isinstance(fitted.prior, VRFMAggregatePosteriorPrior) and fitted.beta_final == 1.0
+    rf = harness.train_toy(task, harness.ToyMethod(), budget, seed=0)
+    assert rf.encoder is None and rf.prior is None and rf.model.latent_dim == 0
+    # every method of a seed is scored on the same draws; another seed gets others
+    a, b = harness.evaluation_draws(task, 8, 0), harness.evaluation_draws(task, 8, 0)
+    assert torch.equal(a.x0, b.x0) and torch.equal(a.target, b.target) and a.z_seed == b.z_seed
+    assert not torch.equal(a.x0, harness.evaluation_draws(task, 8, 1).x0)
+    with pytest.raises(ValueError, match="`coupling` must be one of"):
+        harness.train_toy(task, harness.ToyMethod(coupling="ot"), budget, seed=0)
