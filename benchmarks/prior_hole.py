@@ -53,28 +53,24 @@ from benchmarks.common import (  # noqa: E402
     markdown_table,
     mean_std,
     pyplot,
-    sampling_floor,
-    set_seed,
     wasserstein2,
     write_json,
 )
-from diffusers_vrfm import (  # noqa: E402
-    VRFMMLPModel,
-    VRFMPosteriorEncoder,
-    VRFMScheduler,
-    count_active_units,
-    gaussian_kl,
-    interpolate,
-    target_velocity,
-    vrfm_loss,
+from benchmarks.harness import (  # noqa: E402
+    ALL_INPUTS,
+    ToyBudget,
+    ToyMethod,
+    TrainedToy,
+    evaluation_draws,
+    task_floors,
+    train_toy,
 )
+from diffusers_vrfm import VRFMScheduler, count_active_units, gaussian_kl, interpolate  # noqa: E402
 from diffusers_vrfm.data.toy import ToyTask, get_toy_task  # noqa: E402
-from diffusers_vrfm.objective import adapt_beta, latent_mmd, mix_latents  # noqa: E402
-from diffusers_vrfm.training.step import beta_at_step  # noqa: E402
+from diffusers_vrfm.objective import latent_mmd  # noqa: E402
 
 NFES = (1, 2, 4, 8, 16, 100)
 REDRAW_NFES = (8, 100)
-ALL_INPUTS = ("x0", "x1", "x_t", "t")
 STUDY_TASKS = ("two_modes_1d", "ring_2d", "8gaussians_moons", "gaussian_8gaussians")
 AGGREGATE_PRIOR_ATOMS = 4096
 AGGREGATE_PRIOR_SUFFIX = " +AP"
@@ -171,99 +167,38 @@ class Budget:
     kl_dual_lr: float = 0.01
 
 
-@dataclass
-class Trained:
-    model: VRFMMLPModel
-    encoder: VRFMPosteriorEncoder | None
-    prior: VRFMPosteriorEncoder | None
-    beta_final: float
-    train_seconds: float
-    log: list
-
-
 def velocity_scale(task: ToyTask, num_pairs: int = 20_000) -> float:
     """``E||x1 - x0||^2`` of a task's independent coupling (the size of the regression target)."""
     x0, x1 = task.sample_pairs(num_pairs, torch.Generator().manual_seed(12345))
     return float((x1 - x0).pow(2).sum(dim=1).mean())
 
 
-def train(task: ToyTask, config: PriorHoleConfig, budget: Budget, seed: int) -> Trained:
-    """Trains one configuration; the stream of training pairs depends on `seed` only."""
-    set_seed(seed)
-    model = VRFMMLPModel(
-        sample_size=task.dim, latent_dim=config.latent_dim, hidden_dim=budget.hidden_dim, num_layers=budget.num_layers
+def train(task: ToyTask, config: PriorHoleConfig, budget: Budget, seed: int) -> TrainedToy:
+    """Trains one configuration through the shared harness; the stream of training pairs depends on `seed` only."""
+    method = ToyMethod(
+        latent_dim=config.latent_dim,
+        posterior_inputs=config.posterior_inputs,
+        beta=config.beta * (velocity_scale(task) if config.beta_scale == "velocity" else 1.0),
+        kl_target=config.kl_target,
+        free_bits=config.free_bits,
+        beta_warmup=config.beta_warmup,
+        learned_prior=config.learned_prior,
+        prior_mix=config.prior_mix,
+        mmd_weight=config.mmd_weight,
     )
-    encoder = prior = None
-    if config.latent_dim:
-        encoder = VRFMPosteriorEncoder(
-            sample_size=task.dim,
-            latent_dim=config.latent_dim,
-            posterior_inputs=config.posterior_inputs,
-            hidden_dim=budget.hidden_dim,
-        )
-        if config.learned_prior:
-            prior = VRFMPosteriorEncoder(
-                sample_size=task.dim,
-                latent_dim=config.latent_dim,
-                posterior_inputs=("x0",),
-                hidden_dim=budget.hidden_dim,
-            )
-    params = [p for m in (model, encoder, prior) if m is not None for p in m.parameters()]
-    optimizer = torch.optim.Adam(params, lr=budget.lr)
-    data_generator = torch.Generator().manual_seed(1_000_003 * (seed + 1))
-    beta = config.beta * (velocity_scale(task) if config.beta_scale == "velocity" else 1.0)
-    log, window = [], {"mse": 0.0, "kl": 0.0, "n": 0}
-    start = time.perf_counter()
-    for step in range(1, budget.steps + 1):
-        x0, x1 = task.sample_pairs(budget.batch_size, data_generator)
-        t = torch.rand(budget.batch_size, generator=data_generator)
-        x_t = interpolate(x0, x1, t)
-        target = target_velocity(x0, x1)
-        if encoder is None:
-            out = vrfm_loss(model(x_t, t).sample, target)
-            loss = out.loss
-        else:
-            posterior = encoder(x0=x0, x1=x1, x_t=x_t, t=t, generator=data_generator)
-            prior_mean = prior_logvar = None
-            if prior is not None:
-                prior_out = prior(x0=x0, generator=data_generator)
-                prior_mean, prior_logvar, prior_draw = prior_out.mean, prior_out.logvar, prior_out.sample
-            else:
-                prior_draw = torch.randn(posterior.sample.shape, generator=data_generator)
-            z = mix_latents(posterior.sample, prior_draw, config.prior_mix, generator=data_generator)
-            step_beta = beta_at_step(beta, step - 1, round(config.beta_warmup * budget.steps))
-            out = vrfm_loss(
-                model(x_t, t, z=z).sample,
-                target,
-                posterior.mean,
-                posterior.logvar,
-                beta=step_beta,
-                free_bits=config.free_bits,
-                prior_mean=prior_mean,
-                prior_logvar=prior_logvar,
-            )
-            loss = out.loss
-            if config.mmd_weight:
-                loss = loss + config.mmd_weight * latent_mmd(posterior.sample, prior_draw.detach())
-            if config.kl_target is not None:  # dual ascent: raise beta while the KL is above target
-                beta = adapt_beta(beta, out.kl.item(), config.kl_target, rate=budget.kl_dual_lr)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        window["mse"] += out.mse.item()
-        window["kl"] += out.kl.item()
-        window["n"] += 1
-        if step % max(1, budget.steps // 8) == 0 or step == budget.steps:
-            n = window.pop("n")
-            log.append({"step": step, "beta": beta, **{k: v / n for k, v in window.items()}})
-            window = {"mse": 0.0, "kl": 0.0, "n": 0}
-    for m in (model, encoder, prior):
-        if m is not None:
-            m.eval()
-    return Trained(model, encoder, prior, beta, time.perf_counter() - start, log)
+    toy_budget = ToyBudget(
+        steps=budget.steps,
+        batch_size=budget.batch_size,
+        lr=budget.lr,
+        hidden_dim=budget.hidden_dim,
+        num_layers=budget.num_layers,
+        kl_rate=budget.kl_dual_lr,
+        log_every=max(1, budget.steps // 8),
+    )
+    return train_toy(task, method, toy_budget, seed)
 
 
-def draw_prior(trained: Trained, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
+def draw_prior(trained: TrainedToy, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
     """``z`` as inference draws it: from the learned prior at the source point, else from ``N(0, I)``."""
     if trained.model.latent_dim == 0:
         return None
@@ -273,7 +208,7 @@ def draw_prior(trained: Trained, x0: torch.Tensor, generator: torch.Generator) -
 
 
 @torch.no_grad()
-def euler_redraw(trained: Trained, x0: torch.Tensor, num_steps: int, generator: torch.Generator) -> torch.Tensor:
+def euler_redraw(trained: TrainedToy, x0: torch.Tensor, num_steps: int, generator: torch.Generator) -> torch.Tensor:
     """Euler with ``z`` redrawn from the prior at every step (a diagnostic, not the VRFM sampler)."""
     scheduler = VRFMScheduler(solver="euler")
     scheduler.set_timesteps(num_steps)
@@ -297,7 +232,7 @@ def decodability(features: torch.Tensor, target: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def diagnostics(trained: Trained, task: ToyTask, seed: int, num: int = 1000, num_times: int = 8) -> dict:
+def diagnostics(trained: TrainedToy, task: ToyTask, seed: int, num: int = 1000, num_times: int = 8) -> dict:
     """Posterior diagnostics (see the module docstring) on `num` fresh pairs."""
     if trained.encoder is None:
         return {}
@@ -340,12 +275,13 @@ def diagnostics(trained: Trained, task: ToyTask, seed: int, num: int = 1000, num
 
 
 @torch.no_grad()
-def evaluate(trained: Trained, task: ToyTask, budget: Budget, seed: int, nfes=NFES, redraw_nfes=REDRAW_NFES) -> dict:
+def evaluate(
+    trained: TrainedToy, task: ToyTask, budget: Budget, seed: int, nfes=NFES, redraw_nfes=REDRAW_NFES
+) -> dict:
     """W2 against NFE with one ``z`` per trajectory, the redraw diagnostic, and the posterior diagnostics."""
-    generator = torch.Generator().manual_seed(10_007 * (seed + 1))
-    x0 = task.sample_source(budget.num_samples, generator)
-    target = task.sample_target(budget.num_samples, generator)
-    z = draw_prior(trained, x0, torch.Generator().manual_seed(20_011 * (seed + 1)))
+    draws = evaluation_draws(task, budget.num_samples, seed)
+    x0, target = draws.x0, draws.target
+    z = draw_prior(trained, x0, draws.z_generator())
 
     def w2_against_nfe(z_used):
         """W2 at every NFE, and the fraction on a mode at NFE 100 (reusing the NFE-100 samples when measured)."""
@@ -364,7 +300,7 @@ def evaluate(trained: Trained, task: ToyTask, budget: Budget, seed: int, nfes=NF
     redraw = {}
     if trained.model.latent_dim:
         for nfe in redraw_nfes:
-            samples = euler_redraw(trained, x0, nfe, torch.Generator().manual_seed(20_011 * (seed + 1)))
+            samples = euler_redraw(trained, x0, nfe, draws.z_generator())
             redraw[str(nfe)] = wasserstein2(samples, target)
     aggpost = {}
     if trained.encoder is not None and tuple(trained.encoder.config.posterior_inputs) == ("x1",):
@@ -381,7 +317,7 @@ def evaluate(trained: Trained, task: ToyTask, budget: Budget, seed: int, nfes=NF
         fitted = fit_toy_aggregate_prior(
             trained.encoder, task, AGGREGATE_PRIOR_ATOMS, torch.Generator().manual_seed(60_013 * (seed + 1))
         )
-        z_fitted = fitted(x0=x0, generator=torch.Generator().manual_seed(20_011 * (seed + 1))).sample
+        z_fitted = fitted(x0=x0, generator=draws.z_generator()).sample
         aggprior, on_mode_aggprior = w2_against_nfe(z_fitted)
     return {
         "w2": w2,
@@ -642,7 +578,7 @@ def main(argv: list[str] | None = None) -> dict:
     jobs = []
     for task_name in args.tasks:
         task = get_toy_task(task_name)
-        floors = [sampling_floor(task.sample_target, budget.num_samples, seed=40_009 + s) for s in args.seeds]
+        floors = task_floors(task, budget.num_samples, args.seeds)
         results["tasks"][task_name] = {"floor": floors, "has_modes": task.target_modes is not None, "configs": {}}
     for label in labels:
         for seed in args.seeds:

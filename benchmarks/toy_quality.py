@@ -41,7 +41,7 @@ import math
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -53,31 +53,28 @@ from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
     count_parameters,
     euler_trajectory,
-    fit_toy_aggregate_prior,
     format_mean_std,
     machine_description,
     markdown_table,
     mean_std,
     posterior_diagnostics,
     pyplot,
-    sampling_floor,
-    set_seed,
     sliced_wasserstein2,
     straightness,
     wasserstein2,
     write_json,
 )
-from diffusers_vrfm import (  # noqa: E402
-    VRFMMLPModel,
-    VRFMPipeline,
-    VRFMPosteriorEncoder,
-    VRFMScheduler,
-    adapt_beta,
-    interpolate,
-    sample_timesteps,
-    target_velocity,
-    vrfm_loss,
+from benchmarks.harness import (  # noqa: E402
+    ALL_INPUTS,
+    ToyBudget,
+    ToyMethod,
+    TrainedToy,
+    build_toy_models,
+    evaluation_draws,
+    task_floors,
+    train_toy,
 )
+from diffusers_vrfm import VRFMMLPModel, VRFMPipeline, VRFMScheduler, interpolate  # noqa: E402
 from diffusers_vrfm.data.toy import TOY_TASKS, ToyTask, get_toy_task  # noqa: E402
 from diffusers_vrfm.schedulers.flow_scheduler_adapter import SINGLE_EVAL_SCHEDULERS, make_flow_scheduler  # noqa: E402
 
@@ -86,7 +83,6 @@ BASELINE_KINDS = ("rf", "icfm", "otcfm")
 METHOD_KINDS = ("vrfm",) + BASELINE_KINDS
 METHOD_LABELS = {"vrfm": "VRFM", "rf": "RF", "icfm": "I-CFM", "otcfm": "OT-CFM"}
 PAPER_LABEL = "VRFM (paper)"
-ALL_INPUTS = ("x0", "x1", "x_t", "t")
 
 
 @dataclass(frozen=True)
@@ -155,102 +151,33 @@ class EvalConfig:
     plot_paths: int = 128
 
 
-@dataclass
-class TrainedToyModel:
-    model: VRFMMLPModel
-    encoder: VRFMPosteriorEncoder | None
-    train_seconds: float
-    log: list[dict] = field(default_factory=list)
-    prior: torch.nn.Module | None = None  # a VRFMAggregatePosteriorPrior
-
-
-# ---------------------------------------------------------------------------------------------------------- training
-def build_models(task: ToyTask, method: MethodSpec, config: TrainConfig):
-    """The velocity net (and, for VRFM, the posterior) of one method; the baselines use `latent_dim=0`."""
-    latent_dim = method.settings.latent_dim if method.kind == "vrfm" else 0
-    model = VRFMMLPModel(
-        sample_size=task.dim, latent_dim=latent_dim, hidden_dim=config.hidden_dim, num_layers=config.num_layers
-    )
-    encoder = None
-    if method.kind == "vrfm":
-        encoder = VRFMPosteriorEncoder(
-            sample_size=task.dim,
-            latent_dim=latent_dim,
-            posterior_inputs=method.settings.posterior_inputs,
-            hidden_dim=config.hidden_dim,
-        )
-    return model, encoder
-
-
-def train_toy(task: ToyTask, method: MethodSpec, config: TrainConfig, seed: int) -> TrainedToyModel:
-    """Trains one method on one task with one seed and returns the model(s) and the training wall time.
-
-    The stream of training pairs depends on `seed` only, so every method sees the same pairs (OT-CFM re-pairs them
-    within each batch). Initial weights are drawn after `set_seed(seed)`.
-    """
+def toy_method(method: MethodSpec, config: TrainConfig) -> ToyMethod:
+    """The harness's description of one row: the baselines train the same net with `latent_dim=0`."""
     if method.kind not in METHOD_KINDS:
         raise ValueError(f"`method.kind` must be one of {METHOD_KINDS}, but got {method.kind!r}.")
-    set_seed(seed)
-    model, encoder = build_models(task, method, config)
-    params = list(model.parameters()) + ([] if encoder is None else list(encoder.parameters()))
-    optimizer = torch.optim.Adam(params, lr=config.lr)
-    data_generator = torch.Generator().manual_seed(1_000_003 * (seed + 1))
-    flow_matcher = None
-    if method.kind in ("icfm", "otcfm"):
-        from torchcfm.conditional_flow_matching import (
-            ConditionalFlowMatcher,
-            ExactOptimalTransportConditionalFlowMatcher,
-        )
+    if method.kind != "vrfm":
+        coupling = "independent" if method.kind == "rf" else method.kind
+        return ToyMethod(latent_dim=0, coupling=coupling, cfm_sigma=config.cfm_sigma)
+    settings = method.settings
+    return ToyMethod(
+        latent_dim=settings.latent_dim,
+        posterior_inputs=settings.posterior_inputs,
+        beta=settings.beta,
+        kl_target=settings.kl_target,
+        free_bits=settings.free_bits,
+        aggregate_prior_atoms=settings.aggregate_prior_atoms,
+    )
 
-        cls = ConditionalFlowMatcher if method.kind == "icfm" else ExactOptimalTransportConditionalFlowMatcher
-        flow_matcher = cls(sigma=config.cfm_sigma)
 
-    log, window = [], {"loss": 0.0, "mse": 0.0, "kl": 0.0, "n": 0}
-    beta = method.settings.beta if method.settings is not None else 0.0
-    model.train()
-    start = time.perf_counter()
-    for step in range(1, config.steps + 1):
-        x0, x1 = task.sample_pairs(config.batch_size, data_generator)
-        if flow_matcher is not None:
-            t, x_t, u_t = flow_matcher.sample_location_and_conditional_flow(x0, x1)
-            out = vrfm_loss(model(x_t, t).sample, u_t)
-        else:
-            t = sample_timesteps(config.batch_size, "uniform", generator=data_generator)
-            x_t = interpolate(x0, x1, t)
-            if encoder is None:
-                out = vrfm_loss(model(x_t, t).sample, target_velocity(x0, x1))
-            else:
-                posterior = encoder(x0=x0, x1=x1, x_t=x_t, t=t, generator=data_generator)
-                out = vrfm_loss(
-                    model(x_t, t, z=posterior.sample).sample,
-                    target_velocity(x0, x1),
-                    posterior.mean,
-                    posterior.logvar,
-                    beta=beta,
-                    free_bits=method.settings.free_bits,
-                )
-                if method.settings.kl_target is not None:
-                    beta = adapt_beta(beta, out.kl.item(), method.settings.kl_target)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-        window["loss"] += out.loss.item()
-        window["mse"] += out.mse.item()
-        window["kl"] += out.kl.item()
-        window["n"] += 1
-        if step % config.log_every == 0 or step == config.steps:
-            n = window.pop("n")
-            log.append({"step": step, **{k: v / n for k, v in window.items()}, "beta": beta})
-            window = {"loss": 0.0, "mse": 0.0, "kl": 0.0, "n": 0}
-    train_seconds = time.perf_counter() - start
-    model.eval()
-    prior = None
-    if encoder is not None:
-        encoder.eval()
-        atoms = method.settings.aggregate_prior_atoms
-        if atoms:  # fitted on fresh training pairs, after training, as train_vrfm.py does
-            prior = fit_toy_aggregate_prior(encoder, task, atoms, data_generator)
-    return TrainedToyModel(model=model, encoder=encoder, train_seconds=train_seconds, log=log, prior=prior)
+def toy_budget(config: TrainConfig) -> ToyBudget:
+    return ToyBudget(
+        steps=config.steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        hidden_dim=config.hidden_dim,
+        num_layers=config.num_layers,
+        log_every=config.log_every,
+    )
 
 
 # -------------------------------------------------------------------------------------------------------- evaluation
@@ -269,22 +196,18 @@ def z_spread(model: VRFMMLPModel, task: ToyTask, seed: int, num_points: int = 25
     return float(velocities.var(dim=0).sum(dim=-1).mean())
 
 
-def evaluate_toy(task: ToyTask, trained: TrainedToyModel, config: EvalConfig, seed: int, keep_plot_data: bool):
+def evaluate_toy(task: ToyTask, trained: TrainedToy, config: EvalConfig, seed: int, keep_plot_data: bool):
     """Samples with `VRFMPipeline` at every NFE and measures W2, sliced W2, fraction on mode and straightness.
 
     The source points, the target sample and the `z` draws depend on `seed` only, so methods are compared on the
     same draws (common random numbers).
     """
-    generator = torch.Generator().manual_seed(10_007 * (seed + 1))
-    x0 = task.sample_source(config.num_samples, generator)
-    target = task.sample_target(config.num_samples, generator)
+    draws = evaluation_draws(task, config.num_samples, seed)
+    x0, target, z_generator = draws.x0, draws.target, draws.z_generator
     has_modes = task.target_modes is not None
     scheduler = make_flow_scheduler(config.scheduler)
     pipe = VRFMPipeline(velocity_model=trained.model, scheduler=scheduler, prior=trained.prior)
     pipe.set_progress_bar_config(disable=True)
-
-    def z_generator():
-        return torch.Generator().manual_seed(20_011 * (seed + 1))
 
     metrics = {"w2": {}, "sw2": {}, "on_mode": {}, "sample_seconds": {}}
     plot = {"samples": {}}
@@ -801,11 +724,11 @@ def run(args) -> dict:
     for task_name in args.tasks:
         task = get_toy_task(task_name)
         methods = resolve_methods(args, task_name)
-        floors = [sampling_floor(task.sample_target, eval_config.num_samples, seed=40_009 + s) for s in args.seeds]
+        floors = task_floors(task, eval_config.num_samples, args.seeds)
         task_result = {"floor": floors, "has_modes": task.target_modes is not None, "methods": {}}
         results["tasks"][task_name] = task_result
         for method in methods:
-            model, encoder = build_models(task, method, train_config)
+            model, encoder, _ = build_toy_models(task, toy_method(method, train_config), toy_budget(train_config))
             task_result["methods"][method.label] = {
                 "kind": method.kind,
                 "settings": method.settings.describe() if method.settings else "z off",
@@ -826,7 +749,7 @@ def run(args) -> dict:
                 if str(seed) in old_runs:  # the same settings, under any label
                     entry["runs"][str(seed)] = old_runs[str(seed)]
                     continue
-                trained = train_toy(task, method, train_config, seed)
+                trained = train_toy(task, toy_method(method, train_config), toy_budget(train_config), seed)
                 metrics, plot = evaluate_toy(task, trained, eval_config, seed, keep_plot_data=seed == args.seeds[0])
                 metrics["train_seconds"] = trained.train_seconds
                 metrics["train_log"] = trained.log

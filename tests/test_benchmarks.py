@@ -239,17 +239,62 @@ def test_speed_quick_outputs_are_well_formed(tmp_path):
 def test_mnist_quick_outputs_are_well_formed(tmp_path):
     from benchmarks import mnist_quality
 
-    results = mnist_quality.main(["--quick", "--output-dir", str(tmp_path)])
+    # digits at 16x16, trained by train_vrfm.py itself (RF = --latent_dim 0), sampled from the saved pipelines
+    results = mnist_quality.main(["--quick", "--output-dir", str(tmp_path), "--work-dir", str(tmp_path)])
     tables = common.parse_markdown_tables((tmp_path / "mnist_quality.md").read_text())
-    (fd_table,) = list(_table_with_header(tables, "method", "NFE 16"))
-    assert [row[0] for row in fd_table[1:]] == ["RF", "VRFM", "VRFM / RF"]
-    assert fd_table[0][1:] == [f"NFE {n}" for n in mnist_quality.DEFAULT_NFES]
+    (fd_table,) = list(_table_with_header(tables, "method", "NFE 50"))
+    labels = ["RF", "VRFM", "VRFM, z ~ N(0, I)", "VRFM / RF", "VRFM, z ~ N(0, I) / RF"]
+    assert [row[0] for row in fd_table[1:]] == labels, "the saved pipeline has the fitted prior: both z sources"
+    assert (
+        fd_table[0][1:]
+        == [f"NFE {n}" for n in mnist_quality.DEFAULT_NFES]
+        == ["NFE 1", "NFE 2", "NFE 4", "NFE 8", "NFE 16", "NFE 50"]
+    )
     assert all(math.isfinite(_number(c)) and _number(c) >= 0 for row in fd_table[1:] for c in row[1:])
     (target,) = list(_table_with_header(tables, "quantity"))
-    assert target[1][-1] in {"met", "NOT met"}
-    assert results["meta"]["fd_floor"] >= 0 and 0 <= results["meta"]["classifier_accuracy"] <= 1
+    assert [row[0] for row in target[1:]] == [f"FD at NFE {n}" for n in (1, 2, 8, 16, 50)]
+    assert {row[-1] for row in target[1:]} <= {"met", "NOT met"}
+    meta = results["meta"]
+    assert meta["dataset"] == "builtin:digits" and meta["quick"] is True and meta["seeds"] == [0]
+    assert meta["fd_floor"] >= 0 and 0 <= meta["classifier_accuracy"] <= 1
+    assert meta["params"]["vrfm"] > meta["params"]["rf"] > 0 and meta["params"]["posterior"] > 0
+    # the runs went through train_vrfm.py: its final metrics, with the KL target's adapted beta for VRFM only
+    assert set(results["train"]) == {"rf", "vrfm"}
+    assert any("beta" in key for key in results["train"]["vrfm"]["0"])
+    assert not any("beta" in key for key in results["train"]["rf"]["0"])
+    assert "--latent_dim" not in meta["train_command"] and "--dataset_name builtin:digits" in meta["train_command"]
     _assert_png(tmp_path / "mnist_quality_grids.png")
     _assert_png(tmp_path / "mnist_quality_fd_vs_nfe.png")
+
+
+def test_mnist_quality_arguments_and_seeds_summary():
+    from benchmarks import mnist_quality
+
+    args = mnist_quality.build_parser().parse_args(
+        ["--seed", "3", "--model_config", '{"block_out_channels": [4]}', "--kl-convention", "per_pixel", "--beta", "2"]
+    )
+    assert args.seeds == [3] and args.model_config == {"block_out_channels": [4]}
+    mnist_quality.apply_quick_and_device_defaults(args)
+    assert args.dataset == "builtin:mnist" and args.resolution == 28 and args.num_samples == 2000
+    data = mnist_quality.ImageData("builtin:mnist", "", 28, torch.zeros(1, 1, 28, 28), None, None, None)
+    argv = mnist_quality.training_argv(args, data, "vrfm", 3, "out")
+    assert argv[argv.index("--beta") + 1] == str(2 * 784.0) and argv[argv.index("--loss_reduction") + 1] == "mean"
+    assert "--latent_dim" not in argv and "--cpu" in argv
+    assert mnist_quality.training_argv(args, data, "rf", 3, "out")[-4:] == [
+        "--latent_dim",
+        "0",
+        "--loss_reduction",
+        "mean",
+    ]
+    results = {"fd": {"rf": {"0": {"1": 10.0}, "1": {"1": 12.0}}, "vrfm": {"0": {"1": 4.0}, "1": {"1": 6.0}}}}
+    assert mnist_quality.cell_values(results, "rf", "1") == [10.0, 12.0]
+    (row,) = mnist_quality.target_rows(results)
+    assert row[:4] == ["FD at NFE 1", "5.00", "11.00", "0.45x"] and row[-1] == "met"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="`--device` is 'cuda'"):
+            mnist_quality.apply_quick_and_device_defaults(
+                mnist_quality.build_parser().parse_args(["--device", "cuda"])
+            )
 
 
 def test_soak_quick_outputs_are_well_formed(tmp_path):
@@ -307,3 +352,28 @@ def test_checkpoint_speed_quick_runs_both_procedures(capsys):
     assert all(len(values) == 2 and min(values) > 0 for values in result["timings"].values())
     assert result["checkpoint_bytes"] > 50 * 2**20, "the GPU-sized UNet, its posterior, EMA and AdamW state"
     assert "| before (sizes only) |" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------------ the harness
+def test_toy_harness_trains_every_remedy_and_shares_the_draws():
+    from benchmarks import harness
+    from diffusers_vrfm import VRFMAggregatePosteriorPrior
+    from diffusers_vrfm.data.toy import get_toy_task
+
+    task, budget = get_toy_task("ring_2d"), harness.ToyBudget(steps=4, batch_size=16, hidden_dim=8, log_every=2)
+    remedies = harness.ToyMethod(
+        latent_dim=2, kl_target=3.0, free_bits=0.1, beta_warmup=0.5, learned_prior=True, prior_mix=0.3, mmd_weight=1.0
+    )
+    trained = harness.train_toy(task, remedies, budget, seed=0)
+    assert [entry["step"] for entry in trained.log] == [2, 4] and trained.beta_final != remedies.beta
+    assert list(trained.prior.config.posterior_inputs) == ["x0"], "the learned prior is the pipeline's prior"
+    fitted = harness.train_toy(task, harness.ToyMethod(latent_dim=2, aggregate_prior_atoms=32), budget, seed=0)
+    assert isinstance(fitted.prior, VRFMAggregatePosteriorPrior) and fitted.beta_final == 1.0
+    rf = harness.train_toy(task, harness.ToyMethod(), budget, seed=0)
+    assert rf.encoder is None and rf.prior is None and rf.model.latent_dim == 0
+    # every method of a seed is scored on the same draws; another seed gets others
+    a, b = harness.evaluation_draws(task, 8, 0), harness.evaluation_draws(task, 8, 0)
+    assert torch.equal(a.x0, b.x0) and torch.equal(a.target, b.target) and a.z_seed == b.z_seed
+    assert not torch.equal(a.x0, harness.evaluation_draws(task, 8, 1).x0)
+    with pytest.raises(ValueError, match="`coupling` must be one of"):
+        harness.train_toy(task, harness.ToyMethod(coupling="ot"), budget, seed=0)
