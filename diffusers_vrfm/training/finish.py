@@ -197,10 +197,15 @@ def save_and_publish(
         context.log.info(
             f"Fitted the aggregate-posterior prior ({args.aggregate_prior_atoms} atoms); sampling draws z from it."
         )
-    pipeline = build_pipeline(
-        velocity, posterior, models.noise_scheduler, models.ema_model, vae=prepared.vae, prior=prior
-    )
-    pipeline.save_pretrained(args.output_dir)
+    if prepared.text is not None:  # an adapter folder (LoRA) or the whole text-to-image pipeline
+        from .text_to_image import save_text_to_image_run
+
+        pipeline = save_text_to_image_run(args, prepared, velocity, posterior, prior, models.ema_model)
+    else:
+        pipeline = build_pipeline(
+            velocity, posterior, models.noise_scheduler, models.ema_model, vae=prepared.vae, prior=prior
+        )
+        pipeline.save_pretrained(args.output_dir)
     sample_name = "sample_grid.png" if data.kind == "image" else "samples.png"
     validator(result.global_step, os.path.join(args.output_dir, sample_name), prior=prior)
     metrics = training_metrics(args, prepared, models, result, pipeline, kl_target, accelerator.device)
