@@ -45,7 +45,7 @@ WRAPPABLE_BACKBONES = {
     "DiTTransformer2DModel": ("dit", "VRFMDiTTransformer2DModel"),
 }
 _BACKBONE_SUBFOLDERS = (None, "unet", "transformer")
-# text-to-image pipelines `train_vrfm.py` fine-tunes: class name -> (PretrainedSource kind, the velocity model's folder)
+# text-to-image pipelines train_vrfm.py fine-tunes: class name -> (PretrainedSource kind, velocity model folder)
 TEXT_TO_IMAGE_PIPELINES = {
     "StableDiffusion3Pipeline": ("sd3_pipeline", "transformer"),
     "VRFMTextToImagePipeline": ("pipeline", "velocity_model"),

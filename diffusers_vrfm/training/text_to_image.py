@@ -174,11 +174,22 @@ def load_base_pipeline(args: argparse.Namespace, pretrained: PretrainedSource, d
 
     load_kwargs = {"revision": args.revision, "cache_dir": args.cache_dir, "torch_dtype": dtype}
     if pretrained.kind == "sd3_pipeline":
+        # components saved as absent (e.g. a pipeline saved without its T5) must be passed as None to load
+        load_kwargs.update({name: None for name in _absent_components(pretrained.path)})
         latent_dim = 16 if args.latent_dim is None else args.latent_dim
         return VRFMTextToImagePipeline.from_stable_diffusion_3(
             args.pretrained_model_name_or_path, latent_dim=latent_dim, **load_kwargs
         )
     return VRFMTextToImagePipeline.from_pretrained(args.pretrained_model_name_or_path, **load_kwargs)
+
+
+def _absent_components(folder: str) -> list[str]:
+    """The components a pipeline folder's `model_index.json` records as `[null, null]`."""
+    import json
+
+    with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as handle:
+        index = json.load(handle)
+    return [name for name, value in index.items() if isinstance(value, list) and value == [None, None]]
 
 
 def base_dtype(args: argparse.Namespace, accelerator) -> torch.dtype:
@@ -240,8 +251,7 @@ def prepare_text_to_image_data(args: argparse.Namespace, context, pretrained: Pr
         pipeline = build_scratch_text_pipeline(captions, tuple(data.sample_shape), latent_dim, model_config)
         resolution_shape = _sample_shape(args, pipeline)
     vae = pipeline.vae
-    if vae is None and resolution_shape[0] != data.sample_shape[0]:
-        data.dataset.transform.num_channels = resolution_shape[0]
+    data.dataset.transform.num_channels = resolution_shape[0] if vae is None else vae.config.in_channels
     if args.cache_latents and vae is None:
         raise ValueError("`--cache_latents` needs a pipeline with a VAE; this one works in pixel space.")
     device = context.accelerator.device
