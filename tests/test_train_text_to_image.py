@@ -65,6 +65,8 @@ def test_lora_run_saves_an_adapter_that_loads_on_the_base_with_one_call(train, s
     assert pipeline.velocity_model.z_embedding.linear_2.weight.abs().sum() > 0  # the zero-initialised z path trained
     card = (output_dir / "README.md").read_text()
     assert sd3_folder in card  # the card names the base
+    assert "VRFMTextToImagePipeline.from_vrfm_adapter(" in card and "trust_remote_code" not in card
+    assert read_card_metadata(output_dir / "README.md")["pipeline_tag"] == "text-to-image"
 
     # The loaded adapter reproduces the run's final samples exactly.
     pipeline.set_progress_bar_config(disable=True)
@@ -86,7 +88,8 @@ def test_full_fine_tune_saves_the_whole_pipeline_and_its_card_names_the_base(tra
     stock = tiny_stock_sd3_pipeline(with_t5=False).transformer.state_dict()
     trained = pipeline.velocity_model.transformer.state_dict()
     assert any(not torch.equal(trained[name], stock[name]) for name in stock)  # the backbone itself trained
-    assert sd3_folder in (output_dir / "README.md").read_text()
+    card = (output_dir / "README.md").read_text()
+    assert sd3_folder in card and "VRFMTextToImagePipeline.from_pretrained(" in card
     assert "base_model" not in read_card_metadata(output_dir / "README.md")  # a local folder is no Hub id
 
 

@@ -154,6 +154,12 @@ def card_descriptions(args: argparse.Namespace, prepared: PreparedData, posterio
         if data.kind == "image"
         else f"Samples (orange) against data (blue) with Euler at {steps_list} steps; right: trajectories."
     )
+    if prepared.text is not None:
+        weights = "EMA weights" if args.use_ema else "raw weights"
+        caption = (
+            f"Rows: Euler with {steps_list} steps (NFE); columns: the training captions in turn, without guidance, "
+            f"with fixed noise and z; {weights}, step {global_step}."
+        )
     dataset_description = data.name
     if data.name == "builtin:digits":
         dataset_description = (
@@ -233,6 +239,7 @@ def save_and_publish(
         num_classes=data.num_classes,
         template_path=args.model_card_template,
         accelerate_launch=any(key.startswith("ACCELERATE_") for key in os.environ),
+        **_text_to_image_card_arguments(args, prepared),
     )
     card.save(os.path.join(args.output_dir, "README.md"))
     with open(os.path.join(context.logging_dir, "summary.json"), "w", encoding="utf-8") as handle:
@@ -243,6 +250,14 @@ def save_and_publish(
 
         upload_pipeline_folder(args.output_dir, repo_id, token=args.hub_token, commit_message="End of training")
     return metrics
+
+
+def _text_to_image_card_arguments(args: argparse.Namespace, prepared: PreparedData) -> dict:
+    """The model card's text-to-image arguments (none for other runs)."""
+    if prepared.text is None:
+        return {}
+    prompt = prepared.text.validation_prompts(1)[0]
+    return {"text_to_image": "adapter" if args.rank is not None else "pipeline", "example_prompt": prompt}
 
 
 def finish_run(
