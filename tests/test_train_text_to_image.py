@@ -144,3 +144,18 @@ def test_bad_text_to_image_arguments_are_named(train, tmp_path):
         train([*scratch, "--rank", "2"])
     with pytest.raises(ValueError, match="--cache_latents.*VAE"):
         train([*scratch, "--cache_latents"])
+
+
+def test_lora_run_resumes_exactly(train, sd3_folder, tmp_path):
+    """A LoRA checkpoint (whose velocity model has peft layers) resumes to the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    argv = ["--pretrained_model_name_or_path", sd3_folder, "--rank", "2", "--latent_dim", "4", "--resolution", "16"]
+    argv += ["--cache_latents", *SHORT, "--max_train_steps", "4", "--checkpointing_steps", "2"]
+    train([*argv, "--output_dir", tmp_path / "straight"])
+    train([*argv, "--output_dir", tmp_path / "resumed", "--stop_after_steps", "2"])
+    train([*argv, "--output_dir", tmp_path / "resumed", "--resume_from_checkpoint", "latest"])
+    for name in ("lora_weights.safetensors", "z_path.safetensors"):
+        straight, resumed = (load_file(tmp_path / run / name) for run in ("straight", "resumed"))
+        assert straight.keys() == resumed.keys()
+        assert all(torch.equal(straight[key], resumed[key]) for key in straight), name
