@@ -297,6 +297,22 @@ def test_mnist_quality_arguments_and_seeds_summary():
             )
 
 
+def test_text_to_image_digits_quick_outputs_are_well_formed(tmp_path):
+    from benchmarks import text_to_image_digits
+
+    results = text_to_image_digits.main(["--quick", "--output-dir", str(tmp_path)])
+    tables = common.parse_markdown_tables((tmp_path / "text_to_image_digits.md").read_text())
+    (table,) = list(_table_with_header(tables, "method", "NFE 16"))
+    assert table[0] == ["method", "guidance", "NFE 2", "NFE 4", "NFE 16", "train time (s)"]
+    assert [row[:2] for row in table[1:]] == [["VRFM", "1.0"], ["VRFM", "3.0"], ["RF", "1.0"], ["RF", "3.0"]]
+    shares = [_number(cell) for row in table[1:] for cell in row[2:5]]
+    assert all(0 <= share <= 1 for share in shares)  # a share of 20 samples: a multiple of 0.05
+    assert all(abs(share * 20 - round(share * 20)) < 1e-6 for share in shares)
+    assert 0.8 <= results["meta"]["classifier_accuracy"] <= 1  # the ruler itself reads real digits
+    stored = json.loads((tmp_path / "text_to_image_digits.json").read_text())
+    assert stored["meta"]["quick"] is True and set(stored["methods"]) == {"VRFM", "RF"}
+
+
 def test_soak_quick_outputs_are_well_formed(tmp_path):
     from benchmarks import soak
 

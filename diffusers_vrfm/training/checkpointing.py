@@ -366,6 +366,18 @@ def resolve_resume_path(resume_from_checkpoint: str, output_dir: str, required_d
     return path
 
 
+def _saved_state_dict(model, folder: str) -> dict:
+    """The weights `save_pretrained` wrote in `folder`, keyed as `model`'s state dict. A model with peft LoRA layers
+    (whose keys `from_pretrained` would not know) is read from its safetensors file directly."""
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+    from safetensors.torch import load_file
+
+    backbone = getattr(model, "transformer", None) or getattr(model, "unet", None)
+    if getattr(backbone, "peft_config", None):
+        return load_file(os.path.join(folder, SAFETENSORS_WEIGHTS_NAME))
+    return type(model).from_pretrained(folder).state_dict()
+
+
 def make_state_hooks(accelerator, ema_model=None, prior_model=None):
     """accelerate `save_state` / `load_state` pre-hooks that write and read each model as `save_pretrained` does.
 
@@ -404,9 +416,7 @@ def make_state_hooks(accelerator, ema_model=None, prior_model=None):
             model = models.pop()
             unwrapped = accelerator.unwrap_model(model)
             folder = os.path.join(input_dir, kind_of(model))
-            loaded = type(unwrapped).from_pretrained(folder)
-            unwrapped.load_state_dict(loaded.state_dict())
-            del loaded
+            unwrapped.load_state_dict(_saved_state_dict(unwrapped, folder))
             if ema_model is not None and kind_of(model) == VELOCITY_MODEL_DIR:
                 ema_model.load_state_dict(load_ema_state(os.path.join(input_dir, EMA_DIR), type(unwrapped)))
                 ema_model.to(accelerator.device)

@@ -20,7 +20,7 @@ DEFAULT_BETA = {"vector": 0.1, "image": 0.1}
 # aggregate posterior at inference beat rectified flow at every step count on the four toy tasks.
 DEFAULT_KL_TARGET = 3.0  # nats, images and vectors alike
 DEFAULT_AGGREGATE_PRIOR_ATOMS = 4096
-DEFAULT_LEARNING_RATE = {"mlp": 1e-3, "unet": 1e-3, "dit": 3e-4}
+DEFAULT_LEARNING_RATE = {"mlp": 1e-3, "unet": 1e-3, "dit": 3e-4, "sd3": 3e-4}
 POSTERIOR_INPUT_CHOICES = ("x0", "x1", "x_t", "t")
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optimisation_arguments(parser)
     _add_output_arguments(parser)
     _add_system_arguments(parser)
+    _add_text_to_image_arguments(parser)
     return parser
 
 
@@ -266,9 +267,9 @@ def _add_optimisation_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument(
         "--use_ema",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=None,
         help="Keep an EMA of the velocity model (diffusers' EMAModel), stepped on synchronised updates only; "
-        "samples and the saved pipeline use it.",
+        "samples and the saved pipeline use it. Default: on, except with --rank (LoRA).",
     )
     optim.add_argument("--ema_max_decay", type=float, default=0.9999, help="The EMA's largest decay.")
     optim.add_argument("--ema_inv_gamma", type=float, default=1.0, help="The EMA warm-up's inv_gamma.")
@@ -370,6 +371,38 @@ def _add_system_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_text_to_image_arguments(parser: argparse.ArgumentParser) -> None:
+    """Text-to-image runs: `--backbone sd3`, or a `StableDiffusion3Pipeline` / `VRFMTextToImagePipeline` in
+    `--pretrained_model_name_or_path` (see docs/text-to-image.md)."""
+    text = parser.add_argument_group("text-to-image (--backbone sd3, or an SD3 / VRFM text-to-image pipeline)")
+    text.add_argument(
+        "--caption_column",
+        type=str,
+        default=None,
+        help="The caption column. Default: the first of 'text', 'caption', 'captions', 'prompt' (an imagefolder's "
+        "metadata.jsonl field); builtin:digits captions come from the labels ('a handwritten seven').",
+    )
+    text.add_argument(
+        "--caption_dropout",
+        type=float,
+        default=0.1,
+        help="Probability of training on the empty caption instead (for classifier-free guidance).",
+    )
+    text.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode every image with the frozen VAE once before training (the posterior's mean, no augmentation) "
+        "instead of at every step. Text embeddings are always computed once per distinct caption.",
+    )
+    text.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="LoRA rank on the transformer's attention projections (peft); the z path and the posterior train "
+        "fully and the run saves a VRFM adapter folder. Unset: full fine-tuning, saving the whole pipeline.",
+    )
+
+
 def parse_kl_target(text: str) -> float | str:
     """`--kl_target`: a number of nats >= 0, or `off`."""
     if text.strip().lower() in ("off", "none"):
@@ -432,6 +465,12 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         fail("checkpoints_total_limit", args.checkpoints_total_limit, "an integer >= 1")
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         fail("stop_after_steps", args.stop_after_steps, "an integer >= 1")
+    if args.rank is not None and args.rank < 1:
+        fail("rank", args.rank, "a positive integer (the LoRA rank), or unset for full fine-tuning")
+    if not 0.0 <= args.caption_dropout <= 1.0:
+        fail("caption_dropout", args.caption_dropout, "in [0, 1]")
+    if args.cache_latents and args.random_flip:
+        fail("random_flip", True, "off with --cache_latents (latents are computed once, without augmentation)")
     if args.num_threads is not None and args.num_threads < 1:
         fail("num_threads", args.num_threads, "an integer >= 1")
     if args.max_train_samples is not None and args.max_train_samples < 1:
@@ -528,4 +567,6 @@ def resolve_defaults(args: argparse.Namespace, kind: str, pretrained_latent_dim:
         args.learning_rate = DEFAULT_LEARNING_RATE[backbone]
     if args.num_validation_samples is None:
         args.num_validation_samples = 1000 if kind == "vector" else 16
+    if args.use_ema is None:  # an EMA of a LoRA run would copy the whole frozen backbone
+        args.use_ema = args.rank is None
     return None if args.kl_target == "off" or args.latent_dim == 0 else args.kl_target

@@ -363,10 +363,8 @@ class TrainImageDataset(torch.utils.data.Dataset):
 
 
 def collate_examples(examples: list[dict]) -> dict:
-    batch = {"pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous()}
-    if "class_labels" in examples[0]:
-        batch["class_labels"] = torch.stack([e["class_labels"] for e in examples])
-    return batch
+    """Stacks every tensor field of the examples (`pixel_values`, and `class_labels` or the text embeddings)."""
+    return {key: torch.stack([example[key] for example in examples]).contiguous() for key in examples[0]}
 
 
 

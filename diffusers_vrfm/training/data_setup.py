@@ -21,13 +21,16 @@ class PreparedData:
         data ([`TrainingData`]): the training data.
         model_shape (`tuple[int, ...]`): the shape of one model input: the image, its VAE latent, or the vector.
         pretrained ([`PretrainedSource`], *optional*): what `--pretrained_model_name_or_path` points at.
-        vae (`diffusers.AutoencoderKL`, *optional*): the frozen VAE of latent-space training.
+        vae (`diffusers.AutoencoderKL`, *optional*): the frozen VAE of latent-space training (encoding each batch).
+        text ([`~diffusers_vrfm.training.text_to_image.TextToImageSetup`], *optional*): the base pipeline and the
+            caption embeddings of a text-to-image run.
     """
 
     data: TrainingData
     model_shape: tuple[int, ...]
     pretrained: PretrainedSource | None = None
     vae: object | None = None
+    text: object | None = None
 
     @property
     def kind(self) -> str:
@@ -129,6 +132,10 @@ def prepare_data(args: argparse.Namespace, context: RunContext) -> PreparedData:
     `args.dataset_name` to what the run uses."""
     pretrained = inspect_backbone(args, context.log)
     backbone = args.backbone
+    if backbone == "sd3":  # text-to-image: the pipeline brings its text encoders and VAE
+        from .text_to_image import prepare_text_to_image_data
+
+        return prepare_text_to_image_data(args, context, pretrained)
     kind = "vector" if backbone == "mlp" else "image"
     vae, vae_factor = load_vae(args)
     resolution, num_channels = resolve_resolution(args, pretrained, vae, vae_factor)

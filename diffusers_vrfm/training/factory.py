@@ -8,7 +8,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-BACKBONES = ("unet", "dit", "mlp")
+BACKBONES = ("unet", "dit", "mlp", "sd3")
 
 # Small, CPU-friendly defaults; `--model_config` / `--posterior_config` override any key.
 DEFAULT_MODEL_CONFIGS = {
@@ -28,13 +28,15 @@ DEFAULT_MODEL_CONFIGS = {
         "patch_size": 2,
         "norm_num_groups": 8,
     },
+    # a small text-to-image MMDiT trained from scratch (diffusers_vrfm.training.text_to_image)
+    "sd3": {"patch_size": 2, "num_layers": 4, "attention_head_dim": 16, "num_attention_heads": 4},
 }
 DEFAULT_POSTERIOR_CONFIGS = {
     "mlp": {"hidden_dim": 64, "num_layers": 2},
     "image": {"block_out_channels": [16, 32], "layers_per_block": 1, "norm_num_groups": 8, "hidden_dim": 64},
 }
 DEFAULT_POSTERIOR_INPUTS = {"mlp": ("x1",), "image": ("x1",)}
-DEFAULT_LATENT_DIM = {"mlp": 8, "unet": 4, "dit": 4}
+DEFAULT_LATENT_DIM = {"mlp": 8, "unet": 4, "dit": 4, "sd3": 4}
 
 # diffusers backbones that can be wrapped, by the `_class_name` in their config.json.
 WRAPPABLE_BACKBONES = {
@@ -43,6 +45,11 @@ WRAPPABLE_BACKBONES = {
     "DiTTransformer2DModel": ("dit", "VRFMDiTTransformer2DModel"),
 }
 _BACKBONE_SUBFOLDERS = (None, "unet", "transformer")
+# text-to-image pipelines train_vrfm.py fine-tunes: class name -> (PretrainedSource kind, velocity model folder)
+TEXT_TO_IMAGE_PIPELINES = {
+    "StableDiffusion3Pipeline": ("sd3_pipeline", "transformer"),
+    "VRFMTextToImagePipeline": ("pipeline", "velocity_model"),
+}
 
 
 def parse_json_config(value: str | None, argument: str) -> dict:
@@ -68,7 +75,7 @@ def downsample_factor(backbone: str, model_config: dict) -> int:
     """How many pixels one cell of the coarsest feature map covers: the resolution must be a multiple of it."""
     if backbone == "unet":
         return 2 ** (len(model_config["block_out_channels"]) - 1)
-    if backbone == "dit":
+    if backbone in ("dit", "sd3"):
         return int(model_config["patch_size"])
     return 1
 
@@ -78,9 +85,10 @@ class PretrainedSource:
     """What `--pretrained_model_name_or_path` points at.
 
     Args:
-        kind (`str`): `"pipeline"` (a VRFM pipeline, to continue) or `"backbone"` (a diffusers model, to wrap).
+        kind (`str`): `"pipeline"` (a VRFM pipeline, to continue), `"backbone"` (a diffusers model, to wrap) or
+            `"sd3_pipeline"` (a stock `StableDiffusion3Pipeline`, converted).
         path (`str`): the folder (or Hub id) as given.
-        backbone (`str`): `"unet"`, `"dit"` or `"mlp"`.
+        backbone (`str`): `"unet"`, `"dit"`, `"mlp"` or `"sd3"` (text-to-image).
         config (`dict`): the velocity model's (or backbone's) config.
         subfolder (`str`, *optional*): the backbone's subfolder.
     """
@@ -121,6 +129,9 @@ def inspect_pretrained(path: str, subfolder: str | None = None, revision: str | 
     model_index = _read_config(folder, None, "model_index.json")
     class_name = (model_index or {}).get("_class_name")
     class_name = class_name[-1] if isinstance(class_name, list) else class_name
+    if class_name in TEXT_TO_IMAGE_PIPELINES and subfolder is None:
+        kind, model_folder = TEXT_TO_IMAGE_PIPELINES[class_name]
+        return PretrainedSource(kind, folder, "sd3", _read_config(folder, model_folder, "config.json") or {})
     if class_name == PIPELINE_CLASS and subfolder is None:
         velocity_config = _read_config(folder, "velocity_model", "config.json") or {}
         backbone = {"VRFMMLPModel": "mlp", "VRFMDiTTransformer2DModel": "dit"}.get(
@@ -155,7 +166,7 @@ class BuiltModels:
     origin: str = "scratch"
 
 
-def _posterior_for(kind: str, sample_shape, latent_dim: int, posterior_inputs, posterior_config: dict):
+def build_posterior(kind: str, sample_shape, latent_dim: int, posterior_inputs, posterior_config: dict):
     import diffusers_vrfm
 
     if latent_dim == 0:
@@ -221,7 +232,7 @@ def build_models(
             )
         posterior = components.get("posterior_encoder")
         if posterior is None:
-            posterior = _posterior_for(kind, sample_shape, latent_dim, posterior_inputs, posterior_config)
+            posterior = build_posterior(kind, sample_shape, latent_dim, posterior_inputs, posterior_config)
         return BuiltModels(velocity_model, posterior, base_model=pretrained.path, origin="pipeline")
 
     if pretrained is not None:
@@ -230,7 +241,7 @@ def build_models(
         wrapper_class = getattr(diffusers_vrfm, WRAPPABLE_BACKBONES[class_name][1])
         loaded = backbone_class.from_pretrained(pretrained.path, subfolder=pretrained.subfolder)
         velocity_model = wrapper_class.from_backbone(loaded, latent_dim=latent_dim, num_classes=num_classes)
-        posterior = _posterior_for(kind, sample_shape, latent_dim, posterior_inputs, posterior_config)
+        posterior = build_posterior(kind, sample_shape, latent_dim, posterior_inputs, posterior_config)
         return BuiltModels(velocity_model, posterior, base_model=pretrained.path, origin="backbone")
 
     config = {**DEFAULT_MODEL_CONFIGS[backbone], **model_config}
@@ -257,7 +268,7 @@ def build_models(
         )
     else:
         raise ValueError(f"`--backbone` must be one of {BACKBONES}, but got {backbone!r}.")
-    posterior = _posterior_for(kind, sample_shape, latent_dim, posterior_inputs, posterior_config)
+    posterior = build_posterior(kind, sample_shape, latent_dim, posterior_inputs, posterior_config)
     return BuiltModels(velocity_model, posterior)
 
 

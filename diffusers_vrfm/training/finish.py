@@ -155,6 +155,12 @@ def card_descriptions(args: argparse.Namespace, prepared: PreparedData, posterio
         if data.kind == "image"
         else f"Samples (orange) against data (blue) with Euler at {steps_list} steps; right: trajectories."
     )
+    if prepared.text is not None:
+        weights = "EMA weights" if args.use_ema else "raw weights"
+        caption = (
+            f"Rows: Euler with {steps_list} steps (NFE); columns: the training captions in turn, without guidance, "
+            f"with fixed noise and z; {weights}, step {global_step}."
+        )
     dataset_description = data.name
     if data.name == "builtin:digits":
         dataset_description = (
@@ -198,12 +204,21 @@ def save_and_publish(
         context.log.info(
             f"Fitted the aggregate-posterior prior ({args.aggregate_prior_atoms} atoms); sampling draws z from it."
         )
-    pipeline = build_pipeline(
-        velocity, posterior, models.noise_scheduler, models.ema_model, vae=prepared.vae, prior=prior
-    ).to(accelerator.device)
+    if prepared.text is not None:  # the text-to-image pipeline, saved whole or as an adapter folder (LoRA)
+        from .text_to_image import build_text_to_image_pipeline, save_text_to_image_run
+
+        pipeline = build_text_to_image_pipeline(prepared, velocity, posterior, prior, models.ema_model)
+    else:
+        pipeline = build_pipeline(
+            velocity, posterior, models.noise_scheduler, models.ema_model, vae=prepared.vae, prior=prior
+        )
+    pipeline = pipeline.to(accelerator.device)
     # a diverged model is refused here: no pipeline and no card that look like a result
     check_trained_pipeline(pipeline, min(args.validation_inference_steps), result.skipped_updates, seed=args.seed)
-    pipeline.save_pretrained(args.output_dir)
+    if prepared.text is not None:
+        save_text_to_image_run(args, prepared, pipeline)
+    else:
+        pipeline.save_pretrained(args.output_dir)
     sample_name = "sample_grid.png" if data.kind == "image" else "samples.png"
     validator(result.global_step, os.path.join(args.output_dir, sample_name), prior=prior)
     metrics = training_metrics(args, prepared, models, result, pipeline, kl_target, accelerator.device)
@@ -232,6 +247,7 @@ def save_and_publish(
         num_classes=data.num_classes,
         template_path=args.model_card_template,
         accelerate_launch=any(key.startswith("ACCELERATE_") for key in os.environ),
+        **_text_to_image_card_arguments(args, prepared),
     )
     card.save(os.path.join(args.output_dir, "README.md"))
     with open(os.path.join(context.logging_dir, "summary.json"), "w", encoding="utf-8") as handle:
@@ -242,6 +258,14 @@ def save_and_publish(
 
         upload_pipeline_folder(args.output_dir, repo_id, token=args.hub_token, commit_message="End of training")
     return metrics
+
+
+def _text_to_image_card_arguments(args: argparse.Namespace, prepared: PreparedData) -> dict:
+    """The model card's text-to-image arguments (none for other runs)."""
+    if prepared.text is None:
+        return {}
+    prompt = prepared.text.validation_prompts(1)[0]
+    return {"text_to_image": "adapter" if args.rank is not None else "pipeline", "example_prompt": prompt}
 
 
 def finish_run(

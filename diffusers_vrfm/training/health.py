@@ -88,9 +88,15 @@ def check_trained_pipeline(pipeline, num_inference_steps: int, skipped_updates: 
                     f"Training ended with non-finite weights in `{name}` ({shown}; {skipped_updates} updates were "
                     "skipped): no pipeline was written. Lower --learning_rate or check the data."
                 )
+    from ..pipelines.pipeline_vrfm_text2img import VRFMTextToImagePipeline
+
     generator = torch.Generator().manual_seed(seed)
+    if isinstance(pipeline, VRFMTextToImagePipeline):  # four images of the empty prompt
+        batch = {"prompt": "", "num_images_per_prompt": 4, "guidance_scale": 1.0}
+    else:
+        batch = {"batch_size": 4}
     try:
-        pipeline(batch_size=4, num_inference_steps=num_inference_steps, generator=generator, output_type="latent")
+        pipeline(**batch, num_inference_steps=num_inference_steps, generator=generator, output_type="latent")
     except ValueError as error:
         raise TrainingFailedError(
             f"The trained pipeline cannot sample ({error}); {skipped_updates} updates were skipped. No pipeline was "

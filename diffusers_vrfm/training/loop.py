@@ -28,6 +28,7 @@ from .environment import RunContext
 from .health import SkippedUpdates
 from .model_setup import TrainingModels, trainable_parameters
 from .resume import ResumeState
+from .text_to_image import TEXT_MODEL_KWARGS
 from .validation import Validator
 
 METRIC_WINDOW = 50  # the model card reports the mean of the last this many steps
@@ -88,6 +89,7 @@ class MicroBatch:
     t: torch.Tensor
     class_labels: torch.Tensor | None
     randomness: training_step.StepRandomness
+    model_kwargs: dict | None = None  # text-to-image: the caption embeddings
 
 
 def draw_micro_batch(
@@ -103,10 +105,11 @@ def draw_micro_batch(
     the per-example generators of `z`."""
     data, rows = prepared.data, layout.rows
     generator = make_generator(args.seed, "noise", micro_step)
-    class_labels = None
+    class_labels = model_kwargs = None
     if data.kind == "image":
         batch = next(data_iterator)
         x1, class_labels = batch["pixel_values"], batch.get("class_labels")
+        model_kwargs = {key: batch[key].to(device) for key in TEXT_MODEL_KWARGS if key in batch} or None
     else:
         x0_all, x1_all = data.toy_pairs(layout.global_batch_size, generator)
         x0, x1 = x0_all[rows], x1_all[rows]
@@ -133,7 +136,7 @@ def draw_micro_batch(
         null_labels = torch.full_like(class_labels, data.num_classes)
         class_labels = torch.where(randomness.label_drop, null_labels, class_labels)
     class_labels = None if class_labels is None else class_labels.to(device)
-    return MicroBatch(x0.to(device), x1.to(device), randomness.t.to(device), class_labels, randomness)
+    return MicroBatch(x0.to(device), x1.to(device), randomness.t.to(device), class_labels, randomness, model_kwargs)
 
 
 def accumulate_micro_step(
@@ -167,6 +170,7 @@ def accumulate_micro_step(
             prior_encoder=models.prior_model,
             prior_generators=batch.randomness.prior_generators,
             prior_mask=batch.randomness.prior_mask,
+            model_kwargs=batch.model_kwargs,
         )
         parts = output.loss
         kl_nats = parts.kl_per_dim.sum() if parts.kl_per_dim.numel() else parts.kl.new_zeros(())

@@ -70,13 +70,17 @@ def render_model_card(
     template_path: str | None = None,
     accelerate_launch: bool = True,
     skipped_updates: int = 0,
+    text_to_image: str | None = None,
+    example_prompt: str = "",
 ):
     """Renders the card; returns a `huggingface_hub.ModelCard` (write it with `.save(path)`).
 
     `skipped_updates` (the updates skipped for a non-finite loss or gradient) is stated in the training section.
 
     Metadata: `library_name: diffusers`, the VRFM tags, the licence, the dataset (when it is a Hub dataset),
-    `base_model` (when fine-tuned from a Hub model) and a `pipeline_tag` for image models.
+    `base_model` (when fine-tuned from a Hub model) and a `pipeline_tag` for image models. `text_to_image` is
+    `"pipeline"` or `"adapter"` (a LoRA adapter folder) for text-to-image runs, whose usage prompts with
+    `example_prompt`.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -88,7 +92,9 @@ def render_model_card(
         )
     latent_dim = int(args.get("latent_dim") or 0)
     tags = list(BASE_TAGS)
-    if data_kind == "image":
+    if text_to_image:
+        tags.append("text-to-image")
+    elif data_kind == "image":
         tags.append("class-conditional-image-generation" if num_classes else "unconditional-image-generation")
     if latent_dim == 0:
         tags.append("rectified-flow-baseline")
@@ -99,8 +105,13 @@ def render_model_card(
         tags=tags,
         datasets=[hub_dataset_id] if hub_dataset_id else None,
         base_model=base_model if base_model_is_hub_id else None,
-        pipeline_tag="unconditional-image-generation" if data_kind == "image" and not num_classes else None,
+        pipeline_tag="text-to-image"
+        if text_to_image
+        else "unconditional-image-generation"
+        if data_kind == "image" and not num_classes
+        else None,
     )
+    load_code = f'from diffusers_vrfm import VRFMPipeline\n\npipe = VRFMPipeline.from_pretrained("{repo_id}")'
     if data_kind == "image":
         if num_classes:
             count = min(num_classes, 10)
@@ -112,6 +123,8 @@ def render_model_card(
             usage_call = "images = pipe(batch_size=16, num_inference_steps=8).images  # a list of PIL images"
         model_kind = "class-conditional image model" if num_classes else "image model"
         source_note = ""
+        if text_to_image:
+            load_code, usage_call, model_kind = _text_to_image_usage(repo_id, text_to_image, example_prompt)
     else:
         usage_call = "samples = pipe(batch_size=1000, num_inference_steps=4).samples  # (1000, dim) tensor"
         model_kind = "model of vector (toy) data"
@@ -166,6 +179,8 @@ def render_model_card(
         model_kind=model_kind,
         repo_id=repo_id,
         usage_call=usage_call,
+        load_code=load_code,
+        remote_code=text_to_image != "adapter",
         source_note=source_note,
         sample_image=sample_image,
         sample_caption=sample_caption,
@@ -194,3 +209,21 @@ def render_model_card(
         limitations=limitations,
     )
     return card
+
+
+def _text_to_image_usage(repo_id: str, text_to_image: str, example_prompt: str) -> tuple[str, str, str]:
+    """The card's loading code, sampling call and model kind for a text-to-image pipeline or LoRA adapter."""
+    usage_call = f"images = pipe({example_prompt!r}, num_inference_steps=8, guidance_scale=3.0).images"
+    if text_to_image == "adapter":
+        load_code = (
+            "from huggingface_hub import snapshot_download\n"
+            "from diffusers_vrfm import VRFMTextToImagePipeline\n\n"
+            "# the adapter folder loads on top of its base pipeline (named in vrfm_adapter.json)\n"
+            f'pipe = VRFMTextToImagePipeline.from_vrfm_adapter(snapshot_download("{repo_id}"))'
+        )
+        return load_code, usage_call, "text-to-image LoRA adapter"
+    load_code = (
+        "from diffusers_vrfm import VRFMTextToImagePipeline\n\n"
+        f'pipe = VRFMTextToImagePipeline.from_pretrained("{repo_id}")'
+    )
+    return load_code, usage_call, "text-to-image model"

@@ -66,6 +66,8 @@ def trainable_parameters(models) -> list[torch.nn.Parameter]:
 
 def build_training_models(args: argparse.Namespace, prepared: PreparedData) -> TrainingModels:
     """Builds (or loads) the models for the data's shape, the learned prior when asked, and the noise scheduler."""
+    if args.backbone == "sd3":
+        return _build_text_to_image_models(args, prepared)
     built = build_models(
         args.backbone,
         prepared.model_shape,
@@ -91,13 +93,35 @@ def build_training_models(args: argparse.Namespace, prepared: PreparedData) -> T
             f"The model expects samples of shape {tuple(velocity_model.sample_shape)}, but the data gives "
             f"{prepared.model_shape}; check `--resolution`."
         )
-    noise_scheduler = VRFMScheduler(
+    noise_scheduler = training_noise_scheduler(args)
+    return TrainingModels(velocity_model, posterior_encoder, prior_model, noise_scheduler, base_model=built.base_model)
+
+
+def training_noise_scheduler(args: argparse.Namespace) -> VRFMScheduler:
+    """The scheduler that draws training times from `--timestep_density`."""
+    return VRFMScheduler(
         timestep_density=args.timestep_density,
         logit_mean=args.logit_mean,
         logit_std=args.logit_std,
         mode_scale=args.mode_scale,
     )
-    return TrainingModels(velocity_model, posterior_encoder, prior_model, noise_scheduler, base_model=built.base_model)
+
+
+def _build_text_to_image_models(args: argparse.Namespace, prepared: PreparedData) -> TrainingModels:
+    """The models of a text-to-image run (see [`~diffusers_vrfm.training.text_to_image.build_text_models`])."""
+    from .factory import build_posterior
+    from .text_to_image import build_text_models
+
+    if args.learned_prior:
+        raise ValueError("`--learned_prior` is not available for text-to-image runs; use the aggregate prior.")
+    posterior_config = parse_json_config(args.posterior_config, "--posterior_config")
+
+    def new_posterior():
+        return build_posterior("image", prepared.model_shape, args.latent_dim, args.posterior_inputs, posterior_config)
+
+    velocity_model, posterior = build_text_models(args, prepared, new_posterior)
+    noise_scheduler = training_noise_scheduler(args)
+    return TrainingModels(velocity_model, posterior, None, noise_scheduler, base_model=prepared.text.base_model)
 
 
 def _make_ema(args: argparse.Namespace, velocity_model, device) -> EMAModel | None:
@@ -125,7 +149,7 @@ def prepare_for_training(
     accelerator = context.accelerator
     num_processes = accelerator.num_processes
     optimizer = torch.optim.AdamW(
-        [p for model in models.trained for p in model.parameters()],
+        trainable_parameters(models.trained),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,

@@ -39,6 +39,8 @@ class Validator:
         """Writes the figure of `step` to `path` (default `validation/step_XXXXXX.png`) and returns the path. `z` comes
         from `prior` when given (drawn the same way on every call), else from the fixed N(0, I) draws."""
         args, models = self.args, self.models
+        if self.prepared.text is not None:
+            return self._text_to_image(step, path, prior)
         pipeline = build_pipeline(
             self.accelerator.unwrap_model(models.velocity_model),
             None,
@@ -63,4 +65,20 @@ class Validator:
         else:
             toy_task = self.prepared.data.toy_task
             vector_validation_figure(pipeline, toy_task, self.x0, z, args.validation_inference_steps, path)
+        return path
+
+    def _text_to_image(self, step: int, path: str | None, prior) -> str:
+        """The grid of a text-to-image run: one column per training caption (cycled), no guidance."""
+        from .text_to_image import make_text_pipeline, text_validation_grid, trained_velocity_model
+
+        args, models, text = self.args, self.models, self.prepared.text
+        velocity = trained_velocity_model(self.accelerator.unwrap_model(models.velocity_model), models.ema_model)
+        pipeline = make_text_pipeline(text, velocity, prior=prior, device=self.accelerator.device)
+        prompts = text.validation_prompts(len(self.x0))
+        grid = text_validation_grid(
+            pipeline, prompts, text.cache, self.x0, self.z, args.validation_inference_steps, args.seed
+        )
+        path = path or os.path.join(self.folder, f"step_{step:06d}.png")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        grid.save(path)
         return path

@@ -1,0 +1,162 @@
+"""`train_vrfm.py` on text-to-image: LoRA and full fine-tuning of a tiny SD3 pipeline, a small model from scratch,
+imagefolder captions, the text-embedding cache, and what each run saves."""
+
+import json
+import os
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from text_to_image_helpers import tiny_stock_sd3_pipeline
+from train_helpers import FAST, read_card_metadata, train_runner
+
+from diffusers_vrfm import VRFMTextEncoders, VRFMTextToImagePipeline
+from diffusers_vrfm.training.text_data import TextEmbeddingCache, digit_caption
+from diffusers_vrfm.training.text_to_image import text_validation_grid
+from diffusers_vrfm.training.visuals import fixed_validation_inputs
+
+TINY_SCRATCH = json.dumps({"num_layers": 1, "attention_head_dim": 8, "num_attention_heads": 2})
+SHORT = [*FAST, "--max_train_steps", "3", "--train_batch_size", "4", "--max_train_samples", "16"]
+SHORT += ["--num_validation_samples", "3", "--aggregate_prior_atoms", "8", "--validation_steps", "100"]
+
+
+@pytest.fixture
+def train():
+    yield from train_runner()
+
+
+@pytest.fixture(scope="module")
+def sd3_folder(tmp_path_factory):
+    """A stock StableDiffusion3Pipeline folder (two tiny CLIPs, no T5: saved as absent, as SD3 users often do)."""
+    folder = str(tmp_path_factory.mktemp("tiny-sd3"))
+    tiny_stock_sd3_pipeline(with_t5=False).save_pretrained(folder)
+    return folder
+
+
+def _final_grid_again(pipeline, output_dir: str, seed: int = 0, count: int = 3) -> np.ndarray:
+    """The final sample grid, made again from a loaded pipeline with the run's fixed validation inputs."""
+    captions = [digit_caption(label) for label in range(10)]
+    cache = TextEmbeddingCache(captions, VRFMTextEncoders.from_pipeline(pipeline))
+    prompts = [sorted(captions)[i % 10] for i in range(count)]
+    shape = pipeline.velocity_model.sample_shape
+    x0, z = fixed_validation_inputs(seed, count, shape[:1] + (8, 8), pipeline.velocity_model.latent_dim)
+    return np.asarray(text_validation_grid(pipeline, prompts, cache, x0, z, [1, 2], seed))
+
+
+def test_lora_run_saves_an_adapter_that_loads_on_the_base_with_one_call(train, sd3_folder, tmp_path):
+    output_dir = tmp_path / "lora"
+    argv = ["--pretrained_model_name_or_path", sd3_folder, "--rank", "2", "--latent_dim", "4", "--resolution", "16"]
+    summary = train([*argv, "--cache_latents", "--output_dir", output_dir, *SHORT])
+    assert summary["finished"]
+    names = set(os.listdir(output_dir))
+    adapter_files = {"vrfm_adapter.json", "lora_weights.safetensors", "z_path.safetensors", "posterior_encoder"}
+    assert adapter_files | {"prior"} <= names
+    assert "model_index.json" not in names  # an adapter, not a copy of the base
+    assert {"logs", "README.md", "sample_grid.png"} <= names  # the run's own files are kept
+
+    # The documented call; this base was saved without its T5, which its loader must be told (a Hub SD3 has one).
+    pipeline = VRFMTextToImagePipeline.from_vrfm_adapter(output_dir, text_encoder_3=None, tokenizer_3=None)
+    stock = tiny_stock_sd3_pipeline(with_t5=False)
+    base_weights = stock.transformer.state_dict()
+    for name, value in pipeline.velocity_model.transformer.state_dict().items():
+        if "lora_" not in name and "base_layer" not in name and name in base_weights:
+            assert torch.equal(value, base_weights[name]), f"{name} changed: LoRA must leave the base frozen"
+    assert pipeline.velocity_model.z_embedding.linear_2.weight.abs().sum() > 0  # the zero-initialised z path trained
+    card = (output_dir / "README.md").read_text()
+    assert sd3_folder in card  # the card names the base
+    assert "VRFMTextToImagePipeline.from_vrfm_adapter(" in card and "trust_remote_code" not in card
+    assert read_card_metadata(output_dir / "README.md")["pipeline_tag"] == "text-to-image"
+
+    # The loaded adapter reproduces the run's final samples exactly.
+    pipeline.set_progress_bar_config(disable=True)
+    saved = np.asarray(PIL.Image.open(output_dir / "sample_grid.png").convert("RGB"))
+    again = _final_grid_again(pipeline, str(output_dir))
+    np.testing.assert_array_equal(saved, again)
+
+
+def test_full_fine_tune_saves_the_whole_pipeline_and_its_card_names_the_base(train, sd3_folder, tmp_path):
+    output_dir = tmp_path / "full"
+    argv = ["--pretrained_model_name_or_path", sd3_folder, "--latent_dim", "4", "--resolution", "16"]
+    train([*argv, "--output_dir", output_dir, *SHORT])
+    with open(output_dir / "model_index.json", encoding="utf-8") as handle:
+        assert json.load(handle)["_class_name"][-1] == "VRFMTextToImagePipeline"
+    pipeline = VRFMTextToImagePipeline.from_pretrained(output_dir)
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline("a handwritten seven", num_inference_steps=2, output_type="pt").samples
+    assert images.shape == (1, 3, 16, 16)
+    stock = tiny_stock_sd3_pipeline(with_t5=False).transformer.state_dict()
+    trained = pipeline.velocity_model.transformer.state_dict()
+    assert any(not torch.equal(trained[name], stock[name]) for name in stock)  # the backbone itself trained
+    card = (output_dir / "README.md").read_text()
+    assert sd3_folder in card and "VRFMTextToImagePipeline.from_pretrained(" in card
+    assert "base_model" not in read_card_metadata(output_dir / "README.md")  # a local folder is no Hub id
+
+
+def test_from_scratch_encodes_each_distinct_caption_once(train, tmp_path, monkeypatch):
+    encoded = []
+    original = VRFMTextEncoders.encode
+
+    def counting_encode(self, prompt, device=None):
+        encoded.extend([prompt] if isinstance(prompt, str) else prompt)
+        return original(self, prompt, device=device)
+
+    monkeypatch.setattr(VRFMTextEncoders, "encode", counting_encode)
+    output_dir = tmp_path / "scratch"
+    summary = train(["--backbone", "sd3", "--model_config", TINY_SCRATCH, "--output_dir", output_dir, *SHORT,
+                     "--max_train_samples", "64", "--validation_steps", "2"])  # fmt: skip
+    assert summary["finished"]
+    # each caption once, no more; the second "" is the final check's four samples of the empty prompt
+    assert sorted(encoded) == sorted(["", "", *{digit_caption(label) for label in range(10)}])
+    assert (output_dir / "validation" / "step_000002.png").is_file()
+    pipeline = VRFMTextToImagePipeline.from_pretrained(output_dir)  # tokenizer and text encoder built by the run
+    pipeline.set_progress_bar_config(disable=True)
+    assert pipeline("a handwritten three", num_inference_steps=2, output_type="pt").samples.shape == (1, 1, 16, 16)
+
+
+def test_imagefolder_captions_from_metadata_jsonl(train, tmp_path):
+    folder = tmp_path / "captioned"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    with open(folder / "metadata.jsonl", "w", encoding="utf-8") as handle:
+        for index in range(8):
+            PIL.Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+            color = ("red", "blue")[index % 2]
+            handle.write(json.dumps({"file_name": f"{index}.png", "description": f"a {color} square"}) + "\n")
+    output_dir = tmp_path / "out"
+    base = ["--backbone", "sd3", "--model_config", TINY_SCRATCH, "--train_data_dir", folder]
+    base += ["--output_dir", output_dir]
+    with pytest.raises(ValueError, match="no caption column"):
+        train([*base, *SHORT])
+    train([*base, "--caption_column", "description", *SHORT])
+    pipeline = VRFMTextToImagePipeline.from_pretrained(output_dir)
+    assert pipeline.tokenizer.convert_tokens_to_ids("blue") != pipeline.tokenizer.unk_token_id
+
+
+def test_bad_text_to_image_arguments_are_named(train, tmp_path):
+    from diffusers_vrfm.training.cli import parse_args
+
+    with pytest.raises(ValueError, match="--rank"):
+        parse_args(["--rank", "0"])
+    with pytest.raises(ValueError, match="--random_flip"):
+        parse_args(["--cache_latents", "--random_flip"])
+    scratch = ["--backbone", "sd3", "--model_config", TINY_SCRATCH, "--output_dir", tmp_path / "x", *SHORT]
+    with pytest.raises(ValueError, match="--rank.*pretrained"):
+        train([*scratch, "--rank", "2"])
+    with pytest.raises(ValueError, match="--cache_latents.*VAE"):
+        train([*scratch, "--cache_latents"])
+
+
+def test_lora_run_resumes_exactly(train, sd3_folder, tmp_path):
+    """A LoRA checkpoint (whose velocity model has peft layers) resumes to the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    argv = ["--pretrained_model_name_or_path", sd3_folder, "--rank", "2", "--latent_dim", "4", "--resolution", "16"]
+    argv += ["--cache_latents", *SHORT, "--max_train_steps", "4", "--checkpointing_steps", "2"]
+    train([*argv, "--output_dir", tmp_path / "straight"])
+    train([*argv, "--output_dir", tmp_path / "resumed", "--stop_after_steps", "2"])
+    train([*argv, "--output_dir", tmp_path / "resumed", "--resume_from_checkpoint", "latest"])
+    for name in ("lora_weights.safetensors", "z_path.safetensors"):
+        straight, resumed = (load_file(tmp_path / run / name) for run in ("straight", "resumed"))
+        assert straight.keys() == resumed.keys()
+        assert all(torch.equal(straight[key], resumed[key]) for key in straight), name
