@@ -111,6 +111,51 @@ def render_model_card(
         if data_kind == "image" and not num_classes
         else None,
     )
+    load_code, usage_call, model_kind, source_note = _usage(
+        repo_id, data_kind, num_classes, text_to_image, example_prompt
+    )
+    notes = _training_notes(args, latent_dim, base_model, skipped_updates)
+    card = ModelCard.from_template(
+        card_data,
+        template_path=template_path,
+        model_name=repo_id.split("/")[-1],
+        model_kind=model_kind,
+        repo_id=repo_id,
+        usage_call=usage_call,
+        load_code=load_code,
+        remote_code=text_to_image != "adapter",
+        source_note=source_note,
+        sample_image=sample_image,
+        sample_caption=sample_caption,
+        dataset_description=dataset_description,
+        velocity_class=velocity_class,
+        velocity_parameters=f"{velocity_parameters:,}",
+        base_model_note=notes["base_model_note"],
+        posterior_description=posterior_description,
+        latent_dim=latent_dim,
+        beta=args.get("beta"),
+        kl_target=notes["kl_target"],
+        prior_description=notes["prior_description"],
+        beta_warmup_steps=args.get("beta_warmup_steps"),
+        loss_reduction=args.get("loss_reduction"),
+        free_bits=args.get("free_bits"),
+        timestep_density=args.get("timestep_density"),
+        num_processes=num_processes,
+        global_batch_size=global_batch_size,
+        max_train_steps=args.get("max_train_steps"),
+        ema_note=notes["ema_note"],
+        skipped_note=notes["skipped_note"],
+        command=training_command(argv, num_processes, accelerate_launch=accelerate_launch),
+        config_json=json.dumps(public_config(args), indent=2, sort_keys=True),
+        metrics=[(name, format_metric(value)) for name, value in metrics.items()],
+        metric_window=metric_window,
+        limitations=notes["limitations"],
+    )
+    return card
+
+
+def _usage(repo_id: str, data_kind: str, num_classes, text_to_image: str | None, example_prompt: str):
+    """The card's loading code, usage call, model kind and source note."""
     load_code = f'from diffusers_vrfm import VRFMPipeline\n\npipe = VRFMPipeline.from_pretrained("{repo_id}")'
     if data_kind == "image":
         if num_classes:
@@ -133,6 +178,11 @@ def render_model_card(
             "samples as `latents=` (e.g. `diffusers_vrfm.data.get_toy_task(name).sample_source(n)`), otherwise the "
             "pipeline starts from `N(0, I)`."
         )
+    return load_code, usage_call, model_kind, source_note
+
+
+def _training_notes(args: dict, latent_dim: int, base_model: str | None, skipped_updates: int) -> dict:
+    """The sentences of the card's training section that depend on the run's settings."""
     if base_model is None:
         base_model_note = ""
     elif args.get("_pretrained_kind") == "pipeline":
@@ -161,7 +211,7 @@ def render_model_card(
     steps = args.get("max_train_steps") or 0
     limitations = (
         f"A short, demonstration-scale run ({steps} steps): it shows the method and the pipeline working, not the "
-        "sample quality of a full training run (see the README's GPU recipes)."
+        "sample quality of a full training run (see docs/training.md for GPU recipes)."
         if steps <= 5000
         else "Check sample quality at both few and many steps for your use: VRFM's gain is largest at few steps, and "
         "a posterior that carries too much information can hurt many-step sampling (a prior hole)."
@@ -172,43 +222,14 @@ def render_model_card(
         else f"{skipped_updates} of {args.get('max_train_steps')} updates were skipped (`--nonfinite_policy skip`); "
         "the weights, the EMA and the checkpoints never saw them"
     )
-    card = ModelCard.from_template(
-        card_data,
-        template_path=template_path,
-        model_name=repo_id.split("/")[-1],
-        model_kind=model_kind,
-        repo_id=repo_id,
-        usage_call=usage_call,
-        load_code=load_code,
-        remote_code=text_to_image != "adapter",
-        source_note=source_note,
-        sample_image=sample_image,
-        sample_caption=sample_caption,
-        dataset_description=dataset_description,
-        velocity_class=velocity_class,
-        velocity_parameters=f"{velocity_parameters:,}",
-        base_model_note=base_model_note,
-        posterior_description=posterior_description,
-        latent_dim=latent_dim,
-        beta=args.get("beta"),
-        kl_target=kl_target,
-        prior_description=prior_description,
-        beta_warmup_steps=args.get("beta_warmup_steps"),
-        loss_reduction=args.get("loss_reduction"),
-        free_bits=args.get("free_bits"),
-        timestep_density=args.get("timestep_density"),
-        num_processes=num_processes,
-        global_batch_size=global_batch_size,
-        max_train_steps=args.get("max_train_steps"),
-        ema_note=ema_note,
-        skipped_note=skipped_note,
-        command=training_command(argv, num_processes, accelerate_launch=accelerate_launch),
-        config_json=json.dumps(public_config(args), indent=2, sort_keys=True),
-        metrics=[(name, format_metric(value)) for name, value in metrics.items()],
-        metric_window=metric_window,
-        limitations=limitations,
-    )
-    return card
+    return {
+        "base_model_note": base_model_note,
+        "ema_note": ema_note,
+        "prior_description": prior_description,
+        "kl_target": kl_target,
+        "limitations": limitations,
+        "skipped_note": skipped_note,
+    }
 
 
 def _text_to_image_usage(repo_id: str, text_to_image: str, example_prompt: str) -> tuple[str, str, str]:
