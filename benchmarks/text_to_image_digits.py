@@ -128,7 +128,7 @@ def render_report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run(args) -> dict:
+def run(args, argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.num_threads)
     start = time.time()
     output_dir = Path(args.output_dir)
@@ -138,7 +138,10 @@ def run(args) -> dict:
     results = {"methods": {}}
     for method in METHODS:
         folder = output_dir / "cache" / "runs" / f"{args.name}_{method.lower()}"  # cache/ is git-ignored
-        summary = train(method, args, folder)
+        if args.reuse_runs and (folder / "logs" / "summary.json").is_file():  # a finished run of the same settings
+            summary = json.loads((folder / "logs" / "summary.json").read_text())
+        else:
+            summary = train(method, args, folder)
         pipeline = VRFMTextToImagePipeline.from_pretrained(folder)
         pipeline.set_progress_bar_config(disable=True)
         accuracy = {
@@ -165,7 +168,7 @@ def run(args) -> dict:
         "parameters": f"velocity / posterior parameters {results['methods']['VRFM']['parameters']}",
         "machine": machine_description(),
         "seconds": time.time() - start,
-        "command": " ".join(["python -m benchmarks.text_to_image_digits", *sys.argv[1:]]),
+        "command": " ".join(["python -m benchmarks.text_to_image_digits", *(argv or [])]),
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / f"{args.name}.json").write_text(json.dumps(results, indent=2))
@@ -185,6 +188,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", dest="output_dir", default=str(RESULTS_DIR))
     parser.add_argument("--name", default="text_to_image_digits")
+    parser.add_argument(
+        "--reuse_runs",
+        action="store_true",
+        help="Evaluate a method's finished run in <output-dir>/cache/runs (same settings) instead of training again.",
+    )
     args = parser.parse_args(argv)
     if args.max_train_steps is None:
         args.max_train_steps = 20 if args.quick else 1000
@@ -192,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.samples_per_class = 2 if args.quick else 100
     if args.quick:
         args.batch_size = min(args.batch_size, 8)
-    results = run(args)
+    results = run(args, sys.argv[1:] if argv is None else argv)
     print(render_report(results))
     return results
 
