@@ -59,6 +59,10 @@ STUDY = (
     StudyRun("kl100_d4", "KL 100, dim z 4", "--methods vrfm --kl-target 100"),
 )
 
+POSTERIOR_HEADERS = [
+    "run", "train MSE", "KL", "active", "dim z", "KL per dim (largest)", "aggregate var", "MMD^2 q vs N(0,I)", "beta"
+]
+
 
 def run_missing(runs_dir: Path) -> None:
     """Runs, one after the other, every study command whose JSON is not in `runs_dir`."""
@@ -103,15 +107,19 @@ def render(summary: dict) -> str:
             ratio_rows.append([row["label"], *[f"{v / r:.2f}x" for v, r in zip(row["fd"], row["rf_fd"])]])
         if row["fd_normal"]:
             prior_rows.append([row["label"], *[f"{n / v:.2f}x" for v, n in zip(row["fd"], row["fd_normal"])]])
+        train = row["train"]
+        mse = f"{train.get('train mse (mean of last 50 steps)', float('nan')):.4f}"
         if row["posterior"]:
-            p, train = row["posterior"], row["train"]
+            p = row["posterior"]
             per_dim = sorted(p["kl_per_dim"], reverse=True)
             posterior_rows.append([
-                row["label"], f"{p['kl']:.1f}", str(p["active_units"]), f"{len(per_dim)}",
+                row["label"], mse, f"{p['kl']:.1f}", str(p["active_units"]), f"{len(per_dim)}",
                 ", ".join(f"{v:.2f}" for v in per_dim[:6]) + (" ..." if len(per_dim) > 6 else ""),
                 f"{p['aggregate_var']:.2f}", f"{p['mmd']:.3f}",
                 f"{train.get('beta (last step, adapted to the KL target)', float('nan')):.3g}",
             ])
+        else:
+            posterior_rows.append([row["label"], mse, *["-"] * 7])
     heads = [f"NFE {n}" for n in nfes]
     lines = [
         "# Image study on digits: what must z carry? (one seed, CPU)",
@@ -137,10 +145,9 @@ def render(summary: dict) -> str:
         "",
         markdown_table(["run", *heads], prior_rows),
         "",
-        "## Posterior on test images (KL nats, units with Var mu > threshold, largest per-dim KLs), final beta",
+        "## Training MSE (last 50 steps); posterior on test images (KL nats, active units, largest per-dim KLs); beta",
         "",
-        markdown_table(["run", "KL", "active", "dim z", "KL per dim (largest)", "aggregate var", "MMD^2 q vs N(0,I)",
-                        "beta"], posterior_rows),
+        markdown_table(POSTERIOR_HEADERS, posterior_rows),
         "",
         "## Commands",
         "",
