@@ -3,7 +3,8 @@
 Every configuration is one `python -m benchmarks.mnist_quality` command (listed in `STUDY`, printed by `--list`):
 the study adds no training or scoring code of its own. RF is trained once per time density (`--methods rf`) instead
 of beside every VRFM row, which halves the compute. `--run` runs the commands whose JSON is missing, one at a time;
-without it the script only joins the JSONs in `--runs-dir` into one report (`image_study_digits.md` + `.json`).
+without it the script only joins the JSONs in `--runs-dir` into one report (`image_study_digits.md` + `.json`),
+followed by `--runs-dir`'s `findings.md` (the reading of the tables, written by hand) when there is one.
 
 Run from the repository root::
 
@@ -175,8 +176,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not summary["runs"]:
         raise SystemExit(f"no study run has finished in {args.runs_dir}; use --run")
     write_json(args.output_dir / "image_study_digits.json", summary)
-    (args.output_dir / "image_study_digits.md").write_text(render(summary))
-    print(render(summary))
+    notes = args.runs_dir / "findings.md"  # the reading of the tables, written by hand, appended to the report
+    report = render(summary) + ("\n" + notes.read_text() if notes.exists() else "")
+    (args.output_dir / "image_study_digits.md").write_text(report)
+    print(report)
     return summary
 
 
