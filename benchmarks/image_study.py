@@ -56,6 +56,11 @@ STUDY = (
     StudyRun("rf_logitnormal", "RF, logit-normal t", f"--methods rf {LOGIT_NORMAL}", baseline="rf_logitnormal"),
     StudyRun("kl3_d4_logitnormal", "KL 3, dim z 4, logit-normal t", f"--methods vrfm {LOGIT_NORMAL}",
              baseline="rf_logitnormal"),
+    # Does the velocity net learn to use z given more steps? (The KL rows above have the same training MSE.)
+    StudyRun("rf_1600", "RF, 1600 steps", "--methods rf --steps 1600", baseline="rf_1600"),
+    StudyRun("kl30_d16_fb_1600", "KL 30, dim z 16, free bits 0.5, 1600 steps", "--methods vrfm --kl-target 30 "
+             "--latent-dim 16 --train-args '--free_bits 0.5' --steps 1600", baseline="rf_1600"),
+    # Not run within the study's hour (lower priority): KL 30 and 100 at dim z 4.
     StudyRun("kl30_d4", "KL 30, dim z 4", "--methods vrfm --kl-target 30"),
     StudyRun("kl100_d4", "KL 100, dim z 4", "--methods vrfm --kl-target 100"),
 )
