@@ -137,7 +137,8 @@ def render(summary: dict) -> str:
         f"- Metric: classifier-feature FD (classifier test accuracy {meta.get('classifier_accuracy', 0):.3f}), "
         f"{meta.get('num_samples')} generated vs {meta.get('num_samples')} test images (all of digits' test split), "
         f"Euler; floor (train vs test, same size) {meta.get('fd_floor', float('nan')):.2f}.",
-        "- Commands: below, or `python -m benchmarks.image_study --list`; each row's own report is `image_study/<name>.md`.",
+        "- Commands: below, or `python -m benchmarks.image_study --list`; each row's own report is "
+        "`image_study/<name>.md`.",
         "",
         "## FD (VRFM sampled as saved: z from its fitted aggregate prior)",
         "",
