@@ -92,7 +92,9 @@ def _aggregate_prior_pairs(args: argparse.Namespace, prepared: PreparedData, bat
         items = [data.dataset[key] for key in zip(rows, augmentation_seeds)]
         x1 = collate_examples(items)["pixel_values"]
         if vae is not None:
-            x1 = encode_with_vae(vae, x1, args.seed, index, range(batch_size), purpose="aggregate_prior")
+            x1 = encode_with_vae(
+                vae, x1, args.seed, index, batch_size, slice(0, batch_size), purpose="aggregate_prior"
+            )
         yield torch.randn(x1.shape, generator=generator), x1
 
 
