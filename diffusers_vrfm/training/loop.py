@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..objective import adapt_beta, count_active_units
 from . import checkpointing
 from . import step as training_step
-from .data import collate_examples, encode_with_vae
+from .data import DeviceImageBatches, collate_examples, encode_with_vae, fixed_in_memory_images
 from .data_setup import BatchLayout, PreparedData
 from .determinism import make_generator
 from .environment import RunContext
@@ -274,15 +274,26 @@ def save_loop_checkpoint(args: argparse.Namespace, context: RunContext, layout: 
     return path
 
 
-def make_data_iterator(args: argparse.Namespace, prepared: PreparedData, layout: BatchLayout, micro_step: int):
-    """An iterator over this process's image batches from `micro_step` on (`None` for vector data)."""
+def make_data_iterator(
+    args: argparse.Namespace, prepared: PreparedData, layout: BatchLayout, micro_step: int, device
+):
+    """An iterator over this process's image batches from `micro_step` on (`None` for vector data): in-memory sources
+    with a fixed transform are transformed once and kept on `device`; other sources go through a `DataLoader` with
+    `--dataloader_num_workers` workers (pinned memory on CUDA)."""
     if layout.plan is None:
         return None
+    dataset = prepared.data.dataset
+    if fixed_in_memory_images(dataset):
+        return DeviceImageBatches(dataset, layout.plan, micro_step, device)
+    workers = args.dataloader_num_workers
     loader = torch.utils.data.DataLoader(
-        prepared.data.dataset,
+        dataset,
         batch_sampler=layout.plan.batch_sampler(micro_step),
-        num_workers=args.dataloader_num_workers,
+        num_workers=workers,
         collate_fn=collate_examples,
+        pin_memory=torch.device(device).type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
     )
     return iter(loader)
 
@@ -306,7 +317,7 @@ def train_loop(
         resumed.adaptive_beta,
         SkippedUpdates(limit=args.max_skipped_updates),
     )
-    data_iterator = make_data_iterator(args, prepared, layout, state.micro_step)
+    data_iterator = make_data_iterator(args, prepared, layout, state.micro_step, accelerator.device)
     stop_at = min(args.max_train_steps, args.stop_after_steps or args.max_train_steps)
     metrics_path = os.path.join(context.logging_dir, "metrics.jsonl")
     if accelerator.is_main_process and checkpointing.rewind_metrics_log(metrics_path, state.global_step):
