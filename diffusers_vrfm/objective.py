@@ -199,9 +199,16 @@ def sample_timesteps(
 
 
 def reparameterize(
-    mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+    mean: torch.Tensor,
+    logvar: torch.Tensor,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The reparameterised draw ``z = mean + exp(logvar / 2) * eps`` with ``eps ~ N(0, I)``."""
+    """The reparameterised draw ``z = mean + exp(logvar / 2) * eps`` with ``eps ~ N(0, I)``.
+
+    `eps` is drawn from `generator` (one, or one per row), or given as `noise` (the shape of `mean`): a training loop
+    that draws the noise of a whole global batch at once passes this process's rows.
+    """
     from diffusers.utils.torch_utils import randn_tensor
 
     check_tensor(mean, "mean")
@@ -211,7 +218,16 @@ def reparameterize(
         raise ValueError(
             f"`mean` and `logvar` must have the same shape, but got {tuple(mean.shape)} and {tuple(logvar.shape)}."
         )
-    eps = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    if noise is not None:
+        check_tensor(noise, "noise")
+        if noise.shape != mean.shape or generator is not None:
+            raise ValueError(
+                f"`noise` must have the shape of `mean` {tuple(mean.shape)} and come without a `generator`, but got "
+                f"shape {tuple(noise.shape)} and generator={generator!r}."
+            )
+        eps = noise.to(device=mean.device, dtype=mean.dtype)
+    else:
+        eps = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return mean + torch.exp(0.5 * logvar) * eps
 
 

@@ -373,11 +373,17 @@ def test_train_throughput_quick_runs_the_training_script_for_both_methods(tmp_pa
 
     results = train_throughput.main(["--quick", "--backbones", "unet", "--output-dir", str(tmp_path)])
     cells = results["cells"]
-    assert [(c["backbone"], c["method"]) for c in cells] == [("unet", "VRFM"), ("unet", "RF")]
+    assert [(c["backbone"], c["method"]) for c in cells] == [("unet", "VRFM"), ("unet", "RF"), ("unet", "bare")]
     for cell in cells:
         assert cell["ms_per_step"] > 0 and cell["timed_steps"] >= 1 and math.isfinite(cell["final_loss"])
     assert cells[0]["velocity_parameters"] > cells[1]["velocity_parameters"], "VRFM adds the z path"
-    assert "| unet | default | no |" in (tmp_path / "train_throughput.md").read_text()
+    assert cells[1]["velocity_parameters"] == cells[2]["velocity_parameters"], "the bare loop trains RF's backbone"
+    summary = json.loads((tmp_path / "train_throughput_cpu.json").read_text())["models"]["unet-default-no"]
+    for key in ("bare_images_per_s", "vrfm_images_per_s", "rf_images_per_s"):
+        assert summary[key] == results["models"]["unet-default-no"][key] > 0
+    fraction = summary["vrfm_images_per_s"] / summary["bare_images_per_s"]
+    assert summary["vrfm_fraction_of_bare"] == pytest.approx(fraction)
+    assert "| unet | default | no |" in (tmp_path / "train_throughput_cpu.md").read_text()
 
 
 @pytest.mark.slow

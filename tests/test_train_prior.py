@@ -39,8 +39,8 @@ def _models(seed=0):
 def test_learned_prior_enters_the_kl_and_is_trained_through_it():
     model, encoder, prior = _models()
     x0, x1, t = torch.randn(16, 2), torch.randn(16, 2), torch.rand(16)
-    gens = [torch.Generator().manual_seed(i) for i in range(16)]
-    out = vrfm_training_loss(model, encoder, x0, x1, t, posterior_generators=gens, beta=0.5, prior_encoder=prior)
+    noise = torch.randn(16, 3)
+    out = vrfm_training_loss(model, encoder, x0, x1, t, posterior_noise=noise, beta=0.5, prior_encoder=prior)
     post = encoder(x0=x0, x1=x1, x_t=(1 - t[:, None]) * x0 + t[:, None] * x1, t=t)
     p = prior(x0=x0)
     expected = gaussian_kl(post.mean, post.logvar, p.mean, p.logvar).sum(dim=1).mean() / 2  # "mean" reduction, D=2
@@ -57,28 +57,25 @@ def test_prior_mask_feeds_the_prior_draw_to_the_velocity_model(learned):
     for param in model.z_embedding.parameters():  # zero-initialised: make the velocity depend on z
         torch.nn.init.normal_(param, std=0.5)
     x0, x1, t = torch.randn(8, 2), torch.randn(8, 2), torch.rand(8)
-    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(8)]  # noqa: E731
+    posterior_noise, prior_noise = torch.randn(8, 3), torch.randn(8, 3)
     mask = torch.tensor([True, False] * 4)
 
-    def run(prior_mask):  # fresh generators for every call: a generator's state advances when drawn from
+    def run(prior_mask):
         return vrfm_training_loss(
             model,
             encoder,
             x0,
             x1,
             t,
-            posterior_generators=gens(),
+            posterior_noise=posterior_noise,
             prior_encoder=prior if learned else None,
-            prior_generators=gens(),
+            prior_noise=prior_noise,
             prior_mask=prior_mask,
         )
 
     mixed, all_prior, none = run(mask), run(torch.ones(8, dtype=torch.bool)), run(None)
-    # the z that reached the model: the prior draw, rebuilt with the same per-example generators
-    if learned:
-        z_prior = prior(x0=x0, generator=gens()).sample
-    else:
-        z_prior = torch.stack([torch.randn(3, generator=g) for g in gens()])
+    # the z that reached the model: the prior draw, rebuilt from the same noise
+    z_prior = prior(x0=x0, noise=prior_noise).sample if learned else prior_noise
     x_t = (1 - t[:, None]) * x0 + t[:, None] * x1
     v_prior = model(x_t, t, z=z_prior).sample
     expected = (v_prior - (x1 - x0)).pow(2).sum(dim=1).mean() / 2
@@ -91,14 +88,14 @@ def test_draw_step_randomness_prior_mix_keeps_the_old_stream_and_splits_rows():
     scheduler = VRFMScheduler()
     base = draw_step_randomness(scheduler, 0, 3, 8, slice(0, 8), (2,), latent_dim=3)
     mixed = draw_step_randomness(scheduler, 0, 3, 8, slice(0, 8), (2,), latent_dim=3, prior_mix=0.5)
-    assert base.prior_mask is None and base.prior_generators is None
+    assert base.prior_mask is None and base.prior_noise is None
     assert torch.equal(base.t, mixed.t) and torch.equal(base.x0, mixed.x0), "t and x0 unchanged by the option"
     half = draw_step_randomness(scheduler, 0, 3, 8, slice(4, 8), (2,), latent_dim=3, prior_mix=0.5)
     assert torch.equal(half.prior_mask, mixed.prior_mask[4:]), "each process keeps its rows of one global draw"
     big = draw_step_randomness(scheduler, 0, 3, 4000, slice(0, 4000), None, latent_dim=3, prior_mix=0.3)
     assert abs(big.prior_mask.float().mean().item() - 0.3) < 0.03
     learned = draw_step_randomness(scheduler, 0, 3, 8, slice(0, 8), (2,), latent_dim=3, learned_prior=True)
-    assert learned.prior_mask is None and len(learned.prior_generators) == 8
+    assert learned.prior_mask is None and learned.prior_noise.shape == (8, 3)
 
 
 def test_aggregate_posterior_stats():

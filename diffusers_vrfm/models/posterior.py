@@ -93,10 +93,14 @@ class PosteriorEncoderMixin:
         x1: torch.Tensor | None = None,
         x_t: torch.Tensor | None = None,
         t: torch.Tensor | float | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         return_dict: bool = True,
+        noise: torch.Tensor | None = None,
     ) -> VRFMPosteriorOutput | tuple:
         """Encodes the chosen inputs into a diagonal Gaussian and draws one reparameterised sample.
+
+        The sample's standard-normal draw comes from `generator` (one for the batch, or one per row), or is given as
+        `noise` of shape `(B, latent_dim)` (the training loop draws it for the whole global batch on the device).
 
         Inputs that the encoder does not read may be passed and are ignored, so a training loop can always pass all
         four. Returns a [`VRFMPosteriorOutput`] (or the tuple `(mean, logvar, sample, kl)`).
@@ -104,7 +108,7 @@ class PosteriorEncoderMixin:
         inputs, time = self._gather_inputs(x0, x1, x_t, t)
         mean, logvar = self.encode(inputs, time)
         logvar = logvar.clamp(*LOGVAR_RANGE)
-        sample = reparameterize(mean, logvar, generator=generator)
+        sample = reparameterize(mean, logvar, generator=generator, noise=noise)
         kl = gaussian_kl(mean.float(), logvar.float()).sum(dim=-1)
         if not return_dict:
             return (mean, logvar, sample, kl)

@@ -369,6 +369,22 @@ def _add_system_arguments(parser: argparse.ArgumentParser) -> None:
     system.add_argument(
         "--find_unused_parameters", action="store_true", help="DDP find_unused_parameters (multi-process runs)."
     )
+    system.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="Compile the velocity model in place with torch.compile (`nn.Module.compile`: the weights, "
+        "checkpoints and saved pipeline are unchanged). The first steps are slower while it compiles.",
+    )
+    system.add_argument(
+        "--channels_last",
+        action="store_true",
+        help="Keep the image models' weights in channels-last memory format (faster convolutions on recent GPUs).",
+    )
+    system.add_argument(
+        "--allow_tf32",
+        action="store_true",
+        help="Allow TF32 matmuls and convolutions on Ampere and newer GPUs (faster float32, slightly less precise).",
+    )
 
 
 def _add_text_to_image_arguments(parser: argparse.ArgumentParser) -> None:
@@ -473,6 +489,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         fail("random_flip", True, "off with --cache_latents (latents are computed once, without augmentation)")
     if args.num_threads is not None and args.num_threads < 1:
         fail("num_threads", args.num_threads, "an integer >= 1")
+    if args.channels_last and args.backbone == "mlp":
+        fail("channels_last", True, "off with --backbone mlp (vector data has no channels)")
     if args.max_train_samples is not None and args.max_train_samples < 1:
         fail("max_train_samples", args.max_train_samples, "an integer >= 1")
     if args.num_validation_samples is not None and args.num_validation_samples < 1:

@@ -27,7 +27,7 @@ import torch
 
 from ..data.toy import TOY_TASKS, ToyTask
 from ..options import TOY_PREFIX
-from .determinism import derive_seed, example_generators, make_generator
+from .determinism import derive_seed, make_generator
 
 BUILTIN_DATASETS = ("builtin:digits", "builtin:mnist")
 _GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
@@ -69,7 +69,9 @@ class ImageTransform:
         self.center_crop = center_crop
         self.random_flip = random_flip
 
-    def __call__(self, image: PIL.Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, image: PIL.Image.Image, generator: torch.Generator | int | None = None) -> torch.Tensor:
+        """Transforms one image; the random crop and flip draw from `generator`, or from a generator seeded with it
+        when it is an `int` (made only when this image needs a draw: a random flip or a crop with room to move)."""
         if not isinstance(image, PIL.Image.Image):
             image = to_pil_image(image)
         image = image.convert("L" if self.num_channels == 1 else "RGB")
@@ -79,6 +81,10 @@ class ImageTransform:
         if new_size != (width, height):
             image = image.resize(new_size, resample=PIL.Image.BILINEAR)
         width, height = image.size
+        if isinstance(generator, int) and not isinstance(generator, bool):
+            has_room = max(width, height) > self.resolution
+            draws = self.random_flip or (not self.center_crop and has_room)
+            generator = torch.Generator().manual_seed(generator) if draws else None
         if self.center_crop:
             left = int(round((width - self.resolution) / 2.0))
             top = int(round((height - self.resolution) / 2.0))
@@ -355,11 +361,55 @@ class TrainImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key) -> dict:
         index, augmentation_seed = key
-        generator = torch.Generator().manual_seed(int(augmentation_seed))
-        item = {"pixel_values": self.transform(self.source.image(index), generator=generator)}
+        item = {"pixel_values": self.transform(self.source.image(index), generator=int(augmentation_seed))}
         if self.use_labels:
             item["class_labels"] = torch.tensor(self.source.label(index), dtype=torch.long)
         return item
+
+
+DEVICE_DATA_MAX_BYTES = 2**31  # in-memory sources whose transformed images fit in this are kept on the device
+
+
+def fixed_in_memory_images(dataset) -> bool:
+    """Whether `dataset` is a [`TrainImageDataset`] over an in-memory source (`builtin:*`) whose transform draws no
+    random numbers (square images, no random flip), so that it can be transformed once and kept on the device."""
+    if type(dataset) is not TrainImageDataset or not isinstance(dataset.source, ArrayImageSource):
+        return False
+    height, width = dataset.source.images.shape[1:3]
+    transform = dataset.transform
+    size = len(dataset) * transform.num_channels * transform.resolution**2 * 4
+    return not transform.random_flip and (transform.center_crop or height == width) and size <= DEVICE_DATA_MAX_BYTES
+
+
+class DeviceImageBatches:
+    """This process's image batches from micro-step `start` on, cut from the whole dataset transformed once and kept
+    on `device` (for [`fixed_in_memory_images`]): the same values as the data loader gives, without its per-step work
+    and host-to-device copies.
+
+    Example:
+
+    ```py
+    >>> from diffusers_vrfm.training.data import DeviceImageBatches, MicroBatchPlan, load_training_data
+    >>> data = load_training_data("builtin:digits", "unet", resolution=8, class_conditional=True)
+    >>> batches = DeviceImageBatches(data.dataset, MicroBatchPlan(data.num_examples, batch_size=4), start=0)
+    >>> batch = next(batches)
+    >>> batch["pixel_values"].shape, batch["class_labels"].shape
+    (torch.Size([4, 1, 8, 8]), torch.Size([4]))
+    ```
+    """
+
+    def __init__(self, dataset: TrainImageDataset, plan: MicroBatchPlan, start: int, device="cpu"):
+        examples = [dataset[(index, 0)] for index in range(len(dataset))]  # a fixed transform ignores the seed
+        self.tensors = {key: value.to(device) for key, value in collate_examples(examples).items()}
+        self.plan, self.micro_step, self.device = plan, start, device
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        indices = self.plan.global_indices(self.micro_step)[self.plan.process_slice()].to(self.device)
+        self.micro_step += 1
+        return {key: value[indices] for key, value in self.tensors.items()}
 
 
 def collate_examples(examples: list[dict]) -> dict:
@@ -370,14 +420,19 @@ def collate_examples(examples: list[dict]) -> dict:
 
 @torch.no_grad()
 def encode_with_vae(
-    vae, pixels: torch.Tensor, seed: int, micro_step: int, example_indices, purpose: str = "vae"
+    vae, pixels: torch.Tensor, seed: int, micro_step: int, global_batch_size: int, rows: slice, purpose: str = "vae"
 ) -> torch.Tensor:
     """Encodes images in `[-1, 1]` to scaled VAE latents, ``(latent - shift_factor) * scaling_factor`` (what the
-    pipeline's `decode` undoes), drawing each example's latent with its own generator (of `purpose`)."""
+    pipeline's `decode` undoes). The latent's standard-normal draw is made for the whole global batch from one
+    generator of `(seed, purpose, micro_step)` on the VAE's device, and this process keeps its `rows`."""
     distribution = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
-    latents = distribution.sample(generator=example_generators(seed, purpose, micro_step, example_indices))
+    generator = make_generator(seed, purpose, micro_step, device=distribution.mean.device)
+    shape = (global_batch_size, *distribution.mean.shape[1:])
+    noise = torch.randn(shape, generator=generator, device=distribution.mean.device)[rows]
+    latents = distribution.mean + distribution.std * noise.to(distribution.mean.dtype)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return ((latents - shift) * vae.config.scaling_factor).float()
+
 
 # ---------------------------------------------------------------------------------------------------- the batch plan
 @dataclass

@@ -3,9 +3,9 @@
 A training run that keeps generator *state* must checkpoint that state and restore it exactly, and a run on two
 processes draws different numbers than a run on one. Here every draw instead comes from a generator seeded from
 ``(seed, purpose, position)``: the noise of micro-step ``m`` comes from ``(seed, "noise", m)`` whatever happened
-before, and the posterior noise of example ``i`` of that micro-step from ``(seed, "posterior", m, i)``. Resuming at
-step ``m`` is therefore exact with no generator state to save, and a 2-process run sees exactly the numbers of a
-1-process run with the same global batch.
+before, and its posterior noise from ``(seed, "posterior", m)``. Each such generator draws the whole global batch
+(on the training device) and every process keeps its rows. Resuming at step ``m`` is therefore exact with no
+generator state to save, and a 2-process run sees the numbers of a 1-process run with the same global batch.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ PURPOSES = {
     "vae": 6,
     "prior": 7,
     "aggregate_prior": 8,
+    "times": 9,
+    "label_dropout": 10,
 }
 
 
@@ -50,10 +52,3 @@ def derive_seed(seed: int, purpose: str, *positions: int) -> int:
 def make_generator(seed: int, purpose: str, *positions: int, device: str | torch.device = "cpu") -> torch.Generator:
     """A `torch.Generator` seeded with [`derive_seed`]."""
     return torch.Generator(device=device).manual_seed(derive_seed(seed, purpose, *positions))
-
-
-def example_generators(
-    seed: int, purpose: str, micro_step: int, example_indices, device: str | torch.device = "cpu"
-) -> list[torch.Generator]:
-    """One generator per example, keyed by the example's position in the *global* batch of `micro_step`."""
-    return [make_generator(seed, purpose, micro_step, int(i), device=device) for i in example_indices]

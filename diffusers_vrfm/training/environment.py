@@ -89,10 +89,14 @@ def mixed_precision_warning(mixed_precision: str, device_type: str, native_bf16:
 
 
 def set_up_run(args: argparse.Namespace) -> RunContext:
-    """Sets the thread count, creates the accelerator and the logger, and seeds everything with `--seed`."""
+    """Sets the thread count (and TF32 with `--allow_tf32`), creates the accelerator and the logger, and seeds
+    everything with `--seed`."""
     run_start = time.time()
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     argv = list(getattr(args, "_argv", sys.argv[1:]))
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     accelerator = Accelerator(

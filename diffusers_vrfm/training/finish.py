@@ -92,7 +92,9 @@ def _aggregate_prior_pairs(args: argparse.Namespace, prepared: PreparedData, bat
         items = [data.dataset[key] for key in zip(rows, augmentation_seeds)]
         x1 = collate_examples(items)["pixel_values"]
         if vae is not None:
-            x1 = encode_with_vae(vae, x1, args.seed, index, range(batch_size), purpose="aggregate_prior")
+            x1 = encode_with_vae(
+                vae, x1, args.seed, index, batch_size, slice(0, batch_size), purpose="aggregate_prior"
+            )
         yield torch.randn(x1.shape, generator=generator), x1
 
 
@@ -214,7 +216,8 @@ def save_and_publish(
         )
     pipeline = pipeline.to(accelerator.device)
     # a diverged model is refused here: no pipeline and no card that look like a result
-    check_trained_pipeline(pipeline, min(args.validation_inference_steps), result.skipped_updates, seed=args.seed)
+    # at the most steps validated: a diverged velocity that stays finite for one step can overflow over several
+    check_trained_pipeline(pipeline, max(args.validation_inference_steps), result.skipped_updates, seed=args.seed)
     if prepared.text is not None:
         save_text_to_image_run(args, prepared, pipeline)
     else:

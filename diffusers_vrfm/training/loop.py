@@ -1,7 +1,8 @@
 """The training loop of `train_vrfm.py`: micro-steps with gradient accumulation, the update, metrics, checkpoints and
 validation figures. The loss of one micro-step is [`~diffusers_vrfm.training.step.vrfm_training_loss`].
 
-Every random number of a micro-step comes from `(seed, micro_step, global position)`, so a resumed run repeats an
+Every random number of a micro-step comes from a generator seeded with `(seed, purpose, micro_step)` that draws the
+whole global batch on the training device (this process keeps its rows), so a resumed run repeats an
 uninterrupted one exactly, and a run on `N` processes repeats a 1-process run with an `N` times larger batch.
 """
 
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from ..objective import adapt_beta, count_active_units
 from . import checkpointing
 from . import step as training_step
-from .data import collate_examples, encode_with_vae
+from .data import DeviceImageBatches, collate_examples, encode_with_vae, fixed_in_memory_images
 from .data_setup import BatchLayout, PreparedData
 from .determinism import make_generator
 from .environment import RunContext
@@ -101,18 +102,17 @@ def draw_micro_batch(
     data_iterator,
     device,
 ) -> MicroBatch:
-    """Loads (images) or draws (vectors) the micro-step's data and draws its randomness: `t`, `x0`, label dropout and
-    the per-example generators of `z`."""
+    """Loads (images) or draws (vectors) the micro-step's data and draws its randomness on `device` (`t`, `x0`, label
+    dropout and the noise of `z`), one generator per purpose for the whole global batch."""
     data, rows = prepared.data, layout.rows
-    generator = make_generator(args.seed, "noise", micro_step)
     class_labels = model_kwargs = None
     if data.kind == "image":
         batch = next(data_iterator)
-        x1, class_labels = batch["pixel_values"], batch.get("class_labels")
+        x1, class_labels = batch["pixel_values"].to(device, non_blocking=True), batch.get("class_labels")
         model_kwargs = {key: batch[key].to(device) for key in TEXT_MODEL_KWARGS if key in batch} or None
-    else:
-        x0_all, x1_all = data.toy_pairs(layout.global_batch_size, generator)
-        x0, x1 = x0_all[rows], x1_all[rows]
+    else:  # toy tasks sample a few 2-D points on the CPU
+        x0_all, x1_all = data.toy_pairs(layout.global_batch_size, make_generator(args.seed, "noise", micro_step))
+        x0, x1 = x0_all[rows].to(device), x1_all[rows].to(device)
     randomness = training_step.draw_step_randomness(
         noise_scheduler,
         args.seed,
@@ -123,20 +123,19 @@ def draw_micro_batch(
         label_dropout=args.label_dropout,
         num_classes=data.num_classes,
         latent_dim=args.latent_dim,
-        generator=generator,
         prior_mix=args.prior_mix,
         learned_prior=args.learned_prior,
+        device=device,
     )
     if data.kind == "image":
         x0 = randomness.x0
         if prepared.vae is not None:
-            indices = range(layout.global_batch_size)[rows]
-            x1 = encode_with_vae(prepared.vae, x1, args.seed, micro_step, indices)
-    if class_labels is not None and randomness.label_drop is not None:
-        null_labels = torch.full_like(class_labels, data.num_classes)
-        class_labels = torch.where(randomness.label_drop, null_labels, class_labels)
-    class_labels = None if class_labels is None else class_labels.to(device)
-    return MicroBatch(x0.to(device), x1.to(device), randomness.t.to(device), class_labels, randomness, model_kwargs)
+            x1 = encode_with_vae(prepared.vae, x1, args.seed, micro_step, layout.global_batch_size, rows)
+    if class_labels is not None:
+        class_labels = class_labels.to(device, non_blocking=True)
+        if randomness.label_drop is not None:
+            class_labels = torch.where(randomness.label_drop, data.num_classes, class_labels)
+    return MicroBatch(x0, x1.to(device), randomness.t, class_labels, randomness, model_kwargs)
 
 
 def accumulate_micro_step(
@@ -163,12 +162,12 @@ def accumulate_micro_step(
             batch.x1,
             batch.t,
             class_labels=batch.class_labels,
-            posterior_generators=batch.randomness.posterior_generators,
+            posterior_noise=batch.randomness.posterior_noise,
             beta=beta,
             reduction=args.loss_reduction,
             free_bits=args.free_bits,
             prior_encoder=models.prior_model,
-            prior_generators=batch.randomness.prior_generators,
+            prior_noise=batch.randomness.prior_noise,
             prior_mask=batch.randomness.prior_mask,
             model_kwargs=batch.model_kwargs,
         )
@@ -275,15 +274,26 @@ def save_loop_checkpoint(args: argparse.Namespace, context: RunContext, layout: 
     return path
 
 
-def make_data_iterator(args: argparse.Namespace, prepared: PreparedData, layout: BatchLayout, micro_step: int):
-    """An iterator over this process's image batches from `micro_step` on (`None` for vector data)."""
+def make_data_iterator(
+    args: argparse.Namespace, prepared: PreparedData, layout: BatchLayout, micro_step: int, device
+):
+    """An iterator over this process's image batches from `micro_step` on (`None` for vector data): in-memory sources
+    with a fixed transform are transformed once and kept on `device`; other sources go through a `DataLoader` with
+    `--dataloader_num_workers` workers (pinned memory on CUDA)."""
     if layout.plan is None:
         return None
+    dataset = prepared.data.dataset
+    if fixed_in_memory_images(dataset):
+        return DeviceImageBatches(dataset, layout.plan, micro_step, device)
+    workers = args.dataloader_num_workers
     loader = torch.utils.data.DataLoader(
-        prepared.data.dataset,
+        dataset,
         batch_sampler=layout.plan.batch_sampler(micro_step),
-        num_workers=args.dataloader_num_workers,
+        num_workers=workers,
         collate_fn=collate_examples,
+        pin_memory=torch.device(device).type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
     )
     return iter(loader)
 
@@ -307,7 +317,7 @@ def train_loop(
         resumed.adaptive_beta,
         SkippedUpdates(limit=args.max_skipped_updates),
     )
-    data_iterator = make_data_iterator(args, prepared, layout, state.micro_step)
+    data_iterator = make_data_iterator(args, prepared, layout, state.micro_step, accelerator.device)
     stop_at = min(args.max_train_steps, args.stop_after_steps or args.max_train_steps)
     metrics_path = os.path.join(context.logging_dir, "metrics.jsonl")
     if accelerator.is_main_process and checkpointing.rewind_metrics_log(metrics_path, state.global_step):

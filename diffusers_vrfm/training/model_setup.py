@@ -134,11 +134,24 @@ def _make_ema(args: argparse.Namespace, velocity_model, device) -> EMAModel | No
         use_ema_warmup=True,
         inv_gamma=args.ema_inv_gamma,
         power=args.ema_power,
+        foreach=True,  # one fused update over all parameters instead of a Python loop
         model_cls=type(velocity_model),
         model_config=velocity_model.config,
     )
     ema_model.to(device)
     return ema_model
+
+
+def apply_speed_options(args: argparse.Namespace, models: TrainingModels) -> None:
+    """`--channels_last` (image models) and `--torch_compile` (the velocity model), in place: `nn.Module.compile`
+    compiles a module's forward without wrapping it, so parameter names, checkpoints and the saved pipeline stay as
+    they are. The posterior is left eager: it is small, and it draws random numbers outside training."""
+    if args.channels_last:
+        for model in (models.velocity_model, models.posterior_encoder):
+            if model is not None:
+                model.to(memory_format=torch.channels_last)
+    if args.torch_compile:
+        models.velocity_model.compile()
 
 
 def prepare_for_training(
@@ -168,6 +181,7 @@ def prepare_for_training(
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
+    apply_speed_options(args, models)
     *wrapped, models.optimizer, models.lr_scheduler = accelerator.prepare(*models.trained, optimizer, lr_scheduler)
     models.velocity_model = wrapped[0]
     if models.posterior_encoder is not None:

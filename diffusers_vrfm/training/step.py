@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..objective import VRFMLossOutput, drop_labels, interpolate, target_velocity, vrfm_loss
-from .determinism import example_generators, make_generator
+from .determinism import make_generator
 
 
 def beta_at_step(beta: float, global_step: int, warmup_steps: int = 0) -> float:
@@ -38,15 +38,16 @@ def beta_at_step(beta: float, global_step: int, warmup_steps: int = 0) -> float:
 
 @dataclass
 class StepRandomness:
-    """The random inputs of one micro-step for the examples of this process.
+    """The random inputs of one micro-step for the examples of this process, on the training device.
 
     Args:
         t (`torch.Tensor` of shape `(B,)`): training times.
         x0 (`torch.Tensor` of shape `(B, ...)`): source samples (noise), or `None` when the data supplies them.
         label_drop (`torch.Tensor` of shape `(B,)`, bool, *optional*): which labels to replace by the null label.
-        posterior_generators (`list[torch.Generator]`): one generator per example for the posterior's draw of `z`.
-        prior_generators (`list[torch.Generator]`, *optional*): one generator per example for its prior draw of `z`
-            (a learned prior's, or `N(0, I)`); only drawn with `prior_mix > 0` or a learned prior.
+        posterior_noise (`torch.Tensor` of shape `(B, latent_dim)`, *optional*): the standard-normal draw of the
+            posterior's reparameterised `z`.
+        prior_noise (`torch.Tensor` of shape `(B, latent_dim)`, *optional*): the standard-normal draw of the prior's
+            `z` (a learned prior's, or `N(0, I)` itself); only drawn with `prior_mix > 0` or a learned prior.
         prior_mask (`torch.Tensor` of shape `(B,)`, bool, *optional*): which examples take their `z` from the prior
             instead of the posterior (`--prior_mix`); `None` when `prior_mix` is 0.
     """
@@ -54,8 +55,8 @@ class StepRandomness:
     t: torch.Tensor
     x0: torch.Tensor | None
     label_drop: torch.Tensor | None
-    posterior_generators: list[torch.Generator] | None
-    prior_generators: list[torch.Generator] | None = None
+    posterior_noise: torch.Tensor | None
+    prior_noise: torch.Tensor | None = None
     prior_mask: torch.Tensor | None = None
 
 
@@ -69,15 +70,19 @@ def draw_step_randomness(
     label_dropout: float = 0.0,
     num_classes: int | None = None,
     latent_dim: int = 0,
-    generator: torch.Generator | None = None,
     prior_mix: float = 0.0,
     learned_prior: bool = False,
+    device: str | torch.device = "cpu",
 ) -> StepRandomness:
-    """Draws the randomness of micro-step `micro_step` for the whole global batch, then keeps this process's `rows`.
+    """Draws the randomness of micro-step `micro_step` for the whole global batch on `device`, then keeps this
+    process's `rows`.
 
-    Every process draws the same global numbers (from `(seed, "noise", micro_step)`), so a run on `N` processes uses
-    exactly the numbers of a 1-process run with the same global batch, and a resumed run those of an uninterrupted
-    one. The posterior's draw of `z` uses one generator per example, keyed by the example's global position.
+    Each purpose has one generator for the whole global batch, seeded with `derive_seed(seed, purpose, micro_step)`:
+    `"times"` for `t`, `"noise"` for `x0`, `"label_dropout"`, `"posterior"` for the posterior's draw of `z` and
+    `"prior"` for the prior's draw and the `--prior_mix` mask. Every process draws the same global numbers, so a run on
+    `N` processes uses the numbers of a 1-process run with the same global batch, and a resumed run those of an
+    uninterrupted one (on the same device type: CPU and CUDA generators give different streams). No per-example
+    generator is made.
 
     Args:
         scheduler ([`VRFMScheduler`]): draws `t` from its configured `timestep_density`.
@@ -88,36 +93,54 @@ def draw_step_randomness(
         label_dropout (`float`): the probability of replacing a label by the null label.
         num_classes (`int`, *optional*): the number of classes (the null label); `None` when unconditional.
         latent_dim (`int`): the dimension of `z`; 0 means no posterior draws.
-        generator (`torch.Generator`, *optional*): continue an existing stream (used when `x0` came from it).
         prior_mix (`float`): the probability that an example takes its `z` from the prior (issue 6); 0 draws nothing
-            more, so runs without it keep their random numbers.
-        learned_prior (`bool`): whether a learned prior `p_psi(z | x0)` is trained (it then needs per-example
-            generators even when `prior_mix` is 0, for its reparameterised draw).
+            more.
+        learned_prior (`bool`): whether a learned prior `p_psi(z | x0)` is trained (it then needs its noise even when
+            `prior_mix` is 0, for its reparameterised draw).
+        device (`str` or `torch.device`): where the generators live and the numbers are drawn.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_vrfm import VRFMScheduler
+    >>> from diffusers_vrfm.training.step import draw_step_randomness
+    >>> full = draw_step_randomness(VRFMScheduler(), 0, 3, 8, slice(0, 8), (2,), latent_dim=4)
+    >>> mine = draw_step_randomness(VRFMScheduler(), 0, 3, 8, slice(4, 8), (2,), latent_dim=4)
+    >>> torch.equal(mine.posterior_noise, full.posterior_noise[4:]), mine.x0.shape
+    (True, torch.Size([4, 2]))
+    ```
     """
-    generator = generator or make_generator(seed, "noise", micro_step)
-    t = scheduler.sample_training_timesteps(global_batch_size, generator=generator)[rows]
+
+    def generator(purpose: str) -> torch.Generator:
+        return make_generator(seed, purpose, micro_step, device=device)
+
+    t = scheduler.sample_training_timesteps(global_batch_size, device=device, generator=generator("times"))[rows]
     x0 = None
     if sample_shape is not None:
-        x0 = torch.randn((global_batch_size, *sample_shape), generator=generator)[rows]
+        x0 = torch.randn((global_batch_size, *sample_shape), generator=generator("noise"), device=device)[rows]
     label_drop = None
     if num_classes is not None and label_dropout > 0:
         # drop_labels only decides where to put the null label; feed it positions so the mask covers the global batch.
-        positions = torch.zeros(global_batch_size, dtype=torch.long)
-        label_drop = (drop_labels(positions, label_dropout, null_class=1, generator=generator) == 1)[rows]
-    posterior_generators = prior_generators = prior_mask = None
+        positions = torch.zeros(global_batch_size, dtype=torch.long, device=device)
+        label_drop = (drop_labels(positions, label_dropout, null_class=1, generator=generator("label_dropout")) == 1)
+        label_drop = label_drop[rows]
+    posterior_noise = prior_noise = prior_mask = None
     if latent_dim > 0:
-        indices = range(global_batch_size)[rows]
-        posterior_generators = example_generators(seed, "posterior", micro_step, indices)
+        shape = (global_batch_size, latent_dim)
+        posterior_noise = torch.randn(shape, generator=generator("posterior"), device=device)[rows]
         if prior_mix > 0 or learned_prior:
-            prior_generators = example_generators(seed, "prior", micro_step, indices)
-        if prior_mix > 0:
-            prior_mask = (torch.rand(global_batch_size, generator=generator) < prior_mix)[rows]
+            prior_generator = generator("prior")
+            prior_noise = torch.randn(shape, generator=prior_generator, device=device)[rows]
+            if prior_mix > 0:
+                uniform = torch.rand(global_batch_size, generator=prior_generator, device=device)
+                prior_mask = (uniform < prior_mix)[rows]
     return StepRandomness(
         t=t,
         x0=x0,
         label_drop=label_drop,
-        posterior_generators=posterior_generators,
-        prior_generators=prior_generators,
+        posterior_noise=posterior_noise,
+        prior_noise=prior_noise,
         prior_mask=prior_mask,
     )
 
@@ -137,12 +160,12 @@ def vrfm_training_loss(
     x1: torch.Tensor,
     t: torch.Tensor,
     class_labels: torch.Tensor | None = None,
-    posterior_generators: list[torch.Generator] | None = None,
+    posterior_noise: torch.Tensor | None = None,
     beta: float = 1.0,
     reduction: str = "mean",
     free_bits: float = 0.0,
     prior_encoder=None,
-    prior_generators: list[torch.Generator] | None = None,
+    prior_noise: torch.Tensor | None = None,
     prior_mask: torch.Tensor | None = None,
     model_kwargs: dict | None = None,
 ) -> TrainingStepOutput:
@@ -152,8 +175,11 @@ def vrfm_training_loss(
 
     Prior-hole remedies (issue 6): a learned conditional prior `prior_encoder` (`posterior_inputs=("x0",)`) replaces
     `N(0, I)` in the KL, `KL(q(z | ...) || p_psi(z | x0))`, and is trained through it; `prior_mask` (bool, `(B,)`)
-    marks the examples whose `z` is drawn from the prior (learned or `N(0, I)`, with `prior_generators`) instead of
+    marks the examples whose `z` is drawn from the prior (learned or `N(0, I)`, with `prior_noise`) instead of
     the posterior, so that the velocity net also learns on the latents inference feeds it.
+
+    `posterior_noise` and `prior_noise` (`(B, latent_dim)`) are the standard-normal draws of the reparameterised `z`
+    (see [`draw_step_randomness`]); left out, the encoders draw from the global generator.
 
     `model_kwargs` go to the velocity model as they are: the text of a text-conditioned model
     (`encoder_hidden_states`, `pooled_projections`).
@@ -177,14 +203,14 @@ def vrfm_training_loss(
         # A tuple rather than the output dataclass: accelerate's mixed-precision wrapper rebuilds mapping outputs with
         # a single positional argument, which a dataclass with several required fields does not accept.
         mean, logvar, z, _ = posterior_encoder(
-            x0=x0, x1=x1, x_t=x_t, t=t, generator=posterior_generators, return_dict=False
+            x0=x0, x1=x1, x_t=x_t, t=t, noise=posterior_noise, return_dict=False
         )
     prior_mean = prior_logvar = None
     if posterior_encoder is not None and (prior_encoder is not None or prior_mask is not None):
         if prior_encoder is not None:
-            prior_mean, prior_logvar, prior_z, _ = prior_encoder(x0=x0, generator=prior_generators, return_dict=False)
-        elif prior_mask is not None:
-            prior_z = _standard_normal_draws(z, prior_generators)
+            prior_mean, prior_logvar, prior_z, _ = prior_encoder(x0=x0, noise=prior_noise, return_dict=False)
+        else:  # N(0, I): the draw is the noise itself
+            prior_z = prior_noise if prior_noise is not None else torch.randn_like(z)
         if prior_mask is not None:
             z = torch.where(prior_mask.to(z.device).reshape(-1, 1), prior_z.to(z.dtype), z)
     prediction = velocity_model(x_t, t, z=z, class_labels=class_labels, **(model_kwargs or {})).sample
@@ -200,13 +226,6 @@ def vrfm_training_loss(
         prior_logvar=prior_logvar,
     )
     return TrainingStepOutput(loss=loss, posterior_mean=None if mean is None else mean.detach())
-
-
-def _standard_normal_draws(like: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
-    """`N(0, I)` draws shaped like `like`, one per-example generator per row when given."""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    return randn_tensor(like.shape, generator=generators, device=like.device, dtype=like.dtype)
 
 
 def aggregate_posterior_stats(posterior_means: torch.Tensor) -> dict[str, float]:

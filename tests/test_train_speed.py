@@ -1,0 +1,115 @@
+"""Issue 12: the training step's randomness is drawn per purpose for the whole global batch (no per-example
+generators), and the speed options parse and run."""
+
+import pytest
+import torch
+from train_helpers import FAST, TINY_POSTERIOR, TINY_UNET, train_runner
+
+from diffusers_vrfm import VRFMScheduler
+from diffusers_vrfm.training import loop as training_loop
+from diffusers_vrfm.training.step import draw_step_randomness
+
+
+@pytest.fixture
+def train():
+    yield from train_runner()
+
+
+class _CountingGenerator(torch.Generator):
+    """A `torch.Generator` that counts its instances while `counting` is on (the base class is built in `__new__`)."""
+
+    counting = False
+    created = 0
+
+    def __init__(self, *args, **kwargs):
+        if _CountingGenerator.counting:
+            _CountingGenerator.created += 1
+
+
+def _count_generators_in(function):
+    def counted(*args, **kwargs):
+        _CountingGenerator.counting = True
+        try:
+            return function(*args, **kwargs)
+        finally:
+            _CountingGenerator.counting = False
+
+    return counted
+
+
+def test_step_randomness_makes_one_generator_per_purpose(monkeypatch):
+    monkeypatch.setattr(torch, "Generator", _CountingGenerator)
+    monkeypatch.setattr(_CountingGenerator, "created", 0)
+    with monkeypatch.context() as patch:
+        patch.setattr(_CountingGenerator, "counting", True)
+        out = draw_step_randomness(
+            VRFMScheduler(), 0, 5, 64, slice(0, 64), (3,), 0.2, 10, latent_dim=4, prior_mix=0.5, learned_prior=True
+        )
+    # times, noise, label dropout, posterior, prior: five generators for 64 examples
+    assert _CountingGenerator.created == 5
+    assert out.posterior_noise.shape == out.prior_noise.shape == (64, 4) and out.prior_mask.shape == (64,)
+
+
+def _run_and_count(train, monkeypatch, tmp_path, batch_size):
+    monkeypatch.setattr(torch, "Generator", _CountingGenerator)
+    monkeypatch.setattr(_CountingGenerator, "created", 0)
+    for name in ("draw_micro_batch", "accumulate_micro_step"):
+        monkeypatch.setattr(training_loop, name, _count_generators_in(getattr(training_loop, name)))
+    argv = [
+        "--output_dir", tmp_path / f"run{batch_size}", "--resolution", "8", "--model_config", TINY_UNET,
+        "--posterior_config", TINY_POSTERIOR, "--latent_dim", "3", "--prior_mix", "0.5", "--label_dropout", "0.1",
+        "--train_batch_size", batch_size, "--max_train_steps", "2", "--gradient_accumulation_steps", "2",
+        "--num_validation_samples", "2", "--validation_steps", "100", *FAST,
+    ]  # fmt: skip
+    summary = train(argv)
+    assert summary["global_step"] == 2
+    return _CountingGenerator.created
+
+
+def test_a_training_step_creates_no_per_example_generator(train, monkeypatch, tmp_path):
+    small = _run_and_count(train, monkeypatch, tmp_path, 2)
+    large = _run_and_count(train, monkeypatch, tmp_path, 8)
+    assert small > 0, "the patch sees the generators of the step"
+    assert large == small, f"the generators of a step grow with the batch: {small} for 2 examples, {large} for 8"
+    assert large <= 4 * 6, "at most one generator per purpose and micro-step (4 micro-steps)"
+
+
+# ------------------------------------------------------------------------------------------------ speed options
+def _tiny_image_run(tmp_path, *extra):
+    return [
+        "--output_dir", tmp_path, "--resolution", "8", "--model_config", TINY_UNET, "--posterior_config",
+        TINY_POSTERIOR, "--latent_dim", "3", "--train_batch_size", "4", "--max_train_steps", "2",
+        "--checkpointing_steps", "2", "--num_validation_samples", "2", *FAST, *extra,
+    ]  # fmt: skip
+
+
+def test_speed_options_parse_and_validate():
+    from diffusers_vrfm.training.cli import parse_args
+
+    args = parse_args(["--torch_compile", "--channels_last", "--allow_tf32"])
+    assert args.torch_compile and args.channels_last and args.allow_tf32
+    defaults = parse_args([])
+    assert not (defaults.torch_compile or defaults.channels_last or defaults.allow_tf32)
+    with pytest.raises(ValueError, match=r"`--channels_last` must be off with --backbone mlp .*, but got True"):
+        parse_args(["--backbone", "mlp", "--channels_last"])
+
+
+def test_channels_last_and_tf32_run_and_keep_the_saved_weights_plain(train, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # restored after the test
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    summary = train(_tiny_image_run(tmp_path / "run", "--channels_last", "--allow_tf32"))
+    assert summary["finished"] and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    weights = load_file(str(tmp_path / "run" / "velocity_model" / "diffusion_pytorch_model.safetensors"))
+    assert not any(name.startswith("_orig_mod") for name in weights)
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels on the CPU: about a minute on a small machine
+def test_torch_compile_runs_on_cpu_and_saves_plain_weights(train, tmp_path):
+    from safetensors.torch import load_file
+
+    summary = train(_tiny_image_run(tmp_path / "run", "--torch_compile"))
+    assert summary["finished"]
+    weights = load_file(str(tmp_path / "run" / "velocity_model" / "diffusion_pytorch_model.safetensors"))
+    assert not any(name.startswith("_orig_mod") for name in weights)
