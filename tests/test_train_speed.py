@@ -94,13 +94,17 @@ def test_speed_options_parse_and_validate():
         parse_args(["--backbone", "mlp", "--channels_last"])
 
 
-def test_channels_last_and_tf32_run_and_keep_the_saved_weights_plain(train, tmp_path, monkeypatch):
+def test_channels_last_and_tf32_run_and_keep_the_saved_weights_plain(train, tmp_path):
     from safetensors.torch import load_file
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # restored after the test
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    summary = train(_tiny_image_run(tmp_path / "run", "--channels_last", "--allow_tf32"))
-    assert summary["finished"] and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    # torch's backend flags are properties of module objects, which monkeypatch cannot always restore: do it by hand
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        summary = train(_tiny_image_run(tmp_path / "run", "--channels_last", "--allow_tf32"))
+        assert summary["finished"] and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     weights = load_file(str(tmp_path / "run" / "velocity_model" / "diffusion_pytorch_model.safetensors"))
     assert not any(name.startswith("_orig_mod") for name in weights)
 
