@@ -523,42 +523,13 @@ def log_likelihood(
     ```
     """
     z = _check_inputs(velocity_model, x, z, num_z_samples, divergence, solver, num_inference_steps, generator)
-    if not isinstance(enable_grad, bool):
-        raise TypeError(f"`enable_grad` must be a bool, but got {type(enable_grad).__name__}.")
-    if solver == "dopri5":
-        _check_positive_float("rtol", rtol)
-        _check_positive_float("atol", atol)
-    if z_chunk_size is not None:
-        _check_int("z_chunk_size", z_chunk_size, 1)
-    if proposal is not None:
-        inputs = tuple(getattr(getattr(proposal, "config", None), "posterior_inputs", None) or ())
-        if inputs != ("x1",) or getattr(proposal, "latent_dim", None) != velocity_model.latent_dim:
-            raise ValueError(
-                f"`proposal` must be a posterior encoder that reads only the data point (posterior_inputs ('x1',)) "
-                f"with latent_dim {velocity_model.latent_dim}, but got {type(proposal).__name__} reading {inputs} "
-                f"with latent_dim {getattr(proposal, 'latent_dim', None)}."
-            )
-        if z is not None:
-            raise ValueError("Pass either `z` (log p(x | z)) or `proposal` (the marginal over z), not both.")
-        if prior is not None and not hasattr(prior, "log_prob"):
-            raise ValueError(f"With a `proposal`, `prior` must have `log_prob`, but {type(prior).__name__} has not.")
-    if prior is not None and getattr(prior, "latent_dim", None) != velocity_model.latent_dim:
-        raise ValueError(
-            f"`prior` must be an unconditional prior over z with latent_dim {velocity_model.latent_dim} (for "
-            f"example a VRFMAggregatePosteriorPrior), but got {type(prior).__name__} with latent_dim "
-            f"{getattr(prior, 'latent_dim', None)}."
-        )
-    if source_log_prob is None:
-        source_log_prob = standard_normal_log_prob
-    elif not callable(source_log_prob):
-        raise TypeError(f"`source_log_prob` must be callable, but got {type(source_log_prob).__name__}.")
+    _check_options(enable_grad, solver, rtol, atol, z_chunk_size, source_log_prob)
+    _check_prior_and_proposal(velocity_model.latent_dim, z, prior, proposal)
+    source_log_prob = standard_normal_log_prob if source_log_prob is None else source_log_prob
     sample_shape = tuple(velocity_model.sample_shape)
-    if compute_bits_per_dim is None:
-        compute_bits_per_dim = len(sample_shape) == 3
-    if dequantize_input is None:
-        dequantize_input = compute_bits_per_dim
-    if compute_bits_per_dim or dequantize_input:
-        _check_positive_float("bin_width", bin_width)
+    compute_bits_per_dim, dequantize_input = _discrete_data_options(
+        sample_shape, compute_bits_per_dim, dequantize_input, bin_width
+    )
 
     batch_size, num_dims = x.shape[0], math.prod(sample_shape)
     latent_dim = int(velocity_model.latent_dim)
@@ -568,27 +539,7 @@ def log_likelihood(
         if dequantize_input:
             x = dequantize(x, bin_width, generator)
 
-        # The latents: (K, B, latent_dim), or None for plain rectified flow.
-        if latent_dim == 0:
-            zs = None
-        elif z is not None:
-            zs = z.unsqueeze(0)
-        elif proposal is not None:
-            posterior = proposal(x1=x.to(proposal.dtype))
-            mean, logvar = posterior.mean.to(x.dtype), posterior.logvar.to(x.dtype)
-            eps = randn_tensor((num_z_samples, *mean.shape), generator=generator, device=x.device, dtype=x.dtype)
-            zs = mean + torch.exp(0.5 * logvar) * eps
-            log_q = -0.5 * (eps.pow(2) + logvar + math.log(2 * math.pi)).sum(dim=-1)  # (K, B)
-            flat = zs.reshape(-1, latent_dim)
-            log_p_z = prior.log_prob(flat) if prior is not None else standard_normal_log_prob(flat)
-            log_correction = log_p_z.to(x.dtype).reshape(num_z_samples, batch_size) - log_q
-        elif prior is not None:
-            draws = prior(batch_size=num_z_samples * batch_size, generator=generator).sample
-            zs = draws.to(device=x.device, dtype=x.dtype).reshape(num_z_samples, batch_size, latent_dim)
-        else:
-            zs = randn_tensor(
-                (num_z_samples, batch_size, latent_dim), generator=generator, device=x.device, dtype=x.dtype
-            )
+        zs, log_correction = _draw_latents(x, latent_dim, z, num_z_samples, prior, proposal, generator)
         num_draws = 1 if zs is None else zs.shape[0]
         chunk = num_draws if z_chunk_size is None else min(z_chunk_size, num_draws)
 
@@ -600,19 +551,9 @@ def log_likelihood(
             x1 = x.unsqueeze(0).expand(count, *x.shape).reshape(rows, *sample_shape)
             z_rows = None if zs is None else zs[start : start + count].reshape(rows, latent_dim)
             label_rows = labels.repeat(count) if labels is not None and labels.ndim == 1 else labels
-            probe = (
-                rademacher_probe(x1.shape, generator=generator, device=x.device, dtype=x.dtype)
-                if divergence == "hutchinson"
-                else None
-            )
-
-            def velocity_fn(sample, t, z_rows=z_rows, label_rows=label_rows):
-                t_batch = t.reshape(()).expand(sample.shape[0])
-                kwargs = {} if label_rows is None else {"class_labels": label_rows}
-                return velocity_model(sample, t_batch, z=z_rows, **kwargs).sample
-
+            probe = rademacher_probe(x1.shape, generator, x.device, x.dtype) if divergence == "hutchinson" else None
             x0, integral, evals = integrate_log_density(
-                velocity_fn,
+                _conditioned_velocity(velocity_model, z_rows, label_rows),
                 x1,
                 num_inference_steps=num_inference_steps,
                 solver=solver,
@@ -623,18 +564,7 @@ def log_likelihood(
                 atol=atol,
             )
             total_evals += evals
-            log_p0 = source_log_prob(x0)
-            if not isinstance(log_p0, torch.Tensor) or tuple(log_p0.shape) != (rows,):
-                raise ValueError(
-                    f"`source_log_prob` must return a tensor of shape ({rows},) for a batch of {rows} source points, "
-                    f"but got {tuple(log_p0.shape) if isinstance(log_p0, torch.Tensor) else type(log_p0).__name__}."
-                )
-            invalid = torch.isnan(log_p0) | torch.isposinf(log_p0)
-            if invalid.any():
-                raise ValueError(
-                    f"`source_log_prob` returned NaN or +inf for {int(invalid.sum())} of {rows} source points: it "
-                    "must give a log-density (finite, or -inf outside its support)."
-                )
+            log_p0 = _source_log_density(source_log_prob, x0)
             per_z.append((log_p0 - integral).reshape(count, batch_size))
             integrals.append(integral.reshape(count, batch_size))
             source_terms.append(log_p0.reshape(count, batch_size))
@@ -658,3 +588,102 @@ def log_likelihood(
         x0=torch.cat(source_points),
         z=zs,
     )
+
+
+def _check_prior_and_proposal(latent_dim: int, z, prior, proposal) -> None:
+    """Checks the `prior` and the importance-sampling `proposal` of [`log_likelihood`] against the model's z."""
+    if proposal is not None:
+        inputs = tuple(getattr(getattr(proposal, "config", None), "posterior_inputs", None) or ())
+        if inputs != ("x1",) or getattr(proposal, "latent_dim", None) != latent_dim:
+            raise ValueError(
+                f"`proposal` must be a posterior encoder that reads only the data point (posterior_inputs ('x1',)) "
+                f"with latent_dim {latent_dim}, but got {type(proposal).__name__} reading {inputs} "
+                f"with latent_dim {getattr(proposal, 'latent_dim', None)}."
+            )
+        if z is not None:
+            raise ValueError("Pass either `z` (log p(x | z)) or `proposal` (the marginal over z), not both.")
+        if prior is not None and not hasattr(prior, "log_prob"):
+            raise ValueError(f"With a `proposal`, `prior` must have `log_prob`, but {type(prior).__name__} has not.")
+    if prior is not None and getattr(prior, "latent_dim", None) != latent_dim:
+        raise ValueError(
+            f"`prior` must be an unconditional prior over z with latent_dim {latent_dim} (for "
+            f"example a VRFMAggregatePosteriorPrior), but got {type(prior).__name__} with latent_dim "
+            f"{getattr(prior, 'latent_dim', None)}."
+        )
+
+
+def _draw_latents(x, latent_dim: int, z, num_z_samples: int, prior, proposal, generator):
+    """The latents of [`log_likelihood`], `(K, B, latent_dim)` (`None` for plain rectified flow), and with a
+    `proposal` the importance-weight correction ``log p(z) - log q(z | x)`` of shape `(K, B)` (else `None`)."""
+    batch_size = x.shape[0]
+    if latent_dim == 0:
+        return None, None
+    if z is not None:
+        return z.unsqueeze(0), None
+    if proposal is not None:
+        posterior = proposal(x1=x.to(proposal.dtype))
+        mean, logvar = posterior.mean.to(x.dtype), posterior.logvar.to(x.dtype)
+        eps = randn_tensor((num_z_samples, *mean.shape), generator=generator, device=x.device, dtype=x.dtype)
+        zs = mean + torch.exp(0.5 * logvar) * eps
+        log_q = -0.5 * (eps.pow(2) + logvar + math.log(2 * math.pi)).sum(dim=-1)  # (K, B)
+        flat = zs.reshape(-1, latent_dim)
+        log_p_z = prior.log_prob(flat) if prior is not None else standard_normal_log_prob(flat)
+        return zs, log_p_z.to(x.dtype).reshape(num_z_samples, batch_size) - log_q
+    if prior is not None:
+        draws = prior(batch_size=num_z_samples * batch_size, generator=generator).sample
+        return draws.to(device=x.device, dtype=x.dtype).reshape(num_z_samples, batch_size, latent_dim), None
+    shape = (num_z_samples, batch_size, latent_dim)
+    return randn_tensor(shape, generator=generator, device=x.device, dtype=x.dtype), None
+
+
+def _source_log_density(source_log_prob, x0: torch.Tensor) -> torch.Tensor:
+    """``log p0(x0)``, checked: one value per source point, none NaN or +inf."""
+    rows = x0.shape[0]
+    log_p0 = source_log_prob(x0)
+    if not isinstance(log_p0, torch.Tensor) or tuple(log_p0.shape) != (rows,):
+        raise ValueError(
+            f"`source_log_prob` must return a tensor of shape ({rows},) for a batch of {rows} source points, "
+            f"but got {tuple(log_p0.shape) if isinstance(log_p0, torch.Tensor) else type(log_p0).__name__}."
+        )
+    invalid = torch.isnan(log_p0) | torch.isposinf(log_p0)
+    if invalid.any():
+        raise ValueError(
+            f"`source_log_prob` returned NaN or +inf for {int(invalid.sum())} of {rows} source points: it "
+            "must give a log-density (finite, or -inf outside its support)."
+        )
+    return log_p0
+
+
+def _check_options(enable_grad, solver: str, rtol, atol, z_chunk_size, source_log_prob) -> None:
+    """Checks the numerical options of [`log_likelihood`]."""
+    if not isinstance(enable_grad, bool):
+        raise TypeError(f"`enable_grad` must be a bool, but got {type(enable_grad).__name__}.")
+    if solver == "dopri5":
+        _check_positive_float("rtol", rtol)
+        _check_positive_float("atol", atol)
+    if z_chunk_size is not None:
+        _check_int("z_chunk_size", z_chunk_size, 1)
+    if source_log_prob is not None and not callable(source_log_prob):
+        raise TypeError(f"`source_log_prob` must be callable, but got {type(source_log_prob).__name__}.")
+
+
+def _conditioned_velocity(velocity_model, z_rows, label_rows):
+    """``v(x, t)`` of the model with its rows' `z` and class labels fixed, `t` a scalar broadcast over the batch."""
+
+    def velocity_fn(sample, t):
+        t_batch = t.reshape(()).expand(sample.shape[0])
+        kwargs = {} if label_rows is None else {"class_labels": label_rows}
+        return velocity_model(sample, t_batch, z=z_rows, **kwargs).sample
+
+    return velocity_fn
+
+
+def _discrete_data_options(sample_shape, compute_bits_per_dim, dequantize_input, bin_width) -> tuple[bool, bool]:
+    """Whether to report bits per dimension and to dequantize the input: both on for images by default."""
+    if compute_bits_per_dim is None:
+        compute_bits_per_dim = len(sample_shape) == 3
+    if dequantize_input is None:
+        dequantize_input = compute_bits_per_dim
+    if compute_bits_per_dim or dequantize_input:
+        _check_positive_float("bin_width", bin_width)
+    return compute_bits_per_dim, dequantize_input
