@@ -60,6 +60,14 @@ STUDY = (
     StudyRun("rf_1600", "RF, 1600 steps", "--methods rf --steps 1600", baseline="rf_1600"),
     StudyRun("kl30_d16_fb_1600", "KL 30, dim z 16, free bits 0.5, 1600 steps", "--methods vrfm --kl-target 30 "
              "--latent-dim 16 --train-args '--free_bits 0.5' --steps 1600", baseline="rf_1600"),
+    # Issue 13's candidate against the defaults at one budget: logit-normal t and 1600 steps for all three.
+    StudyRun("rf_logitnormal_1600", "RF, logit-normal t, 1600 steps", f"--methods rf {LOGIT_NORMAL} --steps 1600",
+             baseline="rf_logitnormal_1600"),
+    StudyRun("kl3_d4_logitnormal_1600", "KL 3, dim z 4, logit-normal t, 1600 steps",
+             f"--methods vrfm {LOGIT_NORMAL} --steps 1600", baseline="rf_logitnormal_1600"),
+    StudyRun("kl30_d16_fb_logitnormal_1600", "KL 30, dim z 16, free bits 0.5, logit-normal t, 1600 steps",
+             "--methods vrfm --kl-target 30 --latent-dim 16 --train-args '--free_bits 0.5 --timestep_density "
+             "logit_normal' --steps 1600", baseline="rf_logitnormal_1600"),
     # Not run within the study's hour (lower priority): KL 30 and 100 at dim z 4.
     StudyRun("kl30_d4", "KL 30, dim z 4", "--methods vrfm --kl-target 30"),
     StudyRun("kl100_d4", "KL 100, dim z 4", "--methods vrfm --kl-target 100"),

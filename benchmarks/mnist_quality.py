@@ -23,6 +23,7 @@ Run from the repository root::
         --batch-size 128 --model_config '{"block_out_channels": [64, 128, 128], "layers_per_block": 2, \\
         "norm_num_groups": 32, "attention_head_dim": 32}'                  # the GPU config of issue 13
     python -m benchmarks.mnist_quality --quick                             # digits, a smoke run in seconds
+    python -m benchmarks.mnist_quality --join rf.json vrfm.json --name both # one report from runs of one method each
 """
 
 from __future__ import annotations
@@ -447,11 +448,12 @@ def render_report(results: dict) -> str:
         cells = [format_mean_std([p[f] for p in results["posterior"].values()]) for f in fields]
         lines += ["## VRFM posterior diagnostics on test images (prior hole)", ""]
         lines += [markdown_table([*headers, "MMD^2 floor"], [cells]), ""]
-    lines += [
-        f"Figures: `{meta['name']}_grids.png` (first seed; one column per method, one row per NFE, same noise), "
-        f"`{meta['name']}_fd_vs_nfe.png`.",
-        "",
-    ]
+    grids = (
+        "the joined runs' own `_grids.png`"
+        if meta.get("joined")
+        else f"`{meta['name']}_grids.png` (first seed; one column per method, one row per NFE, same noise)"
+    )
+    lines += [f"Figures: {grids}, `{meta['name']}_fd_vs_nfe.png`.", ""]
     return "\n".join(lines)
 
 
@@ -596,6 +598,36 @@ def run(args) -> dict:
     return results
 
 
+SAME_BUDGET = ("dataset", "data", "model_config", "seeds", "steps", "batch_size", "nfes", "scheduler", "num_samples")
+
+
+def join_results(paths: list[Path], name: str) -> dict:
+    """Joins the results of runs that trained different methods on the same budget (e.g. an RF run and a VRFM run,
+    each with `--methods`) into one result, so that the report compares them; refuses runs whose budgets differ."""
+    loaded = [json.loads(Path(path).read_text()) for path in paths]
+    first = loaded[0]["meta"]
+    for path, result in zip(paths, loaded):
+        changed = [key for key in SAME_BUDGET if result["meta"].get(key) != first.get(key)]
+        if changed:
+            raise ValueError(f"{path} differs from {paths[0]} in {changed}: only runs of one budget can be joined.")
+    joined = {"meta": dict(first), "fd": {}, "train": {}, "posterior": {}, "inception": None}
+    for result in loaded:
+        overlap = set(joined["fd"]) & set(result["fd"])
+        if overlap:
+            raise ValueError(f"More than one of {[str(p) for p in paths]} has {sorted(overlap)}: join one run each.")
+        joined["fd"].update(result["fd"])
+        joined["train"].update(result["train"])
+        if result["posterior"]:
+            joined["posterior"], joined["meta"]["train_command"] = result["posterior"], result["meta"]["train_command"]
+    joined["meta"]["params"] = {
+        key: max(result["meta"]["params"].get(key, 0) for result in loaded) for key in ("rf", "vrfm", "posterior")
+    }
+    joined["meta"]["command"] = " + ".join(result["meta"]["command"] for result in loaded)
+    joined["meta"]["total_seconds"] = sum(result["meta"].get("total_seconds", 0.0) for result in loaded)
+    joined["meta"].update(name=name, joined=[str(path) for path in paths])
+    return joined
+
+
 def json_object(text: str) -> dict:
     """`--model_config` / `--posterior_config`: a JSON object, or the path of a JSON file."""
     from diffusers_vrfm.training.factory import parse_json_config
@@ -656,6 +688,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="mnist_quality", help="basename of the outputs in --output-dir")
     parser.add_argument("--quick", action="store_true", help="digits, a tiny UNet, 6 steps: a smoke run")
+    parser.add_argument(
+        "--join",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="train nothing: join these result JSONs (one method each, same budget) into the report `--name`",
+    )
     return parser
 
 
@@ -663,6 +702,14 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    if args.join:
+        results = join_results(args.join, args.name)
+        output_dir = Path(args.output_dir)
+        write_json(output_dir / f"{args.name}.json", results)
+        (output_dir / f"{args.name}.md").write_text(render_report(results))
+        plot_fd(results, output_dir / f"{args.name}_fd_vs_nfe.png")
+        print((output_dir / f"{args.name}.md").read_text())
+        return results
     previous_threads = torch.get_num_threads()
     try:
         results = run(args)

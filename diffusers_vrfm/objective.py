@@ -319,7 +319,8 @@ def vrfm_loss(
         velocity_pred (`torch.Tensor` of shape `(B, ...)`): the model's velocity.
         velocity_target (`torch.Tensor` of shape `(B, ...)`): `x1 - x0`.
         posterior_mean, posterior_logvar (`torch.Tensor` of shape `(B, latent_dim)`, *optional*): the posterior.
-        beta (`float`): the KL weight, `>= 0`.
+        beta (`float` or 0-d `torch.Tensor`): the KL weight, `>= 0` (a tensor's value is not checked: reading it
+            would stall the device).
         reduction (`str`): `"sum"` or `"mean"`; see the module docstring.
         free_bits (`float`): a floor, in nats per latent dimension, under the batch-mean KL of each dimension before
             it is weighted by `beta` (Kingma et al., 2016). 0 turns it off.
@@ -349,7 +350,12 @@ def vrfm_loss(
         )
     if not isinstance(reduction, str) or reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {LOSS_REDUCTIONS}, but got {reduction!r}.")
-    beta = check_real(beta, "beta", minimum=0.0)  # a float: an int beyond int64 would not multiply a tensor
+    if isinstance(beta, torch.Tensor):  # the training loop's adapted beta: its value stays on the device, unread
+        check_tensor(beta, "beta")
+        if beta.ndim != 0:
+            raise ValueError(f"`beta` must be a number or a 0-d tensor, but got shape {tuple(beta.shape)}.")
+    else:
+        beta = check_real(beta, "beta", minimum=0.0)  # a float: an int beyond int64 would not multiply a tensor
     free_bits = check_real(free_bits, "free_bits", 0.0, torch.finfo(torch.float32).max)  # the floor is float32
     if (posterior_mean is None) != (posterior_logvar is None):
         raise ValueError("`posterior_mean` and `posterior_logvar` must be given together.")
@@ -394,21 +400,25 @@ KL_TARGET_BETA_RANGE = (1e-4, 150.0)
 
 
 def adapt_beta(
-    beta: float,
-    kl: float,
+    beta: float | torch.Tensor,
+    kl: float | torch.Tensor,
     kl_target: float,
     rate: float = 0.01,
     beta_range: tuple[float, float] = KL_TARGET_BETA_RANGE,
-) -> float:
+) -> float | torch.Tensor:
     """One dual-ascent step on ``log beta`` that steers the KL towards `kl_target` nats.
 
     ``beta <- beta * exp(rate * (kl - kl_target))``, clipped to `beta_range`: beta rises while the KL is above the
     target and falls while it is below. A KL target fixes how much information ``z`` carries (in nats, summed over
     latent dimensions), which, unlike a fixed ``beta``, means the same on tasks whose velocities differ in scale.
 
+    With tensors for `beta` and `kl` (0-d, on one device) the step is taken there and returns a tensor, without
+    reading either value back to the host: the training loop keeps beta on the GPU this way.
+
     Args:
-        beta (`float`): the current KL weight (> 0).
-        kl (`float`): the KL of the current batch, nats summed over latent dimensions (mean over examples).
+        beta (`float` or 0-d `torch.Tensor`): the current KL weight (> 0).
+        kl (`float` or 0-d `torch.Tensor`): the KL of the current batch, nats summed over latent dimensions (mean over
+            examples).
         kl_target (`float`): the target, in the same units (>= 0).
         rate (`float`, defaults to 0.01): the step size on ``log beta`` per nat of error.
         beta_range (`tuple[float, float]`): the bounds of beta.
@@ -419,20 +429,35 @@ def adapt_beta(
     >>> from diffusers_vrfm.objective import adapt_beta
     >>> adapt_beta(1.0, kl=5.0, kl_target=3.0) > 1.0, adapt_beta(1.0, kl=1.0, kl_target=3.0) < 1.0
     (True, True)
+    >>> import torch
+    >>> adapt_beta(torch.tensor(1.0), kl=torch.tensor(5.0), kl_target=3.0)
+    tensor(1.0202)
     ```
     """
-    beta = check_real(beta, "beta", minimum=0.0)
-    kl = check_real(kl, "kl")
     kl_target = check_real(kl_target, "kl_target", minimum=0.0)
     rate = check_real(rate, "rate", minimum=0.0)
     low, high = beta_range
     if not 0 < low <= high:
         raise ValueError(f"`beta_range` must be (low, high) with 0 < low <= high, but got {beta_range!r}.")
+    if isinstance(beta, torch.Tensor) or isinstance(kl, torch.Tensor):
+        beta, kl = torch.as_tensor(beta), torch.as_tensor(kl)
+        for name, value in (("beta", beta), ("kl", kl)):
+            if value.ndim != 0 or not value.is_floating_point():
+                raise ValueError(
+                    f"`{name}` must be a float or a 0-d float tensor, but got {value.dtype} {tuple(value.shape)}."
+                )
+        log_beta = beta.clamp(low, high).log() + rate * (kl.to(beta.dtype) - kl_target)
+        return log_beta.clamp(max=700.0).exp().clamp(low, high)
+    beta = check_real(beta, "beta", minimum=0.0)
+    kl = check_real(kl, "kl")
     log_beta = math.log(min(max(beta, low), high)) + rate * (kl - kl_target)
     return float(min(max(math.exp(min(log_beta, 700.0)), low), high))
 
 
-def count_active_units(posterior_means: torch.Tensor, threshold: float = 1e-2) -> int:
+ACTIVE_UNIT_THRESHOLD = 1e-2  # the variance over the data above which a latent unit counts as active
+
+
+def count_active_units(posterior_means: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
     """The number of active latent units (Burda et al., 2016): dimensions whose posterior mean varies over the data
     with variance above ``threshold``. ``posterior_means`` has shape ``(N, latent_dim)``."""
     if posterior_means.ndim != 2:

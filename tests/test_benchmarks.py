@@ -266,6 +266,19 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
     _assert_png(tmp_path / "mnist_quality_grids.png")
     _assert_png(tmp_path / "mnist_quality_fd_vs_nfe.png")
 
+    # --join: the same results split into an RF-only and a VRFM-only file give the same tables again
+    for methods, keys in (("rf", ["rf"]), ("vrfm", ["vrfm", "vrfm_normal"])):
+        part = {**results, "fd": {k: results["fd"][k] for k in keys}, "train": {methods: results["train"][methods]}}
+        part["posterior"] = results["posterior"] if methods == "vrfm" else {}
+        (tmp_path / f"{methods}.json").write_text(json.dumps(part))
+    joined_argv = ["--join", str(tmp_path / "rf.json"), str(tmp_path / "vrfm.json"), "--name", "joined"]
+    mnist_quality.main([*joined_argv, "--output-dir", str(tmp_path)])
+    joined_tables = common.parse_markdown_tables((tmp_path / "joined.md").read_text())
+    assert joined_tables == tables
+    with pytest.raises(ValueError, match=r"differs from .* in \['steps'\]"):
+        (tmp_path / "other.json").write_text(json.dumps({**results, "meta": {**results["meta"], "steps": 7}}))
+        mnist_quality.join_results([tmp_path / "rf.json", tmp_path / "other.json"], "bad")
+
 
 def test_mnist_quality_arguments_and_seeds_summary():
     from benchmarks import mnist_quality

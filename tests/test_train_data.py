@@ -220,3 +220,22 @@ def test_derived_seeds_depend_on_purpose_and_position_only():
         derive_seed(0, "nonsense")
     with pytest.raises(ValueError, match="seed"):
         derive_seed(-1, "noise")
+
+
+@pytest.mark.parametrize("process_index", [0, 1])
+def test_device_batches_match_the_data_loader_across_epochs_and_a_resume(process_index):
+    from diffusers_vrfm.training.data import DeviceImageBatches
+
+    data = load_training_data("builtin:digits", "unet", resolution=8, class_conditional=True, max_train_samples=50)
+    plan = MicroBatchPlan(data.num_examples, batch_size=4, num_processes=2, process_index=process_index, seed=7)
+    sampler = plan.batch_sampler(0)
+    loader = torch.utils.data.DataLoader(data.dataset, batch_sampler=sampler, collate_fn=collate_examples)
+    expected = [batch for _, batch in zip(range(15), loader)]  # 6 micro-steps per epoch: 2.5 epochs
+    on_device = DeviceImageBatches(data.dataset, plan, start=0)
+    resumed = DeviceImageBatches(data.dataset, plan, start=8)
+    for micro_step, batch in enumerate(expected):
+        got = next(on_device)
+        assert all(torch.equal(got[key], batch[key]) for key in batch), micro_step
+        if micro_step >= 8:
+            got = next(resumed)
+            assert all(torch.equal(got[key], batch[key]) for key in batch), micro_step

@@ -1,6 +1,10 @@
 """Issue 12: the training step's randomness is drawn per purpose for the whole global batch (no per-example
 generators), and the speed options parse and run."""
 
+import collections
+import json
+import math
+
 import pytest
 import torch
 from train_helpers import FAST, TINY_POSTERIOR, TINY_UNET, train_runner
@@ -117,3 +121,96 @@ def test_torch_compile_runs_on_cpu_and_saves_plain_weights(train, tmp_path):
     assert summary["finished"]
     weights = load_file(str(tmp_path / "run" / "velocity_model" / "diffusion_pytorch_model.safetensors"))
     assert not any(name.startswith("_orig_mod") for name in weights)
+
+
+# ------------------------------------------------------------------------------------------ no host reads per step
+_HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+def _count_host_reads(monkeypatch):
+    """Counts the tensor-to-host conversions made inside the training loop, outside its metric reads and checkpoints
+    (on a GPU each would wait for all queued work)."""
+    reads = []
+    active = {"on": False}
+    for name in _HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            if active["on"]:
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def switch(function, on):
+        def switched(*args, **kwargs):
+            previous, active["on"] = active["on"], on
+            try:
+                return function(*args, **kwargs)
+            finally:
+                active["on"] = previous
+
+        return switched
+
+    monkeypatch.setattr(training_loop, "train_loop", switch(training_loop.train_loop, True))
+    # the metric reads and checkpoints may read; so may the data's one-time preparation on the CPU
+    for name in ("read_pending_updates", "save_loop_checkpoint", "make_data_iterator"):
+        monkeypatch.setattr(training_loop, name, switch(getattr(training_loop, name), False))
+    return reads
+
+
+@pytest.mark.parametrize("kind", ["image", "vector"])
+def test_training_steps_read_nothing_back_between_metric_reads(train, monkeypatch, tmp_path, kind):
+    reads = _count_host_reads(monkeypatch)
+    common = ["--max_train_steps", "6", "--logging_steps", "3", "--gradient_accumulation_steps", "2"]
+    if kind == "image":  # label dropout, the prior mix and an adapted beta: every purpose of the step
+        argv = _tiny_image_run(tmp_path / "run", "--prior_mix", "0.5", "--label_dropout", "0.1", *common)
+    else:
+        argv = ["--output_dir", tmp_path / "run", "--backbone", "mlp", "--num_validation_samples", "8", *FAST, *common]
+    argv += ["--nonfinite_policy", "skip"]
+    summary = train([str(a) for a in argv])
+    assert summary["global_step"] == 6
+    assert reads == [], f"the training steps read tensors back to the host: {collections.Counter(reads)}"
+    metrics = [json.loads(line) for line in open(tmp_path / "run" / "logs" / "metrics.jsonl")]
+    assert [record["step"] for record in metrics] == [1, 2, 3, 4, 5, 6], "one record per step, read every 3"
+    assert all(math.isfinite(record["loss"]) and record["beta"] > 0 for record in metrics)
+
+
+def _adamw(fused):
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(4, 3))
+    return weight, torch.optim.AdamW([weight], lr=0.1, weight_decay=0.01, fused=fused)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-on-device", "other-reads-once"])
+def test_a_skipped_update_leaves_weights_and_optimizer_state_unchanged(fused):
+    from diffusers_vrfm.training.step import optimizer_step_unless
+
+    weight, optimizer = _adamw(fused)
+    weight.grad = torch.ones_like(weight)
+    optimizer_step_unless(optimizer, torch.tensor(False))  # a real update first, so that the state is not empty
+    before = weight.detach().clone(), {k: v.clone() for k, v in optimizer.state[weight].items()}
+    weight.grad = torch.full_like(weight, float("nan"))
+    optimizer_step_unless(optimizer, torch.tensor(True))
+    assert torch.equal(weight.detach(), before[0])
+    assert all(torch.equal(optimizer.state[weight][k], v) for k, v in before[1].items())
+    assert not hasattr(optimizer, "found_inf"), "the flag does not outlive the step"
+    weight.grad = torch.ones_like(weight)
+    optimizer_step_unless(optimizer, torch.tensor(False))
+    assert not torch.equal(weight.detach(), before[0]) and float(optimizer.state[weight]["step"]) == 2
+
+
+def test_the_fused_skip_matches_an_unskipped_history():
+    """A run with a skipped update in the middle ends where the same run without that update ends."""
+    from diffusers_vrfm.training.step import optimizer_step_unless
+
+    gradients = [torch.randn(4, 3, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    skipping, optimizer = _adamw(True)
+    for index, gradient in enumerate([gradients[0], torch.full((4, 3), float("inf")), *gradients[1:]]):
+        skipping.grad = gradient
+        optimizer_step_unless(optimizer, torch.tensor(index == 1))
+    clean, reference = _adamw(True)
+    for gradient in gradients:
+        clean.grad = gradient
+        reference.step()
+    assert torch.equal(skipping.detach(), clean.detach())

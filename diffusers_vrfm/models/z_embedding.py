@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import numbers
 from dataclasses import dataclass
 
@@ -10,6 +12,38 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from ..objective import check_tensor
+
+_VALUE_CHECKS = contextvars.ContextVar("diffusers_vrfm_value_checks", default=True)
+
+
+@contextlib.contextmanager
+def skip_value_checks():
+    """Inside this context the models check their inputs' shapes and dtypes but not their values (finite, in range).
+
+    A value check reads the tensor back to the host, which stalls a GPU until all queued work is done. The training
+    loop draws every time, label and noise itself and guards the loss and gradients on the device, so it runs its
+    forward passes in this context; everything else keeps the checks.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_vrfm.models.z_embedding import check_timestep, skip_value_checks
+    >>> with skip_value_checks():
+    ...     check_timestep(torch.tensor([2.0]), 1, "cpu", torch.float32)  # out of [0, 1], but not read back
+    tensor([2.])
+    ```
+    """
+    token = _VALUE_CHECKS.set(False)
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS.reset(token)
+
+
+def value_checks_enabled() -> bool:
+    """Whether input values are checked here (see [`skip_value_checks`])."""
+    return _VALUE_CHECKS.get()
 
 
 @dataclass
@@ -85,9 +119,9 @@ def check_timestep(
             f"`{argument}` must be a scalar or have shape ({batch_size},) (the batch size of `{batch_from}`), but got "
             f"{tuple(timestep.shape)}."
         )
-    if not torch.isfinite(timestep).all():
-        raise ValueError(f"`{argument}` must be finite, but it contains NaN or inf.")
-    if (timestep < 0).any() or (timestep > 1).any():
+    if value_checks_enabled() and (~torch.isfinite(timestep) | (timestep < 0) | (timestep > 1)).any():  # one read
+        if not torch.isfinite(timestep).all():
+            raise ValueError(f"`{argument}` must be finite, but it contains NaN or inf.")
         raise ValueError(
             f"`{argument}` must lie in [0, 1] (0 = noise, 1 = data), but got values in "
             f"[{timestep.min().item():.4g}, {timestep.max().item():.4g}]."
@@ -131,7 +165,7 @@ def check_class_labels(
             f"`class_labels` must be integers of shape ({batch_size},) (the batch size of `{batch_from}`), but got "
             f"shape {tuple(class_labels.shape)}."
         )
-    if (class_labels < 0).any() or (class_labels > num_classes).any():
+    if value_checks_enabled() and ((class_labels < 0) | (class_labels > num_classes)).any():
         raise ValueError(
             f"`class_labels` must lie in [0, {num_classes}] ({num_classes} is the null label), but got values in "
             f"[{class_labels.min().item()}, {class_labels.max().item()}]."

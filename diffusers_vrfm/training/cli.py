@@ -288,8 +288,9 @@ def _add_optimisation_arguments(parser: argparse.ArgumentParser) -> None:
         type=str,
         default="stop",
         choices=NONFINITE_POLICIES,
-        help="On a NaN/inf loss or gradient: `stop` with a clear error, or `skip` the update (counted and logged). "
-        "EMA and checkpoints never see a skipped update.",
+        help="On a NaN/inf loss or gradient: `stop` with a clear error (at the next read, see --logging_steps), or "
+        "`skip` the update (counted and logged). A skipped update leaves the weights and the optimizer state as they "
+        "were; the EMA averages in those unchanged weights.",
     )
     optim.add_argument(
         "--max_skipped_updates",
@@ -309,6 +310,14 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
         "--report_to", type=str, default="tensorboard", help='"tensorboard", "wandb", "all" or "none".'
     )
     output.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N steps.")
+    output.add_argument(
+        "--logging_steps",
+        type=int,
+        default=10,
+        help="Read the metrics back from the device every N steps (and at each checkpoint and the end) and log one "
+        "record per step; the steps between reads never wait for the device. `--nonfinite_policy stop` acts at "
+        "these reads.",
+    )
     output.add_argument(
         "--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints."
     )
@@ -463,7 +472,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         fail("beta_warmup_steps", args.beta_warmup_steps, "0 with --kl_target (beta adapts; pass --kl_target off)")
     if not 0.0 <= args.label_dropout <= 1.0:
         fail("label_dropout", args.label_dropout, "in [0, 1]")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps"):
+    positive = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps")
+    for name in (*positive, "logging_steps"):
         if getattr(args, name) < 1:
             fail(name, getattr(args, name), "an integer >= 1")
     if args.validation_steps < 1:

@@ -402,13 +402,18 @@ class DeviceImageBatches:
         examples = [dataset[(index, 0)] for index in range(len(dataset))]  # a fixed transform ignores the seed
         self.tensors = {key: value.to(device) for key, value in collate_examples(examples).items()}
         self.plan, self.micro_step, self.device = plan, start, device
+        self.epoch, self.order = None, None
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        indices = self.plan.global_indices(self.micro_step)[self.plan.process_slice()].to(self.device)
+        epoch, position = divmod(self.micro_step, self.plan.batches_per_epoch)
+        if epoch != self.epoch:  # one host-to-device copy per epoch; a copy per step would wait for the device
+            self.epoch, self.order = epoch, self.plan.permutation(epoch).to(self.device)
+        block = self.order[position * self.plan.global_batch_size : (position + 1) * self.plan.global_batch_size]
         self.micro_step += 1
+        indices = block[self.plan.process_slice()]
         return {key: value[indices] for key, value in self.tensors.items()}
 
 
@@ -482,7 +487,8 @@ class MicroBatchPlan:
     def epoch_of(self, micro_step: int) -> int:
         return micro_step // self.batches_per_epoch
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The order of the dataset's examples in `epoch` (on the CPU; the last one is cached)."""
         if epoch not in self._cache:
             if self.shuffle:
                 permutation = torch.randperm(self.num_examples, generator=make_generator(self.seed, "order", epoch))
@@ -496,7 +502,7 @@ class MicroBatchPlan:
         """The dataset indices of the whole global batch of `micro_step`, shape `(global_batch_size,)`."""
         epoch, position = divmod(micro_step, self.batches_per_epoch)
         start = position * self.global_batch_size
-        return self._permutation(epoch)[start : start + self.global_batch_size]
+        return self.permutation(epoch)[start : start + self.global_batch_size]
 
     def process_slice(self) -> slice:
         """The rows of a global batch that belong to this process."""

@@ -9,8 +9,8 @@ uninterrupted one exactly, and a run on `N` processes repeats a 1-process run wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import math
 import os
 import time
 from collections import deque
@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..objective import adapt_beta, count_active_units
+from ..models.z_embedding import skip_value_checks
+from ..objective import adapt_beta
 from . import checkpointing
 from . import step as training_step
 from .data import DeviceImageBatches, collate_examples, encode_with_vae, fixed_in_memory_images
@@ -36,28 +37,57 @@ METRIC_WINDOW = 50  # the model card reports the mean of the last this many step
 
 
 @dataclass
+class PendingUpdate:
+    """One update's metrics, left on the device until the next read (`--logging_steps`).
+
+    Args:
+        step (`int`): the update's number.
+        seconds (`float`): wall time since the loop started when the host had queued the update; for the last update
+            before a read, when the device had finished it (the read waits for it).
+        lr (`float`): the learning rate after the update.
+        beta (`float` or `torch.Tensor`): the KL weight the update used (a 0-d device tensor when adapted).
+        ema_decay (`float`, *optional*): the EMA's decay after the update.
+        values (`torch.Tensor`): loss, MSE, KL and KL in nats (window means over processes and micro-steps), the KL
+            per dimension, the `POSTERIOR_STATISTICS` (with a posterior), the gradient norm, whether a loss was
+            non-finite and whether the update was skipped.
+    """
+
+    step: int
+    seconds: float
+    lr: float
+    beta: float | torch.Tensor
+    ema_decay: float | None
+    values: torch.Tensor
+
+
+@dataclass
 class LoopState:
-    """The counters of a run and the sums of the current accumulation window.
+    """The counters of a run, the sums of the current accumulation window and the updates not yet read.
 
     Args:
         global_step (`int`): updates made so far.
         micro_step (`int`): micro-steps made so far (the key of every random draw).
-        adaptive_beta (`float`): the KL weight of the next step when `--kl_target` adapts it.
+        adaptive_beta (`torch.Tensor`): the KL weight of the next step when `--kl_target` adapts it (0-d, on the
+            training device, so that adapting it reads nothing back).
         skips (`SkippedUpdates`): skipped updates (non-finite loss or gradient) and the limit on a run of them.
         recent (`deque`): the logged metrics of the last `METRIC_WINDOW` updates.
         accumulated (`torch.Tensor`, *optional*): the window's mean loss, MSE, KL, KL in nats and KL per dimension.
-        window_bad (`bool`): whether a micro-step of the window had a non-finite loss.
+        window_loss_finite (`torch.Tensor`, *optional*): whether every loss of the window was finite (bool, device).
         last_means (`torch.Tensor`, *optional*): the posterior means of the window's last micro-step.
+        pending (`list[PendingUpdate]`): the updates made since the last read.
+        started (`float`): when the loop started (`time.time()`).
     """
 
     global_step: int
     micro_step: int
-    adaptive_beta: float
+    adaptive_beta: torch.Tensor
     skips: SkippedUpdates
     recent: deque = field(default_factory=lambda: deque(maxlen=METRIC_WINDOW))
     accumulated: torch.Tensor | None = None
-    window_bad: bool = False
+    window_loss_finite: torch.Tensor | None = None
     last_means: torch.Tensor | None = None
+    pending: list = field(default_factory=list)
+    started: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -143,18 +173,15 @@ def accumulate_micro_step(
     context: RunContext,
     models: TrainingModels,
     batch: MicroBatch,
-    beta: float,
+    beta: float | torch.Tensor,
     state: LoopState,
-) -> float | None:
+) -> torch.Tensor | None:
     """Computes the loss of one micro-step and backpropagates it; on the window's last micro-step clips the gradient
-    and updates the weights, unless a loss or gradient of the window was not finite (`--nonfinite_policy`). Returns the
-    gradient norm on an update, else `None`."""
+    and updates the weights unless a loss or the gradient of the window was not finite. Nothing is read back to the
+    host: the models skip their value checks, and the skip is decided on the device. Returns, on an update, its
+    values for [`PendingUpdate`] (on the device; the last one is 1 when the update was skipped), else `None`."""
     accelerator = context.accelerator
-
-    def describe_checkpoint() -> str:
-        return checkpointing.describe_last_checkpoint(args.output_dir, models.checkpoint_dirs)
-
-    with accelerator.accumulate(*models.trained):
+    with accelerator.accumulate(*models.trained), skip_value_checks():
         output = training_step.vrfm_training_loss(
             models.velocity_model,
             models.posterior_encoder,
@@ -176,85 +203,115 @@ def accumulate_micro_step(
         scalars = torch.stack([parts.loss.detach(), parts.mse.detach(), parts.kl.detach(), kl_nats])
         values = torch.cat([scalars.float(), parts.kl_per_dim.float()])
         values = accelerator.gather(values.reshape(1, -1)).mean(dim=0)
-        loss_finite = bool(torch.isfinite(values[0]))
-        if loss_finite:
-            accelerator.backward(parts.loss)
-        else:
-            state.window_bad = True
+        accelerator.backward(parts.loss)  # a non-finite loss gives non-finite gradients: the update is then skipped
+        loss_finite = torch.isfinite(values[0])
+        if state.window_loss_finite is not None:
+            loss_finite = loss_finite & state.window_loss_finite
+        state.window_loss_finite = loss_finite
         window_sum = 0 if state.accumulated is None else state.accumulated
         state.accumulated = values / args.gradient_accumulation_steps + window_sum
         if output.posterior_mean is not None:
             state.last_means = output.posterior_mean
+        if not accelerator.sync_gradients:
+            return None
 
-        grad_norm = None
-        if accelerator.sync_gradients:
-            max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-            grad_norm = accelerator.clip_grad_norm_(trainable_parameters(models.trained), max_norm)
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            if not math.isfinite(grad_norm) and accelerator.mixed_precision != "fp16":
-                state.window_bad = True
-            if state.window_bad:
-                if args.nonfinite_policy == "stop":
-                    raise RuntimeError(
-                        f"Non-finite {'loss' if not loss_finite else 'gradient'} at step {state.global_step + 1} "
-                        f"(loss={values[0].item()}, grad_norm={grad_norm}); nothing was updated, and "
-                        f"{describe_checkpoint()}. Lower --learning_rate, check the data, or pass "
-                        "`--nonfinite_policy skip` to skip such updates."
-                    )
-                context.log.warning(
-                    f"Skipping the update of step {state.global_step + 1}: non-finite loss or gradient."
+        max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+        grad_norm = accelerator.clip_grad_norm_(trainable_parameters(models.trained), max_norm)
+        scaler_skips = accelerator.mixed_precision == "fp16"  # the GradScaler skips non-finite gradients itself
+        if grad_norm is None:  # an engine (DeepSpeed) that clips inside its own step: only the loss is checked
+            grad_norm, skip = torch.full((), float("nan"), device=accelerator.device), ~loss_finite
+        else:
+            skip = ~loss_finite if scaler_skips else ~(loss_finite & torch.isfinite(grad_norm))
+        training_step.optimizer_step_unless(models.optimizer, skip, scaler_skips=scaler_skips)
+        models.lr_scheduler.step()
+        models.optimizer.zero_grad(set_to_none=True)
+        flags = torch.stack([grad_norm.detach().float().reshape(()), (~loss_finite).float(), skip.float()])
+        return torch.cat([state.accumulated, posterior_statistics(accelerator, state.last_means), flags])
+
+
+def read_pending_updates(
+    args: argparse.Namespace, context: RunContext, models: TrainingModels, state: LoopState, metrics_path: str
+) -> dict | None:
+    """Reads the metrics of the updates made since the last read back to the host in one transfer, applies
+    `--nonfinite_policy` and `--max_skipped_updates` to them in order, and logs one record per update (to the trackers
+    and `metrics.jsonl`). Returns the last record (`None` when nothing was pending)."""
+    if not state.pending:
+        return None
+    accelerator = context.accelerator
+    pending, state.pending = state.pending, []
+    adapted = isinstance(pending[0].beta, torch.Tensor)  # a run adapts beta at every step or at none
+    vectors = [torch.cat([u.values, u.beta.reshape(1)]) if adapted else u.values for u in pending]
+    rows = torch.stack(vectors).cpu().tolist()  # the one read
+    pending[-1].seconds = time.time() - state.started  # the device has finished every pending update
+    betas = [row.pop() for row in rows] if adapted else [u.beta for u in pending]
+    num_statistics = len(training_step.POSTERIOR_STATISTICS) if args.latent_dim > 0 else 0
+
+    def describe_checkpoint() -> str:
+        return checkpointing.describe_last_checkpoint(args.output_dir, models.checkpoint_dirs)
+
+    if accelerator.is_main_process:
+        os.makedirs(context.logging_dir, exist_ok=True)  # created by the first write, so failed runs leave none
+    log_file = open(metrics_path, "a", encoding="utf-8") if accelerator.is_main_process else contextlib.nullcontext()
+    with log_file as handle:
+        for update, row, beta in zip(pending, rows, betas):
+            *values, grad_norm, loss_nonfinite, skipped = row
+            values, statistics = values[: len(values) - num_statistics], values[len(values) - num_statistics :]
+            if skipped and args.nonfinite_policy == "stop":
+                raise RuntimeError(
+                    f"Non-finite {'loss' if loss_nonfinite else 'gradient'} at step {update.step} (loss={values[0]}, "
+                    f"grad_norm={grad_norm}); that update was skipped and the run stopped at step {pending[-1].step}, "
+                    f"when the metrics were read (--logging_steps {args.logging_steps}), and {describe_checkpoint()}. "
+                    "Lower --learning_rate, check the data, or pass `--nonfinite_policy skip` to skip such updates."
                 )
-            else:
-                models.optimizer.step()
-            state.skips.record(state.window_bad, state.global_step + 1, describe_checkpoint)
-            models.lr_scheduler.step()
-            models.optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+            if skipped:
+                context.log.warning(
+                    f"Skipped the update of step {update.step}: non-finite loss or gradient (weights and optimizer "
+                    "state unchanged)."
+                )
+            state.skips.record(bool(skipped), update.step, describe_checkpoint)
+            logs = metrics_record(values, grad_norm, beta, update, state.skips.total)
+            logs.update(zip(training_step.POSTERIOR_STATISTICS, statistics))
+            if statistics:
+                logs["active_units"] = int(logs["active_units"])
+            state.recent.append(logs)
+            accelerator.log(logs, step=update.step)
+            if handle is not None:
+                handle.write(json.dumps({"step": update.step, "seconds": round(update.seconds, 4), **logs}) + "\n")
+    return logs
 
 
-def update_metrics(
-    accelerator,
-    models: TrainingModels,
-    state: LoopState,
-    beta: float,
-    grad_norm: float | None,
-    kl_target: float | None,
-) -> dict:
-    """The metrics of the update just made (the window's means over processes and micro-steps, the schedule, the
-    posterior diagnostics); adapts the KL weight to `kl_target` when set."""
-    active_units = aggregate = None
-    if state.last_means is not None:
-        gathered_means = accelerator.gather(state.last_means.float().contiguous())
-        active_units = count_active_units(gathered_means)
-        if gathered_means.shape[0] >= 2:
-            aggregate = training_step.aggregate_posterior_stats(gathered_means)  # prior-hole diagnostics
-    accumulated = state.accumulated
+def metrics_record(values: list[float], grad_norm: float, beta: float, update: PendingUpdate, skipped: int) -> dict:
+    """The logged metrics of one update from its values read back to the host."""
     logs = {
-        "loss": accumulated[0].item(),
-        "mse": accumulated[1].item(),
-        "kl": accumulated[2].item(),
-        "kl_nats": accumulated[3].item(),
+        "loss": values[0],
+        "mse": values[1],
+        "kl": values[2],
+        "kl_nats": values[3],
         "beta": beta,
-        "lr": models.lr_scheduler.get_last_lr()[0],
+        "lr": update.lr,
         "grad_norm": grad_norm,
-        "skipped_updates": state.skips.total,
+        "skipped_updates": skipped,
     }
-    if kl_target is not None and not state.window_bad:
-        # the same on every process: the KL is the mean gathered over processes and micro-steps
-        state.adaptive_beta = adapt_beta(state.adaptive_beta, logs["kl_nats"], kl_target)
-    if active_units is not None:
-        logs["active_units"] = active_units
-    if aggregate is not None:
-        logs.update(aggregate)
-    kl_per_dim = accumulated[4:].tolist()
+    kl_per_dim = values[4:]
     if kl_per_dim:
         if len(kl_per_dim) <= 16:
             logs.update({f"kl_dim/{i}": v for i, v in enumerate(kl_per_dim)})
         else:
             logs.update({"kl_dim/max": max(kl_per_dim), "kl_dim/min": min(kl_per_dim)})
-    if models.ema_model is not None:
-        logs["ema_decay"] = models.ema_model.cur_decay_value
+    if update.ema_decay is not None:
+        logs["ema_decay"] = update.ema_decay
     return logs
+
+
+def posterior_statistics(accelerator, posterior_means: torch.Tensor | None) -> torch.Tensor:
+    """The `POSTERIOR_STATISTICS` of the window's last posterior means over all processes, on the device: empty
+    without a posterior; no active unit and NaN statistics with a global batch of one."""
+    if posterior_means is None:
+        return torch.zeros(0, device=accelerator.device)
+    gathered_means = accelerator.gather(posterior_means.float().contiguous())
+    if gathered_means.shape[0] < 2:
+        return torch.tensor([0.0, float("nan"), float("nan")], device=accelerator.device)
+    return training_step.posterior_mean_statistics(gathered_means)
 
 
 def save_loop_checkpoint(args: argparse.Namespace, context: RunContext, layout: BatchLayout, state: LoopState) -> str:
@@ -265,7 +322,7 @@ def save_loop_checkpoint(args: argparse.Namespace, context: RunContext, layout: 
         "global_batch_size": layout.global_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "num_processes": context.accelerator.num_processes,
-        "adaptive_beta": state.adaptive_beta,
+        "adaptive_beta": float(state.adaptive_beta),
     }
     path = checkpointing.save_checkpoint(
         context.accelerator, args.output_dir, state.global_step, manifest_state, args.checkpoints_total_limit
@@ -274,9 +331,7 @@ def save_loop_checkpoint(args: argparse.Namespace, context: RunContext, layout: 
     return path
 
 
-def make_data_iterator(
-    args: argparse.Namespace, prepared: PreparedData, layout: BatchLayout, micro_step: int, device
-):
+def make_data_iterator(args: argparse.Namespace, prepared: PreparedData, layout: BatchLayout, micro_step: int, device):
     """An iterator over this process's image batches from `micro_step` on (`None` for vector data): in-memory sources
     with a fixed transform are transformed once and kept on `device`; other sources go through a `DataLoader` with
     `--dataloader_num_workers` workers (pinned memory on CUDA)."""
@@ -314,7 +369,7 @@ def train_loop(
     state = LoopState(
         resumed.global_step,
         resumed.global_step * args.gradient_accumulation_steps,
-        resumed.adaptive_beta,
+        torch.tensor(resumed.adaptive_beta, dtype=torch.float32, device=accelerator.device),
         SkippedUpdates(limit=args.max_skipped_updates),
     )
     data_iterator = make_data_iterator(args, prepared, layout, state.micro_step, accelerator.device)
@@ -328,7 +383,7 @@ def train_loop(
         desc="Steps",
         disable=not accelerator.is_local_main_process,
     )
-    train_start, start_step = time.time(), state.global_step
+    start_step = state.global_step
     while state.global_step < stop_at:
         batch = draw_micro_batch(
             args, prepared, layout, models.noise_scheduler, state.micro_step, data_iterator, accelerator.device
@@ -337,28 +392,37 @@ def train_loop(
             beta = state.adaptive_beta
         else:
             beta = training_step.beta_at_step(args.beta, state.global_step, args.beta_warmup_steps)
-        grad_norm = accumulate_micro_step(args, context, models, batch, beta, state)
+        update_values = accumulate_micro_step(args, context, models, batch, beta, state)
         state.micro_step += 1
-        if not accelerator.sync_gradients:
+        if update_values is None:
             continue
 
-        if models.ema_model is not None and not state.window_bad:
+        skipped = update_values[-1] > 0
+        if models.ema_model is not None:  # after a skipped update it averages in the unchanged weights
             models.ema_model.step(accelerator.unwrap_model(models.velocity_model).parameters())
+        if kl_target is not None:  # the same on every process: the KL is the mean over processes and micro-steps
+            adapted = adapt_beta(state.adaptive_beta, state.accumulated[3], kl_target)
+            state.adaptive_beta = torch.where(skipped, state.adaptive_beta, adapted)
         state.global_step += 1
         progress_bar.update(1)
-        logs = update_metrics(accelerator, models, state, beta, grad_norm, kl_target)
-        state.recent.append(logs)
-        accelerator.log(logs, step=state.global_step)
-        progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", kl=f"{logs['kl']:.3g}", lr=f"{logs['lr']:.2e}")
-        if accelerator.is_main_process:
-            os.makedirs(context.logging_dir, exist_ok=True)  # created by the first write, so failed runs leave none
-            with open(metrics_path, "a", encoding="utf-8") as handle:
-                record = {"step": state.global_step, "seconds": round(time.time() - train_start, 4), **logs}
-                handle.write(json.dumps(record) + "\n")
-        state.accumulated, state.window_bad = None, False
+        state.pending.append(
+            PendingUpdate(
+                step=state.global_step,
+                seconds=time.time() - state.started,
+                lr=models.lr_scheduler.get_last_lr()[0],
+                beta=beta,
+                ema_decay=None if models.ema_model is None else models.ema_model.cur_decay_value,
+                values=update_values,
+            )
+        )
+        state.accumulated = state.window_loss_finite = None
 
         step = state.global_step
-        if step % args.checkpointing_steps == 0 or (step == stop_at and stop_at < args.max_train_steps):
+        checkpoint_now = step % args.checkpointing_steps == 0 or (step == stop_at and stop_at < args.max_train_steps)
+        if step % args.logging_steps == 0 or checkpoint_now or step == stop_at:
+            logs = read_pending_updates(args, context, models, state, metrics_path)
+            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", kl=f"{logs['kl']:.3g}", lr=f"{logs['lr']:.2e}")
+        if checkpoint_now:
             save_loop_checkpoint(args, context, layout, state)
         if accelerator.is_main_process and step % args.validation_steps == 0 and step < args.max_train_steps:
             validator(step, prior=None if models.prior_model is None else accelerator.unwrap_model(models.prior_model))
@@ -369,6 +433,6 @@ def train_loop(
         start_step=start_step,
         skipped_updates=state.skips.total,
         recent=list(state.recent),
-        train_seconds=time.time() - train_start,
+        train_seconds=time.time() - state.started,
         finished=state.global_step >= args.max_train_steps,
     )

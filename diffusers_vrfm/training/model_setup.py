@@ -15,6 +15,7 @@ from .checkpointing import EMA_DIR, POSTERIOR_ENCODER_DIR, PRIOR_DIR, VELOCITY_M
 from .data_setup import BatchLayout, PreparedData
 from .environment import TRACKER_PROJECT, RunContext, tracker_config
 from .factory import build_models, count_parameters, parse_json_config
+from .step import fused_optimizer_supported
 
 
 @dataclass
@@ -167,6 +168,7 @@ def prepare_for_training(
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
+        fused=fused_optimizer_supported(accelerator.device) or None,  # skips a non-finite update on the device
     )
     lr_scheduler = get_scheduler(
         args.lr_scheduler,

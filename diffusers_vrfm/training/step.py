@@ -12,7 +12,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..objective import VRFMLossOutput, drop_labels, interpolate, target_velocity, vrfm_loss
+from ..objective import (
+    ACTIVE_UNIT_THRESHOLD,
+    VRFMLossOutput,
+    drop_labels,
+    interpolate,
+    target_velocity,
+    vrfm_loss,
+)
 from .determinism import make_generator
 
 
@@ -123,7 +130,7 @@ def draw_step_randomness(
     if num_classes is not None and label_dropout > 0:
         # drop_labels only decides where to put the null label; feed it positions so the mask covers the global batch.
         positions = torch.zeros(global_batch_size, dtype=torch.long, device=device)
-        label_drop = (drop_labels(positions, label_dropout, null_class=1, generator=generator("label_dropout")) == 1)
+        label_drop = drop_labels(positions, label_dropout, null_class=1, generator=generator("label_dropout")) == 1
         label_drop = label_drop[rows]
     posterior_noise = prior_noise = prior_mask = None
     if latent_dim > 0:
@@ -143,6 +150,53 @@ def draw_step_randomness(
         prior_noise=prior_noise,
         prior_mask=prior_mask,
     )
+
+
+def fused_optimizer_supported(device: str | torch.device) -> bool:
+    """Whether torch has fused Adam/AdamW kernels for `device`'s type (CUDA; CPU and others in recent torch)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # an old torch: CUDA only
+        return torch.device(device).type == "cuda"
+    return torch.device(device).type in _get_fused_kernels_supported_devices()
+
+
+def optimizer_step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor, scaler_skips: bool = False) -> None:
+    """Takes the optimiser step unless `skip` (a bool tensor, on the device) is true, leaving the weights and the
+    optimiser's state (moments and step count) exactly as they were, without reading `skip` on the host when the
+    optimiser can skip on the device.
+
+    torch's fused Adam/AdamW (`fused=True`) read a `found_inf` tensor in their kernel and skip the whole update when
+    it is 1; this is how `torch.amp.GradScaler` drives them, and it is used here the same way. Other optimisers cost
+    one read of `skip` per update. With `scaler_skips` (fp16 through accelerate's `GradScaler`) the scaler finds the
+    non-finite gradients itself, so the step is always taken.
+
+    `optimizer` may be accelerate's wrapper (`AcceleratedOptimizer`) or a torch optimiser.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_vrfm.training.step import optimizer_step_unless
+    >>> weight = torch.nn.Parameter(torch.ones(2))
+    >>> optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    >>> weight.grad = torch.tensor([float("nan"), 1.0])
+    >>> optimizer_step_unless(optimizer, torch.tensor(True))
+    >>> weight.detach(), optimizer.state[weight]["step"]
+    (tensor([1., 1.]), tensor(0.))
+    ```
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if scaler_skips:
+        optimizer.step()
+    elif getattr(inner, "_step_supports_amp_scaling", False) and all(g.get("fused") for g in inner.param_groups):
+        inner.found_inf = skip.to(torch.float32)
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
+    elif not bool(skip):
+        optimizer.step()
 
 
 @dataclass
@@ -202,9 +256,7 @@ def vrfm_training_loss(
     if posterior_encoder is not None:
         # A tuple rather than the output dataclass: accelerate's mixed-precision wrapper rebuilds mapping outputs with
         # a single positional argument, which a dataclass with several required fields does not accept.
-        mean, logvar, z, _ = posterior_encoder(
-            x0=x0, x1=x1, x_t=x_t, t=t, noise=posterior_noise, return_dict=False
-        )
+        mean, logvar, z, _ = posterior_encoder(x0=x0, x1=x1, x_t=x_t, t=t, noise=posterior_noise, return_dict=False)
     prior_mean = prior_logvar = None
     if posterior_encoder is not None and (prior_encoder is not None or prior_mask is not None):
         if prior_encoder is not None:
@@ -228,24 +280,33 @@ def vrfm_training_loss(
     return TrainingStepOutput(loss=loss, posterior_mean=None if mean is None else mean.detach())
 
 
-def aggregate_posterior_stats(posterior_means: torch.Tensor) -> dict[str, float]:
-    """Prior-hole diagnostics of one batch (issue 6): how far the posterior means spread away from ``N(0, I)``.
+POSTERIOR_STATISTICS = ("active_units", "mu_mean_norm", "mu_var")
 
-    Returns ``mu_mean_norm``, the norm of the batch mean of ``mu`` (0 when the aggregate posterior is centred like the
-    prior), and ``mu_var``, the variance of ``mu`` over the batch averaged over latent dimensions (the aggregate
-    posterior's variance is ``mu_var`` plus the mean posterior variance; far above 1 means a prior hole).
+
+def posterior_mean_statistics(posterior_means: torch.Tensor) -> torch.Tensor:
+    """Collapse and prior-hole diagnostics of one batch (issue 6), as a tensor on the means' device (nothing is read
+    back): the values named by `POSTERIOR_STATISTICS`.
+
+    - ``active_units``: dimensions whose mean varies over the batch with variance above `ACTIVE_UNIT_THRESHOLD`
+      ([`count_active_units`]);
+    - ``mu_mean_norm``: the norm of the batch mean of ``mu`` (0 when the aggregate posterior is centred like the
+      prior);
+    - ``mu_var``: the variance of ``mu`` over the batch averaged over latent dimensions (the aggregate posterior's
+      variance is ``mu_var`` plus the mean posterior variance; far above 1 means a prior hole).
 
     Example:
 
     ```py
     >>> import torch
-    >>> from diffusers_vrfm.training.step import aggregate_posterior_stats
-    >>> aggregate_posterior_stats(torch.tensor([[1.0, 0.0], [3.0, 0.0]]))
-    {'mu_mean_norm': 2.0, 'mu_var': 1.0}
+    >>> from diffusers_vrfm.training.step import posterior_mean_statistics
+    >>> posterior_mean_statistics(torch.tensor([[1.0, 0.0], [3.0, 0.0]]))
+    tensor([1., 2., 1.])
     ```
     """
     if not isinstance(posterior_means, torch.Tensor) or posterior_means.ndim != 2 or posterior_means.shape[0] < 2:
         shape = tuple(posterior_means.shape) if isinstance(posterior_means, torch.Tensor) else type(posterior_means)
         raise ValueError(f"`posterior_means` must be a tensor of shape (N >= 2, latent_dim), but got {shape}.")
     means = posterior_means.detach().float()
-    return {"mu_mean_norm": float(means.mean(dim=0).norm()), "mu_var": float(means.var(dim=0).mean())}
+    variances = means.var(dim=0)
+    active_units = (variances > ACTIVE_UNIT_THRESHOLD).sum().float()
+    return torch.stack([active_units, means.mean(dim=0).norm(), variances.mean()])
