@@ -16,9 +16,14 @@ from ..options import LOSS_REDUCTIONS, TIMESTEP_DENSITIES, TOY_PREFIX
 from .factory import BACKBONES, DEFAULT_LATENT_DIM, DEFAULT_POSTERIOR_INPUTS, parse_json_config
 
 DEFAULT_BETA = {"vector": 0.1, "image": 0.1}
-# Measured in benchmarks/results/prior_hole_20k.md: a posterior on x1 alone, a KL held at 3 nats and z drawn from the
-# aggregate posterior at inference beat rectified flow at every step count on the four toy tasks.
-DEFAULT_KL_TARGET = 3.0  # nats, images and vectors alike
+# Vectors, measured in benchmarks/results/prior_hole_20k.md: a posterior on x1 alone, a KL held at 3 nats and z drawn
+# from the aggregate posterior at inference beat rectified flow at every step count on the four toy tasks.
+# Images, measured in benchmarks/results/image_study_digits.md and mnist_quality_3seed.md (issue 13): 30 nats over 16
+# dimensions kept active by free bits win the many-step end that 3 nats lose, and logit-normal times halve the few-step
+# FD of both methods.
+DEFAULT_KL_TARGET = {"vector": 3.0, "image": 30.0}  # nats per example, summed over the dimensions of z
+DEFAULT_FREE_BITS = {"vector": 0.0, "image": 0.5}  # nats per dimension of z
+DEFAULT_TIMESTEP_DENSITY = {"vector": "uniform", "image": "logit_normal"}
 DEFAULT_AGGREGATE_PRIOR_ATOMS = 4096
 DEFAULT_LEARNING_RATE = {"mlp": 1e-3, "unet": 1e-3, "dit": 3e-4, "sd3": 3e-4}
 POSTERIOR_INPUT_CHOICES = ("x0", "x1", "x_t", "t")
@@ -186,8 +191,8 @@ def _add_objective_arguments(parser: argparse.ArgumentParser) -> None:
         type=parse_kl_target,
         default=None,
         help=f"Hold the KL at this many nats (summed over z dims) by adapting beta each step (dual ascent, "
-        f"`diffusers_vrfm.adapt_beta`); `off` keeps beta fixed. Default: {DEFAULT_KL_TARGET:g} nats, or `off` with "
-        "--beta_warmup_steps.",
+        f"`diffusers_vrfm.adapt_beta`); `off` keeps beta fixed. Default: {DEFAULT_KL_TARGET['image']:g} nats for "
+        f"images, {DEFAULT_KL_TARGET['vector']:g} for vectors, or `off` with --beta_warmup_steps.",
     )
     objective.add_argument(
         "--aggregate_prior_atoms",
@@ -201,7 +206,11 @@ def _add_objective_arguments(parser: argparse.ArgumentParser) -> None:
         "--beta_warmup_steps", type=int, default=0, help="Ramp beta linearly from 0 over this many steps."
     )
     objective.add_argument(
-        "--free_bits", type=float, default=0.0, help="Floor (nats) under each latent dimension's KL; 0 = off."
+        "--free_bits",
+        type=float,
+        default=None,
+        help=f"Floor (nats) under each latent dimension's KL, so that every dimension stays in use; 0 = off. Default: "
+        f"{DEFAULT_FREE_BITS['image']:g} for images, {DEFAULT_FREE_BITS['vector']:g} for vectors.",
     )
     objective.add_argument(
         "--learned_prior",
@@ -226,7 +235,12 @@ def _add_objective_arguments(parser: argparse.ArgumentParser) -> None:
         "by the number of data dims. beta means the same with both; only the loss scale differs.",
     )
     objective.add_argument(
-        "--timestep_density", type=str, default="uniform", choices=TIMESTEP_DENSITIES, help="Training-time density."
+        "--timestep_density",
+        type=str,
+        default=None,
+        choices=TIMESTEP_DENSITIES,
+        help=f"Training-time density. Default: {DEFAULT_TIMESTEP_DENSITY['image']} for images, "
+        f"{DEFAULT_TIMESTEP_DENSITY['vector']} for vectors.",
     )
     objective.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal density: mean.")
     objective.add_argument("--logit_std", type=float, default=1.0, help="logit_normal density: std.")
@@ -455,7 +469,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
 
     if args.beta is not None and not (math.isfinite(args.beta) and args.beta >= 0):
         fail("beta", args.beta, "a finite number >= 0 (the KL weight)")
-    if not (math.isfinite(args.free_bits) and args.free_bits >= 0):
+    if args.free_bits is not None and not (math.isfinite(args.free_bits) and args.free_bits >= 0):
         fail("free_bits", args.free_bits, "a finite number >= 0")
     if not (math.isfinite(args.prior_mix) and 0 <= args.prior_mix <= 1):
         fail("prior_mix", args.prior_mix, "a number in [0, 1]")
@@ -577,6 +591,9 @@ def resolve_defaults(args: argparse.Namespace, kind: str, pretrained_latent_dim:
     (8, ['x1'], 4096, 0.001)
     >>> resolve_defaults(parse_args(["--backbone", "mlp", "--kl_target", "off"]), "vector") is None
     True
+    >>> args = parse_args(["--backbone", "unet"])
+    >>> resolve_defaults(args, "image"), args.latent_dim, args.free_bits, args.timestep_density
+    (30.0, 16, 0.5, 'logit_normal')
 
     ```
     """
@@ -588,7 +605,11 @@ def resolve_defaults(args: argparse.Namespace, kind: str, pretrained_latent_dim:
     if args.beta is None:
         args.beta = DEFAULT_BETA[kind]
     if args.kl_target is None:  # explicit --beta_warmup_steps means a fixed-beta schedule
-        args.kl_target = "off" if args.beta_warmup_steps > 0 else DEFAULT_KL_TARGET
+        args.kl_target = "off" if args.beta_warmup_steps > 0 else DEFAULT_KL_TARGET[kind]
+    if args.free_bits is None:
+        args.free_bits = DEFAULT_FREE_BITS[kind] if args.latent_dim > 0 else 0.0
+    if args.timestep_density is None:
+        args.timestep_density = DEFAULT_TIMESTEP_DENSITY[kind]
     if args.aggregate_prior_atoms is None:
         args.aggregate_prior_atoms = 0 if args.learned_prior or args.latent_dim == 0 else DEFAULT_AGGREGATE_PRIOR_ATOMS
     if args.learning_rate is None:

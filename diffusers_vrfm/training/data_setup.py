@@ -38,7 +38,10 @@ class PreparedData:
 
     @property
     def pretrained_latent_dim(self) -> int | None:
-        """The `latent_dim` of the VRFM pipeline that training continues from, if any."""
+        """The `latent_dim` of the VRFM pipeline that training continues from, if any (for text-to-image runs, the
+        base pipeline's, which `--latent_dim` chose when it was built)."""
+        if self.text is not None:
+            return self.text.pipeline.velocity_model.latent_dim
         if self.pretrained is None or self.pretrained.kind != "pipeline":
             return None
         return int(self.pretrained.config.get("latent_dim", 0))

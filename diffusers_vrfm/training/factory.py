@@ -36,7 +36,7 @@ DEFAULT_POSTERIOR_CONFIGS = {
     "image": {"block_out_channels": [16, 32], "layers_per_block": 1, "norm_num_groups": 8, "hidden_dim": 64},
 }
 DEFAULT_POSTERIOR_INPUTS = {"mlp": ("x1",), "image": ("x1",)}
-DEFAULT_LATENT_DIM = {"mlp": 8, "unet": 4, "dit": 4, "sd3": 4}
+DEFAULT_LATENT_DIM = {"mlp": 8, "unet": 16, "dit": 16, "sd3": 16}  # images: see DEFAULT_KL_TARGET in cli.py
 
 # diffusers backbones that can be wrapped, by the `_class_name` in their config.json.
 WRAPPABLE_BACKBONES = {

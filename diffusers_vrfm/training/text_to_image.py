@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import TrainImageDataset, TrainingData, load_training_data
-from .factory import DEFAULT_MODEL_CONFIGS, PretrainedSource, clean_copy, parse_json_config
+from .factory import DEFAULT_LATENT_DIM, DEFAULT_MODEL_CONFIGS, PretrainedSource, clean_copy, parse_json_config
 from .text_data import TextEmbeddingCache, encode_vae_latents, source_captions
 
 TEXT_MODEL_KWARGS = ("encoder_hidden_states", "pooled_projections")
@@ -169,14 +169,14 @@ def build_scratch_text_pipeline(
 
 def load_base_pipeline(args: argparse.Namespace, pretrained: PretrainedSource, dtype: torch.dtype):
     """The pipeline `--pretrained_model_name_or_path` names: a stock SD3 pipeline converted with `--latent_dim`
-    (default 16), or a VRFM text-to-image pipeline."""
+    (default `DEFAULT_LATENT_DIM["sd3"]`), or a VRFM text-to-image pipeline."""
     from diffusers_vrfm import VRFMTextToImagePipeline
 
     load_kwargs = {"revision": args.revision, "cache_dir": args.cache_dir, "torch_dtype": dtype}
     if pretrained.kind == "sd3_pipeline":
         # components saved as absent (e.g. a pipeline saved without its T5) must be passed as None to load
         load_kwargs.update({name: None for name in _absent_components(pretrained.path)})
-        latent_dim = 16 if args.latent_dim is None else args.latent_dim
+        latent_dim = DEFAULT_LATENT_DIM["sd3"] if args.latent_dim is None else args.latent_dim
         return VRFMTextToImagePipeline.from_stable_diffusion_3(
             args.pretrained_model_name_or_path, latent_dim=latent_dim, **load_kwargs
         )
@@ -246,7 +246,7 @@ def prepare_text_to_image_data(args: argparse.Namespace, context, pretrained: Pr
         )  # fmt: skip
     captions = source_captions(data.dataset.source, args.caption_column)
     if pipeline is None:
-        latent_dim = 4 if args.latent_dim is None else args.latent_dim
+        latent_dim = DEFAULT_LATENT_DIM["sd3"] if args.latent_dim is None else args.latent_dim
         model_config = parse_json_config(args.model_config, "--model_config")
         pipeline = build_scratch_text_pipeline(captions, tuple(data.sample_shape), latent_dim, model_config)
         resolution_shape = _sample_shape(args, pipeline)
