@@ -65,7 +65,14 @@ from diffusers_vrfm.schedulers.flow_scheduler_adapter import SINGLE_EVAL_SCHEDUL
 DEFAULT_NFES = (1, 2, 4, 8, 16, 50)
 DATASETS = {"builtin:mnist": 28, "builtin:digits": 16}  # name -> default resolution
 DIGITS_TRAIN_FRACTION = 0.8
-METHOD_LABELS = {"rf": "RF", "vrfm": "VRFM", "vrfm_normal": "VRFM, z ~ N(0, I)"}
+METHOD_LABELS = {
+    "rf": "RF",
+    "vrfm": "VRFM",
+    "vrfm_normal": "VRFM, z ~ N(0, I)",
+    "vrfm_atoms": "VRFM, atom prior fitted afterwards",
+    "vrfm_flow": "VRFM, flow prior fitted afterwards",
+}
+EXTRA_PRIORS = ("atoms", "flow")  # `--extra-priors`: fitted to the saved posterior by the benchmark
 TARGETS = {1: 0.5, 2: 0.5, 8: 1.0, 16: 1.0, 50: 1.0}  # issue 13: VRFM FD at most this times RF's, mean of seeds
 # The CPU budget's UNet (attention only at the coarsest level) and the smoke run's; `--model_config` replaces them.
 CPU_UNET = {
@@ -284,26 +291,57 @@ def generate(pipeline, num_samples: int, nfe: int, seed: int, batch_size: int = 
     return torch.cat(chunks).float().cpu()
 
 
-def sampling_pipelines(path: Path, scheduler: str, device: str) -> dict:
+def sampling_pipelines(path: Path, scheduler: str, device: str, extra_priors: dict | None = None) -> dict:
     """The saved pipeline as users load it (`VRFMPipeline.from_pretrained`, safetensors), with the fixed-NFE
-    `scheduler`; for a VRFM pipeline with a prior, also the same model with z ~ N(0, I)."""
+    `scheduler`; for a VRFM pipeline with a prior, also the same model with z ~ N(0, I); and one with each prior of
+    `extra_priors` (kind -> a function of the saved posterior that returns the fitted prior)."""
     from diffusers_vrfm import VRFMPipeline
     from diffusers_vrfm.schedulers.flow_scheduler_adapter import make_flow_scheduler
 
     saved = VRFMPipeline.from_pretrained(str(path))
+    velocity = saved.velocity_model
     pipelines = {
-        "saved": VRFMPipeline(
-            velocity_model=saved.velocity_model, scheduler=make_flow_scheduler(scheduler), prior=saved.prior
-        )
+        "saved": VRFMPipeline(velocity_model=velocity, scheduler=make_flow_scheduler(scheduler), prior=saved.prior)
     }
-    if saved.velocity_model.latent_dim > 0 and saved.prior is not None:
-        pipelines["normal"] = VRFMPipeline(
-            velocity_model=saved.velocity_model, scheduler=make_flow_scheduler(scheduler)
-        )
+    if velocity.latent_dim > 0 and saved.prior is not None:
+        pipelines["normal"] = VRFMPipeline(velocity_model=velocity, scheduler=make_flow_scheduler(scheduler))
+    if velocity.latent_dim > 0 and saved.posterior_encoder is not None:
+        for kind, fit in (extra_priors or {}).items():
+            prior = fit(saved.posterior_encoder.eval())
+            pipelines[kind] = VRFMPipeline(
+                velocity_model=velocity, scheduler=make_flow_scheduler(scheduler), prior=prior
+            )
     for pipeline in pipelines.values():
         pipeline.to(device)
         pipeline.set_progress_bar_config(disable=True)
-    return {"pipelines": pipelines, "posterior": saved.posterior_encoder, "velocity": saved.velocity_model}
+    return {"pipelines": pipelines, "posterior": saved.posterior_encoder, "velocity": velocity}
+
+
+def extra_prior_fits(args, data: ImageData, seed: int) -> dict:
+    """`--extra-priors`: for each kind, a function that fits that prior to a saved posterior with the library's own
+    `from_posterior` (what `train_vrfm.py --aggregate_prior_type` calls), on `--aggregate-prior-atoms` (default
+    4096) training images paired with fresh noise."""
+    from diffusers_vrfm import VRFMAggregatePosteriorPrior, VRFMFlowPrior
+
+    num_atoms = args.aggregate_prior_atoms or 4096
+    train = data.train[: data.max_train_samples] * 2 - 1
+
+    def pairs(generator: torch.Generator):
+        while True:
+            x1 = train[torch.randint(len(train), (256,), generator=generator)]
+            yield torch.randn(x1.shape, generator=generator), x1
+
+    def fit(kind: str):
+        generator = torch.Generator().manual_seed(10_000 + seed)
+        if kind == "flow":
+            return lambda posterior: VRFMFlowPrior.from_posterior(
+                posterior, pairs(generator), num_atoms, generator, num_train_steps=args.flow_prior_steps
+            )
+        return lambda posterior: VRFMAggregatePosteriorPrior.from_posterior(
+            posterior, pairs(generator), num_atoms, generator
+        )
+
+    return {kind: fit(kind) for kind in args.extra_priors}
 
 
 def inception_extractor(device: str = "cpu"):
@@ -346,8 +384,9 @@ class Scorer:
 def evaluate_run(args, path: Path, method: str, seed: int, scorer: Scorer, n: int, data: ImageData) -> dict:
     """FD at every NFE for the pipeline saved at `path` (and, for VRFM, its z ~ N(0, I) variant); the first seed keeps
     image grids; VRFM also gets the posterior diagnostics on test images."""
-    loaded = sampling_pipelines(path, args.scheduler, args.device)
-    keys = {"saved": method, "normal": "vrfm_normal"}
+    extra_priors = extra_prior_fits(args, data, seed) if method == "vrfm" else None
+    loaded = sampling_pipelines(path, args.scheduler, args.device, extra_priors)
+    keys = {"saved": method, "normal": "vrfm_normal", **{kind: f"vrfm_{kind}" for kind in EXTRA_PRIORS}}
     out = {"fd": {}, "fid": {}, "grids": {}, "params": count_parameters(loaded["velocity"])}
     for variant, pipeline in loaded["pipelines"].items():
         key = keys[variant]
@@ -409,7 +448,13 @@ def render_report(results: dict) -> str:
         f"{seconds.get('vrfm', float('nan')):.0f} s.",
         f"- Sampler: `{meta['scheduler']}` through `VRFMPipeline.from_pretrained(<saved run>)`, NFE = steps; `VRFM` "
         "is the pipeline as saved (z from its fitted aggregate prior when it has one), `VRFM, z ~ N(0, I)` the same "
-        "model without the prior.",
+        "model without the prior"
+        + (
+            f"; the same model with priors fitted afterwards to its saved posterior (`--extra-priors "
+            f"{' '.join(meta['extra_priors'])}`, flow: {meta['flow_prior_steps']} fitting steps)."
+            if meta.get("extra_priors")
+            else "."
+        ),
         f"- Metric: Fréchet distance in the 128-d features of a local CNN classifier (test accuracy "
         f"{meta['classifier_accuracy']:.4f}), {meta['num_samples']} generated vs {meta['num_samples']} test images; "
         f"floor (train vs test, same size) {meta['fd_floor']:.2f}. Cells: mean ± std over seeds.",
@@ -509,6 +554,7 @@ def apply_quick_and_device_defaults(args) -> None:
         args.model_config = args.model_config or QUICK_UNET
         args.posterior_config = args.posterior_config or QUICK_POSTERIOR
         args.aggregate_prior_atoms = 64 if args.aggregate_prior_atoms is None else args.aggregate_prior_atoms
+        args.flow_prior_steps = min(args.flow_prior_steps, 20)
         args.train_args = f"--lr_warmup_steps 0 {args.train_args}"  # six steps at the full rate, not a warm-up ramp
     args.dataset = args.dataset or "builtin:mnist"
     args.resolution = args.resolution or DATASETS.get(args.dataset, 28)
@@ -584,6 +630,8 @@ def run(args) -> dict:
         "nfes": list(args.nfe),
         "inception_nfe": list(args.inception_nfe),
         "scheduler": args.scheduler,
+        "extra_priors": list(args.extra_priors),
+        "flow_prior_steps": args.flow_prior_steps,
         "params": params,
         "quick": bool(args.quick),
         "name": args.name,
@@ -656,6 +704,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--beta", type=float, default=None, help="VRFM's (starting) KL weight; see --kl-convention")
     parser.add_argument("--kl-target", default=None, help="nats or 'off'; default: train_vrfm.py's")
     parser.add_argument("--aggregate-prior-atoms", type=int, default=None, help="0: off; default: train_vrfm.py's")
+    parser.add_argument(
+        "--extra-priors",
+        nargs="+",
+        choices=EXTRA_PRIORS,
+        default=[],
+        help="VRFM: also sample with these priors, fitted to the saved posterior after training (atoms: "
+        "VRFMAggregatePosteriorPrior; flow: VRFMFlowPrior), on the same model",
+    )
+    parser.add_argument("--flow-prior-steps", type=int, default=2000, help="fitting steps of the flow prior")
     parser.add_argument(
         "--kl-convention",
         choices=["per_pixel", "sum"],

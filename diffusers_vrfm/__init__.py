@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 _import_structure = {
     "likelihood": ["VRFMLikelihoodOutput", "log_likelihood"],
     "lora": ["add_lora", "load_vrfm_adapter", "save_vrfm_adapter"],
-    "models.latent_prior": ["VRFMAggregatePosteriorPrior"],
+    "models.flow_prior": ["VRFMFlowPrior"],
+    "models.latent_prior": ["VRFMAggregatePosteriorPrior", "collect_posterior_atoms"],
     "models.mlp": ["VRFMMLPModel"],
     "models.posterior": ["VRFMPosteriorEncoder", "VRFMPosteriorOutput"],
     "models.posterior_conv": ["VRFMConvPosteriorEncoder"],

@@ -31,6 +31,7 @@ ALLOWED_COMPONENT_CLASSES = {
     "VRFMPosteriorEncoder": "diffusers_vrfm",
     "VRFMConvPosteriorEncoder": "diffusers_vrfm",
     "VRFMAggregatePosteriorPrior": "diffusers_vrfm",
+    "VRFMFlowPrior": "diffusers_vrfm",
     "VRFMScheduler": "diffusers_vrfm",
     "VRFMSD3Transformer2DModel": "diffusers_vrfm",
     "FlowMatchEulerDiscreteScheduler": "diffusers",

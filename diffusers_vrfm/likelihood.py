@@ -497,8 +497,8 @@ def log_likelihood(
         dequantize_input (`bool`, *optional*): add uniform noise ``bin_width * (u - 1/2)`` to `x` first; defaults to
             `compute_bits_per_dim`. Leave it off when `x` is already dequantised.
         rtol, atol (`float`, default to `1e-5`): tolerances of `"dopri5"`.
-        prior ([`VRFMAggregatePosteriorPrior`], *optional*): the unconditional prior ``p(z)`` of the marginal
-            (``N(0, I)`` by default); [`VRFMPipeline.log_likelihood`] passes its own.
+        prior ([`VRFMAggregatePosteriorPrior`] or [`VRFMFlowPrior`], *optional*): the unconditional prior ``p(z)``
+            of the marginal (``N(0, I)`` by default); [`VRFMPipeline.log_likelihood`] passes its own.
         proposal (posterior encoder, *optional*): draw the `K` latents from ``q(z | x)`` instead of the prior and
             weight them, ``logmeanexp_k [log p(x | z_k) + log p(z_k) - log q(z_k | x)]`` (importance sampling; still a
             lower bound on ``log p(x)`` in expectation, and far tighter for a given `K` when ``z`` is informative).

@@ -137,7 +137,7 @@ def test_the_pipeline_draws_z_from_the_prior_and_saves_and_loads_it(tmp_path):
 def test_the_pipeline_refuses_a_prior_that_is_neither_kind():
     pipe = _pipeline_with_prior()
     reads_x1 = VRFMPosteriorEncoder(sample_size=2, latent_dim=3, posterior_inputs=("x1",))
-    with pytest.raises(ValueError, match="`prior` must be a VRFMAggregatePosteriorPrior or an encoder"):
+    with pytest.raises(ValueError, match="`prior` must be a VRFMAggregatePosteriorPrior, a VRFMFlowPrior or"):
         VRFMPipeline(velocity_model=pipe.velocity_model, scheduler=VRFMScheduler(), prior=reads_x1)
     with pytest.raises(ValueError, match=r"`prior.latent_dim` \(2\) must equal"):
         VRFMPipeline(

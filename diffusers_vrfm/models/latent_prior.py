@@ -22,6 +22,65 @@ from ..objective import check_generator, check_tensor, interpolate, reparameteri
 from .posterior import LOGVAR_RANGE, VRFMPosteriorOutput
 
 
+def prior_batch_size(x0: torch.Tensor | None, batch_size: int | None, generator) -> int:
+    """The number of draws an unconditional prior makes: `x0`'s rows, else `batch_size`; checks `generator` (one,
+    or one per row) against it."""
+    if x0 is not None:
+        check_tensor(x0, "x0")
+        batch_size = x0.shape[0]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` (or `x0.shape[0]`) must be a positive integer, but got {batch_size!r}.")
+    check_generator(generator, batch_size=batch_size)
+    return batch_size
+
+
+def check_atom_tensors(
+    means: torch.Tensor, logvars: torch.Tensor, latent_dim: int, num_atoms: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks posterior atoms: finite `means` and `logvars` of one shape `(num_atoms, latent_dim)` (any number of
+    rows when `num_atoms` is `None`)."""
+    for name, value in (("means", means), ("logvars", logvars)):
+        check_tensor(value, name)
+        rows = num_atoms if num_atoms is not None else means.shape[0]
+        if value.ndim != 2 or tuple(value.shape) != (rows, latent_dim) or rows < 1:
+            raise ValueError(
+                f"`{name}` must have shape {(rows, latent_dim)} (num_atoms, latent_dim), but got {tuple(value.shape)}."
+            )
+        if not torch.isfinite(value).all():
+            raise ValueError(f"`{name}` must be finite, but it contains NaN or inf.")
+    return means, logvars
+
+
+@torch.no_grad()
+def collect_posterior_atoms(
+    posterior_encoder: torch.nn.Module,
+    pairs: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_atoms: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The posterior means and log-variances (float32, `(num_atoms, latent_dim)` each) of the first `num_atoms`
+    examples of `pairs`, each `(x0, x1)` batch encoded as training encodes it: with ``t ~ U(0, 1)`` drawn from
+    `generator` and ``x_t = (1 - t) x0 + t x1`` for encoders that read them."""
+    if isinstance(num_atoms, bool) or not isinstance(num_atoms, int) or num_atoms < 1:
+        raise ValueError(f"`num_atoms` must be a positive integer, but got {num_atoms!r}.")
+    check_generator(generator)
+    parameter = next(posterior_encoder.parameters())
+    means, logvars, collected = [], [], 0
+    for x0, x1 in pairs:
+        x0, x1 = (x.to(device=parameter.device, dtype=parameter.dtype) for x in (x0, x1))
+        t_device = generator.device if generator is not None else x1.device
+        t = torch.rand(x1.shape[0], generator=generator, device=t_device).to(x1.device)
+        output = posterior_encoder(x0=x0, x1=x1, x_t=interpolate(x0, x1, t), t=t)
+        means.append(output.mean.float())
+        logvars.append(output.logvar.float())
+        collected += x1.shape[0]
+        if collected >= num_atoms:
+            break
+    if collected < num_atoms:
+        raise ValueError(f"`pairs` gave {collected} examples, fewer than `num_atoms` ({num_atoms}).")
+    return torch.cat(means)[:num_atoms], torch.cat(logvars)[:num_atoms]
+
+
 class VRFMAggregatePosteriorPrior(ModelMixin, ConfigMixin):
     """An unconditional prior ``p(z) = (1 / K) sum_k N(z; mu_k, diag(exp(logvar_k)))`` over posterior atoms.
 
@@ -102,15 +161,7 @@ class VRFMAggregatePosteriorPrior(ModelMixin, ConfigMixin):
     @torch.no_grad()
     def set_atoms(self, means: torch.Tensor, logvars: torch.Tensor) -> VRFMAggregatePosteriorPrior:
         """Stores `means` and `logvars`, each of shape `(num_atoms, latent_dim)`, as the mixture's atoms."""
-        expected = (self.num_atoms, self.latent_dim)
-        for name, value in (("means", means), ("logvars", logvars)):
-            check_tensor(value, name)
-            if tuple(value.shape) != expected:
-                raise ValueError(
-                    f"`{name}` must have shape {expected} (num_atoms, latent_dim), but got {tuple(value.shape)}."
-                )
-            if not torch.isfinite(value).all():
-                raise ValueError(f"`{name}` must be finite, but it contains NaN or inf.")
+        means, logvars = check_atom_tensors(means, logvars, self.latent_dim, self.num_atoms)
         self.atom_means.copy_(means)
         self.atom_logvars.copy_(logvars.clamp(*LOGVAR_RANGE))
         return self
@@ -136,26 +187,10 @@ class VRFMAggregatePosteriorPrior(ModelMixin, ConfigMixin):
             num_atoms (`int`, defaults to 4096): `K`.
             generator (`torch.Generator`, *optional*): for the times ``t``.
         """
-        if isinstance(num_atoms, bool) or not isinstance(num_atoms, int) or num_atoms < 1:
-            raise ValueError(f"`num_atoms` must be a positive integer, but got {num_atoms!r}.")
-        check_generator(generator)
-        parameter = next(posterior_encoder.parameters())
-        means, logvars, collected = [], [], 0
-        for x0, x1 in pairs:
-            x0, x1 = (x.to(device=parameter.device, dtype=parameter.dtype) for x in (x0, x1))
-            t_device = generator.device if generator is not None else x1.device
-            t = torch.rand(x1.shape[0], generator=generator, device=t_device).to(x1.device)
-            output = posterior_encoder(x0=x0, x1=x1, x_t=interpolate(x0, x1, t), t=t)
-            means.append(output.mean.float())
-            logvars.append(output.logvar.float())
-            collected += x1.shape[0]
-            if collected >= num_atoms:
-                break
-        if collected < num_atoms:
-            raise ValueError(f"`pairs` gave {collected} examples, fewer than `num_atoms` ({num_atoms}).")
+        means, logvars = collect_posterior_atoms(posterior_encoder, pairs, num_atoms, generator)
+        device = next(posterior_encoder.parameters()).device
         prior = cls(latent_dim=posterior_encoder.latent_dim, num_atoms=num_atoms)
-        prior.set_atoms(torch.cat(means)[:num_atoms].cpu(), torch.cat(logvars)[:num_atoms].cpu())
-        return prior.to(device=parameter.device)
+        return prior.set_atoms(means.cpu(), logvars.cpu()).to(device=device)
 
     def forward(
         self,
@@ -169,12 +204,7 @@ class VRFMAggregatePosteriorPrior(ModelMixin, ConfigMixin):
         Returns a [`VRFMPosteriorOutput`] whose `mean` and `logvar` are those of the atom each row drew, and whose `kl`
         is `None` (the mixture has no closed-form KL to a single Gaussian).
         """
-        if x0 is not None:
-            check_tensor(x0, "x0")
-            batch_size = x0.shape[0]
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` (or `x0.shape[0]`) must be a positive integer, but got {batch_size!r}.")
-        check_generator(generator, batch_size=batch_size)
+        batch_size = prior_batch_size(x0, batch_size, generator)
         if isinstance(generator, list):
             index = torch.cat(
                 [torch.randint(self.num_atoms, (1,), generator=g, device=g.device).cpu() for g in generator]

@@ -30,6 +30,7 @@ from ..hub import (
     upload_pipeline_folder,
     write_remote_code_files,
 )
+from ..models.flow_prior import VRFMFlowPrior
 from ..models.latent_prior import VRFMAggregatePosteriorPrior
 from ..models.mlp import VRFMMLPModel
 from ..models.posterior import VRFMPosteriorEncoder
@@ -49,7 +50,8 @@ OUTPUT_TYPES = ("pt", "np", "pil", "latent")
 # class is named here.
 VelocityModel = VRFMMLPModel | VRFMUNet2DModel | VRFMUNet2DConditionModel | VRFMDiTTransformer2DModel
 PosteriorEncoder = VRFMPosteriorEncoder | VRFMConvPosteriorEncoder
-Prior = VRFMAggregatePosteriorPrior | VRFMPosteriorEncoder | VRFMConvPosteriorEncoder
+Prior = VRFMAggregatePosteriorPrior | VRFMFlowPrior | VRFMPosteriorEncoder | VRFMConvPosteriorEncoder
+UNCONDITIONAL_PRIORS = (VRFMAggregatePosteriorPrior, VRFMFlowPrior)
 Autoencoder = AutoencoderKL | AutoencoderTiny
 FlowScheduler = (
     VRFMScheduler
@@ -136,8 +138,9 @@ class VRFMPipeline(DiffusionPipeline):
         vae ([`~diffusers.AutoencoderKL`], *optional*): decodes latent-space samples to images.
         prior (*optional*): the distribution each trajectory draws its ``z`` from instead of ``N(0, I)``: a
             [`VRFMAggregatePosteriorPrior`] fitted to the trained posterior (the default of `train_vrfm.py`, which
-            closes the prior hole), or a learned conditional prior ``p_psi(z | x0)`` (a posterior-encoder class with
-            `posterior_inputs=("x0",)`, trained through ``KL(q || p_psi)``), drawn at the trajectory's source point.
+            closes the prior hole), a [`VRFMFlowPrior`] fitted to the same posteriors, or a learned conditional prior
+            ``p_psi(z | x0)`` (a posterior-encoder class with `posterior_inputs=("x0",)`, trained through
+            ``KL(q || p_psi)``), drawn at the trajectory's source point.
 
     Saved folders load with `VRFMPipeline.from_pretrained(folder)`, and with
     `DiffusionPipeline.from_pretrained(folder_or_repo, trust_remote_code=True)` through one-line re-export files that
@@ -187,9 +190,10 @@ class VRFMPipeline(DiffusionPipeline):
             )
         if prior is not None:
             conditional = tuple(getattr(prior.config, "posterior_inputs", ())) == ("x0",)
-            if not (conditional or isinstance(prior, VRFMAggregatePosteriorPrior)):
+            if not (conditional or isinstance(prior, UNCONDITIONAL_PRIORS)):
                 raise ValueError(
-                    "`prior` must be a VRFMAggregatePosteriorPrior or an encoder that reads only the source point, "
+                    "`prior` must be a VRFMAggregatePosteriorPrior, a VRFMFlowPrior or an encoder that reads only the "
+                    "source point, "
                     f"`posterior_inputs=('x0',)`, but got {type(prior).__name__} with posterior_inputs "
                     f"{getattr(prior.config, 'posterior_inputs', None)!r}."
                 )
@@ -709,7 +713,7 @@ class VRFMPipeline(DiffusionPipeline):
         """
         from ..likelihood import log_likelihood
 
-        if isinstance(self.prior, VRFMAggregatePosteriorPrior):  # the marginal over z uses the sampling prior
+        if isinstance(self.prior, UNCONDITIONAL_PRIORS):  # the marginal over z uses the sampling prior
             kwargs.setdefault("prior", self.prior)
         if self.vae is not None:
             kwargs.setdefault("compute_bits_per_dim", False)

@@ -25,6 +25,7 @@ DEFAULT_KL_TARGET = {"vector": 3.0, "image": 30.0}  # nats per example, summed o
 DEFAULT_FREE_BITS = {"vector": 0.0, "image": 0.5}  # nats per dimension of z
 DEFAULT_TIMESTEP_DENSITY = {"vector": "uniform", "image": "logit_normal"}
 DEFAULT_AGGREGATE_PRIOR_ATOMS = 4096
+AGGREGATE_PRIOR_TYPES = ("atoms", "flow")
 DEFAULT_LEARNING_RATE = {"mlp": 1e-3, "unet": 1e-3, "dit": 3e-4, "sd3": 3e-4}
 POSTERIOR_INPUT_CHOICES = ("x0", "x1", "x_t", "t")
 NONFINITE_POLICIES = ("stop", "skip")
@@ -201,6 +202,18 @@ def _add_objective_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"After training, fit a VRFMAggregatePosteriorPrior (the posteriors of this many training examples) and "
         f"save it as the pipeline's `prior`, so that sampling draws z where training put it; 0 = off (z ~ N(0, I)). "
         f"Default: {DEFAULT_AGGREGATE_PRIOR_ATOMS} (0 with --learned_prior or --latent_dim 0).",
+    )
+    objective.add_argument(
+        "--aggregate_prior_type",
+        type=str,
+        default="atoms",
+        choices=AGGREGATE_PRIOR_TYPES,
+        help="How the fitted prior holds the aggregate posterior: `atoms` samples the --aggregate_prior_atoms "
+        "posteriors themselves (VRFMAggregatePosteriorPrior); `flow` fits a small RealNVP to draws from them "
+        "(VRFMFlowPrior: fixed size, exact log_prob, smooth between training codes; see docs/benchmarks.md).",
+    )
+    objective.add_argument(
+        "--flow_prior_steps", type=int, default=2000, help="Maximum-likelihood steps of the `flow` prior's fit."
     )
     objective.add_argument(
         "--beta_warmup_steps", type=int, default=0, help="Ramp beta linearly from 0 over this many steps."
@@ -482,6 +495,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
             fail("aggregate_prior_atoms", args.aggregate_prior_atoms, "0 with --learned_prior (one prior at a time)")
         if args.aggregate_prior_atoms > 0 and args.latent_dim == 0:
             fail("aggregate_prior_atoms", args.aggregate_prior_atoms, "0 with --latent_dim 0 (there is no z)")
+    if args.flow_prior_steps < 1:
+        fail("flow_prior_steps", args.flow_prior_steps, "an integer >= 1")
     if isinstance(args.kl_target, float) and args.beta_warmup_steps > 0:
         fail("beta_warmup_steps", args.beta_warmup_steps, "0 with --kl_target (beta adapts; pass --kl_target off)")
     if not 0.0 <= args.label_dropout <= 1.0:

@@ -99,18 +99,19 @@ def _aggregate_prior_pairs(args: argparse.Namespace, prepared: PreparedData, bat
 
 
 def fit_aggregate_prior(args: argparse.Namespace, prepared: PreparedData, posterior):
-    """The `VRFMAggregatePosteriorPrior` of the trained posterior over `--aggregate_prior_atoms` training pairs (from
-    their own random stream, so that fitting changes nothing else)."""
-    from diffusers_vrfm import VRFMAggregatePosteriorPrior
+    """The prior fitted to the trained posterior over `--aggregate_prior_atoms` training pairs (from their own random
+    stream, so that fitting changes nothing else): a `VRFMAggregatePosteriorPrior` of those posteriors, or with
+    `--aggregate_prior_type flow` a `VRFMFlowPrior` fitted to them."""
+    from diffusers_vrfm import VRFMAggregatePosteriorPrior, VRFMFlowPrior
 
-    batch_size = min(256, args.aggregate_prior_atoms)
     posterior.eval()
-    return VRFMAggregatePosteriorPrior.from_posterior(
-        posterior,
-        _aggregate_prior_pairs(args, prepared, batch_size),
-        num_atoms=args.aggregate_prior_atoms,
-        generator=make_generator(args.seed, "aggregate_prior", 0),
-    )
+    pairs = _aggregate_prior_pairs(args, prepared, batch_size=min(256, args.aggregate_prior_atoms))
+    generator = make_generator(args.seed, "aggregate_prior", 0)
+    if args.aggregate_prior_type == "flow":
+        return VRFMFlowPrior.from_posterior(
+            posterior, pairs, args.aggregate_prior_atoms, generator, num_train_steps=args.flow_prior_steps
+        )
+    return VRFMAggregatePosteriorPrior.from_posterior(posterior, pairs, args.aggregate_prior_atoms, generator)
 
 
 def training_metrics(
@@ -204,7 +205,8 @@ def save_and_publish(
     if args.aggregate_prior_atoms > 0:
         prior = fit_aggregate_prior(args, prepared, posterior)
         context.log.info(
-            f"Fitted the aggregate-posterior prior ({args.aggregate_prior_atoms} atoms); sampling draws z from it."
+            f"Fitted the aggregate-posterior prior ({type(prior).__name__}, {args.aggregate_prior_atoms} posteriors); "
+            "sampling draws z from it."
         )
     if prepared.text is not None:  # the text-to-image pipeline, saved whole or as an adapter folder (LoRA)
         from .text_to_image import build_text_to_image_pipeline, save_text_to_image_run

@@ -197,6 +197,13 @@ def _training_notes(args: dict, latent_dim: int, base_model: str | None, skipped
     atoms = int(args.get("aggregate_prior_atoms") or 0)
     if latent_dim == 0:
         prior_description = "none (no `z`)"
+    elif atoms > 0 and args.get("aggregate_prior_type") == "flow":
+        prior_description = (
+            f"`VRFMFlowPrior`, a small RealNVP fitted after training to the posteriors of {atoms:,} training "
+            "examples: "
+            "each trajectory draws its `z` where training put it (the pipeline's `prior` component). Keep it: the "
+            "aggregate posterior is not `N(0, I)`"
+        )
     elif atoms > 0:
         prior_description = (
             f"`VRFMAggregatePosteriorPrior`, the posteriors of {atoms:,} training examples fitted after training: "
