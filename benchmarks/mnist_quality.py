@@ -665,8 +665,10 @@ def join_results(paths: list[Path], name: str) -> dict:
             raise ValueError(f"More than one of {[str(p) for p in paths]} has {sorted(overlap)}: join one run each.")
         joined["fd"].update(result["fd"])
         joined["train"].update(result["train"])
-        if result["posterior"]:
-            joined["posterior"], joined["meta"]["train_command"] = result["posterior"], result["meta"]["train_command"]
+        if result["posterior"]:  # the VRFM run: its training command and its extra priors
+            joined["posterior"] = result["posterior"]
+            for key in ("train_command", "extra_priors", "flow_prior_steps"):
+                joined["meta"][key] = result["meta"].get(key)
     joined["meta"]["params"] = {
         key: max(result["meta"]["params"].get(key, 0) for result in loaded) for key in ("rf", "vrfm", "posterior")
     }

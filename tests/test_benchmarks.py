@@ -240,11 +240,15 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
     from benchmarks import mnist_quality
 
     # digits at 16x16, trained by train_vrfm.py itself (RF = --latent_dim 0), sampled from the saved pipelines
-    results = mnist_quality.main(["--quick", "--output-dir", str(tmp_path), "--work-dir", str(tmp_path)])
-    tables = common.parse_markdown_tables((tmp_path / "mnist_quality.md").read_text())
+    argv = ["--quick", "--extra-priors", "flow", "--output-dir", str(tmp_path), "--work-dir", str(tmp_path)]
+    results = mnist_quality.main(argv)
+    report = (tmp_path / "mnist_quality.md").read_text()
+    tables = common.parse_markdown_tables(report)
     (fd_table,) = list(_table_with_header(tables, "method", "NFE 50"))
-    labels = ["RF", "VRFM", "VRFM, z ~ N(0, I)", "VRFM / RF", "VRFM, z ~ N(0, I) / RF"]
-    assert [row[0] for row in fd_table[1:]] == labels, "the saved pipeline has the fitted prior: both z sources"
+    flow = "VRFM, flow prior fitted afterwards"
+    labels = ["RF", "VRFM", "VRFM, z ~ N(0, I)", flow, "VRFM / RF", "VRFM, z ~ N(0, I) / RF", f"{flow} / RF"]
+    assert [row[0] for row in fd_table[1:]] == labels, "the saved (fitted) prior, N(0, I) and a flow fitted after"
+    assert "(`--extra-priors flow`, flow: 20 fitting steps)" in report
     assert (
         fd_table[0][1:]
         == [f"NFE {n}" for n in mnist_quality.DEFAULT_NFES]
@@ -267,7 +271,7 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
     _assert_png(tmp_path / "mnist_quality_fd_vs_nfe.png")
 
     # --join: the same results split into an RF-only and a VRFM-only file give the same tables again
-    for methods, keys in (("rf", ["rf"]), ("vrfm", ["vrfm", "vrfm_normal"])):
+    for methods, keys in (("rf", ["rf"]), ("vrfm", ["vrfm", "vrfm_normal", "vrfm_flow"])):
         part = {**results, "fd": {k: results["fd"][k] for k in keys}, "train": {methods: results["train"][methods]}}
         part["posterior"] = results["posterior"] if methods == "vrfm" else {}
         (tmp_path / f"{methods}.json").write_text(json.dumps(part))

@@ -10,6 +10,7 @@ from train_helpers import FAST, read_metrics, train_runner
 
 from diffusers_vrfm import (
     VRFMAggregatePosteriorPrior,
+    VRFMFlowPrior,
     VRFMMLPModel,
     VRFMPipeline,
     VRFMPosteriorEncoder,
@@ -179,6 +180,20 @@ def test_default_run_holds_the_kl_at_its_target_and_fits_the_aggregate_prior(tmp
     assert torch.isfinite(out.samples).all()
     chosen = (out.z[:, None, :] - atoms).norm(dim=-1).argmin(dim=1)  # each z lies near one of the atoms
     assert ((out.z - atoms[chosen]).abs() <= 6 * (0.5 * pipe.prior.atom_logvars[chosen]).exp()).all()
+
+
+def test_aggregate_prior_type_flow_fits_and_saves_a_flow_prior(tmp_path, train):
+    output_dir = str(tmp_path / "run")
+    extra = ("--aggregate_prior_atoms", "40", "--aggregate_prior_type", "flow", "--flow_prior_steps", "12")
+    assert train(_toy_args(output_dir, *extra))["finished"]
+    pipe = VRFMPipeline.from_pretrained(output_dir)
+    assert isinstance(pipe.prior, VRFMFlowPrior) and pipe.prior.latent_dim == 3
+    assert pipe.prior.data_log_std.abs().sum() > 0, "standardised with the fitted posteriors' moments"
+    assert torch.isfinite(pipe(batch_size=5, num_inference_steps=2).samples).all()
+    card = open(os.path.join(output_dir, "README.md"), encoding="utf-8").read()
+    assert "`VRFMFlowPrior`, a small RealNVP fitted after training to the posteriors of 40 training examples" in card
+    with pytest.raises(ValueError, match="flow_prior_steps"):
+        train(_toy_args(str(tmp_path / "bad"), "--flow_prior_steps", "0"))
 
 
 def test_kl_target_off_keeps_beta_fixed_and_resume_restores_the_adapted_beta(tmp_path, train):
