@@ -71,6 +71,7 @@ METHOD_LABELS = {
     "vrfm_normal": "VRFM, z ~ N(0, I)",
     "vrfm_atoms": "VRFM, atom prior fitted afterwards",
     "vrfm_flow": "VRFM, flow prior fitted afterwards",
+    "vrfm_posterior_z": "VRFM, z from the test images' posterior (oracle)",
 }
 EXTRA_PRIORS = ("atoms", "flow")  # `--extra-priors`: fitted to the saved posterior by the benchmark
 TARGETS = {1: 0.5, 2: 0.5, 8: 1.0, 16: 1.0, 50: 1.0}  # issue 13: VRFM FD at most this times RF's, mean of seeds
@@ -280,15 +281,33 @@ def train_with_script(argv: list[str]) -> dict:
 
 # ------------------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def generate(pipeline, num_samples: int, nfe: int, seed: int, batch_size: int = 500) -> torch.Tensor:
+def generate(
+    pipeline, num_samples: int, nfe: int, seed: int, batch_size: int = 500, z: torch.Tensor | None = None
+) -> torch.Tensor:
     """`num_samples` images in [0, 1] (on the CPU) from `pipeline` with `nfe` steps; the same noise (and z stream)
-    for every method and NFE."""
+    for every method and NFE; `z` `(num_samples, latent_dim)` replaces the pipeline's own draws of z."""
     chunks = []
     for index, start in enumerate(range(0, num_samples, batch_size)):
         n = min(batch_size, num_samples - start)
         generator = torch.Generator().manual_seed(1_000 * seed + index)
-        chunks.append(pipeline(batch_size=n, num_inference_steps=nfe, generator=generator, output_type="pt").samples)
+        rows = None if z is None else z[start : start + n]
+        output = pipeline(batch_size=n, num_inference_steps=nfe, generator=generator, output_type="pt", z=rows)
+        chunks.append(output.samples)
     return torch.cat(chunks).float().cpu()
+
+
+@torch.no_grad()
+def posterior_z_of_test_images(posterior, data: ImageData, n: int, seed: int) -> torch.Tensor:
+    """`--posterior-z`: ``z ~ q(z | x1)`` of the first `n` test images, the very images the FD compares against. An
+    oracle, not a sampler: it shows how far the model's samples can get when z is right, whatever the prior."""
+    from diffusers_vrfm import interpolate
+
+    posterior = posterior.cpu().float().eval()
+    x1 = data.test[:n] * 2 - 1
+    x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(123))
+    t = torch.rand(n, generator=torch.Generator().manual_seed(124))
+    generator = torch.Generator().manual_seed(seed)
+    return posterior(x0=x0, x1=x1, x_t=interpolate(x0, x1, t), t=t, generator=generator).sample
 
 
 def sampling_pipelines(path: Path, scheduler: str, device: str, extra_priors: dict | None = None) -> dict:
@@ -387,18 +406,23 @@ def evaluate_run(args, path: Path, method: str, seed: int, scorer: Scorer, n: in
     extra_priors = extra_prior_fits(args, data, seed) if method == "vrfm" else None
     loaded = sampling_pipelines(path, args.scheduler, args.device, extra_priors)
     keys = {"saved": method, "normal": "vrfm_normal", **{kind: f"vrfm_{kind}" for kind in EXTRA_PRIORS}}
+    variants = {keys[variant]: (pipeline, None) for variant, pipeline in loaded["pipelines"].items()}
+    posterior = loaded["posterior"]
+    if args.posterior_z and posterior is not None:
+        variants["vrfm_posterior_z"] = (
+            loaded["pipelines"]["saved"],
+            posterior_z_of_test_images(posterior, data, n, seed),
+        )
     out = {"fd": {}, "fid": {}, "grids": {}, "params": count_parameters(loaded["velocity"])}
-    for variant, pipeline in loaded["pipelines"].items():
-        key = keys[variant]
+    for key, (pipeline, z) in variants.items():
         out["fd"][key], out["fid"][key], out["grids"][key] = {}, {}, {}
         for nfe in args.nfe:
-            samples = generate(pipeline, n, nfe, seed)
+            samples = generate(pipeline, n, nfe, seed, z=z)
             out["fd"][key][str(nfe)] = scorer.fd(samples)
             out["grids"][key][nfe] = samples[:64]
             if scorer.inception is not None and nfe in args.inception_nfe:
                 out["fid"][key][str(nfe)] = scorer.fid(samples)
             print(f"seed {seed} {METHOD_LABELS[key]} NFE {nfe}: FD {out['fd'][key][str(nfe)]:.2f}", flush=True)
-    posterior = loaded["posterior"]
     out["posterior_params"] = count_parameters(posterior)
     if posterior is not None:
         x1 = data.test[: min(500, len(data.test))] * 2 - 1
@@ -454,6 +478,12 @@ def render_report(results: dict) -> str:
             f"{' '.join(meta['extra_priors'])}`, flow: {meta['flow_prior_steps']} fitting steps)."
             if meta.get("extra_priors")
             else "."
+        )
+        + (
+            " `VRFM, z from the test images' posterior` draws z from the posterior of the very test images the FD "
+            "compares against: an oracle, not a sampler (how sharp the model is when z is right)."
+            if meta.get("posterior_z")
+            else ""
         ),
         f"- Metric: Fréchet distance in the 128-d features of a local CNN classifier (test accuracy "
         f"{meta['classifier_accuracy']:.4f}), {meta['num_samples']} generated vs {meta['num_samples']} test images; "
@@ -631,6 +661,7 @@ def run(args) -> dict:
         "inception_nfe": list(args.inception_nfe),
         "scheduler": args.scheduler,
         "extra_priors": list(args.extra_priors),
+        "posterior_z": bool(args.posterior_z),
         "flow_prior_steps": args.flow_prior_steps,
         "params": params,
         "quick": bool(args.quick),
@@ -667,7 +698,7 @@ def join_results(paths: list[Path], name: str) -> dict:
         joined["train"].update(result["train"])
         if result["posterior"]:  # the VRFM run: its training command and its extra priors
             joined["posterior"] = result["posterior"]
-            for key in ("train_command", "extra_priors", "flow_prior_steps"):
+            for key in ("train_command", "extra_priors", "flow_prior_steps", "posterior_z"):
                 joined["meta"][key] = result["meta"].get(key)
     joined["meta"]["params"] = {
         key: max(result["meta"]["params"].get(key, 0) for result in loaded) for key in ("rf", "vrfm", "posterior")
@@ -715,6 +746,12 @@ def build_parser() -> argparse.ArgumentParser:
         "VRFMAggregatePosteriorPrior; flow: VRFMFlowPrior), on the same model",
     )
     parser.add_argument("--flow-prior-steps", type=int, default=2000, help="fitting steps of the flow prior")
+    parser.add_argument(
+        "--posterior-z",
+        action="store_true",
+        help="VRFM: also sample with z ~ q(z | x1) of the test images the FD compares against (an oracle: how "
+        "sharp the model is when z is right, whatever the prior)",
+    )
     parser.add_argument(
         "--kl-convention",
         choices=["per_pixel", "sum"],

@@ -240,14 +240,24 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
     from benchmarks import mnist_quality
 
     # digits at 16x16, trained by train_vrfm.py itself (RF = --latent_dim 0), sampled from the saved pipelines
-    argv = ["--quick", "--extra-priors", "flow", "--output-dir", str(tmp_path), "--work-dir", str(tmp_path)]
+    argv = [
+        "--quick",
+        "--extra-priors",
+        "flow",
+        "--posterior-z",
+        "--output-dir",
+        str(tmp_path),
+        "--work-dir",
+        str(tmp_path),
+    ]
     results = mnist_quality.main(argv)
     report = (tmp_path / "mnist_quality.md").read_text()
     tables = common.parse_markdown_tables(report)
     (fd_table,) = list(_table_with_header(tables, "method", "NFE 50"))
-    flow = "VRFM, flow prior fitted afterwards"
-    labels = ["RF", "VRFM", "VRFM, z ~ N(0, I)", flow, "VRFM / RF", "VRFM, z ~ N(0, I) / RF", f"{flow} / RF"]
-    assert [row[0] for row in fd_table[1:]] == labels, "the saved (fitted) prior, N(0, I) and a flow fitted after"
+    flow, oracle = "VRFM, flow prior fitted afterwards", "VRFM, z from the test images' posterior (oracle)"
+    labels = ["RF", "VRFM", "VRFM, z ~ N(0, I)", flow, oracle, "VRFM / RF", "VRFM, z ~ N(0, I) / RF"]
+    labels += [f"{flow} / RF", f"{oracle} / RF"]
+    assert [row[0] for row in fd_table[1:]] == labels, "the saved (fitted) prior, N(0, I), a flow, the posterior"
     assert "(`--extra-priors flow`, flow: 20 fitting steps)" in report
     assert (
         fd_table[0][1:]
@@ -271,7 +281,7 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
     _assert_png(tmp_path / "mnist_quality_fd_vs_nfe.png")
 
     # --join: the same results split into an RF-only and a VRFM-only file give the same tables again
-    for methods, keys in (("rf", ["rf"]), ("vrfm", ["vrfm", "vrfm_normal", "vrfm_flow"])):
+    for methods, keys in (("rf", ["rf"]), ("vrfm", ["vrfm", "vrfm_normal", "vrfm_flow", "vrfm_posterior_z"])):
         part = {**results, "fd": {k: results["fd"][k] for k in keys}, "train": {methods: results["train"][methods]}}
         part["posterior"] = results["posterior"] if methods == "vrfm" else {}
         (tmp_path / f"{methods}.json").write_text(json.dumps(part))
