@@ -217,9 +217,9 @@ class VRFMFlowPrior(ModelMixin, ConfigMixin):
                 losses.append(self._fit_step(means, logvars, batch_size, optimizer, generator))
                 schedule.step()
         self.eval()
-        return losses
+        return torch.stack(losses).tolist()  # one read at the end, not one per step
 
-    def _fit_step(self, means, logvars, batch_size: int, optimizer, generator) -> float:
+    def _fit_step(self, means, logvars, batch_size: int, optimizer, generator) -> torch.Tensor:
         """One maximum-likelihood step of [`~VRFMFlowPrior.fit`] on a batch drawn from the atoms' mixture."""
         device = means.device
         rows = torch.randint(means.shape[0], (batch_size,), generator=generator).to(device)
@@ -229,7 +229,7 @@ class VRFMFlowPrior(ModelMixin, ConfigMixin):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.conditioners.parameters(), 1.0)
         optimizer.step()
-        return loss.item()
+        return loss.detach()
 
     @classmethod
     def from_posterior(

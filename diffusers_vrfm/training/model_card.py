@@ -197,19 +197,16 @@ def _training_notes(args: dict, latent_dim: int, base_model: str | None, skipped
     atoms = int(args.get("aggregate_prior_atoms") or 0)
     if latent_dim == 0:
         prior_description = "none (no `z`)"
-    elif atoms > 0 and args.get("aggregate_prior_type") == "flow":
-        prior_description = (
-            f"`VRFMFlowPrior`, a small RealNVP fitted after training to the posteriors of {atoms:,} training "
-            "examples: "
-            "each trajectory draws its `z` where training put it (the pipeline's `prior` component). Keep it: the "
-            "aggregate posterior is not `N(0, I)`"
-        )
     elif atoms > 0:
+        fitted = (
+            f"`VRFMFlowPrior`, a small RealNVP fitted after training to the posteriors of {atoms:,} training examples"
+            if args.get("aggregate_prior_type") == "flow"
+            else f"`VRFMAggregatePosteriorPrior`, the posteriors of {atoms:,} training examples fitted after training"
+        )
         prior_description = (
-            f"`VRFMAggregatePosteriorPrior`, the posteriors of {atoms:,} training examples fitted after training: "
-            "each trajectory draws its `z` where training put it (the pipeline's `prior` component). Keep it: the "
-            "aggregate posterior is not `N(0, I)`, and `z ~ N(0, I)` lands where training never put `z` (a prior "
-            "hole; with the image defaults' 30 nats it measured 2-4x the FD at many steps)"
+            f"{fitted}: each trajectory draws its `z` where training put it (the pipeline's `prior` component). Keep "
+            "it: the aggregate posterior is not `N(0, I)`, and `z ~ N(0, I)` lands where training never put `z` (a "
+            "prior hole; with the image defaults' 30 nats it measured 2-4x the FD at many steps)"
         )
     elif args.get("learned_prior"):
         prior_description = "a learned conditional prior `p(z | x0)`, drawn at each trajectory's source point"
