@@ -23,7 +23,8 @@ Run from the repository root::
         --batch-size 128 --model_config '{"block_out_channels": [64, 128, 128], "layers_per_block": 2, \\
         "norm_num_groups": 32, "attention_head_dim": 32}'                  # the GPU config of issue 13
     python -m benchmarks.mnist_quality --quick                             # digits, a smoke run in seconds
-    python -m benchmarks.mnist_quality --join rf.json vrfm.json --name both # one report from runs of one method each
+    python -m benchmarks.mnist_quality --join rf.json vrfm.json --name both # one report from runs of one method (or
+                                                                           # some seeds) each
 """
 
 from __future__ import annotations
@@ -677,29 +678,43 @@ def run(args) -> dict:
     return results
 
 
-SAME_BUDGET = ("dataset", "data", "model_config", "seeds", "steps", "batch_size", "nfes", "scheduler", "num_samples")
+SAME_BUDGET = ("dataset", "data", "model_config", "steps", "batch_size", "nfes", "scheduler", "num_samples")
+VRFM_SETTINGS = ("train_command", "extra_priors", "flow_prior_steps", "posterior_z")
 
 
 def join_results(paths: list[Path], name: str) -> dict:
-    """Joins the results of runs that trained different methods on the same budget (e.g. an RF run and a VRFM run,
-    each with `--methods`) into one result, so that the report compares them; refuses runs whose budgets differ."""
+    """Joins runs of one budget that trained different methods or different seeds (e.g. an RF run and a VRFM run,
+    each with `--methods`, or seeds split over parallel processes) into one result, so that the report compares them.
+    Refuses runs whose budgets or VRFM settings differ, a (method, seed) that two runs both have, and a join in which
+    the methods end up with different seeds."""
     loaded = [json.loads(Path(path).read_text()) for path in paths]
     first = loaded[0]["meta"]
+    vrfm_meta = next((result["meta"] for result in loaded if result["posterior"]), None)
     for path, result in zip(paths, loaded):
         changed = [key for key in SAME_BUDGET if result["meta"].get(key) != first.get(key)]
+        if result["posterior"]:
+            changed += [key for key in VRFM_SETTINGS if result["meta"].get(key) != vrfm_meta.get(key)]
         if changed:
-            raise ValueError(f"{path} differs from {paths[0]} in {changed}: only runs of one budget can be joined.")
+            raise ValueError(
+                f"{path} differs from the other runs in {changed}: only runs of one budget can be joined."
+            )
     joined = {"meta": dict(first), "fd": {}, "train": {}, "posterior": {}, "inception": None}
     for result in loaded:
-        overlap = set(joined["fd"]) & set(result["fd"])
-        if overlap:
-            raise ValueError(f"More than one of {[str(p) for p in paths]} has {sorted(overlap)}: join one run each.")
-        joined["fd"].update(result["fd"])
-        joined["train"].update(result["train"])
-        if result["posterior"]:  # the VRFM run: its training command and its extra priors
-            joined["posterior"] = result["posterior"]
-            for key in ("train_command", "extra_priors", "flow_prior_steps", "posterior_z"):
-                joined["meta"][key] = result["meta"].get(key)
+        for section in ("fd", "train"):
+            for key, per_seed in result[section].items():
+                overlap = set(joined[section].get(key, {})) & set(per_seed)
+                if overlap:
+                    raise ValueError(
+                        f"More than one of {[str(p) for p in paths]} has {key} seed(s) {sorted(overlap)}."
+                    )
+                joined[section].setdefault(key, {}).update(per_seed)
+        joined["posterior"].update(result["posterior"])
+    seeds = {key: sorted(per_seed, key=int) for key, per_seed in joined["fd"].items()}
+    if len({tuple(s) for s in seeds.values()}) > 1:
+        raise ValueError(f"The joined runs have different seeds per method ({seeds}): join complete sets of seeds.")
+    if vrfm_meta is not None:
+        joined["meta"].update({key: vrfm_meta.get(key) for key in VRFM_SETTINGS})
+    joined["meta"]["seeds"] = [int(seed) for seed in next(iter(seeds.values()), [])]
     joined["meta"]["params"] = {
         key: max(result["meta"]["params"].get(key, 0) for result in loaded) for key in ("rf", "vrfm", "posterior")
     }
@@ -789,7 +804,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         type=Path,
         default=None,
-        help="train nothing: join these result JSONs (one method each, same budget) into the report `--name`",
+        help="train nothing: join these result JSONs (one budget; methods or seeds split over runs) into the report "
+        "`--name`",
     )
     return parser
 

@@ -289,9 +289,29 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
     mnist_quality.main([*joined_argv, "--output-dir", str(tmp_path)])
     joined_tables = common.parse_markdown_tables((tmp_path / "joined.md").read_text())
     assert joined_tables == tables
-    with pytest.raises(ValueError, match=r"differs from .* in \['steps'\]"):
+    with pytest.raises(ValueError, match=r"other.json differs from the other runs in \['steps'\]"):
         (tmp_path / "other.json").write_text(json.dumps({**results, "meta": {**results["meta"], "steps": 7}}))
         mnist_quality.join_results([tmp_path / "rf.json", tmp_path / "other.json"], "bad")
+    # seeds split over parallel runs: the same run again as seed 1 joins into two seeds (std 0 here)
+    as_seed_1 = {
+        section: {key: {"1": per_seed["0"]} for key, per_seed in results[section].items()}
+        for section in ("fd", "train")
+    }
+    as_seed_1 = {**results, **as_seed_1, "posterior": {"1": results["posterior"]["0"]}}
+    (tmp_path / "seed1.json").write_text(json.dumps({**as_seed_1, "meta": {**results["meta"], "seeds": [1]}}))
+    (tmp_path / "seed0.json").write_text(json.dumps(results))
+    two_seeds = mnist_quality.join_results([tmp_path / "seed1.json", tmp_path / "seed0.json"], "two")
+    assert two_seeds["meta"]["seeds"] == [0, 1] and sorted(two_seeds["posterior"]) == ["0", "1"]
+    assert two_seeds["fd"]["vrfm"]["1"] == two_seeds["fd"]["vrfm"]["0"] == results["fd"]["vrfm"]["0"]
+    assert two_seeds["train"]["rf"]["1"] == results["train"]["rf"]["0"]
+    with pytest.raises(ValueError, match=r"has rf seed\(s\) \['0'\]"):
+        mnist_quality.join_results([tmp_path / "seed0.json", tmp_path / "rf.json"], "bad")
+    with pytest.raises(ValueError, match="different seeds per method"):
+        mnist_quality.join_results([tmp_path / "seed1.json", tmp_path / "rf.json"], "bad")  # rf: 0, 1; vrfm: 1
+    flow_steps_differ = {**as_seed_1, "meta": {**results["meta"], "seeds": [1], "flow_prior_steps": 3}}
+    (tmp_path / "other.json").write_text(json.dumps(flow_steps_differ))
+    with pytest.raises(ValueError, match=r"differs from the other runs in \['flow_prior_steps'\]"):
+        mnist_quality.join_results([tmp_path / "seed0.json", tmp_path / "other.json"], "bad")
 
 
 def test_mnist_quality_arguments_and_seeds_summary():
