@@ -150,6 +150,28 @@ def flow_match_output_to_velocity(model_output: torch.Tensor) -> torch.Tensor:
     return -model_output
 
 
+MODE_SCALE_RANGE = (-1.0, 2.0 / (math.pi - 2.0))  # where SD3's "mode" map is monotone, so it draws in [0, 1]
+
+
+def check_timestep_density(
+    density: str, logit_mean: float, logit_std: float, mode_scale: float, argument: str = "density"
+) -> tuple[float, float, float]:
+    """Refuses an unknown density or parameters it cannot use, naming the argument; returns the parameters as floats
+    (an int beyond int64 would overflow inside diffusers)."""
+    if not isinstance(density, str) or density not in TIMESTEP_DENSITIES:
+        raise ValueError(f"`{argument}` must be one of {TIMESTEP_DENSITIES}, but got {density!r}.")
+    logit_mean, logit_std = check_real(logit_mean, "logit_mean"), check_real(logit_std, "logit_std")
+    mode_scale = check_real(mode_scale, "mode_scale")
+    if density == "logit_normal" and not logit_std > 0:
+        raise ValueError(f"`logit_std` must be > 0 for the logit-normal density, but got {logit_std!r}.")
+    if density == "mode" and not MODE_SCALE_RANGE[0] <= mode_scale <= MODE_SCALE_RANGE[1]:
+        raise ValueError(
+            f"`mode_scale` must lie in [-1, 2 / (pi - 2) = {MODE_SCALE_RANGE[1]:.4f}] for the mode density (where it "
+            f"is monotone), but got {mode_scale!r}."
+        )
+    return logit_mean, logit_std, mode_scale
+
+
 def sample_timesteps(
     batch_size: int,
     density: str = "uniform",
@@ -163,28 +185,22 @@ def sample_timesteps(
 
     ``"uniform"`` is the paper's choice. ``"logit_normal"`` and ``"mode"`` are the SD3 densities, drawn with
     `diffusers.training_utils.compute_density_for_timestep_sampling`. That function works on diffusers' sigma clock;
-    the draw is converted with :func:`sigma_to_t`, so ``"mode"`` with ``mode_scale > 0`` puts extra weight near the
-    noisy end, exactly as it does in diffusers' scripts, and ``logit_mean > 0`` shifts mass towards noise.
+    the draw is converted with :func:`sigma_to_t`, so ``logit_mean > 0`` shifts mass towards noise (small ``t``),
+    exactly as it does in diffusers' scripts. ``"mode"`` is symmetric: ``mode_scale > 0`` puts extra weight on the
+    middle of the path, ``mode_scale < 0`` on both ends, ``0`` is uniform.
 
     Args:
         batch_size (`int`): the number of times to draw.
         density (`str`): one of `"uniform"`, `"logit_normal"`, `"mode"`.
         logit_mean (`float`), logit_std (`float`): parameters of the logit-normal density (on the sigma clock).
-        mode_scale (`float`): the scale of the `"mode"` density.
+        mode_scale (`float`): the scale of the `"mode"` density, in `[-1, 2 / (pi - 2)]` (where its map is monotone).
         device, generator: where and with what to draw.
     """
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
-    if not isinstance(density, str) or density not in TIMESTEP_DENSITIES:
-        raise ValueError(f"`density` must be one of {TIMESTEP_DENSITIES}, but got {density!r}.")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, but got {batch_size!r}.")
-    # floats: an int beyond int64 would overflow inside diffusers
-    logit_mean = check_real(logit_mean, "logit_mean")
-    logit_std = check_real(logit_std, "logit_std")
-    mode_scale = check_real(mode_scale, "mode_scale")
-    if density == "logit_normal" and not logit_std > 0:
-        raise ValueError(f"`logit_std` must be > 0 for the logit-normal density, but got {logit_std!r}.")
+    logit_mean, logit_std, mode_scale = check_timestep_density(density, logit_mean, logit_std, mode_scale)
     check_generator(generator)
     sigma = compute_density_for_timestep_sampling(
         weighting_scheme=density,

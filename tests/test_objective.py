@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from diffusers_vrfm import (
+    VRFMScheduler,
     count_active_units,
     drop_labels,
     flow_match_output_to_velocity,
@@ -104,6 +105,25 @@ def test_sample_timesteps_rejects_bad_arguments():
         sample_timesteps(4, "cosine")
     with pytest.raises(ValueError, match="`batch_size`"):
         sample_timesteps(0)
+    for outside in (-1.5, 1.8):  # beyond [-1, 2 / (pi - 2)] the map folds (and below -1 it leaves [0, 1])
+        with pytest.raises(
+            ValueError, match=r"`mode_scale` must lie in \[-1, 2 / \(pi - 2\) = 1.7519\] .* got " + str(outside)
+        ):
+            sample_timesteps(4, "mode", mode_scale=outside)
+        with pytest.raises(ValueError, match="`mode_scale`"):
+            VRFMScheduler(timestep_density="mode", mode_scale=outside)
+    sample_timesteps(4, "logit_normal", mode_scale=5.0)  # only the mode density reads it
+    with pytest.raises(ValueError, match="`timestep_density` must be one of"):
+        VRFMScheduler(timestep_density="cosine")
+
+
+def test_mode_density_weights_the_middle_or_both_ends():
+    def share_near_the_ends(mode_scale):
+        t = sample_timesteps(20000, "mode", mode_scale=mode_scale, generator=torch.Generator().manual_seed(0))
+        return ((t < 0.1) | (t > 0.9)).float().mean().item()
+
+    assert share_near_the_ends(0.0) == pytest.approx(0.2, abs=0.015)  # uniform
+    assert share_near_the_ends(1.29) < 0.12 < 0.27 < share_near_the_ends(-0.5) < 0.33 < share_near_the_ends(-1.0)
 
 
 def test_loss_without_posterior_is_plain_rectified_flow():

@@ -13,9 +13,9 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
 from ..objective import (
-    TIMESTEP_DENSITIES,
     check_real,
     check_tensor,
+    check_timestep_density,
     interpolate,
     sample_timesteps,
     sigma_to_t,
@@ -163,16 +163,10 @@ class VRFMScheduler(SchedulerMixin, ConfigMixin):
             isinstance(num_train_timesteps, int) and num_train_timesteps > 0
         ):
             raise ValueError(f"`num_train_timesteps` must be a positive integer, but got {num_train_timesteps!r}.")
-        if not isinstance(timestep_density, str) or timestep_density not in TIMESTEP_DENSITIES:
-            raise ValueError(f"`timestep_density` must be one of {TIMESTEP_DENSITIES}, but got {timestep_density!r}.")
         for name, value in (("rtol", rtol), ("atol", atol)):
             if check_real(value, name) <= 0:
                 raise ValueError(f"`{name}` must be > 0, but got {value!r}.")
-        check_real(logit_mean, "logit_mean")
-        check_real(logit_std, "logit_std")
-        check_real(mode_scale, "mode_scale")
-        if timestep_density == "logit_normal" and logit_std <= 0:
-            raise ValueError(f"`logit_std` must be > 0 for the logit-normal density, but got {logit_std!r}.")
+        check_timestep_density(timestep_density, logit_mean, logit_std, mode_scale, argument="timestep_density")
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self.time_grid = None

@@ -257,7 +257,12 @@ def _add_objective_arguments(parser: argparse.ArgumentParser) -> None:
     )
     objective.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal density: mean.")
     objective.add_argument("--logit_std", type=float, default=1.0, help="logit_normal density: std.")
-    objective.add_argument("--mode_scale", type=float, default=1.29, help="mode density: scale.")
+    objective.add_argument(
+        "--mode_scale",
+        type=float,
+        default=1.29,
+        help="mode density: scale in [-1, 1.75]; > 0 weights the middle of the path, < 0 both ends.",
+    )
 
 
 def _add_optimisation_arguments(parser: argparse.ArgumentParser) -> None:

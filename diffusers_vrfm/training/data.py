@@ -422,7 +422,6 @@ def collate_examples(examples: list[dict]) -> dict:
     return {key: torch.stack([example[key] for example in examples]).contiguous() for key in examples[0]}
 
 
-
 @torch.no_grad()
 def encode_with_vae(
     vae, pixels: torch.Tensor, seed: int, micro_step: int, global_batch_size: int, rows: slice, purpose: str = "vae"

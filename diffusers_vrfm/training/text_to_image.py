@@ -323,9 +323,7 @@ def trained_velocity_model(velocity_model, ema_model=None):
     return copy
 
 
-def make_text_pipeline(
-    setup: TextToImageSetup, velocity_model, posterior_encoder=None, prior=None, device=None
-):
+def make_text_pipeline(setup: TextToImageSetup, velocity_model, posterior_encoder=None, prior=None, device=None):
     """A [`VRFMTextToImagePipeline`] with the base's text encoders, VAE and scheduler, and the given models; with
     `device`, everything but the text encoders (which training no longer needs) is moved there."""
     base = setup.pipeline
@@ -386,4 +384,3 @@ def text_validation_grid(pipeline, prompts: list[str], cache, x0: torch.Tensor, 
         ).samples  # fmt: skip
         rows.append(_to_uint8_images(images * 2 - 1))
     return labelled_grid(rows, [f"{s} step{'s' if s > 1 else ''}" for s in steps_list])
-
