@@ -460,17 +460,21 @@ def render_report(results: dict) -> str:
         key: mean_std([m["training wall time (s)"] for m in runs.values()])[0]
         for key, runs in results["train"].items()
     }
+    training_commands = (
+        f"`{meta['train_command']}` for VRFM; `{meta['rf_train_command']}` plus `--latent_dim 0` for RF"
+        if meta.get("rf_train_command")  # joined runs that trained RF with other flags
+        else f"`{meta['train_command']}`, plus `--latent_dim 0` for RF"
+    )
     lines = [
         f"# Image quality on {meta['dataset']}: VRFM vs RF (train_vrfm.py, same UNet, same steps)",
         "",
         f"- Command: `{meta['command']}`" + (" **QUICK smoke run: not a result.**" if meta["quick"] else ""),
         f"- Machine: {meta['machine']}; device `{meta['device']}`, mixed precision `{meta['mixed_precision']}`.",
         f"- Data: {meta['data']}.",
-        f"- Training: `train_vrfm.py` (`{meta['train_command']}`, plus `--latent_dim 0` for RF and `--seed S` for "
-        f"each of the seeds {meta['seeds']}); UNet {json.dumps(meta['model_config'])}, {meta['params']['rf']} "
-        f"parameters (RF) / {meta['params']['vrfm']} (VRFM) + {meta['params']['posterior']} (posterior, training "
-        f"only); mean training wall time RF {seconds.get('rf', float('nan')):.0f} s, VRFM "
-        f"{seconds.get('vrfm', float('nan')):.0f} s.",
+        f"- Training: `train_vrfm.py` ({training_commands}, and `--seed S` for each of the seeds {meta['seeds']}); "
+        f"UNet {json.dumps(meta['model_config'])}, {meta['params']['rf']} parameters (RF) / "
+        f"{meta['params']['vrfm']} (VRFM) + {meta['params']['posterior']} (posterior, training only); mean training "
+        f"wall time RF {seconds.get('rf', float('nan')):.0f} s, VRFM {seconds.get('vrfm', float('nan')):.0f} s.",
         f"- Sampler: `{meta['scheduler']}` through `VRFMPipeline.from_pretrained(<saved run>)`, NFE = steps; `VRFM` "
         "is the pipeline as saved (z from its fitted aggregate prior when it has one), `VRFM, z ~ N(0, I)` the same "
         "model without the prior"
@@ -685,8 +689,9 @@ VRFM_SETTINGS = ("train_command", "extra_priors", "flow_prior_steps", "posterior
 def join_results(paths: list[Path], name: str) -> dict:
     """Joins runs of one budget that trained different methods or different seeds (e.g. an RF run and a VRFM run,
     each with `--methods`, or seeds split over parallel processes) into one result, so that the report compares them.
-    Refuses runs whose budgets or VRFM settings differ, a (method, seed) that two runs both have, and a join in which
-    the methods end up with different seeds."""
+    Refuses runs whose budgets, VRFM settings or RF training commands differ, a (method, seed) that two runs both
+    have, and a join in which the methods end up with different seeds. RF may be trained with other flags than VRFM
+    (e.g. RF at its own defaults against a VRFM recipe): the report then names both commands."""
     loaded = [json.loads(Path(path).read_text()) for path in paths]
     first = loaded[0]["meta"]
     vrfm_meta = next((result["meta"] for result in loaded if result["posterior"]), None)
@@ -698,6 +703,9 @@ def join_results(paths: list[Path], name: str) -> dict:
             raise ValueError(
                 f"{path} differs from the other runs in {changed}: only runs of one budget can be joined."
             )
+    rf_commands = {result["meta"]["train_command"] for result in loaded if "rf" in result["fd"]}
+    if len(rf_commands) > 1:
+        raise ValueError(f"The RF runs differ in their training commands ({sorted(rf_commands)}): join one setting.")
     joined = {"meta": dict(first), "fd": {}, "train": {}, "posterior": {}, "inception": None}
     for result in loaded:
         for section in ("fd", "train"):
@@ -714,6 +722,8 @@ def join_results(paths: list[Path], name: str) -> dict:
         raise ValueError(f"The joined runs have different seeds per method ({seeds}): join complete sets of seeds.")
     if vrfm_meta is not None:
         joined["meta"].update({key: vrfm_meta.get(key) for key in VRFM_SETTINGS})
+        if rf_commands and rf_commands != {vrfm_meta["train_command"]}:
+            joined["meta"]["rf_train_command"] = rf_commands.pop()
     joined["meta"]["seeds"] = [int(seed) for seed in next(iter(seeds.values()), [])]
     joined["meta"]["params"] = {
         key: max(result["meta"]["params"].get(key, 0) for result in loaded) for key in ("rf", "vrfm", "posterior")

@@ -308,6 +308,17 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
         mnist_quality.join_results([tmp_path / "seed0.json", tmp_path / "rf.json"], "bad")
     with pytest.raises(ValueError, match="different seeds per method"):
         mnist_quality.join_results([tmp_path / "seed1.json", tmp_path / "rf.json"], "bad")  # rf: 0, 1; vrfm: 1
+    # RF trained with other flags (e.g. RF at its own defaults against a VRFM recipe): the report names both commands
+    rf_other = json.loads((tmp_path / "rf.json").read_text())
+    rf_other["meta"]["train_command"] += " --logit_mean 0.5"
+    (tmp_path / "rf_other.json").write_text(json.dumps(rf_other))
+    cross_argv = ["--join", str(tmp_path / "rf_other.json"), str(tmp_path / "vrfm.json"), "--name", "cross"]
+    mnist_quality.main([*cross_argv, "--output-dir", str(tmp_path)])
+    cross_report = (tmp_path / "cross.md").read_text()
+    assert " --logit_mean 0.5` plus `--latent_dim 0` for RF" in cross_report
+    assert f"`{results['meta']['train_command']}` for VRFM;" in cross_report
+    with pytest.raises(ValueError, match="The RF runs differ in their training commands"):
+        mnist_quality.join_results([tmp_path / "rf_other.json", tmp_path / "seed1.json"], "bad")
     flow_steps_differ = {**as_seed_1, "meta": {**results["meta"], "seeds": [1], "flow_prior_steps": 3}}
     (tmp_path / "other.json").write_text(json.dumps(flow_steps_differ))
     with pytest.raises(ValueError, match=r"differs from the other runs in \['flow_prior_steps'\]"):
