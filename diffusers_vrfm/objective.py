@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .options import LOSS_REDUCTIONS, TIMESTEP_DENSITIES
+from .options import LOSS_REDUCTIONS, MODE_SCALE_RANGE, TIMESTEP_DENSITIES
 
 
 def check_tensor(value, argument: str, floating: bool = True) -> torch.Tensor:
@@ -148,9 +148,6 @@ def velocity_to_flow_match_output(velocity: torch.Tensor) -> torch.Tensor:
 def flow_match_output_to_velocity(model_output: torch.Tensor) -> torch.Tensor:
     """Converts a diffusers flow-matching model output (``noise - data``) to a velocity ``dx/dt`` towards data."""
     return -model_output
-
-
-MODE_SCALE_RANGE = (-1.0, 2.0 / (math.pi - 2.0))  # where SD3's "mode" map is monotone, so it draws in [0, 1]
 
 
 def check_timestep_density(
