@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .options import LOSS_REDUCTIONS, MODE_SCALE_RANGE, TIMESTEP_DENSITIES
+from .options import LOSS_REDUCTIONS, TIMESTEP_DENSITIES, density_parameter_problem
 
 
 def check_tensor(value, argument: str, floating: bool = True) -> torch.Tensor:
@@ -159,13 +159,10 @@ def check_timestep_density(
         raise ValueError(f"`{argument}` must be one of {TIMESTEP_DENSITIES}, but got {density!r}.")
     logit_mean, logit_std = check_real(logit_mean, "logit_mean"), check_real(logit_std, "logit_std")
     mode_scale = check_real(mode_scale, "mode_scale")
-    if density == "logit_normal" and not logit_std > 0:
-        raise ValueError(f"`logit_std` must be > 0 for the logit-normal density, but got {logit_std!r}.")
-    if density == "mode" and not MODE_SCALE_RANGE[0] <= mode_scale <= MODE_SCALE_RANGE[1]:
-        raise ValueError(
-            f"`mode_scale` must lie in [-1, 2 / (pi - 2) = {MODE_SCALE_RANGE[1]:.4f}] for the mode density (where it "
-            f"is monotone), but got {mode_scale!r}."
-        )
+    problem = density_parameter_problem(density, logit_std, mode_scale)
+    if problem is not None:
+        name, value, valid = problem
+        raise ValueError(f"`{name}` must be {valid}, but got {value!r}.")
     return logit_mean, logit_std, mode_scale
 
 

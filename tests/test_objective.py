@@ -107,7 +107,9 @@ def test_sample_timesteps_rejects_bad_arguments():
         sample_timesteps(0)
     for outside in (-1.5, 1.8):  # beyond [-1, 2 / (pi - 2)] the map folds (and below -1 it leaves [0, 1])
         with pytest.raises(
-            ValueError, match=r"`mode_scale` must lie in \[-1, 2 / \(pi - 2\) = 1.7519\] .* got " + str(outside)
+            ValueError,
+            match=r"`mode_scale` must be in \[-1, 2 / \(pi - 2\) = 1.7519\] for the mode density .* got "
+            + str(outside),
         ):
             sample_timesteps(4, "mode", mode_scale=outside)
         with pytest.raises(ValueError, match="`mode_scale`"):

@@ -230,8 +230,14 @@ def test_latent_space_training_with_a_vae(tmp_path, train):
         (["--beta", "-1"], r"`--beta` must be a finite number >= 0.*-1\.0"),
         (["--free_bits", "-0.5"], "`--free_bits`"),
         (["--label_dropout", "1.5"], "`--label_dropout`"),
-        (["--logit_std", "0"], r"`--logit_std` must be a finite number > 0, but got 0\.0"),
-        (["--timestep_density", "mode", "--mode_scale", "-1.5"], r"`--mode_scale` must be in \[-1, 1\.7519\]"),
+        (
+            ["--logit_std", "0"],
+            r"`--logit_std` must be a finite number > 0 for the logit-normal density, but got 0\.0",
+        ),
+        (
+            ["--timestep_density", "mode", "--mode_scale", "-1.5"],
+            r"`--mode_scale` must be in \[-1, 2 / \(pi - 2\) = 1\.7519\]",
+        ),
         (["--latent_dim", "-2"], "`--latent_dim`"),
         (["--backbone", "unet", "--dataset_name", "toy:ring_2d"], "needs `--backbone mlp`"),
         (["--mixed_precision", "fp16"], "`--mixed_precision`"),

@@ -12,7 +12,7 @@ import math
 import os
 import sys
 
-from ..options import LOSS_REDUCTIONS, MODE_SCALE_RANGE, TIMESTEP_DENSITIES, TOY_PREFIX
+from ..options import LOSS_REDUCTIONS, TIMESTEP_DENSITIES, TOY_PREFIX, density_parameter_problem
 from .factory import BACKBONES, DEFAULT_LATENT_DIM, DEFAULT_POSTERIOR_INPUTS, parse_json_config
 
 DEFAULT_BETA = {"vector": 0.1, "image": 0.1}
@@ -506,13 +506,12 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         fail("beta_warmup_steps", args.beta_warmup_steps, "0 with --kl_target (beta adapts; pass --kl_target off)")
     if not 0.0 <= args.label_dropout <= 1.0:
         fail("label_dropout", args.label_dropout, "in [0, 1]")
-    if not (math.isfinite(args.logit_std) and args.logit_std > 0):
-        fail("logit_std", args.logit_std, "a finite number > 0")
     if not math.isfinite(args.logit_mean):
         fail("logit_mean", args.logit_mean, "a finite number")
-    low, high = MODE_SCALE_RANGE
-    if args.timestep_density == "mode" and not low <= args.mode_scale <= high:
-        fail("mode_scale", args.mode_scale, f"in [{low:g}, {high:.4f}] with --timestep_density mode (monotone there)")
+    # an unset --timestep_density is checked as logit_normal, the image default (vectors' uniform reads neither)
+    problem = density_parameter_problem(args.timestep_density or "logit_normal", args.logit_std, args.mode_scale)
+    if problem is not None:
+        fail(*problem)
     positive = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps")
     for name in (*positive, "logging_steps"):
         if getattr(args, name) < 1:
