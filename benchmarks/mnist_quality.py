@@ -93,6 +93,14 @@ QUICK_UNET = {
     "norm_num_groups": 4,
 }
 QUICK_POSTERIOR = {"block_out_channels": [8], "norm_num_groups": 4, "hidden_dim": 16}
+# Settings of the UNet's z paths (`VRFMUNet2DModel`); RF (`--latent_dim 0`) has no z, so its runs drop them.
+Z_PATH_KEYS = ("z_map_channels", "z_map_stride", "z_embed_hidden_dim")
+
+
+def split_model_config(model_config: dict) -> tuple[dict, dict]:
+    """`(backbone, z_paths)`: the UNet both methods share, and the settings only VRFM's z paths read."""
+    backbone = {key: value for key, value in model_config.items() if key not in Z_PATH_KEYS}
+    return backbone, {key: value for key, value in model_config.items() if key in Z_PATH_KEYS}
 
 
 # -------------------------------------------------------------------------------------------------------------- data
@@ -245,7 +253,8 @@ def training_argv(args, data: ImageData, method: str, seed: int, output_dir: Pat
     does not compare, and `--latent_dim 0` for RF."""
     argv = ["--dataset_name", data.name, "--resolution", data.resolution, "--backbone", "unet"]
     argv += ["--output_dir", output_dir, "--seed", seed, "--max_train_steps", args.steps]
-    argv += ["--train_batch_size", args.batch_size, "--model_config", json.dumps(args.model_config)]
+    model_config = args.model_config if method == "vrfm" else split_model_config(args.model_config)[0]
+    argv += ["--train_batch_size", args.batch_size, "--model_config", json.dumps(model_config)]
     argv += ["--report_to", "none", "--num_threads", args.threads, "--mixed_precision", args.mixed_precision]
     argv += ["--checkpointing_steps", args.steps + 1, "--validation_steps", args.steps + 1]
     argv += ["--validation_inference_steps", "1", "--num_validation_samples", "4"]
@@ -460,6 +469,8 @@ def render_report(results: dict) -> str:
         key: mean_std([m["training wall time (s)"] for m in runs.values()])[0]
         for key, runs in results["train"].items()
     }
+    backbone, z_path_config = split_model_config(meta["model_config"])
+    z_paths = f" (VRFM's z paths: {json.dumps(z_path_config)}; RF has none)" if z_path_config else ""
     training_commands = (
         f"`{meta['train_command']}` for VRFM; `{meta['rf_train_command']}` plus `--latent_dim 0` for RF"
         if meta.get("rf_train_command")  # joined runs that trained RF with other flags
@@ -472,7 +483,7 @@ def render_report(results: dict) -> str:
         f"- Machine: {meta['machine']}; device `{meta['device']}`, mixed precision `{meta['mixed_precision']}`.",
         f"- Data: {meta['data']}.",
         f"- Training: `train_vrfm.py` ({training_commands}, and `--seed S` for each of the seeds {meta['seeds']}); "
-        f"UNet {json.dumps(meta['model_config'])}, {meta['params']['rf']} parameters (RF) / "
+        f"UNet {json.dumps(backbone)}{z_paths}, {meta['params']['rf']} parameters (RF) / "
         f"{meta['params']['vrfm']} (VRFM) + {meta['params']['posterior']} (posterior, training only); mean training "
         f"wall time RF {seconds.get('rf', float('nan')):.0f} s, VRFM {seconds.get('vrfm', float('nan')):.0f} s.",
         f"- Sampler: `{meta['scheduler']}` through `VRFMPipeline.from_pretrained(<saved run>)`, NFE = steps; `VRFM` "
@@ -686,6 +697,13 @@ SAME_BUDGET = ("dataset", "data", "model_config", "steps", "batch_size", "nfes",
 VRFM_SETTINGS = ("train_command", "extra_priors", "flow_prior_steps", "posterior_z")
 
 
+def budget_value(meta: dict, key: str):
+    """A budget setting of a run as the join compares it: the UNet without VRFM's z-path settings, which RF lacks
+    (VRFM runs compare those through their training commands)."""
+    value = meta.get(key)
+    return split_model_config(value)[0] if key == "model_config" and value is not None else value
+
+
 def join_results(paths: list[Path], name: str) -> dict:
     """Joins runs of one budget that trained different methods or different seeds (e.g. an RF run and a VRFM run,
     each with `--methods`, or seeds split over parallel processes) into one result, so that the report compares them.
@@ -696,7 +714,7 @@ def join_results(paths: list[Path], name: str) -> dict:
     first = loaded[0]["meta"]
     vrfm_meta = next((result["meta"] for result in loaded if result["posterior"]), None)
     for path, result in zip(paths, loaded):
-        changed = [key for key in SAME_BUDGET if result["meta"].get(key) != first.get(key)]
+        changed = [key for key in SAME_BUDGET if budget_value(result["meta"], key) != budget_value(first, key)]
         if result["posterior"]:
             changed += [key for key in VRFM_SETTINGS if result["meta"].get(key) != vrfm_meta.get(key)]
         if changed:
@@ -721,7 +739,7 @@ def join_results(paths: list[Path], name: str) -> dict:
     if len({tuple(s) for s in seeds.values()}) > 1:
         raise ValueError(f"The joined runs have different seeds per method ({seeds}): join complete sets of seeds.")
     if vrfm_meta is not None:
-        joined["meta"].update({key: vrfm_meta.get(key) for key in VRFM_SETTINGS})
+        joined["meta"].update({key: vrfm_meta.get(key) for key in (*VRFM_SETTINGS, "model_config")})
         if rf_commands and rf_commands != {vrfm_meta["train_command"]}:
             joined["meta"]["rf_train_command"] = rf_commands.pop()
     joined["meta"]["seeds"] = [int(seed) for seed in next(iter(seeds.values()), [])]

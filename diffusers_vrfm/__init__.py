@@ -22,7 +22,7 @@ _import_structure = {
     "models.transformer_2d": ["VRFMDiTTransformer2DModel"],
     "models.transformer_sd3": ["VRFMSD3Transformer2DModel"],
     "models.unet_2d": ["VRFMUNet2DConditionModel", "VRFMUNet2DModel"],
-    "models.z_embedding": ["LatentEmbedding", "VRFMVelocityOutput"],
+    "models.z_embedding": ["LatentEmbedding", "LatentMap", "VRFMVelocityOutput"],
     "objective": [
         "VRFMLossOutput",
         "adapt_beta",

@@ -319,6 +319,21 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
     assert f"`{results['meta']['train_command']}` for VRFM;" in cross_report
     with pytest.raises(ValueError, match="The RF runs differ in their training commands"):
         mnist_quality.join_results([tmp_path / "rf_other.json", tmp_path / "seed1.json"], "bad")
+    # a VRFM run with z paths RF lacks (a z map) joins the RF run of the same UNet; another UNet does not
+    z_map = {"z_map_channels": 2, "z_map_stride": 1}
+    vrfm_z_map = json.loads((tmp_path / "vrfm.json").read_text())
+    vrfm_z_map["meta"]["model_config"] = {**results["meta"]["model_config"], **z_map}
+    vrfm_z_map["meta"]["train_command"] += " --z_map"  # stands in for the changed --model_config
+    (tmp_path / "vrfm_z_map.json").write_text(json.dumps(vrfm_z_map))
+    z_map_argv = ["--join", str(tmp_path / "rf.json"), str(tmp_path / "vrfm_z_map.json"), "--name", "z_map"]
+    mnist_quality.main([*z_map_argv, "--output-dir", str(tmp_path)])
+    z_map_report = (tmp_path / "z_map.md").read_text()
+    unet = json.dumps(results["meta"]["model_config"])
+    assert f"UNet {unet} (VRFM's z paths: {json.dumps(z_map)}; RF has none)" in z_map_report
+    vrfm_z_map["meta"]["model_config"]["layers_per_block"] = 3
+    (tmp_path / "other.json").write_text(json.dumps(vrfm_z_map))
+    with pytest.raises(ValueError, match=r"differs from the other runs in \['model_config'\]"):
+        mnist_quality.join_results([tmp_path / "rf.json", tmp_path / "other.json"], "bad")
     flow_steps_differ = {**as_seed_1, "meta": {**results["meta"], "seeds": [1], "flow_prior_steps": 3}}
     (tmp_path / "other.json").write_text(json.dumps(flow_steps_differ))
     with pytest.raises(ValueError, match=r"differs from the other runs in \['flow_prior_steps'\]"):
@@ -344,6 +359,14 @@ def test_mnist_quality_arguments_and_seeds_summary():
         "--loss_reduction",
         "mean",
     ]
+    # VRFM's z-path settings reach only VRFM's run: RF's UNet has no z (and refuses a z map)
+    args.model_config = {"block_out_channels": [4], "z_map_channels": 2, "z_map_stride": 2}
+    model_configs = {
+        method: json.loads(argv[argv.index("--model_config") + 1])
+        for method in ("rf", "vrfm")
+        for argv in [mnist_quality.training_argv(args, data, method, 3, "out")]
+    }
+    assert model_configs == {"rf": {"block_out_channels": [4]}, "vrfm": args.model_config}
     results = {"fd": {"rf": {"0": {"1": 10.0}, "1": {"1": 12.0}}, "vrfm": {"0": {"1": 4.0}, "1": {"1": 6.0}}}}
     assert mnist_quality.cell_values(results, "rf", "1") == [10.0, 12.0]
     (row,) = mnist_quality.target_rows(results)

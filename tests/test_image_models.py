@@ -7,6 +7,7 @@ import torch
 from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
 from diffusers_vrfm import (
+    LatentMap,
     VRFMConvPosteriorEncoder,
     VRFMDiTTransformer2DModel,
     VRFMUNet2DConditionModel,
@@ -252,6 +253,63 @@ def test_unet_rectangular_sample_size():
     assert model.sample_shape == (3, 8, 16)
     x, t, z = inputs(model, batch_size=2)
     assert model(x, t, z=z).sample.shape == (2, 3, 8, 16)
+
+
+def test_latent_map_is_a_zero_started_grid_resized_to_the_image():
+    latent_map = LatentMap(latent_dim=3, channels=2, size=(8, 12), stride=4)
+    z = torch.randn(5, 3)
+    assert latent_map.grid == (2, 2, 3)
+    assert torch.equal(latent_map(z), torch.zeros(5, 2, 8, 12))
+    wake_zero_params(latent_map)
+    grid = latent_map.linear(z).view(5, 2, 2, 3)
+    out = latent_map(z)
+    assert out.shape == (5, 2, 8, 12)
+    # nearest resize: each grid cell fills a 4 x 4 block
+    assert torch.equal(out, grid.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3))
+    # stride 1 is the grid itself; a stride that does not divide the size rounds the grid up
+    assert LatentMap(3, 2, (8, 12), 1).grid == (2, 8, 12)
+    assert LatentMap(3, 2, (9, 12), 4)(z).shape == (5, 2, 9, 12)
+
+
+def test_unet_z_map_feeds_z_as_extra_input_channels(tmp_path):
+    model = tiny_unet(z_map_channels=2, z_map_stride=2)
+    assert model.unet.config.in_channels == 5 and model.sample_shape == (3, 8, 8)
+    x, t, z = inputs(model)
+    assert torch.equal(model(x, t, z=z).sample, model(x, t, z=torch.randn_like(z)).sample)  # both paths start at 0
+    wake_zero_params(model.z_map)  # the map alone (the time-embedding path stays at zero) carries z
+    first = model(x, t, z=z).sample
+    assert (first - model(x, t, z=z + 1.0).sample).abs().amax(dim=(1, 2, 3)).min() > 1e-4
+    seen = {}
+    hook = model.unet.register_forward_pre_hook(lambda module, args: seen.update(sample=args[0]))
+    model(x, t, z=z)
+    hook.remove()
+    assert torch.equal(seen["sample"], torch.cat([x, model.z_map(z)], dim=1))
+    model.save_pretrained(tmp_path)
+    loaded = VRFMUNet2DModel.from_pretrained(tmp_path)
+    assert public_config(loaded)["z_map_channels"] == 2 and public_config(loaded)["z_map_stride"] == 2
+    assert torch.equal(loaded(x, t, z=z).sample, first)
+
+
+def test_unet_with_a_z_map_wraps_a_pretrained_backbone_exactly():
+    torch.manual_seed(0)
+    backbone = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, **UNET_BLOCKS).eval()
+    model = VRFMUNet2DModel.from_backbone(backbone, latent_dim=4, z_map_channels=2, z_map_stride=4).eval()
+    assert torch.equal(model.unet.conv_in.weight[:, :3], backbone.conv_in.weight)
+    assert model.unet.conv_in.weight[:, 3:].abs().sum() > 0  # the map's channels can learn from the first step
+    others = {key: value for key, value in backbone.state_dict().items() if key != "conv_in.weight"}
+    assert all(torch.equal(model.unet.state_dict()[key], value) for key, value in others.items())
+    x, t, z = inputs(model)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, z=z).sample, backbone(x, t * 1000).sample)
+
+
+def test_unet_z_map_refuses_bad_settings():
+    with pytest.raises(ValueError, match=r"`z_map_channels` must be an integer >= 0, but got -1"):
+        tiny_unet(z_map_channels=-1)
+    with pytest.raises(ValueError, match=r"`z_map_stride` must be an integer >= 1, but got 0"):
+        tiny_unet(z_map_channels=2, z_map_stride=0)
+    with pytest.raises(ValueError, match=r"`z_map_channels` \(2\) needs a `z`, but `latent_dim` is 0"):
+        tiny_unet(latent_dim=0, z_map_channels=2)
 
 
 # ------------------------------------------------------------------------------------------- conditional UNet

@@ -22,6 +22,7 @@ from torch import nn
 
 from .z_embedding import (
     LatentEmbedding,
+    LatentMap,
     VRFMVelocityOutput,
     check_context,
     check_velocity_inputs,
@@ -153,6 +154,11 @@ class VRFMUNet2DModel(ModelMixin, ConfigMixin):
         num_classes (`int`, *optional*): the number of classes; label `num_classes` means "no label".
         timestep_scale (`float`, defaults to 1000): the factor from ``t`` in `[0, 1]` to the inner UNet's timestep.
         z_embed_hidden_dim (`int`, *optional*): the hidden width of the ``z`` MLP; the time-embedding width if unset.
+        z_map_channels (`int`, defaults to 0): when positive, ``z`` also enters as this many extra input channels: a
+            [`LatentMap`] (a zero-initialised linear map of ``z`` to a grid, resized to the image). The time-embedding
+            path shifts every pixel of a channel alike; the map tells the UNet *where* (see `docs/benchmarks.md`).
+        z_map_stride (`int`, defaults to 1): the map's grid is `ceil(H / stride) x ceil(W / stride)`, resized
+            (nearest) to the image; larger strides keep the linear layer small on large images.
         block_out_channels, layers_per_block, down_block_types, up_block_types, mid_block_type, norm_num_groups,
         attention_head_dim, ...: as in `UNet2DModel`.
 
@@ -184,6 +190,8 @@ class VRFMUNet2DModel(ModelMixin, ConfigMixin):
         num_classes: int | None = None,
         timestep_scale: float = 1000.0,
         z_embed_hidden_dim: int | None = None,
+        z_map_channels: int = 0,
+        z_map_stride: int = 1,
         center_input_sample: bool = False,
         time_embedding_type: str = "positional",
         time_embedding_dim: int | None = None,
@@ -225,10 +233,14 @@ class VRFMUNet2DModel(ModelMixin, ConfigMixin):
             )
         if z_embed_hidden_dim is not None:
             _check_int("z_embed_hidden_dim", z_embed_hidden_dim, 1)
+        _check_int("z_map_channels", z_map_channels, 0)
+        _check_int("z_map_stride", z_map_stride, 1)
+        if z_map_channels > 0 and latent_dim == 0:
+            raise ValueError(f"`z_map_channels` ({z_map_channels}) needs a `z`, but `latent_dim` is 0; set it to 0.")
         conditioned = latent_dim > 0 or num_classes is not None
         self.unet = UNet2DModel(
             sample_size=sample_size,
-            in_channels=in_channels,
+            in_channels=in_channels + z_map_channels,
             out_channels=out_channels,
             center_input_sample=center_input_sample,
             time_embedding_type=time_embedding_type,
@@ -256,6 +268,9 @@ class VRFMUNet2DModel(ModelMixin, ConfigMixin):
         )
         temb_dim = time_embedding_dim or 4 * block_out_channels[0]
         self.z_embedding = LatentEmbedding(latent_dim, temb_dim, z_embed_hidden_dim) if latent_dim > 0 else None
+        self.z_map = None
+        if z_map_channels > 0:
+            self.z_map = LatentMap(latent_dim, z_map_channels, _spatial_size(sample_size), z_map_stride)
         self.class_embedding = nn.Embedding(num_classes + 1, temb_dim) if num_classes is not None else None
         if self.class_embedding is not None:
             nn.init.zeros_(self.class_embedding.weight)
@@ -281,12 +296,15 @@ class VRFMUNet2DModel(ModelMixin, ConfigMixin):
         num_classes: int | None = None,
         timestep_scale: float = 1000.0,
         z_embed_hidden_dim: int | None = None,
+        z_map_channels: int = 0,
+        z_map_stride: int = 1,
     ) -> VRFMUNet2DModel:
         """Wraps an existing (for example pretrained) `UNet2DModel`, loading every one of its weights.
 
         The ``z`` and class paths start at zero, so at first ``wrapper(x, t, z)`` equals ``backbone(x, t * 1000)``
         exactly, whatever ``z``. The backbone must have no class path of its own (`class_embed_type=None`,
-        `num_class_embeds=None`) and a positional time embedding.
+        `num_class_embeds=None`) and a positional time embedding. With `z_map_channels`, the input convolution gains
+        freshly initialised weights for the map's channels (the map itself starts at zero).
 
         Example:
 
@@ -317,8 +335,14 @@ class VRFMUNet2DModel(ModelMixin, ConfigMixin):
             num_classes=num_classes,
             timestep_scale=timestep_scale,
             z_embed_hidden_dim=z_embed_hidden_dim,
+            z_map_channels=z_map_channels,
+            z_map_stride=z_map_stride,
         )
-        model.unet.load_state_dict(backbone.state_dict(), strict=True)
+        state = backbone.state_dict()
+        if z_map_channels > 0:  # the backbone's input weights, then the new ones for the map's channels
+            new_weights = model.unet.conv_in.weight.detach()[:, config["in_channels"] :]
+            state["conv_in.weight"] = torch.cat([state["conv_in.weight"], new_weights.to(state["conv_in.weight"])], 1)
+        model.unet.load_state_dict(state, strict=True)
         # nn.Module.to: ModelMixin.to warns on every dtype cast in diffusers 0.42, even with nothing kept in fp32.
         return nn.Module.to(model, device=backbone.device, dtype=backbone.dtype)
 
@@ -352,6 +376,8 @@ class VRFMUNet2DModel(ModelMixin, ConfigMixin):
         """
         sample, t, labels = check_velocity_inputs(self, sample, timestep, z, class_labels)
         condition = self.condition_embedding(z, labels, self.dtype)
+        if self.z_map is not None:
+            sample = torch.cat([sample, self.z_map(z.to(self.dtype))], dim=1)
         velocity = self.unet(sample, t * self.config.timestep_scale, class_labels=condition).sample
         if not return_dict:
             return (velocity,)

@@ -78,6 +78,39 @@ class LatentEmbedding(nn.Module):
         return self.linear_2(self.act(self.linear_1(z)))
 
 
+class LatentMap(nn.Module):
+    """``z`` as a spatial map: a linear layer to a `(channels, ceil(H / stride), ceil(W / stride))` grid, resized
+    (nearest) to `(H, W)` and fed to the backbone as extra input channels. The linear layer starts at zero.
+
+    The time-embedding path gives ``z`` to every block, but as a per-channel shift that is the same at every pixel;
+    this map lets ``z`` say *where* things go, which is what a one-step sample from pure noise needs.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_vrfm import LatentMap
+    >>> latent_map = LatentMap(latent_dim=4, channels=2, size=(28, 28), stride=4)
+    >>> latent_map.grid
+    (2, 7, 7)
+    >>> latent_map(torch.randn(3, 4)).shape
+    torch.Size([3, 2, 28, 28])
+    ```
+    """
+
+    def __init__(self, latent_dim: int, channels: int, size: tuple[int, int], stride: int):
+        super().__init__()
+        self.size = tuple(size)
+        self.grid = (channels, -(-self.size[0] // stride), -(-self.size[1] // stride))
+        self.linear = nn.Linear(latent_dim, self.grid[0] * self.grid[1] * self.grid[2])
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        grid = self.linear(z).view(z.shape[0], *self.grid)
+        return grid if grid.shape[-2:] == self.size else nn.functional.interpolate(grid, size=self.size)
+
+
 def check_latent(
     z: torch.Tensor | None, latent_dim: int, batch_size: int, argument: str = "z", batch_from: str = "sample"
 ) -> None:
