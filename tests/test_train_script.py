@@ -2,6 +2,7 @@
 fine-tuning a pretrained backbone; the Hub push path without a network; bad arguments failing before training."""
 
 import glob
+import json
 import os
 
 import numpy as np
@@ -51,12 +52,15 @@ def test_tiny_end_to_end_run(tmp_path, train):
         output_dir, "--max_train_steps", "4", "--checkpointing_steps", "2", "--validation_steps", "2"
     )
     argv += ["--checkpoints_total_limit", "1", "--report_to", "tensorboard", "--latent_dim", "3"]
+    z_map_unet = json.dumps({**json.loads(TINY_UNET), "z_map_channels": 1, "z_map_stride": 2})  # z as an input too
+    argv[argv.index(TINY_UNET)] = z_map_unet
     summary = train(argv)
     assert summary["finished"] and summary["global_step"] == 4
 
     # The pipeline loads through both routes and samples images.
     pipe = VRFMPipeline.from_pretrained(output_dir)
     assert isinstance(pipe.velocity_model, VRFMUNet2DModel) and pipe.velocity_model.latent_dim == 3
+    assert pipe.velocity_model.z_map.grid == (1, 4, 4)
     assert pipe.posterior_encoder is not None
     images = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
     assert len(images) == 2 and images[0].size == (8, 8)
