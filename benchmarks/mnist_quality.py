@@ -704,13 +704,27 @@ def budget_value(meta: dict, key: str):
     return split_model_config(value)[0] if key == "model_config" and value is not None else value
 
 
-def join_results(paths: list[Path], name: str) -> dict:
+def only_seeds(result: dict, seeds: list[int] | None) -> dict:
+    """`result` with only the runs of `seeds` (all of them when `None`)."""
+    if seeds is None:
+        return result
+    wanted = {str(seed) for seed in seeds}
+    kept = {
+        section: {key: {s: v for s, v in runs.items() if s in wanted} for key, runs in result[section].items()}
+        for section in ("fd", "train")
+    }
+    posterior = {s: v for s, v in result["posterior"].items() if s in wanted}
+    return {**result, **kept, "posterior": posterior}
+
+
+def join_results(paths: list[Path], name: str, wanted: list[int] | None = None) -> dict:
     """Joins runs of one budget that trained different methods or different seeds (e.g. an RF run and a VRFM run,
     each with `--methods`, or seeds split over parallel processes) into one result, so that the report compares them.
     Refuses runs whose budgets, VRFM settings or RF training commands differ, a (method, seed) that two runs both
     have, and a join in which the methods end up with different seeds. RF may be trained with other flags than VRFM
-    (e.g. RF at its own defaults against a VRFM recipe): the report then names both commands."""
-    loaded = [json.loads(Path(path).read_text()) for path in paths]
+    (e.g. RF at its own defaults against a VRFM recipe): the report then names both commands. `wanted`
+    (`--join-seeds`) keeps only those seeds of every run, to compare a study that ran fewer seeds."""
+    loaded = [only_seeds(json.loads(Path(path).read_text()), wanted) for path in paths]
     first = loaded[0]["meta"]
     vrfm_meta = next((result["meta"] for result in loaded if result["posterior"]), None)
     for path, result in zip(paths, loaded):
@@ -736,6 +750,8 @@ def join_results(paths: list[Path], name: str) -> dict:
                 joined[section].setdefault(key, {}).update(per_seed)
         joined["posterior"].update(result["posterior"])
     seeds = {key: sorted(per_seed, key=int) for key, per_seed in joined["fd"].items()}
+    if wanted is not None and any(have != sorted(map(str, wanted), key=int) for have in seeds.values()):
+        raise ValueError(f"`--join-seeds` {sorted(wanted)}: the joined runs have seeds {seeds}.")
     if len({tuple(s) for s in seeds.values()}) > 1:
         raise ValueError(f"The joined runs have different seeds per method ({seeds}): join complete sets of seeds.")
     if vrfm_meta is not None:
@@ -747,6 +763,8 @@ def join_results(paths: list[Path], name: str) -> dict:
         key: max(result["meta"]["params"].get(key, 0) for result in loaded) for key in ("rf", "vrfm", "posterior")
     }
     joined["meta"]["command"] = " + ".join(result["meta"]["command"] for result in loaded)
+    if wanted is not None:
+        joined["meta"]["command"] += f" (joined: seeds {sorted(wanted)} only)"
     joined["meta"]["total_seconds"] = sum(result["meta"].get("total_seconds", 0.0) for result in loaded)
     joined["meta"].update(name=name, joined=[str(path) for path in paths])
     return joined
@@ -835,6 +853,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train nothing: join these result JSONs (one budget; methods or seeds split over runs) into the report "
         "`--name`",
     )
+    parser.add_argument(
+        "--join-seeds", nargs="+", type=int, default=None, help="--join: keep only these seeds of every run"
+    )
     return parser
 
 
@@ -842,8 +863,10 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    if args.join_seeds is not None and not args.join:
+        build_parser().error(f"--join-seeds {args.join_seeds} needs --join.")
     if args.join:
-        results = join_results(args.join, args.name)
+        results = join_results(args.join, args.name, args.join_seeds)
         output_dir = Path(args.output_dir)
         write_json(output_dir / f"{args.name}.json", results)
         (output_dir / f"{args.name}.md").write_text(render_report(results))

@@ -304,6 +304,14 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
     assert two_seeds["meta"]["seeds"] == [0, 1] and sorted(two_seeds["posterior"]) == ["0", "1"]
     assert two_seeds["fd"]["vrfm"]["1"] == two_seeds["fd"]["vrfm"]["0"] == results["fd"]["vrfm"]["0"]
     assert two_seeds["train"]["rf"]["1"] == results["train"]["rf"]["0"]
+    seed_0 = mnist_quality.join_results([tmp_path / "seed1.json", tmp_path / "seed0.json"], "one", wanted=[0])
+    assert seed_0["meta"]["seeds"] == [0] and list(seed_0["posterior"]) == ["0"]
+    assert {key: list(per_seed) for key, per_seed in seed_0["fd"].items()} == {key: ["0"] for key in results["fd"]}
+    assert seed_0["meta"]["command"].endswith(" (joined: seeds [0] only)")
+    with pytest.raises(ValueError, match=r"`--join-seeds` \[0, 1\]: the joined runs have seeds \{'rf': \['0'\]"):
+        mnist_quality.join_results([tmp_path / "rf.json", tmp_path / "vrfm.json"], "bad", wanted=[0, 1])
+    with pytest.raises(SystemExit):
+        mnist_quality.main(["--join-seeds", "0"])
     with pytest.raises(ValueError, match=r"has rf seed\(s\) \['0'\]"):
         mnist_quality.join_results([tmp_path / "seed0.json", tmp_path / "rf.json"], "bad")
     with pytest.raises(ValueError, match="different seeds per method"):
