@@ -410,6 +410,23 @@ class Scorer:
         return frechet_distance(self.inception(samples[: self.inception_samples]), self.inception_reference)
 
 
+ONE_STEP_MSE = "one-step MSE from t = 0"  # a training-metrics key, so that --join carries it
+
+
+@torch.no_grad()
+def one_step_reconstruction_mse(velocity, posterior, data: ImageData, num_images: int = 500) -> float:
+    """The mean squared error (per pixel, images in [-1, 1]) between test images and one Euler step from noise,
+    ``x0 + v(x0, 0, z)``, where ``z`` is the posterior mean of that very image (VRFM) or absent (RF). It says whether
+    the net turns ``z`` into the image at the noise end, where one sampling step reads it: RF can only return the
+    mean image there, so VRFM far below RF means ``z`` is decoded, and close to RF means it is not."""
+    x1 = data.test[:num_images] * 2 - 1
+    x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(123))
+    t = torch.zeros(len(x1))
+    velocity = velocity.cpu().float().eval()
+    z = None if posterior is None else posterior.cpu().float().eval()(x0=x0, x1=x1, x_t=x0, t=t).mean
+    return float((x0 + velocity(x0, t, z=z).sample - x1).square().mean())
+
+
 def evaluate_run(args, path: Path, method: str, seed: int, scorer: Scorer, n: int, data: ImageData) -> dict:
     """FD at every NFE for the pipeline saved at `path` (and, for VRFM, its z ~ N(0, I) variant); the first seed keeps
     image grids; VRFM also gets the posterior diagnostics on test images."""
@@ -434,6 +451,7 @@ def evaluate_run(args, path: Path, method: str, seed: int, scorer: Scorer, n: in
                 out["fid"][key][str(nfe)] = scorer.fid(samples)
             print(f"seed {seed} {METHOD_LABELS[key]} NFE {nfe}: FD {out['fd'][key][str(nfe)]:.2f}", flush=True)
     out["posterior_params"] = count_parameters(posterior)
+    out[ONE_STEP_MSE] = one_step_reconstruction_mse(loaded["velocity"], posterior, data)
     if posterior is not None:
         x1 = data.test[: min(500, len(data.test))] * 2 - 1
         x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(123))
@@ -539,6 +557,21 @@ def render_report(results: dict) -> str:
         cells = [format_mean_std([p[f] for p in results["posterior"].values()]) for f in fields]
         lines += ["## VRFM posterior diagnostics on test images (prior hole)", ""]
         lines += [markdown_table([*headers, "MMD^2 floor"], [cells]), ""]
+    one_step = {
+        key: [m[ONE_STEP_MSE] for m in runs.values() if ONE_STEP_MSE in m] for key, runs in results["train"].items()
+    }
+    if any(one_step.values()):
+        lines += [
+            "## One Euler step from t = 0 on the test images: MSE per pixel against the image ([-1, 1] scale)",
+            "",
+            "VRFM with z = the posterior mean of that image, RF without z (it can only return the mean image there): "
+            "VRFM far below RF means the net decodes z at the noise end, close to RF means it does not.",
+            "",
+            markdown_table(
+                ["method", "MSE"], [[METHOD_LABELS[key], format_mean_std(v)] for key, v in one_step.items() if v]
+            ),
+            "",
+        ]
     grids = (
         "the joined runs' own `_grids.png`"
         if meta.get("joined")
@@ -652,6 +685,7 @@ def run(args) -> dict:
                 summary = train_with_script(training_argv(args, data, method, seed, run_dir))
                 results["train"].setdefault(method, {})[str(seed)] = summary["metrics"]
                 out = evaluate_run(args, run_dir, method, seed, scorer, score_meta["num_samples"], data)
+                results["train"][method][str(seed)][ONE_STEP_MSE] = out[ONE_STEP_MSE]
                 for key, curve in out["fd"].items():
                     results["fd"].setdefault(key, {})[str(seed)] = curve
                     if results["inception"] is not None:
