@@ -265,6 +265,12 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
         == ["NFE 1", "NFE 2", "NFE 4", "NFE 8", "NFE 16", "NFE 50"]
     )
     assert all(math.isfinite(_number(c)) and _number(c) >= 0 for row in fd_table[1:] for c in row[1:])
+    (one_step,) = list(_table_with_header(tables, "method", "MSE"))
+    assert [row[0] for row in one_step[1:]] == ["RF", "VRFM"]
+    assert all(_number(row[1]) > 0 for row in one_step[1:])
+    for method in ("rf", "vrfm"):
+        stored = results["train"][method]["0"][mnist_quality.ONE_STEP_MSE]
+        assert common.format_number(stored, 3) == one_step[1 + ["rf", "vrfm"].index(method)][1]
     (target,) = list(_table_with_header(tables, "quantity"))
     assert [row[0] for row in target[1:]] == [f"FD at NFE {n}" for n in (1, 2, 8, 16, 50)]
     assert {row[-1] for row in target[1:]} <= {"met", "NOT met"}
