@@ -306,6 +306,13 @@ def generate(
     return torch.cat(chunks).float().cpu()
 
 
+def test_images_and_noise(data: ImageData, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(x0, x1)`: the first `n` test images in [-1, 1] and the fixed noise (seed 123) paired with them, the same for
+    every diagnostic on test images."""
+    x1 = data.test[:n] * 2 - 1
+    return torch.randn(x1.shape, generator=torch.Generator().manual_seed(123)), x1
+
+
 @torch.no_grad()
 def posterior_z_of_test_images(posterior, data: ImageData, n: int, seed: int) -> torch.Tensor:
     """`--posterior-z`: ``z ~ q(z | x1)`` of the first `n` test images, the very images the FD compares against. An
@@ -313,8 +320,7 @@ def posterior_z_of_test_images(posterior, data: ImageData, n: int, seed: int) ->
     from diffusers_vrfm import interpolate
 
     posterior = posterior.cpu().float().eval()
-    x1 = data.test[:n] * 2 - 1
-    x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(123))
+    x0, x1 = test_images_and_noise(data, n)
     t = torch.rand(n, generator=torch.Generator().manual_seed(124))
     generator = torch.Generator().manual_seed(seed)
     return posterior(x0=x0, x1=x1, x_t=interpolate(x0, x1, t), t=t, generator=generator).sample
@@ -419,8 +425,7 @@ def one_step_reconstruction_mse(velocity, posterior, data: ImageData, num_images
     ``x0 + v(x0, 0, z)``, where ``z`` is the posterior mean of that very image (VRFM) or absent (RF). It says whether
     the net turns ``z`` into the image at the noise end, where one sampling step reads it: RF can only return the
     mean image there, so VRFM far below RF means ``z`` is decoded, and close to RF means it is not."""
-    x1 = data.test[:num_images] * 2 - 1
-    x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(123))
+    x0, x1 = test_images_and_noise(data, num_images)
     t = torch.zeros(len(x1))
     velocity = velocity.cpu().float().eval()
     z = None if posterior is None else posterior.cpu().float().eval()(x0=x0, x1=x1, x_t=x0, t=t).mean
@@ -453,8 +458,7 @@ def evaluate_run(args, path: Path, method: str, seed: int, scorer: Scorer, n: in
     out["posterior_params"] = count_parameters(posterior)
     out[ONE_STEP_MSE] = one_step_reconstruction_mse(loaded["velocity"], posterior, data)
     if posterior is not None:
-        x1 = data.test[: min(500, len(data.test))] * 2 - 1
-        x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(123))
+        x0, x1 = test_images_and_noise(data, 500)
         diagnostics = posterior_diagnostics(posterior.cpu().float(), x0, x1, num_mmd_samples=500, seed=seed)
         out["posterior"] = asdict(diagnostics)
     return out
