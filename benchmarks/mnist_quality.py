@@ -416,7 +416,8 @@ class Scorer:
         return frechet_distance(self.inception(samples[: self.inception_samples]), self.inception_reference)
 
 
-ONE_STEP_MSE = "one-step MSE from t = 0"  # a training-metrics key, so that --join carries it
+# The per-method, per-seed sections of a result, which --join merges and --join-seeds filters.
+SEED_SECTIONS = ("fd", "train", "one_step_mse")
 
 
 @torch.no_grad()
@@ -456,7 +457,7 @@ def evaluate_run(args, path: Path, method: str, seed: int, scorer: Scorer, n: in
                 out["fid"][key][str(nfe)] = scorer.fid(samples)
             print(f"seed {seed} {METHOD_LABELS[key]} NFE {nfe}: FD {out['fd'][key][str(nfe)]:.2f}", flush=True)
     out["posterior_params"] = count_parameters(posterior)
-    out[ONE_STEP_MSE] = one_step_reconstruction_mse(loaded["velocity"], posterior, data)
+    out["one_step_mse"] = one_step_reconstruction_mse(loaded["velocity"], posterior, data)
     if posterior is not None:
         x0, x1 = test_images_and_noise(data, 500)
         diagnostics = posterior_diagnostics(posterior.cpu().float(), x0, x1, num_mmd_samples=500, seed=seed)
@@ -561,9 +562,7 @@ def render_report(results: dict) -> str:
         cells = [format_mean_std([p[f] for p in results["posterior"].values()]) for f in fields]
         lines += ["## VRFM posterior diagnostics on test images (prior hole)", ""]
         lines += [markdown_table([*headers, "MMD^2 floor"], [cells]), ""]
-    one_step = {
-        key: [m[ONE_STEP_MSE] for m in runs.values() if ONE_STEP_MSE in m] for key, runs in results["train"].items()
-    }
+    one_step = {key: list(runs.values()) for key, runs in results.get("one_step_mse", {}).items()}
     if any(one_step.values()):
         lines += [
             "## One Euler step from t = 0 on the test images: MSE per pixel against the image ([-1, 1] scale)",
@@ -678,7 +677,7 @@ def run(args) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     data = load_image_data(args.dataset, args.resolution)
     scorer, score_meta = make_scorer(args, data, output_dir)
-    results = {"meta": {}, "fd": {}, "train": {}, "posterior": {}, "inception": None}
+    results = {"meta": {}, **{section: {} for section in SEED_SECTIONS}, "posterior": {}, "inception": None}
     if "inception" in score_meta:
         results["inception"] = {**score_meta.pop("inception"), **{key: {} for key in METHOD_LABELS}}
     grids, params = {}, {"rf": 0, "vrfm": 0, "posterior": 0}
@@ -689,7 +688,7 @@ def run(args) -> dict:
                 summary = train_with_script(training_argv(args, data, method, seed, run_dir))
                 results["train"].setdefault(method, {})[str(seed)] = summary["metrics"]
                 out = evaluate_run(args, run_dir, method, seed, scorer, score_meta["num_samples"], data)
-                results["train"][method][str(seed)][ONE_STEP_MSE] = out[ONE_STEP_MSE]
+                results["one_step_mse"].setdefault(method, {})[str(seed)] = out["one_step_mse"]
                 for key, curve in out["fd"].items():
                     results["fd"].setdefault(key, {})[str(seed)] = curve
                     if results["inception"] is not None:
@@ -748,8 +747,8 @@ def only_seeds(result: dict, seeds: list[int] | None) -> dict:
         return result
     wanted = {str(seed) for seed in seeds}
     kept = {
-        section: {key: {s: v for s, v in runs.items() if s in wanted} for key, runs in result[section].items()}
-        for section in ("fd", "train")
+        section: {key: {s: v for s, v in runs.items() if s in wanted} for key, runs in result.get(section, {}).items()}
+        for section in SEED_SECTIONS
     }
     posterior = {s: v for s, v in result["posterior"].items() if s in wanted}
     return {**result, **kept, "posterior": posterior}
@@ -776,10 +775,10 @@ def join_results(paths: list[Path], name: str, wanted: list[int] | None = None) 
     rf_commands = {result["meta"]["train_command"] for result in loaded if "rf" in result["fd"]}
     if len(rf_commands) > 1:
         raise ValueError(f"The RF runs differ in their training commands ({sorted(rf_commands)}): join one setting.")
-    joined = {"meta": dict(first), "fd": {}, "train": {}, "posterior": {}, "inception": None}
+    joined = {"meta": dict(first), **{section: {} for section in SEED_SECTIONS}, "posterior": {}, "inception": None}
     for result in loaded:
-        for section in ("fd", "train"):
-            for key, per_seed in result[section].items():
+        for section in SEED_SECTIONS:
+            for key, per_seed in result.get(section, {}).items():
                 overlap = set(joined[section].get(key, {})) & set(per_seed)
                 if overlap:
                     raise ValueError(

@@ -269,7 +269,7 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
     assert [row[0] for row in one_step[1:]] == ["RF", "VRFM"]
     assert all(_number(row[1]) > 0 for row in one_step[1:])
     for method in ("rf", "vrfm"):
-        stored = results["train"][method]["0"][mnist_quality.ONE_STEP_MSE]
+        stored = results["one_step_mse"][method]["0"]
         assert common.format_number(stored, 3) == one_step[1 + ["rf", "vrfm"].index(method)][1]
     (target,) = list(_table_with_header(tables, "quantity"))
     assert [row[0] for row in target[1:]] == [f"FD at NFE {n}" for n in (1, 2, 8, 16, 50)]
@@ -289,6 +289,7 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
     # --join: the same results split into an RF-only and a VRFM-only file give the same tables again
     for methods, keys in (("rf", ["rf"]), ("vrfm", ["vrfm", "vrfm_normal", "vrfm_flow", "vrfm_posterior_z"])):
         part = {**results, "fd": {k: results["fd"][k] for k in keys}, "train": {methods: results["train"][methods]}}
+        part["one_step_mse"] = {methods: results["one_step_mse"][methods]}
         part["posterior"] = results["posterior"] if methods == "vrfm" else {}
         (tmp_path / f"{methods}.json").write_text(json.dumps(part))
     joined_argv = ["--join", str(tmp_path / "rf.json"), str(tmp_path / "vrfm.json"), "--name", "joined"]
@@ -301,7 +302,7 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
     # seeds split over parallel runs: the same run again as seed 1 joins into two seeds (std 0 here)
     as_seed_1 = {
         section: {key: {"1": per_seed["0"]} for key, per_seed in results[section].items()}
-        for section in ("fd", "train")
+        for section in mnist_quality.SEED_SECTIONS
     }
     as_seed_1 = {**results, **as_seed_1, "posterior": {"1": results["posterior"]["0"]}}
     (tmp_path / "seed1.json").write_text(json.dumps({**as_seed_1, "meta": {**results["meta"], "seeds": [1]}}))
