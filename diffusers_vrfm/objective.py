@@ -174,6 +174,7 @@ def sample_timesteps(
     mode_scale: float = 1.29,
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
+    noise_end_fraction: float = 0.0,
 ) -> torch.Tensor:
     """Draws training times ``t`` in ``[0, 1]`` from a density, one per example.
 
@@ -189,12 +190,28 @@ def sample_timesteps(
         logit_mean (`float`), logit_std (`float`): parameters of the logit-normal density (on the sigma clock).
         mode_scale (`float`): the scale of the `"mode"` density, in `[-1, 2 / (pi - 2)]` (where its map is monotone).
         device, generator: where and with what to draw.
+        noise_end_fraction (`float`, in `[0, 1)`): the weight of an atom at ``t = 0`` mixed into the density: each
+            time is set to exactly 0 (pure noise) with this probability, drawn from `generator` after the density's
+            draw. At ``t = 0`` the velocity is all that one sampling step reads; smooth densities visit it rarely.
+            0 draws nothing more, so the density's numbers are unchanged.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_vrfm import sample_timesteps
+    >>> generator = torch.Generator().manual_seed(0)
+    >>> t = sample_timesteps(10_000, "logit_normal", noise_end_fraction=0.1, generator=generator)
+    >>> round(float((t == 0).float().mean()), 2), bool(t.min() >= 0 and t.max() <= 1)
+    (0.1, True)
+    ```
     """
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, but got {batch_size!r}.")
     logit_mean, logit_std, mode_scale = check_timestep_density(density, logit_mean, logit_std, mode_scale)
+    noise_end_fraction = check_noise_end_fraction(noise_end_fraction)
     check_generator(generator)
     sigma = compute_density_for_timestep_sampling(
         weighting_scheme=density,
@@ -205,7 +222,20 @@ def sample_timesteps(
         device=device,
         generator=generator,
     )
-    return sigma_to_t(sigma).clamp(0.0, 1.0)
+    t = sigma_to_t(sigma).clamp(0.0, 1.0)
+    if noise_end_fraction > 0:
+        at_noise = torch.rand(batch_size, device=device, generator=generator) < noise_end_fraction
+        t = torch.where(at_noise, torch.zeros_like(t), t)
+    return t
+
+
+def check_noise_end_fraction(value, argument: str = "noise_end_fraction") -> float:
+    """Refuses a weight for the atom at ``t = 0`` outside `[0, 1)` (all the mass at one time would train nothing
+    else), naming `argument`; returns it as a float."""
+    value = check_real(value, argument, 0.0, 1.0)
+    if value == 1.0:
+        raise ValueError(f"`{argument}` must lie in [0, 1), but got {value!r}.")
+    return value
 
 
 def reparameterize(

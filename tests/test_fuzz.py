@@ -244,6 +244,7 @@ SCHEDULER_CONFIG = {
     "logit_mean": right_or_wrong(st.floats(-3, 3), NUMBERS),
     "logit_std": right_or_wrong(st.floats(0.1, 3), NUMBERS),
     "mode_scale": right_or_wrong(st.floats(-1, 3), NUMBERS),
+    "noise_end_fraction": right_or_wrong(st.floats(0, 0.99), NUMBERS),
 }
 
 
@@ -739,6 +740,7 @@ SAMPLE_TIMESTEPS_ARGUMENTS = {
     "logit_std": right_or_wrong(st.floats(0.1, 3), NUMBERS),
     "mode_scale": right_or_wrong(st.floats(-1, 3), NUMBERS),
     "generator": right_or_wrong(st.one_of(st.none(), st.builds(torch.Generator)), st.just([torch.Generator()])),
+    "noise_end_fraction": right_or_wrong(st.floats(0, 0.99), NUMBERS),
 }
 
 

@@ -119,6 +119,33 @@ def test_sample_timesteps_rejects_bad_arguments():
         VRFMScheduler(timestep_density="cosine")
 
 
+def test_noise_end_fraction_puts_an_atom_at_t_zero_and_leaves_the_density_alone():
+    def draw(n, fraction, seed=0):
+        return sample_timesteps(
+            n, "logit_normal", noise_end_fraction=fraction, generator=torch.Generator().manual_seed(seed)
+        )
+
+    plain, mixed = draw(20000, 0.0), draw(20000, 0.2)
+    assert (plain == 0).sum() == 0 and (mixed == 0).float().mean().item() == pytest.approx(0.2, abs=0.01)
+    kept = mixed != 0  # the other times are the density's own draw, number for number
+    torch.testing.assert_close(mixed[kept], plain[kept])
+    # 0 draws nothing more: the generator is left where the plain density leaves it
+    generators = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)]
+    sample_timesteps(8, "logit_normal", generator=generators[0])
+    sample_timesteps(8, "logit_normal", noise_end_fraction=0.0, generator=generators[1])
+    assert torch.equal(generators[0].get_state(), generators[1].get_state())
+    scheduler = VRFMScheduler(timestep_density="logit_normal", noise_end_fraction=0.2)
+    scheduler = VRFMScheduler.from_config(scheduler.config)
+    torch.testing.assert_close(
+        scheduler.sample_training_timesteps(20000, generator=torch.Generator().manual_seed(0)), mixed
+    )
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=rf"`noise_end_fraction` must .*but got {bad}"):
+            sample_timesteps(4, noise_end_fraction=bad)
+        with pytest.raises(ValueError, match="`noise_end_fraction`"):
+            VRFMScheduler(noise_end_fraction=bad)
+
+
 def test_mode_density_weights_the_middle_or_both_ends():
     def share_near_the_ends(mode_scale):
         t = sample_timesteps(20000, "mode", mode_scale=mode_scale, generator=torch.Generator().manual_seed(0))

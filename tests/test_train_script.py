@@ -242,6 +242,7 @@ def test_latent_space_training_with_a_vae(tmp_path, train):
             ["--timestep_density", "mode", "--mode_scale", "-1.5"],
             r"`--mode_scale` must be in \[-1, 2 / \(pi - 2\) = 1\.7519\]",
         ),
+        (["--noise_end_fraction", "1"], r"`--noise_end_fraction` must be in \[0, 1\), but got 1\.0"),
         (["--latent_dim", "-2"], "`--latent_dim`"),
         (["--backbone", "unet", "--dataset_name", "toy:ring_2d"], "needs `--backbone mlp`"),
         (["--mixed_precision", "fp16"], "`--mixed_precision`"),

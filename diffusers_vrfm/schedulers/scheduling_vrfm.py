@@ -13,6 +13,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
 from ..objective import (
+    check_noise_end_fraction,
     check_real,
     check_tensor,
     check_timestep_density,
@@ -114,6 +115,7 @@ class VRFMScheduler(SchedulerMixin, ConfigMixin):
         rtol (`float`), atol (`float`): tolerances of the adaptive solvers.
         timestep_density (`str`, defaults to `"uniform"`): the training-time density of [`sample_timesteps`].
         logit_mean, logit_std, mode_scale (`float`): parameters of that density.
+        noise_end_fraction (`float`, defaults to 0.0): the weight of an atom at ``t = 0`` mixed into that density.
 
     Example:
 
@@ -154,6 +156,7 @@ class VRFMScheduler(SchedulerMixin, ConfigMixin):
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
         mode_scale: float = 1.29,
+        noise_end_fraction: float = 0.0,
     ):
         if not isinstance(solver, str) or solver not in FIXED_STEP_SOLVERS + ADAPTIVE_SOLVERS:
             raise ValueError(f"`solver` must be one of {FIXED_STEP_SOLVERS + ADAPTIVE_SOLVERS}, but got {solver!r}.")
@@ -167,6 +170,7 @@ class VRFMScheduler(SchedulerMixin, ConfigMixin):
             if check_real(value, name) <= 0:
                 raise ValueError(f"`{name}` must be > 0, but got {value!r}.")
         check_timestep_density(timestep_density, logit_mean, logit_std, mode_scale, argument="timestep_density")
+        check_noise_end_fraction(noise_end_fraction)
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self.time_grid = None
@@ -438,6 +442,7 @@ class VRFMScheduler(SchedulerMixin, ConfigMixin):
             mode_scale=self.config.mode_scale,
             device=device,
             generator=generator,
+            noise_end_fraction=self.config.noise_end_fraction,
         )
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -263,6 +263,13 @@ def _add_objective_arguments(parser: argparse.ArgumentParser) -> None:
         default=1.29,
         help="mode density: scale in [-1, 1.75]; > 0 weights the middle of the path, < 0 both ends.",
     )
+    objective.add_argument(
+        "--noise_end_fraction",
+        type=float,
+        default=0.0,
+        help="The weight in [0, 1) of an atom at t = 0 (pure noise) mixed into the training-time density: the "
+        "velocity there is all one sampling step reads.",
+    )
 
 
 def _add_optimisation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -512,6 +519,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     problem = density_parameter_problem(args.timestep_density or "logit_normal", args.logit_std, args.mode_scale)
     if problem is not None:
         fail(*problem)
+    if not 0.0 <= args.noise_end_fraction < 1.0:
+        fail("noise_end_fraction", args.noise_end_fraction, "in [0, 1)")
     positive = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps")
     for name in (*positive, "logging_steps"):
         if getattr(args, name) < 1:

@@ -105,6 +105,7 @@ def training_noise_scheduler(args: argparse.Namespace) -> VRFMScheduler:
         logit_mean=args.logit_mean,
         logit_std=args.logit_std,
         mode_scale=args.mode_scale,
+        noise_end_fraction=args.noise_end_fraction,
     )
 
 
