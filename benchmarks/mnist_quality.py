@@ -417,20 +417,37 @@ class Scorer:
 
 
 # The per-method, per-seed sections of a result, which --join merges and --join-seeds filters.
-SEED_SECTIONS = ("fd", "train", "one_step_mse")
+SEED_SECTIONS = ("fd", "train", "velocity_mse")
+PATH_TIMES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)  # where `velocity_error_along_the_path` measures
+PATH_ROW_LABELS = {"rf": "RF", "vrfm": "VRFM, z of that image", "vrfm_other_z": "VRFM, z of another test image"}
 
 
 @torch.no_grad()
-def one_step_reconstruction_mse(velocity, posterior, data: ImageData, num_images: int = 500) -> float:
-    """The mean squared error (per pixel, images in [-1, 1]) between test images and one Euler step from noise,
-    ``x0 + v(x0, 0, z)``, where ``z`` is the posterior mean of that very image (VRFM) or absent (RF). It says whether
-    the net turns ``z`` into the image at the noise end, where one sampling step reads it: RF can only return the
-    mean image there, so VRFM far below RF means ``z`` is decoded, and close to RF means it is not."""
+def velocity_error_along_the_path(
+    velocity, posterior, data: ImageData, times: tuple[float, ...] = PATH_TIMES, num_images: int = 500
+) -> dict:
+    """Where along the path the net uses ``z``: the mean squared error (per pixel, images in [-1, 1]) of the velocity
+    against ``x1 - x0`` on test images at each of `times`, as ``{row: {str(t): mse}}``. RF (``"rf"``) has no ``z``;
+    VRFM gets ``z`` = the posterior mean of that very image (``"vrfm"``) and of another test image
+    (``"vrfm_other_z"``, the rows rolled by one, so that ``z`` keeps its distribution but names the wrong image).
+    The gap between the two VRFM rows at ``t`` is what ``z`` is used for there. At ``t = 0`` the error is that of
+    one Euler step from noise, ``x0 + v(x0, 0, z)``, against the image: RF can only return the mean image there, so
+    VRFM far below RF means the net turns ``z`` into the image where one sampling step reads it."""
+    from diffusers_vrfm import interpolate
+
     x0, x1 = test_images_and_noise(data, num_images)
-    t = torch.zeros(len(x1))
     velocity = velocity.cpu().float().eval()
-    z = None if posterior is None else posterior.cpu().float().eval()(x0=x0, x1=x1, x_t=x0, t=t).mean
-    return float((x0 + velocity(x0, t, z=z).sample - x1).square().mean())
+    posterior = None if posterior is None else posterior.cpu().float().eval()
+    rows = {"rf": None} if posterior is None else {"vrfm": 0, "vrfm_other_z": 1}
+    errors = {row: {} for row in rows}
+    for when in times:
+        t = torch.full((len(x1),), float(when))
+        x_t = interpolate(x0, x1, t)
+        z = None if posterior is None else posterior(x0=x0, x1=x1, x_t=x_t, t=t).mean
+        for row, shift in rows.items():
+            prediction = velocity(x_t, t, z=None if z is None else z.roll(shift, 0)).sample
+            errors[row][str(float(when))] = float((prediction - (x1 - x0)).square().mean())
+    return errors
 
 
 def evaluate_run(args, path: Path, method: str, seed: int, scorer: Scorer, n: int, data: ImageData) -> dict:
@@ -457,7 +474,7 @@ def evaluate_run(args, path: Path, method: str, seed: int, scorer: Scorer, n: in
                 out["fid"][key][str(nfe)] = scorer.fid(samples)
             print(f"seed {seed} {METHOD_LABELS[key]} NFE {nfe}: FD {out['fd'][key][str(nfe)]:.2f}", flush=True)
     out["posterior_params"] = count_parameters(posterior)
-    out["one_step_mse"] = one_step_reconstruction_mse(loaded["velocity"], posterior, data)
+    out["velocity_mse"] = velocity_error_along_the_path(loaded["velocity"], posterior, data)
     if posterior is not None:
         x0, x1 = test_images_and_noise(data, 500)
         diagnostics = posterior_diagnostics(posterior.cpu().float(), x0, x1, num_mmd_samples=500, seed=seed)
@@ -562,19 +579,7 @@ def render_report(results: dict) -> str:
         cells = [format_mean_std([p[f] for p in results["posterior"].values()]) for f in fields]
         lines += ["## VRFM posterior diagnostics on test images (prior hole)", ""]
         lines += [markdown_table([*headers, "MMD^2 floor"], [cells]), ""]
-    one_step = {key: list(runs.values()) for key, runs in results.get("one_step_mse", {}).items()}
-    if any(one_step.values()):
-        lines += [
-            "## One Euler step from t = 0 on the test images: MSE per pixel against the image ([-1, 1] scale)",
-            "",
-            "VRFM with z = the posterior mean of that image, RF without z (it can only return the mean image there): "
-            "VRFM far below RF means the net decodes z at the noise end, close to RF means it does not.",
-            "",
-            markdown_table(
-                ["method", "MSE"], [[METHOD_LABELS[key], format_mean_std(v)] for key, v in one_step.items() if v]
-            ),
-            "",
-        ]
+    lines += velocity_error_section(results.get("velocity_mse", {}))
     grids = (
         "the joined runs' own `_grids.png`"
         if meta.get("joined")
@@ -582,6 +587,30 @@ def render_report(results: dict) -> str:
     )
     lines += [f"Figures: {grids}, `{meta['name']}_fd_vs_nfe.png`.", ""]
     return "\n".join(lines)
+
+
+def velocity_error_section(velocity_mse: dict) -> list[str]:
+    """The report's table of [`velocity_error_along_the_path`]: one row per kind of `z`, one column per time, mean
+    ± std over seeds (no lines when there is nothing to show)."""
+    rows = [key for key in PATH_ROW_LABELS if velocity_mse.get(key)]
+    if not rows:
+        return []
+    times = sorted({t for key in rows for errors in velocity_mse[key].values() for t in errors}, key=float)
+    cells = [
+        [PATH_ROW_LABELS[key], *[format_mean_std([e[t] for e in velocity_mse[key].values() if t in e]) for t in times]]
+        for key in rows
+    ]
+    return [
+        "## Velocity error along the path on test images: MSE per pixel against x1 - x0 ([-1, 1] scale)",
+        "",
+        "`z` is the posterior mean of that test image, or of another one (same distribution, wrong image); RF has "
+        "none. The gap between the two VRFM rows is what `z` is used for at that time. At t = 0 the error is that of "
+        "one Euler step from noise against the image: RF can only return the mean image there, so VRFM far below RF "
+        "means the net turns `z` into the image where one sampling step reads it.",
+        "",
+        markdown_table(["z", *[f"t = {float(t):g}" for t in times]], cells),
+        "",
+    ]
 
 
 def plot_grids(grids: dict, nfes: list[int], path: Path, columns: int = 8, dpi: int = 90) -> None:
@@ -688,7 +717,8 @@ def run(args) -> dict:
                 summary = train_with_script(training_argv(args, data, method, seed, run_dir))
                 results["train"].setdefault(method, {})[str(seed)] = summary["metrics"]
                 out = evaluate_run(args, run_dir, method, seed, scorer, score_meta["num_samples"], data)
-                results["one_step_mse"].setdefault(method, {})[str(seed)] = out["one_step_mse"]
+                for row, errors in out["velocity_mse"].items():
+                    results["velocity_mse"].setdefault(row, {})[str(seed)] = errors
                 for key, curve in out["fd"].items():
                     results["fd"].setdefault(key, {})[str(seed)] = curve
                     if results["inception"] is not None:

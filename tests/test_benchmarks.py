@@ -265,12 +265,16 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
         == ["NFE 1", "NFE 2", "NFE 4", "NFE 8", "NFE 16", "NFE 50"]
     )
     assert all(math.isfinite(_number(c)) and _number(c) >= 0 for row in fd_table[1:] for c in row[1:])
-    (one_step,) = list(_table_with_header(tables, "method", "MSE"))
-    assert [row[0] for row in one_step[1:]] == ["RF", "VRFM"]
-    assert all(_number(row[1]) > 0 for row in one_step[1:])
-    for method in ("rf", "vrfm"):
-        stored = results["one_step_mse"][method]["0"]
-        assert common.format_number(stored, 3) == one_step[1 + ["rf", "vrfm"].index(method)][1]
+    times = [f"t = {t:g}" for t in mnist_quality.PATH_TIMES]
+    (path_errors,) = list(_table_with_header(tables, "z", "t = 0"))
+    assert path_errors[0] == ["z", *times]
+    rows = ["rf", "vrfm", "vrfm_other_z"]
+    assert [row[0] for row in path_errors[1:]] == [mnist_quality.PATH_ROW_LABELS[key] for key in rows]
+    assert all(_number(cell) > 0 for row in path_errors[1:] for cell in row[1:])
+    for index, key in enumerate(rows):
+        stored = results["velocity_mse"][key]["0"]
+        assert list(stored) == [str(t) for t in mnist_quality.PATH_TIMES]
+        assert [common.format_number(value, 3) for value in stored.values()] == path_errors[1 + index][1:]
     (target,) = list(_table_with_header(tables, "quantity"))
     assert [row[0] for row in target[1:]] == [f"FD at NFE {n}" for n in (1, 2, 8, 16, 50)]
     assert {row[-1] for row in target[1:]} <= {"met", "NOT met"}
@@ -289,7 +293,8 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
     # --join: the same results split into an RF-only and a VRFM-only file give the same tables again
     for methods, keys in (("rf", ["rf"]), ("vrfm", ["vrfm", "vrfm_normal", "vrfm_flow", "vrfm_posterior_z"])):
         part = {**results, "fd": {k: results["fd"][k] for k in keys}, "train": {methods: results["train"][methods]}}
-        part["one_step_mse"] = {methods: results["one_step_mse"][methods]}
+        rows = ["rf"] if methods == "rf" else ["vrfm", "vrfm_other_z"]
+        part["velocity_mse"] = {row: results["velocity_mse"][row] for row in rows}
         part["posterior"] = results["posterior"] if methods == "vrfm" else {}
         (tmp_path / f"{methods}.json").write_text(json.dumps(part))
     joined_argv = ["--join", str(tmp_path / "rf.json"), str(tmp_path / "vrfm.json"), "--name", "joined"]
