@@ -75,6 +75,7 @@ METHOD_LABELS = {
     "vrfm_posterior_z": "VRFM, z from the test images' posterior (oracle)",
 }
 EXTRA_PRIORS = ("atoms", "flow")  # `--extra-priors`: fitted to the saved posterior by the benchmark
+NEAREST_REFERENCE_IMAGES = 10_000  # training images the copy check compares samples with (all of digits')
 TARGETS = {1: 0.5, 2: 0.5, 8: 1.0, 16: 1.0, 50: 1.0}  # issue 13: VRFM FD at most this times RF's, mean of seeds
 # The CPU budget's UNet (attention only at the coarsest level) and the smoke run's; `--model_config` replaces them.
 CPU_UNET = {
@@ -408,16 +409,31 @@ class Scorer:
     inception: object | None = None
     inception_reference: np.ndarray | None = None
     inception_samples: int = 0
+    training_images: torch.Tensor | None = None
+    test_distance: float = float("nan")
 
     def fd(self, samples: torch.Tensor) -> float:
         return frechet_distance(classifier_features(self.classifier, samples), self.reference)
+
+    def distance_ratio(self, samples: torch.Tensor) -> float:
+        """How close samples come to the training images, relative to held-out data: the median distance from a
+        sample to its nearest training image over the same for the test images. Near 1 the samples are as new as
+        test images; far below 1 they copy training images (a risk for a prior built from training posteriors)."""
+        return median_nearest_distance(samples, self.training_images) / self.test_distance
 
     def fid(self, samples: torch.Tensor) -> float:
         return frechet_distance(self.inception(samples[: self.inception_samples]), self.inception_reference)
 
 
+def median_nearest_distance(images: torch.Tensor, references: torch.Tensor, chunk: int = 500) -> float:
+    """The median over `images` of the Euclidean distance (pixels in [0, 1]) to the nearest of `references`."""
+    flat = references.flatten(1)
+    nearest = [torch.cdist(block.flatten(1), flat).min(dim=1).values for block in images.split(chunk)]
+    return float(torch.cat(nearest).median())
+
+
 # The per-method, per-seed sections of a result, which --join merges and --join-seeds filters.
-SEED_SECTIONS = ("fd", "train", "velocity_mse")
+SEED_SECTIONS = ("fd", "train", "velocity_mse", "distance_ratio")
 PATH_TIMES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)  # where `velocity_error_along_the_path` measures
 PATH_ROW_LABELS = {"rf": "RF", "vrfm": "VRFM, z of that image", "vrfm_other_z": "VRFM, z of another test image"}
 
@@ -463,12 +479,13 @@ def evaluate_run(args, path: Path, method: str, seed: int, scorer: Scorer, n: in
             loaded["pipelines"]["saved"],
             posterior_z_of_test_images(posterior, data, n, seed),
         )
-    out = {"fd": {}, "fid": {}, "grids": {}, "params": count_parameters(loaded["velocity"])}
+    out = {"fd": {}, "fid": {}, "grids": {}, "distance_ratio": {}, "params": count_parameters(loaded["velocity"])}
     for key, (pipeline, z) in variants.items():
-        out["fd"][key], out["fid"][key], out["grids"][key] = {}, {}, {}
+        out["fd"][key], out["fid"][key], out["grids"][key], out["distance_ratio"][key] = {}, {}, {}, {}
         for nfe in args.nfe:
             samples = generate(pipeline, n, nfe, seed, z=z)
             out["fd"][key][str(nfe)] = scorer.fd(samples)
+            out["distance_ratio"][key][str(nfe)] = scorer.distance_ratio(samples)
             out["grids"][key][nfe] = samples[:64]
             if scorer.inception is not None and nfe in args.inception_nfe:
                 out["fid"][key][str(nfe)] = scorer.fid(samples)
@@ -580,6 +597,7 @@ def render_report(results: dict) -> str:
         lines += ["## VRFM posterior diagnostics on test images (prior hole)", ""]
         lines += [markdown_table([*headers, "MMD^2 floor"], [cells]), ""]
     lines += velocity_error_section(results.get("velocity_mse", {}))
+    lines += distance_ratio_section(results, nfes)
     grids = (
         "the joined runs' own `_grids.png`"
         if meta.get("joined")
@@ -587,6 +605,34 @@ def render_report(results: dict) -> str:
     )
     lines += [f"Figures: {grids}, `{meta['name']}_fd_vs_nfe.png`.", ""]
     return "\n".join(lines)
+
+
+def distance_ratio_section(results: dict, nfes: list[str]) -> list[str]:
+    """The report's copy check ([`Scorer.distance_ratio`]): one row per sampled variant, one column per NFE."""
+    ratios = results.get("distance_ratio", {})
+    keys = [key for key in METHOD_LABELS if ratios.get(key)]
+    if not keys:
+        return []
+    meta = results["meta"]
+    cells = [
+        [METHOD_LABELS[key], *[format_mean_std([r[n] for r in ratios[key].values() if n in r]) for n in nfes]]
+        for key in keys
+    ]
+    reference = (
+        f"the first {meta['nearest_reference_images']} training images (pixels in [0, 1]); a test image lies "
+        f"{meta['test_nearest_distance']:.3f} from its nearest one"
+        if "test_nearest_distance" in meta
+        else "the training images"
+    )
+    return [
+        "## Copy check: distance to the nearest training image, over that of a test image (median)",
+        "",
+        f"Against {reference}. Near 1 the samples are as new as held-out images; far below 1 they copy training "
+        "images.",
+        "",
+        markdown_table(["method", *[f"NFE {n}" for n in nfes]], cells),
+        "",
+    ]
 
 
 def velocity_error_section(velocity_mse: dict) -> list[str]:
@@ -684,8 +730,11 @@ def make_scorer(args, data: ImageData, output_dir: Path) -> tuple[Scorer, dict]:
     n = min(args.num_samples, len(data.test))
     reference = classifier_features(classifier, data.test[:n])
     fd_floor = frechet_distance(classifier_features(classifier, data.train[:n]), reference)
-    scorer = Scorer(classifier, reference)
+    training_images = data.train[:NEAREST_REFERENCE_IMAGES]
+    test_distance = median_nearest_distance(data.test[:n], training_images)
+    scorer = Scorer(classifier, reference, training_images=training_images, test_distance=test_distance)
     meta = {"classifier_accuracy": accuracy, "fd_floor": fd_floor, "num_samples": n}
+    meta["nearest_reference_images"], meta["test_nearest_distance"] = len(training_images), test_distance
     extract = inception_extractor(args.device) if args.inception_samples > 0 else None
     if extract is not None:
         m = min(args.inception_samples, n)
@@ -721,6 +770,7 @@ def run(args) -> dict:
                     results["velocity_mse"].setdefault(row, {})[str(seed)] = errors
                 for key, curve in out["fd"].items():
                     results["fd"].setdefault(key, {})[str(seed)] = curve
+                    results["distance_ratio"].setdefault(key, {})[str(seed)] = out["distance_ratio"][key]
                     if results["inception"] is not None:
                         results["inception"][key][str(seed)] = out["fid"][key]
                     grids.setdefault(key, out["grids"][key])  # the first seed's

@@ -87,6 +87,17 @@ def test_frechet_distance_gaussian_formula():
     assert common.frechet_distance(x, 2 * x) == pytest.approx(expected, rel=1e-6)
 
 
+def test_median_nearest_distance():
+    from benchmarks.mnist_quality import median_nearest_distance
+
+    references = torch.zeros(3, 1, 2, 2)
+    references[1] += 1.0  # at distance 2 from the zero image (four pixels)
+    images = torch.stack([references[0], references[1] + 0.5, references[1] - 0.25, references[0] + 0.1])
+    images = torch.cat([images, references[1:2] + 2])
+    # nearest distances 0, 1, 0.5, 0.2 and 4, in chunks of two images
+    assert median_nearest_distance(images, references, chunk=2) == pytest.approx(0.5)
+
+
 def test_euler_trajectory_matches_pipeline_and_straightness():
     torch.manual_seed(0)
     model = VRFMMLPModel(sample_size=2, latent_dim=3).eval()
@@ -253,7 +264,7 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
     results = mnist_quality.main(argv)
     report = (tmp_path / "mnist_quality.md").read_text()
     tables = common.parse_markdown_tables(report)
-    (fd_table,) = list(_table_with_header(tables, "method", "NFE 50"))
+    fd_table, copies = list(_table_with_header(tables, "method", "NFE 50"))  # FD, then the copy check
     flow, oracle = "VRFM, flow prior fitted afterwards", "VRFM, z from the test images' posterior (oracle)"
     labels = ["RF", "VRFM", "VRFM, z ~ N(0, I)", flow, oracle, "VRFM / RF", "VRFM, z ~ N(0, I) / RF"]
     labels += [f"{flow} / RF", f"{oracle} / RF"]
@@ -275,6 +286,13 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
         stored = results["velocity_mse"][key]["0"]
         assert list(stored) == [str(t) for t in mnist_quality.PATH_TIMES]
         assert [common.format_number(value, 3) for value in stored.values()] == path_errors[1 + index][1:]
+    sampled = ["rf", "vrfm", "vrfm_normal", "vrfm_flow", "vrfm_posterior_z"]
+    assert [row[0] for row in copies[1:]] == [mnist_quality.METHOD_LABELS[key] for key in sampled]
+    for index, key in enumerate(sampled):
+        stored = results["distance_ratio"][key]["0"]
+        assert all(0 < value < 10 for value in stored.values())
+        assert [common.format_number(stored[str(n)], 3) for n in mnist_quality.DEFAULT_NFES] == copies[1 + index][1:]
+    assert results["meta"]["test_nearest_distance"] > 0
     (target,) = list(_table_with_header(tables, "quantity"))
     assert [row[0] for row in target[1:]] == [f"FD at NFE {n}" for n in (1, 2, 8, 16, 50)]
     assert {row[-1] for row in target[1:]} <= {"met", "NOT met"}
@@ -293,6 +311,7 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
     # --join: the same results split into an RF-only and a VRFM-only file give the same tables again
     for methods, keys in (("rf", ["rf"]), ("vrfm", ["vrfm", "vrfm_normal", "vrfm_flow", "vrfm_posterior_z"])):
         part = {**results, "fd": {k: results["fd"][k] for k in keys}, "train": {methods: results["train"][methods]}}
+        part["distance_ratio"] = {k: results["distance_ratio"][k] for k in keys}
         rows = ["rf"] if methods == "rf" else ["vrfm", "vrfm_other_z"]
         part["velocity_mse"] = {row: results["velocity_mse"][row] for row in rows}
         part["posterior"] = results["posterior"] if methods == "vrfm" else {}
