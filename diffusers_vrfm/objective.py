@@ -193,7 +193,8 @@ def sample_timesteps(
         noise_end_fraction (`float`, in `[0, 1)`): the weight of an atom at ``t = 0`` mixed into the density: each
             time is set to exactly 0 (pure noise) with this probability, drawn from `generator` after the density's
             draw. At ``t = 0`` the velocity is all that one sampling step reads; smooth densities visit it rarely.
-            0 draws nothing more, so the density's numbers are unchanged.
+            0 draws nothing more, so the density's numbers are unchanged. On images it makes a VRFM net decode `z`
+            there but its samples worse (docs/benchmarks.md, "Decoding `z` at the noise end").
 
     Example:
 
