@@ -258,6 +258,16 @@ def test_bad_arguments_fail_in_parse_args(argv, message):
         script.parse_args(argv)
 
 
+def test_time_density_flags_reach_the_training_scheduler():
+    from diffusers_vrfm.training.model_setup import training_noise_scheduler
+
+    flags = {"timestep_density": "mode", "logit_mean": 0.3, "logit_std": 1.5, "mode_scale": -0.5}
+    flags["noise_end_fraction"] = 0.25
+    argv = [str(item) for name, value in flags.items() for item in (f"--{name}", value)]
+    scheduler = training_noise_scheduler(load_script().parse_args(argv))
+    assert {name: scheduler.config[name] for name in flags} == flags
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
