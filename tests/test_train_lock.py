@@ -13,8 +13,10 @@ from diffusers_vrfm.training.lock import (
     LOCK_FILE_NAME,
     OutputDirLock,
     OutputDirLockedError,
+    boot_id,
     is_global_main_process,
     process_is_running,
+    process_start_ticks,
 )
 
 
@@ -59,6 +61,24 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_and_announced(tmp_path):
         with open(os.path.join(folder, LOCK_FILE_NAME)) as handle:
             assert json.load(handle)["pid"] == os.getpid()
     assert len(messages) == 1 and f"pid {pid} on this host, started yesterday) is no longer running" in messages[0]
+
+
+@pytest.mark.skipif(process_start_ticks(os.getpid()) is None, reason="needs Linux's /proc")
+def test_a_live_pid_that_another_process_reused_does_not_hold_the_lock(tmp_path):
+    """The lock names a live PID (this process), but a start time or boot that is not this process's: the PID was
+    reused, so the lock is stale; with both matching, it is a live holder."""
+    folder, own = str(tmp_path), {"pid": os.getpid(), "host": socket.gethostname(), "started": "earlier"}
+    start, boot = process_start_ticks(os.getpid()), boot_id()
+    assert start > 0 and boot
+    for stale in ({"start_ticks": start - 1, "boot_id": boot}, {"start_ticks": start, "boot_id": "another boot"}):
+        _write_lock(folder, **own, **stale)
+        messages = []
+        with OutputDirLock(folder, log=messages.append) as lock:
+            assert lock.record["start_ticks"] == start and lock.record["boot_id"] == boot
+        assert len(messages) == 1 and "is no longer running" in messages[0]
+    _write_lock(folder, **own, start_ticks=start, boot_id=boot)
+    with pytest.raises(OutputDirLockedError, match=rf"pid {os.getpid()} on this host, started earlier"):
+        OutputDirLock(folder).acquire()
 
 
 def test_a_lock_from_another_host_is_refused_with_advice(tmp_path):

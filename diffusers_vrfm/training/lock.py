@@ -3,8 +3,10 @@
 Two training runs on one `--output_dir` would interleave their checkpoints, logs and pipeline files. [`OutputDirLock`]
 creates `<output_dir>/.train_vrfm.lock` (atomically, with its content complete) when a run starts and removes it when
 the run ends. A second run finds the lock and fails at once, naming the holder. A lock left by a process that no
-longer runs (killed, or a crashed machine restarted) on this host is taken over, and the run says so. A lock from
-another host cannot be checked: the message says how to remove it once that run is known to be gone.
+longer runs (killed, or a crashed machine restarted) on this host is taken over, and the run says so. The lock also
+records the host's boot and the process's start time where Linux tells them, so that a PID reused by another process
+(after a restart, say) does not pass for the holder. A lock from another host cannot be checked: the message says how
+to remove it once that run is known to be gone.
 """
 
 from __future__ import annotations
@@ -40,6 +42,38 @@ def process_is_running(pid: int) -> bool:
             return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):  # no /proc (not Linux): signal 0 is all we can check
         return True
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (field 22 of Linux's `/proc/<pid>/stat`), or `None`
+    where it cannot be read. A PID reused by a later process has a later start."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[19])  # the fields after the name start at field 3
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def boot_id() -> str | None:
+    """The identifier of this boot of the host (Linux), or `None`: PIDs from before a restart name other processes."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="utf-8") as handle:
+            return handle.read().strip() or None
+    except OSError:
+        return None
+
+
+def holder_is_running(holder: dict) -> bool:
+    """Whether the run that wrote the lock record `holder` (on this host) still runs: its PID is alive, and, where the
+    record and the host both tell, in the same boot and with the same start time."""
+    pid = holder["pid"]
+    if not process_is_running(pid):
+        return False
+    recorded_boot, recorded_start = holder.get("boot_id"), holder.get("start_ticks")
+    if recorded_boot is not None and boot_id() not in (None, recorded_boot):
+        return False
+    started = process_start_ticks(pid)
+    return recorded_start is None or started is None or started == recorded_start
 
 
 def is_global_main_process() -> bool:
@@ -87,6 +121,7 @@ class OutputDirLock:
             return self
         os.makedirs(self.output_dir, exist_ok=True)
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        record.update(boot_id=boot_id(), start_ticks=process_start_ticks(os.getpid()))
         for _ in range(3):  # a takeover races at most with other runs taking over the same stale lock
             if self._create(record):
                 self.record = record
@@ -152,7 +187,7 @@ class OutputDirLock:
 
     def _refuse_unless_stale(self, holder: dict) -> None:
         same_host = holder.get("host") == socket.gethostname()
-        if same_host and not process_is_running(holder["pid"]):
+        if same_host and not holder_is_running(holder):
             return
         where = "this host" if same_host else f"host {holder.get('host')!r}"
         advice = (
