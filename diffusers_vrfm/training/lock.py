@@ -37,20 +37,27 @@ def process_is_running(pid: int) -> bool:
         return True
     except OSError:
         return False
+    fields = _stat_fields(pid)
+    return not fields or fields[0] != "Z"  # without /proc (not Linux) signal 0 is all we can check
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of Linux's `/proc/<pid>/stat` after the process name (so from field 3, the state, on), or `None`
+    where they cannot be read."""
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):  # no /proc (not Linux): signal 0 is all we can check
-        return True
+            return handle.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
 
 def process_start_ticks(pid: int) -> int | None:
     """When process `pid` started, in clock ticks since boot (field 22 of Linux's `/proc/<pid>/stat`), or `None`
     where it cannot be read. A PID reused by a later process has a later start."""
+    fields = _stat_fields(pid)
     try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
-            return int(handle.read().rsplit(")", 1)[1].split()[19])  # the fields after the name start at field 3
-    except (OSError, IndexError, ValueError):
+        return int(fields[19])  # field 22: the list starts at field 3
+    except (TypeError, IndexError, ValueError):
         return None
 
 
