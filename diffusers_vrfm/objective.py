@@ -151,19 +151,25 @@ def flow_match_output_to_velocity(model_output: torch.Tensor) -> torch.Tensor:
 
 
 def check_timestep_density(
-    density: str, logit_mean: float, logit_std: float, mode_scale: float, argument: str = "density"
-) -> tuple[float, float, float]:
+    density: str,
+    logit_mean: float,
+    logit_std: float,
+    mode_scale: float,
+    noise_end_fraction: float = 0.0,
+    argument: str = "density",
+) -> tuple[float, float, float, float]:
     """Refuses an unknown density or parameters it cannot use, naming the argument; returns the parameters as floats
     (an int beyond int64 would overflow inside diffusers)."""
     if not isinstance(density, str) or density not in TIMESTEP_DENSITIES:
         raise ValueError(f"`{argument}` must be one of {TIMESTEP_DENSITIES}, but got {density!r}.")
     logit_mean, logit_std = check_real(logit_mean, "logit_mean"), check_real(logit_std, "logit_std")
     mode_scale = check_real(mode_scale, "mode_scale")
-    problem = density_parameter_problem(density, logit_std, mode_scale)
+    noise_end_fraction = check_real(noise_end_fraction, "noise_end_fraction")
+    problem = density_parameter_problem(density, logit_std, mode_scale, noise_end_fraction)
     if problem is not None:
         name, value, valid = problem
         raise ValueError(f"`{name}` must be {valid}, but got {value!r}.")
-    return logit_mean, logit_std, mode_scale
+    return logit_mean, logit_std, mode_scale, noise_end_fraction
 
 
 def sample_timesteps(
@@ -211,8 +217,9 @@ def sample_timesteps(
 
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, but got {batch_size!r}.")
-    logit_mean, logit_std, mode_scale = check_timestep_density(density, logit_mean, logit_std, mode_scale)
-    noise_end_fraction = check_noise_end_fraction(noise_end_fraction)
+    logit_mean, logit_std, mode_scale, noise_end_fraction = check_timestep_density(
+        density, logit_mean, logit_std, mode_scale, noise_end_fraction
+    )
     check_generator(generator)
     sigma = compute_density_for_timestep_sampling(
         weighting_scheme=density,
@@ -225,18 +232,8 @@ def sample_timesteps(
     )
     t = sigma_to_t(sigma).clamp(0.0, 1.0)
     if noise_end_fraction > 0:
-        at_noise = torch.rand(batch_size, device=device, generator=generator) < noise_end_fraction
-        t = torch.where(at_noise, torch.zeros_like(t), t)
+        t = t.masked_fill(torch.rand(batch_size, device=device, generator=generator) < noise_end_fraction, 0.0)
     return t
-
-
-def check_noise_end_fraction(value, argument: str = "noise_end_fraction") -> float:
-    """Refuses a weight for the atom at ``t = 0`` outside `[0, 1)` (all the mass at one time would train nothing
-    else), naming `argument`; returns it as a float."""
-    value = check_real(value, argument, 0.0, 1.0)
-    if value == 1.0:
-        raise ValueError(f"`{argument}` must lie in [0, 1), but got {value!r}.")
-    return value
 
 
 def reparameterize(

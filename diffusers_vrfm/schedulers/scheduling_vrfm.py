@@ -13,7 +13,6 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
 from ..objective import (
-    check_noise_end_fraction,
     check_real,
     check_tensor,
     check_timestep_density,
@@ -169,8 +168,9 @@ class VRFMScheduler(SchedulerMixin, ConfigMixin):
         for name, value in (("rtol", rtol), ("atol", atol)):
             if check_real(value, name) <= 0:
                 raise ValueError(f"`{name}` must be > 0, but got {value!r}.")
-        check_timestep_density(timestep_density, logit_mean, logit_std, mode_scale, argument="timestep_density")
-        check_noise_end_fraction(noise_end_fraction)
+        check_timestep_density(
+            timestep_density, logit_mean, logit_std, mode_scale, noise_end_fraction, argument="timestep_density"
+        )
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self.time_grid = None

@@ -516,11 +516,10 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     if not math.isfinite(args.logit_mean):
         fail("logit_mean", args.logit_mean, "a finite number")
     # an unset --timestep_density is checked as logit_normal, the image default (vectors' uniform reads neither)
-    problem = density_parameter_problem(args.timestep_density or "logit_normal", args.logit_std, args.mode_scale)
+    density = args.timestep_density or "logit_normal"
+    problem = density_parameter_problem(density, args.logit_std, args.mode_scale, args.noise_end_fraction)
     if problem is not None:
         fail(*problem)
-    if not 0.0 <= args.noise_end_fraction < 1.0:
-        fail("noise_end_fraction", args.noise_end_fraction, "in [0, 1)")
     positive = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps")
     for name in (*positive, "logging_steps"):
         if getattr(args, name) < 1:
