@@ -73,6 +73,7 @@ METHOD_LABELS = {
     "vrfm_atoms": "VRFM, atom prior fitted afterwards",
     "vrfm_flow": "VRFM, flow prior fitted afterwards",
     "vrfm_posterior_z": "VRFM, z from the test images' posterior (oracle)",
+    "vrfm_posterior_z_train": "VRFM, z from training images' posterior (replay)",
 }
 EXTRA_PRIORS = ("atoms", "flow")  # `--extra-priors`: fitted to the saved posterior by the benchmark
 NEAREST_REFERENCE_IMAGES = 10_000  # training images the copy check compares samples with (all of digits')
@@ -307,21 +308,26 @@ def generate(
     return torch.cat(chunks).float().cpu()
 
 
-def test_images_and_noise(data: ImageData, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(x0, x1)`: the first `n` test images in [-1, 1] and the fixed noise (seed 123) paired with them, the same for
-    every diagnostic on test images."""
-    x1 = data.test[:n] * 2 - 1
+def images_and_noise(images: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(x0, x1)`: the first `n` of `images` (in [0, 1]) moved to [-1, 1], and the fixed noise (seed 123) paired with
+    them, the same for every diagnostic."""
+    x1 = images[:n] * 2 - 1
     return torch.randn(x1.shape, generator=torch.Generator().manual_seed(123)), x1
 
 
+def test_images_and_noise(data: ImageData, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return images_and_noise(data.test, n)
+
+
 @torch.no_grad()
-def posterior_z_of_test_images(posterior, data: ImageData, n: int, seed: int) -> torch.Tensor:
-    """`--posterior-z`: ``z ~ q(z | x1)`` of the first `n` test images, the very images the FD compares against. An
-    oracle, not a sampler: it shows how far the model's samples can get when z is right, whatever the prior."""
+def posterior_z_of_images(posterior, images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """`--posterior-z`: ``z ~ q(z | x1)`` of the first `n` of `images`. With the test images the FD compares against,
+    an oracle, not a sampler: how far the model's samples can get when z is right, whatever the prior. With training
+    images, a replay: what samples look like, to the FD and the copy check, when they decode training images."""
     from diffusers_vrfm import interpolate
 
     posterior = posterior.cpu().float().eval()
-    x0, x1 = test_images_and_noise(data, n)
+    x0, x1 = images_and_noise(images, n)
     t = torch.rand(n, generator=torch.Generator().manual_seed(124))
     generator = torch.Generator().manual_seed(seed)
     return posterior(x0=x0, x1=x1, x_t=interpolate(x0, x1, t), t=t, generator=generator).sample
@@ -475,10 +481,8 @@ def evaluate_run(args, path: Path, method: str, seed: int, scorer: Scorer, n: in
     variants = {keys[variant]: (pipeline, None) for variant, pipeline in loaded["pipelines"].items()}
     posterior = loaded["posterior"]
     if args.posterior_z and posterior is not None:
-        variants["vrfm_posterior_z"] = (
-            loaded["pipelines"]["saved"],
-            posterior_z_of_test_images(posterior, data, n, seed),
-        )
+        for key, images in (("vrfm_posterior_z", data.test), ("vrfm_posterior_z_train", data.train)):
+            variants[key] = (loaded["pipelines"]["saved"], posterior_z_of_images(posterior, images, n, seed))
     out = {"fd": {}, "fid": {}, "grids": {}, "distance_ratio": {}, "params": count_parameters(loaded["velocity"])}
     for key, (pipeline, z) in variants.items():
         out["fd"][key], out["fid"][key], out["grids"][key], out["distance_ratio"][key] = {}, {}, {}, {}
@@ -554,7 +558,9 @@ def render_report(results: dict) -> str:
         )
         + (
             " `VRFM, z from the test images' posterior` draws z from the posterior of the very test images the FD "
-            "compares against: an oracle, not a sampler (how sharp the model is when z is right)."
+            "compares against: an oracle, not a sampler (how sharp the model is when z is right). `VRFM, z from "
+            "training images' posterior` does the same with training images: a replay of the training set, the "
+            "level at which the copy check reads samples as copies."
             if meta.get("posterior_z")
             else ""
         ),

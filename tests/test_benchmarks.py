@@ -266,9 +266,10 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
     tables = common.parse_markdown_tables(report)
     fd_table, copies = list(_table_with_header(tables, "method", "NFE 50"))  # FD, then the copy check
     flow, oracle = "VRFM, flow prior fitted afterwards", "VRFM, z from the test images' posterior (oracle)"
-    labels = ["RF", "VRFM", "VRFM, z ~ N(0, I)", flow, oracle, "VRFM / RF", "VRFM, z ~ N(0, I) / RF"]
-    labels += [f"{flow} / RF", f"{oracle} / RF"]
-    assert [row[0] for row in fd_table[1:]] == labels, "the saved (fitted) prior, N(0, I), a flow, the posterior"
+    replay = "VRFM, z from training images' posterior (replay)"
+    labels = ["RF", "VRFM", "VRFM, z ~ N(0, I)", flow, oracle, replay, "VRFM / RF", "VRFM, z ~ N(0, I) / RF"]
+    labels += [f"{flow} / RF", f"{oracle} / RF", f"{replay} / RF"]
+    assert [row[0] for row in fd_table[1:]] == labels, "the saved prior, N(0, I), a flow, the posteriors"
     assert "(`--extra-priors flow`, flow: 20 fitting steps)" in report
     assert (
         fd_table[0][1:]
@@ -286,7 +287,7 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
         stored = results["velocity_mse"][key]["0"]
         assert list(stored) == [str(t) for t in mnist_quality.PATH_TIMES]
         assert [common.format_number(value, 3) for value in stored.values()] == path_errors[1 + index][1:]
-    sampled = ["rf", "vrfm", "vrfm_normal", "vrfm_flow", "vrfm_posterior_z"]
+    sampled = ["rf", "vrfm", "vrfm_normal", "vrfm_flow", "vrfm_posterior_z", "vrfm_posterior_z_train"]
     assert [row[0] for row in copies[1:]] == [mnist_quality.METHOD_LABELS[key] for key in sampled]
     for index, key in enumerate(sampled):
         stored = results["distance_ratio"][key]["0"]
@@ -309,7 +310,7 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
     _assert_png(tmp_path / "mnist_quality_fd_vs_nfe.png")
 
     # --join: the same results split into an RF-only and a VRFM-only file give the same tables again
-    for methods, keys in (("rf", ["rf"]), ("vrfm", ["vrfm", "vrfm_normal", "vrfm_flow", "vrfm_posterior_z"])):
+    for methods, keys in (("rf", ["rf"]), ("vrfm", sampled[1:])):
         part = {**results, "fd": {k: results["fd"][k] for k in keys}, "train": {methods: results["train"][methods]}}
         part["distance_ratio"] = {k: results["distance_ratio"][k] for k in keys}
         rows = ["rf"] if methods == "rf" else ["vrfm", "vrfm_other_z"]

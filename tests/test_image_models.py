@@ -442,6 +442,24 @@ def test_conv_posterior_reads_only_its_inputs(posterior_inputs):
         assert moved == (name in posterior_inputs), name
 
 
+@pytest.mark.parametrize("sample_size", [16, (13, 15)])
+def test_conv_posterior_flatten_pooling_tells_where_a_stroke_is(sample_size):
+    """One bright 2x2 blob on a blank image, moved by two pixels away from the border: the average pool gives the same
+    posterior (the convs are translation-equivariant at this stride), the flattened map does not."""
+    config = dict(sample_size=sample_size, in_channels=1, latent_dim=4, posterior_inputs=("x1",))
+    height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
+    images = -torch.ones(2, 1, height, width)
+    images[0, :, 4:6, 4:6] = 1.0
+    images[1, :, 6:8, 6:8] = 1.0
+    torch.manual_seed(0)
+    mean_pooled = VRFMConvPosteriorEncoder(**config, block_out_channels=(8, 8))
+    torch.testing.assert_close(*mean_pooled(x1=images).mean)
+    flattened = VRFMConvPosteriorEncoder(**config, block_out_channels=(8, 8), pooling="flatten")
+    assert (flattened(x1=images).mean[0] - flattened(x1=images).mean[1]).abs().max() > 1e-3
+    # the head reads channels * positions after one stride-2 conv: ceil(H / 2) * ceil(W / 2)
+    assert flattened.head[0].in_features == 8 * ((height + 1) // 2) * ((width + 1) // 2)
+
+
 def test_conv_posterior_refuses_bad_config():
     with pytest.raises(ValueError, match="posterior_inputs"):
         VRFMConvPosteriorEncoder(posterior_inputs=("t",))
@@ -449,6 +467,8 @@ def test_conv_posterior_refuses_bad_config():
         VRFMConvPosteriorEncoder(block_out_channels=(12,), norm_num_groups=8)
     with pytest.raises(ValueError, match="sample_size"):
         VRFMConvPosteriorEncoder(sample_size=0)
+    with pytest.raises(ValueError, match="`pooling` must be one of .*'max'"):
+        VRFMConvPosteriorEncoder(pooling="max")
 
 
 def test_conv_posterior_save_and_load_exactly(tmp_path):

@@ -55,7 +55,8 @@ class VRFMConvPosteriorEncoder(PosteriorEncoderMixin, ModelMixin, ConfigMixin):
         hidden_dim (`int`, defaults to 128): the width of the MLP head.
         time_embed_dim (`int`, defaults to 32): the sinusoidal embedding size of ``t``.
         pooling (`str`, defaults to `"mean"`): `"mean"` (a global average pool, blind to position) or `"flatten"`
-            (every position of the last feature map, `channels * (H / 2^(stages - 1)) * (W / 2^(stages - 1))` features).
+            (every position of the last feature map: `channels * ceil(H / 2^(stages - 1)) * ceil(W / 2^(stages - 1))`
+            features).
 
     Example:
 
@@ -145,7 +146,7 @@ class VRFMConvPosteriorEncoder(PosteriorEncoderMixin, ModelMixin, ConfigMixin):
 
 
 def _downsampled_positions(spatial: tuple[int, int], num_stride_2_convs: int) -> int:
-    """The number of positions left after `num_stride_2_convs` stride-2 3x3 convs with padding 1 (each: ceil(n / 2))."""
+    """The positions left after `num_stride_2_convs` stride-2 3x3 convs with padding 1 (each one: ceil(n / 2))."""
     height, width = spatial
     for _ in range(num_stride_2_convs):
         height, width = (height + 1) // 2, (width + 1) // 2
