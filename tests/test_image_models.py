@@ -443,9 +443,10 @@ def test_conv_posterior_reads_only_its_inputs(posterior_inputs):
 
 
 @pytest.mark.parametrize("sample_size", [16, (13, 15)])
-def test_conv_posterior_flatten_pooling_tells_where_a_stroke_is(sample_size):
-    """One bright 2x2 blob on a blank image, moved by two pixels away from the border: the average pool gives the same
-    posterior (the convs are translation-equivariant at this stride), the flattened map does not."""
+def test_conv_posterior_pooled_grid_tells_where_a_stroke_is(sample_size):
+    """One bright 2x2 blob on a blank image, moved by two pixels away from the border: the global average pool
+    (`pooled_size=1`) gives the same posterior (the convs are translation-equivariant at this stride), a grid does
+    not, whether it keeps every position of the last feature map or averages it to 4x4."""
     config = dict(sample_size=sample_size, in_channels=1, latent_dim=4, posterior_inputs=("x1",))
     height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
     images = -torch.ones(2, 1, height, width)
@@ -454,10 +455,11 @@ def test_conv_posterior_flatten_pooling_tells_where_a_stroke_is(sample_size):
     torch.manual_seed(0)
     mean_pooled = VRFMConvPosteriorEncoder(**config, block_out_channels=(8, 8))
     torch.testing.assert_close(*mean_pooled(x1=images).mean)
-    flattened = VRFMConvPosteriorEncoder(**config, block_out_channels=(8, 8), pooling="flatten")
-    assert (flattened(x1=images).mean[0] - flattened(x1=images).mean[1]).abs().max() > 1e-3
-    # the head reads channels * positions after one stride-2 conv: ceil(H / 2) * ceil(W / 2)
-    assert flattened.head[0].in_features == 8 * ((height + 1) // 2) * ((width + 1) // 2)
+    last_side = (min(height, width) + 1) // 2  # after one stride-2 conv
+    for grid in (last_side, 4):
+        pooled = VRFMConvPosteriorEncoder(**config, block_out_channels=(8, 8), pooled_size=grid)
+        assert (pooled(x1=images).mean[0] - pooled(x1=images).mean[1]).abs().max() > 1e-3
+        assert pooled.head[0].in_features == 8 * grid**2
 
 
 def test_conv_posterior_refuses_bad_config():
@@ -467,8 +469,10 @@ def test_conv_posterior_refuses_bad_config():
         VRFMConvPosteriorEncoder(block_out_channels=(12,), norm_num_groups=8)
     with pytest.raises(ValueError, match="sample_size"):
         VRFMConvPosteriorEncoder(sample_size=0)
-    with pytest.raises(ValueError, match="`pooling` must be one of .*'max'"):
-        VRFMConvPosteriorEncoder(pooling="max")
+    with pytest.raises(ValueError, match="`pooled_size` must be an integer >= 1, but got 0"):
+        VRFMConvPosteriorEncoder(pooled_size=0)
+    with pytest.raises(ValueError, match=r"`pooled_size` must be at most 8, .*\(8, 8\) for sample_size 32.* got 9"):
+        VRFMConvPosteriorEncoder(pooled_size=9)
 
 
 def test_conv_posterior_save_and_load_exactly(tmp_path):

@@ -7,10 +7,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+from torch.nn import functional as F
 
 from .posterior import PosteriorEncoderMixin, validate_posterior_inputs
-
-POOLINGS = ("mean", "flatten")
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -36,9 +35,9 @@ class VRFMConvPosteriorEncoder(PosteriorEncoderMixin, ModelMixin, ConfigMixin):
 
     The chosen image inputs are stacked along channels and go through `len(block_out_channels)` stages of
     ``Conv3x3 -> GroupNorm -> SiLU`` (`layers_per_block` per stage, each stage after the first starting with a
-    stride-2 conv). The last feature map is then pooled: averaged over positions (``pooling="mean"``), or kept
-    whole, position by position (``pooling="flatten"``), so that ``z`` can say where a stroke is and not only what
-    strokes there are. When ``t`` is read, its sinusoidal embedding (``t * 1000``) is concatenated to the pooled
+    stride-2 conv). The last feature map is then averaged to a ``pooled_size x pooled_size`` grid and flattened: a
+    grid of 1 is a global average pool, blind to position; a larger grid lets ``z`` say where a stroke is and not only
+    what strokes there are. When ``t`` is read, its sinusoidal embedding (``t * 1000``) is concatenated to the pooled
     features; an MLP maps them to the mean and log-variance of a diagonal Gaussian.
 
     The default inputs are ``("x1", "t")``, the setting of the paper's CIFAR-10 and ImageNet models. Keep the channels
@@ -54,9 +53,8 @@ class VRFMConvPosteriorEncoder(PosteriorEncoderMixin, ModelMixin, ConfigMixin):
         norm_num_groups (`int`, defaults to 8): GroupNorm groups (must divide every entry of `block_out_channels`).
         hidden_dim (`int`, defaults to 128): the width of the MLP head.
         time_embed_dim (`int`, defaults to 32): the sinusoidal embedding size of ``t``.
-        pooling (`str`, defaults to `"mean"`): `"mean"` (a global average pool, blind to position) or `"flatten"`
-            (every position of the last feature map: `channels * ceil(H / 2^(stages - 1)) * ceil(W / 2^(stages - 1))`
-            features).
+        pooled_size (`int`, defaults to 1): the side of the grid the last feature map is averaged to, at most that
+            map's side (`ceil(H / 2^(stages - 1))`); the head reads `block_out_channels[-1] * pooled_size**2` features.
 
     Example:
 
@@ -82,7 +80,7 @@ class VRFMConvPosteriorEncoder(PosteriorEncoderMixin, ModelMixin, ConfigMixin):
         norm_num_groups: int = 8,
         hidden_dim: int = 128,
         time_embed_dim: int = 32,
-        pooling: str = "mean",
+        pooled_size: int = 1,
     ):
         super().__init__()
         self._spatial = _spatial_size(sample_size)
@@ -101,8 +99,13 @@ class VRFMConvPosteriorEncoder(PosteriorEncoderMixin, ModelMixin, ConfigMixin):
                     f"`norm_num_groups` ({norm_num_groups}) must divide every entry of `block_out_channels`, "
                     f"but got {tuple(block_out_channels)}."
                 )
-        if pooling not in POOLINGS:
-            raise ValueError(f"`pooling` must be one of {POOLINGS}, but got {pooling!r}.")
+        _check_int("pooled_size", pooled_size, 1)
+        last_map = _downsampled_size(self._spatial, len(block_out_channels) - 1)
+        if pooled_size > min(last_map):
+            raise ValueError(
+                f"`pooled_size` must be at most {min(last_map)}, the side of the last feature map ({last_map} for "
+                f"sample_size {sample_size} and {len(block_out_channels)} stages), but got {pooled_size}."
+            )
         self.posterior_inputs = validate_posterior_inputs(posterior_inputs)
         self.register_to_config(posterior_inputs=list(self.posterior_inputs))
         num_image_inputs = sum(name != "t" for name in self.posterior_inputs)
@@ -115,9 +118,7 @@ class VRFMConvPosteriorEncoder(PosteriorEncoderMixin, ModelMixin, ConfigMixin):
                 layers.append(_ConvBlock(channels, out_channels, stride, norm_num_groups))
                 channels = out_channels
         self.conv = nn.Sequential(*layers)
-        if pooling == "flatten":
-            channels *= _downsampled_positions(self._spatial, len(block_out_channels) - 1)
-        head_in = channels + (time_embed_dim if "t" in self.posterior_inputs else 0)
+        head_in = channels * pooled_size**2 + (time_embed_dim if "t" in self.posterior_inputs else 0)
         self.head = nn.Sequential(
             nn.Linear(head_in, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim), nn.SiLU()
         )
@@ -137,7 +138,8 @@ class VRFMConvPosteriorEncoder(PosteriorEncoderMixin, ModelMixin, ConfigMixin):
         """Maps the gathered inputs (and the time, when read) to `(mean, logvar)`, each `(B, latent_dim)`."""
         images = torch.cat([inputs[name] for name in self.posterior_inputs if name != "t"], dim=1)
         feature_map = self.conv(images.to(self.dtype))
-        features = feature_map.flatten(1) if self.config.pooling == "flatten" else feature_map.mean(dim=(2, 3))
+        grid = self.config.pooled_size
+        features = feature_map.mean(dim=(2, 3)) if grid == 1 else F.adaptive_avg_pool2d(feature_map, grid).flatten(1)
         if time is not None:
             embedding = get_timestep_embedding(time.float() * 1000.0, self.config.time_embed_dim, flip_sin_to_cos=True)
             features = torch.cat([features, embedding.to(features.dtype)], dim=-1)
@@ -145,12 +147,12 @@ class VRFMConvPosteriorEncoder(PosteriorEncoderMixin, ModelMixin, ConfigMixin):
         return self.to_mean(hidden), self.to_logvar(hidden)
 
 
-def _downsampled_positions(spatial: tuple[int, int], num_stride_2_convs: int) -> int:
-    """The positions left after `num_stride_2_convs` stride-2 3x3 convs with padding 1 (each one: ceil(n / 2))."""
+def _downsampled_size(spatial: tuple[int, int], num_stride_2_convs: int) -> tuple[int, int]:
+    """The `(height, width)` left after `num_stride_2_convs` stride-2 3x3 convs with padding 1 (each: ceil(n / 2))."""
     height, width = spatial
     for _ in range(num_stride_2_convs):
         height, width = (height + 1) // 2, (width + 1) // 2
-    return height * width
+    return height, width
 
 
 def _spatial_size(sample_size) -> tuple[int, int]:
