@@ -558,10 +558,14 @@ def render_report(results: dict) -> str:
         )
         + (
             " `VRFM, z from the test images' posterior` draws z from the posterior of the very test images the FD "
-            "compares against: an oracle, not a sampler (how sharp the model is when z is right). `VRFM, z from "
-            "training images' posterior` does the same with training images: a replay of the training set, the "
-            "level at which the copy check reads samples as copies."
+            "compares against: an oracle, not a sampler (how sharp the model is when z is right)."
             if meta.get("posterior_z")
+            else ""
+        )
+        + (
+            " `VRFM, z from training images' posterior` does the same with training images: a replay of the "
+            "training set, the level at which the copy check reads samples as copies."
+            if "vrfm_posterior_z_train" in results["fd"]
             else ""
         ),
         f"- Metric: Fréchet distance in the 128-d features of a local CNN classifier (test accuracy "
@@ -816,7 +820,9 @@ def run(args) -> dict:
 
 
 SAME_BUDGET = ("dataset", "data", "model_config", "steps", "batch_size", "nfes", "scheduler", "num_samples")
-VRFM_SETTINGS = ("train_command", "extra_priors", "flow_prior_steps", "posterior_z")
+# `--extra-priors` and `--posterior-z` only add sampled rows: runs may differ in them (`keep_shared_rows`)
+VRFM_SETTINGS = ("train_command", "flow_prior_steps")
+SAMPLED_SECTIONS = ("fd", "distance_ratio")
 
 
 def budget_value(meta: dict, key: str):
@@ -839,14 +845,32 @@ def only_seeds(result: dict, seeds: list[int] | None) -> dict:
     return {**result, **kept, "posterior": posterior}
 
 
+def keep_shared_rows(loaded: list[dict]) -> tuple[list[dict], set[str]]:
+    """`loaded` with only the sampled VRFM rows that every VRFM run has (RF's row stays), and those rows."""
+    vrfm_runs = [result for result in loaded if result["posterior"]]
+    shared = set.intersection(*(set(result["fd"]) - {"rf"} for result in vrfm_runs)) if vrfm_runs else set()
+
+    def keep(result: dict) -> dict:
+        if not result["posterior"]:
+            return result
+        rows = {
+            section: {key: v for key, v in result.get(section, {}).items() if key == "rf" or key in shared}
+            for section in SAMPLED_SECTIONS
+        }
+        return {**result, **rows}
+
+    return [keep(result) for result in loaded], shared
+
+
 def join_results(paths: list[Path], name: str, wanted: list[int] | None = None) -> dict:
     """Joins runs of one budget that trained different methods or different seeds (e.g. an RF run and a VRFM run,
     each with `--methods`, or seeds split over parallel processes) into one result, so that the report compares them.
-    Refuses runs whose budgets, VRFM settings or RF training commands differ, a (method, seed) that two runs both
-    have, and a join in which the methods end up with different seeds. RF may be trained with other flags than VRFM
-    (e.g. RF at its own defaults against a VRFM recipe): the report then names both commands. `wanted`
-    (`--join-seeds`) keeps only those seeds of every run, to compare a study that ran fewer seeds."""
-    loaded = [only_seeds(json.loads(Path(path).read_text()), wanted) for path in paths]
+    Refuses runs whose budgets, VRFM training settings or RF training commands differ, a (method, seed) that two runs
+    both have, and a join in which the methods end up with different seeds. Runs may differ in the rows they add
+    (`--extra-priors`, `--posterior-z`): the join keeps the rows that every VRFM run has. RF may be trained with
+    other flags than VRFM (e.g. RF at its own defaults against a VRFM recipe): the report then names both commands.
+    `wanted` (`--join-seeds`) keeps only those seeds of every run, to compare a study that ran fewer seeds."""
+    loaded, shared = keep_shared_rows([only_seeds(json.loads(Path(path).read_text()), wanted) for path in paths])
     first = loaded[0]["meta"]
     vrfm_meta = next((result["meta"] for result in loaded if result["posterior"]), None)
     for path, result in zip(paths, loaded):
@@ -878,6 +902,10 @@ def join_results(paths: list[Path], name: str, wanted: list[int] | None = None) 
         raise ValueError(f"The joined runs have different seeds per method ({seeds}): join complete sets of seeds.")
     if vrfm_meta is not None:
         joined["meta"].update({key: vrfm_meta.get(key) for key in (*VRFM_SETTINGS, "model_config")})
+        joined["meta"].update(
+            extra_priors=[kind for kind in EXTRA_PRIORS if f"vrfm_{kind}" in shared],
+            posterior_z="vrfm_posterior_z" in shared,
+        )
         if rf_commands and rf_commands != {vrfm_meta["train_command"]}:
             joined["meta"]["rf_train_command"] = rf_commands.pop()
     joined["meta"]["seeds"] = [int(seed) for seed in next(iter(seeds.values()), [])]

@@ -336,6 +336,18 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
     assert two_seeds["meta"]["seeds"] == [0, 1] and sorted(two_seeds["posterior"]) == ["0", "1"]
     assert two_seeds["fd"]["vrfm"]["1"] == two_seeds["fd"]["vrfm"]["0"] == results["fd"]["vrfm"]["0"]
     assert two_seeds["train"]["rf"]["1"] == results["train"]["rf"]["0"]
+    # a seed run without --extra-priors and --posterior-z: the join keeps the rows both runs have
+    bare_rows = ("vrfm_flow", "vrfm_posterior_z", "vrfm_posterior_z_train")
+    without = {s: {k: v for k, v in as_seed_1[s].items() if k not in bare_rows} for s in ("fd", "distance_ratio")}
+    bare_meta = {**results["meta"], "seeds": [1], "extra_priors": [], "posterior_z": False}
+    (tmp_path / "bare1.json").write_text(json.dumps({**as_seed_1, **without, "meta": bare_meta}))
+    shared = mnist_quality.join_results([tmp_path / "seed0.json", tmp_path / "bare1.json"], "shared")
+    for section in ("fd", "distance_ratio"):
+        assert {key: sorted(runs) for key, runs in shared[section].items()} == {
+            key: ["0", "1"] for key in ("rf", "vrfm", "vrfm_normal")
+        }
+    assert shared["meta"]["extra_priors"] == [] and shared["meta"]["posterior_z"] is False
+    assert two_seeds["meta"]["extra_priors"] == ["flow"] and two_seeds["meta"]["posterior_z"] is True
     seed_0 = mnist_quality.join_results([tmp_path / "seed1.json", tmp_path / "seed0.json"], "one", wanted=[0])
     assert seed_0["meta"]["seeds"] == [0] and list(seed_0["posterior"]) == ["0"]
     assert {key: list(per_seed) for key, per_seed in seed_0["fd"].items()} == {key: ["0"] for key in results["fd"]}
