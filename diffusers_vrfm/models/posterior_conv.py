@@ -100,7 +100,7 @@ class VRFMConvPosteriorEncoder(PosteriorEncoderMixin, ModelMixin, ConfigMixin):
                     f"but got {tuple(block_out_channels)}."
                 )
         _check_int("pooled_size", pooled_size, 1)
-        last_map = _downsampled_size(self._spatial, len(block_out_channels) - 1)
+        last_map = last_feature_map_size(self._spatial, len(block_out_channels) - 1)
         if pooled_size > min(last_map):
             raise ValueError(
                 f"`pooled_size` must be at most {min(last_map)}, the side of the last feature map ({last_map} for "
@@ -147,9 +147,10 @@ class VRFMConvPosteriorEncoder(PosteriorEncoderMixin, ModelMixin, ConfigMixin):
         return self.to_mean(hidden), self.to_logvar(hidden)
 
 
-def _downsampled_size(spatial: tuple[int, int], num_stride_2_convs: int) -> tuple[int, int]:
-    """The `(height, width)` left after `num_stride_2_convs` stride-2 3x3 convs with padding 1 (each: ceil(n / 2))."""
-    height, width = spatial
+def last_feature_map_size(sample_size, num_stride_2_convs: int) -> tuple[int, int]:
+    """The `(height, width)` of an image of `sample_size` after `num_stride_2_convs` stride-2 3x3 convs with padding 1
+    (each: ceil(n / 2)); the conv posterior has one fewer than its stages."""
+    height, width = _spatial_size(sample_size)
     for _ in range(num_stride_2_convs):
         height, width = (height + 1) // 2, (width + 1) // 2
     return height, width

@@ -33,7 +33,15 @@ DEFAULT_MODEL_CONFIGS = {
 }
 DEFAULT_POSTERIOR_CONFIGS = {
     "mlp": {"hidden_dim": 64, "num_layers": 2},
-    "image": {"block_out_channels": [16, 32], "layers_per_block": 1, "norm_num_groups": 8, "hidden_dim": 64},
+    # a 4x4 grid of the last feature map, not a global average pool: z must be able to say where strokes are
+    # (docs/benchmarks.md, "What the image posterior sees"); capped at that map's side on small images
+    "image": {
+        "block_out_channels": [16, 32, 32],
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "hidden_dim": 64,
+        "pooled_size": 4,
+    },
 }
 DEFAULT_POSTERIOR_INPUTS = {"mlp": ("x1",), "image": ("x1",)}
 DEFAULT_LATENT_DIM = {"mlp": 8, "unet": 16, "dit": 16, "sd3": 16}  # images: see DEFAULT_KL_TARGET in cli.py
@@ -168,6 +176,7 @@ class BuiltModels:
 
 def build_posterior(kind: str, sample_shape, latent_dim: int, posterior_inputs, posterior_config: dict):
     import diffusers_vrfm
+    from diffusers_vrfm.models.posterior_conv import last_feature_map_size
 
     if latent_dim == 0:
         return None
@@ -177,6 +186,9 @@ def build_posterior(kind: str, sample_shape, latent_dim: int, posterior_inputs, 
             sample_size=sample_shape[0], latent_dim=latent_dim, posterior_inputs=tuple(posterior_inputs), **config
         )
     config = {**DEFAULT_POSTERIOR_CONFIGS["image"], **posterior_config}
+    if "pooled_size" not in posterior_config:
+        last_map = last_feature_map_size(tuple(sample_shape[1:]), len(config["block_out_channels"]) - 1)
+        config["pooled_size"] = min(config["pooled_size"], *last_map)
     return diffusers_vrfm.VRFMConvPosteriorEncoder(
         sample_size=sample_shape[1],
         in_channels=sample_shape[0],
