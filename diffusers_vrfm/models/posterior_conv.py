@@ -41,7 +41,10 @@ class VRFMConvPosteriorEncoder(PosteriorEncoderMixin, ModelMixin, ConfigMixin):
     features; an MLP maps them to the mean and log-variance of a diagonal Gaussian.
 
     The default inputs are ``("x1", "t")``, the setting of the paper's CIFAR-10 and ImageNet models. Keep the channels
-    small relative to the velocity network: the encoder is only used in training.
+    small relative to the velocity network: the encoder is only used in training. The class defaults (a global pool)
+    keep saved configs loading as they were; `train_vrfm.py` builds it with ``("x1",)``, channels ``(16, 32, 32)``
+    and ``pooled_size=4``, which make ``z`` name the image rather than its stroke statistics (docs/benchmarks.md,
+    "What the image posterior sees").
 
     Args:
         sample_size (`int` or `(int, int)`, defaults to 32): the image height and width.
