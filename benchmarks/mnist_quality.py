@@ -315,10 +315,6 @@ def images_and_noise(images: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.
     return torch.randn(x1.shape, generator=torch.Generator().manual_seed(123)), x1
 
 
-def test_images_and_noise(data: ImageData, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return images_and_noise(data.test, n)
-
-
 @torch.no_grad()
 def posterior_z_of_images(posterior, images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """`--posterior-z`: ``z ~ q(z | x1)`` of the first `n` of `images`. With the test images the FD compares against,
@@ -457,7 +453,7 @@ def velocity_error_along_the_path(
     VRFM far below RF means the net turns ``z`` into the image where one sampling step reads it."""
     from diffusers_vrfm import interpolate
 
-    x0, x1 = test_images_and_noise(data, num_images)
+    x0, x1 = images_and_noise(data.test, num_images)
     velocity = velocity.cpu().float().eval()
     posterior = None if posterior is None else posterior.cpu().float().eval()
     rows = {"rf": None} if posterior is None else {"vrfm": 0, "vrfm_other_z": 1}
@@ -497,7 +493,7 @@ def evaluate_run(args, path: Path, method: str, seed: int, scorer: Scorer, n: in
     out["posterior_params"] = count_parameters(posterior)
     out["velocity_mse"] = velocity_error_along_the_path(loaded["velocity"], posterior, data)
     if posterior is not None:
-        x0, x1 = test_images_and_noise(data, 500)
+        x0, x1 = images_and_noise(data.test, 500)
         diagnostics = posterior_diagnostics(posterior.cpu().float(), x0, x1, num_mmd_samples=500, seed=seed)
         out["posterior"] = asdict(diagnostics)
     return out
