@@ -181,7 +181,7 @@ def card_descriptions(args: argparse.Namespace, prepared: PreparedData, posterio
     if posterior is not None:
         inputs = ", ".join(args.posterior_inputs)
         posterior_description = f"`{type(posterior).__name__}` reading {inputs} ({posterior_count:,} parameters)"
-        grid = getattr(posterior.config, "pooled_size", None)
+        grid = posterior.config.get("pooled_size")  # the conv posterior's grid; vector posteriors have none
         if grid is not None:
             posterior_description += f", its last feature map averaged to a {grid}x{grid} grid"
     return caption, dataset_description, posterior_description
