@@ -76,7 +76,6 @@ METHOD_LABELS = {
     "vrfm_posterior_z_train": "VRFM, z from training images' posterior (replay)",
 }
 EXTRA_PRIORS = ("atoms", "flow")  # `--extra-priors`: fitted to the saved posterior by the benchmark
-NEAREST_REFERENCE_IMAGES = 10_000  # training images the copy check compares samples with (all of digits')
 TARGETS = {1: 0.5, 2: 0.5, 8: 1.0, 16: 1.0, 50: 1.0}  # issue 13: VRFM FD at most this times RF's, mean of seeds
 # The CPU budget's UNet (attention only at the coarsest level) and the smoke run's; `--model_config` replaces them.
 CPU_UNET = {
@@ -618,6 +617,11 @@ def mean_std_rows(per_key: dict, keys: list[str], labels: dict, columns: list[st
     ]
 
 
+def _reference_images(count: int) -> str:
+    """Earlier reports compared with the first 10000 of MNIST's 50000 training images; they now use all."""
+    return f"the first {count} training images" if count == 10_000 else f"all {count} training images"
+
+
 def distance_ratio_section(results: dict, nfes: list[str]) -> list[str]:
     """The report's copy check ([`Scorer.distance_ratio`]): one row per sampled variant, one column per NFE."""
     ratios = results.get("distance_ratio", {})
@@ -627,7 +631,7 @@ def distance_ratio_section(results: dict, nfes: list[str]) -> list[str]:
     meta = results["meta"]
     cells = mean_std_rows(ratios, keys, METHOD_LABELS, nfes)
     reference = (
-        f"the first {meta['nearest_reference_images']} training images (pixels in [0, 1]); a test image lies "
+        f"{_reference_images(meta['nearest_reference_images'])} (pixels in [0, 1]); a test image lies "
         f"{meta['test_nearest_distance']:.3f} from its nearest one"
         if "test_nearest_distance" in meta
         else "the training images"
@@ -735,7 +739,7 @@ def make_scorer(args, data: ImageData, output_dir: Path) -> tuple[Scorer, dict]:
     n = min(args.num_samples, len(data.test))
     reference = classifier_features(classifier, data.test[:n])
     fd_floor = frechet_distance(classifier_features(classifier, data.train[:n]), reference)
-    training_images = data.train[:NEAREST_REFERENCE_IMAGES]
+    training_images = data.train  # all of them: a prior built from training posteriors may replay any
     test_distance = median_nearest_distance(data.test[:n], training_images)
     scorer = Scorer(classifier, reference, training_images=training_images, test_distance=test_distance)
     meta = {"classifier_accuracy": accuracy, "fd_floor": fd_floor, "num_samples": n}
