@@ -312,6 +312,20 @@ def test_unet_z_map_refuses_bad_settings():
         tiny_unet(latent_dim=0, z_map_channels=2)
 
 
+def test_train_vrfm_gives_a_from_scratch_vrfm_unet_a_z_map_by_default():
+    from diffusers_vrfm.training.factory import build_models
+
+    def built(shape, latent_dim=4, **config):
+        model_config = {**UNET_BLOCKS, **config}
+        return build_models("unet", shape, latent_dim, ("x1",), model_config=model_config).velocity_model
+
+    assert built((1, 8, 8)).z_map.grid == (4, 8, 8)  # 4 channels, stride 1 up to 32x32
+    assert built((3, 80, 80)).z_map.grid == (4, 27, 27)  # the stride grows with the image: at most 32 a side
+    assert built((1, 8, 8), z_map_stride=4).z_map.grid == (4, 2, 2)  # a key of --model_config wins
+    assert built((1, 8, 8), z_map_channels=0).z_map is None
+    assert built((1, 8, 8), latent_dim=0).z_map is None  # rectified flow has no z
+
+
 # ------------------------------------------------------------------------------------------- conditional UNet
 def test_conditional_unet_without_cross_attention_uses_the_projection_path():
     model = tiny_cond_unet(num_classes=3)

@@ -84,6 +84,7 @@ def test_tiny_end_to_end_run(tmp_path, train):
     assert "train_vrfm.py --output_dir" in card and "| train loss (mean of last 4 steps) |" in card
     # --posterior_config without `pooled_size` keeps the default 4x4 grid (8x8 images, one stage: an 8x8 last map)
     assert "its last feature map averaged to a 4x4 grid" in card
+    assert "`z` also enters as input channels (a `LatentMap`: 1 channel(s) on a 4x4 grid)" in card
     grid = PIL.Image.open(os.path.join(output_dir, "sample_grid.png"))
     assert grid.format == "PNG" and grid.size[1] > grid.size[0] / 8  # 2 rows (NFE 1 and 2) of 4 samples
     assert np.asarray(grid.convert("L")).std() > 0

@@ -157,6 +157,7 @@ class VRFMUNet2DModel(ModelMixin, ConfigMixin):
         z_map_channels (`int`, defaults to 0): when positive, ``z`` also enters as this many extra input channels: a
             [`LatentMap`] (a zero-initialised linear map of ``z`` to a grid, resized to the image). The time-embedding
             path shifts every pixel of a channel alike; the map tells the UNet *where* (see `docs/benchmarks.md`).
+            0 here; `train_vrfm.py` builds its VRFM UNets with 4.
         z_map_stride (`int`, defaults to 1): the map's grid is `ceil(H / stride) x ceil(W / stride)`, resized
             (nearest) to the image; larger strides keep the linear layer small on large images.
         block_out_channels, layers_per_block, down_block_types, up_block_types, mid_block_type, norm_num_groups,

@@ -84,8 +84,9 @@ class LatentMap(nn.Module):
     (nearest) to `(H, W)` and fed to the backbone as extra input channels. The linear layer starts at zero.
 
     The time-embedding path gives ``z`` to every block, but as a per-channel shift that is the same at every pixel;
-    this map lets ``z`` say *where* things go. Measured in `docs/benchmarks.md` ("Telling the UNet where"): sharper
-    one-step digits, no gain on MNIST, worse many-step samples on both.
+    this map lets ``z`` say *where* things go. With a posterior that sees where strokes are, it is what lets one
+    sampling step decode ``z`` into the image (`docs/benchmarks.md`, "z where the UNet can use it"), and
+    `train_vrfm.py` adds one (4 channels) to every VRFM UNet it builds from scratch.
 
     Example:
 

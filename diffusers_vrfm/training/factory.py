@@ -5,6 +5,7 @@ backbone (wrapped with a zero-initialised ``z`` path), or from an existing VRFM 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -43,6 +44,10 @@ DEFAULT_POSTERIOR_CONFIGS = {
         "pooled_size": 4,
     },
 }
+# z also enters the UNet as input channels (a LatentMap): its time-embedding path shifts every pixel of a channel
+# alike, so without the map the net cannot put a stroke where z says (docs/benchmarks.md, "z where the UNet can use
+# it"). The map's grid is at most this many pixels a side (its stride grows with the image), to bound its size.
+DEFAULT_Z_MAP = {"z_map_channels": 4, "max_grid_side": 32}
 DEFAULT_POSTERIOR_INPUTS = {"mlp": ("x1",), "image": ("x1",)}
 DEFAULT_LATENT_DIM = {"mlp": 8, "unet": 16, "dit": 16, "sd3": 16}  # images: see DEFAULT_KL_TARGET in cli.py
 
@@ -174,6 +179,24 @@ class BuiltModels:
     origin: str = "scratch"
 
 
+def default_z_map(sample_size: tuple[int, int], model_config: dict) -> dict:
+    """The z map a from-scratch VRFM UNet gets unless `--model_config` sets its own: `DEFAULT_Z_MAP["z_map_channels"]`
+    channels on a grid of at most `DEFAULT_Z_MAP["max_grid_side"]` a side (stride 1 up to 32x32 images).
+
+    Example:
+
+    ```py
+    >>> from diffusers_vrfm.training.factory import default_z_map
+    >>> default_z_map((28, 28), {}), default_z_map((64, 48), {}), default_z_map((28, 28), {"z_map_channels": 0})
+    ({'z_map_channels': 4, 'z_map_stride': 1}, {'z_map_channels': 4, 'z_map_stride': 2}, {'z_map_channels': 0})
+    ```
+    """
+    channels = model_config.get("z_map_channels", DEFAULT_Z_MAP["z_map_channels"])
+    if channels == 0 or "z_map_stride" in model_config:
+        return {"z_map_channels": channels}
+    return {"z_map_channels": channels, "z_map_stride": math.ceil(max(sample_size) / DEFAULT_Z_MAP["max_grid_side"])}
+
+
 def build_posterior(kind: str, sample_shape, latent_dim: int, posterior_inputs, posterior_config: dict):
     import diffusers_vrfm
     from diffusers_vrfm.models.posterior_conv import last_feature_map_size
@@ -262,6 +285,8 @@ def build_models(
             sample_size=sample_shape[0], latent_dim=latent_dim, num_classes=num_classes, **config
         )
     elif backbone == "unet":
+        if latent_dim > 0:
+            config.update(default_z_map(tuple(sample_shape[1:]), model_config))
         velocity_model = diffusers_vrfm.VRFMUNet2DModel(
             sample_size=sample_shape[1],
             in_channels=sample_shape[0],

@@ -187,6 +187,15 @@ def card_descriptions(args: argparse.Namespace, prepared: PreparedData, posterio
     return caption, dataset_description, posterior_description
 
 
+def z_map_description(velocity) -> str:
+    """The model card's note on a UNet's `z` map (`LatentMap`), or "" when it has none."""
+    z_map = getattr(velocity, "z_map", None)
+    if z_map is None:
+        return ""
+    channels, height, width = z_map.grid
+    return f"`z` also enters as input channels (a `LatentMap`: {channels} channel(s) on a {height}x{width} grid)"
+
+
 def save_and_publish(
     args: argparse.Namespace,
     context: RunContext,
@@ -242,6 +251,7 @@ def save_and_publish(
         hub_dataset_id=data.hub_dataset_id,
         velocity_class=type(velocity).__name__,
         velocity_parameters=models.velocity_parameters,
+        velocity_note=z_map_description(velocity),
         posterior_description=posterior_description,
         base_model=models.base_model,
         num_processes=accelerator.num_processes,

@@ -57,6 +57,7 @@ def render_model_card(
     hub_dataset_id: str | None,
     velocity_class: str,
     velocity_parameters: int,
+    velocity_note: str = "",
     posterior_description: str,
     base_model: str | None,
     num_processes: int,
@@ -80,7 +81,7 @@ def render_model_card(
     Metadata: `library_name: diffusers`, the VRFM tags, the licence, the dataset (when it is a Hub dataset),
     `base_model` (when fine-tuned from a Hub model) and a `pipeline_tag` for image models. `text_to_image` is
     `"pipeline"` or `"adapter"` (a LoRA adapter folder) for text-to-image runs, whose usage prompts with
-    `example_prompt`.
+    `example_prompt`. `velocity_note` adds a sentence on the velocity model (its `z` map, for example).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -130,6 +131,7 @@ def render_model_card(
         dataset_description=dataset_description,
         velocity_class=velocity_class,
         velocity_parameters=f"{velocity_parameters:,}",
+        velocity_note=velocity_note,
         base_model_note=notes["base_model_note"],
         posterior_description=posterior_description,
         latent_dim=latent_dim,
