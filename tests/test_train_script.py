@@ -42,7 +42,7 @@ def tiny_unet_args(output_dir, *extra):
     ]  # fmt: skip
 
 
-def test_tiny_end_to_end_run(tmp_path, train):
+def test_tiny_end_to_end_run(tmp_path, train, caplog):
     from diffusers import DiffusionPipeline
 
     from diffusers_vrfm import VRFMPipeline, VRFMUNet2DModel
@@ -56,6 +56,8 @@ def test_tiny_end_to_end_run(tmp_path, train):
     argv[argv.index(TINY_UNET)] = z_map_unet
     summary = train(argv)
     assert summary["finished"] and summary["global_step"] == 4
+    # 4096 atoms (the default) from the 1797 digits: the run warns that samples may replay training images
+    assert "The atom prior holds the posteriors of 4096 draws from 1797 training images" in caplog.text
 
     # The pipeline loads through both routes and samples images.
     pipe = VRFMPipeline.from_pretrained(output_dir)

@@ -220,6 +220,14 @@ def save_and_publish(
             f"Fitted the aggregate-posterior prior ({type(prior).__name__}, {args.aggregate_prior_atoms} posteriors); "
             "sampling draws z from it."
         )
+        covers_the_data = data.kind == "image" and data.num_examples <= args.aggregate_prior_atoms
+        if args.aggregate_prior_type == "atoms" and covers_the_data:
+            context.log.warning(
+                f"The atom prior holds the posteriors of {args.aggregate_prior_atoms} draws from {data.num_examples} "
+                "training images, about every one of them: where z names the image, its samples replay training "
+                "images (measured on digits in docs/benchmarks.md). Pass `--aggregate_prior_type flow` for new "
+                "samples."
+            )
     if prepared.text is not None:  # the text-to-image pipeline, saved whole or as an adapter folder (LoRA)
         from .text_to_image import build_text_to_image_pipeline, save_text_to_image_run
 
