@@ -617,11 +617,6 @@ def mean_std_rows(per_key: dict, keys: list[str], labels: dict, columns: list[st
     ]
 
 
-def _reference_images(count: int) -> str:
-    """Earlier reports compared with the first 10000 of MNIST's 50000 training images; they now use all."""
-    return f"the first {count} training images" if count == 10_000 else f"all {count} training images"
-
-
 def distance_ratio_section(results: dict, nfes: list[str]) -> list[str]:
     """The report's copy check ([`Scorer.distance_ratio`]): one row per sampled variant, one column per NFE."""
     ratios = results.get("distance_ratio", {})
@@ -631,7 +626,7 @@ def distance_ratio_section(results: dict, nfes: list[str]) -> list[str]:
     meta = results["meta"]
     cells = mean_std_rows(ratios, keys, METHOD_LABELS, nfes)
     reference = (
-        f"{_reference_images(meta['nearest_reference_images'])} (pixels in [0, 1]); a test image lies "
+        f"{meta['nearest_reference_images']} training images (pixels in [0, 1]); a test image lies "
         f"{meta['test_nearest_distance']:.3f} from its nearest one"
         if "test_nearest_distance" in meta
         else "the training images"
