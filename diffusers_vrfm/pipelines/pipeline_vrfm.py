@@ -265,7 +265,7 @@ class VRFMPipeline(DiffusionPipeline):
                 raise ValueError("`z` was given, but the velocity model has `latent_dim=0` (plain rectified flow).")
             return None
         if z is None and self.prior is not None:
-            return self.prior(x0=source.to(self.prior.dtype), generator=generator).sample.to(dtype)
+            return self.prior(x0=source.to(device, self.prior.dtype), generator=generator).sample.to(dtype)
         if z is None:
             return randn_tensor((batch_size, latent_dim), generator=generator, device=device, dtype=dtype)
         if not isinstance(z, torch.Tensor):

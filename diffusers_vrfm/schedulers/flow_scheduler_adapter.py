@@ -160,7 +160,7 @@ class FlowSchedulerAdapter:
                     "drop `timesteps` or use VRFMScheduler, FlowMatchEulerDiscreteScheduler or "
                     "UniPCMultistepScheduler."
                 )
-            self.scheduler.set_timesteps(sigmas=t_to_sigma(grid[:-1]).numpy(), device=device)
+            self.scheduler.set_timesteps(sigmas=t_to_sigma(grid[:-1]).cpu().numpy(), device=device)
         num_evaluations = len(self.scheduler.timesteps)
         self.times = sigma_to_t(self.scheduler.sigmas[:num_evaluations].to(device=device, dtype=torch.float32))
         return self.times

@@ -212,7 +212,9 @@ def save_and_publish(
 
     accelerator, data = context.accelerator, prepared.data
     velocity = accelerator.unwrap_model(models.velocity_model)
-    posterior = None if models.posterior_encoder is None else accelerator.unwrap_model(models.posterior_encoder)
+    posterior = models.posterior_encoder
+    if posterior is not None:  # without accelerate's autocast wrapper: the prior's atoms are float32 means, variances
+        posterior = accelerator.unwrap_model(posterior, keep_fp32_wrapper=False)
     prior = None if models.prior_model is None else accelerator.unwrap_model(models.prior_model)
     if args.aggregate_prior_atoms > 0:
         prior = fit_aggregate_prior(args, prepared, posterior)
