@@ -28,6 +28,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import math
@@ -71,6 +72,12 @@ SIZES = {
     },
 }
 METHODS = {"VRFM": [], "RF": ["--latent_dim", "0"]}
+# `--sync-debug`: the training script under torch.cuda.set_sync_debug_mode("warn"), with every warning printed
+SYNC_DEBUG_LAUNCHER = (
+    "import runpy, sys, warnings, torch; torch.cuda.set_sync_debug_mode('warn'); warnings.simplefilter('always'); "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+SYNC_WARNING = re.compile(r"^(?P<site>\S+:\d+): UserWarning: called a synchronizing CUDA operation", re.MULTILINE)
 
 
 def logging_interval(steps: int) -> int:
@@ -91,6 +98,7 @@ def throughput(records: list[dict], batch_size: int, logging_steps: int) -> dict
     if steps < 1 or seconds <= 0:
         raise ValueError(f"Too few logged steps to time ({len(records)}); raise --steps.")
     return {
+        "timed_seconds": seconds,
         "steps_per_second": steps / seconds,
         "samples_per_second": steps * batch_size / seconds,
         "ms_per_step": 1000.0 * seconds / steps,
@@ -98,6 +106,12 @@ def throughput(records: list[dict], batch_size: int, logging_steps: int) -> dict
         "final_loss": records[-1]["loss"],
         "first_loss": first_loss,
     }
+
+
+def synchronising_sites(stderr: str) -> dict[str, int]:
+    """`--sync-debug`: how often each source line (`path:line`) made the host wait for the GPU, most often first. A
+    site counted about once per step stalls every step."""
+    return dict(collections.Counter(match["site"] for match in SYNC_WARNING.finditer(stderr)).most_common())
 
 
 def count_saved_parameters(folder: Path) -> int:
@@ -115,8 +129,9 @@ def count_saved_parameters(folder: Path) -> int:
 def run_cell(backbone: str, size: str, method: str, precision: str, args, workdir: Path) -> dict:
     """One training run of `train_vrfm.py`; returns its throughput and losses."""
     output_dir = workdir / f"{backbone}-{size}-{method}-{precision}"
+    launcher = [sys.executable, "-c", SYNC_DEBUG_LAUNCHER] if args.sync_debug else [sys.executable]
     command = [
-        sys.executable,
+        *launcher,
         str(REPO_ROOT / "train_vrfm.py"),
         "--backbone",
         backbone,
@@ -154,10 +169,16 @@ def run_cell(backbone: str, size: str, method: str, precision: str, args, workdi
     wall = time.perf_counter() - start
     if completed.returncode != 0:
         raise RuntimeError(f"{shlex.join(command)} failed:\n{completed.stderr[-4000:]}")
-    with open(output_dir / "logs" / "metrics.jsonl", encoding="utf-8") as handle:
+    metrics = output_dir / "logs" / "metrics.jsonl"
+    with open(metrics, encoding="utf-8") as handle:
         records = [json.loads(line) for line in handle]
+    timed = throughput(records, args.batch_size, logging_interval(args.steps))
+    # the log's last write follows the read of the last step at once: the timed window ends at its mtime
+    window_end = metrics.stat().st_mtime
     with open(output_dir / "velocity_model" / "config.json", encoding="utf-8") as handle:
         config_name = json.load(handle)["_class_name"]
+    if args.sync_debug:
+        timed["synchronising_sites"] = synchronising_sites(completed.stderr)
     return {
         "backbone": backbone,
         "size": size,
@@ -166,8 +187,8 @@ def run_cell(backbone: str, size: str, method: str, precision: str, args, workdi
         "velocity_class": config_name,
         "velocity_parameters": count_saved_parameters(output_dir / "velocity_model"),
         "process_wall_seconds": wall,
-        "gpu_utilisation_percent": utilisation.mean_percent,
-        **throughput(records, args.batch_size, logging_interval(args.steps)),
+        "gpu_utilisation_percent": utilisation.mean_percent(window_end - timed["timed_seconds"], window_end),
+        **timed,
     }
 
 
@@ -188,7 +209,8 @@ class GpuUtilisation:
         query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "--id=0"]
         while not self._stop.wait(self.interval):
             with contextlib.suppress(OSError, ValueError, subprocess.SubprocessError):
-                self.samples.append(float(subprocess.run(query, capture_output=True, text=True).stdout.strip()))
+                reading = float(subprocess.run(query, capture_output=True, text=True).stdout.strip())
+                self.samples.append((time.time(), reading))
 
     def __enter__(self):
         if self.enabled:
@@ -201,9 +223,10 @@ class GpuUtilisation:
             self._stop.set()
             self._thread.join()
 
-    @property
-    def mean_percent(self) -> float | None:
-        return sum(self.samples) / len(self.samples) if self.samples else None
+    def mean_percent(self, start: float = -math.inf, end: float = math.inf) -> float | None:
+        """The mean of the readings taken between `start` and `end` (`time.time()`; default: all of them)."""
+        readings = [value for when, value in self.samples if start <= when <= end]
+        return sum(readings) / len(readings) if readings else None
 
 
 def load_images_on_device(args, device: torch.device) -> torch.Tensor:
@@ -275,7 +298,7 @@ def run_bare_cell(backbone: str, size: str, precision: str, args, images: torch.
         "samples_per_second": timed * args.batch_size / seconds,
         "timed_steps": timed,
         "final_loss": float(loss),
-        "gpu_utilisation_percent": utilisation.mean_percent,
+        "gpu_utilisation_percent": utilisation.mean_percent(),
     }
     if device.type == "cuda":  # the model as timed: compiled under --torch-compile, else eager
         mode = "torch_compile" if args.torch_compile else "eager"
@@ -292,21 +315,31 @@ def _autocast_for(precision: str, device: torch.device):
 
 
 def profile_bare_step(model, optimizer, images, batch_size: int, autocast, steps: int = 3, top: int = 12) -> dict:
-    """The ms/step breakdown of the bare step on CUDA: the `top` operators by device time, averaged over `steps`
-    profiled steps (after three warm-up steps, which also compile a compiled model)."""
+    """The ms/step breakdown of the bare step on CUDA, averaged over `steps` profiled steps (after three warm-up steps,
+    which also compile a compiled model): the device time of its kernels and copies (each counted once), their
+    number, the wall time under the profiler, and the `top` operators by the device time of the kernels they launch."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
         bare_rf_step(model, optimizer, images, batch_size, autocast)
     torch.cuda.synchronize()
+    start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
         for _ in range(steps):
             bare_rf_step(model, optimizer, images, batch_size, autocast)
         torch.cuda.synchronize()
-    averages = sorted(profiler.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+    wall = time.perf_counter() - start
+    events = profiler.key_averages()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    operators = sorted(
+        (e for e in events if e.device_type == DeviceType.CPU), key=lambda e: e.self_device_time_total, reverse=True
+    )
     return {
-        "device_ms_per_step": sum(e.self_device_time_total for e in averages) / 1000.0 / steps,
-        "top_operators_ms_per_step": {e.key: e.self_device_time_total / 1000.0 / steps for e in averages[:top]},
+        "device_ms_per_step": sum(e.self_device_time_total for e in kernels) / 1000.0 / steps,
+        "kernels_per_step": sum(e.count for e in kernels) / steps,
+        "profiled_wall_ms_per_step": 1000.0 * wall / steps,
+        "top_operators_ms_per_step": {e.key: e.self_device_time_total / 1000.0 / steps for e in operators[:top]},
     }
 
 
@@ -334,7 +367,9 @@ def render(results: dict) -> str:
         f"Machine: {meta['machine']}  ",
         f"Device: {meta['device']}; batch {meta['batch_size']}, {meta['dataset']} at "
         f"{meta['resolution']}x{meta['resolution']}, {meta['steps']} steps per cell, timed over the second half. "
-        f"Total {meta['total_seconds']:.0f} s." + (" **QUICK smoke run: not a result.**" if meta["quick"] else ""),
+        f"Total {meta['total_seconds']:.0f} s."
+        + (" **QUICK smoke run: not a result.**" if meta["quick"] else "")
+        + (" **Sync debug: the timings are no result.**" if meta.get("sync_debug") else ""),
         "",
     ]
     headers = [
@@ -377,8 +412,22 @@ def render(results: dict) -> str:
             ]
         )
     lines += [markdown_table(headers, rows), ""]
-    lines += profile_lines(results["cells"])
+    lines += profile_lines(results["cells"]) + sync_lines(results["cells"], meta["steps"])
     return "\n".join(lines) + "\n"
+
+
+def sync_lines(cells: list[dict], steps: int, top: int = 8) -> list[str]:
+    """`--sync-debug`: per training run, the source lines where the host waited for the GPU, most often first."""
+    lines = []
+    for cell in cells:
+        if "synchronising_sites" in cell:
+            sites = cell["synchronising_sites"]
+            listed = ", ".join(f"`{site}` {count}" for site, count in list(sites.items())[:top]) or "none"
+            lines.append(
+                f"- Host waits for the GPU in {cell['backbone']} {cell['size']} {cell['method']} ({steps} steps, "
+                f"{sum(sites.values())} in all, startup and saving included): {listed}."
+            )
+    return lines + [""] if lines else []
 
 
 def profile_lines(cells: list[dict], top: int = 6) -> list[str]:
@@ -390,7 +439,8 @@ def profile_lines(cells: list[dict], top: int = 6) -> list[str]:
             operators = ", ".join(f"`{name}` {ms:.2f}" for name, ms in heaviest)
             lines.append(
                 f"- Bare step of {cell['backbone']} {cell['size']} {cell['precision']} ({mode}): "
-                f"{profile['device_ms_per_step']:.2f} device ms/step against {cell['ms_per_step']:.2f} wall ms/step; "
+                f"{profile['device_ms_per_step']:.2f} device ms/step in {profile['kernels_per_step']:.0f} kernels, "
+                f"against {cell['ms_per_step']:.2f} wall ms/step; "
                 f"top operators (ms/step): {operators}."
             )
     return lines + [""] if lines else []
@@ -408,6 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpu", action="store_true", help="force CPU (implied without CUDA)")
     parser.add_argument("--torch-compile", action="store_true", help="train_vrfm.py --torch_compile, compiled bare")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each training process")
+    parser.add_argument(
+        "--sync-debug",
+        action="store_true",
+        help="CUDA: run train_vrfm.py under torch.cuda.set_sync_debug_mode('warn') and report the source lines that "
+        "make the host wait for the GPU (its timings are then no result)",
+    )
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default=None, help="the results' file name (default train_throughput_<device>)")
     parser.add_argument("--quick", action="store_true", help="a smoke run on CPU (not a result)")
@@ -419,6 +475,8 @@ def run_model(backbone: str, size: str, precision: str, args, workdir: Path, ima
     finishes."""
     for method in METHODS:
         yield run_cell(backbone, size, method, precision, args, workdir)
+    if args.sync_debug:  # a diagnosis of the script, not a timing: the bare loop has nothing to find
+        return
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)  # the bare loop gets the threads a training process gets
     try:
@@ -435,6 +493,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.cpu = args.cpu or args.quick or not torch.cuda.is_available()
     if args.quick:
         args.steps, args.batch_size, args.resolution, args.sizes = 8, 8, 16, ["default"]
+    if args.sync_debug and args.cpu:
+        raise ValueError("`--sync-debug` finds where the host waits for a CUDA device, but this run is on the CPU.")
     precisions = args.precisions or (["no"] if args.cpu else ["bf16"])
     device = "CPU" if args.cpu else torch.cuda.get_device_name(0)
     name = args.name or f"train_throughput_{device_slug(device)}"
@@ -449,6 +509,7 @@ def main(argv: list[str] | None = None) -> dict:
             "resolution": args.resolution,
             "quick": bool(args.quick),
             "torch_compile": bool(args.torch_compile),
+            "sync_debug": bool(args.sync_debug),
         },
         "cells": [],
         "models": {},

@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# The GPU rows of issues 12 and 13 in one call of at most about 9.5 minutes (575 s), the most important first:
-#   1. issue 12: benchmarks/train_throughput.py, the issue's UNet (builtin:mnist at 28x28, batch 128, bf16): the bare
-#      loop, RF and VRFM rows, and a profile of the bare step. A failure here stops the call at once (the training
-#      path of step 2 is the same), so that a rerun costs little.
-#   2. issue 13: benchmarks/mnist_quality.py on the same UNet, 4000 steps, 3 seeds x {VRFM, RF}, six processes side by
-#      side on the GPU, 10k samples per NFE; then the 3-seed join.
-#   3. issue 12, as time allows: the DiT-S/2-class transformer rows, then the UNet rows with --torch_compile.
+# The GPU rows of issues 12 and 13 in one call of at most about 9.5 minutes (575 s). `STAGES` picks what runs, in
+# this order (default: all of them, which does not fit one call; see docs/benchmarks.md for what one call holds):
+#   throughput  issue 12: benchmarks/train_throughput.py on the issue's UNet (builtin:mnist at 28x28, batch 128, bf16):
+#               the bare loop, RF and VRFM rows and a profile of the bare step. If train_vrfm.py fails here, the call
+#               stops at once (the quality runs train the same way), so that a rerun costs little.
+#   sync        issue 12: the same UNet's RF and VRFM runs under torch.cuda.set_sync_debug_mode: where the host waits.
+#   quality     issue 13: benchmarks/mnist_quality.py on the same UNet, 4000 steps, `QUALITY_SEEDS` x {VRFM, RF} side by
+#               side on the GPU, 10k samples per NFE; then the join of every seed's JSON found.
+#   dit         issue 12: the DiT-S/2-class transformer's rows.
+#   compile     issue 12: the UNet's rows with --torch_compile.
+# Measured on an H200: six quality runs side by side train at 7.2-7.7 steps/s each with the GPU 100% busy, so
+# 4000 steps of 3 seeds take about 9 minutes; one seed (two runs) fits one call with the throughput stage.
 #
 #   bash scripts/gpu_check.sh download   # here, with PyPI: the wheels the GPU machine lacks, into .whl/ (ignored)
-#   bash scripts/gpu_check.sh run        # on the GPU machine (repository root; .whl/ and benchmarks/results/cache
+#   STAGES="throughput sync quality" QUALITY_SEEDS=0 bash scripts/gpu_check.sh run
+#                                        # on the GPU machine (repository root; .whl/ and benchmarks/results/cache
 #                                        # carried: the cached MNIST classifier)
 #   bash scripts/gpu_check.sh dry-run    # here, on the CPU: the same sequence with --quick runs, in a few minutes
 #
@@ -21,25 +27,52 @@ GPU_UNET='{"block_out_channels": [64, 128, 128], "layers_per_block": 2, "norm_nu
 START=$(date +%s)
 RESULTS=benchmarks/results/gpu
 LOGS="$RESULTS/logs"
+STAGES="${STAGES:-throughput sync quality dit compile}"
+QUALITY_SEEDS="${QUALITY_SEEDS:-0 1 2}"
+QUALITY_STEPS="${QUALITY_STEPS:-4000}"
 QUALITY_DEADLINE="${QUALITY_DEADLINE:-505}"  # seconds after the start: the quality runs are stopped by then
 FINAL_DEADLINE="${FINAL_DEADLINE:-550}"      # and everything else; packing follows
-QUALITY_STEPS="${QUALITY_STEPS:-4000}"
 
 elapsed() { echo $(($(date +%s) - START)); }
 until_mark() { local left=$(($1 - $(elapsed))); echo $((left > 1 ? left : 1)); }
 say() { echo "[$(elapsed)s] $*"; }
+wanted() { [[ " $STAGES " == *" $1 "* ]]; }
 gpu_monitor() { nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 5; }
 
 throughput() {  # throughput <seconds> <flags...>: one benchmarks/train_throughput.py run, kept to its time
   timeout "$1" python3 -m benchmarks.train_throughput --sizes gpu --batch-size 128 --threads 2 \
-    --output-dir "$RESULTS" "${@:2}" || say "train_throughput stopped early (rc $?): partial rows in its JSON"
+    --output-dir "$RESULTS" "${quick[@]}" "${@:2}" || say "train_throughput stopped early (rc $?): partial rows kept"
   pkill -f train_vrfm.py  # a training subprocess outlives a benchmark that was stopped
+}
+
+quality() {  # the quality runs of QUALITY_SEEDS x {VRFM, RF} side by side, then the join of every seed found
+  gpu_monitor > "$LOGS/quality_gpu_util.csv" &
+  local monitor=$! pids=() seed method
+  for seed in $QUALITY_SEEDS; do
+    for method in vrfm rf; do
+      timeout "$(until_mark "$QUALITY_DEADLINE")" python3 -m benchmarks.mnist_quality "${quality_flags[@]}" \
+        --seeds "$seed" --methods "$method" --inception-samples 0 --threads 2 --output-dir "$RESULTS" \
+        --work-dir /tmp/quality_work --name "mnist_gpu_${method}_s${seed}" \
+        > "$LOGS/mnist_gpu_${method}_s${seed}.log" 2>&1 &
+      pids+=($!)
+    done
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || say "a quality run ended with rc $?"; done
+  kill "$monitor" 2>/dev/null
+  grep -ah "FD " "$LOGS"/mnist_gpu_*.log | tail -80
+  local runs
+  runs=$(ls "$RESULTS"/mnist_gpu_*_s[0-9].json 2>/dev/null)
+  if [ -n "$runs" ]; then
+    # shellcheck disable=SC2086  # one path per word
+    python3 -m benchmarks.mnist_quality --join $runs --name mnist_gpu --output-dir "$RESULTS" \
+      > "$LOGS/mnist_gpu_join.log" 2>&1 || tail -20 "$LOGS/mnist_gpu_join.log"
+  fi
 }
 
 pack() {
   if [ -n "${OUT:-}" ]; then
     tar czf "$OUT/gpu_results.tgz" "$RESULTS" 2>/dev/null
-    cp "$RESULTS"/train_throughput_*.md "$RESULTS"/mnist_gpu_3seed.md "$OUT"/ 2>/dev/null
+    cp "$RESULTS"/train_throughput_*.md "$RESULTS"/mnist_gpu.md "$OUT"/ 2>/dev/null
     ls -l "$OUT"
   fi
 }
@@ -59,66 +92,55 @@ case "$mode" in
         .whl/*.whl
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
       quick=()
-      quality=(--device cuda --mixed-precision bf16 --steps "$QUALITY_STEPS" --batch-size 128 --model-config "$GPU_UNET")
+      quality_flags=(--device cuda --mixed-precision bf16 --steps "$QUALITY_STEPS" --batch-size 128
+        --model-config "$GPU_UNET")
     else
       quick=(--quick)
-      quality=(--quick --device cpu)
+      quality_flags=(--quick --device cpu)
+      STAGES="${STAGES/sync/}"  # CUDA only
       gpu_monitor() { sleep 3600; }
     fi
     export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
     python3 -c "import torch, diffusers, mnist; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" \
       || exit 1
-    ls -l benchmarks/results/cache
-
-    say "1. issue 12: the UNet's bare, RF and VRFM rows"
-    throughput "${STAGE1_SECONDS:-110}" "${quick[@]}" --backbones unet --dataset builtin:mnist --resolution 28 --steps 160
     device="$(python3 -c "import torch; from benchmarks.train_throughput import device_slug as s; \
       print(s(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else 'cpu')")"
-    if ! python3 -c "import json, sys; cells = json.load(open(sys.argv[1]))['cells']; \
-        sys.exit(not {'VRFM', 'RF'} <= {c['method'] for c in cells})" "$RESULTS/train_throughput_${device}.json"; then
-      say "train_vrfm.py failed on this GPU: stopping here"
-      exit 1
-    fi
+    say "stages: $STAGES"
 
-    say "2. issue 13: MNIST quality, ${QUALITY_STEPS} steps, 3 seeds x {VRFM, RF} side by side"
-    gpu_monitor > "$LOGS/quality_gpu_util.csv" &
-    monitor=$!
-    pids=()
-    for seed in 0 1 2; do
-      for method in vrfm rf; do
-        timeout "$(until_mark "$QUALITY_DEADLINE")" python3 -m benchmarks.mnist_quality "${quality[@]}" \
-          --seeds "$seed" --methods "$method" --inception-samples 0 --threads 2 --output-dir "$RESULTS" \
-          --work-dir /tmp/quality_work --name "mnist_gpu_${method}_s${seed}" \
-          > "$LOGS/mnist_gpu_${method}_s${seed}.log" 2>&1 &
-        pids+=($!)
-      done
-    done
-    for pid in "${pids[@]}"; do wait "$pid" || say "a quality run ended with rc $?"; done
-    kill "$monitor" 2>/dev/null
-    say "quality runs done"
-    grep -h "FD \|Error\|error" "$LOGS"/mnist_gpu_*.log | grep -v "^\s*$" | tail -80
-    runs=$(ls "$RESULTS"/mnist_gpu_*_s[0-9].json 2>/dev/null)
-    if [ -n "$runs" ]; then
-      python3 -m benchmarks.mnist_quality --join $runs --name mnist_gpu_3seed --output-dir "$RESULTS" \
-        > "$LOGS/mnist_gpu_join.log" 2>&1 || tail -20 "$LOGS/mnist_gpu_join.log"
+    if wanted throughput; then
+      say "throughput: the UNet's bare, RF and VRFM rows"
+      throughput "${STAGE1_SECONDS:-110}" --backbones unet --dataset builtin:mnist --resolution 28 --steps 160
+      if ! python3 -c "import json, sys; cells = json.load(open(sys.argv[1]))['cells']; \
+          sys.exit(not {'VRFM', 'RF'} <= {c['method'] for c in cells})" "$RESULTS/train_throughput_${device}.json"
+      then
+        say "train_vrfm.py failed on this device: stopping here"
+        exit 1
+      fi
     fi
-
-    say "3. issue 12: the DiT rows, then the UNet with --torch_compile, as time allows"
-    left=$(until_mark "$FINAL_DEADLINE")
-    if [ "$left" -gt 40 ]; then
-      throughput "$((left * 5 / 10))" "${quick[@]}" --backbones dit --dataset builtin:mnist --resolution 32 --steps 120 \
-        --name "train_throughput_${device}_dit"
+    if wanted sync; then
+      say "sync: where train_vrfm.py makes the host wait for the GPU"
+      throughput 100 --backbones unet --dataset builtin:mnist --resolution 28 --steps 40 --sync-debug \
+        --name "train_throughput_${device}_sync"
     fi
-    left=$(until_mark "$FINAL_DEADLINE")
-    if [ "$left" -gt 40 ]; then
-      throughput "$left" "${quick[@]}" --backbones unet --dataset builtin:mnist --resolution 28 --steps 160 --torch-compile \
-        --name "train_throughput_${device}_compile"
+    if wanted quality; then
+      say "quality: MNIST, ${QUALITY_STEPS} steps, seeds ${QUALITY_SEEDS} x {VRFM, RF} side by side"
+      quality
+    fi
+    if wanted dit && [ "$(until_mark "$FINAL_DEADLINE")" -gt 40 ]; then
+      say "dit: the DiT-S/2-class rows"
+      throughput "$(until_mark "$FINAL_DEADLINE")" --backbones dit --dataset builtin:mnist --resolution 32 \
+        --steps 120 --name "train_throughput_${device}_dit"
+    fi
+    if wanted compile && [ "$(until_mark "$FINAL_DEADLINE")" -gt 40 ]; then
+      say "compile: the UNet's rows with --torch_compile"
+      throughput "$(until_mark "$FINAL_DEADLINE")" --backbones unet --dataset builtin:mnist --resolution 28 \
+        --steps 160 --torch-compile --name "train_throughput_${device}_compile"
     fi
     say "done"
-    cat "$RESULTS"/train_throughput_*.md "$RESULTS"/mnist_gpu_3seed.md 2>/dev/null | head -150
+    cat "$RESULTS"/train_throughput_*.md "$RESULTS"/mnist_gpu.md 2>/dev/null | head -150
     ;;
   *)
-    echo "usage: bash scripts/gpu_check.sh download|run|dry-run" >&2
+    echo "usage: [STAGES=...] [QUALITY_SEEDS=...] bash scripts/gpu_check.sh download|run|dry-run" >&2
     exit 2
     ;;
 esac

@@ -519,6 +519,46 @@ def test_train_throughput_quick_runs_the_training_script_for_both_methods(tmp_pa
     assert "| unet | default | no |" in (tmp_path / "train_throughput_cpu.md").read_text()
 
 
+def test_train_throughput_reports_sync_sites_profiles_and_windowed_utilisation():
+    from benchmarks import train_throughput
+
+    stderr = (
+        "/repo/diffusers_vrfm/training/loop.py:244: UserWarning: called a synchronizing CUDA operation (Triggered "
+        "internally at /pytorch/c10/cuda/CUDAFunctions.cpp:154.)\n  rows = torch.stack(vectors).cpu().tolist()\n"
+        "/repo/diffusers_vrfm/objective.py:53: UserWarning: called a synchronizing CUDA operation\n"
+        "/repo/diffusers_vrfm/objective.py:53: UserWarning: called a synchronizing CUDA operation\n"
+        "/repo/train_vrfm.py:10: UserWarning: something else\n"
+    )
+    sites = train_throughput.synchronising_sites(stderr)
+    assert sites == {"/repo/diffusers_vrfm/objective.py:53": 2, "/repo/diffusers_vrfm/training/loop.py:244": 1}
+    assert list(sites) == ["/repo/diffusers_vrfm/objective.py:53", "/repo/diffusers_vrfm/training/loop.py:244"]
+    cell = {"backbone": "unet", "size": "gpu", "method": "VRFM", "synchronising_sites": sites}
+    [line, blank] = train_throughput.sync_lines([cell, {"method": "RF"}], steps=40)
+    assert "unet gpu VRFM (40 steps, 3 in all" in line and "`/repo/diffusers_vrfm/objective.py:53` 2" in line
+    assert blank == "" and train_throughput.sync_lines([{"method": "RF"}], steps=40) == []
+
+    profile = {
+        "device_ms_per_step": 20.5,
+        "kernels_per_step": 812.0,
+        "profiled_wall_ms_per_step": 60.0,
+        "top_operators_ms_per_step": {"aten::convolution_backward": 3.6, "aten::mul": 1.25},
+    }
+    bare = {"backbone": "unet", "size": "gpu", "precision": "bf16", "ms_per_step": 54.49}
+    bare["profile"] = {"eager": profile}
+    [line, _] = train_throughput.profile_lines([bare])
+    assert "(eager): 20.50 device ms/step in 812 kernels, against 54.49 wall ms/step" in line
+    assert "`aten::convolution_backward` 3.60, `aten::mul` 1.25" in line
+
+    monitor = train_throughput.GpuUtilisation(enabled=False)
+    monitor.samples = [(10.0, 90.0), (11.0, 50.0), (12.0, 10.0)]
+    assert monitor.mean_percent() == pytest.approx(50.0)
+    assert monitor.mean_percent(10.5, 12.0) == pytest.approx(30.0), "only the readings inside the timed window"
+    assert monitor.mean_percent(13.0, 14.0) is None
+
+    with pytest.raises(ValueError, match="`--sync-debug`.*CPU"):
+        train_throughput.main(["--sync-debug", "--cpu"])
+
+
 @pytest.mark.slow
 def test_checkpoint_speed_quick_runs_both_procedures(capsys):
     from benchmarks import checkpoint_speed
