@@ -34,6 +34,7 @@ import json
 import math
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -199,29 +200,34 @@ def device_slug(device_name: str) -> str:
 
 
 class GpuUtilisation:
-    """Samples the GPU's utilisation with `nvidia-smi` every half second while the block runs (CUDA only)."""
+    """Records the GPU's utilisation every `interval` seconds while the block runs (CUDA only), from one `nvidia-smi`
+    process started on entry: a query per reading would fork this process, which holds the CUDA context, twice a
+    second, and slow the bare loop that runs in it."""
 
     def __init__(self, enabled: bool, interval: float = 0.5):
         self.enabled, self.interval, self.samples = enabled, interval, []
-        self._stop = threading.Event()
 
-    def _sample(self):
-        query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "--id=0"]
-        while not self._stop.wait(self.interval):
-            with contextlib.suppress(OSError, ValueError, subprocess.SubprocessError):
-                reading = float(subprocess.run(query, capture_output=True, text=True).stdout.strip())
-                self.samples.append((time.time(), reading))
+    def _read(self):
+        for line in self._process.stdout:
+            with contextlib.suppress(ValueError):
+                self.samples.append((time.time(), float(line.strip())))
 
     def __enter__(self):
         if self.enabled:
-            self._thread = threading.Thread(target=self._sample, daemon=True)
+            query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "--id=0"]
+            query.append(f"--loop-ms={round(1000 * self.interval)}")
+            if shutil.which("stdbuf"):  # a line as soon as it is measured, not a pipe's buffer at the end
+                query = ["stdbuf", "-oL", *query]
+            self._process = subprocess.Popen(query, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self._thread = threading.Thread(target=self._read, daemon=True)
             self._thread.start()
         return self
 
     def __exit__(self, *exc):
         if self.enabled:
-            self._stop.set()
-            self._thread.join()
+            self._process.terminate()
+            self._process.wait()
+            self._thread.join(timeout=5.0)  # the pipe closes with the process
 
     def mean_percent(self, start: float = -math.inf, end: float = math.inf) -> float | None:
         """The mean of the readings taken between `start` and `end` (`time.time()`; default: all of them)."""
@@ -278,15 +284,15 @@ def run_bare_cell(backbone: str, size: str, precision: str, args, images: torch.
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     autocast = _autocast_for(precision, device)
     warmup = args.steps // 2
-    for _ in range(warmup):
-        bare_rf_step(model, optimizer, images, args.batch_size, autocast)
-    _synchronize(device)
-    start = time.perf_counter()
-    with GpuUtilisation(enabled=device.type == "cuda") as utilisation:
+    with GpuUtilisation(enabled=device.type == "cuda") as utilisation:  # started before the timed steps
+        for _ in range(warmup):
+            bare_rf_step(model, optimizer, images, args.batch_size, autocast)
+        _synchronize(device)
+        start, window_start = time.perf_counter(), time.time()
         for _ in range(args.steps - warmup):
             loss = bare_rf_step(model, optimizer, images, args.batch_size, autocast)
         _synchronize(device)
-    seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start
     timed = args.steps - warmup
     cell = {
         "backbone": backbone,
@@ -298,7 +304,7 @@ def run_bare_cell(backbone: str, size: str, precision: str, args, images: torch.
         "samples_per_second": timed * args.batch_size / seconds,
         "timed_steps": timed,
         "final_loss": float(loss),
-        "gpu_utilisation_percent": utilisation.mean_percent(),
+        "gpu_utilisation_percent": utilisation.mean_percent(window_start, window_start + seconds),
     }
     if device.type == "cuda":  # the model as timed: compiled under --torch-compile, else eager
         mode = "torch_compile" if args.torch_compile else "eager"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 
 import numpy as np
 import pytest
@@ -557,6 +559,23 @@ def test_train_throughput_reports_sync_sites_profiles_and_windowed_utilisation()
 
     with pytest.raises(ValueError, match="`--sync-debug`.*CPU"):
         train_throughput.main(["--sync-debug", "--cpu"])
+
+
+def test_gpu_utilisation_reads_one_long_lived_nvidia_smi(tmp_path, monkeypatch):
+    from benchmarks import train_throughput
+
+    fake = tmp_path / "nvidia-smi"  # prints a reading per interval, as `nvidia-smi --loop-ms` does
+    fake.write_text('#!/bin/sh\nfor value in 10 20 30 40 50 60 70 80; do echo "$value"; sleep 0.05; done\nexec sleep 5\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with train_throughput.GpuUtilisation(enabled=True, interval=0.05) as monitor:
+        deadline = time.monotonic() + 10
+        while len(monitor.samples) < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert [value for _, value in monitor.samples] == [10, 20, 30, 40, 50, 60, 70, 80]
+    assert monitor._process.poll() is not None, "the monitor's process is ended on exit"
+    times = [when for when, _ in monitor.samples]
+    assert times == sorted(times) and monitor.mean_percent() == pytest.approx(45.0)
 
 
 @pytest.mark.slow
