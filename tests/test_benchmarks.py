@@ -557,6 +557,10 @@ def test_train_throughput_reports_sync_sites_profiles_and_windowed_utilisation()
     assert monitor.mean_percent(10.5, 12.0) == pytest.approx(30.0), "only the readings inside the timed window"
     assert monitor.mean_percent(13.0, 14.0) is None
 
+    meta = {"command": "c", "machine": "m", "device": "d", "batch_size": 128, "dataset": "builtin:mnist"}
+    meta.update(resolution=28, steps=160, total_seconds=60.0, quick=False, channels_last=True, torch_compile=False)
+    header = train_throughput.render({"meta": meta, "cells": []})
+    assert "Total 60 s. Options: `--channels-last`." in header and "Sync debug" not in header
     with pytest.raises(ValueError, match="`--sync-debug`.*CPU"):
         train_throughput.main(["--sync-debug", "--cpu"])
 
@@ -565,7 +569,8 @@ def test_gpu_utilisation_reads_one_long_lived_nvidia_smi(tmp_path, monkeypatch):
     from benchmarks import train_throughput
 
     fake = tmp_path / "nvidia-smi"  # prints a reading per interval, as `nvidia-smi --loop-ms` does
-    fake.write_text('#!/bin/sh\nfor value in 10 20 30 40 50 60 70 80; do echo "$value"; sleep 0.05; done\nexec sleep 5\n')
+    readings = 'for value in 10 20 30 40 50 60 70 80; do echo "$value"; sleep 0.05; done'
+    fake.write_text(f"#!/bin/sh\n{readings}\nexec sleep 5\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     with train_throughput.GpuUtilisation(enabled=True, interval=0.05) as monitor:
