@@ -9,8 +9,11 @@ same backbone, no posterior, no KL) run back to back for every backbone, model s
 The **bare** row is the ceiling for that model (issue 12): the same velocity backbone, batch and precision, the data
 already on the device, and a hand-written rectified-flow step (randn, interpolate, forward, MSE, backward, AdamW) with
 no accelerate, EMA or logging, run in this process. The report gives VRFM and RF images/s as fractions of it and
-VRFM/RF; on CUDA it also samples the GPU's utilisation during every cell (`nvidia-smi`) and writes a torch.profiler
-ms/step breakdown of the bare step (compiled under `--torch-compile`, so a run with and one without give both).
+VRFM/RF; on CUDA it also averages the GPU's utilisation over every cell's timed steps (`nvidia-smi`) and writes a
+torch.profiler ms/step breakdown of the bare step (compiled under `--torch-compile`, so a run with and one without give
+both). `--torch-compile` and `--channels-last` pass the script's speed options (and apply them to the bare loop);
+`--sync-debug` is a diagnosis, not a timing: it lists the source lines where the script makes the host wait for the
+GPU.
 
 Model sizes: `default` is the training script's own small configuration (sized for CPUs); `gpu` is issue 12's UNet
 (6.5M parameters, the GPU config it was measured with) and a DiT-S/2-class transformer (12 blocks of width 384, patch
