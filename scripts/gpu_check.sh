@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU rows of issues 12 and 13 in one call of at most about 9.5 minutes (575 s). `STAGES` picks what runs, in
-# this order (default: all of them, which does not fit one call; see docs/benchmarks.md for what one call holds):
+# this order (default: all of them, which does not fit one call; benchmarks/README.md says what one call holds):
 #   throughput  issue 12: benchmarks/train_throughput.py on the issue's UNet (builtin:mnist at 28x28, batch 128, bf16):
 #               the bare loop, RF and VRFM rows and a profile of the bare step. If train_vrfm.py fails here, the call
 #               stops at once (the quality runs train the same way), so that a rerun costs little.
@@ -12,10 +12,12 @@
 #   channels_last  issue 12: the UNet's rows with --channels_last.
 # `QUALITY_TRAIN_ARGS` passes more train_vrfm.py flags to both methods' quality runs (e.g. "--channels_last").
 # Measured on an H200: six quality runs side by side train at 7.2-7.7 steps/s each with the GPU 100% busy, so
-# 4000 steps of 3 seeds take about 9 minutes; one seed (two runs) fits one call with the throughput stage.
+# 4000 steps of 3 seeds take about 9 minutes; one seed (two runs, about 6 minutes) should fit beside the sync stage.
+# The checkout and the wheels (26 MB) together pass the device tool's 64 MiB: send it from a branch without the
+# result PNGs (`git switch -c gpu-run && git rm -q -r '*.png' && git commit -qm tmp`, then switch back and delete it).
 #
 #   bash scripts/gpu_check.sh download   # here, with PyPI: the wheels the GPU machine lacks, into .whl/ (ignored)
-#   STAGES="throughput sync quality" QUALITY_SEEDS=0 bash scripts/gpu_check.sh run
+#   STAGES="sync quality" QUALITY_SEEDS=0 bash scripts/gpu_check.sh run
 #                                        # on the GPU machine (repository root; .whl/ and benchmarks/results/cache
 #                                        # carried: the cached MNIST classifier)
 #   bash scripts/gpu_check.sh dry-run    # here, on the CPU: the same sequence with --quick runs, in a few minutes
