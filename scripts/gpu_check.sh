@@ -4,20 +4,20 @@
 #   throughput  issue 12: benchmarks/train_throughput.py on the issue's UNet (builtin:mnist at 28x28, batch 128, bf16):
 #               the bare loop, RF and VRFM rows and a profile of the bare step. If train_vrfm.py fails here, the call
 #               stops at once (the quality runs train the same way), so that a rerun costs little.
-#   sync        issue 12: the same UNet's RF and VRFM runs under torch.cuda.set_sync_debug_mode: where the host waits.
 #   quality     issue 13: benchmarks/mnist_quality.py on the same UNet, 4000 steps, `QUALITY_SEEDS` x {VRFM, RF} side by
 #               side on the GPU, 10k samples per NFE; then the join of every seed's JSON found.
+#   sync        issue 12: the same UNet's RF and VRFM runs under torch.cuda.set_sync_debug_mode: where the host waits.
 #   dit         issue 12: the DiT-S/2-class transformer's rows.
 #   compile     issue 12: the UNet's rows with --torch_compile.
 #   channels_last  issue 12: the UNet's rows with --channels_last.
 # `QUALITY_TRAIN_ARGS` passes more train_vrfm.py flags to both methods' quality runs (e.g. "--channels_last").
 # Measured on an H200: six quality runs side by side train at 7.2-7.7 steps/s each with the GPU 100% busy, so
-# 4000 steps of 3 seeds take about 9 minutes; one seed (two runs, about 6 minutes) should fit beside the sync stage.
+# 4000 steps of 3 seeds take about 9 minutes; one seed (two runs, about 6-7 minutes) should fit, then the sync stage.
 # The checkout and the wheels (26 MB) together pass the device tool's 64 MiB: send it from a branch without the
 # result PNGs (`git switch -c gpu-run && git rm -q -r '*.png' && git commit -qm tmp`, then switch back and delete it).
 #
 #   bash scripts/gpu_check.sh download   # here, with PyPI: the wheels the GPU machine lacks, into .whl/ (ignored)
-#   STAGES="sync quality" QUALITY_SEEDS=0 bash scripts/gpu_check.sh run
+#   STAGES="quality sync" QUALITY_SEEDS=0 bash scripts/gpu_check.sh run
 #                                        # on the GPU machine (repository root; .whl/ and benchmarks/results/cache
 #                                        # carried: the cached MNIST classifier)
 #   bash scripts/gpu_check.sh dry-run    # here, on the CPU: the same sequence with --quick runs, in a few minutes
@@ -31,7 +31,7 @@ GPU_UNET='{"block_out_channels": [64, 128, 128], "layers_per_block": 2, "norm_nu
 START=$(date +%s)
 RESULTS=benchmarks/results/gpu
 LOGS="$RESULTS/logs"
-STAGES="${STAGES:-throughput sync quality dit compile channels_last}"
+STAGES="${STAGES:-throughput quality sync dit compile channels_last}"
 QUALITY_SEEDS="${QUALITY_SEEDS:-0 1 2}"
 QUALITY_STEPS="${QUALITY_STEPS:-4000}"
 QUALITY_DEADLINE="${QUALITY_DEADLINE:-505}"  # seconds after the start: the quality runs are stopped by then
@@ -41,7 +41,7 @@ elapsed() { echo $(($(date +%s) - START)); }
 until_mark() { local left=$(($1 - $(elapsed))); echo $((left > 1 ? left : 1)); }
 say() { echo "[$(elapsed)s] $*"; }
 wanted() { [[ " $STAGES " == *" $1 "* ]]; }
-gpu_monitor() { nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 5; }
+gpu_monitor() { exec nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 5; }  # exec: killable
 
 throughput() {  # throughput <seconds> <flags...>: one benchmarks/train_throughput.py run, kept to its time
   timeout "$1" python3 -m benchmarks.train_throughput --sizes gpu --batch-size 128 --threads 2 \
@@ -50,7 +50,7 @@ throughput() {  # throughput <seconds> <flags...>: one benchmarks/train_throughp
 }
 
 quality() {  # the quality runs of QUALITY_SEEDS x {VRFM, RF} side by side, then the join of every seed found
-  gpu_monitor > "$LOGS/quality_gpu_util.csv" &
+  gpu_monitor > "$LOGS/quality_gpu_util.csv" 2>/dev/null &  # its own stdout and stderr: a pipe to the caller stays free
   local monitor=$! pids=() seed method
   for seed in $QUALITY_SEEDS; do
     for method in vrfm rf; do
@@ -102,7 +102,7 @@ case "$mode" in
       quick=(--quick)
       quality_flags=(--quick --device cpu)
       STAGES="${STAGES/sync/}"  # CUDA only
-      gpu_monitor() { sleep 3600; }
+      gpu_monitor() { exec sleep 3600; }
     fi
     export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
     python3 -c "import torch, diffusers, mnist; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" \
@@ -121,14 +121,14 @@ case "$mode" in
         exit 1
       fi
     fi
-    if wanted sync; then
-      say "sync: where train_vrfm.py makes the host wait for the GPU"
-      throughput 100 --backbones unet --dataset builtin:mnist --resolution 28 --steps 40 --sync-debug \
-        --name "train_throughput_${device}_sync"
-    fi
     if wanted quality; then
       say "quality: MNIST, ${QUALITY_STEPS} steps, seeds ${QUALITY_SEEDS} x {VRFM, RF} side by side"
       quality
+    fi
+    if wanted sync && [ "$(until_mark "$FINAL_DEADLINE")" -gt 40 ]; then
+      say "sync: where train_vrfm.py makes the host wait for the GPU"
+      throughput "$(until_mark "$FINAL_DEADLINE")" --backbones unet --dataset builtin:mnist --resolution 28 \
+        --steps 40 --sync-debug --name "train_throughput_${device}_sync"
     fi
     if wanted dit && [ "$(until_mark "$FINAL_DEADLINE")" -gt 40 ]; then
       say "dit: the DiT-S/2-class rows"
