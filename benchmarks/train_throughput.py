@@ -76,11 +76,16 @@ SIZES = {
     },
 }
 METHODS = {"VRFM": [], "RF": ["--latent_dim", "0"]}
-# `--sync-debug`: the training script under torch.cuda.set_sync_debug_mode("warn"), with every warning printed
-SYNC_DEBUG_LAUNCHER = (
-    "import runpy, sys, warnings, torch; torch.cuda.set_sync_debug_mode('warn'); warnings.simplefilter('always'); "
-    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-)
+SYNC_DEBUG = "torch.cuda.set_sync_debug_mode('warn')"
+
+
+def sync_debug_launcher(enable: str = SYNC_DEBUG) -> list[str]:
+    """`--sync-debug`: the command that runs a script (its path and arguments follow) after `enable`, with every
+    warning printed, not only the first from each line."""
+    code = f"import runpy, sys, warnings, torch; {enable}; warnings.simplefilter('always'); sys.argv = sys.argv[1:]; "
+    return [sys.executable, "-c", code + "runpy.run_path(sys.argv[0], run_name='__main__')"]
+
+
 SYNC_WARNING = re.compile(r"^(?P<site>\S+:\d+): UserWarning: called a synchronizing CUDA operation", re.MULTILINE)
 
 
@@ -133,7 +138,7 @@ def count_saved_parameters(folder: Path) -> int:
 def run_cell(backbone: str, size: str, method: str, precision: str, args, workdir: Path) -> dict:
     """One training run of `train_vrfm.py`; returns its throughput and losses."""
     output_dir = workdir / f"{backbone}-{size}-{method}-{precision}"
-    launcher = [sys.executable, "-c", SYNC_DEBUG_LAUNCHER] if args.sync_debug else [sys.executable]
+    launcher = sync_debug_launcher() if args.sync_debug else [sys.executable]
     command = [
         *launcher,
         str(REPO_ROOT / "train_vrfm.py"),

@@ -565,6 +565,22 @@ def test_train_throughput_reports_sync_sites_profiles_and_windowed_utilisation()
         train_throughput.main(["--sync-debug", "--cpu"])
 
 
+def test_sync_debug_launcher_runs_a_script_with_its_arguments_and_every_warning(tmp_path):
+    import subprocess
+
+    from benchmarks import train_throughput
+
+    script = tmp_path / "step.py"  # warns twice from one line, as a synchronising call in a loop does under the mode
+    script.write_text(
+        "import sys, warnings\nassert sys.argv[1:] == ['--steps', '2'], sys.argv\n"
+        "for _ in range(2):\n    warnings.warn('called a synchronizing CUDA operation')\n"
+    )
+    launcher = train_throughput.sync_debug_launcher(enable="pass")  # CPU: the mode itself needs CUDA
+    assert train_throughput.sync_debug_launcher()[2].count(train_throughput.SYNC_DEBUG) == 1
+    done = subprocess.run([*launcher, str(script), "--steps", "2"], capture_output=True, text=True, check=True)
+    assert train_throughput.synchronising_sites(done.stderr) == {f"{script}:4": 2}
+
+
 def test_gpu_utilisation_reads_one_long_lived_nvidia_smi(tmp_path, monkeypatch):
     from benchmarks import train_throughput
 
