@@ -51,6 +51,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/train_throughput.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS_DIR, machine_description, markdown_table, write_json  # noqa: E402
+from benchmarks.operator_count import operators_per_step  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DIT_S2 = {"num_layers": 12, "num_attention_heads": 6, "attention_head_dim": 64, "patch_size": 2}
@@ -76,13 +77,13 @@ SIZES = {
     },
 }
 METHODS = {"VRFM": [], "RF": ["--latent_dim", "0"]}
-SYNC_DEBUG = "torch.cuda.set_sync_debug_mode('warn')"
+# `--sync-debug`: every synchronising CUDA call warns, and every warning is printed (not only a line's first)
+SYNC_DEBUG = "torch.cuda.set_sync_debug_mode('warn'); warnings.simplefilter('always')"
 
 
-def sync_debug_launcher(enable: str = SYNC_DEBUG) -> list[str]:
-    """`--sync-debug`: the command that runs a script (its path and arguments follow) after `enable`, with every
-    warning printed, not only the first from each line."""
-    code = f"import runpy, sys, warnings, torch; {enable}; warnings.simplefilter('always'); sys.argv = sys.argv[1:]; "
+def script_launcher(setup: str) -> list[str]:
+    """The command that runs a script (its path and arguments follow) in a Python that first runs `setup`."""
+    code = f"import runpy, sys, warnings, torch; {setup}; sys.argv = sys.argv[1:]; "
     return [sys.executable, "-c", code + "runpy.run_path(sys.argv[0], run_name='__main__')"]
 
 
@@ -138,7 +139,11 @@ def count_saved_parameters(folder: Path) -> int:
 def run_cell(backbone: str, size: str, method: str, precision: str, args, workdir: Path) -> dict:
     """One training run of `train_vrfm.py`; returns its throughput and losses."""
     output_dir = workdir / f"{backbone}-{size}-{method}-{precision}"
-    launcher = sync_debug_launcher() if args.sync_debug else [sys.executable]
+    counts_path = workdir / f"{output_dir.name}-operators.json"
+    setups = [SYNC_DEBUG] if args.sync_debug else []
+    if args.count_ops:
+        setups.append(f"import benchmarks.operator_count as counting; counting.install({str(counts_path)!r})")
+    launcher = script_launcher("; ".join(setups)) if setups else [sys.executable]
     command = [
         *launcher,
         str(REPO_ROOT / "train_vrfm.py"),
@@ -162,7 +167,6 @@ def run_cell(backbone: str, size: str, method: str, precision: str, args, workdi
         "none",
         "--output_dir",
         str(output_dir),
-        *METHODS[method],
     ]
     if SIZES[size][backbone] is not None:
         command += ["--model_config", json.dumps(SIZES[size][backbone])]
@@ -174,6 +178,8 @@ def run_cell(backbone: str, size: str, method: str, precision: str, args, workdi
         command += ["--torch_compile"]
     if args.channels_last:
         command += ["--channels_last"]
+    # a flag given twice takes its last value: --train-args overrides the above, the method's flags win (RF stays RF)
+    command += shlex.split(args.train_args) + METHODS[method]
     start = time.perf_counter()
     with GpuUtilisation(enabled=not args.cpu) as utilisation:
         completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
@@ -190,6 +196,8 @@ def run_cell(backbone: str, size: str, method: str, precision: str, args, workdi
         config_name = json.load(handle)["_class_name"]
     if args.sync_debug:
         timed["synchronising_sites"] = synchronising_sites(completed.stderr)
+    if args.count_ops:
+        timed["operators_per_step"] = operators_per_step(counts_path)
     return {
         "backbone": backbone,
         "size": size,
@@ -380,6 +388,7 @@ def summarise_models(cells: list[dict]) -> dict:
 def render(results: dict) -> str:
     meta = results["meta"]
     options = [f"`--{key.replace('_', '-')}`" for key in ("torch_compile", "channels_last") if meta.get(key)]
+    diagnosis = meta.get("sync_debug") or meta.get("count_ops")
     lines = [
         "# Training throughput of train_vrfm.py: VRFM and rectified flow against a bare loop",
         "",
@@ -390,7 +399,7 @@ def render(results: dict) -> str:
         f"Total {meta['total_seconds']:.0f} s."
         + (f" Options: {', '.join(options)}." if options else "")
         + (" **QUICK smoke run: not a result.**" if meta["quick"] else "")
-        + (" **Sync debug: the timings are no result.**" if meta.get("sync_debug") else ""),
+        + (" **A diagnosis (sync debug or operator count): the timings are no result.**" if diagnosis else ""),
         "",
     ]
     headers = [
@@ -413,8 +422,9 @@ def render(results: dict) -> str:
         (c["backbone"], c["size"], c["precision"]) for c in results["cells"]
     ):
         bare, rf, vrfm = (cells.get((backbone, size, precision, method)) for method in ("bare", "RF", "VRFM"))
-        if vrfm is None or rf is None or bare is None:
+        if vrfm is None or rf is None:
             continue
+        bare = bare or {"ms_per_step": math.nan, "samples_per_second": math.nan, "gpu_utilisation_percent": None}
         utilisation = [c["gpu_utilisation_percent"] for c in (bare, rf, vrfm)]
         rows.append(
             [
@@ -434,6 +444,7 @@ def render(results: dict) -> str:
         )
     lines += [markdown_table(headers, rows), ""]
     lines += profile_lines(results["cells"]) + sync_lines(results["cells"], meta["steps"])
+    lines += operator_lines(results["cells"])
     return "\n".join(lines) + "\n"
 
 
@@ -447,6 +458,20 @@ def sync_lines(cells: list[dict], steps: int, top: int = 8) -> list[str]:
             lines.append(
                 f"- Host waits for the GPU in {cell['backbone']} {cell['size']} {cell['method']} ({steps} steps, "
                 f"{sum(sites.values())} in all, startup and saving included): {listed}."
+            )
+    return lines + [""] if lines else []
+
+
+def operator_lines(cells: list[dict]) -> list[str]:
+    """`--count-ops`: per training run, the aten operators one step dispatches, by part."""
+    lines = []
+    for cell in cells:
+        if "operators_per_step" in cell:
+            counts = cell["operators_per_step"]
+            lines.append(
+                f"- Operators per step of {cell['backbone']} {cell['size']} {cell['method']}: {counts['total']:.0f} "
+                f"(forward, backward and update {counts.get('step', 0):.0f}; randomness {counts.get('draw', 0):.0f}; "
+                f"EMA {counts.get('ema', 0):.0f})."
             )
     return lines + [""] if lines else []
 
@@ -483,10 +508,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each training process")
     parser.add_argument(
+        "--train-args",
+        default="",
+        help="more train_vrfm.py flags for VRFM and RF, one string (RF keeps dim z 0; not the bare loop)",
+    )
+    parser.add_argument(
         "--sync-debug",
         action="store_true",
         help="CUDA: run train_vrfm.py under torch.cuda.set_sync_debug_mode('warn') and report the source lines that "
         "make the host wait for the GPU (its timings are then no result)",
+    )
+    parser.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="count the aten operators one training step of train_vrfm.py dispatches (any device; its timings are "
+        "then no result): where the host bounds a GPU, each one costs host time",
     )
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default=None, help="the results' file name (default train_throughput_<device>)")
@@ -499,7 +535,7 @@ def run_model(backbone: str, size: str, precision: str, args, workdir: Path, ima
     finishes."""
     for method in METHODS:
         yield run_cell(backbone, size, method, precision, args, workdir)
-    if args.sync_debug:  # a diagnosis of the script, not a timing: the bare loop has nothing to find
+    if args.sync_debug or args.count_ops:  # a diagnosis of the script, not a timing: the bare loop has no part in it
         return
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)  # the bare loop gets the threads a training process gets
@@ -535,6 +571,8 @@ def main(argv: list[str] | None = None) -> dict:
             "torch_compile": bool(args.torch_compile),
             "channels_last": bool(args.channels_last),
             "sync_debug": bool(args.sync_debug),
+            "count_ops": bool(args.count_ops),
+            "train_args": args.train_args,
         },
         "cells": [],
         "models": {},

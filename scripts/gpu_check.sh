@@ -10,6 +10,7 @@
 #   dit         issue 12: the DiT-S/2-class transformer's rows.
 #   compile     issue 12: the UNet's rows with --torch_compile.
 #   channels_last  issue 12: the UNet's rows with --channels_last.
+#   zmap_off    issue 12: the UNet's rows without VRFM's `z` map (`z_map_channels` 0): is the map what VRFM waits on?
 # `QUALITY_TRAIN_ARGS` passes more train_vrfm.py flags to both methods' quality runs (e.g. "--channels_last").
 # Measured on an H200: six quality runs side by side train at 7.2-7.7 steps/s each with the GPU 100% busy, so
 # 4000 steps of 3 seeds take about 9 minutes; one seed (two runs, about 6-7 minutes) should fit, then the sync stage.
@@ -31,7 +32,7 @@ GPU_UNET='{"block_out_channels": [64, 128, 128], "layers_per_block": 2, "norm_nu
 START=$(date +%s)
 RESULTS=benchmarks/results/gpu
 LOGS="$RESULTS/logs"
-STAGES="${STAGES:-throughput quality sync dit compile channels_last}"
+STAGES="${STAGES:-throughput quality sync dit compile channels_last zmap_off}"
 QUALITY_SEEDS="${QUALITY_SEEDS:-0 1 2}"
 QUALITY_STEPS="${QUALITY_STEPS:-4000}"
 QUALITY_DEADLINE="${QUALITY_DEADLINE:-505}"  # seconds after the start: the quality runs are stopped by then
@@ -144,6 +145,12 @@ case "$mode" in
       say "channels_last: the UNet's rows with --channels_last"
       throughput "$(until_mark "$FINAL_DEADLINE")" --backbones unet --dataset builtin:mnist --resolution 28 \
         --steps 160 --channels-last --name "train_throughput_${device}_channels_last"
+    fi
+    if wanted zmap_off && [ "$(until_mark "$FINAL_DEADLINE")" -gt 40 ]; then
+      say "zmap_off: the UNet's rows without the z map"
+      throughput "$(until_mark "$FINAL_DEADLINE")" --backbones unet --dataset builtin:mnist --resolution 28 \
+        --steps 160 --train-args "--model_config '${GPU_UNET%\}}, \"z_map_channels\": 0}'" \
+        --name "train_throughput_${device}_zmap_off"
     fi
     say "done"
     cat "$RESULTS"/train_throughput_*.md "$RESULTS"/mnist_gpu.md 2>/dev/null | head -150

@@ -565,7 +565,25 @@ def test_train_throughput_reports_sync_sites_profiles_and_windowed_utilisation()
         train_throughput.main(["--sync-debug", "--cpu"])
 
 
-def test_sync_debug_launcher_runs_a_script_with_its_arguments_and_every_warning(tmp_path):
+def test_train_throughput_counts_the_operators_of_a_training_step(tmp_path):
+    from benchmarks import train_throughput
+
+    argv = ["--quick", "--backbones", "unet", "--count-ops", "--output-dir", str(tmp_path)]
+    results = train_throughput.main([*argv, "--train-args", "--latent_dim 2"])
+    vrfm, rf = results["cells"]  # a diagnosis: no bare loop
+    assert (vrfm["method"], rf["method"]) == ("VRFM", "RF") and results["meta"]["count_ops"]
+    for cell in (vrfm, rf):
+        counts = cell["operators_per_step"]
+        assert counts["step"] > 100 and counts["draw"] > 0 and counts["ema"] > 0
+        assert counts["total"] == counts["step"] + counts["draw"] + counts["ema"]
+    assert vrfm["operators_per_step"]["step"] > rf["operators_per_step"]["step"], "the posterior's operators"
+    assert vrfm["operators_per_step"]["draw"] > rf["operators_per_step"]["draw"], "the posterior's noise"
+    report = (tmp_path / "train_throughput_cpu.md").read_text()
+    assert f"Operators per step of unet default VRFM: {vrfm['operators_per_step']['total']:.0f}" in report
+    assert "A diagnosis" in report
+
+
+def test_script_launcher_runs_a_script_with_its_arguments_and_every_warning(tmp_path):
     import subprocess
 
     from benchmarks import train_throughput
@@ -575,8 +593,8 @@ def test_sync_debug_launcher_runs_a_script_with_its_arguments_and_every_warning(
         "import sys, warnings\nassert sys.argv[1:] == ['--steps', '2'], sys.argv\n"
         "for _ in range(2):\n    warnings.warn('called a synchronizing CUDA operation')\n"
     )
-    launcher = train_throughput.sync_debug_launcher(enable="pass")  # CPU: the mode itself needs CUDA
-    assert train_throughput.sync_debug_launcher()[2].count(train_throughput.SYNC_DEBUG) == 1
+    launcher = train_throughput.script_launcher("warnings.simplefilter('always')")  # CPU: the mode itself needs CUDA
+    assert "warnings.simplefilter('always')" in train_throughput.SYNC_DEBUG
     done = subprocess.run([*launcher, str(script), "--steps", "2"], capture_output=True, text=True, check=True)
     assert train_throughput.synchronising_sites(done.stderr) == {f"{script}:4": 2}
 
