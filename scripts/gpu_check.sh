@@ -23,7 +23,8 @@
 #                                        # carried: the cached MNIST classifier)
 #   bash scripts/gpu_check.sh dry-run    # here, on the CPU: the same sequence with --quick runs, in a few minutes
 #
-# `run` writes everything under benchmarks/results/gpu/ and packs it into $OUT/gpu_results.tgz when $OUT is set.
+# `run` writes everything under benchmarks/results/gpu/ and packs it into $OUT/gpu_results.tgz, with the reports in
+# $OUT/summary.md, when $OUT is set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-run}"
@@ -74,10 +75,16 @@ quality() {  # the quality runs of QUALITY_SEEDS x {VRFM, RF} side by side, then
   fi
 }
 
+late_throughput() {  # late_throughput <stage> <what> <flags...>: a throughput run in the time left, when wanted
+  wanted "$1" && [ "$(until_mark "$FINAL_DEADLINE")" -gt 40 ] || return 0
+  say "$1: $2"
+  throughput "$(until_mark "$FINAL_DEADLINE")" "${@:3}" --name "train_throughput_${device}_$1"
+}
+
 pack() {
   if [ -n "${OUT:-}" ]; then
     tar czf "$OUT/gpu_results.tgz" "$RESULTS" 2>/dev/null
-    cp "$RESULTS"/train_throughput_*.md "$RESULTS"/mnist_gpu.md "$OUT"/ 2>/dev/null
+    cat "$RESULTS"/train_throughput_*.md "$RESULTS"/mnist_gpu.md > "$OUT/summary.md" 2>/dev/null  # 2 files back
     ls -l "$OUT"
   fi
 }
@@ -111,10 +118,11 @@ case "$mode" in
     device="$(python3 -c "import torch; from benchmarks.train_throughput import device_slug as s; \
       print(s(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else 'cpu')")"
     say "stages: $STAGES"
+    unet=(--backbones unet --dataset builtin:mnist --resolution 28)
 
     if wanted throughput; then
       say "throughput: the UNet's bare, RF and VRFM rows"
-      throughput "${STAGE1_SECONDS:-110}" --backbones unet --dataset builtin:mnist --resolution 28 --steps 160
+      throughput "${STAGE1_SECONDS:-110}" "${unet[@]}" --steps 160
       if ! python3 -c "import json, sys; cells = json.load(open(sys.argv[1]))['cells']; \
           sys.exit(not {'VRFM', 'RF'} <= {c['method'] for c in cells})" "$RESULTS/train_throughput_${device}.json"
       then
@@ -126,32 +134,12 @@ case "$mode" in
       say "quality: MNIST, ${QUALITY_STEPS} steps, seeds ${QUALITY_SEEDS} x {VRFM, RF} side by side"
       quality
     fi
-    if wanted sync && [ "$(until_mark "$FINAL_DEADLINE")" -gt 40 ]; then
-      say "sync: where train_vrfm.py makes the host wait for the GPU"
-      throughput "$(until_mark "$FINAL_DEADLINE")" --backbones unet --dataset builtin:mnist --resolution 28 \
-        --steps 40 --sync-debug --name "train_throughput_${device}_sync"
-    fi
-    if wanted dit && [ "$(until_mark "$FINAL_DEADLINE")" -gt 40 ]; then
-      say "dit: the DiT-S/2-class rows"
-      throughput "$(until_mark "$FINAL_DEADLINE")" --backbones dit --dataset builtin:mnist --resolution 32 \
-        --steps 120 --name "train_throughput_${device}_dit"
-    fi
-    if wanted compile && [ "$(until_mark "$FINAL_DEADLINE")" -gt 40 ]; then
-      say "compile: the UNet's rows with --torch_compile"
-      throughput "$(until_mark "$FINAL_DEADLINE")" --backbones unet --dataset builtin:mnist --resolution 28 \
-        --steps 160 --torch-compile --name "train_throughput_${device}_compile"
-    fi
-    if wanted channels_last && [ "$(until_mark "$FINAL_DEADLINE")" -gt 40 ]; then
-      say "channels_last: the UNet's rows with --channels_last"
-      throughput "$(until_mark "$FINAL_DEADLINE")" --backbones unet --dataset builtin:mnist --resolution 28 \
-        --steps 160 --channels-last --name "train_throughput_${device}_channels_last"
-    fi
-    if wanted zmap_off && [ "$(until_mark "$FINAL_DEADLINE")" -gt 40 ]; then
-      say "zmap_off: the UNet's rows without the z map"
-      throughput "$(until_mark "$FINAL_DEADLINE")" --backbones unet --dataset builtin:mnist --resolution 28 \
-        --steps 160 --train-args "--model_config '${GPU_UNET%\}}, \"z_map_channels\": 0}'" \
-        --name "train_throughput_${device}_zmap_off"
-    fi
+    late_throughput sync "where train_vrfm.py makes the host wait for the GPU" "${unet[@]}" --steps 40 --sync-debug
+    late_throughput dit "the DiT-S/2-class rows" --backbones dit --dataset builtin:mnist --resolution 32 --steps 120
+    late_throughput compile "the UNet's rows with --torch_compile" "${unet[@]}" --steps 160 --torch-compile
+    late_throughput channels_last "the UNet's rows with --channels_last" "${unet[@]}" --steps 160 --channels-last
+    late_throughput zmap_off "the UNet's rows without the z map" "${unet[@]}" --steps 160 \
+      --train-args "--model_config '${GPU_UNET%\}}, \"z_map_channels\": 0}'"
     say "done"
     cat "$RESULTS"/train_throughput_*.md "$RESULTS"/mnist_gpu.md 2>/dev/null | head -150
     ;;
