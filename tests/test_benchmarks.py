@@ -560,7 +560,7 @@ def test_train_throughput_reports_sync_sites_profiles_and_windowed_utilisation()
     meta = {"command": "c", "machine": "m", "device": "d", "batch_size": 128, "dataset": "builtin:mnist"}
     meta.update(resolution=28, steps=160, total_seconds=60.0, quick=False, channels_last=True, torch_compile=False)
     header = train_throughput.render({"meta": meta, "cells": []})
-    assert "Total 60 s. Options: `--channels-last`." in header and "Sync debug" not in header
+    assert "Total 60 s. Options: `--channels-last`." in header and "A diagnosis" not in header
     with pytest.raises(ValueError, match="`--sync-debug`.*CPU"):
         train_throughput.main(["--sync-debug", "--cpu"])
 
