@@ -140,7 +140,8 @@ class VRFMConvPosteriorEncoder(PosteriorEncoderMixin, ModelMixin, ConfigMixin):
     def encode(self, inputs: dict[str, torch.Tensor], time: torch.Tensor | None):
         """Maps the gathered inputs (and the time, when read) to `(mean, logvar)`, each `(B, latent_dim)`."""
         images = torch.cat([inputs[name] for name in self.posterior_inputs if name != "t"], dim=1)
-        feature_map = self.conv(images.to(self.device, self.dtype))
+        weight = self.to_mean.weight  # inputs run on the model's device and dtype (read off one weight: a hot path)
+        feature_map = self.conv(images.to(device=weight.device, dtype=weight.dtype))
         grid = self.config.pooled_size
         features = feature_map.mean(dim=(2, 3)) if grid == 1 else F.adaptive_avg_pool2d(feature_map, grid).flatten(1)
         if time is not None:
