@@ -443,8 +443,9 @@ def render(results: dict) -> str:
             ]
         )
     lines += [markdown_table(headers, rows), ""]
-    lines += profile_lines(results["cells"]) + sync_lines(results["cells"], meta["steps"])
-    lines += operator_lines(results["cells"])
+    runs = results["cells"]
+    notes = profile_lines(runs) + sync_lines(runs, meta["steps"]) + operator_lines(runs)
+    lines += notes + [""] if notes else []
     return "\n".join(lines) + "\n"
 
 
@@ -459,7 +460,7 @@ def sync_lines(cells: list[dict], steps: int, top: int = 8) -> list[str]:
                 f"- Host waits for the GPU in {cell['backbone']} {cell['size']} {cell['method']} ({steps} steps, "
                 f"{sum(sites.values())} in all, startup and saving included): {listed}."
             )
-    return lines + [""] if lines else []
+    return lines
 
 
 def operator_lines(cells: list[dict]) -> list[str]:
@@ -473,7 +474,7 @@ def operator_lines(cells: list[dict]) -> list[str]:
                 f"(forward, backward and update {counts.get('step', 0):.0f}; randomness {counts.get('draw', 0):.0f}; "
                 f"EMA {counts.get('ema', 0):.0f})."
             )
-    return lines + [""] if lines else []
+    return lines
 
 
 def profile_lines(cells: list[dict], top: int = 6) -> list[str]:
@@ -489,7 +490,7 @@ def profile_lines(cells: list[dict], top: int = 6) -> list[str]:
                 f"against {cell['ms_per_step']:.2f} wall ms/step; "
                 f"top operators (ms/step): {operators}."
             )
-    return lines + [""] if lines else []
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:
