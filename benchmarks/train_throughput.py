@@ -7,13 +7,14 @@ only there has the device finished the step). Throughput is measured over the se
 same backbone, no posterior, no KL) run back to back for every backbone, model size and precision.
 
 The **bare** row is the ceiling for that model (issue 12): the same velocity backbone, batch and precision, the data
-already on the device, and a hand-written rectified-flow step (randn, interpolate, forward, MSE, backward, AdamW) with
-no accelerate, EMA or logging, run in this process. The report gives VRFM and RF images/s as fractions of it and
-VRFM/RF; on CUDA it also averages the GPU's utilisation over every cell's timed steps (`nvidia-smi`) and writes a
-torch.profiler ms/step breakdown of the bare step (compiled under `--torch-compile`, so a run with and one without give
-both). `--torch-compile` and `--channels-last` pass the script's speed options (and apply them to the bare loop);
-`--sync-debug` is a diagnosis, not a timing: it lists the source lines where the script makes the host wait for the
-GPU.
+already on the device, and a hand-written rectified-flow step (randn, interpolate, forward, MSE, backward, AdamW, fused
+where torch has the kernels, as the script's) with no accelerate, EMA or logging, run in this process. The report gives
+VRFM and RF images/s as fractions of it and VRFM/RF; on CUDA it also averages the GPU's utilisation over every cell's
+timed steps (`nvidia-smi`) and writes a torch.profiler ms/step breakdown of the bare step (compiled under
+`--torch-compile`, so a run with and one without give both). `--torch-compile` (with `--torch-compile-mode`, e.g.
+`reduce-overhead` for CUDA graphs) and `--channels-last` pass the script's speed options (and apply them to the bare
+loop); `--sync-debug` is a diagnosis, not a timing: it lists the source lines where the script makes the host wait
+for the GPU.
 
 Model sizes: `default` is the training script's own small configuration (sized for CPUs); `gpu` is issue 12's UNet
 (6.5M parameters, the GPU config it was measured with) and a DiT-S/2-class transformer (12 blocks of width 384, patch
@@ -52,6 +53,8 @@ if __package__ in (None, ""):  # run as `python benchmarks/train_throughput.py`
 
 from benchmarks.common import RESULTS_DIR, machine_description, markdown_table, write_json  # noqa: E402
 from benchmarks.operator_count import operators_per_step  # noqa: E402
+from diffusers_vrfm.training.cli import TORCH_COMPILE_MODES  # noqa: E402
+from diffusers_vrfm.training.step import fused_optimizer_supported  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DIT_S2 = {"num_layers": 12, "num_attention_heads": 6, "attention_head_dim": 64, "patch_size": 2}
@@ -176,6 +179,8 @@ def run_cell(backbone: str, size: str, method: str, precision: str, args, workdi
         command += ["--cpu"]
     if args.torch_compile:
         command += ["--torch_compile"]
+    if args.torch_compile_mode:
+        command += ["--torch_compile_mode", args.torch_compile_mode]
     if args.channels_last:
         command += ["--channels_last"]
     # a flag given twice takes its last value: --train-args overrides the above, the method's flags win (RF stays RF)
@@ -271,8 +276,11 @@ def build_bare_model(backbone: str, size: str, sample_shape: tuple[int, ...], de
     return built.velocity_model.to(device).train()
 
 
-def bare_rf_step(model, optimizer, images: torch.Tensor, batch_size: int, autocast) -> torch.Tensor:
-    """One hand-written rectified-flow step: a random batch, randn, interpolate, forward, MSE, backward, AdamW."""
+def bare_rf_step(model, optimizer, images: torch.Tensor, batch_size: int, autocast, compiled: bool) -> torch.Tensor:
+    """One hand-written rectified-flow step: a random batch, randn, interpolate, forward, MSE, backward, AdamW. A
+    `compiled` model's CUDA graphs (`reduce-overhead`) are told where each step begins, as `train_vrfm.py` does."""
+    if compiled:
+        torch.compiler.cudagraph_mark_step_begin()
     index = torch.randint(images.shape[0], (batch_size,), device=images.device)
     x1 = images[index]
     x0 = torch.randn_like(x1)
@@ -301,17 +309,18 @@ def run_bare_cell(backbone: str, size: str, precision: str, args, images: torch.
         model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     if args.torch_compile:
-        model.compile()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+        model.compile(mode=args.torch_compile_mode)
+    fused = fused_optimizer_supported(device) or None  # as train_vrfm.py's: a few kernels for the whole update
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=fused)
     autocast = _autocast_for(precision, device)
     warmup = args.steps // 2
     with GpuUtilisation(enabled=device.type == "cuda") as utilisation:  # started before the timed steps
         for _ in range(warmup):
-            bare_rf_step(model, optimizer, images, args.batch_size, autocast)
+            bare_rf_step(model, optimizer, images, args.batch_size, autocast, args.torch_compile)
         _synchronize(device)
         start, window_start = time.perf_counter(), time.time()
         for _ in range(args.steps - warmup):
-            loss = bare_rf_step(model, optimizer, images, args.batch_size, autocast)
+            loss = bare_rf_step(model, optimizer, images, args.batch_size, autocast, args.torch_compile)
         _synchronize(device)
         seconds = time.perf_counter() - start
     timed = args.steps - warmup
@@ -329,7 +338,8 @@ def run_bare_cell(backbone: str, size: str, precision: str, args, images: torch.
     }
     if device.type == "cuda":  # the model as timed: compiled under --torch-compile, else eager
         mode = "torch_compile" if args.torch_compile else "eager"
-        cell["profile"] = {mode: profile_bare_step(model, optimizer, images, args.batch_size, autocast)}
+        profile = profile_bare_step(model, optimizer, images, args.batch_size, autocast, args.torch_compile)
+        cell["profile"] = {mode: profile}
     return cell
 
 
@@ -341,7 +351,9 @@ def _autocast_for(precision: str, device: torch.device):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def profile_bare_step(model, optimizer, images, batch_size: int, autocast, steps: int = 3, top: int = 12) -> dict:
+def profile_bare_step(
+    model, optimizer, images, batch_size: int, autocast, compiled: bool, steps: int = 3, top: int = 12
+) -> dict:
     """The ms/step breakdown of the bare step on CUDA, averaged over `steps` profiled steps (after three warm-up steps,
     which also compile a compiled model): the device time of its kernels and copies (each counted once), their
     number, the wall time under the profiler, and the `top` operators by the device time of the kernels they launch."""
@@ -349,12 +361,12 @@ def profile_bare_step(model, optimizer, images, batch_size: int, autocast, steps
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
-        bare_rf_step(model, optimizer, images, batch_size, autocast)
+        bare_rf_step(model, optimizer, images, batch_size, autocast, compiled)
     torch.cuda.synchronize()
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
         for _ in range(steps):
-            bare_rf_step(model, optimizer, images, batch_size, autocast)
+            bare_rf_step(model, optimizer, images, batch_size, autocast, compiled)
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
     events = profiler.key_averages()
@@ -388,6 +400,8 @@ def summarise_models(cells: list[dict]) -> dict:
 def render(results: dict) -> str:
     meta = results["meta"]
     options = [f"`--{key.replace('_', '-')}`" for key in ("torch_compile", "channels_last") if meta.get(key)]
+    if meta.get("torch_compile_mode"):
+        options.append(f"`--torch-compile-mode {meta['torch_compile_mode']}`")
     diagnosis = meta.get("sync_debug") or meta.get("count_ops")
     lines = [
         "# Training throughput of train_vrfm.py: VRFM and rectified flow against a bare loop",
@@ -505,6 +519,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpu", action="store_true", help="force CPU (implied without CUDA)")
     parser.add_argument("--torch-compile", action="store_true", help="train_vrfm.py --torch_compile, compiled bare")
     parser.add_argument(
+        "--torch-compile-mode",
+        choices=TORCH_COMPILE_MODES,
+        default=None,
+        help="torch.compile's mode under --torch-compile, for the script and the bare loop (reduce-overhead: CUDA "
+        "graphs)",
+    )
+    parser.add_argument(
         "--channels-last", action="store_true", help="train_vrfm.py --channels_last; the bare loop's weights, images"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each training process")
@@ -554,6 +575,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.cpu = args.cpu or args.quick or not torch.cuda.is_available()
     if args.quick:
         args.steps, args.batch_size, args.resolution, args.sizes = 8, 8, 16, ["default"]
+    if args.torch_compile_mode and not args.torch_compile:
+        raise ValueError(f"`--torch-compile-mode` ({args.torch_compile_mode}) needs `--torch-compile`.")
     if args.sync_debug and args.cpu:
         raise ValueError("`--sync-debug` finds where the host waits for a CUDA device, but this run is on the CPU.")
     precisions = args.precisions or (["no"] if args.cpu else ["bf16"])
@@ -570,6 +593,7 @@ def main(argv: list[str] | None = None) -> dict:
             "resolution": args.resolution,
             "quick": bool(args.quick),
             "torch_compile": bool(args.torch_compile),
+            "torch_compile_mode": args.torch_compile_mode,
             "channels_last": bool(args.channels_last),
             "sync_debug": bool(args.sync_debug),
             "count_ops": bool(args.count_ops),

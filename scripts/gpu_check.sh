@@ -9,6 +9,8 @@
 #   sync        issue 12: the same UNet's RF and VRFM runs under torch.cuda.set_sync_debug_mode: where the host waits.
 #   dit         issue 12: the DiT-S/2-class transformer's rows.
 #   compile     issue 12: the UNet's rows with --torch_compile.
+#   cudagraphs  issue 12: the UNet's rows with --torch_compile --torch_compile_mode reduce-overhead (CUDA graphs: the
+#               host no longer launches each kernel).
 #   channels_last  issue 12: the UNet's rows with --channels_last.
 #   zmap_off    issue 12: the UNet's rows without VRFM's `z` map (`z_map_channels` 0): is the map what VRFM waits on?
 # `QUALITY_TRAIN_ARGS` passes more train_vrfm.py flags to both methods' quality runs (e.g. "--channels_last").
@@ -33,7 +35,7 @@ GPU_UNET='{"block_out_channels": [64, 128, 128], "layers_per_block": 2, "norm_nu
 START=$(date +%s)
 RESULTS=benchmarks/results/gpu
 LOGS="$RESULTS/logs"
-STAGES="${STAGES:-throughput quality sync dit compile channels_last zmap_off}"
+STAGES="${STAGES:-throughput quality sync dit compile cudagraphs channels_last zmap_off}"
 QUALITY_SEEDS="${QUALITY_SEEDS:-0 1 2}"
 QUALITY_STEPS="${QUALITY_STEPS:-4000}"
 QUALITY_DEADLINE="${QUALITY_DEADLINE:-505}"  # seconds after the start: the quality runs are stopped by then
@@ -137,6 +139,8 @@ case "$mode" in
     late_throughput sync "where train_vrfm.py makes the host wait for the GPU" "${unet[@]}" --steps 40 --sync-debug
     late_throughput dit "the DiT-S/2-class rows" --backbones dit --dataset builtin:mnist --resolution 32 --steps 120
     late_throughput compile "the UNet's rows with --torch_compile" "${unet[@]}" --steps 160 --torch-compile
+    late_throughput cudagraphs "the UNet's rows with CUDA graphs" "${unet[@]}" --steps 160 --torch-compile \
+      --torch-compile-mode reduce-overhead
     late_throughput channels_last "the UNet's rows with --channels_last" "${unet[@]}" --steps 160 --channels-last
     late_throughput zmap_off "the UNet's rows without the z map" "${unet[@]}" --steps 160 \
       --train-args "--model_config '${GPU_UNET%\}}, \"z_map_channels\": 0}'"

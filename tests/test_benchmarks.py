@@ -561,8 +561,13 @@ def test_train_throughput_reports_sync_sites_profiles_and_windowed_utilisation()
     meta.update(resolution=28, steps=160, total_seconds=60.0, quick=False, channels_last=True, torch_compile=False)
     header = train_throughput.render({"meta": meta, "cells": []})
     assert "Total 60 s. Options: `--channels-last`." in header and "A diagnosis" not in header
+    meta.update(torch_compile=True, torch_compile_mode="reduce-overhead")
+    header = train_throughput.render({"meta": meta, "cells": []})
+    assert "Options: `--torch-compile`, `--channels-last`, `--torch-compile-mode reduce-overhead`." in header
     with pytest.raises(ValueError, match="`--sync-debug`.*CPU"):
         train_throughput.main(["--sync-debug", "--cpu"])
+    with pytest.raises(ValueError, match=r"`--torch-compile-mode` \(reduce-overhead\) needs `--torch-compile`"):
+        train_throughput.main(["--quick", "--torch-compile-mode", "reduce-overhead"])
 
 
 def test_train_throughput_counts_the_operators_of_a_training_step(tmp_path):

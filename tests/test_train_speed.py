@@ -96,6 +96,47 @@ def test_speed_options_parse_and_validate():
     assert not (defaults.torch_compile or defaults.channels_last or defaults.allow_tf32)
     with pytest.raises(ValueError, match=r"`--channels_last` must be off with --backbone mlp .*, but got True"):
         parse_args(["--backbone", "mlp", "--channels_last"])
+    assert defaults.torch_compile_mode is None
+    assert parse_args(["--torch_compile", "--torch_compile_mode", "reduce-overhead"]).torch_compile_mode == (
+        "reduce-overhead"
+    )
+    with pytest.raises(ValueError, match=r"`--torch_compile_mode` must be given only with --torch_compile, but got"):
+        parse_args(["--torch_compile_mode", "reduce-overhead"])
+    with pytest.raises(SystemExit):  # argparse names the choices
+        parse_args(["--torch_compile", "--torch_compile_mode", "fast"])
+
+
+class _CountedCalls:
+    """Stands for `torch.compile(model)`: runs `model` eagerly and counts the calls."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.model(*args, **kwargs)
+
+
+def test_torch_compile_runs_the_step_compiled_and_marks_each_micro_step(train, monkeypatch, tmp_path):
+    compiled, step_marks = [], []
+
+    def record_compile(model, **options):
+        compiled.append((type(model).__name__, options, _CountedCalls(model)))
+        return compiled[-1][-1]
+
+    monkeypatch.setattr(torch, "compile", record_compile)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: step_marks.append(1))
+    argv = _tiny_image_run(tmp_path / "run", "--torch_compile", "--torch_compile_mode", "reduce-overhead")
+    summary = train([*argv, "--learned_prior", "--gradient_accumulation_steps", "2"])
+    assert summary["finished"]
+    mode = {"mode": "reduce-overhead"}
+    assert [(name, options) for name, options, _ in compiled] == [
+        ("VRFMUNet2DModel", mode),
+        ("VRFMConvPosteriorEncoder", mode),
+        ("VRFMConvPosteriorEncoder", mode),
+    ], "the velocity model, the posterior and the learned prior"
+    assert [counted.calls for *_, counted in compiled] == [4, 4, 4], "the step's calls, and no others (validation)"
+    assert len(step_marks) == 4, "one mark per micro-step: 2 updates x 2 micro-steps"
 
 
 def test_channels_last_and_tf32_run_and_keep_the_saved_weights_plain(train, tmp_path):
@@ -117,7 +158,7 @@ def test_channels_last_and_tf32_run_and_keep_the_saved_weights_plain(train, tmp_
 def test_torch_compile_runs_on_cpu_and_saves_plain_weights(train, tmp_path):
     from safetensors.torch import load_file
 
-    summary = train(_tiny_image_run(tmp_path / "run", "--torch_compile"))
+    summary = train(_tiny_image_run(tmp_path / "run", "--torch_compile", "--torch_compile_mode", "reduce-overhead"))
     assert summary["finished"]
     weights = load_file(str(tmp_path / "run" / "velocity_model" / "diffusion_pytorch_model.safetensors"))
     assert not any(name.startswith("_orig_mod") for name in weights)

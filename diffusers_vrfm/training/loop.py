@@ -181,10 +181,13 @@ def accumulate_micro_step(
     host: the models skip their value checks, and the skip is decided on the device. Returns, on an update, its
     values for [`PendingUpdate`] (on the device; the last one is 1 when the update was skipped), else `None`."""
     accelerator = context.accelerator
+    if args.torch_compile:  # CUDA graphs (`reduce-overhead`) may reuse the last micro-step's outputs from here on
+        torch.compiler.cudagraph_mark_step_begin()
+    velocity_model, posterior_encoder, prior_model = models.step_modules()
     with accelerator.accumulate(*models.trained), skip_value_checks():
         output = training_step.vrfm_training_loss(
-            models.velocity_model,
-            models.posterior_encoder,
+            velocity_model,
+            posterior_encoder,
             batch.x0,
             batch.x1,
             batch.t,
@@ -193,7 +196,7 @@ def accumulate_micro_step(
             beta=beta,
             reduction=args.loss_reduction,
             free_bits=args.free_bits,
-            prior_encoder=models.prior_model,
+            prior_encoder=prior_model,
             prior_noise=batch.randomness.prior_noise,
             prior_mask=batch.randomness.prior_mask,
             model_kwargs=batch.model_kwargs,

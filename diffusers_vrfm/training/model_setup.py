@@ -32,6 +32,8 @@ class TrainingModels:
         ema_model (`diffusers.training_utils.EMAModel`, *optional*): the EMA of the velocity model.
         optimizer, lr_scheduler: set by [`prepare_for_training`].
         velocity_parameters (`int`), posterior_parameters (`int`): parameter counts.
+        compiled (`tuple`, *optional*): under `--torch_compile`, `torch.compile` of the velocity model, posterior and
+            prior (`None` for an absent one), set by [`prepare_for_training`]; see [`step_modules`].
     """
 
     velocity_model: torch.nn.Module
@@ -44,11 +46,17 @@ class TrainingModels:
     lr_scheduler: object | None = None
     velocity_parameters: int = 0
     posterior_parameters: int = 0
+    compiled: tuple | None = None
 
     @property
     def trained(self) -> tuple[torch.nn.Module, ...]:
         """The models the optimiser updates (velocity model, then posterior and prior when present)."""
         return tuple(m for m in (self.velocity_model, self.posterior_encoder, self.prior_model) if m is not None)
+
+    def step_modules(self) -> tuple:
+        """`(velocity_model, posterior_encoder, prior_model)` as the training step calls them: compiled under
+        `--torch_compile`, else the models themselves."""
+        return self.compiled or (self.velocity_model, self.posterior_encoder, self.prior_model)
 
     @property
     def checkpoint_dirs(self) -> tuple[str, ...]:
@@ -144,16 +152,26 @@ def _make_ema(args: argparse.Namespace, velocity_model, device) -> EMAModel | No
     return ema_model
 
 
-def apply_speed_options(args: argparse.Namespace, models: TrainingModels) -> None:
-    """`--channels_last` (image models) and `--torch_compile` (the velocity model), in place: `nn.Module.compile`
-    compiles a module's forward without wrapping it, so parameter names, checkpoints and the saved pipeline stay as
-    they are. The posterior is left eager: it is small, and it draws random numbers outside training."""
+def use_channels_last(args: argparse.Namespace, models: TrainingModels) -> None:
+    """`--channels_last`: the image models' weights in channels-last memory format, in place."""
     if args.channels_last:
         for model in (models.velocity_model, models.posterior_encoder):
             if model is not None:
                 model.to(memory_format=torch.channels_last)
-    if args.torch_compile:
-        models.velocity_model.compile()
+
+
+def compile_for_training(args: argparse.Namespace, models: TrainingModels) -> tuple | None:
+    """`--torch_compile`: `torch.compile` (with `--torch_compile_mode`) of each prepared model, for the training step
+    alone; `None` without the flag.
+
+    The compiled modules share the models' weights, so checkpoints and the saved pipeline are unchanged. Validation,
+    the aggregate prior's fit and saving call the models themselves, eagerly: they run at other batch sizes, which
+    would recompile (and under `reduce-overhead` record new CUDA graphs). The posterior and the prior are compiled
+    too: where the host bounds a GPU's steps, their operators cost as much host time as the velocity model's."""
+    if not args.torch_compile:
+        return None
+    chosen = (models.velocity_model, models.posterior_encoder, models.prior_model)
+    return tuple(None if model is None else torch.compile(model, mode=args.torch_compile_mode) for model in chosen)
 
 
 def prepare_for_training(
@@ -184,13 +202,14 @@ def prepare_for_training(
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
-    apply_speed_options(args, models)
+    use_channels_last(args, models)
     *wrapped, models.optimizer, models.lr_scheduler = accelerator.prepare(*models.trained, optimizer, lr_scheduler)
     models.velocity_model = wrapped[0]
     if models.posterior_encoder is not None:
         models.posterior_encoder = wrapped[1]
     if models.prior_model is not None:
         models.prior_model = wrapped[2]
+    models.compiled = compile_for_training(args, models)
 
     if accelerator.is_main_process:
         accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(args))
