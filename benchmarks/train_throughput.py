@@ -276,9 +276,18 @@ def build_bare_model(backbone: str, size: str, sample_shape: tuple[int, ...], de
     return built.velocity_model.to(device).train()
 
 
+def bare_optimizer(model, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, fused where torch has the kernels, as `train_vrfm.py`'s: a few kernels for the whole update."""
+    fused = fused_optimizer_supported(device) or None
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=fused)
+
+
 def bare_rf_step(model, optimizer, images: torch.Tensor, batch_size: int, autocast, compiled: bool) -> torch.Tensor:
-    """One hand-written rectified-flow step: a random batch, randn, interpolate, forward, MSE, backward, AdamW. A
-    `compiled` model's CUDA graphs (`reduce-overhead`) are told where each step begins, as `train_vrfm.py` does."""
+    """One hand-written rectified-flow step: a random batch, randn, interpolate, forward, MSE, backward, AdamW. As in
+    `train_vrfm.py`, the model skips its value checks (each would read back to the host) and a `compiled` model's CUDA
+    graphs (`reduce-overhead`) are told where each step begins."""
+    from diffusers_vrfm.models.z_embedding import skip_value_checks
+
     if compiled:
         torch.compiler.cudagraph_mark_step_begin()
     index = torch.randint(images.shape[0], (batch_size,), device=images.device)
@@ -286,7 +295,7 @@ def bare_rf_step(model, optimizer, images: torch.Tensor, batch_size: int, autoca
     x0 = torch.randn_like(x1)
     t = torch.rand(batch_size, device=x1.device)
     x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * x1
-    with autocast():
+    with autocast(), skip_value_checks():
         prediction = model(x_t, t).sample
     loss = torch.nn.functional.mse_loss(prediction.float(), x1 - x0)
     loss.backward()
@@ -310,8 +319,7 @@ def run_bare_cell(backbone: str, size: str, precision: str, args, images: torch.
         images = images.contiguous(memory_format=torch.channels_last)
     if args.torch_compile:
         model.compile(mode=args.torch_compile_mode)
-    fused = fused_optimizer_supported(device) or None  # as train_vrfm.py's: a few kernels for the whole update
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=fused)
+    optimizer = bare_optimizer(model, device)
     autocast = _autocast_for(precision, device)
     warmup = args.steps // 2
     with GpuUtilisation(enabled=device.type == "cuda") as utilisation:  # started before the timed steps

@@ -104,6 +104,10 @@ def test_speed_options_parse_and_validate():
         parse_args(["--torch_compile_mode", "reduce-overhead"])
     with pytest.raises(SystemExit):  # argparse names the choices
         parse_args(["--torch_compile", "--torch_compile_mode", "fast"])
+    accumulating = ["--torch_compile", "--gradient_accumulation_steps", "2", "--torch_compile_mode"]
+    with pytest.raises(ValueError, match=r"`--torch_compile_mode` must be one without CUDA graphs .* but got 'max-au"):
+        parse_args([*accumulating, "max-autotune"])
+    assert parse_args([*accumulating, "max-autotune-no-cudagraphs"]).gradient_accumulation_steps == 2
 
 
 class _CountedCalls:
@@ -126,10 +130,10 @@ def test_torch_compile_runs_the_step_compiled_and_marks_each_micro_step(train, m
 
     monkeypatch.setattr(torch, "compile", record_compile)
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: step_marks.append(1))
-    argv = _tiny_image_run(tmp_path / "run", "--torch_compile", "--torch_compile_mode", "reduce-overhead")
+    argv = _tiny_image_run(tmp_path / "run", "--torch_compile", "--torch_compile_mode", "max-autotune-no-cudagraphs")
     summary = train([*argv, "--learned_prior", "--gradient_accumulation_steps", "2"])
     assert summary["finished"]
-    mode = {"mode": "reduce-overhead"}
+    mode = {"mode": "max-autotune-no-cudagraphs"}
     assert [(name, options) for name, options, _ in compiled] == [
         ("VRFMUNet2DModel", mode),
         ("VRFMConvPosteriorEncoder", mode),

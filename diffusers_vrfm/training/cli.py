@@ -30,6 +30,7 @@ DEFAULT_LEARNING_RATE = {"mlp": 1e-3, "unet": 1e-3, "dit": 3e-4, "sd3": 3e-4}
 POSTERIOR_INPUT_CHOICES = ("x0", "x1", "x_t", "t")
 NONFINITE_POLICIES = ("stop", "skip")
 TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -431,7 +432,7 @@ def _add_system_arguments(parser: argparse.ArgumentParser) -> None:
         choices=TORCH_COMPILE_MODES,
         help="torch.compile's `mode` under --torch_compile (default: torch's own). `reduce-overhead` replays each "
         "model's forward and backward as CUDA graphs, which removes the per-kernel host cost that bounds small "
-        "models on fast GPUs; it needs a fixed batch shape and more GPU memory.",
+        "models on fast GPUs; it needs a fixed batch shape, more GPU memory and --gradient_accumulation_steps 1.",
     )
     system.add_argument(
         "--channels_last",
@@ -559,6 +560,16 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         fail("num_threads", args.num_threads, "an integer >= 1")
     if args.torch_compile_mode is not None and not args.torch_compile:
         fail("torch_compile_mode", args.torch_compile_mode, "given only with --torch_compile")
+    if args.torch_compile_mode in CUDA_GRAPH_COMPILE_MODES and args.gradient_accumulation_steps > 1:
+        # torch's CUDA graphs hand a backward's output buffer to `.grad`, and the next micro-step's replay overwrites
+        # it (pytorch/pytorch#169545): accumulated gradients would be wrong or the run would fail
+        fail(
+            "torch_compile_mode",
+            args.torch_compile_mode,
+            f"one without CUDA graphs (not {' or '.join(CUDA_GRAPH_COMPILE_MODES)}) with "
+            f"--gradient_accumulation_steps {args.gradient_accumulation_steps}; CUDA graphs overwrite the gradients "
+            "being accumulated",
+        )
     if args.channels_last and args.backbone == "mlp":
         fail("channels_last", True, "off with --backbone mlp (vector data has no channels)")
     if args.max_train_samples is not None and args.max_train_samples < 1:
