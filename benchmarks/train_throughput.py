@@ -13,8 +13,9 @@ VRFM and RF images/s as fractions of it and VRFM/RF; on CUDA it also averages th
 timed steps (`nvidia-smi`) and writes a torch.profiler ms/step breakdown of the bare step (compiled under
 `--torch-compile`, so a run with and one without give both). `--torch-compile` (with `--torch-compile-mode`, e.g.
 `reduce-overhead` for CUDA graphs) and `--channels-last` pass the script's speed options (and apply them to the bare
-loop); `--sync-debug` is a diagnosis, not a timing: it lists the source lines where the script makes the host wait
-for the GPU.
+loop). `--sync-debug`, `--count-ops` and `--profile-steps` are diagnoses, not timings: the source lines where the
+script makes the host wait for the GPU, the operators a step dispatches, and a torch.profiler record of whole steps
+(`benchmarks/step_profile.py`).
 
 Model sizes: `default` is the training script's own small configuration (sized for CPUs); `gpu` is issue 12's UNet
 (6.5M parameters, the GPU config it was measured with) and a DiT-S/2-class transformer (12 blocks of width 384, patch
@@ -143,9 +144,13 @@ def run_cell(backbone: str, size: str, method: str, precision: str, args, workdi
     """One training run of `train_vrfm.py`; returns its throughput and losses."""
     output_dir = workdir / f"{backbone}-{size}-{method}-{precision}"
     counts_path = workdir / f"{output_dir.name}-operators.json"
+    profile_path = workdir / f"{output_dir.name}-profile.json"
     setups = [SYNC_DEBUG] if args.sync_debug else []
     if args.count_ops:
         setups.append(f"import benchmarks.operator_count as counting; counting.install({str(counts_path)!r})")
+    if args.profile_steps:  # from the middle of the run, as the timing
+        install = f"p.install({str(profile_path)!r}, {args.steps // 2 + 1}, {args.profile_steps})"
+        setups.append(f"import benchmarks.step_profile as p; {install}")
     launcher = script_launcher("; ".join(setups)) if setups else [sys.executable]
     command = [
         *launcher,
@@ -203,6 +208,8 @@ def run_cell(backbone: str, size: str, method: str, precision: str, args, workdi
         timed["synchronising_sites"] = synchronising_sites(completed.stderr)
     if args.count_ops:
         timed["operators_per_step"] = operators_per_step(counts_path)
+    if args.profile_steps:
+        timed["step_profile"] = json.loads(profile_path.read_text())
     return {
         "backbone": backbone,
         "size": size,
@@ -410,7 +417,7 @@ def render(results: dict) -> str:
     options = [f"`--{key.replace('_', '-')}`" for key in ("torch_compile", "channels_last") if meta.get(key)]
     if meta.get("torch_compile_mode"):
         options.append(f"`--torch-compile-mode {meta['torch_compile_mode']}`")
-    diagnosis = meta.get("sync_debug") or meta.get("count_ops")
+    diagnosis = meta.get("sync_debug") or meta.get("count_ops") or meta.get("profile_steps")
     lines = [
         "# Training throughput of train_vrfm.py: VRFM and rectified flow against a bare loop",
         "",
@@ -421,7 +428,7 @@ def render(results: dict) -> str:
         f"Total {meta['total_seconds']:.0f} s."
         + (f" Options: {', '.join(options)}." if options else "")
         + (" **QUICK smoke run: not a result.**" if meta["quick"] else "")
-        + (" **A diagnosis (sync debug or operator count): the timings are no result.**" if diagnosis else ""),
+        + (" **A diagnosis (sync debug, operators or profile): the timings are no result.**" if diagnosis else ""),
         "",
     ]
     headers = [
@@ -466,7 +473,7 @@ def render(results: dict) -> str:
         )
     lines += [markdown_table(headers, rows), ""]
     runs = results["cells"]
-    notes = profile_lines(runs) + sync_lines(runs, meta["steps"]) + operator_lines(runs)
+    notes = profile_lines(runs) + sync_lines(runs, meta["steps"]) + operator_lines(runs) + step_profile_lines(runs)
     lines += notes + [""] if notes else []
     return "\n".join(lines) + "\n"
 
@@ -495,6 +502,27 @@ def operator_lines(cells: list[dict]) -> list[str]:
                 f"- Operators per step of {cell['backbone']} {cell['size']} {cell['method']}: {counts['total']:.0f} "
                 f"(forward, backward and update {counts.get('step', 0):.0f}; randomness {counts.get('draw', 0):.0f}; "
                 f"EMA {counts.get('ema', 0):.0f})."
+            )
+    return lines
+
+
+def step_profile_lines(cells: list[dict], top: int = 6) -> list[str]:
+    """`--profile-steps`: per training run, its profiled steps' wall, host and device time, waits, top host calls."""
+    lines = []
+    for cell in cells:
+        if "step_profile" in cell:
+            profile = cell["step_profile"]
+            waits = ", ".join(
+                f"`{name}` {wait['calls']:.1f} calls, {wait['ms']:.2f} ms" for name, wait in profile["waits"].items()
+            )
+            heaviest = list(profile["top_host_calls"].items())[:top]
+            calls = ", ".join(f"`{name}` {call['ms']:.2f} ({call['calls']:.0f} calls)" for name, call in heaviest)
+            run = f"{cell['backbone']} {cell['size']} {cell['method']}"
+            lines.append(
+                f"- Profile of {run} ({profile['steps']} steps), per step: "
+                f"{profile['wall_ms_per_step']:.1f} ms wall, {profile['host_ms_per_step']:.1f} ms of host calls, "
+                f"{profile['device_ms_per_step']:.1f} ms on the device in {profile['kernels_per_step']:.0f} kernels; "
+                f"waits for the device: {waits or 'none'}; top host calls (ms): {calls}."
             )
     return lines
 
@@ -554,6 +582,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="count the aten operators one training step of train_vrfm.py dispatches (any device; its timings are "
         "then no result): where the host bounds a GPU, each one costs host time",
     )
+    parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="profile this many whole steps of train_vrfm.py from the middle of each run with torch.profiler: host "
+        "and device time, waits for the device, top host calls (a diagnosis: its timings are then no result)",
+    )
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default=None, help="the results' file name (default train_throughput_<device>)")
     parser.add_argument("--quick", action="store_true", help="a smoke run on CPU (not a result)")
@@ -565,7 +600,7 @@ def run_model(backbone: str, size: str, precision: str, args, workdir: Path, ima
     finishes."""
     for method in METHODS:
         yield run_cell(backbone, size, method, precision, args, workdir)
-    if args.sync_debug or args.count_ops:  # a diagnosis of the script, not a timing: the bare loop has no part in it
+    if args.sync_debug or args.count_ops or args.profile_steps:  # a diagnosis of the script: no bare loop
         return
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)  # the bare loop gets the threads a training process gets
@@ -583,6 +618,11 @@ def main(argv: list[str] | None = None) -> dict:
     args.cpu = args.cpu or args.quick or not torch.cuda.is_available()
     if args.quick:
         args.steps, args.batch_size, args.resolution, args.sizes = 8, 8, 16, ["default"]
+    if not 0 <= args.profile_steps < args.steps // 2:
+        raise ValueError(
+            f"`--profile-steps` must be in [0, {args.steps // 2}) (inside the second half of `--steps` {args.steps}), "
+            f"but got {args.profile_steps}."
+        )
     if args.torch_compile_mode and not args.torch_compile:
         raise ValueError(f"`--torch-compile-mode` ({args.torch_compile_mode}) needs `--torch-compile`.")
     if args.sync_debug and args.cpu:
@@ -605,6 +645,7 @@ def main(argv: list[str] | None = None) -> dict:
             "channels_last": bool(args.channels_last),
             "sync_debug": bool(args.sync_debug),
             "count_ops": bool(args.count_ops),
+            "profile_steps": args.profile_steps,
             "train_args": args.train_args,
         },
         "cells": [],

@@ -7,6 +7,8 @@
 #   quality     issue 13: benchmarks/mnist_quality.py on the same UNet, 4000 steps, `QUALITY_SEEDS` x {VRFM, RF} side by
 #               side on the GPU, 10k samples per NFE; then the join of every seed's JSON found.
 #   sync        issue 12: the same UNet's RF and VRFM runs under torch.cuda.set_sync_debug_mode: where the host waits.
+#   profile     issue 12: torch.profiler over 5 whole steps of the same runs: host and device time per step, the waits
+#               for the device and the host calls that cost most.
 #   dit         issue 12: the DiT-S/2-class transformer's rows.
 #   compile     issue 12: the UNet's rows with --torch_compile.
 #   cudagraphs  issue 12: the UNet's rows with --torch_compile --torch_compile_mode reduce-overhead (CUDA graphs: the
@@ -35,7 +37,7 @@ GPU_UNET='{"block_out_channels": [64, 128, 128], "layers_per_block": 2, "norm_nu
 START=$(date +%s)
 RESULTS=benchmarks/results/gpu
 LOGS="$RESULTS/logs"
-STAGES="${STAGES:-throughput quality sync dit compile cudagraphs channels_last zmap_off}"
+STAGES="${STAGES:-throughput quality sync profile dit compile cudagraphs channels_last zmap_off}"
 QUALITY_SEEDS="${QUALITY_SEEDS:-0 1 2}"
 QUALITY_STEPS="${QUALITY_STEPS:-4000}"
 QUALITY_DEADLINE="${QUALITY_DEADLINE:-505}"  # seconds after the start: the quality runs are stopped by then
@@ -106,10 +108,12 @@ case "$mode" in
         .whl/*.whl
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
       quick=()
+      profile_steps=5
       quality_flags=(--device cuda --mixed-precision bf16 --steps "$QUALITY_STEPS" --batch-size 128
         --model-config "$GPU_UNET" --train-args "${QUALITY_TRAIN_ARGS:-}")
     else
       quick=(--quick)
+      profile_steps=2  # --quick runs 8 steps
       quality_flags=(--quick --device cpu)
       STAGES="${STAGES/sync/}"  # CUDA only
       gpu_monitor() { exec sleep 3600; }
@@ -137,6 +141,8 @@ case "$mode" in
       quality
     fi
     late_throughput sync "where train_vrfm.py makes the host wait for the GPU" "${unet[@]}" --steps 40 --sync-debug
+    late_throughput profile "torch.profiler over whole steps of train_vrfm.py" "${unet[@]}" --steps 40 \
+      --profile-steps "$profile_steps"
     late_throughput dit "the DiT-S/2-class rows" --backbones dit --dataset builtin:mnist --resolution 32 --steps 120
     late_throughput compile "the UNet's rows with --torch_compile" "${unet[@]}" --steps 160 --torch-compile
     late_throughput cudagraphs "the UNet's rows with CUDA graphs" "${unet[@]}" --steps 160 --torch-compile \

@@ -570,10 +570,10 @@ def test_train_throughput_reports_sync_sites_profiles_and_windowed_utilisation()
         train_throughput.main(["--quick", "--torch-compile-mode", "reduce-overhead"])
 
 
-def test_train_throughput_counts_the_operators_of_a_training_step(tmp_path):
+def test_train_throughput_counts_the_operators_of_a_training_step_and_profiles_it(tmp_path):
     from benchmarks import train_throughput
 
-    argv = ["--quick", "--backbones", "unet", "--count-ops", "--output-dir", str(tmp_path)]
+    argv = ["--quick", "--backbones", "unet", "--count-ops", "--profile-steps", "2", "--output-dir", str(tmp_path)]
     results = train_throughput.main([*argv, "--train-args", "--latent_dim 2"])
     vrfm, rf = results["cells"]  # a diagnosis: no bare loop
     assert (vrfm["method"], rf["method"]) == ("VRFM", "RF") and results["meta"]["count_ops"]
@@ -583,9 +583,42 @@ def test_train_throughput_counts_the_operators_of_a_training_step(tmp_path):
         assert counts["total"] == counts["step"] + counts["draw"] + counts["ema"]
     assert vrfm["operators_per_step"]["step"] > rf["operators_per_step"]["step"], "the posterior's operators"
     assert vrfm["operators_per_step"]["draw"] > rf["operators_per_step"]["draw"], "the posterior's noise"
+    for cell in (vrfm, rf):
+        profile = cell["step_profile"]
+        assert profile["steps"] == 2 and 0 < profile["host_ms_per_step"] <= profile["wall_ms_per_step"]
+        assert profile["kernels_per_step"] == 0 and profile["waits"] == {}, "the CPU: no kernels, nothing to wait for"
+        assert "aten::convolution_backward" in profile["top_host_calls"]
     report = (tmp_path / "train_throughput_cpu.md").read_text()
     assert f"Operators per step of unet default VRFM: {vrfm['operators_per_step']['total']:.0f}" in report
+    assert "- Profile of unet default RF (2 steps), per step: " in report and "waits for the device: none" in report
     assert "A diagnosis" in report
+    with pytest.raises(ValueError, match=r"`--profile-steps` must be in \[0, 4\) .* but got 4"):
+        train_throughput.main(["--quick", "--profile-steps", "4"])
+
+
+def test_step_profile_summarises_per_step_and_finds_the_waits():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from benchmarks.step_profile import summarise
+
+    def event(key, device_type, microseconds, count):
+        time = {"self_cpu_time_total": microseconds, "self_device_time_total": microseconds}
+        return SimpleNamespace(key=key, device_type=device_type, count=count, **time)
+
+    events = [
+        event("cudaLaunchKernel", DeviceType.CPU, 8000.0, 400),
+        event("cudaStreamSynchronize", DeviceType.CPU, 6000.0, 2),
+        event("cudaMemcpyAsync", DeviceType.CPU, 400.0, 4),
+        event("aten::mm", DeviceType.CPU, 2000.0, 40),
+        event("ampere_gemm", DeviceType.CUDA, 3000.0, 40),
+    ]
+    summary = summarise(events, steps=2, wall_seconds=0.05, top=2)
+    assert summary["wall_ms_per_step"] == pytest.approx(25.0) and summary["host_ms_per_step"] == pytest.approx(8.2)
+    assert summary["device_ms_per_step"] == pytest.approx(1.5) and summary["kernels_per_step"] == 20
+    assert list(summary["top_host_calls"]) == ["cudaLaunchKernel", "cudaStreamSynchronize"]
+    assert summary["waits"] == {"cudaStreamSynchronize": {"ms": 3.0, "calls": 1.0}}, "an async copy is no wait"
 
 
 def test_bare_step_reads_nothing_back_to_the_host():
