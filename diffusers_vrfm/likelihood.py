@@ -65,6 +65,8 @@ import torch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .models.z_embedding import given_latent
+
 DIVERGENCES = ("exact", "hutchinson")
 LIKELIHOOD_SOLVERS = ("euler", "heun", "dopri5")
 DEFAULT_IMAGE_BIN_WIDTH = 2.0 / 255.0
@@ -412,17 +414,7 @@ def _check_inputs(velocity_model, x, z, num_z_samples, divergence, solver, num_i
         return None
     if latent_dim == 0:
         raise ValueError("`z` was given, but the velocity model has `latent_dim=0` (plain rectified flow).")
-    if not isinstance(z, torch.Tensor):
-        raise TypeError(f"`z` must be a torch.Tensor, but got {type(z).__name__}.")
-    if z.ndim == 1:
-        z = z.unsqueeze(0).expand(batch_size, -1)
-    if tuple(z.shape) != (batch_size, latent_dim):
-        raise ValueError(
-            f"`z` must have shape ({batch_size}, {latent_dim}) or ({latent_dim},), but got {tuple(z.shape)}."
-        )
-    if not z.is_floating_point() or not torch.isfinite(z).all():
-        raise ValueError("`z` must be a finite floating-point tensor.")
-    return z.to(device=x.device, dtype=x.dtype)
+    return given_latent(z, batch_size, latent_dim, x.device, x.dtype)
 
 
 def _prepare_labels(class_labels, batch_size, device):

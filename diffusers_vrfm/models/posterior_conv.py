@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .posterior import PosteriorEncoderMixin, validate_posterior_inputs
+from .z_embedding import spatial_size
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -86,7 +87,7 @@ class VRFMConvPosteriorEncoder(PosteriorEncoderMixin, ModelMixin, ConfigMixin):
         pooled_size: int = 1,
     ):
         super().__init__()
-        self._spatial = _spatial_size(sample_size)
+        self._spatial = spatial_size(sample_size)
         _check_int("in_channels", in_channels, 1)
         _check_int("latent_dim", latent_dim, 1)
         _check_int("layers_per_block", layers_per_block, 1)
@@ -154,19 +155,7 @@ class VRFMConvPosteriorEncoder(PosteriorEncoderMixin, ModelMixin, ConfigMixin):
 def last_feature_map_size(sample_size, num_stride_2_convs: int) -> tuple[int, int]:
     """The `(height, width)` of an image of `sample_size` after `num_stride_2_convs` stride-2 3x3 convs with padding 1
     (each: ceil(n / 2)); the conv posterior has one fewer than its stages."""
-    height, width = _spatial_size(sample_size)
+    height, width = spatial_size(sample_size)
     for _ in range(num_stride_2_convs):
         height, width = (height + 1) // 2, (width + 1) // 2
     return height, width
-
-
-def _spatial_size(sample_size) -> tuple[int, int]:
-    if isinstance(sample_size, int) and not isinstance(sample_size, bool) and sample_size > 0:
-        return (sample_size, sample_size)
-    if (
-        isinstance(sample_size, (list, tuple))
-        and len(sample_size) == 2
-        and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sample_size)
-    ):
-        return (int(sample_size[0]), int(sample_size[1]))
-    raise ValueError(f"`sample_size` must be a positive int or a (height, width) pair, but got {sample_size!r}.")

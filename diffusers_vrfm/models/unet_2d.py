@@ -26,6 +26,7 @@ from .z_embedding import (
     VRFMVelocityOutput,
     check_context,
     check_velocity_inputs,
+    spatial_size,
 )
 
 # Arguments of `UNet2DModel` that `VRFMUNet2DModel` mirrors one to one (the class path is the wrapper's own).
@@ -113,19 +114,6 @@ def _check_num_classes(num_classes) -> None:
 def _check_timestep_scale(timestep_scale) -> None:
     if isinstance(timestep_scale, bool) or not isinstance(timestep_scale, (int, float)) or not timestep_scale > 0:
         raise ValueError(f"`timestep_scale` must be a positive number, but got {timestep_scale!r}.")
-
-
-def _spatial_size(sample_size) -> tuple[int, int]:
-    """`sample_size` as `(height, width)`; an int means a square."""
-    if isinstance(sample_size, int) and not isinstance(sample_size, bool) and sample_size > 0:
-        return (sample_size, sample_size)
-    if (
-        isinstance(sample_size, (list, tuple))
-        and len(sample_size) == 2
-        and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sample_size)
-    ):
-        return (int(sample_size[0]), int(sample_size[1]))
-    raise ValueError(f"`sample_size` must be a positive int or a (height, width) pair, but got {sample_size!r}.")
 
 
 def _backbone_config(backbone, expected: type, argument_names: tuple[str, ...]) -> dict:
@@ -217,7 +205,7 @@ class VRFMUNet2DModel(ModelMixin, ConfigMixin):
         add_attention: bool = True,
     ):
         super().__init__()
-        _spatial_size(sample_size)
+        spatial_size(sample_size)
         _check_int("in_channels", in_channels, 1)
         _check_int("latent_dim", latent_dim, 0)
         _check_num_classes(num_classes)
@@ -271,7 +259,7 @@ class VRFMUNet2DModel(ModelMixin, ConfigMixin):
         self.z_embedding = LatentEmbedding(latent_dim, temb_dim, z_embed_hidden_dim) if latent_dim > 0 else None
         self.z_map = None
         if z_map_channels > 0:
-            self.z_map = LatentMap(latent_dim, z_map_channels, _spatial_size(sample_size), z_map_stride)
+            self.z_map = LatentMap(latent_dim, z_map_channels, spatial_size(sample_size), z_map_stride)
         self.class_embedding = nn.Embedding(num_classes + 1, temb_dim) if num_classes is not None else None
         if self.class_embedding is not None:
             nn.init.zeros_(self.class_embedding.weight)
@@ -287,7 +275,7 @@ class VRFMUNet2DModel(ModelMixin, ConfigMixin):
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         """The shape of one example, `(channels, height, width)`."""
-        return (self.config.in_channels, *_spatial_size(self.config.sample_size))
+        return (self.config.in_channels, *spatial_size(self.config.sample_size))
 
     @classmethod
     def from_backbone(
@@ -470,7 +458,7 @@ class VRFMUNet2DConditionModel(ModelMixin, ConfigMixin):
         extra_unet_config: dict | None = None,
     ):
         super().__init__()
-        _spatial_size(sample_size)
+        spatial_size(sample_size)
         _check_int("in_channels", in_channels, 1)
         _check_int("latent_dim", latent_dim, 0)
         _check_num_classes(num_classes)
@@ -539,7 +527,7 @@ class VRFMUNet2DConditionModel(ModelMixin, ConfigMixin):
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         """The shape of one example, `(channels, height, width)`."""
-        return (self.config.in_channels, *_spatial_size(self.config.sample_size))
+        return (self.config.in_channels, *spatial_size(self.config.sample_size))
 
     @property
     def context_dim(self) -> int | None:

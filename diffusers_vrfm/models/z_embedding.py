@@ -136,6 +136,51 @@ def check_latent(
     check_tensor(z, argument)
 
 
+def given_latent(z, batch_size: int, latent_dim: int, device, dtype) -> torch.Tensor:
+    """A caller's ``z`` for a batch of `batch_size`, checked and moved to `device` and `dtype`: a `(latent_dim,)`
+    vector is shared by every row, a `(batch_size, latent_dim)` tensor gives each row its own. It must be a finite
+    floating-point tensor (after the cast: a value beyond `dtype`'s range becomes inf).
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_vrfm.models.z_embedding import given_latent
+    >>> given_latent(torch.tensor([1.0, 2.0]), 3, 2, "cpu", torch.float64)
+    tensor([[1., 2.],
+            [1., 2.],
+            [1., 2.]], dtype=torch.float64)
+    ```
+    """
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"`z` must be a torch.Tensor, but got {type(z).__name__}.")
+    if z.ndim == 1:
+        z = z.unsqueeze(0).expand(batch_size, -1)
+    if tuple(z.shape) != (batch_size, latent_dim):
+        raise ValueError(
+            f"`z` must have shape ({batch_size}, {latent_dim}) (the batch size, `latent_dim`) or ({latent_dim},), but "
+            f"got {tuple(z.shape)}."
+        )
+    check_tensor(z, "z")  # floating point, not on the meta device; any other device is moved
+    z = z.to(device=device, dtype=dtype)
+    if not torch.isfinite(z).all():
+        raise ValueError(f"`z` must be a finite floating-point tensor (in dtype {dtype}), but it contains NaN or inf.")
+    return z
+
+
+def spatial_size(sample_size) -> tuple[int, int]:
+    """`sample_size` as `(height, width)`; an int means a square."""
+    if isinstance(sample_size, int) and not isinstance(sample_size, bool) and sample_size > 0:
+        return (sample_size, sample_size)
+    if (
+        isinstance(sample_size, (list, tuple))
+        and len(sample_size) == 2
+        and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sample_size)
+    ):
+        return (int(sample_size[0]), int(sample_size[1]))
+    raise ValueError(f"`sample_size` must be a positive int or a (height, width) pair, but got {sample_size!r}.")
+
+
 def check_timestep(
     timestep, batch_size: int, device, dtype, argument: str = "timestep", batch_from: str = "sample"
 ) -> torch.Tensor:

@@ -37,7 +37,7 @@ from ..models.posterior import VRFMPosteriorEncoder
 from ..models.posterior_conv import VRFMConvPosteriorEncoder
 from ..models.transformer_2d import VRFMDiTTransformer2DModel
 from ..models.unet_2d import VRFMUNet2DConditionModel, VRFMUNet2DModel
-from ..models.z_embedding import as_label_tensor
+from ..models.z_embedding import as_label_tensor, given_latent
 from ..objective import check_generator, check_real, check_tensor, slerp
 from ..schedulers.flow_scheduler_adapter import FlowSchedulerAdapter, check_flow_scheduler
 from ..schedulers.scheduling_vrfm import VRFMScheduler
@@ -268,20 +268,7 @@ class VRFMPipeline(DiffusionPipeline):
             return self.prior(x0=source.to(device, self.prior.dtype), generator=generator).sample.to(dtype)
         if z is None:
             return randn_tensor((batch_size, latent_dim), generator=generator, device=device, dtype=dtype)
-        if not isinstance(z, torch.Tensor):
-            raise TypeError(f"`z` must be a torch.Tensor, but got {type(z).__name__}.")
-        if z.ndim == 1:
-            z = z.unsqueeze(0).expand(batch_size, -1)
-        if tuple(z.shape) != (batch_size, latent_dim):
-            raise ValueError(
-                f"`z` must have shape ({batch_size}, {latent_dim}) (`batch_size`, latent_dim) or ({latent_dim},), but "
-                f"got {tuple(z.shape)}."
-            )
-        check_tensor(z, "z")  # floating point, not on the meta device; any other device is moved
-        z = z.to(device=device, dtype=dtype)
-        if not torch.isfinite(z).all():
-            raise ValueError(f"`z` must be a finite floating-point tensor (in the model's dtype {dtype}).")
-        return z
+        return given_latent(z, batch_size, latent_dim, device, dtype)
 
     def velocity(self, sample, t, z=None, class_labels=None, guidance_scale: float = 1.0) -> torch.Tensor:
         """One velocity evaluation at scalar time `t`, with classifier-free guidance when `guidance_scale != 1`."""
