@@ -136,10 +136,25 @@ def check_latent(
     check_tensor(z, argument)
 
 
+def given_tensor(value, argument: str, shape: tuple, device, dtype, described: str = "") -> torch.Tensor:
+    """A caller's tensor `argument`, checked to have `shape` (`described` says what it is made of) and to be finite
+    floating point once moved to `device` and `dtype` (a value beyond `dtype`'s range becomes inf)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"`{argument}` must be a torch.Tensor, but got {type(value).__name__}.")
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"`{argument}` must have shape {tuple(shape)}{described}, but got {tuple(value.shape)}.")
+    check_tensor(value, argument)  # floating point, not on the meta device; any other device is moved
+    value = value.to(device=device, dtype=dtype)
+    if not torch.isfinite(value).all():
+        raise ValueError(
+            f"`{argument}` must be a finite floating-point tensor (in dtype {dtype}), but it has NaN or inf."
+        )
+    return value
+
+
 def given_latent(z, batch_size: int, latent_dim: int, device, dtype) -> torch.Tensor:
-    """A caller's ``z`` for a batch of `batch_size`, checked and moved to `device` and `dtype`: a `(latent_dim,)`
-    vector is shared by every row, a `(batch_size, latent_dim)` tensor gives each row its own. It must be a finite
-    floating-point tensor (after the cast: a value beyond `dtype`'s range becomes inf).
+    """A caller's ``z`` for a batch of `batch_size` ([`given_tensor`]): a `(latent_dim,)` vector is shared by every
+    row, a `(batch_size, latent_dim)` tensor gives each row its own.
 
     Example:
 
@@ -152,20 +167,10 @@ def given_latent(z, batch_size: int, latent_dim: int, device, dtype) -> torch.Te
             [1., 2.]], dtype=torch.float64)
     ```
     """
-    if not isinstance(z, torch.Tensor):
-        raise TypeError(f"`z` must be a torch.Tensor, but got {type(z).__name__}.")
-    if z.ndim == 1:
+    if isinstance(z, torch.Tensor) and z.ndim == 1:
         z = z.unsqueeze(0).expand(batch_size, -1)
-    if tuple(z.shape) != (batch_size, latent_dim):
-        raise ValueError(
-            f"`z` must have shape ({batch_size}, {latent_dim}) (the batch size, `latent_dim`) or ({latent_dim},), but "
-            f"got {tuple(z.shape)}."
-        )
-    check_tensor(z, "z")  # floating point, not on the meta device; any other device is moved
-    z = z.to(device=device, dtype=dtype)
-    if not torch.isfinite(z).all():
-        raise ValueError(f"`z` must be a finite floating-point tensor (in dtype {dtype}), but it contains NaN or inf.")
-    return z
+    described = f" (the batch size, `latent_dim`) or ({latent_dim},)"
+    return given_tensor(z, "z", (batch_size, latent_dim), device, dtype, described)
 
 
 def spatial_size(sample_size) -> tuple[int, int]:

@@ -37,8 +37,8 @@ from ..models.posterior import VRFMPosteriorEncoder
 from ..models.posterior_conv import VRFMConvPosteriorEncoder
 from ..models.transformer_2d import VRFMDiTTransformer2DModel
 from ..models.unet_2d import VRFMUNet2DConditionModel, VRFMUNet2DModel
-from ..models.z_embedding import as_label_tensor, given_latent
-from ..objective import check_generator, check_real, check_tensor, slerp
+from ..models.z_embedding import as_label_tensor, given_latent, given_tensor
+from ..objective import check_generator, check_real, slerp
 from ..schedulers.flow_scheduler_adapter import FlowSchedulerAdapter, check_flow_scheduler
 from ..schedulers.scheduling_vrfm import VRFMScheduler
 
@@ -241,17 +241,7 @@ class VRFMPipeline(DiffusionPipeline):
         shape = (batch_size, *(sample_shape or self.velocity_model.sample_shape))
         if latents is None:
             return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        if not isinstance(latents, torch.Tensor):
-            raise TypeError(f"`latents` must be a torch.Tensor, but got {type(latents).__name__}.")
-        if tuple(latents.shape) != shape:
-            raise ValueError(
-                f"`latents` must have shape {shape} (`batch_size`, *sample_shape), but got {tuple(latents.shape)}."
-            )
-        check_tensor(latents, "latents")  # floating point, not on the meta device; any other device is moved
-        latents = latents.to(device=device, dtype=dtype)
-        if not torch.isfinite(latents).all():
-            raise ValueError(f"`latents` must be a finite floating-point tensor (in the model's dtype {dtype}).")
-        return latents
+        return given_tensor(latents, "latents", shape, device, dtype, " (`batch_size`, *sample_shape)")
 
     def prepare_z(self, batch_size, generator, device, dtype, z=None, source=None):
         """Draws one ``z`` per trajectory (or checks the given ones). `None` for plain rectified flow.
