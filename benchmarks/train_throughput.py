@@ -53,7 +53,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/train_throughput.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS_DIR, machine_description, markdown_table, write_json  # noqa: E402
-from benchmarks.operator_count import operators_per_step  # noqa: E402
+from benchmarks.operator_count import OperatorCounter, operators_per_step  # noqa: E402
 from diffusers_vrfm.training.cli import TORCH_COMPILE_MODES  # noqa: E402
 from diffusers_vrfm.training.step import fused_optimizer_supported  # noqa: E402
 
@@ -316,8 +316,8 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_bare_cell(backbone: str, size: str, precision: str, args, images: torch.Tensor) -> dict:
-    """Images/s of the bare loop over the second half of `args.steps` steps (the first half warms up)."""
+def bare_loop(backbone: str, size: str, precision: str, args, images: torch.Tensor):
+    """The bare loop's model, optimiser, images and autocast, with the run's speed options."""
     device = images.device
     torch.manual_seed(0)
     model = build_bare_model(backbone, size, tuple(images.shape[1:]), device)
@@ -326,8 +326,34 @@ def run_bare_cell(backbone: str, size: str, precision: str, args, images: torch.
         images = images.contiguous(memory_format=torch.channels_last)
     if args.torch_compile:
         model.compile(mode=args.torch_compile_mode)
-    optimizer = bare_optimizer(model, device)
-    autocast = _autocast_for(precision, device)
+    return model, bare_optimizer(model, device), images, _autocast_for(precision, device)
+
+
+def count_bare_operators(backbone: str, size: str, precision: str, args, images: torch.Tensor) -> dict:
+    """`--count-ops`: the aten operators of one bare step (after two warm-up steps), untimed: the ceiling's count."""
+    model, optimizer, images, autocast = bare_loop(backbone, size, precision, args, images)
+    for _ in range(2):
+        bare_rf_step(model, optimizer, images, args.batch_size, autocast, args.torch_compile)
+    with OperatorCounter() as counter:
+        loss = bare_rf_step(model, optimizer, images, args.batch_size, autocast, args.torch_compile)
+    return {
+        "backbone": backbone,
+        "size": size,
+        "method": "bare",
+        "precision": precision,
+        "velocity_parameters": sum(p.numel() for p in model.parameters()),
+        "ms_per_step": math.nan,
+        "samples_per_second": math.nan,
+        "final_loss": float(loss),
+        "gpu_utilisation_percent": None,
+        "operators_per_step": {"step": float(counter.count), "total": float(counter.count)},
+    }
+
+
+def run_bare_cell(backbone: str, size: str, precision: str, args, images: torch.Tensor) -> dict:
+    """Images/s of the bare loop over the second half of `args.steps` steps (the first half warms up)."""
+    model, optimizer, images, autocast = bare_loop(backbone, size, precision, args, images)
+    device = images.device
     warmup = args.steps // 2
     with GpuUtilisation(enabled=device.type == "cuda") as utilisation:  # started before the timed steps
         for _ in range(warmup):
@@ -498,11 +524,14 @@ def operator_lines(cells: list[dict]) -> list[str]:
     for cell in cells:
         if "operators_per_step" in cell:
             counts = cell["operators_per_step"]
-            lines.append(
-                f"- Operators per step of {cell['backbone']} {cell['size']} {cell['method']}: {counts['total']:.0f} "
-                f"(forward, backward and update {counts.get('step', 0):.0f}; randomness {counts.get('draw', 0):.0f}; "
-                f"EMA {counts.get('ema', 0):.0f})."
+            parts = (
+                "the whole hand-written step, its randomness included"
+                if cell["method"] == "bare"
+                else f"forward, backward and update {counts['step']:.0f}; randomness {counts['draw']:.0f}; "
+                f"EMA {counts['ema']:.0f}"
             )
+            run = f"{cell['backbone']} {cell['size']} {cell['method']}"
+            lines.append(f"- Operators per step of {run}: {counts['total']:.0f} ({parts}).")
     return lines
 
 
@@ -596,16 +625,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_model(backbone: str, size: str, precision: str, args, workdir: Path, images: torch.Tensor):
-    """Yields the VRFM and RF cells of `train_vrfm.py`, then the bare loop, for one model and precision, each as it
-    finishes."""
+    """Yields the VRFM and RF cells of `train_vrfm.py`, then the bare loop's (timed, or its operators counted under
+    `--count-ops`; none under the other diagnoses), for one model and precision, each as it finishes."""
     for method in METHODS:
         yield run_cell(backbone, size, method, precision, args, workdir)
-    if args.sync_debug or args.count_ops or args.profile_steps:  # a diagnosis of the script: no bare loop
+    if args.count_ops:  # the ceiling's operators too, counted, not timed
+        bare_cell = count_bare_operators
+    elif args.sync_debug or args.profile_steps:  # a diagnosis of the script alone
         return
+    else:
+        bare_cell = run_bare_cell
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)  # the bare loop gets the threads a training process gets
     try:
-        yield run_bare_cell(backbone, size, precision, args, images)
+        yield bare_cell(backbone, size, precision, args, images)
     finally:
         torch.set_num_threads(threads)
 

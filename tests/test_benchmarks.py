@@ -575,8 +575,10 @@ def test_train_throughput_counts_the_operators_of_a_training_step_and_profiles_i
 
     argv = ["--quick", "--backbones", "unet", "--count-ops", "--profile-steps", "2", "--output-dir", str(tmp_path)]
     results = train_throughput.main([*argv, "--train-args", "--latent_dim 2"])
-    vrfm, rf = results["cells"]  # a diagnosis: no bare loop
-    assert (vrfm["method"], rf["method"]) == ("VRFM", "RF") and results["meta"]["count_ops"]
+    vrfm, rf, bare = results["cells"]  # the bare loop's step is counted, not timed
+    assert (vrfm["method"], rf["method"], bare["method"]) == ("VRFM", "RF", "bare") and results["meta"]["count_ops"]
+    assert math.isnan(bare["ms_per_step"]) and "step_profile" not in bare, "a count, not a timing"
+    assert 100 < bare["operators_per_step"]["total"] < rf["operators_per_step"]["total"], "the ceiling does less"
     for cell in (vrfm, rf):
         counts = cell["operators_per_step"]
         assert counts["step"] > 100 and counts["draw"] > 0 and counts["ema"] > 0
@@ -591,6 +593,7 @@ def test_train_throughput_counts_the_operators_of_a_training_step_and_profiles_i
     report = (tmp_path / "train_throughput_cpu.md").read_text()
     assert f"Operators per step of unet default VRFM: {vrfm['operators_per_step']['total']:.0f}" in report
     assert "- Profile of unet default RF (2 steps), per step: " in report and "waits for the device: none" in report
+    assert f"unet default bare: {bare['operators_per_step']['total']:.0f} (the whole hand-written step" in report
     assert "A diagnosis" in report
     with pytest.raises(ValueError, match=r"`--profile-steps` must be in \[0, 4\) .* but got 4"):
         train_throughput.main(["--quick", "--profile-steps", "4"])
