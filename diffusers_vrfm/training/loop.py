@@ -181,7 +181,7 @@ def accumulate_micro_step(
     host: the models skip their value checks, and the skip is decided on the device. Returns, on an update, its
     values for [`PendingUpdate`] (on the device; the last one is 1 when the update was skipped), else `None`."""
     accelerator = context.accelerator
-    if args.torch_compile:  # CUDA graphs (`reduce-overhead`) may reuse the last micro-step's outputs from here on
+    if args.torch_compile:  # a new step: CUDA graphs (`reduce-overhead`) may now overwrite the last one's outputs
         torch.compiler.cudagraph_mark_step_begin()
     velocity_model, posterior_encoder, prior_model = models.step_modules()
     with accelerator.accumulate(*models.trained), skip_value_checks():

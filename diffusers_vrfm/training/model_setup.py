@@ -166,7 +166,8 @@ def compile_for_training(args: argparse.Namespace, models: TrainingModels) -> tu
 
     The compiled modules share the models' weights, so checkpoints and the saved pipeline are unchanged. Validation,
     the aggregate prior's fit and saving call the models themselves, eagerly: they run at other batch sizes, which
-    would recompile (and under `reduce-overhead` record new CUDA graphs). The posterior and the prior are compiled
+    would recompile (and under `reduce-overhead` record new CUDA graphs; with torch 2.13 on the CPU, the posterior's
+    own draw of `z` at a new batch size failed to compile). The posterior and the prior are compiled
     too: where the host bounds a GPU's steps, their operators cost as much host time as the velocity model's."""
     if not args.torch_compile:
         return None
