@@ -527,8 +527,8 @@ def operator_lines(cells: list[dict]) -> list[str]:
             parts = (
                 "the whole hand-written step, its randomness included"
                 if cell["method"] == "bare"
-                else f"forward, backward and update {counts['step']:.0f}; randomness {counts['draw']:.0f}; "
-                f"EMA {counts['ema']:.0f}"
+                else f"forward, backward and update {counts.get('step', 0):.0f}; randomness "
+                f"{counts.get('draw', 0):.0f}; EMA {counts.get('ema', 0):.0f}"
             )
             run = f"{cell['backbone']} {cell['size']} {cell['method']}"
             lines.append(f"- Operators per step of {run}: {counts['total']:.0f} ({parts}).")
