@@ -143,6 +143,29 @@ def test_torch_compile_runs_the_step_compiled_and_marks_each_micro_step(train, m
     assert len(step_marks) == 4, "one mark per micro-step: 2 updates x 2 micro-steps"
 
 
+@pytest.mark.parametrize(
+    ("backbone", "shape", "config"),
+    [
+        ("unet", (1, 8, 8), json.loads(TINY_UNET)),
+        ("dit", (1, 8, 8), {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": 2}),
+        ("mlp", (2,), {}),
+    ],
+)
+def test_the_step_models_compile_to_one_graph_each(backbone, shape, config):
+    """A graph break splits a compiled model (and its CUDA graphs) in two: none in the models the step compiles."""
+    from diffusers_vrfm.models.z_embedding import skip_value_checks
+    from diffusers_vrfm.training.factory import build_models
+
+    built = build_models(backbone, shape, latent_dim=3, posterior_inputs=("x0", "x1", "x_t", "t"), model_config=config)
+    x, t, noise = torch.randn(4, *shape), torch.rand(4), torch.randn(4, 3)
+    with skip_value_checks():
+        velocity = torch._dynamo.explain(built.velocity_model)(x, t, z=noise)
+        inputs = {"x0": x, "x1": x, "x_t": x, "t": t, "noise": noise, "return_dict": False}
+        posterior = torch._dynamo.explain(built.posterior_encoder)(**inputs)
+    for explained in (velocity, posterior):
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 def test_channels_last_and_tf32_run_and_keep_the_saved_weights_plain(train, tmp_path):
     from safetensors.torch import load_file
 

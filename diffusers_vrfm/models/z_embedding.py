@@ -15,6 +15,7 @@ from torch import nn
 from ..objective import check_tensor
 
 _VALUE_CHECKS = contextvars.ContextVar("diffusers_vrfm_value_checks", default=True)
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch >= 2.3; before it nothing is skipped
 
 
 @contextlib.contextmanager
@@ -43,8 +44,10 @@ def skip_value_checks():
 
 
 def value_checks_enabled() -> bool:
-    """Whether input values are checked here (see [`skip_value_checks`])."""
-    return _VALUE_CHECKS.get()
+    """Whether input values are checked here (see [`skip_value_checks`]). Never inside `torch.compile`: a check reads
+    a value back to the host, which a compiled graph cannot do, and dynamo cannot read the context variable, so each
+    check would split the graph in two."""
+    return not _is_compiling() and _VALUE_CHECKS.get()
 
 
 @dataclass
