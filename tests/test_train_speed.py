@@ -166,6 +166,29 @@ def test_the_step_models_compile_to_one_graph_each(backbone, shape, config):
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
+def test_the_text_to_image_backbones_compile_to_one_graph_each():
+    from diffusers_vrfm import VRFMSD3Transformer2DModel, VRFMUNet2DConditionModel
+    from diffusers_vrfm.models.z_embedding import skip_value_checks
+
+    unet = VRFMUNet2DConditionModel(
+        sample_size=8, latent_dim=4, block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
+        cross_attention_dim=16, attention_head_dim=4,
+    )  # fmt: skip
+    sd3 = VRFMSD3Transformer2DModel(
+        sample_size=8, in_channels=4, out_channels=4, latent_dim=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
+        pos_embed_max_size=8,
+    )  # fmt: skip
+    x, t, z, context = torch.randn(2, 4, 8, 8), torch.rand(2), torch.randn(2, 4), torch.randn(2, 5, 16)
+    with skip_value_checks():
+        explained = [
+            torch._dynamo.explain(unet)(x, t, z=z, encoder_hidden_states=context),
+            torch._dynamo.explain(sd3)(x, t, z=z, encoder_hidden_states=context, pooled_projections=torch.randn(2, 8)),
+        ]
+    for one in explained:
+        assert (one.graph_count, one.graph_break_count) == (1, 0), one.break_reasons
+
+
 def test_channels_last_and_tf32_run_and_keep_the_saved_weights_plain(train, tmp_path):
     from safetensors.torch import load_file
 
