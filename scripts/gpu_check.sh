@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU rows of issues 12 and 13 in one call of at most about 9.5 minutes (575 s). `STAGES` picks what runs, in
-# this order (default: all of them, which does not fit one call; benchmarks/README.md says what one call holds):
+# The GPU rows of issues 12 and 13 in one call of at most about 9.5 minutes (575 s). `STAGES` picks what runs, in the
+# order given (default: all of them, in the order below, which does not fit one call; benchmarks/README.md says what
+# one call holds). Every stage but throughput and quality runs only if more than 40 s are left before the deadline:
 #   throughput  issue 12: benchmarks/train_throughput.py on the issue's UNet (builtin:mnist at 28x28, batch 128, bf16):
 #               the bare loop, RF and VRFM rows and a profile of the bare step. If train_vrfm.py fails here, the call
 #               stops at once (the quality runs train the same way), so that a rerun costs little.
@@ -22,7 +23,7 @@
 # result PNGs (`git switch -c gpu-run && git rm -q -r '*.png' && git commit -qm tmp`, then switch back and delete it).
 #
 #   bash scripts/gpu_check.sh download   # here, with PyPI: the wheels the GPU machine lacks, into .whl/ (ignored)
-#   STAGES="quality sync" QUALITY_SEEDS=0 bash scripts/gpu_check.sh run
+#   STAGES="throughput sync profile cudagraphs" bash scripts/gpu_check.sh run
 #                                        # on the GPU machine (repository root; .whl/ and benchmarks/results/cache
 #                                        # carried: the cached MNIST classifier)
 #   bash scripts/gpu_check.sh dry-run    # here, on the CPU: the same sequence with --quick runs, in a few minutes
@@ -46,7 +47,6 @@ FINAL_DEADLINE="${FINAL_DEADLINE:-550}"      # and everything else; packing foll
 elapsed() { echo $(($(date +%s) - START)); }
 until_mark() { local left=$(($1 - $(elapsed))); echo $((left > 1 ? left : 1)); }
 say() { echo "[$(elapsed)s] $*"; }
-wanted() { [[ " $STAGES " == *" $1 "* ]]; }
 gpu_monitor() { exec nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 5; }  # exec: killable
 
 throughput() {  # throughput <seconds> <flags...>: one benchmarks/train_throughput.py run, kept to its time
@@ -79,10 +79,52 @@ quality() {  # the quality runs of QUALITY_SEEDS x {VRFM, RF} side by side, then
   fi
 }
 
-late_throughput() {  # late_throughput <stage> <what> <flags...>: a throughput run in the time left, when wanted
-  wanted "$1" && [ "$(until_mark "$FINAL_DEADLINE")" -gt 40 ] || return 0
+late_throughput() {  # late_throughput <stage> <what> <flags...>: a throughput run in the time left
+  [ "$(until_mark "$FINAL_DEADLINE")" -gt 40 ] || { say "$1: skipped, too little time left"; return 0; }
   say "$1: $2"
   throughput "$(until_mark "$FINAL_DEADLINE")" "${@:3}" --name "train_throughput_${device}_$1"
+}
+
+run_stage() {  # run_stage <stage>: one of the stages listed at the top
+  case "$1" in
+    throughput)
+      say "throughput: the UNet's bare, RF and VRFM rows"
+      throughput "${STAGE1_SECONDS:-110}" "${unet[@]}" --steps 160
+      if ! python3 -c "import json, sys; cells = json.load(open(sys.argv[1]))['cells']; \
+          sys.exit(not {'VRFM', 'RF'} <= {c['method'] for c in cells})" "$RESULTS/train_throughput_${device}.json"
+      then
+        say "train_vrfm.py failed on this device: stopping here"
+        exit 1
+      fi
+      ;;
+    quality)
+      say "quality: MNIST, ${QUALITY_STEPS} steps, seeds ${QUALITY_SEEDS} x {VRFM, RF} side by side"
+      quality
+      ;;
+    sync)
+      late_throughput sync "where train_vrfm.py makes the host wait for the GPU" "${unet[@]}" --steps 40 --sync-debug
+      ;;
+    profile)
+      late_throughput profile "torch.profiler over whole steps of train_vrfm.py" "${unet[@]}" --steps 40 \
+        --profile-steps "$profile_steps"
+      ;;
+    dit)
+      late_throughput dit "the DiT-S/2-class rows" --backbones dit --dataset builtin:mnist --resolution 32 --steps 120
+      ;;
+    compile) late_throughput compile "the UNet's rows with --torch_compile" "${unet[@]}" --steps 160 --torch-compile ;;
+    cudagraphs)
+      late_throughput cudagraphs "the UNet's rows with CUDA graphs" "${unet[@]}" --steps 160 --torch-compile \
+        --torch-compile-mode reduce-overhead
+      ;;
+    channels_last)
+      late_throughput channels_last "the UNet's rows with --channels_last" "${unet[@]}" --steps 160 --channels-last
+      ;;
+    zmap_off)
+      late_throughput zmap_off "the UNet's rows without the z map" "${unet[@]}" --steps 160 \
+        --train-args "--model_config '${GPU_UNET%\}}, \"z_map_channels\": 0}'"
+      ;;
+    *) say "unknown stage $1 (see the top of this script)" ;;
+  esac
 }
 
 pack() {
@@ -126,30 +168,9 @@ case "$mode" in
     say "stages: $STAGES"
     unet=(--backbones unet --dataset builtin:mnist --resolution 28)
 
-    if wanted throughput; then
-      say "throughput: the UNet's bare, RF and VRFM rows"
-      throughput "${STAGE1_SECONDS:-110}" "${unet[@]}" --steps 160
-      if ! python3 -c "import json, sys; cells = json.load(open(sys.argv[1]))['cells']; \
-          sys.exit(not {'VRFM', 'RF'} <= {c['method'] for c in cells})" "$RESULTS/train_throughput_${device}.json"
-      then
-        say "train_vrfm.py failed on this device: stopping here"
-        exit 1
-      fi
-    fi
-    if wanted quality; then
-      say "quality: MNIST, ${QUALITY_STEPS} steps, seeds ${QUALITY_SEEDS} x {VRFM, RF} side by side"
-      quality
-    fi
-    late_throughput sync "where train_vrfm.py makes the host wait for the GPU" "${unet[@]}" --steps 40 --sync-debug
-    late_throughput profile "torch.profiler over whole steps of train_vrfm.py" "${unet[@]}" --steps 40 \
-      --profile-steps "$profile_steps"
-    late_throughput dit "the DiT-S/2-class rows" --backbones dit --dataset builtin:mnist --resolution 32 --steps 120
-    late_throughput compile "the UNet's rows with --torch_compile" "${unet[@]}" --steps 160 --torch-compile
-    late_throughput cudagraphs "the UNet's rows with CUDA graphs" "${unet[@]}" --steps 160 --torch-compile \
-      --torch-compile-mode reduce-overhead
-    late_throughput channels_last "the UNet's rows with --channels_last" "${unet[@]}" --steps 160 --channels-last
-    late_throughput zmap_off "the UNet's rows without the z map" "${unet[@]}" --steps 160 \
-      --train-args "--model_config '${GPU_UNET%\}}, \"z_map_channels\": 0}'"
+    for stage in $STAGES; do
+      run_stage "$stage"
+    done
     say "done"
     cat "$RESULTS"/train_throughput_*.md "$RESULTS"/mnist_gpu.md 2>/dev/null | head -150
     ;;
