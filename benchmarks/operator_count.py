@@ -10,6 +10,7 @@ count to a JSON file when the process exits; `train_throughput` runs the script 
 from __future__ import annotations
 
 import atexit
+import collections
 import json
 import statistics
 from pathlib import Path
@@ -21,14 +22,16 @@ STEP_PARTS = ("step", "draw", "ema")
 
 
 class OperatorCounter(TorchDispatchMode):
-    """Counts the aten operators dispatched inside the block (backward ones included)."""
+    """Counts the aten operators dispatched inside the block (backward ones included): `count` in all, `names` by
+    operator (`"convolution"`, `"_local_scalar_dense"`, ...)."""
 
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.count, self.names = 0, collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += 1
+        self.names[func.overloadpacket.__name__] += 1
         return func(*args, **(kwargs or {}))
 
 
