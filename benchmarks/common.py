@@ -39,7 +39,8 @@ def set_seed(seed: int) -> None:
 
 
 def machine_description() -> str:
-    """A one-line description of the machine a benchmark ran on (CPU model, cores, threads, torch, GPU)."""
+    """A one-line description of the machine a benchmark ran on (CPU model, cores, threads, torch, GPU, kernel: a
+    sandbox shows in it, gVisor as Linux 4.4.0, and it bounds how much each CUDA call costs the host)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as handle:
@@ -52,7 +53,7 @@ def machine_description() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (
         f"{cpu}, {os.cpu_count()} CPU cores visible, torch {torch.__version__} with {torch.get_num_threads()} "
-        f"thread(s), {gpu}, Python {platform.python_version()}"
+        f"thread(s), {gpu}, Python {platform.python_version()}, kernel {platform.system()} {platform.release()}"
     )
 
 
