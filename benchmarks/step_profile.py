@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-# runtime calls that make the host wait for the device (the asynchronous copy does not, unless its memory is pageable)
-WAITS = re.compile(r"Synchronize|^cudaMemcpy$|^cudaMemcpy2D$|^cudaStreamWaitEvent$|^cudaEventSynchronize$")
+# runtime calls that make the host wait for the device: the synchronisations (stream, device, event) and the blocking
+# copies (`cudaMemcpyAsync` does not wait, unless its host memory is pageable)
+WAITS = re.compile(r"Synchronize|^cudaMemcpy(2D)?$")
 
 
 def _synchronize() -> None:
