@@ -614,14 +614,17 @@ def test_step_profile_summarises_per_step_and_finds_the_waits():
         event("cudaLaunchKernel", DeviceType.CPU, 8000.0, 400),
         event("cudaStreamSynchronize", DeviceType.CPU, 6000.0, 2),
         event("cudaMemcpyAsync", DeviceType.CPU, 400.0, 4),
+        event("cudaMemcpy", DeviceType.CPU, 200.0, 2),
+        event("cudaStreamWaitEvent", DeviceType.CPU, 100.0, 2),
         event("aten::mm", DeviceType.CPU, 2000.0, 40),
         event("ampere_gemm", DeviceType.CUDA, 3000.0, 40),
     ]
     summary = summarise(events, steps=2, wall_seconds=0.05, top=2)
-    assert summary["wall_ms_per_step"] == pytest.approx(25.0) and summary["host_ms_per_step"] == pytest.approx(8.2)
+    assert summary["wall_ms_per_step"] == pytest.approx(25.0) and summary["host_ms_per_step"] == pytest.approx(8.35)
     assert summary["device_ms_per_step"] == pytest.approx(1.5) and summary["kernels_per_step"] == 20
     assert list(summary["top_host_calls"]) == ["cudaLaunchKernel", "cudaStreamSynchronize"]
-    assert summary["waits"] == {"cudaStreamSynchronize": {"ms": 3.0, "calls": 1.0}}, "an async copy is no wait"
+    waits = {"cudaStreamSynchronize": {"ms": 3.0, "calls": 1.0}, "cudaMemcpy": {"ms": 0.1, "calls": 1.0}}
+    assert summary["waits"] == waits, "an asynchronous copy, or a stream waiting on an event, is no wait of the host"
 
 
 def test_bare_step_reads_nothing_back_to_the_host():
