@@ -30,11 +30,13 @@ def _synchronize() -> None:
 
 def summarise(events, steps: int, wall_seconds: float, top: int = 12) -> dict:
     """Per-step figures of a profiler's `key_averages()` over `steps` steps that took `wall_seconds`: host events by
-    self CPU time (`top` of them), the waits among them, and the device time and number of the kernels."""
+    self CPU time (`top` of them), the waits among them, the device time and number of the kernels, and the `top`
+    operators by the device time of the kernels they launch."""
     from torch.autograd import DeviceType
 
     kernels = [e for e in events if e.device_type == DeviceType.CUDA]
     host = sorted((e for e in events if e.device_type == DeviceType.CPU), key=lambda e: -e.self_cpu_time_total)
+    launching = sorted(host, key=lambda e: -e.self_device_time_total)[:top]
 
     def per_step(event) -> dict:
         return {"ms": event.self_cpu_time_total / 1000.0 / steps, "calls": event.count / steps}
@@ -47,6 +49,7 @@ def summarise(events, steps: int, wall_seconds: float, top: int = 12) -> dict:
         "kernels_per_step": sum(e.count for e in kernels) / steps,
         "top_host_calls": {e.key: per_step(e) for e in host[:top]},
         "waits": {e.key: per_step(e) for e in host if WAITS.search(e.key)},
+        "top_operators_ms_per_step": {e.key: e.self_device_time_total / 1000.0 / steps for e in launching},
     }
 
 

@@ -54,6 +54,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/train_throughput.py`
 
 from benchmarks.common import RESULTS_DIR, machine_description, markdown_table, write_json  # noqa: E402
 from benchmarks.operator_count import OperatorCounter, operators_per_step  # noqa: E402
+from benchmarks.step_profile import summarise  # noqa: E402
 from diffusers_vrfm.training.cli import TORCH_COMPILE_MODES  # noqa: E402
 from diffusers_vrfm.training.step import fused_optimizer_supported  # noqa: E402
 
@@ -396,9 +397,8 @@ def profile_bare_step(
     model, optimizer, images, batch_size: int, autocast, compiled: bool, steps: int = 3, top: int = 12
 ) -> dict:
     """The ms/step breakdown of the bare step on CUDA, averaged over `steps` profiled steps (after three warm-up steps,
-    which also compile a compiled model): the device time of its kernels and copies (each counted once), their
-    number, the wall time under the profiler, and the `top` operators by the device time of the kernels they launch."""
-    from torch.autograd import DeviceType
+    which also compile a compiled model): [`step_profile.summarise`]'s figures, the same as `--profile-steps` gives
+    the script's steps."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
@@ -409,18 +409,7 @@ def profile_bare_step(
         for _ in range(steps):
             bare_rf_step(model, optimizer, images, batch_size, autocast, compiled)
         torch.cuda.synchronize()
-    wall = time.perf_counter() - start
-    events = profiler.key_averages()
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
-    operators = sorted(
-        (e for e in events if e.device_type == DeviceType.CPU), key=lambda e: e.self_device_time_total, reverse=True
-    )
-    return {
-        "device_ms_per_step": sum(e.self_device_time_total for e in kernels) / 1000.0 / steps,
-        "kernels_per_step": sum(e.count for e in kernels) / steps,
-        "profiled_wall_ms_per_step": 1000.0 * wall / steps,
-        "top_operators_ms_per_step": {e.key: e.self_device_time_total / 1000.0 / steps for e in operators[:top]},
-    }
+    return summarise(profiler.key_averages(), steps, time.perf_counter() - start, top=top)
 
 
 def summarise_models(cells: list[dict]) -> dict:

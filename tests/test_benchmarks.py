@@ -542,7 +542,7 @@ def test_train_throughput_reports_sync_sites_profiles_and_windowed_utilisation()
     profile = {
         "device_ms_per_step": 20.5,
         "kernels_per_step": 812.0,
-        "profiled_wall_ms_per_step": 60.0,
+        "wall_ms_per_step": 60.0,
         "top_operators_ms_per_step": {"aten::convolution_backward": 3.6, "aten::mul": 1.25},
     }
     bare = {"backbone": "unet", "size": "gpu", "precision": "bf16", "ms_per_step": 54.49}
@@ -623,6 +623,7 @@ def test_step_profile_summarises_per_step_and_finds_the_waits():
     assert summary["wall_ms_per_step"] == pytest.approx(25.0) and summary["host_ms_per_step"] == pytest.approx(8.35)
     assert summary["device_ms_per_step"] == pytest.approx(1.5) and summary["kernels_per_step"] == 20
     assert list(summary["top_host_calls"]) == ["cudaLaunchKernel", "cudaStreamSynchronize"]
+    assert summary["top_operators_ms_per_step"] == {"cudaLaunchKernel": 4.0, "cudaStreamSynchronize": 3.0}
     waits = {"cudaStreamSynchronize": {"ms": 3.0, "calls": 1.0}, "cudaMemcpy": {"ms": 0.1, "calls": 1.0}}
     assert summary["waits"] == waits, "an asynchronous copy, or a stream waiting on an event, is no wait of the host"
 
