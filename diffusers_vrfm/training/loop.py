@@ -28,7 +28,7 @@ from .data_setup import BatchLayout, PreparedData
 from .determinism import make_generator
 from .environment import RunContext
 from .health import SkippedUpdates
-from .model_setup import TrainingModels, trainable_parameters
+from .model_setup import TrainingModels
 from .resume import ResumeState
 from .text_to_image import TEXT_MODEL_KWARGS
 from .validation import Validator
@@ -219,7 +219,7 @@ def accumulate_micro_step(
             return None
 
         max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-        grad_norm = accelerator.clip_grad_norm_(trainable_parameters(models.trained), max_norm)
+        grad_norm = accelerator.clip_grad_norm_(models.clipped_parameters, max_norm)
         scaler_skips = accelerator.mixed_precision == "fp16"  # the GradScaler skips non-finite gradients itself
         if grad_norm is None:  # an engine (DeepSpeed) that clips inside its own step: only the loss is checked
             grad_norm, skip = torch.full((), float("nan"), device=accelerator.device), ~loss_finite
@@ -402,7 +402,7 @@ def train_loop(
 
         skipped = update_values[-1] > 0
         if models.ema_model is not None:  # after a skipped update it averages in the unchanged weights
-            models.ema_model.step(accelerator.unwrap_model(models.velocity_model).parameters())
+            models.ema_model.step(models.ema_source_parameters)
         if kl_target is not None:  # the same on every process: the KL is the mean over processes and micro-steps
             adapted = adapt_beta(state.adaptive_beta, state.accumulated[3], kl_target)
             state.adaptive_beta = torch.where(skipped, state.adaptive_beta, adapted)

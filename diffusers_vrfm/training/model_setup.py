@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers.optimization import get_scheduler
@@ -34,6 +34,10 @@ class TrainingModels:
         velocity_parameters (`int`), posterior_parameters (`int`): parameter counts.
         compiled (`tuple`, *optional*): under `--torch_compile`, `torch.compile` of the velocity model, posterior and
             prior (`None` for an absent one), set by [`prepare_for_training`]; see [`step_modules`].
+        clipped_parameters (`list`), ema_source_parameters (`list`): the parameters whose gradient norm every update
+            clips, and the velocity model's (unwrapped) that the EMA averages; listed once by [`prepare_for_training`],
+            since a step that lists them again (for a small model on a GPU, whose steps the host bounds) spends host
+            time on each.
     """
 
     velocity_model: torch.nn.Module
@@ -47,6 +51,8 @@ class TrainingModels:
     velocity_parameters: int = 0
     posterior_parameters: int = 0
     compiled: tuple | None = None
+    clipped_parameters: list = field(default_factory=list)
+    ema_source_parameters: list = field(default_factory=list)
 
     @property
     def trained(self) -> tuple[torch.nn.Module, ...]:
@@ -211,10 +217,12 @@ def prepare_for_training(
     if models.prior_model is not None:
         models.prior_model = wrapped[2]
     models.compiled = compile_for_training(args, models)
+    velocity = accelerator.unwrap_model(models.velocity_model)
+    models.clipped_parameters = trainable_parameters(models.trained)
+    models.ema_source_parameters = list(velocity.parameters()) if models.ema_model is not None else []
 
     if accelerator.is_main_process:
         accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(args))
-    velocity = accelerator.unwrap_model(models.velocity_model)
     models.velocity_parameters = count_parameters(velocity)
     models.posterior_parameters = count_parameters(
         None if models.posterior_encoder is None else accelerator.unwrap_model(models.posterior_encoder)
