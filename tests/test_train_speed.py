@@ -189,6 +189,48 @@ def test_the_text_to_image_backbones_compile_to_one_graph_each():
         assert (one.graph_count, one.graph_break_count) == (1, 0), one.break_reasons
 
 
+def test_a_forward_looks_up_its_models_dtype_and_device_once(monkeypatch):
+    """diffusers' `ModelMixin.dtype` and `.device` walk every submodule (for offloading and casting hooks): about
+    0.5 ms each for issue 12's UNet on a CPU, host time that a small model's GPU step waits for. Each wrapper asks once
+    and takes them from the moved sample after that."""
+    from diffusers.models import modeling_utils
+
+    from diffusers_vrfm import VRFMSD3Transformer2DModel, VRFMUNet2DConditionModel
+    from diffusers_vrfm.training.factory import build_models
+
+    lookups = collections.Counter()
+
+    def counted(name):
+        original = getattr(modeling_utils, name)
+
+        def lookup(module):
+            lookups[type(module).__name__, name] += 1
+            return original(module)
+
+        monkeypatch.setattr(modeling_utils, name, lookup)
+
+    counted("get_parameter_dtype")
+    counted("get_parameter_device")
+    x, t, z = torch.randn(2, 4, 8, 8), torch.rand(2), torch.randn(2, 3)
+    unet = build_models("unet", (4, 8, 8), 3, ("x1",), model_config=json.loads(TINY_UNET)).velocity_model
+    dit_config = {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": 2}
+    dit = build_models("dit", (4, 8, 8), 3, ("x1",), model_config=dit_config).velocity_model
+    condition_unet = VRFMUNet2DConditionModel(
+        sample_size=8, latent_dim=3, block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
+        cross_attention_dim=16, attention_head_dim=4,
+    )  # fmt: skip
+    sd3 = VRFMSD3Transformer2DModel(
+        sample_size=8, in_channels=4, out_channels=4, latent_dim=3, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
+        pos_embed_max_size=8,
+    )  # fmt: skip
+    for model in (unet, dit, condition_unet, sd3):
+        lookups.clear()
+        model(x, t, z=z)
+        wrapper = type(model).__name__
+        assert lookups[wrapper, "get_parameter_dtype"] == lookups[wrapper, "get_parameter_device"] == 1, lookups
+
+
 def test_channels_last_and_tf32_run_and_keep_the_saved_weights_plain(train, tmp_path):
     from safetensors.torch import load_file
 

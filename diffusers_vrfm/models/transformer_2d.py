@@ -285,10 +285,10 @@ class VRFMDiTTransformer2DModel(ModelMixin, ConfigMixin):
                 (the default when a class-conditional model gets none).
             return_dict (`bool`): return a [`VRFMVelocityOutput`] rather than a tuple.
         """
-        sample, t, labels = check_velocity_inputs(self, sample, timestep, z, class_labels)
+        sample, t, labels = check_velocity_inputs(self, sample, timestep, z, class_labels)  # now in the model's dtype
         if labels is None:
             labels = torch.zeros(sample.shape[0], dtype=torch.long, device=sample.device)
-        z_embedding = self.z_embedding(z.to(self.dtype)) if self.z_embedding is not None else None
+        z_embedding = self.z_embedding(z.to(sample.dtype)) if self.z_embedding is not None else None
         velocity = self.transformer(
             sample, timestep=t * self.config.timestep_scale, class_labels=AdaLNCondition(labels, z_embedding)
         ).sample

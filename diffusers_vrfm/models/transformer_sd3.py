@@ -262,18 +262,17 @@ class VRFMSD3Transformer2DModel(ModelMixin, ConfigMixin):
             )
         return sample.to(device=self.device, dtype=self.dtype)
 
-    def _text_inputs(self, encoder_hidden_states, pooled_projections, batch_size: int):
-        """The context and pooled text, checked, or the "no text" inputs when they are not given."""
+    def _text_inputs(self, encoder_hidden_states, pooled_projections, sample: torch.Tensor):
+        """The context and pooled text, checked, or the "no text" inputs when they are not given, on the device and
+        in the dtype of `sample` (already the model's)."""
+        batch_size, like = sample.shape[0], {"device": sample.device, "dtype": sample.dtype}
         if encoder_hidden_states is None:
-            encoder_hidden_states = torch.zeros(batch_size, 0, self.context_dim, device=self.device, dtype=self.dtype)
+            encoder_hidden_states = torch.zeros(batch_size, 0, self.context_dim, **like)
         check_context(encoder_hidden_states, "encoder_hidden_states", batch_size, self.context_dim, ndim=3)
         if pooled_projections is None:
-            pooled_projections = torch.zeros(batch_size, self.pooled_projection_dim, device=self.device)
+            pooled_projections = torch.zeros(batch_size, self.pooled_projection_dim, **like)
         check_context(pooled_projections, "pooled_projections", batch_size, self.pooled_projection_dim, ndim=2)
-        return (
-            encoder_hidden_states.to(device=self.device, dtype=self.dtype),
-            pooled_projections.to(device=self.device, dtype=self.dtype),
-        )
+        return encoder_hidden_states.to(**like), pooled_projections.to(**like)
 
     def forward(
         self,
@@ -303,12 +302,12 @@ class VRFMSD3Transformer2DModel(ModelMixin, ConfigMixin):
         """
         if class_labels is not None:
             raise ValueError("This model is text-conditioned (`num_classes=None`) and takes no `class_labels`.")
-        sample = self._check_sample(sample)
+        sample = self._check_sample(sample)  # now on the model's device, in its dtype
         batch_size = sample.shape[0]
         t = check_timestep(timestep, batch_size, sample.device, torch.float32)
         check_latent(z, self.latent_dim, batch_size)
-        context, pooled = self._text_inputs(encoder_hidden_states, pooled_projections, batch_size)
-        z_embedding = self.z_embedding(z.to(self.dtype)) if self.z_embedding is not None else None
+        context, pooled = self._text_inputs(encoder_hidden_states, pooled_projections, sample)
+        z_embedding = self.z_embedding(z.to(sample.dtype)) if self.z_embedding is not None else None
         # The one place where this package's clock meets SD3's: sigma = 1 - t, timestep = sigma * 1000, and the
         # backbone's `noise - data` output is minus the velocity.
         flow_match_output = self.transformer(

@@ -363,10 +363,10 @@ class VRFMUNet2DModel(ModelMixin, ConfigMixin):
                 (the default when a class-conditional model gets none).
             return_dict (`bool`): return a [`VRFMVelocityOutput`] rather than a tuple.
         """
-        sample, t, labels = check_velocity_inputs(self, sample, timestep, z, class_labels)
-        condition = self.condition_embedding(z, labels, self.dtype)
+        sample, t, labels = check_velocity_inputs(self, sample, timestep, z, class_labels)  # now in the model's dtype
+        condition = self.condition_embedding(z, labels, sample.dtype)
         if self.z_map is not None:
-            sample = torch.cat([sample, self.z_map(z.to(self.dtype))], dim=1)
+            sample = torch.cat([sample, self.z_map(z.to(sample.dtype))], dim=1)
         velocity = self.unet(sample, t * self.config.timestep_scale, class_labels=condition).sample
         if not return_dict:
             return (velocity,)
@@ -624,12 +624,12 @@ class VRFMUNet2DConditionModel(ModelMixin, ConfigMixin):
             added_cond_kwargs (`dict`, *optional*): passed to the inner UNet (SDXL-style added conditions).
             return_dict (`bool`): return a [`VRFMVelocityOutput`] rather than a tuple.
         """
-        sample, t, labels = check_velocity_inputs(self, sample, timestep, z, class_labels)
+        sample, t, labels = check_velocity_inputs(self, sample, timestep, z, class_labels)  # now in the model's dtype
         parts = []
         if z is not None:
-            parts.append(z.to(self.dtype))
+            parts.append(z.to(sample.dtype))
         if labels is not None:
-            parts.append(nn.functional.one_hot(labels, self.config.num_classes + 1).to(self.dtype))
+            parts.append(nn.functional.one_hot(labels, self.config.num_classes + 1).to(sample.dtype))
         condition = torch.cat(parts, dim=-1) if parts else None
         width = self.context_dim
         if encoder_hidden_states is None:
@@ -639,7 +639,7 @@ class VRFMUNet2DConditionModel(ModelMixin, ConfigMixin):
             encoder_hidden_states = sample.new_zeros(sample.shape[0], context_length, width)
         elif width is not None:
             check_context(encoder_hidden_states, "encoder_hidden_states", sample.shape[0], width, ndim=3)
-            encoder_hidden_states = encoder_hidden_states.to(device=sample.device, dtype=self.dtype)
+            encoder_hidden_states = encoder_hidden_states.to(device=sample.device, dtype=sample.dtype)
         velocity = self.unet(
             sample,
             t * self.config.timestep_scale,
