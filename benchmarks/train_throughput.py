@@ -15,7 +15,7 @@ timed steps (`nvidia-smi`) and writes a torch.profiler ms/step breakdown of the 
 `reduce-overhead` for CUDA graphs) and `--channels-last` pass the script's speed options (and apply them to the bare
 loop). `--sync-debug`, `--count-ops` and `--profile-steps` are diagnoses, not timings: the source lines where the
 script makes the host wait for the GPU, the operators a step dispatches, and a torch.profiler record of whole steps
-(`benchmarks/step_profile.py`).
+followed by a cProfile record of as many (`benchmarks/step_profile.py`).
 
 Model sizes: `default` is the training script's own small configuration (sized for CPUs); `gpu` is issue 12's UNet
 (6.5M parameters, the GPU config it was measured with) and a DiT-S/2-class transformer (12 blocks of width 384, patch
@@ -105,6 +105,12 @@ def script_launcher(setup: str) -> list[str]:
 SYNC_WARNING = re.compile(r"^(?P<site>\S+:\d+): UserWarning: called a synchronizing CUDA operation", re.MULTILINE)
 
 
+def profile_start(steps: int) -> int:
+    """The micro-step (1-based) where `--profile-steps` starts profiling a run of `steps` steps: after a quarter of
+    them, so that torch.profiler's steps and then cProfile's fit before the end."""
+    return steps // 4 + 1
+
+
 def logging_interval(steps: int) -> int:
     """`train_vrfm.py --logging_steps` for a run of `steps` steps: its default (10), or less in a short run."""
     return min(10, max(1, steps // 4))
@@ -159,8 +165,8 @@ def run_cell(backbone: str, size: str, method: str, precision: str, args, workdi
     setups = [SYNC_DEBUG] if args.sync_debug else []
     if args.count_ops:
         setups.append(f"import benchmarks.operator_count as counting; counting.install({str(counts_path)!r})")
-    if args.profile_steps:  # from the middle of the run, as the timing
-        install = f"p.install({str(profile_path)!r}, {args.steps // 2 + 1}, {args.profile_steps})"
+    if args.profile_steps:  # after the first quarter (warm-up): torch.profiler's steps, then cProfile's
+        install = f"p.install({str(profile_path)!r}, {profile_start(args.steps)}, {args.profile_steps})"
         setups.append(f"import benchmarks.step_profile as p; {install}")
     launcher = script_launcher("; ".join(setups)) if setups else [sys.executable]
     command = [
@@ -556,7 +562,8 @@ def operator_lines(cells: list[dict]) -> list[str]:
 
 
 def step_profile_lines(cells: list[dict], top: int = 6) -> list[str]:
-    """`--profile-steps`: per training run, its profiled steps' wall, host and device time, waits, top host calls."""
+    """`--profile-steps`: per training run, its profiled steps' wall, host and device time, waits, top host calls, and
+    the Python functions with the most own time."""
     lines = []
     for cell in cells:
         if "step_profile" in cell:
@@ -573,6 +580,14 @@ def step_profile_lines(cells: list[dict], top: int = 6) -> list[str]:
                 f"{profile['device_ms_per_step']:.1f} ms on the device in {profile['kernels_per_step']:.0f} kernels; "
                 f"waits for the device: {waits or 'none'}; top host calls (ms): {calls}."
             )
+            python = profile.get("python")  # results written before the cProfile record have none
+            if python:
+                functions = list(python["top_own_ms_per_step"].items())[:top]
+                listed = ", ".join(f"`{name}` {ms:.2f}" for name, ms in functions)
+                lines.append(
+                    f"- Python profile of {run} ({python['steps']} steps under cProfile), per step: "
+                    f"{python['wall_ms_per_step']:.1f} ms wall; the most own time (ms): {listed}."
+                )
     return lines
 
 
@@ -642,8 +657,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile-steps",
         type=int,
         default=0,
-        help="profile this many whole steps of train_vrfm.py from the middle of each run with torch.profiler: host "
-        "and device time, waits for the device, top host calls (a diagnosis: its timings are then no result)",
+        help="profile this many whole steps of each train_vrfm.py run with torch.profiler (host and device time, "
+        "waits for the device, top host calls), then as many with cProfile (the Python functions the host's time "
+        "goes to); a diagnosis: its timings are then no result",
     )
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default=None, help="the results' file name (default train_throughput_<device>)")
@@ -680,10 +696,11 @@ def main(argv: list[str] | None = None) -> dict:
     args.cpu = args.cpu or args.quick or not torch.cuda.is_available()
     if args.quick:
         args.steps, args.batch_size, args.resolution, args.sizes = 8, 8, 16, ["default"]
-    if not 0 <= args.profile_steps < args.steps // 2:
+    most_profiled = (args.steps - profile_start(args.steps)) // 2  # torch.profiler's steps, then as many for cProfile
+    if not 0 <= args.profile_steps <= most_profiled:
         raise ValueError(
-            f"`--profile-steps` must be in [0, {args.steps // 2}) (inside the second half of `--steps` {args.steps}), "
-            f"but got {args.profile_steps}."
+            f"`--profile-steps` must be in [0, {most_profiled}] (twice that many steps after the first quarter of "
+            f"`--steps` {args.steps}), but got {args.profile_steps}."
         )
     if args.torch_compile_mode and not args.torch_compile:
         raise ValueError(f"`--torch-compile-mode` ({args.torch_compile_mode}) needs `--torch-compile`.")

@@ -8,8 +8,8 @@
 #   quality     issue 13: benchmarks/mnist_quality.py on the same UNet, 4000 steps, `QUALITY_SEEDS` x {VRFM, RF} side by
 #               side on the GPU, 10k samples per NFE; then the join of every seed's JSON found.
 #   sync        issue 12: the same UNet's RF and VRFM runs under torch.cuda.set_sync_debug_mode: where the host waits.
-#   profile     issue 12: torch.profiler over 5 whole steps of the same runs: host and device time per step, the waits
-#               for the device and the host calls that cost most.
+#   profile     issue 12: torch.profiler over 5 whole steps of the same runs (host and device time per step, the
+#               waits for the device, the host calls that cost most), then cProfile over 5 more (the Python functions).
 #   dit         issue 12: the DiT-S/2-class transformer's rows.
 #   compile     issue 12: the UNet's rows with --torch_compile.
 #   cudagraphs  issue 12: the UNet's rows with --torch_compile --torch_compile_mode reduce-overhead (CUDA graphs: the

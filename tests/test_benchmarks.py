@@ -619,13 +619,18 @@ def test_train_throughput_counts_the_operators_of_a_training_step_and_profiles_i
         assert profile["steps"] == 2 and 0 < profile["host_ms_per_step"] <= profile["wall_ms_per_step"]
         assert profile["kernels_per_step"] == 0 and profile["waits"] == {}, "the CPU: no kernels, nothing to wait for"
         assert "aten::convolution_backward" in profile["top_host_calls"]
+        python = profile["python"]  # the steps after them, under cProfile
+        assert python["steps"] == 2 and len(python["top_own_ms_per_step"]) == 12
+        assert any("conv" in name for name in python["top_own_ms_per_step"]), "the convolutions' built-in calls"
+        assert "training/loop.py" in " ".join(python["top_cumulative_ms_per_step"]), "the loop's own functions"
     report = (tmp_path / "train_throughput_cpu.md").read_text()
     assert f"Operators per step of unet default VRFM: {vrfm['operators_per_step']['total']:.0f}" in report
     assert "- Profile of unet default RF (2 steps), per step: " in report and "waits for the device: none" in report
+    assert "- Python profile of unet default VRFM (2 steps under cProfile), per step: " in report
     assert f"unet default bare: {bare['operators_per_step']['total']:.0f} (the whole hand-written step" in report
     assert "A diagnosis" in report
-    with pytest.raises(ValueError, match=r"`--profile-steps` must be in \[0, 4\) .* but got 4"):
-        train_throughput.main(["--quick", "--profile-steps", "4"])
+    with pytest.raises(ValueError, match=r"`--profile-steps` must be in \[0, 2\] .* `--steps` 8\), but got 3"):
+        train_throughput.main(["--quick", "--profile-steps", "3"])
 
 
 def test_step_profile_summarises_per_step_and_finds_the_waits():
@@ -655,6 +660,33 @@ def test_step_profile_summarises_per_step_and_finds_the_waits():
     assert summary["top_operators_ms_per_step"] == {"cudaLaunchKernel": 4.0, "cudaStreamSynchronize": 3.0}
     waits = {"cudaStreamSynchronize": {"ms": 3.0, "calls": 1.0}, "cudaMemcpy": {"ms": 0.1, "calls": 1.0}}
     assert summary["waits"] == waits, "an asynchronous copy, or a stream waiting on an event, is no wait of the host"
+
+
+def test_python_profile_names_functions_and_gives_ms_per_step():
+    import cProfile
+    import pstats
+
+    from benchmarks.step_profile import function_name, summarise_python
+
+    def busy(n):
+        return sum(i * i for i in range(n))
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(4):
+        busy(20000)
+        torch.ones(8).sum()
+    profiler.disable()
+    summary = summarise_python(pstats.Stats(profiler), steps=4, wall_seconds=0.2, top=3)
+    assert summary["steps"] == 4 and summary["wall_ms_per_step"] == pytest.approx(50.0)
+    assert len(summary["top_own_ms_per_step"]) == len(summary["top_cumulative_ms_per_step"]) == 3
+    own = list(summary["top_own_ms_per_step"].values())
+    assert own == sorted(own, reverse=True) and own[0] > 0
+    cumulative = summary["top_cumulative_ms_per_step"]
+    [busy_name] = [name for name in cumulative if name.endswith("(busy)")]
+    assert busy_name.split(":")[0].endswith("/tests/test_benchmarks.py") and cumulative[busy_name] >= own[-1]
+    assert function_name(("~", 0, "<built-in method torch.ones>")) == "<built-in method torch.ones>"
+    assert function_name(("/a/b/diffusers/models/x.py", 7, "f")) == "diffusers/models/x.py:7(f)"
 
 
 def test_bare_step_reads_nothing_back_to_the_host():
