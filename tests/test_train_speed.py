@@ -166,19 +166,27 @@ def test_the_step_models_compile_to_one_graph_each(backbone, shape, config):
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
-def test_the_text_to_image_backbones_compile_to_one_graph_each():
+def _tiny_text_to_image_backbones(latent_dim: int) -> tuple:
+    """A `VRFMUNet2DConditionModel` (context width 16) and a `VRFMSD3Transformer2DModel` (context width 16, pooled
+    width 8), both on 4-channel 8x8 samples."""
     from diffusers_vrfm import VRFMSD3Transformer2DModel, VRFMUNet2DConditionModel
-    from diffusers_vrfm.models.z_embedding import skip_value_checks
 
     unet = VRFMUNet2DConditionModel(
-        sample_size=8, latent_dim=4, block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
+        sample_size=8, latent_dim=latent_dim, block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
         cross_attention_dim=16, attention_head_dim=4,
     )  # fmt: skip
     sd3 = VRFMSD3Transformer2DModel(
-        sample_size=8, in_channels=4, out_channels=4, latent_dim=4, num_layers=1, attention_head_dim=8,
+        sample_size=8, in_channels=4, out_channels=4, latent_dim=latent_dim, num_layers=1, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
         pos_embed_max_size=8,
     )  # fmt: skip
+    return unet, sd3
+
+
+def test_the_text_to_image_backbones_compile_to_one_graph_each():
+    from diffusers_vrfm.models.z_embedding import skip_value_checks
+
+    unet, sd3 = _tiny_text_to_image_backbones(latent_dim=4)
     x, t, z, context = torch.randn(2, 4, 8, 8), torch.rand(2), torch.randn(2, 4), torch.randn(2, 5, 16)
     with skip_value_checks():
         explained = [
@@ -195,7 +203,6 @@ def test_a_forward_looks_up_its_models_dtype_and_device_once(monkeypatch):
     and takes them from the moved sample after that."""
     from diffusers.models import modeling_utils
 
-    from diffusers_vrfm import VRFMSD3Transformer2DModel, VRFMUNet2DConditionModel
     from diffusers_vrfm.training.factory import build_models
 
     lookups = collections.Counter()
@@ -215,15 +222,7 @@ def test_a_forward_looks_up_its_models_dtype_and_device_once(monkeypatch):
     unet = build_models("unet", (4, 8, 8), 3, ("x1",), model_config=json.loads(TINY_UNET)).velocity_model
     dit_config = {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": 2}
     dit = build_models("dit", (4, 8, 8), 3, ("x1",), model_config=dit_config).velocity_model
-    condition_unet = VRFMUNet2DConditionModel(
-        sample_size=8, latent_dim=3, block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
-        cross_attention_dim=16, attention_head_dim=4,
-    )  # fmt: skip
-    sd3 = VRFMSD3Transformer2DModel(
-        sample_size=8, in_channels=4, out_channels=4, latent_dim=3, num_layers=1, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
-        pos_embed_max_size=8,
-    )  # fmt: skip
+    condition_unet, sd3 = _tiny_text_to_image_backbones(latent_dim=3)
     for model in (unet, dit, condition_unet, sd3):
         lookups.clear()
         model(x, t, z=z)
