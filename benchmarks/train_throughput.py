@@ -50,6 +50,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -306,25 +308,44 @@ def bare_optimizer(model, device: torch.device) -> torch.optim.AdamW:
     return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=fused)
 
 
-def bare_rf_step(model, optimizer, images: torch.Tensor, batch_size: int, autocast, compiled: bool) -> torch.Tensor:
-    """One hand-written rectified-flow step: a random batch, randn, interpolate, forward, MSE, backward, AdamW. As in
-    `train_vrfm.py`, the model skips its value checks (each would read back to the host) and a `compiled` model's CUDA
-    graphs (`reduce-overhead`) are told where each step begins."""
+def rf_loss(model, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """The hand-written rectified-flow loss: interpolate, forward (under bf16 autocast when `bf16`), MSE."""
+    x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * x1
+    with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=bf16):
+        prediction = model(x_t, t).sample
+    return torch.nn.functional.mse_loss(prediction.float(), x1 - x0)
+
+
+@dataclass
+class BareLoop:
+    """The bare loop of one model: its model, optimiser, images and loss function ([`rf_loss`], compiled under
+    `--torch-compile` as `train_vrfm.py --torch_compile` compiles its loss), and whether it is compiled."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    images: torch.Tensor
+    loss: Callable
+    bf16: bool
+    compiled: bool
+
+
+def bare_rf_step(loop: BareLoop, batch_size: int) -> torch.Tensor:
+    """One hand-written rectified-flow step: a random batch, randn, the loss, backward, AdamW. As in `train_vrfm.py`,
+    the model skips its value checks (each would read back to the host) and a compiled loss's CUDA graphs
+    (`reduce-overhead`) are told where each step begins."""
     from diffusers_vrfm.models.z_embedding import skip_value_checks
 
-    if compiled:
+    if loop.compiled:
         torch.compiler.cudagraph_mark_step_begin()
-    index = torch.randint(images.shape[0], (batch_size,), device=images.device)
-    x1 = images[index]
+    index = torch.randint(loop.images.shape[0], (batch_size,), device=loop.images.device)
+    x1 = loop.images[index]
     x0 = torch.randn_like(x1)
     t = torch.rand(batch_size, device=x1.device)
-    x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * x1
-    with autocast(), skip_value_checks():
-        prediction = model(x_t, t).sample
-    loss = torch.nn.functional.mse_loss(prediction.float(), x1 - x0)
+    with skip_value_checks():
+        loss = loop.loss(loop.model, x0, x1, t, loop.bf16)
     loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    loop.optimizer.step()
+    loop.optimizer.zero_grad(set_to_none=True)
     return loss.detach()
 
 
@@ -333,32 +354,33 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bare_loop(backbone: str, size: str, precision: str, args, images: torch.Tensor):
-    """The bare loop's model, optimiser, images and autocast, with the run's speed options."""
+def bare_loop(backbone: str, size: str, precision: str, args, images: torch.Tensor) -> BareLoop:
+    """The bare loop of one model and precision, with the run's speed options."""
+    if precision not in ("no", "bf16"):
+        raise ValueError(f"The bare loop runs `--precisions` no or bf16, but got {precision!r}.")
     device = images.device
     torch.manual_seed(0)
     model = build_bare_model(backbone, size, tuple(images.shape[1:]), device)
     if args.channels_last:  # as train_vrfm.py --channels_last: the weights, and the images the loop samples from
         model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
-    if args.torch_compile:
-        model.compile(mode=args.torch_compile_mode)
-    return model, bare_optimizer(model, device), images, _autocast_for(precision, device)
+    loss = torch.compile(rf_loss, mode=args.torch_compile_mode) if args.torch_compile else rf_loss
+    return BareLoop(model, bare_optimizer(model, device), images, loss, precision == "bf16", args.torch_compile)
 
 
 def count_bare_operators(backbone: str, size: str, precision: str, args, images: torch.Tensor) -> dict:
     """`--count-ops`: the aten operators of one bare step (after two warm-up steps), untimed: the ceiling's count."""
-    model, optimizer, images, autocast = bare_loop(backbone, size, precision, args, images)
+    loop = bare_loop(backbone, size, precision, args, images)
     for _ in range(2):
-        bare_rf_step(model, optimizer, images, args.batch_size, autocast, args.torch_compile)
+        bare_rf_step(loop, args.batch_size)
     with OperatorCounter() as counter:
-        loss = bare_rf_step(model, optimizer, images, args.batch_size, autocast, args.torch_compile)
+        loss = bare_rf_step(loop, args.batch_size)
     return {
         "backbone": backbone,
         "size": size,
         "method": "bare",
         "precision": precision,
-        "velocity_parameters": sum(p.numel() for p in model.parameters()),
+        "velocity_parameters": sum(p.numel() for p in loop.model.parameters()),
         "ms_per_step": math.nan,
         "samples_per_second": math.nan,
         "final_loss": float(loss),
@@ -369,16 +391,16 @@ def count_bare_operators(backbone: str, size: str, precision: str, args, images:
 
 def run_bare_cell(backbone: str, size: str, precision: str, args, images: torch.Tensor) -> dict:
     """Images/s of the bare loop over the second half of `args.steps` steps (the first half warms up)."""
-    model, optimizer, images, autocast = bare_loop(backbone, size, precision, args, images)
-    device = images.device
+    loop = bare_loop(backbone, size, precision, args, images)
+    device = loop.images.device
     warmup = args.steps // 2
     with GpuUtilisation(enabled=device.type == "cuda") as utilisation:  # started before the timed steps
         for _ in range(warmup):
-            bare_rf_step(model, optimizer, images, args.batch_size, autocast, args.torch_compile)
+            bare_rf_step(loop, args.batch_size)
         _synchronize(device)
         start, window_start = time.perf_counter(), time.time()
         for _ in range(args.steps - warmup):
-            loss = bare_rf_step(model, optimizer, images, args.batch_size, autocast, args.torch_compile)
+            loss = bare_rf_step(loop, args.batch_size)
         _synchronize(device)
         seconds = time.perf_counter() - start
     timed = args.steps - warmup
@@ -387,43 +409,31 @@ def run_bare_cell(backbone: str, size: str, precision: str, args, images: torch.
         "size": size,
         "method": "bare",
         "precision": precision,
-        "velocity_parameters": sum(p.numel() for p in model.parameters()),
+        "velocity_parameters": sum(p.numel() for p in loop.model.parameters()),
         "ms_per_step": 1000.0 * seconds / timed,
         "samples_per_second": timed * args.batch_size / seconds,
         "timed_steps": timed,
         "final_loss": float(loss),
         "gpu_utilisation_percent": utilisation.mean_percent(window_start, window_start + seconds),
     }
-    if device.type == "cuda":  # the model as timed: compiled under --torch-compile, else eager
-        mode = "torch_compile" if args.torch_compile else "eager"
-        profile = profile_bare_step(model, optimizer, images, args.batch_size, autocast, args.torch_compile)
-        cell["profile"] = {mode: profile}
+    if device.type == "cuda":  # the loss as timed: compiled under --torch-compile, else eager
+        cell["profile"] = {"torch_compile" if loop.compiled else "eager": profile_bare_step(loop, args.batch_size)}
     return cell
 
 
-def _autocast_for(precision: str, device: torch.device):
-    if precision == "no":
-        return contextlib.nullcontext
-    if precision != "bf16":
-        raise ValueError(f"The bare loop runs `--precisions` no or bf16, but got {precision!r}.")
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def profile_bare_step(
-    model, optimizer, images, batch_size: int, autocast, compiled: bool, steps: int = 3, top: int = 12
-) -> dict:
+def profile_bare_step(loop: BareLoop, batch_size: int, steps: int = 3, top: int = 12) -> dict:
     """The ms/step breakdown of the bare step on CUDA, averaged over `steps` profiled steps (after three warm-up steps,
-    which also compile a compiled model): [`step_profile.summarise`]'s figures, the same as `--profile-steps` gives
+    which also compile a compiled loss): [`step_profile.summarise`]'s figures, the same as `--profile-steps` gives
     the script's steps."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
-        bare_rf_step(model, optimizer, images, batch_size, autocast, compiled)
+        bare_rf_step(loop, batch_size)
     torch.cuda.synchronize()
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
         for _ in range(steps):
-            bare_rf_step(model, optimizer, images, batch_size, autocast, compiled)
+            bare_rf_step(loop, batch_size)
         torch.cuda.synchronize()
     return summarise(profiler.key_averages(), steps, time.perf_counter() - start, top=top)
 

@@ -695,15 +695,19 @@ def test_bare_step_reads_nothing_back_to_the_host():
     from benchmarks.operator_count import OperatorCounter
 
     torch.manual_seed(0)
-    model = train_throughput.build_bare_model("unet", "default", (1, 8, 8), torch.device("cpu"))
-    optimizer = train_throughput.bare_optimizer(model, torch.device("cpu"))
-    images, autocast = torch.randn(6, 1, 8, 8), train_throughput._autocast_for("no", torch.device("cpu"))
+    options = train_throughput.build_parser().parse_args([])
+    loop = train_throughput.bare_loop("unet", "default", "no", options, torch.randn(6, 1, 8, 8))
+    assert loop.loss is train_throughput.rf_loss and not loop.compiled
     with OperatorCounter() as operators:
-        loss = train_throughput.bare_rf_step(model, optimizer, images, 2, autocast, compiled=False)
+        loss = train_throughput.bare_rf_step(loop, 2)
     assert operators.names["convolution_backward"] > 0 and operators.count == sum(operators.names.values())
     assert loss.isfinite()
     host_reads = {"_local_scalar_dense", "nonzero", "masked_select", "item"}
     assert host_reads.isdisjoint(operators.names), sorted(host_reads & set(operators.names))
+    x = torch.randn(2, 1, 8, 8)
+    for bf16 in (False, True):  # `--torch-compile` compiles this loss, as the script compiles its own: one graph
+        explained = torch._dynamo.explain(train_throughput.rf_loss)(loop.model, x, x, torch.rand(2), bf16)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
 def test_script_launcher_runs_a_script_with_its_arguments_and_every_warning(tmp_path):

@@ -11,6 +11,7 @@ from train_helpers import FAST, TINY_POSTERIOR, TINY_UNET, train_runner
 
 from diffusers_vrfm import VRFMScheduler
 from diffusers_vrfm.training import loop as training_loop
+from diffusers_vrfm.training import step as training_step
 from diffusers_vrfm.training.step import draw_step_randomness
 
 
@@ -111,36 +112,41 @@ def test_speed_options_parse_and_validate():
 
 
 class _CountedCalls:
-    """Stands for `torch.compile(model)`: runs `model` eagerly and counts the calls."""
+    """Stands for `torch.compile(function)`: runs `function` eagerly and counts the calls."""
 
-    def __init__(self, model):
-        self.model, self.calls = model, 0
+    def __init__(self, function):
+        self.function, self.calls = function, 0
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
-        return self.model(*args, **kwargs)
+        return self.function(*args, **kwargs)
 
 
-def test_torch_compile_runs_the_step_compiled_and_marks_each_micro_step(train, monkeypatch, tmp_path):
-    compiled, step_marks = [], []
+def test_torch_compile_compiles_the_steps_loss_and_marks_each_micro_step(train, monkeypatch, tmp_path):
+    compiled, step_marks, betas = [], [], []
 
-    def record_compile(model, **options):
-        compiled.append((type(model).__name__, options, _CountedCalls(model)))
+    def record_compile(function, **options):
+        compiled.append((function.__name__, options, _CountedCalls(function)))
         return compiled[-1][-1]
+
+    def record_beta(*args, beta, **kwargs):
+        betas.append(beta)
+        return training_step.vrfm_training_loss(*args, beta=beta, **kwargs)
 
     monkeypatch.setattr(torch, "compile", record_compile)
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: step_marks.append(1))
+    monkeypatch.setattr("diffusers_vrfm.training.model_setup.vrfm_training_loss", record_beta)
     argv = _tiny_image_run(tmp_path / "run", "--torch_compile", "--torch_compile_mode", "max-autotune-no-cudagraphs")
-    summary = train([*argv, "--learned_prior", "--gradient_accumulation_steps", "2"])
+    warmup = ["--kl_target", "off", "--beta", "1", "--beta_warmup_steps", "2"]  # a float beta, a value per update
+    summary = train([*argv, "--learned_prior", "--gradient_accumulation_steps", "2", *warmup])
     assert summary["finished"]
-    mode = {"mode": "max-autotune-no-cudagraphs"}
     assert [(name, options) for name, options, _ in compiled] == [
-        ("VRFMUNet2DModel", mode),
-        ("VRFMConvPosteriorEncoder", mode),
-        ("VRFMConvPosteriorEncoder", mode),
-    ], "the velocity model, the posterior and the learned prior"
-    assert [counted.calls for *_, counted in compiled] == [4, 4, 4], "the step's calls, and no others (validation)"
+        ("record_beta", {"mode": "max-autotune-no-cudagraphs"})
+    ], "one compile: the loss function, with the posterior, the learned prior and the velocity model inside"
+    assert compiled[0][-1].calls == 4, "the step's calls, and no others (validation calls the models)"
     assert len(step_marks) == 4, "one mark per micro-step: 2 updates x 2 micro-steps"
+    assert all(isinstance(beta, torch.Tensor) and beta.ndim == 0 for beta in betas), "a graph input, not a constant"
+    assert [beta.item() for beta in betas] == pytest.approx([0.0, 0.0, 0.5, 0.5]), "the warm-up's values"
 
 
 @pytest.mark.parametrize(
@@ -151,19 +157,27 @@ def test_torch_compile_runs_the_step_compiled_and_marks_each_micro_step(train, m
         ("mlp", (2,), {}),
     ],
 )
-def test_the_step_models_compile_to_one_graph_each(backbone, shape, config):
-    """A graph break splits a compiled model (and its CUDA graphs) in two: none in the models the step compiles."""
+def test_the_steps_loss_compiles_to_one_graph(backbone, shape, config):
+    """A graph break splits the compiled step (and its CUDA graphs) in two: none in the loss function `--torch_compile`
+    compiles, with the posterior, a learned prior and prior draws mixed in (VRFM), or with none of them (RF)."""
     from diffusers_vrfm.models.z_embedding import skip_value_checks
     from diffusers_vrfm.training.factory import build_models
 
-    built = build_models(backbone, shape, latent_dim=3, posterior_inputs=("x0", "x1", "x_t", "t"), model_config=config)
-    x, t, noise = torch.randn(4, *shape), torch.rand(4), torch.randn(4, 3)
+    vrfm = build_models(backbone, shape, 3, ("x0", "x1", "x_t", "t"), model_config=config)
+    rf = build_models(backbone, shape, 0, (), model_config=config)
+    posterior_config = {k: v for k, v in vrfm.posterior_encoder.config.items() if not k.startswith("_")}
+    prior = type(vrfm.posterior_encoder).from_config({**posterior_config, "posterior_inputs": ["x0"]})
+    x0, x1, t, noise = torch.randn(4, *shape), torch.randn(4, *shape), torch.rand(4), torch.randn(4, 3)
+    mask = torch.tensor([True, False, True, False])
+    vrfm_inputs = {"posterior_noise": noise, "prior_encoder": prior, "prior_noise": noise, "prior_mask": mask}
+    loss = torch._dynamo.explain(training_step.vrfm_training_loss)
     with skip_value_checks():
-        velocity = torch._dynamo.explain(built.velocity_model)(x, t, z=noise)
-        inputs = {"x0": x, "x1": x, "x_t": x, "t": t, "noise": noise, "return_dict": False}
-        posterior = torch._dynamo.explain(built.posterior_encoder)(**inputs)
-    for explained in (velocity, posterior):
-        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        explained = [
+            loss(vrfm.velocity_model, vrfm.posterior_encoder, x0, x1, t, beta=torch.tensor(0.5), **vrfm_inputs),
+            loss(rf.velocity_model, None, x0, x1, t, beta=torch.tensor(0.5)),
+        ]
+    for one in explained:
+        assert (one.graph_count, one.graph_break_count) == (1, 0), one.break_reasons
 
 
 def _tiny_text_to_image_backbones(latent_dim: int) -> tuple:

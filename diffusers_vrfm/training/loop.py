@@ -183,11 +183,12 @@ def accumulate_micro_step(
     accelerator = context.accelerator
     if args.torch_compile:  # a new step: CUDA graphs (`reduce-overhead`) may now overwrite the last one's outputs
         torch.compiler.cudagraph_mark_step_begin()
-    velocity_model, posterior_encoder, prior_model = models.step_modules()
+        if not isinstance(beta, torch.Tensor):  # a float would be a constant of the graph: one compile per value
+            beta = torch.full((), beta, device=accelerator.device)
     with accelerator.accumulate(*models.trained), skip_value_checks():
-        output = training_step.vrfm_training_loss(
-            velocity_model,
-            posterior_encoder,
+        output = models.training_loss(
+            models.velocity_model,
+            models.posterior_encoder,
             batch.x0,
             batch.x1,
             batch.t,
@@ -196,7 +197,7 @@ def accumulate_micro_step(
             beta=beta,
             reduction=args.loss_reduction,
             free_bits=args.free_bits,
-            prior_encoder=prior_model,
+            prior_encoder=models.prior_model,
             prior_noise=batch.randomness.prior_noise,
             prior_mask=batch.randomness.prior_mask,
             model_kwargs=batch.model_kwargs,

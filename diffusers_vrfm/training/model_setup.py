@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +16,7 @@ from .checkpointing import EMA_DIR, POSTERIOR_ENCODER_DIR, PRIOR_DIR, VELOCITY_M
 from .data_setup import BatchLayout, PreparedData
 from .environment import TRACKER_PROJECT, RunContext, tracker_config
 from .factory import build_models, count_parameters, parse_json_config
-from .step import fused_optimizer_supported
+from .step import fused_optimizer_supported, vrfm_training_loss
 
 
 @dataclass
@@ -32,8 +33,8 @@ class TrainingModels:
         ema_model (`diffusers.training_utils.EMAModel`, *optional*): the EMA of the velocity model.
         optimizer, lr_scheduler: set by [`prepare_for_training`].
         velocity_parameters (`int`), posterior_parameters (`int`): parameter counts.
-        compiled (`tuple`, *optional*): under `--torch_compile`, `torch.compile` of the velocity model, posterior and
-            prior (`None` for an absent one), set by [`prepare_for_training`]; see [`step_modules`].
+        compiled_loss (`Callable`, *optional*): under `--torch_compile`, `torch.compile` of the step's loss function,
+            set by [`prepare_for_training`]; see [`training_loss`].
         clipped_parameters (`list`), ema_source_parameters (`list`): the parameters whose gradient norm every update
             clips, and the velocity model's (unwrapped) that the EMA averages; listed once by [`prepare_for_training`],
             since a step that lists them again (for a small model on a GPU, whose steps the host bounds) spends host
@@ -50,7 +51,7 @@ class TrainingModels:
     lr_scheduler: object | None = None
     velocity_parameters: int = 0
     posterior_parameters: int = 0
-    compiled: tuple | None = None
+    compiled_loss: Callable | None = None
     clipped_parameters: list = field(default_factory=list)
     ema_source_parameters: list = field(default_factory=list)
 
@@ -59,10 +60,11 @@ class TrainingModels:
         """The models the optimiser updates (velocity model, then posterior and prior when present)."""
         return tuple(m for m in (self.velocity_model, self.posterior_encoder, self.prior_model) if m is not None)
 
-    def step_modules(self) -> tuple:
-        """`(velocity_model, posterior_encoder, prior_model)` as the training step calls them: compiled under
-        `--torch_compile`, else the models themselves."""
-        return self.compiled or (self.velocity_model, self.posterior_encoder, self.prior_model)
+    @property
+    def training_loss(self) -> Callable:
+        """The training step's loss function, [`~diffusers_vrfm.training.step.vrfm_training_loss`]: compiled under
+        `--torch_compile`."""
+        return self.compiled_loss or vrfm_training_loss
 
     @property
     def checkpoint_dirs(self) -> tuple[str, ...]:
@@ -166,19 +168,20 @@ def use_channels_last(args: argparse.Namespace, models: TrainingModels) -> None:
                 model.to(memory_format=torch.channels_last)
 
 
-def compile_for_training(args: argparse.Namespace, models: TrainingModels) -> tuple | None:
-    """`--torch_compile`: `torch.compile` (with `--torch_compile_mode`) of each prepared model, for the training step
-    alone; `None` without the flag.
+def compile_for_training(args: argparse.Namespace) -> Callable | None:
+    """`--torch_compile`: `torch.compile` (with `--torch_compile_mode`) of the training step's loss function,
+    [`~diffusers_vrfm.training.step.vrfm_training_loss`]; `None` without the flag.
 
-    The compiled modules share the models' weights, so checkpoints and the saved pipeline are unchanged. Validation,
-    the aggregate prior's fit and saving call the models themselves, eagerly: they run at other batch sizes, which
-    would recompile (and under `reduce-overhead` record new CUDA graphs; with torch 2.13 on the CPU, the posterior's
-    own draw of `z` at a new batch size failed to compile). The posterior and the prior are compiled
-    too: where the host bounds a GPU's steps, their operators cost as much host time as the velocity model's."""
+    The whole forward of a step is one graph, and so is its backward: the path point, the posterior and its draw of
+    `z`, the learned prior, the velocity model and the loss with its KL terms. Where the host bounds a GPU's steps,
+    every operator left outside the graph costs host time, and compiling the models alone left the loss's. The models
+    are the prepared ones, passed in as they are, so checkpoints and the saved pipeline are unchanged. Validation, the
+    aggregate prior's fit and saving call the models eagerly: they run at other batch sizes, which would recompile
+    (and under `reduce-overhead` record new CUDA graphs; with torch 2.13 on the CPU, the posterior's own draw of `z`
+    at a new batch size failed to compile)."""
     if not args.torch_compile:
         return None
-    chosen = (models.velocity_model, models.posterior_encoder, models.prior_model)
-    return tuple(None if model is None else torch.compile(model, mode=args.torch_compile_mode) for model in chosen)
+    return torch.compile(vrfm_training_loss, mode=args.torch_compile_mode)
 
 
 def prepare_for_training(
@@ -216,7 +219,7 @@ def prepare_for_training(
         models.posterior_encoder = wrapped[1]
     if models.prior_model is not None:
         models.prior_model = wrapped[2]
-    models.compiled = compile_for_training(args, models)
+    models.compiled_loss = compile_for_training(args)
     velocity = accelerator.unwrap_model(models.velocity_model)
     models.clipped_parameters = trainable_parameters(models.trained)
     models.ema_source_parameters = list(velocity.parameters()) if models.ema_model is not None else []
