@@ -714,6 +714,11 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if args.torch_compile_mode and not args.torch_compile:
         raise ValueError(f"`--torch-compile-mode` ({args.torch_compile_mode}) needs `--torch-compile`.")
+    if args.count_ops and args.torch_compile:
+        raise ValueError(
+            "`--count-ops` counts through a torch dispatch mode, under which torch.compile runs the step eagerly: "
+            "its count with `--torch-compile` would be the eager one. Count without it."
+        )
     if args.sync_debug and args.cpu:
         raise ValueError("`--sync-debug` finds where the host waits for a CUDA device, but this run is on the CPU.")
     precisions = args.precisions or (["no"] if args.cpu else ["bf16"])

@@ -593,6 +593,8 @@ def test_train_throughput_reports_sync_sites_profiles_and_windowed_utilisation()
     meta.update(torch_compile=True, torch_compile_mode="reduce-overhead")
     header = train_throughput.render({"meta": meta, "cells": []})
     assert "Options: `--torch-compile`, `--channels-last`, `--torch-compile-mode reduce-overhead`." in header
+    with pytest.raises(ValueError, match="`--count-ops` counts through a torch dispatch mode"):
+        train_throughput.main(["--quick", "--count-ops", "--torch-compile"])
     with pytest.raises(ValueError, match="`--sync-debug`.*CPU"):
         train_throughput.main(["--sync-debug", "--cpu"])
     with pytest.raises(ValueError, match=r"`--torch-compile-mode` \(reduce-overhead\) needs `--torch-compile`"):

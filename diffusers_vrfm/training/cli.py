@@ -422,16 +422,17 @@ def _add_system_arguments(parser: argparse.ArgumentParser) -> None:
     system.add_argument(
         "--torch_compile",
         action="store_true",
-        help="Run the training step's models (velocity model, posterior, learned prior) through torch.compile. "
-        "They share the weights, so checkpoints and the saved pipeline are unchanged; validation and saving run the "
-        "models eagerly. The first steps are slower while it compiles.",
+        help="Run the training step's loss function (posterior, learned prior, velocity model and the loss: one graph "
+        "forward, one backward) through torch.compile. The models are passed in as they are, so checkpoints and the "
+        "saved pipeline are unchanged; validation and saving run them eagerly. The first steps are slower while it "
+        "compiles.",
     )
     system.add_argument(
         "--torch_compile_mode",
         default=None,
         choices=TORCH_COMPILE_MODES,
-        help="torch.compile's `mode` under --torch_compile (default: torch's own). `reduce-overhead` replays each "
-        "model's forward and backward as CUDA graphs, which removes the per-kernel host cost that bounds small "
+        help="torch.compile's `mode` under --torch_compile (default: torch's own). `reduce-overhead` replays the "
+        "step's forward and backward as CUDA graphs, which removes the per-kernel host cost that bounds small "
         "models on fast GPUs; it needs a fixed batch shape, more GPU memory and --gradient_accumulation_steps 1.",
     )
     system.add_argument(
