@@ -131,11 +131,13 @@ def test_torch_compile_compiles_the_steps_loss_and_marks_each_micro_step(train, 
 
     def record_beta(*args, beta, **kwargs):
         betas.append(beta)
-        return training_step.vrfm_training_loss(*args, beta=beta, **kwargs)
+        return loss_function(*args, beta=beta, **kwargs)
+
+    loss_function = training_step.vrfm_training_loss
 
     monkeypatch.setattr(torch, "compile", record_compile)
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: step_marks.append(1))
-    monkeypatch.setattr("diffusers_vrfm.training.model_setup.vrfm_training_loss", record_beta)
+    monkeypatch.setattr(training_step, "vrfm_training_loss", record_beta)
     argv = _tiny_image_run(tmp_path / "run", "--torch_compile", "--torch_compile_mode", "max-autotune-no-cudagraphs")
     warmup = ["--kl_target", "off", "--beta", "1", "--beta_warmup_steps", "2"]  # a float beta, a value per update
     summary = train([*argv, "--learned_prior", "--gradient_accumulation_steps", "2", *warmup])

@@ -12,11 +12,12 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from ..schedulers.scheduling_vrfm import VRFMScheduler
+from . import step as training_step
 from .checkpointing import EMA_DIR, POSTERIOR_ENCODER_DIR, PRIOR_DIR, VELOCITY_MODEL_DIR, make_state_hooks
 from .data_setup import BatchLayout, PreparedData
 from .environment import TRACKER_PROJECT, RunContext, tracker_config
 from .factory import build_models, count_parameters, parse_json_config
-from .step import fused_optimizer_supported, vrfm_training_loss
+from .step import fused_optimizer_supported
 
 
 @dataclass
@@ -64,7 +65,7 @@ class TrainingModels:
     def training_loss(self) -> Callable:
         """The training step's loss function, [`~diffusers_vrfm.training.step.vrfm_training_loss`]: compiled under
         `--torch_compile`."""
-        return self.compiled_loss or vrfm_training_loss
+        return self.compiled_loss or training_step.vrfm_training_loss
 
     @property
     def checkpoint_dirs(self) -> tuple[str, ...]:
@@ -181,7 +182,7 @@ def compile_for_training(args: argparse.Namespace) -> Callable | None:
     at a new batch size failed to compile)."""
     if not args.torch_compile:
         return None
-    return torch.compile(vrfm_training_loss, mode=args.torch_compile_mode)
+    return torch.compile(training_step.vrfm_training_loss, mode=args.torch_compile_mode)
 
 
 def prepare_for_training(
