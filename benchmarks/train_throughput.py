@@ -242,7 +242,6 @@ def run_cell(backbone: str, size: str, method: str, precision: str, args, workdi
     }
 
 
-# ------------------------------------------------------------------------------------------------- the bare loop
 def device_slug(device_name: str) -> str:
     """`"cpu"`, or the GPU's name in lower case with dashes (`"nvidia-h200"`), for the results file name."""
     return re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
@@ -284,6 +283,7 @@ class GpuUtilisation:
         return sum(readings) / len(readings) if readings else None
 
 
+# ------------------------------------------------------------------------------------------------- the bare loop
 def load_images_on_device(args, device: torch.device) -> torch.Tensor:
     """The first (up to 4096) training images of `args.dataset`, transformed as the script does, on `device`."""
     from diffusers_vrfm.training.data import load_training_data
