@@ -160,3 +160,15 @@ def test_lora_run_resumes_exactly(train, sd3_folder, tmp_path):
         straight, resumed = (load_file(tmp_path / run / name) for run in ("straight", "resumed"))
         assert straight.keys() == resumed.keys()
         assert all(torch.equal(straight[key], resumed[key]) for key in straight), name
+
+
+@pytest.mark.slow  # inductor compiles the tiny SD3 transformer's C++ kernels: about a minute on a small machine
+def test_lora_run_with_torch_compile_trains_the_compiled_loss(train, sd3_folder, tmp_path):
+    """`--torch_compile` compiles the step's loss with the LoRA-wrapped SD3 transformer and its text inputs inside."""
+    output_dir = tmp_path / "compiled"
+    argv = ["--pretrained_model_name_or_path", sd3_folder, "--rank", "2", "--latent_dim", "4", "--resolution", "16"]
+    summary = train([*argv, "--cache_latents", "--torch_compile", "--output_dir", output_dir, *SHORT])
+    assert summary["finished"]
+    records = [json.loads(line) for line in open(output_dir / "logs" / "metrics.jsonl", encoding="utf-8")]
+    assert [record["step"] for record in records] == [1, 2, 3]
+    assert all(np.isfinite(record["loss"]) and record["kl"] >= 0 for record in records)
