@@ -7,7 +7,8 @@ import math
 
 import pytest
 import torch
-from train_helpers import FAST, TINY_POSTERIOR, TINY_UNET, train_runner
+from accelerate import Accelerator
+from train_helpers import FAST, TINY_POSTERIOR, TINY_UNET, reset_accelerate, train_runner
 
 from diffusers_vrfm import VRFMScheduler
 from diffusers_vrfm.training import loop as training_loop
@@ -161,7 +162,8 @@ def test_torch_compile_compiles_the_steps_loss_and_marks_each_micro_step(train, 
 )
 def test_the_steps_loss_compiles_to_one_graph(backbone, shape, config):
     """A graph break splits the compiled step (and its CUDA graphs) in two: none in the loss function `--torch_compile`
-    compiles, with the posterior, a learned prior and prior draws mixed in (VRFM), or with none of them (RF)."""
+    compiles, with the posterior, a learned prior and prior draws mixed in (VRFM, plain and prepared by accelerate for
+    bf16), or with none of them (RF)."""
     from diffusers_vrfm.models.z_embedding import skip_value_checks
     from diffusers_vrfm.training.factory import build_models
 
@@ -178,6 +180,15 @@ def test_the_steps_loss_compiles_to_one_graph(backbone, shape, config):
             loss(vrfm.velocity_model, vrfm.posterior_encoder, x0, x1, t, beta=torch.tensor(0.5), **vrfm_inputs),
             loss(rf.velocity_model, None, x0, x1, t, beta=torch.tensor(0.5)),
         ]
+        reset_accelerate()  # as the script runs them: wrapped by accelerate for bf16 autocast
+        try:
+            velocity, posterior, prior = Accelerator(cpu=True, mixed_precision="bf16").prepare(
+                vrfm.velocity_model, vrfm.posterior_encoder, prior
+            )
+            inputs = {**vrfm_inputs, "prior_encoder": prior}
+            explained.append(loss(velocity, posterior, x0, x1, t, beta=torch.tensor(0.5), **inputs))
+        finally:
+            reset_accelerate()
     for one in explained:
         assert (one.graph_count, one.graph_break_count) == (1, 0), one.break_reasons
 
