@@ -70,6 +70,25 @@ def test_sd3_z_path_changes_the_output_once_trained_and_round_trips_through_save
     assert any(p.suffix == ".safetensors" for p in tmp_path.iterdir())
 
 
+def test_sd3_wrapper_runs_with_its_weights_offloaded():
+    """Under accelerate's sequential offload the weights sit on the meta device: the sample goes where the hooks run
+    the forward, as in the other wrappers, not to the weights' device."""
+    from accelerate import cpu_offload
+
+    model = VRFMSD3Transformer2DModel(**SD3_CONFIG, latent_dim=3).eval()
+    torch.nn.init.normal_(model.z_embedding.linear_2.weight)
+    x, context, pooled, t = _sd3_inputs(2)
+    z = torch.randn(2, 3)
+    with torch.no_grad():
+        expected = model(x, t, z=z, encoder_hidden_states=context, pooled_projections=pooled).sample
+        cpu_offload(model, execution_device=torch.device("cpu"))
+        assert model.device.type == "meta"  # the weights really are offloaded
+        offloaded = model(x, t, z=z, encoder_hidden_states=context, pooled_projections=pooled).sample
+        without_text = model(x, t, z=z).sample
+    torch.testing.assert_close(offloaded, expected)
+    assert without_text.shape == x.shape and without_text.device.type == "cpu"
+
+
 def test_sd3_wrapper_runs_without_text_and_at_other_sizes():
     model = VRFMSD3Transformer2DModel(**SD3_CONFIG, latent_dim=0).eval()
     with torch.no_grad():

@@ -25,7 +25,14 @@ from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 from torch import nn
 
 from ..objective import check_tensor, flow_match_output_to_velocity, t_to_sigma
-from .z_embedding import LatentEmbedding, VRFMVelocityOutput, check_context, check_latent, check_timestep
+from .z_embedding import (
+    LatentEmbedding,
+    VRFMVelocityOutput,
+    check_context,
+    check_latent,
+    check_timestep,
+    to_execution,
+)
 
 # Arguments of `SD3Transformer2DModel` that the wrapper mirrors one to one.
 SD3_ARGUMENTS = (
@@ -260,7 +267,7 @@ class VRFMSD3Transformer2DModel(ModelMixin, ConfigMixin):
                 f"`sample`'s height and width must be multiples of `patch_size` ({patch}){limit}, but got "
                 f"{height}x{width}."
             )
-        return sample.to(device=self.device, dtype=self.dtype)
+        return to_execution(self, sample)
 
     def _text_inputs(self, encoder_hidden_states, pooled_projections, sample: torch.Tensor):
         """The context and pooled text, checked, or the "no text" inputs when they are not given, on the device and

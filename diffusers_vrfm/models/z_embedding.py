@@ -271,23 +271,24 @@ def check_sample(sample, expected_shape: tuple[int, ...], argument: str = "sampl
         )
 
 
-def execution_device(model, sample: torch.Tensor) -> torch.device:
-    """Where a model's forward runs: the device of its parameters, or, when they sit on the meta device because
-    accelerate offloads them (`enable_sequential_cpu_offload`), the device of the input, which the offload hooks
-    already moved to the execution device."""
+def to_execution(model, sample: torch.Tensor) -> torch.Tensor:
+    """`sample` on the device where `model`'s forward runs and in its dtype. That device is the one of its parameters,
+    or, when they sit on the meta device because accelerate offloads them (`enable_sequential_cpu_offload`), the
+    input's, which the offload hooks already moved to the execution device. diffusers' `device` and `dtype` walk
+    every submodule, so a forward calls this once and takes both from the result after that."""
     device = model.device
-    return sample.device if device.type == "meta" else device
+    return sample.to(device=sample.device if device.type == "meta" else device, dtype=model.dtype)
 
 
 def check_velocity_inputs(model, sample, timestep, z, class_labels):
     """Validates a velocity model's inputs and returns `(sample, t, labels)`.
 
-    `sample` is moved to the model's device (see [`execution_device`]) and dtype, `t` is a float32 tensor of shape
+    `sample` is moved to the model's device and dtype ([`to_execution`]), `t` is a float32 tensor of shape
     (B,) (full precision before the backbones scale it by 1000), and `labels` are long labels (the null label when a
     class-conditional model gets none) or `None`.
     """
     check_sample(sample, model.sample_shape)
-    sample = sample.to(device=execution_device(model, sample), dtype=model.dtype)
+    sample = to_execution(model, sample)
     batch_size = sample.shape[0]
     t = check_timestep(timestep, batch_size, sample.device, torch.float32)
     check_latent(z, model.latent_dim, batch_size)
