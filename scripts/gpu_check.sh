@@ -105,7 +105,7 @@ run_stage() {  # run_stage <stage>: one of the stages listed at the top
       late_throughput sync "where train_vrfm.py makes the host wait for the GPU" "${unet[@]}" --steps 40 --sync-debug
       ;;
     profile)
-      late_throughput profile "torch.profiler over whole steps of train_vrfm.py" "${unet[@]}" --steps 40 \
+      late_throughput profile "torch.profiler, then cProfile, over whole steps of train_vrfm.py" "${unet[@]}" --steps 40 \
         --profile-steps "$profile_steps"
       ;;
     dit)
