@@ -105,8 +105,8 @@ run_stage() {  # run_stage <stage>: one of the stages listed at the top
       late_throughput sync "where train_vrfm.py makes the host wait for the GPU" "${unet[@]}" --steps 40 --sync-debug
       ;;
     profile)
-      late_throughput profile "torch.profiler, then cProfile, over whole steps of train_vrfm.py" "${unet[@]}" --steps 40 \
-        --profile-steps "$profile_steps"
+      late_throughput profile "torch.profiler, then cProfile, over whole steps of train_vrfm.py" "${unet[@]}" \
+        --steps 40 --profile-steps "$profile_steps"
       ;;
     dit)
       late_throughput dit "the DiT-S/2-class rows" --backbones dit --dataset builtin:mnist --resolution 32 --steps 120
