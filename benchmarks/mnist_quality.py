@@ -93,13 +93,19 @@ QUICK_UNET = {
     "layers_per_block": 1,
     "norm_num_groups": 4,
 }
+# `--backbone dit`: train_vrfm.py's default DiT (patch 2, width 64, 4 layers), and a smaller one for the smoke run.
+CPU_DIT = {"num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 16, "patch_size": 2, "norm_num_groups": 8}
+QUICK_DIT = {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": 2, "norm_num_groups": 4}
+DEFAULT_BACKBONE_CONFIGS = {"unet": (CPU_UNET, QUICK_UNET), "dit": (CPU_DIT, QUICK_DIT)}  # (budget, --quick)
+BACKBONE_NAMES = {"unet": "UNet", "dit": "DiT"}
 QUICK_POSTERIOR = {"block_out_channels": [8], "norm_num_groups": 4, "hidden_dim": 16}
-# Settings of the UNet's z paths (`VRFMUNet2DModel`); RF (`--latent_dim 0`) has no z, so its runs drop them.
+# Settings of the backbones' z paths (`VRFMUNet2DModel`, `VRFMDiTTransformer2DModel`); RF (`--latent_dim 0`) has no
+# z, so its runs drop them.
 Z_PATH_KEYS = ("z_map_channels", "z_map_stride", "z_embed_hidden_dim")
 
 
 def split_model_config(model_config: dict) -> tuple[dict, dict]:
-    """`(backbone, z_paths)`: the UNet both methods share, and the settings only VRFM's z paths read."""
+    """`(backbone, z_paths)`: the backbone both methods share, and the settings only VRFM's z paths read."""
     backbone = {key: value for key, value in model_config.items() if key not in Z_PATH_KEYS}
     return backbone, {key: value for key, value in model_config.items() if key in Z_PATH_KEYS}
 
@@ -252,7 +258,7 @@ def _reset_accelerate() -> None:
 def training_argv(args, data: ImageData, method: str, seed: int, output_dir: Path) -> list[str]:
     """The `train_vrfm.py` command line of one run: the benchmark's budget, the script's defaults for everything it
     does not compare, and `--latent_dim 0` for RF."""
-    argv = ["--dataset_name", data.name, "--resolution", data.resolution, "--backbone", "unet"]
+    argv = ["--dataset_name", data.name, "--resolution", data.resolution, "--backbone", args.backbone]
     argv += ["--output_dir", output_dir, "--seed", seed, "--max_train_steps", args.steps]
     model_config = args.model_config if method == "vrfm" else split_model_config(args.model_config)[0]
     argv += ["--train_batch_size", args.batch_size, "--model_config", json.dumps(model_config)]
@@ -528,6 +534,7 @@ def render_report(results: dict) -> str:
         for key, runs in results["train"].items()
     }
     backbone, z_path_config = split_model_config(meta["model_config"])
+    backbone_name = BACKBONE_NAMES[meta.get("backbone", "unet")]
     z_paths = f" (VRFM's z paths: {json.dumps(z_path_config)}; RF has none)" if z_path_config else ""
     training_commands = (
         f"`{meta['train_command']}` for VRFM; `{meta['rf_train_command']}` plus `--latent_dim 0` for RF"
@@ -535,13 +542,13 @@ def render_report(results: dict) -> str:
         else f"`{meta['train_command']}`, plus `--latent_dim 0` for RF"
     )
     lines = [
-        f"# Image quality on {meta['dataset']}: VRFM vs RF (train_vrfm.py, same UNet, same steps)",
+        f"# Image quality on {meta['dataset']}: VRFM vs RF (train_vrfm.py, same {backbone_name}, same steps)",
         "",
         f"- Command: `{meta['command']}`" + (" **QUICK smoke run: not a result.**" if meta["quick"] else ""),
         f"- Machine: {meta['machine']}; device `{meta['device']}`, mixed precision `{meta['mixed_precision']}`.",
         f"- Data: {meta['data']}.",
         f"- Training: `train_vrfm.py` ({training_commands}, and `--seed S` for each of the seeds {meta['seeds']}); "
-        f"UNet {json.dumps(backbone)}{z_paths}, {meta['params']['rf']} parameters (RF) / "
+        f"{backbone_name} {json.dumps(backbone)}{z_paths}, {meta['params']['rf']} parameters (RF) / "
         f"{meta['params']['vrfm']} (VRFM) + {meta['params']['posterior']} (posterior, training only); mean training "
         f"wall time RF {seconds.get('rf', float('nan')):.0f} s, VRFM {seconds.get('vrfm', float('nan')):.0f} s.",
         f"- Sampler: `{meta['scheduler']}` through `VRFMPipeline.from_pretrained(<saved run>)`, NFE = steps; `VRFM` "
@@ -706,7 +713,7 @@ def plot_fd(results: dict, path: Path, dpi: int = 110) -> None:
 
 # ------------------------------------------------------------------------------------------------------------- main
 def apply_quick_and_device_defaults(args) -> None:
-    """`--quick` (digits, a tiny UNet, a few steps and samples) and the defaults that depend on the device."""
+    """`--quick` (digits, a tiny backbone, a few steps and samples) and the defaults that depend on the device."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("`--device` is 'cuda', but torch sees no CUDA device; use `--device cpu`.")
     if args.quick:
@@ -714,14 +721,14 @@ def apply_quick_and_device_defaults(args) -> None:
         args.steps, args.batch_size = min(args.steps, 6), min(args.batch_size, 8)
         args.num_samples = min(args.num_samples or 32, 32)
         args.seeds, args.inception_samples = args.seeds[:1], 0
-        args.model_config = args.model_config or QUICK_UNET
+        args.model_config = args.model_config or DEFAULT_BACKBONE_CONFIGS[args.backbone][1]
         args.posterior_config = args.posterior_config or QUICK_POSTERIOR
         args.aggregate_prior_atoms = 64 if args.aggregate_prior_atoms is None else args.aggregate_prior_atoms
         args.flow_prior_steps = min(args.flow_prior_steps, 20)
         args.train_args = f"--lr_warmup_steps 0 {args.train_args}"  # six steps at the full rate, not a warm-up ramp
     args.dataset = args.dataset or "builtin:mnist"
     args.resolution = args.resolution or DATASETS.get(args.dataset, 28)
-    args.model_config = args.model_config or CPU_UNET
+    args.model_config = args.model_config or DEFAULT_BACKBONE_CONFIGS[args.backbone][0]
     args.num_samples = args.num_samples or (10_000 if args.device == "cuda" else 2000)
 
 
@@ -792,6 +799,7 @@ def run(args) -> dict:
         "mixed_precision": args.mixed_precision,
         "dataset": data.name,
         "data": data.description,
+        "backbone": args.backbone,
         "model_config": args.model_config,
         "seeds": list(args.seeds),
         "steps": args.steps,
@@ -816,7 +824,17 @@ def run(args) -> dict:
     return results
 
 
-SAME_BUDGET = ("dataset", "data", "model_config", "steps", "batch_size", "nfes", "scheduler", "num_samples")
+SAME_BUDGET = (
+    "dataset",
+    "data",
+    "backbone",
+    "model_config",
+    "steps",
+    "batch_size",
+    "nfes",
+    "scheduler",
+    "num_samples",
+)
 # `--extra-priors` and `--posterior-z` only add sampled rows: runs may differ in them (`keep_shared_rows`)
 VRFM_SETTINGS = ("train_command", "flow_prior_steps")
 SAMPLED_SECTIONS = ("fd", "distance_ratio")
@@ -825,7 +843,7 @@ SAMPLED_SECTIONS = ("fd", "distance_ratio")
 def budget_value(meta: dict, key: str):
     """A budget setting of a run as the join compares it: the UNet without VRFM's z-path settings, which RF lacks
     (VRFM runs compare those through their training commands)."""
-    value = meta.get(key)
+    value = meta.get(key, "unet" if key == "backbone" else None)  # runs from before `--backbone` trained UNets
     return split_model_config(value)[0] if key == "model_config" and value is not None else value
 
 
@@ -938,7 +956,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=None, help="default: train_vrfm.py's")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--mixed-precision", "--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
-    parser.add_argument("--model-config", "--model_config", type=json_object, default=None, help="the UNet (JSON)")
+    parser.add_argument("--backbone", choices=sorted(DEFAULT_BACKBONE_CONFIGS), default="unet")
+    parser.add_argument(
+        "--model-config", "--model_config", type=json_object, default=None, help="the backbone's config (JSON)"
+    )
     parser.add_argument("--posterior-config", "--posterior_config", type=json_object, default=None)
     parser.add_argument("--latent-dim", type=int, default=None, help="VRFM; default: train_vrfm.py's")
     parser.add_argument("--posterior-inputs", nargs="+", default=None, help="VRFM; default: train_vrfm.py's")
@@ -991,7 +1012,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work-dir", type=Path, default=None, help="where the runs are saved (deleted after)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="mnist_quality", help="basename of the outputs in --output-dir")
-    parser.add_argument("--quick", action="store_true", help="digits, a tiny UNet, 6 steps: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="digits, a tiny backbone, 6 steps: a smoke run")
     parser.add_argument(
         "--join",
         nargs="+",

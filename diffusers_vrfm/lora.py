@@ -10,7 +10,8 @@ A VRFM adapter folder holds everything a LoRA run trained, in safetensors:
 adapter/
   vrfm_adapter.json           the format, the base pipeline, the velocity model's class and z settings, the LoRA config
   lora_weights.safetensors    peft's LoRA weights of the backbone
-  z_path.safetensors          the z path (`z_embedding.*`, or the conditional UNet's `unet.class_embedding.*`)
+  z_path.safetensors          the z path (`z_embedding.*`, or the conditional UNet's `unet.class_embedding.*`; with a
+                              z map also `z_map.*` and the input layer that reads it)
   posterior_encoder/          save_pretrained of the posterior encoder (optional)
   prior/                      save_pretrained of the prior (optional)
 ```
@@ -57,12 +58,31 @@ def backbone_of(velocity_model) -> torch.nn.Module:
 
 
 def z_path_prefixes(velocity_model) -> tuple[str, ...]:
-    """The parameter-name prefixes of the ``z`` path: `z_embedding.`, or the conditional UNet's projection path."""
+    """The parameter-name prefixes of the ``z`` path: `z_embedding.` (or the conditional UNet's projection path)
+    and, with a z map, `z_map.` and the backbone's input layer (`z_map_input_layer`), whose weights for the map's
+    channels are new."""
     if getattr(velocity_model, "z_embedding", None) is not None:
-        return ("z_embedding.",)
-    if getattr(getattr(velocity_model, "unet", None), "class_embedding", None) is not None:
-        return ("unet.class_embedding.",)
-    raise ValueError("`velocity_model` has no z path (`latent_dim=0`): there is nothing VRFM-specific to train.")
+        prefixes = ("z_embedding.",)
+    elif getattr(getattr(velocity_model, "unet", None), "class_embedding", None) is not None:
+        prefixes = ("unet.class_embedding.",)
+    else:
+        raise ValueError("`velocity_model` has no z path (`latent_dim=0`): there is nothing VRFM-specific to train.")
+    if getattr(velocity_model, "z_map", None) is not None:
+        prefixes += ("z_map.", f"{velocity_model.z_map_input_layer}.")
+    return prefixes
+
+
+Z_MAP_DEFAULTS = {"z_map_channels": 0, "z_map_stride": 1}
+
+
+def z_map_settings(velocity_model) -> dict:
+    """The velocity model's `z_map_channels` and `z_map_stride` (a model without them has no map)."""
+    return {key: velocity_model.config.get(key, default) for key, default in Z_MAP_DEFAULTS.items()}
+
+
+def recorded_z_map(record: dict) -> dict:
+    """The z map settings an adapter's record holds (records from before z maps hold none: no map)."""
+    return {key: record.get(key, default) for key, default in Z_MAP_DEFAULTS.items()}
 
 
 def z_path_state_dict(velocity_model) -> dict[str, torch.Tensor]:
@@ -162,6 +182,7 @@ def save_vrfm_adapter(folder: str | os.PathLike, pipeline, base_model: str | Non
         "velocity_model_class": type(velocity_model).__name__,
         "latent_dim": velocity_model.latent_dim,
         "z_embed_hidden_dim": velocity_model.config.get("z_embed_hidden_dim"),
+        **z_map_settings(velocity_model),
         "lora": _lora_config_dict(velocity_model),
         "components": [name for name in ("posterior_encoder", "prior") if getattr(pipeline, name, None) is not None],
     }
@@ -238,6 +259,12 @@ def load_vrfm_adapter(pipeline, folder: str | os.PathLike):
         raise ValueError(
             f"The adapter was trained on a {record['velocity_model_class']} with latent_dim={record['latent_dim']}, "
             f"but the pipeline's velocity model is a {found[0]} with latent_dim={found[1]}."
+        )
+    expected_map = recorded_z_map(record)
+    if z_map_settings(velocity_model) != expected_map:
+        raise ValueError(
+            f"The adapter was trained with the z map {expected_map}, but the pipeline's velocity model has "
+            f"{z_map_settings(velocity_model)}."
         )
     if not getattr(backbone_of(velocity_model), "peft_config", None):
         lora = record["lora"]

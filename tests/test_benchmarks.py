@@ -394,6 +394,24 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
         mnist_quality.join_results([tmp_path / "seed0.json", tmp_path / "other.json"], "bad")
 
 
+def test_mnist_quality_trains_and_reports_a_dit(tmp_path):
+    from benchmarks import mnist_quality
+
+    argv = ["--quick", "--backbone", "dit", "--methods", "vrfm", "--output-dir", str(tmp_path), "--name", "dit"]
+    results = mnist_quality.main([*argv, "--work-dir", str(tmp_path)])
+    assert results["meta"]["backbone"] == "dit" and results["meta"]["model_config"] == mnist_quality.QUICK_DIT
+    assert "--backbone dit" in results["meta"]["train_command"]
+    report = (tmp_path / "dit.md").read_text()
+    assert "VRFM vs RF (train_vrfm.py, same DiT, same steps)" in report
+    assert f"DiT {json.dumps(mnist_quality.QUICK_DIT)}," in report
+    # a DiT run does not join a UNet run (runs from before `--backbone` count as UNet runs)
+    unet_run = json.loads((tmp_path / "dit.json").read_text())
+    del unet_run["meta"]["backbone"]
+    (tmp_path / "unet.json").write_text(json.dumps(unet_run))
+    with pytest.raises(ValueError, match=r"differs from the other runs in \['backbone'\]"):
+        mnist_quality.join_results([tmp_path / "dit.json", tmp_path / "unet.json"], "bad")
+
+
 def test_mnist_quality_arguments_and_seeds_summary():
     from benchmarks import mnist_quality
 

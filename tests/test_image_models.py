@@ -271,53 +271,93 @@ def test_latent_map_is_a_zero_started_grid_resized_to_the_image():
     assert LatentMap(3, 2, (9, 12), 4)(z).shape == (5, 2, 9, 12)
 
 
-def test_unet_z_map_feeds_z_as_extra_input_channels(tmp_path):
-    model = tiny_unet(z_map_channels=2, z_map_stride=2)
-    assert model.unet.config.in_channels == 5 and model.sample_shape == (3, 8, 8)
+# name -> (the wrapper's inner backbone, that backbone's input layer, which reads the map's channels)
+Z_MAP_INNER = {
+    "unet": (lambda model: model.unet, lambda backbone: backbone.conv_in),
+    "cond_unet": (lambda model: model.unet, lambda backbone: backbone.conv_in),
+    "dit": (lambda model: model.transformer, lambda backbone: backbone.pos_embed.proj),
+}
+
+
+@pytest.mark.parametrize("name", sorted(Z_MAP_INNER))
+def test_z_map_feeds_z_as_extra_input_channels(tmp_path, name):
+    model = FACTORIES[name](z_map_channels=2, z_map_stride=2)
+    inner, _ = Z_MAP_INNER[name]
+    channels = model.sample_shape[0]
+    assert inner(model).config.in_channels == channels + 2 and model.sample_shape == (channels, 8, 8)
     x, t, z = inputs(model)
     assert torch.equal(model(x, t, z=z).sample, model(x, t, z=torch.randn_like(z)).sample)  # both paths start at 0
-    wake_zero_params(model.z_map)  # the map alone (the time-embedding path stays at zero) carries z
+    wake_zero_params(model.z_map)  # the map alone (the adaLN or time-embedding path stays at zero) carries z
     first = model(x, t, z=z).sample
     assert (first - model(x, t, z=z + 1.0).sample).abs().amax(dim=(1, 2, 3)).min() > 1e-4
     seen = {}
-    hook = model.unet.register_forward_pre_hook(lambda module, args: seen.update(sample=args[0]))
+    hook = inner(model).register_forward_pre_hook(lambda module, args: seen.update(sample=args[0]))
     model(x, t, z=z)
     hook.remove()
     assert torch.equal(seen["sample"], torch.cat([x, model.z_map(z)], dim=1))
     model.save_pretrained(tmp_path)
-    loaded = VRFMUNet2DModel.from_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
     assert public_config(loaded)["z_map_channels"] == 2 and public_config(loaded)["z_map_stride"] == 2
     assert torch.equal(loaded(x, t, z=z).sample, first)
 
 
-def test_unet_with_a_z_map_wraps_a_pretrained_backbone_exactly():
+Z_MAP_BACKBONES = {  # name -> (the stock backbone, how the wrapped model is compared with it)
+    "unet": (
+        lambda: UNet2DModel(sample_size=8, in_channels=3, out_channels=3, **UNET_BLOCKS),
+        lambda backbone, x, t: backbone(x, t * 1000).sample,
+    ),
+    "cond_unet": (
+        lambda: UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, **COND_UNET_BLOCKS),
+        lambda backbone, x, t: backbone(x, t * 1000, torch.zeros(x.shape[0], 0, 1280)).sample,
+    ),
+    "dit": (  # unconditional: the wrapper keeps the backbone's null-label row
+        lambda: DiTTransformer2DModel(sample_size=8, in_channels=3, num_embeds_ada_norm=10, **DIT_BLOCKS),
+        lambda backbone, x, t: backbone(x, t * 1000, torch.full((x.shape[0],), 10)).sample,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(Z_MAP_BACKBONES))
+def test_a_wrapper_with_a_z_map_wraps_a_pretrained_backbone_exactly(name):
     torch.manual_seed(0)
-    backbone = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, **UNET_BLOCKS).eval()
-    model = VRFMUNet2DModel.from_backbone(backbone, latent_dim=4, z_map_channels=2, z_map_stride=4).eval()
-    assert torch.equal(model.unet.conv_in.weight[:, :3], backbone.conv_in.weight)
-    assert model.unet.conv_in.weight[:, 3:].abs().sum() > 0  # the map's channels can learn from the first step
-    others = {key: value for key, value in backbone.state_dict().items() if key != "conv_in.weight"}
-    assert all(torch.equal(model.unet.state_dict()[key], value) for key, value in others.items())
+    make_backbone, stock_velocity = Z_MAP_BACKBONES[name]
+    backbone = make_backbone().eval()
+    model = FACTORIES[name](latent_dim=4).from_backbone(backbone, latent_dim=4, z_map_channels=2, z_map_stride=4)
+    model.eval()
+    inner, input_layer = Z_MAP_INNER[name]
+    weight, stock_weight = input_layer(inner(model)).weight, input_layer(backbone).weight
+    channels = stock_weight.shape[1]
+    assert weight.shape[1] == channels + 2 and torch.equal(weight[:, :channels], stock_weight)
+    assert weight[:, channels:].abs().sum() > 0  # the map's channels can learn from the first step
+    # every other weight is the backbone's (the DiT keeps only the null-label row of its label tables)
+    wrapped = inner(model).state_dict()
+    others = [key for key, value in backbone.state_dict().items() if value.data_ptr() != stock_weight.data_ptr()]
+    kept = [key for key in others if key in wrapped and wrapped[key].shape == backbone.state_dict()[key].shape]
+    assert all("class_embedder" in key for key in set(others) - set(kept))
+    assert all(torch.equal(wrapped[key], backbone.state_dict()[key]) for key in kept)
     x, t, z = inputs(model)
     with torch.no_grad():
-        assert torch.equal(model(x, t, z=z).sample, backbone(x, t * 1000).sample)
+        assert torch.equal(model(x, t, z=z).sample, stock_velocity(backbone, x, t))
 
 
-def test_unet_z_map_refuses_bad_settings():
+@pytest.mark.parametrize("name", sorted(Z_MAP_INNER))
+def test_z_map_refuses_bad_settings(name):
+    factory = FACTORIES[name]
     with pytest.raises(ValueError, match=r"`z_map_channels` must be an integer >= 0, but got -1"):
-        tiny_unet(z_map_channels=-1)
+        factory(z_map_channels=-1)
     with pytest.raises(ValueError, match=r"`z_map_stride` must be an integer >= 1, but got 0"):
-        tiny_unet(z_map_channels=2, z_map_stride=0)
+        factory(z_map_channels=2, z_map_stride=0)
     with pytest.raises(ValueError, match=r"`z_map_channels` \(2\) needs a `z`, but `latent_dim` is 0"):
-        tiny_unet(latent_dim=0, z_map_channels=2)
+        factory(latent_dim=0, z_map_channels=2)
 
 
-def test_train_vrfm_gives_a_from_scratch_vrfm_unet_a_z_map_by_default():
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_train_vrfm_gives_a_from_scratch_vrfm_model_a_z_map_by_default(backbone):
     from diffusers_vrfm.training.factory import build_models
 
     def built(shape, latent_dim=4, **config):
-        model_config = {**UNET_BLOCKS, **config}
-        return build_models("unet", shape, latent_dim, ("x1",), model_config=model_config).velocity_model
+        model_config = {**(UNET_BLOCKS if backbone == "unet" else DIT_BLOCKS), **config}
+        return build_models(backbone, shape, latent_dim, ("x1",), model_config=model_config).velocity_model
 
     assert built((1, 8, 8)).z_map.grid == (4, 8, 8)  # 4 channels, stride 1 up to 32x32
     assert built((3, 80, 80)).z_map.grid == (4, 27, 27)  # the stride grows with the image: at most 32 a side

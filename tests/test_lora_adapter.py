@@ -109,6 +109,27 @@ def test_adapter_on_a_vrfm_pipeline_folder_and_mismatches_are_refused(tmp_path):
         save_vrfm_adapter(tmp_path / "other", tiny_text_pipeline())
 
 
+def test_an_adapter_with_a_z_map_carries_the_map_and_the_input_layer_that_reads_it(tmp_path):
+    tiny_stock_sd3_pipeline().save_pretrained(tmp_path / "base")
+    pipe = VRFMTextToImagePipeline.from_stable_diffusion_3(str(tmp_path / "base"), latent_dim=4, z_map_channels=2)
+    input_before = pipe.velocity_model.transformer.pos_embed.proj.weight.detach().clone()
+    _fine_tune(pipe, VRFMConvPosteriorEncoder(sample_size=8, in_channels=4, latent_dim=4, block_out_channels=(8,)), 2)
+    model = pipe.velocity_model
+    assert model.z_map.linear.weight.abs().sum() > 0  # the map trained (it starts at zero)
+    assert not torch.equal(model.transformer.pos_embed.proj.weight, input_before)  # so did the layer that reads it
+    save_vrfm_adapter(tmp_path / "adapter", pipe)
+    record = read_vrfm_adapter_config(tmp_path / "adapter")
+    assert (record["z_map_channels"], record["z_map_stride"]) == (2, 1)
+    # a fresh conversion draws other weights for the map's input channels: the adapter brings the trained ones
+    reloaded = VRFMTextToImagePipeline.from_vrfm_adapter(tmp_path / "adapter")
+    reloaded_input = reloaded.velocity_model.transformer.pos_embed.proj.weight
+    assert torch.equal(reloaded_input, model.transformer.pos_embed.proj.weight)
+    assert torch.equal(_sample(reloaded), _sample(pipe))
+    without_map = VRFMTextToImagePipeline.from_stable_diffusion_3(str(tmp_path / "base"), latent_dim=4)
+    with pytest.raises(ValueError, match=r"z map \{'z_map_channels': 2, 'z_map_stride': 1\}, but the pipeline's"):
+        load_vrfm_adapter(without_map, tmp_path / "adapter")
+
+
 def _adapter_on_a_vrfm_base(tmp_path):
     """A base VRFM text-to-image folder, a pipeline fine-tuned from it for one step, and its adapter folder."""
     tiny_text_pipeline().save_pretrained(tmp_path / "base")

@@ -70,6 +70,36 @@ def test_sd3_z_path_changes_the_output_once_trained_and_round_trips_through_save
     assert any(p.suffix == ".safetensors" for p in tmp_path.iterdir())
 
 
+def test_sd3_z_map_enters_with_the_latents_at_every_size_and_round_trips(tmp_path):
+    model = VRFMSD3Transformer2DModel(**SD3_CONFIG, latent_dim=3, z_map_channels=2, z_map_stride=2).eval()
+    assert model.transformer.config.in_channels == 6 and model.z_map.grid == (2, 4, 4)
+    x, context, pooled, t = _sd3_inputs(2)
+    text = {"encoder_hidden_states": context, "pooled_projections": pooled}
+    z = torch.randn(2, 3)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, z=z, **text).sample, model(x, t, z=-z, **text).sample)  # starts at zero
+        torch.nn.init.normal_(model.z_map.linear.weight)  # the map alone carries z (the adaLN path stays at zero)
+        first = model(x, t, z=z, **text).sample
+        assert (first - model(x, t, z=-z, **text).sample).abs().max() > 1e-4
+        small = torch.randn(2, 4, 4, 6)  # another size: the map is resized to it
+        assert model(small, t, z=z).sample.shape == small.shape
+        model.save_pretrained(tmp_path)
+        reloaded = VRFMSD3Transformer2DModel.from_pretrained(tmp_path).eval()
+        assert torch.equal(reloaded(x, t, z=z, **text).sample, first)
+
+
+def test_sd3_wrapper_with_a_z_map_wraps_the_stock_transformer_exactly():
+    backbone = tiny_sd3_transformer()
+    model = VRFMSD3Transformer2DModel.from_backbone(backbone, latent_dim=3, z_map_channels=2).eval()
+    weight = model.transformer.pos_embed.proj.weight
+    assert torch.equal(weight[:, :4], backbone.pos_embed.proj.weight) and weight[:, 4:].abs().sum() > 0
+    x, context, pooled, t = _sd3_inputs()
+    with torch.no_grad():
+        stock = backbone(x, encoder_hidden_states=context, pooled_projections=pooled, timestep=(1 - t) * 1000).sample
+        velocity = model(x, t, z=torch.randn(3, 3), encoder_hidden_states=context, pooled_projections=pooled).sample
+    assert torch.equal(velocity, -stock)
+
+
 def test_sd3_wrapper_runs_with_its_weights_offloaded():
     """Under accelerate's sequential offload the weights sit on the meta device: the sample goes where the hooks run
     the forward, as in the other wrappers, not to the weights' device."""

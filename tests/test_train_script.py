@@ -184,6 +184,14 @@ def test_finetune_a_pretrained_backbone_and_continue_the_pipeline(tmp_path, trai
     assert 0 < drift < 0.01, "the backbone's weights were loaded, then fine-tuned a little"
     card = open(os.path.join(output_dir, "README.md")).read()
     assert "fine-tuned from the backbone" in card and "zero-initialised" in card
+    # `--model_config` may give the wrapped backbone a z map, and nothing else: the backbone keeps its config
+    from diffusers_vrfm.training.factory import build_models, inspect_pretrained
+
+    source = inspect_pretrained(str(tmp_path / "base"))
+    with_map = build_models("unet", (1, 8, 8), 2, ("x1",), model_config={"z_map_channels": 3}, pretrained=source)
+    assert with_map.velocity_model.z_map.grid == (3, 8, 8)
+    with pytest.raises(ValueError, match=r"when wrapping a pretrained UNet2DModel, but got \['layers_per_block'\]"):
+        build_models("unet", (1, 8, 8), 2, ("x1",), model_config={"layers_per_block": 2}, pretrained=source)
 
     # Continue training from the saved VRFM pipeline.
     continued = str(tmp_path / "continued")

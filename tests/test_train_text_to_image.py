@@ -12,6 +12,7 @@ from text_to_image_helpers import tiny_stock_sd3_pipeline
 from train_helpers import FAST, read_card_metadata, train_runner
 
 from diffusers_vrfm import VRFMTextEncoders, VRFMTextToImagePipeline
+from diffusers_vrfm.lora import read_vrfm_adapter_config
 from diffusers_vrfm.training.text_data import TextEmbeddingCache, digit_caption
 from diffusers_vrfm.training.text_to_image import text_validation_grid
 from diffusers_vrfm.training.visuals import fixed_validation_inputs
@@ -47,6 +48,7 @@ def _final_grid_again(pipeline, output_dir: str, seed: int = 0, count: int = 3) 
 def test_lora_run_saves_an_adapter_that_loads_on_the_base_with_one_call(train, sd3_folder, tmp_path):
     output_dir = tmp_path / "lora"
     argv = ["--pretrained_model_name_or_path", sd3_folder, "--rank", "2", "--latent_dim", "4", "--resolution", "16"]
+    argv += ["--model_config", '{"z_map_channels": 2}']  # a z map: the one setting a pretrained model takes
     summary = train([*argv, "--cache_latents", "--output_dir", output_dir, *SHORT])
     assert summary["finished"]
     names = set(os.listdir(output_dir))
@@ -60,9 +62,12 @@ def test_lora_run_saves_an_adapter_that_loads_on_the_base_with_one_call(train, s
     stock = tiny_stock_sd3_pipeline(with_t5=False)
     base_weights = stock.transformer.state_dict()
     for name, value in pipeline.velocity_model.transformer.state_dict().items():
-        if "lora_" not in name and "base_layer" not in name and name in base_weights:
+        in_z_path = name.startswith("pos_embed.proj.")  # the patch embedding reads the z map: part of the z path
+        if "lora_" not in name and "base_layer" not in name and name in base_weights and not in_z_path:
             assert torch.equal(value, base_weights[name]), f"{name} changed: LoRA must leave the base frozen"
     assert pipeline.velocity_model.z_embedding.linear_2.weight.abs().sum() > 0  # the zero-initialised z path trained
+    assert pipeline.velocity_model.z_map.linear.weight.abs().sum() > 0  # and so did the z map
+    assert read_vrfm_adapter_config(output_dir)["z_map_channels"] == 2
     card = (output_dir / "README.md").read_text()
     assert sd3_folder in card  # the card names the base
     assert "VRFMTextToImagePipeline.from_vrfm_adapter(" in card and "trust_remote_code" not in card
@@ -112,6 +117,8 @@ def test_from_scratch_encodes_each_distinct_caption_once(train, tmp_path, monkey
     pipeline = VRFMTextToImagePipeline.from_pretrained(output_dir)  # tokenizer and text encoder built by the run
     pipeline.set_progress_bar_config(disable=True)
     assert pipeline("a handwritten three", num_inference_steps=2, output_type="pt").samples.shape == (1, 1, 16, 16)
+    assert pipeline.velocity_model.z_map.grid == (4, 16, 16)  # a from-scratch model gets the z map by default
+    assert pipeline.velocity_model.z_map.linear.weight.abs().sum() > 0  # and trained it
 
 
 def test_imagefolder_captions_from_metadata_jsonl(train, tmp_path):
@@ -133,7 +140,7 @@ def test_imagefolder_captions_from_metadata_jsonl(train, tmp_path):
     assert pipeline.tokenizer.convert_tokens_to_ids("blue") != pipeline.tokenizer.unk_token_id
 
 
-def test_bad_text_to_image_arguments_are_named(train, tmp_path):
+def test_bad_text_to_image_arguments_are_named(train, sd3_folder, tmp_path):
     from diffusers_vrfm.training.cli import parse_args
 
     with pytest.raises(ValueError, match="--rank"):
@@ -145,6 +152,9 @@ def test_bad_text_to_image_arguments_are_named(train, tmp_path):
         train([*scratch, "--rank", "2"])
     with pytest.raises(ValueError, match="--cache_latents.*VAE"):
         train([*scratch, "--cache_latents"])
+    pretrained = ["--pretrained_model_name_or_path", sd3_folder, "--output_dir", tmp_path / "y", *SHORT]
+    with pytest.raises(ValueError, match=r"can only set \['z_map_channels', 'z_map_stride'\] .* got \['num_layers'\]"):
+        train([*pretrained, "--model_config", '{"num_layers": 3}'])
 
 
 def test_lora_run_resumes_exactly(train, sd3_folder, tmp_path):

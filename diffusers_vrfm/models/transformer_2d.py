@@ -22,8 +22,11 @@ from torch import nn
 
 from .z_embedding import (
     LatentEmbedding,
+    LatentMap,
     VRFMVelocityOutput,
     check_velocity_inputs,
+    check_z_map,
+    widen_input_weight,
 )
 
 # Arguments of `DiTTransformer2DModel` that the wrapper mirrors one to one (`num_embeds_ada_norm` is its own).
@@ -83,7 +86,10 @@ class VRFMDiTTransformer2DModel(ModelMixin, ConfigMixin):
     `num_attention_heads * attention_head_dim`; its output is added, in every block, to the time embedding and the
     block's label embedding before the adaLN-Zero modulation. Labels are never dropped inside the model (train and
     eval behave alike): drop them in the training loop with [`drop_labels`] for classifier-free guidance.
-    With `latent_dim=0` there is no ``z`` path (plain rectified flow). The inner DiT sees ``t * timestep_scale``.
+    With `z_map_channels > 0`, ``z`` also enters as that many extra input channels (a [`LatentMap`]), which the patch
+    embedding reads with the image: the adaLN path gives every token the same shift, the map tells each patch what
+    ``z`` says about it. With `latent_dim=0` there is no ``z`` path (plain rectified flow). The inner DiT sees
+    ``t * timestep_scale``.
 
     Args:
         sample_size (`int`, defaults to 32): the height and width (in pixels or latent cells).
@@ -92,6 +98,9 @@ class VRFMDiTTransformer2DModel(ModelMixin, ConfigMixin):
         num_classes (`int`, *optional*): the number of classes; label `num_classes` means "no label".
         timestep_scale (`float`, defaults to 1000): the factor from ``t`` in `[0, 1]` to the inner DiT's timestep.
         z_embed_hidden_dim (`int`, *optional*): the hidden width of the ``z`` MLP; the model width if unset.
+        z_map_channels (`int`, defaults to 0): the channels of the ``z`` map fed in with the image (0: none).
+        z_map_stride (`int`, defaults to 1): the map's grid is `ceil(sample_size / stride)` a side, resized (nearest)
+            to the image.
         num_attention_heads, attention_head_dim, num_layers, patch_size, ...: as in `DiTTransformer2DModel`.
 
     Example:
@@ -109,6 +118,7 @@ class VRFMDiTTransformer2DModel(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
+    z_map_input_layer = "transformer.pos_embed.proj"  # the layer whose weights read the z map's channels
 
     @register_to_config
     def __init__(
@@ -120,6 +130,8 @@ class VRFMDiTTransformer2DModel(ModelMixin, ConfigMixin):
         num_classes: int | None = None,
         timestep_scale: float = 1000.0,
         z_embed_hidden_dim: int | None = None,
+        z_map_channels: int = 0,
+        z_map_stride: int = 1,
         num_attention_heads: int = 6,
         attention_head_dim: int = 64,
         num_layers: int = 12,
@@ -164,11 +176,12 @@ class VRFMDiTTransformer2DModel(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"`z_embed_hidden_dim` must be None or a positive integer, but got {z_embed_hidden_dim!r}."
             )
+        check_z_map(latent_dim, z_map_channels, z_map_stride)
         self.transformer = DiTTransformer2DModel(
             num_attention_heads=num_attention_heads,
             attention_head_dim=attention_head_dim,
-            in_channels=in_channels,
-            out_channels=out_channels,
+            in_channels=in_channels + z_map_channels,
+            out_channels=in_channels,
             num_layers=num_layers,
             dropout=dropout,
             norm_num_groups=norm_num_groups,
@@ -188,6 +201,8 @@ class VRFMDiTTransformer2DModel(ModelMixin, ConfigMixin):
             block.norm1.emb.class_embedder = AdaLNConditionEmbedding(num_rows, inner_dim)
             nn.init.zeros_(block.norm1.emb.class_embedder.embedding_table.weight)
         self.z_embedding = LatentEmbedding(latent_dim, inner_dim, z_embed_hidden_dim) if latent_dim > 0 else None
+        size = (sample_size, sample_size)
+        self.z_map = LatentMap(latent_dim, z_map_channels, size, z_map_stride) if z_map_channels > 0 else None
 
     @property
     def latent_dim(self) -> int:
@@ -211,6 +226,8 @@ class VRFMDiTTransformer2DModel(ModelMixin, ConfigMixin):
         num_classes: int | None = None,
         timestep_scale: float = 1000.0,
         z_embed_hidden_dim: int | None = None,
+        z_map_channels: int = 0,
+        z_map_stride: int = 1,
     ) -> VRFMDiTTransformer2DModel:
         """Wraps an existing (for example pretrained) `DiTTransformer2DModel`, loading every one of its weights.
 
@@ -218,7 +235,8 @@ class VRFMDiTTransformer2DModel(ModelMixin, ConfigMixin):
         first ``wrapper(x, t, z, labels)`` equals ``backbone.eval()(x, t * 1000, labels)`` exactly. With
         `num_classes=None` the wrapper is unconditional and each block keeps the backbone's **null-label** row, so at
         first it equals the backbone called with the null label. The backbone must predict as many channels as it
-        reads (DiTs with a learned variance, `out_channels = 2 * in_channels`, are refused).
+        reads (DiTs with a learned variance, `out_channels = 2 * in_channels`, are refused). With `z_map_channels`,
+        the patch embedding gains freshly initialised weights for the map's channels (the map itself starts at zero).
 
         Example:
 
@@ -251,8 +269,12 @@ class VRFMDiTTransformer2DModel(ModelMixin, ConfigMixin):
             num_classes=num_classes,
             timestep_scale=timestep_scale,
             z_embed_hidden_dim=z_embed_hidden_dim,
+            z_map_channels=z_map_channels,
+            z_map_stride=z_map_stride,
         )
         state = dict(backbone.state_dict())
+        if z_map_channels > 0:
+            widen_input_weight(state, "pos_embed.proj.weight", model.transformer.pos_embed.proj.weight)
         table_rows = backbone_classes + 1
         for index in range(len(backbone.transformer_blocks)):
             key = f"transformer_blocks.{index}.{_LABEL_TABLE_KEY}"
@@ -289,6 +311,8 @@ class VRFMDiTTransformer2DModel(ModelMixin, ConfigMixin):
         if labels is None:
             labels = torch.zeros(sample.shape[0], dtype=torch.long, device=sample.device)
         z_embedding = self.z_embedding(z.to(sample.dtype)) if self.z_embedding is not None else None
+        if self.z_map is not None:
+            sample = self.z_map.append_to(sample, z)
         velocity = self.transformer(
             sample, timestep=t * self.config.timestep_scale, class_labels=AdaLNCondition(labels, z_embedding)
         ).sample

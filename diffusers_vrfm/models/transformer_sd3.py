@@ -27,11 +27,14 @@ from torch import nn
 from ..objective import check_tensor, flow_match_output_to_velocity, t_to_sigma
 from .z_embedding import (
     LatentEmbedding,
+    LatentMap,
     VRFMVelocityOutput,
     check_context,
     check_latent,
     check_timestep,
+    check_z_map,
     to_execution,
+    widen_input_weight,
 )
 
 # Arguments of `SD3Transformer2DModel` that the wrapper mirrors one to one.
@@ -88,10 +91,11 @@ class VRFMSD3Transformer2DModel(ModelMixin, ConfigMixin):
 
     ``z`` goes through one [`LatentEmbedding`] (last layer zero-initialised) of width
     `num_attention_heads * attention_head_dim`, added to the timestep + pooled-text embedding that every block's
-    adaLN-Zero reads. Text enters as in SD3: `encoder_hidden_states` (the joint-attention context, `(B, L,
-    joint_attention_dim)`) and `pooled_projections` (`(B, pooled_projection_dim)`). Without text the model attends to
-    no context tokens and reads an all-zero pooled vector (a fixed "no text" input). With `latent_dim=0` there is no
-    ``z`` path (plain rectified flow).
+    adaLN-Zero reads. With `z_map_channels > 0`, ``z`` also enters as that many extra input channels (a
+    [`LatentMap`], resized to the sample), which the patch embedding reads with the latents. Text enters as in SD3:
+    `encoder_hidden_states` (the joint-attention context, `(B, L, joint_attention_dim)`) and `pooled_projections`
+    (`(B, pooled_projection_dim)`). Without text the model attends to no context tokens and reads an all-zero pooled
+    vector (a fixed "no text" input). With `latent_dim=0` there is no ``z`` path (plain rectified flow).
 
     The sample may have any height and width that are multiples of `patch_size` (up to `pos_embed_max_size` patches);
     `sample_size` is the default one.
@@ -102,6 +106,9 @@ class VRFMSD3Transformer2DModel(ModelMixin, ConfigMixin):
         latent_dim (`int`, defaults to 16): the dimension of ``z``; 0 gives plain rectified flow.
         timestep_scale (`float`, defaults to 1000): the factor from SD3's sigma to its timestep.
         z_embed_hidden_dim (`int`, *optional*): the hidden width of the ``z`` MLP; the model width if unset.
+        z_map_channels (`int`, defaults to 0): the channels of the ``z`` map fed in with the latents (0: none).
+        z_map_stride (`int`, defaults to 1): the map's grid is `ceil(sample_size / stride)` a side, resized (nearest)
+            to each sample's height and width.
         patch_size, num_layers, attention_head_dim, num_attention_heads, joint_attention_dim, caption_projection_dim,
             pooled_projection_dim, pos_embed_max_size, dual_attention_layers, qk_norm: as in `SD3Transformer2DModel`.
 
@@ -124,6 +131,7 @@ class VRFMSD3Transformer2DModel(ModelMixin, ConfigMixin):
     _supports_gradient_checkpointing = True
     _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
     _no_split_modules = ["JointTransformerBlock"]
+    z_map_input_layer = "transformer.pos_embed.proj"  # the layer whose weights read the z map's channels
 
     @register_to_config
     def __init__(
@@ -134,6 +142,8 @@ class VRFMSD3Transformer2DModel(ModelMixin, ConfigMixin):
         latent_dim: int = 16,
         timestep_scale: float = 1000.0,
         z_embed_hidden_dim: int | None = None,
+        z_map_channels: int = 0,
+        z_map_stride: int = 1,
         patch_size: int = 2,
         num_layers: int = 18,
         attention_head_dim: int = 64,
@@ -167,10 +177,11 @@ class VRFMSD3Transformer2DModel(ModelMixin, ConfigMixin):
             )
         if isinstance(timestep_scale, bool) or not isinstance(timestep_scale, (int, float)) or not timestep_scale > 0:
             raise ValueError(f"`timestep_scale` must be a positive number, but got {timestep_scale!r}.")
+        check_z_map(latent_dim, z_map_channels, z_map_stride)
         self.transformer = SD3Transformer2DModel(
             sample_size=sample_size,
             patch_size=patch_size,
-            in_channels=in_channels,
+            in_channels=in_channels + z_map_channels,
             num_layers=num_layers,
             attention_head_dim=attention_head_dim,
             num_attention_heads=num_attention_heads,
@@ -185,6 +196,8 @@ class VRFMSD3Transformer2DModel(ModelMixin, ConfigMixin):
         inner_dim = num_attention_heads * attention_head_dim
         self.transformer.time_text_embed = TimestepTextLatentEmbedding(inner_dim, pooled_projection_dim)
         self.z_embedding = LatentEmbedding(latent_dim, inner_dim, z_embed_hidden_dim) if latent_dim > 0 else None
+        size = (sample_size, sample_size)
+        self.z_map = LatentMap(latent_dim, z_map_channels, size, z_map_stride) if z_map_channels > 0 else None
 
     @property
     def latent_dim(self) -> int:
@@ -218,11 +231,14 @@ class VRFMSD3Transformer2DModel(ModelMixin, ConfigMixin):
         latent_dim: int = 16,
         timestep_scale: float = 1000.0,
         z_embed_hidden_dim: int | None = None,
+        z_map_channels: int = 0,
+        z_map_stride: int = 1,
     ) -> VRFMSD3Transformer2DModel:
         """Wraps an existing (for example pretrained) `SD3Transformer2DModel`, loading every one of its weights.
 
         At first ``wrapper(x, t, z, context, pooled)`` equals ``-backbone(x, context, pooled, (1 - t) * 1000)``
-        exactly: the same model on this package's clock.
+        exactly: the same model on this package's clock. With `z_map_channels`, the patch embedding gains freshly
+        initialised weights for the map's channels (the map itself starts at zero).
 
         Example:
 
@@ -248,9 +264,17 @@ class VRFMSD3Transformer2DModel(ModelMixin, ConfigMixin):
         if config.get("out_channels") is None:
             config["out_channels"] = config["in_channels"]
         model = cls(
-            **config, latent_dim=latent_dim, timestep_scale=timestep_scale, z_embed_hidden_dim=z_embed_hidden_dim
+            **config,
+            latent_dim=latent_dim,
+            timestep_scale=timestep_scale,
+            z_embed_hidden_dim=z_embed_hidden_dim,
+            z_map_channels=z_map_channels,
+            z_map_stride=z_map_stride,
         )
-        model.transformer.load_state_dict(backbone.state_dict(), strict=True)
+        state = dict(backbone.state_dict())
+        if z_map_channels > 0:
+            widen_input_weight(state, "pos_embed.proj.weight", model.transformer.pos_embed.proj.weight)
+        model.transformer.load_state_dict(state, strict=True)
         # nn.Module.to: ModelMixin.to warns on every dtype cast in diffusers 0.42, even with nothing kept in fp32.
         return nn.Module.to(model, device=backbone.device, dtype=backbone.dtype)
 
@@ -315,6 +339,8 @@ class VRFMSD3Transformer2DModel(ModelMixin, ConfigMixin):
         check_latent(z, self.latent_dim, batch_size)
         context, pooled = self._text_inputs(encoder_hidden_states, pooled_projections, sample)
         z_embedding = self.z_embedding(z.to(sample.dtype)) if self.z_embedding is not None else None
+        if self.z_map is not None:
+            sample = self.z_map.append_to(sample, z)
         # The one place where this package's clock meets SD3's: sigma = 1 - t, timestep = sigma * 1000, and the
         # backbone's `noise - data` output is minus the velocity.
         flow_match_output = self.transformer(

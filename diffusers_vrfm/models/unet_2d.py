@@ -26,7 +26,9 @@ from .z_embedding import (
     VRFMVelocityOutput,
     check_context,
     check_velocity_inputs,
+    check_z_map,
     spatial_size,
+    widen_input_weight,
 )
 
 # Arguments of `UNet2DModel` that `VRFMUNet2DModel` mirrors one to one (the class path is the wrapper's own).
@@ -168,6 +170,7 @@ class VRFMUNet2DModel(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _skip_layerwise_casting_patterns = ["norm"]
+    z_map_input_layer = "unet.conv_in"  # the layer whose weights read the z map's channels
 
     @register_to_config
     def __init__(
@@ -205,7 +208,7 @@ class VRFMUNet2DModel(ModelMixin, ConfigMixin):
         add_attention: bool = True,
     ):
         super().__init__()
-        spatial_size(sample_size)
+        size = spatial_size(sample_size)
         _check_int("in_channels", in_channels, 1)
         _check_int("latent_dim", latent_dim, 0)
         _check_num_classes(num_classes)
@@ -222,10 +225,7 @@ class VRFMUNet2DModel(ModelMixin, ConfigMixin):
             )
         if z_embed_hidden_dim is not None:
             _check_int("z_embed_hidden_dim", z_embed_hidden_dim, 1)
-        _check_int("z_map_channels", z_map_channels, 0)
-        _check_int("z_map_stride", z_map_stride, 1)
-        if z_map_channels > 0 and latent_dim == 0:
-            raise ValueError(f"`z_map_channels` ({z_map_channels}) needs a `z`, but `latent_dim` is 0; set it to 0.")
+        check_z_map(latent_dim, z_map_channels, z_map_stride)
         conditioned = latent_dim > 0 or num_classes is not None
         self.unet = UNet2DModel(
             sample_size=sample_size,
@@ -257,9 +257,7 @@ class VRFMUNet2DModel(ModelMixin, ConfigMixin):
         )
         temb_dim = time_embedding_dim or 4 * block_out_channels[0]
         self.z_embedding = LatentEmbedding(latent_dim, temb_dim, z_embed_hidden_dim) if latent_dim > 0 else None
-        self.z_map = None
-        if z_map_channels > 0:
-            self.z_map = LatentMap(latent_dim, z_map_channels, spatial_size(sample_size), z_map_stride)
+        self.z_map = LatentMap(latent_dim, z_map_channels, size, z_map_stride) if z_map_channels > 0 else None
         self.class_embedding = nn.Embedding(num_classes + 1, temb_dim) if num_classes is not None else None
         if self.class_embedding is not None:
             nn.init.zeros_(self.class_embedding.weight)
@@ -328,9 +326,8 @@ class VRFMUNet2DModel(ModelMixin, ConfigMixin):
             z_map_stride=z_map_stride,
         )
         state = backbone.state_dict()
-        if z_map_channels > 0:  # the backbone's input weights, then the new ones for the map's channels
-            new_weights = model.unet.conv_in.weight.detach()[:, config["in_channels"] :]
-            state["conv_in.weight"] = torch.cat([state["conv_in.weight"], new_weights.to(state["conv_in.weight"])], 1)
+        if z_map_channels > 0:
+            widen_input_weight(state, "conv_in.weight", model.unet.conv_in.weight)
         model.unet.load_state_dict(state, strict=True)
         # nn.Module.to: ModelMixin.to warns on every dtype cast in diffusers 0.42, even with nothing kept in fp32.
         return nn.Module.to(model, device=backbone.device, dtype=backbone.dtype)
@@ -366,7 +363,7 @@ class VRFMUNet2DModel(ModelMixin, ConfigMixin):
         sample, t, labels = check_velocity_inputs(self, sample, timestep, z, class_labels)  # now in the model's dtype
         condition = self.condition_embedding(z, labels, sample.dtype)
         if self.z_map is not None:
-            sample = torch.cat([sample, self.z_map(z.to(sample.dtype))], dim=1)
+            sample = self.z_map.append_to(sample, z)
         velocity = self.unet(sample, t * self.config.timestep_scale, class_labels=condition).sample
         if not return_dict:
             return (velocity,)
@@ -393,6 +390,8 @@ class VRFMUNet2DConditionModel(ModelMixin, ConfigMixin):
         latent_dim (`int`, defaults to 16): the dimension of ``z``; 0 gives plain rectified flow.
         num_classes (`int`, *optional*): the number of classes; label `num_classes` means "no label".
         timestep_scale (`float`, defaults to 1000): the factor from ``t`` in `[0, 1]` to the inner UNet's timestep.
+        z_map_channels (`int`, defaults to 0), z_map_stride (`int`, defaults to 1): ``z`` also as extra input
+            channels, a [`LatentMap`] on a `ceil(H / stride) x ceil(W / stride)` grid, as in [`VRFMUNet2DModel`].
         extra_unet_config (`dict`, *optional*): any other `UNet2DConditionModel` argument (not the class path).
         down_block_types, up_block_types, mid_block_type, block_out_channels, cross_attention_dim, ...: as in
             `UNet2DConditionModel`.
@@ -421,6 +420,7 @@ class VRFMUNet2DConditionModel(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _skip_layerwise_casting_patterns = ["norm"]
+    z_map_input_layer = "unet.conv_in"  # the layer whose weights read the z map's channels
 
     @register_to_config
     def __init__(
@@ -431,6 +431,8 @@ class VRFMUNet2DConditionModel(ModelMixin, ConfigMixin):
         latent_dim: int = 16,
         num_classes: int | None = None,
         timestep_scale: float = 1000.0,
+        z_map_channels: int = 0,
+        z_map_stride: int = 1,
         center_input_sample: bool = False,
         flip_sin_to_cos: bool = True,
         freq_shift: int = 0,
@@ -475,10 +477,11 @@ class VRFMUNet2DConditionModel(ModelMixin, ConfigMixin):
                 f"`extra_unet_config` may not set {reserved}: pass mirrored arguments directly; the class path and "
                 "the time embedding type belong to the wrapper."
             )
+        check_z_map(latent_dim, z_map_channels, z_map_stride)
         condition_dim = latent_dim + (num_classes + 1 if num_classes is not None else 0)
         self.unet = UNet2DConditionModel(
             sample_size=sample_size,
-            in_channels=in_channels,
+            in_channels=in_channels + z_map_channels,
             out_channels=out_channels,
             center_input_sample=center_input_sample,
             flip_sin_to_cos=flip_sin_to_cos,
@@ -515,6 +518,8 @@ class VRFMUNet2DConditionModel(ModelMixin, ConfigMixin):
         if self.unet.mid_block is not None:
             blocks.append(self.unet.mid_block)
         self._has_cross_attention = any(getattr(block, "has_cross_attention", False) for block in blocks)
+        size = spatial_size(sample_size)
+        self.z_map = LatentMap(latent_dim, z_map_channels, size, z_map_stride) if z_map_channels > 0 else None
 
     @property
     def latent_dim(self) -> int:
@@ -552,11 +557,15 @@ class VRFMUNet2DConditionModel(ModelMixin, ConfigMixin):
         latent_dim: int = 16,
         num_classes: int | None = None,
         timestep_scale: float = 1000.0,
+        z_map_channels: int = 0,
+        z_map_stride: int = 1,
     ) -> VRFMUNet2DConditionModel:
         """Wraps an existing `UNet2DConditionModel`, loading every one of its weights.
 
         The projection path starts at zero, so at first ``wrapper(x, t, z, encoder_hidden_states=c)`` equals
-        ``backbone(x, t * 1000, c)`` exactly. The backbone must have no class path of its own.
+        ``backbone(x, t * 1000, c)`` exactly. The backbone must have no class path of its own. With
+        `z_map_channels`, the input convolution gains freshly initialised weights for the map's channels (the map
+        itself starts at zero).
         """
         config = _backbone_config(backbone, UNet2DConditionModel, UNET_2D_CONDITION_ARGUMENTS)
         if backbone.config.class_embed_type is not None or backbone.config.num_class_embeds is not None:
@@ -588,10 +597,14 @@ class VRFMUNet2DConditionModel(ModelMixin, ConfigMixin):
             latent_dim=latent_dim,
             num_classes=num_classes,
             timestep_scale=timestep_scale,
+            z_map_channels=z_map_channels,
+            z_map_stride=z_map_stride,
             extra_unet_config=extra or None,
         )
         state = model.unet.state_dict()
         backbone_state = backbone.state_dict()
+        if z_map_channels > 0:
+            widen_input_weight(backbone_state, "conv_in.weight", model.unet.conv_in.weight)
         missing = sorted(set(state) - set(backbone_state))
         if any(not key.startswith("class_embedding.") for key in missing):
             raise RuntimeError(f"The wrapped UNet has weights the backbone lacks: {missing}.")
@@ -640,6 +653,8 @@ class VRFMUNet2DConditionModel(ModelMixin, ConfigMixin):
         elif width is not None:
             check_context(encoder_hidden_states, "encoder_hidden_states", sample.shape[0], width, ndim=3)
             encoder_hidden_states = encoder_hidden_states.to(device=sample.device, dtype=sample.dtype)
+        if self.z_map is not None:
+            sample = self.z_map.append_to(sample, z)
         velocity = self.unet(
             sample,
             t * self.config.timestep_scale,

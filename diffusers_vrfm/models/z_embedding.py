@@ -112,9 +112,33 @@ class LatentMap(nn.Module):
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """The map at `size` (default: the `size` it was built for; a transformer may take other sizes)."""
+        size = self.size if size is None else tuple(size)
         grid = self.linear(z).view(z.shape[0], *self.grid)
-        return grid if grid.shape[-2:] == self.size else nn.functional.interpolate(grid, size=self.size)
+        return grid if grid.shape[-2:] == size else nn.functional.interpolate(grid, size=size)
+
+    def append_to(self, sample: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """`sample` `(B, C, H, W)` with the map of ``z`` at its size as `channels` more input channels."""
+        return torch.cat([sample, self(z.to(sample.dtype), sample.shape[-2:])], dim=1)
+
+
+def check_z_map(latent_dim: int, channels, stride) -> None:
+    """Refuses a wrapper's bad `z_map_channels` or `z_map_stride` with a message that names them."""
+    for name, value, minimum in (("z_map_channels", channels, 0), ("z_map_stride", stride, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"`{name}` must be an integer >= {minimum}, but got {value!r}.")
+    if channels > 0 and latent_dim == 0:
+        raise ValueError(f"`z_map_channels` ({channels}) needs a `z`, but `latent_dim` is 0; set it to 0.")
+
+
+def widen_input_weight(state: dict, key: str, wrapper_weight: torch.Tensor) -> None:
+    """Gives a backbone's input layer `state[key]` (a convolution's weight, input channels on dim 1) the z map's
+    channels, whose weights come freshly initialised from the wrapper's own layer `wrapper_weight`, after the
+    backbone's. The map starts at zero, so the wrapped model's output is the backbone's until training moves it."""
+    weight = state[key]
+    new_weights = wrapper_weight.detach()[:, weight.shape[1] :].to(weight)
+    state[key] = torch.cat([weight, new_weights], dim=1)
 
 
 def check_latent(

@@ -357,6 +357,8 @@ class VRFMTextToImagePipeline(VRFMPipeline):
         pipeline_or_path,
         latent_dim: int = 16,
         z_embed_hidden_dim: int | None = None,
+        z_map_channels: int = 0,
+        z_map_stride: int = 1,
         scheduler: FlowScheduler | None = None,
         posterior_encoder: PosteriorEncoder | None = None,
         prior: Prior | None = None,
@@ -365,7 +367,8 @@ class VRFMTextToImagePipeline(VRFMPipeline):
         """A VRFM text-to-image pipeline from a stock `StableDiffusion3Pipeline` (an object, a folder or a Hub id).
 
         The transformer is wrapped by [`VRFMSD3Transformer2DModel.from_backbone`] (its ``z`` path starts at zero, so
-        the converted pipeline samples what the stock one does until it is fine-tuned); the VAE, text encoders and
+        the converted pipeline samples what the stock one does until it is fine-tuned), with a ``z`` map of
+        `z_map_channels` when that is positive; the VAE, text encoders and
         tokenizers are reused as they are. The scheduler defaults to a [`VRFMScheduler`] with the stock scheduler's
         `shift`. `load_kwargs` (e.g. `torch_dtype`, `text_encoder_3=None`) go to
         `StableDiffusion3Pipeline.from_pretrained` when a path is given.
@@ -389,7 +392,11 @@ class VRFMTextToImagePipeline(VRFMPipeline):
                 num_train_timesteps=stock.scheduler.config.get("num_train_timesteps", 1000),
             )
         velocity_model = VRFMSD3Transformer2DModel.from_backbone(
-            stock.transformer, latent_dim=latent_dim, z_embed_hidden_dim=z_embed_hidden_dim
+            stock.transformer,
+            latent_dim=latent_dim,
+            z_embed_hidden_dim=z_embed_hidden_dim,
+            z_map_channels=z_map_channels,
+            z_map_stride=z_map_stride,
         )
         pipeline = cls(
             velocity_model=velocity_model,
@@ -433,7 +440,7 @@ class VRFMTextToImagePipeline(VRFMPipeline):
 
         See [`diffusers_vrfm.lora`] for the folder format.
         """
-        from ..lora import load_vrfm_adapter, read_vrfm_adapter_config, resolve_adapter_folder
+        from ..lora import load_vrfm_adapter, read_vrfm_adapter_config, recorded_z_map, resolve_adapter_folder
 
         hub_kwargs = {
             name: load_kwargs[name]
@@ -448,7 +455,7 @@ class VRFMTextToImagePipeline(VRFMPipeline):
         if record["base_format"] == "stable_diffusion_3":
             pipeline = cls.from_stable_diffusion_3(
                 base_model, latent_dim=record["latent_dim"], z_embed_hidden_dim=record["z_embed_hidden_dim"],
-                **load_kwargs,
+                **recorded_z_map(record), **load_kwargs,
             )  # fmt: skip
         else:
             pipeline = cls.from_pretrained(base_model, **load_kwargs)

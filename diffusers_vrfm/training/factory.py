@@ -44,9 +44,10 @@ DEFAULT_POSTERIOR_CONFIGS = {
         "pooled_size": 4,
     },
 }
-# z also enters the UNet as input channels (a LatentMap): its time-embedding path shifts every pixel of a channel
-# alike, so without the map the net cannot put a stroke where z says (docs/benchmarks.md, "z where the UNet can use
-# it"). The map's grid is at most this many pixels a side (its stride grows with the image), to bound its size.
+# z also enters the UNet and the DiT as input channels (a LatentMap): their time-embedding (adaLN) path shifts every
+# pixel or token of a channel alike, so without the map the net cannot put a stroke where z says (docs/benchmarks.md,
+# "z where the UNet can use it"). The map's grid is at most this many pixels a side (its stride grows with the image),
+# to bound its size.
 DEFAULT_Z_MAP = {"z_map_channels": 4, "max_grid_side": 32}
 DEFAULT_POSTERIOR_INPUTS = {"mlp": ("x1",), "image": ("x1",)}
 DEFAULT_LATENT_DIM = {"mlp": 8, "unet": 16, "dit": 16, "sd3": 16}  # images: see DEFAULT_KL_TARGET in cli.py
@@ -180,8 +181,9 @@ class BuiltModels:
 
 
 def default_z_map(sample_size: tuple[int, int], model_config: dict) -> dict:
-    """The z map a from-scratch VRFM UNet gets unless `--model_config` sets its own: `DEFAULT_Z_MAP["z_map_channels"]`
-    channels on a grid of at most `DEFAULT_Z_MAP["max_grid_side"]` a side (stride 1 up to 32x32 images).
+    """The z map a from-scratch VRFM UNet, DiT or MMDiT gets unless `--model_config` sets its own:
+    `DEFAULT_Z_MAP["z_map_channels"]` channels on a grid of at most `DEFAULT_Z_MAP["max_grid_side"]` a side (stride 1
+    up to 32x32 images).
 
     Example:
 
@@ -195,6 +197,31 @@ def default_z_map(sample_size: tuple[int, int], model_config: dict) -> dict:
     if channels == 0 or "z_map_stride" in model_config:
         return {"z_map_channels": channels}
     return {"z_map_channels": channels, "z_map_stride": math.ceil(max(sample_size) / DEFAULT_Z_MAP["max_grid_side"])}
+
+
+# What `--model_config` may set when the script wraps a pretrained backbone: the backbone keeps its own config.
+WRAPPED_BACKBONE_KEYS = ("z_map_channels", "z_map_stride")
+
+
+def wrapper_options(model_config: dict, wrapped: str) -> dict:
+    """The `--model_config` settings of a wrapped pretrained `wrapped` (its z map), refusing any other key, which
+    the pretrained config fixes.
+
+    Example:
+
+    ```py
+    >>> from diffusers_vrfm.training.factory import wrapper_options
+    >>> wrapper_options({"z_map_channels": 4}, "UNet2DModel")
+    {'z_map_channels': 4}
+    ```
+    """
+    others = sorted(set(model_config) - set(WRAPPED_BACKBONE_KEYS))
+    if others:
+        raise ValueError(
+            f"`--model_config` can only set {list(WRAPPED_BACKBONE_KEYS)} when wrapping a pretrained {wrapped}, "
+            f"but got {others}: the backbone keeps its pretrained config."
+        )
+    return dict(model_config)
 
 
 def build_posterior(kind: str, sample_shape, latent_dim: int, posterior_inputs, posterior_config: dict):
@@ -274,8 +301,9 @@ def build_models(
         class_name = pretrained.config["_class_name"]
         backbone_class = getattr(diffusers, class_name)
         wrapper_class = getattr(diffusers_vrfm, WRAPPABLE_BACKBONES[class_name][1])
+        options = wrapper_options(model_config, class_name)
         loaded = backbone_class.from_pretrained(pretrained.path, subfolder=pretrained.subfolder)
-        velocity_model = wrapper_class.from_backbone(loaded, latent_dim=latent_dim, num_classes=num_classes)
+        velocity_model = wrapper_class.from_backbone(loaded, latent_dim=latent_dim, num_classes=num_classes, **options)
         posterior = build_posterior(kind, sample_shape, latent_dim, posterior_inputs, posterior_config)
         return BuiltModels(velocity_model, posterior, base_model=pretrained.path, origin="backbone")
 
@@ -296,6 +324,8 @@ def build_models(
             **config,
         )
     elif backbone == "dit":
+        if latent_dim > 0:
+            config.update(default_z_map(tuple(sample_shape[1:]), model_config))
         velocity_model = diffusers_vrfm.VRFMDiTTransformer2DModel(
             sample_size=sample_shape[1],
             in_channels=sample_shape[0],

@@ -16,7 +16,15 @@ from dataclasses import dataclass
 import torch
 
 from .data import TrainImageDataset, TrainingData, load_training_data
-from .factory import DEFAULT_LATENT_DIM, DEFAULT_MODEL_CONFIGS, PretrainedSource, clean_copy, parse_json_config
+from .factory import (
+    DEFAULT_LATENT_DIM,
+    DEFAULT_MODEL_CONFIGS,
+    PretrainedSource,
+    clean_copy,
+    default_z_map,
+    parse_json_config,
+    wrapper_options,
+)
 from .text_data import TextEmbeddingCache, encode_vae_latents, source_captions
 
 TEXT_MODEL_KWARGS = ("encoder_hidden_states", "pooled_projections")
@@ -129,7 +137,8 @@ def build_scratch_text_pipeline(
 ):
     """A small text-to-image pipeline to train from scratch: a word-level tokenizer over the captions' words, a
     frozen random CLIP text encoder ([`SCRATCH_TEXT_ENCODER_CONFIG`]) and a [`VRFMSD3Transformer2DModel`] in pixel
-    space (`DEFAULT_MODEL_CONFIGS["sd3"]` updated with `model_config`)."""
+    space (`DEFAULT_MODEL_CONFIGS["sd3"]` updated with `model_config`), with a ``z`` map as the script's other
+    from-scratch image models have ([`default_z_map`])."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     from diffusers_vrfm import VRFMScheduler, VRFMSD3Transformer2DModel, VRFMTextToImagePipeline, word_level_tokenizer
@@ -158,6 +167,8 @@ def build_scratch_text_pipeline(
     }
     config.setdefault("caption_projection_dim", config["num_attention_heads"] * config["attention_head_dim"])
     config.setdefault("pos_embed_max_size", sample_shape[1] // config["patch_size"])
+    if latent_dim > 0:
+        config.update(default_z_map(tuple(sample_shape[1:]), model_config or {}))
     channels, size = sample_shape[0], sample_shape[1]
     velocity_model = VRFMSD3Transformer2DModel(
         sample_size=size, in_channels=channels, out_channels=channels, latent_dim=latent_dim, **config
@@ -169,7 +180,8 @@ def build_scratch_text_pipeline(
 
 def load_base_pipeline(args: argparse.Namespace, pretrained: PretrainedSource, dtype: torch.dtype):
     """The pipeline `--pretrained_model_name_or_path` names: a stock SD3 pipeline converted with `--latent_dim`
-    (default `DEFAULT_LATENT_DIM["sd3"]`), or a VRFM text-to-image pipeline."""
+    (default `DEFAULT_LATENT_DIM["sd3"]`) and the z map `--model_config` asks for ([`wrapper_options`]), or a VRFM
+    text-to-image pipeline."""
     from diffusers_vrfm import VRFMTextToImagePipeline
 
     load_kwargs = {"revision": args.revision, "cache_dir": args.cache_dir, "torch_dtype": dtype}
@@ -177,8 +189,9 @@ def load_base_pipeline(args: argparse.Namespace, pretrained: PretrainedSource, d
         # components saved as absent (e.g. a pipeline saved without its T5) must be passed as None to load
         load_kwargs.update({name: None for name in _absent_components(pretrained.path)})
         latent_dim = DEFAULT_LATENT_DIM["sd3"] if args.latent_dim is None else args.latent_dim
+        options = wrapper_options(parse_json_config(args.model_config, "--model_config"), "SD3 transformer")
         return VRFMTextToImagePipeline.from_stable_diffusion_3(
-            args.pretrained_model_name_or_path, latent_dim=latent_dim, **load_kwargs
+            args.pretrained_model_name_or_path, latent_dim=latent_dim, **options, **load_kwargs
         )
     return VRFMTextToImagePipeline.from_pretrained(args.pretrained_model_name_or_path, **load_kwargs)
 
