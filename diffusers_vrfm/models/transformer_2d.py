@@ -24,9 +24,9 @@ from .z_embedding import (
     LatentEmbedding,
     LatentMap,
     VRFMVelocityOutput,
+    backbone_state_for,
     check_velocity_inputs,
     check_z_map,
-    widen_input_weight,
 )
 
 # Arguments of `DiTTransformer2DModel` that the wrapper mirrors one to one (`num_embeds_ada_norm` is its own).
@@ -272,9 +272,7 @@ class VRFMDiTTransformer2DModel(ModelMixin, ConfigMixin):
             z_map_channels=z_map_channels,
             z_map_stride=z_map_stride,
         )
-        state = dict(backbone.state_dict())
-        if z_map_channels > 0:
-            widen_input_weight(state, "pos_embed.proj.weight", model.transformer.pos_embed.proj.weight)
+        state = backbone_state_for(model, backbone)
         table_rows = backbone_classes + 1
         for index in range(len(backbone.transformer_blocks)):
             key = f"transformer_blocks.{index}.{_LABEL_TABLE_KEY}"

@@ -29,12 +29,12 @@ from .z_embedding import (
     LatentEmbedding,
     LatentMap,
     VRFMVelocityOutput,
+    backbone_state_for,
     check_context,
     check_latent,
     check_timestep,
     check_z_map,
     to_execution,
-    widen_input_weight,
 )
 
 # Arguments of `SD3Transformer2DModel` that the wrapper mirrors one to one.
@@ -271,10 +271,7 @@ class VRFMSD3Transformer2DModel(ModelMixin, ConfigMixin):
             z_map_channels=z_map_channels,
             z_map_stride=z_map_stride,
         )
-        state = dict(backbone.state_dict())
-        if z_map_channels > 0:
-            widen_input_weight(state, "pos_embed.proj.weight", model.transformer.pos_embed.proj.weight)
-        model.transformer.load_state_dict(state, strict=True)
+        model.transformer.load_state_dict(backbone_state_for(model, backbone), strict=True)
         # nn.Module.to: ModelMixin.to warns on every dtype cast in diffusers 0.42, even with nothing kept in fp32.
         return nn.Module.to(model, device=backbone.device, dtype=backbone.dtype)
 

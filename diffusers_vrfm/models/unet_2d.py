@@ -24,11 +24,11 @@ from .z_embedding import (
     LatentEmbedding,
     LatentMap,
     VRFMVelocityOutput,
+    backbone_state_for,
     check_context,
     check_velocity_inputs,
     check_z_map,
     spatial_size,
-    widen_input_weight,
 )
 
 # Arguments of `UNet2DModel` that `VRFMUNet2DModel` mirrors one to one (the class path is the wrapper's own).
@@ -325,10 +325,7 @@ class VRFMUNet2DModel(ModelMixin, ConfigMixin):
             z_map_channels=z_map_channels,
             z_map_stride=z_map_stride,
         )
-        state = backbone.state_dict()
-        if z_map_channels > 0:
-            widen_input_weight(state, "conv_in.weight", model.unet.conv_in.weight)
-        model.unet.load_state_dict(state, strict=True)
+        model.unet.load_state_dict(backbone_state_for(model, backbone), strict=True)
         # nn.Module.to: ModelMixin.to warns on every dtype cast in diffusers 0.42, even with nothing kept in fp32.
         return nn.Module.to(model, device=backbone.device, dtype=backbone.dtype)
 
@@ -602,9 +599,7 @@ class VRFMUNet2DConditionModel(ModelMixin, ConfigMixin):
             extra_unet_config=extra or None,
         )
         state = model.unet.state_dict()
-        backbone_state = backbone.state_dict()
-        if z_map_channels > 0:
-            widen_input_weight(backbone_state, "conv_in.weight", model.unet.conv_in.weight)
+        backbone_state = backbone_state_for(model, backbone)
         missing = sorted(set(state) - set(backbone_state))
         if any(not key.startswith("class_embedding.") for key in missing):
             raise RuntimeError(f"The wrapped UNet has weights the backbone lacks: {missing}.")

@@ -132,13 +132,19 @@ def check_z_map(latent_dim: int, channels, stride) -> None:
         raise ValueError(f"`z_map_channels` ({channels}) needs a `z`, but `latent_dim` is 0; set it to 0.")
 
 
-def widen_input_weight(state: dict, key: str, wrapper_weight: torch.Tensor) -> None:
-    """Gives a backbone's input layer `state[key]` (a convolution's weight, input channels on dim 1) the z map's
-    channels, whose weights come freshly initialised from the wrapper's own layer `wrapper_weight`, after the
-    backbone's. The map starts at zero, so the wrapped model's output is the backbone's until training moves it."""
-    weight = state[key]
-    new_weights = wrapper_weight.detach()[:, weight.shape[1] :].to(weight)
-    state[key] = torch.cat([weight, new_weights], dim=1)
+def backbone_state_for(model, backbone) -> dict:
+    """`backbone`'s state dict, ready to load into the wrapper `model`'s inner backbone: when `model` has a z map, its
+    input layer (`model.z_map_input_layer`, a convolution) gets the map's input channels, after the backbone's, with
+    `model`'s freshly initialised weights for them. The map starts at zero, so the wrapped model's output is the
+    backbone's until training moves it."""
+    state = dict(backbone.state_dict())
+    if getattr(model, "z_map", None) is None:
+        return state
+    inner, layer = model.z_map_input_layer.split(".", 1)
+    key = f"{layer}.weight"
+    new_weights = getattr(model, inner).get_submodule(layer).weight.detach()[:, state[key].shape[1] :]
+    state[key] = torch.cat([state[key], new_weights.to(state[key])], dim=1)
+    return state
 
 
 def check_latent(

@@ -188,7 +188,7 @@ def card_descriptions(args: argparse.Namespace, prepared: PreparedData, posterio
 
 
 def z_map_description(velocity) -> str:
-    """The model card's note on a UNet's `z` map (`LatentMap`), or "" when it has none."""
+    """The model card's note on a velocity model's `z` map (`LatentMap`), or "" when it has none."""
     z_map = getattr(velocity, "z_map", None)
     if z_map is None:
         return ""
