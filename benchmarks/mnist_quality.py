@@ -841,7 +841,7 @@ SAMPLED_SECTIONS = ("fd", "distance_ratio")
 
 
 def budget_value(meta: dict, key: str):
-    """A budget setting of a run as the join compares it: the UNet without VRFM's z-path settings, which RF lacks
+    """A budget setting of a run as the join compares it: the backbone without VRFM's z-path settings, which RF lacks
     (VRFM runs compare those through their training commands)."""
     value = meta.get(key, "unet" if key == "backbone" else None)  # runs from before `--backbone` trained UNets
     return split_model_config(value)[0] if key == "model_config" and value is not None else value

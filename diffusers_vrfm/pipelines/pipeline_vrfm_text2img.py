@@ -368,10 +368,9 @@ class VRFMTextToImagePipeline(VRFMPipeline):
 
         The transformer is wrapped by [`VRFMSD3Transformer2DModel.from_backbone`] (its ``z`` path starts at zero, so
         the converted pipeline samples what the stock one does until it is fine-tuned), with a ``z`` map of
-        `z_map_channels` when that is positive; the VAE, text encoders and
-        tokenizers are reused as they are. The scheduler defaults to a [`VRFMScheduler`] with the stock scheduler's
-        `shift`. `load_kwargs` (e.g. `torch_dtype`, `text_encoder_3=None`) go to
-        `StableDiffusion3Pipeline.from_pretrained` when a path is given.
+        `z_map_channels` channels when that is positive; the VAE, text encoders and tokenizers are reused as they are.
+        The scheduler defaults to a [`VRFMScheduler`] with the stock scheduler's `shift`. `load_kwargs` (e.g.
+        `torch_dtype`, `text_encoder_3=None`) go to `StableDiffusion3Pipeline.from_pretrained` when a path is given.
         """
         from diffusers import StableDiffusion3Pipeline
 

@@ -308,13 +308,13 @@ def build_models(
         return BuiltModels(velocity_model, posterior, base_model=pretrained.path, origin="backbone")
 
     config = {**DEFAULT_MODEL_CONFIGS[backbone], **model_config}
+    if backbone != "mlp" and latent_dim > 0:
+        config.update(default_z_map(tuple(sample_shape[1:]), model_config))
     if backbone == "mlp":
         velocity_model = diffusers_vrfm.VRFMMLPModel(
             sample_size=sample_shape[0], latent_dim=latent_dim, num_classes=num_classes, **config
         )
     elif backbone == "unet":
-        if latent_dim > 0:
-            config.update(default_z_map(tuple(sample_shape[1:]), model_config))
         velocity_model = diffusers_vrfm.VRFMUNet2DModel(
             sample_size=sample_shape[1],
             in_channels=sample_shape[0],
@@ -324,8 +324,6 @@ def build_models(
             **config,
         )
     elif backbone == "dit":
-        if latent_dim > 0:
-            config.update(default_z_map(tuple(sample_shape[1:]), model_config))
         velocity_model = diffusers_vrfm.VRFMDiTTransformer2DModel(
             sample_size=sample_shape[1],
             in_channels=sample_shape[0],
