@@ -201,6 +201,9 @@ def test_finetune_a_pretrained_backbone_and_continue_the_pipeline(tmp_path, trai
     assert again.velocity_model.latent_dim == 2
     assert type(again.posterior_encoder) is type(pipe.posterior_encoder)
     assert "training continued from the VRFM pipeline" in open(os.path.join(continued, "README.md")).read()
+    with pytest.raises(ValueError, match=r"cannot change a VRFM pipeline .* got \['z_map_channels'\]"):
+        train(["--pretrained_model_name_or_path", output_dir, "--output_dir", str(tmp_path / "third"),
+               "--model_config", '{"z_map_channels": 4}', *FAST])  # fmt: skip
 
 
 def test_latent_space_training_with_a_vae(tmp_path, train):

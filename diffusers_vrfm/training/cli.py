@@ -148,7 +148,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="JSON object (or path of a JSON file) overriding the velocity model's config, e.g. "
         '\'{"block_out_channels": [64, 128, 128], "layers_per_block": 2}\'. With a pretrained backbone or SD3 '
-        "pipeline only its z map: z_map_channels, z_map_stride.",
+        "pipeline only its z map (z_map_channels, z_map_stride); a VRFM pipeline keeps its own config.",
     )
     model.add_argument(
         "--posterior_config", type=str, default=None, help="JSON object (or file) overriding the posterior's config."

@@ -205,7 +205,8 @@ WRAPPED_BACKBONE_KEYS = ("z_map_channels", "z_map_stride")
 
 def wrapper_options(model_config: dict, wrapped: str) -> dict:
     """The `--model_config` settings of a wrapped pretrained `wrapped` (its z map), refusing any other key, which
-    the pretrained config fixes.
+    the pretrained config fixes. A VRFM pipeline (`wrapped="VRFM pipeline"`) keeps its whole config: nothing is
+    taken.
 
     Example:
 
@@ -215,6 +216,11 @@ def wrapper_options(model_config: dict, wrapped: str) -> dict:
     {'z_map_channels': 4}
     ```
     """
+    if model_config and wrapped == "VRFM pipeline":
+        raise ValueError(
+            f"`--model_config` cannot change a VRFM pipeline that training continues, but got {sorted(model_config)}: "
+            "the pipeline keeps its config (leave `--model_config` unset)."
+        )
     others = sorted(set(model_config) - set(WRAPPED_BACKBONE_KEYS))
     if others:
         raise ValueError(
@@ -279,6 +285,8 @@ def build_models(
 
     if pretrained is not None and pretrained.kind == "pipeline":
         from diffusers_vrfm.hub import load_pipeline_components
+
+        wrapper_options(model_config, "VRFM pipeline")
 
         components = load_pipeline_components(pretrained.path)
         velocity_model = components["velocity_model"]

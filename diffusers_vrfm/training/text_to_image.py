@@ -185,14 +185,16 @@ def load_base_pipeline(args: argparse.Namespace, pretrained: PretrainedSource, d
     from diffusers_vrfm import VRFMTextToImagePipeline
 
     load_kwargs = {"revision": args.revision, "cache_dir": args.cache_dir, "torch_dtype": dtype}
+    model_config = parse_json_config(args.model_config, "--model_config")
     if pretrained.kind == "sd3_pipeline":
         # components saved as absent (e.g. a pipeline saved without its T5) must be passed as None to load
         load_kwargs.update({name: None for name in _absent_components(pretrained.path)})
         latent_dim = DEFAULT_LATENT_DIM["sd3"] if args.latent_dim is None else args.latent_dim
-        options = wrapper_options(parse_json_config(args.model_config, "--model_config"), "SD3 transformer")
+        options = wrapper_options(model_config, "SD3 transformer")
         return VRFMTextToImagePipeline.from_stable_diffusion_3(
             args.pretrained_model_name_or_path, latent_dim=latent_dim, **options, **load_kwargs
         )
+    wrapper_options(model_config, "VRFM pipeline")
     return VRFMTextToImagePipeline.from_pretrained(args.pretrained_model_name_or_path, **load_kwargs)
 
 
