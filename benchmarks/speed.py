@@ -2,7 +2,8 @@
 
 Training: one optimiser step (forward, loss, backward, Adam) of VRFM (velocity net with a ``z`` path plus the
 convolutional posterior, `vrfm_loss` with its KL) against RF (the same wrapper with `latent_dim=0`, no posterior), on
-the same `VRFMUNet2DModel` and `VRFMDiTTransformer2DModel` backbones.
+the same `VRFMUNet2DModel` and `VRFMDiTTransformer2DModel` backbones. VRFM's nets have the `z` map that
+`train_vrfm.py` gives its from-scratch image models (`--z-map-channels`, default 4; 0: the `z` MLP alone).
 
 Sampling: time per Euler step of
 
@@ -100,10 +101,11 @@ def backbone_configs(quick: bool) -> dict[str, dict]:
     }
 
 
-def build_pair(spec: dict, latent_dim: int, posterior_inputs: tuple[str, ...], seed: int = 0):
-    """The VRFM model, its posterior and the RF model (same backbone, `latent_dim=0`)."""
+def build_pair(spec: dict, latent_dim: int, posterior_inputs: tuple[str, ...], z_map_channels: int, seed: int = 0):
+    """The VRFM model (with a `z` map of `z_map_channels`), its posterior and the RF model (same backbone,
+    `latent_dim=0`)."""
     torch.manual_seed(seed)
-    vrfm = spec["cls"](latent_dim=latent_dim, **spec["kwargs"])
+    vrfm = spec["cls"](latent_dim=latent_dim, z_map_channels=z_map_channels, **spec["kwargs"])
     torch.manual_seed(seed)
     rf = spec["cls"](latent_dim=0, **spec["kwargs"])
     channels, height, _ = vrfm.sample_shape
@@ -115,6 +117,15 @@ def build_pair(spec: dict, latent_dim: int, posterior_inputs: tuple[str, ...], s
         **spec["posterior"],
     )
     return vrfm, encoder, rf
+
+
+def z_path_parameters(vrfm, rf) -> int:
+    """The VRFM net's parameters RF lacks: its `z` MLP, its `z` map, and its input layer's weights for the map."""
+    map_inputs = 0
+    if vrfm.z_map is not None:
+        layer = vrfm.z_map_input_layer
+        map_inputs = vrfm.get_submodule(layer).weight.numel() - rf.get_submodule(layer).weight.numel()
+    return count_parameters(vrfm.z_embedding) + count_parameters(vrfm.z_map) + map_inputs
 
 
 def make_train_steps(vrfm, encoder, rf, batch_size: int, beta: float, seed: int = 0):
@@ -274,6 +285,7 @@ def run(args) -> dict:
             "sample_batch_size": args.sample_batch_size,
             "num_steps": args.num_steps,
             "latent_dim": args.latent_dim,
+            "z_map_channels": args.z_map_channels,
             "posterior_inputs": list(args.posterior_inputs),
             "quick": bool(args.quick),
         },
@@ -282,7 +294,7 @@ def run(args) -> dict:
     start = time.perf_counter()
     for name in args.backbones:
         spec = specs[name]
-        vrfm, encoder, rf = build_pair(spec, args.latent_dim, tuple(args.posterior_inputs))
+        vrfm, encoder, rf = build_pair(spec, args.latent_dim, tuple(args.posterior_inputs), args.z_map_channels)
         train = interleaved_timings(
             make_train_steps(vrfm, encoder, rf, args.train_batch_size, args.beta), repeats=args.repeats, warmup=2
         )
@@ -299,7 +311,7 @@ def run(args) -> dict:
                 "velocity_vrfm": count_parameters(vrfm),
                 "velocity_rf": count_parameters(rf),
                 "bare_backbone": count_parameters(inner),
-                "z_embedding": count_parameters(vrfm.z_embedding),
+                "z_paths": z_path_parameters(vrfm, rf),
                 "posterior": count_parameters(encoder),
             },
             "train_seconds": train,
@@ -330,7 +342,7 @@ def render_report(results: dict) -> str:
         f"- Machine: {meta['machine']}",
         f"- {meta['repeats']} interleaved rounds; training batch {meta['train_batch_size']}, sampling batch "
         f"{meta['sample_batch_size']} x {meta['num_steps']} Euler steps per call; dim z {meta['latent_dim']}, "
-        f"posterior q({', '.join(meta['posterior_inputs'])}) (`VRFMConvPosteriorEncoder`). Times are medians over "
+        f"a z map of {meta.get('z_map_channels', 0)} channel(s), posterior q({', '.join(meta['posterior_inputs'])}) (`VRFMConvPosteriorEncoder`). Times are medians over "
         "rounds; ratios are medians of per-round ratios.",
         f"- Total wall time: {meta['total_seconds']:.0f} s.",
         "",
@@ -430,7 +442,7 @@ def render_report(results: dict) -> str:
             r["params"]["bare_backbone"],
             r["params"]["velocity_rf"],
             r["params"]["velocity_vrfm"],
-            r["params"]["z_embedding"],
+            r["params"]["z_paths"],
             r["params"]["posterior"],
             r["params"]["velocity_vrfm"] + r["params"]["posterior"],
         ]
@@ -443,7 +455,7 @@ def render_report(results: dict) -> str:
                 "bare backbone",
                 "RF velocity net",
                 "VRFM velocity net",
-                "of which z path",
+                "of which z paths (MLP, map, map's input weights)",
                 "posterior (training only)",
                 "VRFM total in training",
             ],
@@ -484,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sample-batch-size", type=int, default=32)
     parser.add_argument("--num-steps", type=int, default=8, help="Euler steps per timed sampling call")
     parser.add_argument("--latent-dim", type=int, default=16)
+    parser.add_argument("--z-map-channels", type=int, default=4, help="VRFM's z map (train_vrfm.py's); 0: none")
     parser.add_argument("--posterior-inputs", nargs="+", default=["x1", "t"])
     parser.add_argument("--beta", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)

@@ -241,11 +241,8 @@ def test_speed_quick_outputs_are_well_formed(tmp_path):
     for backbone in results["backbones"].values():
         # The diffusers loop (sigma clock, -v output) and VRFMPipeline agree on the same RF model.
         assert backbone["converter_max_abs_diff"] < 1e-5
-        assert backbone["params"]["posterior"] > 0 and backbone["params"]["z_embedding"] > 0
-        assert (
-            backbone["params"]["velocity_vrfm"]
-            == backbone["params"]["velocity_rf"] + backbone["params"]["z_embedding"]
-        )
+        assert backbone["params"]["posterior"] > 0 and backbone["params"]["z_paths"] > 0
+        assert backbone["params"]["velocity_vrfm"] == backbone["params"]["velocity_rf"] + backbone["params"]["z_paths"]
     _assert_png(tmp_path / "speed.png")
 
 
