@@ -342,8 +342,8 @@ def render_report(results: dict) -> str:
         f"- Machine: {meta['machine']}",
         f"- {meta['repeats']} interleaved rounds; training batch {meta['train_batch_size']}, sampling batch "
         f"{meta['sample_batch_size']} x {meta['num_steps']} Euler steps per call; dim z {meta['latent_dim']}, "
-        f"a z map of {meta.get('z_map_channels', 0)} channel(s), posterior q({', '.join(meta['posterior_inputs'])}) (`VRFMConvPosteriorEncoder`). Times are medians over "
-        "rounds; ratios are medians of per-round ratios.",
+        f"a z map of {meta.get('z_map_channels', 0)} channel(s), posterior q({', '.join(meta['posterior_inputs'])}) "
+        "(`VRFMConvPosteriorEncoder`). Times are medians over rounds; ratios are medians of per-round ratios.",
         f"- Total wall time: {meta['total_seconds']:.0f} s.",
         "",
         "## Targets",
