@@ -205,8 +205,7 @@ WRAPPED_BACKBONE_KEYS = ("z_map_channels", "z_map_stride")
 
 def wrapper_options(model_config: dict, wrapped: str) -> dict:
     """The `--model_config` settings of a wrapped pretrained `wrapped` (its z map), refusing any other key, which
-    the pretrained config fixes. A VRFM pipeline (`wrapped="VRFM pipeline"`) keeps its whole config: nothing is
-    taken.
+    the pretrained config fixes.
 
     Example:
 
@@ -216,11 +215,6 @@ def wrapper_options(model_config: dict, wrapped: str) -> dict:
     {'z_map_channels': 4}
     ```
     """
-    if model_config and wrapped == "VRFM pipeline":
-        raise ValueError(
-            f"`--model_config` cannot change a VRFM pipeline that training continues, but got {sorted(model_config)}: "
-            "the pipeline keeps its config (leave `--model_config` unset)."
-        )
     others = sorted(set(model_config) - set(WRAPPED_BACKBONE_KEYS))
     if others:
         raise ValueError(
@@ -228,6 +222,15 @@ def wrapper_options(model_config: dict, wrapped: str) -> dict:
             f"but got {others}: the backbone keeps its pretrained config."
         )
     return dict(model_config)
+
+
+def refuse_model_config(model_config: dict) -> None:
+    """A VRFM pipeline whose training continues keeps its whole config: any `--model_config` is refused."""
+    if model_config:
+        raise ValueError(
+            f"`--model_config` cannot change a VRFM pipeline that training continues, but got {sorted(model_config)}: "
+            "the pipeline keeps its config (leave `--model_config` unset)."
+        )
 
 
 def build_posterior(kind: str, sample_shape, latent_dim: int, posterior_inputs, posterior_config: dict):
@@ -286,7 +289,7 @@ def build_models(
     if pretrained is not None and pretrained.kind == "pipeline":
         from diffusers_vrfm.hub import load_pipeline_components
 
-        wrapper_options(model_config, "VRFM pipeline")
+        refuse_model_config(model_config)
 
         components = load_pipeline_components(pretrained.path)
         velocity_model = components["velocity_model"]

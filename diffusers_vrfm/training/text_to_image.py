@@ -23,6 +23,7 @@ from .factory import (
     clean_copy,
     default_z_map,
     parse_json_config,
+    refuse_model_config,
     wrapper_options,
 )
 from .text_data import TextEmbeddingCache, encode_vae_latents, source_captions
@@ -194,7 +195,7 @@ def load_base_pipeline(args: argparse.Namespace, pretrained: PretrainedSource, d
         return VRFMTextToImagePipeline.from_stable_diffusion_3(
             args.pretrained_model_name_or_path, latent_dim=latent_dim, **options, **load_kwargs
         )
-    wrapper_options(model_config, "VRFM pipeline")
+    refuse_model_config(model_config)
     return VRFMTextToImagePipeline.from_pretrained(args.pretrained_model_name_or_path, **load_kwargs)
 
 
