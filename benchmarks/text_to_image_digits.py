@@ -1,20 +1,28 @@
-"""Does the prompt control the class? A small text-to-image model trained from scratch on the digits, VRFM against RF.
+"""Text-to-image on the digits: VRFM against RF at both ends of the step range, and does the prompt control the class?
 
-Both models are trained by `train_vrfm.py --backbone sd3` (a small MMDiT in pixel space, a frozen random CLIP text
-encoder over a word-level tokenizer the run builds, captions "a handwritten seven"), on scikit-learn's 8x8 digits
-resized to 16x16 as the package does. For each digit, samples are drawn with the prompt "a handwritten <digit>" at
-NFE 2, 4 and 16 (Euler), with and without classifier-free guidance, and a logistic-regression digit classifier
-(scikit-learn, trained on the same 16x16 images average-pooled back to 8x8) says which digit each sample shows. The
-figure is the share of samples assigned to the prompted digit (1.0 = the prompt always wins, 0.1 = chance).
+Every model is trained by `train_vrfm.py --backbone sd3` (a small MMDiT in pixel space, a frozen random CLIP text
+encoder over a word-level tokenizer the run builds, captions "a handwritten seven", 10% dropped to "" for guidance)
+on the first 80% of scikit-learn's 8x8 digits resized to 16x16; the other 20% are the test images. The methods:
 
-    python -m benchmarks.text_to_image_digits                # the recorded run (~15 min on one CPU core)
-    python -m benchmarks.text_to_image_digits --quick        # a smoke run in a few seconds
+- `vrfm`: the script's defaults, which give a from-scratch MMDiT the 4-channel `z` map;
+- `vrfm_no_map`: the same without the map (`--model_config '{"z_map_channels": 0}'`): `z` reaches the blocks only
+  through the time embedding;
+- `rf`: `--latent_dim 0`.
+
+For each digit, samples are drawn with the prompt "a handwritten <digit>" (Euler, the pipeline's own prior for z),
+with and without classifier-free guidance. Two figures per cell, both from `benchmarks.mnist_quality`'s digit
+classifier (a small CNN trained on the training split): the Fréchet distance in its features between the pooled,
+class-balanced samples and the test images (lower is better), and the share of samples it assigns to the prompted
+digit (1.0 = the prompt always wins, 0.1 = chance). A copy check compares each sample's distance to its nearest
+training image with the test images' (near 1: new images; far below 1: copies).
+
+    python -m benchmarks.text_to_image_digits --extra_priors flow     # the recorded run (3 seeds)
+    python -m benchmarks.text_to_image_digits --quick                 # a smoke run in seconds
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -23,184 +31,314 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS_DIR, machine_description, markdown_table
+from benchmarks.common import (
+    CACHE_DIR,
+    RESULTS_DIR,
+    format_mean_std,
+    frechet_distance,
+    machine_description,
+    markdown_table,
+    write_json,
+)
+from benchmarks.mnist_quality import (
+    EXTRA_PRIORS,
+    ImageData,
+    Scorer,
+    classifier_features,
+    extra_prior_fits,
+    get_classifier,
+    load_image_data,
+    median_nearest_distance,
+    train_with_script,
+)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-METHODS = {"VRFM": [], "RF": ["--latent_dim", "0"]}
-QUICK_MODEL = json.dumps({"num_layers": 1, "attention_head_dim": 8, "num_attention_heads": 2})
+RESOLUTION = 16
+METHODS = {  # key -> (label, the `--model_config` it adds; None: RF, `--latent_dim 0`)
+    "vrfm": ("VRFM", {}),
+    "vrfm_no_map": ("VRFM without the z map", {"z_map_channels": 0}),
+    "rf": ("RF", None),
+}
+QUICK_MODEL = {"num_layers": 1, "attention_head_dim": 8, "num_attention_heads": 2}
+TARGETS = {1: 0.5, 2: 0.5, 8: 1.0, 16: 1.0, 50: 1.0}  # issue 13's image targets, applied to the FD here
 
 
-def _train_script():
-    """`train_vrfm.py` of this checkout, imported as a module."""
-    if "train_vrfm" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("train_vrfm", REPO_ROOT / "train_vrfm.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["train_vrfm"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["train_vrfm"]
-
-
-def train(method: str, args, output_dir: Path) -> dict:
-    """Trains one model with `train_vrfm.py` in this process; returns its summary."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    argv = ["--backbone", "sd3", "--output_dir", str(output_dir), "--seed", str(args.seed), "--report_to", "none"]
-    argv += ["--max_train_steps", str(args.max_train_steps), "--train_batch_size", str(args.batch_size)]
-    argv += ["--num_threads", str(args.num_threads), "--validation_steps", str(10**9)]
-    argv += ["--checkpointing_steps", "10000"]
-    argv += ["--validation_inference_steps", "2,4,16", "--num_validation_samples", "10", *METHODS[method]]
+def training_argv(args, data: ImageData, method: str, seed: int, output_dir: Path) -> list[str]:
+    """The `train_vrfm.py` command line of one run."""
+    argv = ["--backbone", "sd3", "--dataset_name", data.name, "--resolution", RESOLUTION]
+    argv += ["--max_train_samples", data.max_train_samples, "--output_dir", output_dir, "--seed", seed]
+    argv += ["--max_train_steps", args.max_train_steps, "--train_batch_size", args.batch_size]
+    argv += ["--num_threads", args.num_threads, "--report_to", "none", "--cpu"]
+    argv += ["--validation_steps", args.max_train_steps + 1, "--checkpointing_steps", args.max_train_steps + 1]
+    argv += ["--validation_inference_steps", "2", "--num_validation_samples", "4"]
+    extra_config = METHODS[method][1]
+    model_config = {**(QUICK_MODEL if args.quick else {}), **(extra_config or {})}
+    argv += ["--model_config", json.dumps(model_config)] if model_config else []
+    if extra_config is None:
+        argv += ["--latent_dim", "0"]
+    elif args.quick:
+        argv += ["--aggregate_prior_atoms", "32"]
     if args.quick:
-        argv += ["--model_config", QUICK_MODEL, "--max_train_samples", "64"]
-        argv += ["--aggregate_prior_atoms", "32"] if method == "VRFM" else []
-    script = _train_script()
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    try:
-        return script.main(script.parse_args(argv))
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-
-
-def to_classifier_features(images: torch.Tensor) -> np.ndarray:
-    """`(N, 1, 16, 16)` images in `[-1, 1]` -> `(N, 64)` features on the 0-16 scale of scikit-learn's digits."""
-    pooled = torch.nn.functional.avg_pool2d(images.float(), images.shape[-1] // 8)
-    return ((pooled.clamp(-1, 1) + 1) * 8).flatten(1).numpy()
-
-
-def digit_classifier(seed: int = 0):
-    """A logistic-regression classifier of the training images (16x16, pooled to 8x8) and its held-out accuracy."""
-    from sklearn.linear_model import LogisticRegression
-
-    from diffusers_vrfm.training.data import load_training_data
-
-    data = load_training_data("builtin:digits", "unet", resolution=16)
-    source = data.dataset.source
-    images = torch.stack([data.dataset[(index, 0)]["pixel_values"] for index in range(len(source))])
-    labels = np.array([source.label(index) for index in range(len(source))])
-    order = np.random.default_rng(seed).permutation(len(labels))
-    train_rows, test_rows = order[:1400], order[1400:]
-    features = to_classifier_features(images)
-    classifier = LogisticRegression(max_iter=2000).fit(features[train_rows], labels[train_rows])
-    return classifier, float(classifier.score(features[test_rows], labels[test_rows]))
+        argv += ["--lr_warmup_steps", "0"]
+    return [str(a) for a in argv]
 
 
 @torch.no_grad()
-def prompt_accuracy(pipeline, classifier, samples_per_class: int, nfe: int, guidance_scale: float, seed: int):
-    """The share of samples that `classifier` assigns to the prompted digit."""
+def prompted_samples(pipeline, samples_per_class: int, nfe: int, guidance_scale: float, seed: int):
+    """`samples_per_class` images in [0, 1] for each digit's prompt, and the prompted digits; the same noise and
+    z stream for every method."""
     from diffusers_vrfm.training.text_data import digit_caption
 
-    correct = 0
+    images = []
     for digit in range(10):
-        images = pipeline(
+        output = pipeline(
             digit_caption(digit), num_images_per_prompt=samples_per_class, num_inference_steps=nfe,
             guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed * 100 + digit),
             output_type="pt",
-        ).samples  # fmt: skip
-        predictions = classifier.predict(to_classifier_features(images * 2 - 1))
-        correct += int((predictions == digit).sum())
-    return correct / (10 * samples_per_class)
+        )  # fmt: skip
+        images.append(output.images.float().cpu())
+    return torch.cat(images), torch.arange(10).repeat_interleave(samples_per_class)
 
 
-def render_report(results: dict) -> str:
-    meta = results["meta"]
-    lines = [
-        "# Text-to-image on the digits: does the prompt control the class?",
-        "",
-        "Written by `benchmarks/text_to_image_digits.py` (rerun: `python -m benchmarks.text_to_image_digits`).",
-        "",
-        f"A small MMDiT (`train_vrfm.py --backbone sd3`, {meta['parameters']}) trained from scratch for "
-        f"{meta['max_train_steps']} steps of batch {meta['batch_size']} on the 8x8 digits resized to 16x16, with "
-        "captions such as \"a handwritten seven\" (10% dropped to \"\" for guidance) and a frozen random CLIP text "
-        "encoder. Each cell: the share of samples (10 digits x "
-        f"{meta['samples_per_class']}) that a logistic-regression digit classifier (held-out accuracy "
-        f"{meta['classifier_accuracy']:.3f} on real digits) assigns to the prompted digit; chance is 0.1. Euler "
-        "steps; VRFM draws z from its aggregate-posterior prior; RF is the same run with `--latent_dim 0`.",
-        "",
-    ]
-    headers = ["method", "guidance", *[f"NFE {nfe}" for nfe in meta["nfe"]], "train time (s)"]
-    rows = []
-    for method, entry in results["methods"].items():
-        for guidance, scores in entry["accuracy"].items():
-            shares = [f"{scores[str(nfe)]:.3f}" for nfe in meta["nfe"]]
-            rows.append([method, guidance, *shares, entry["train_seconds"]])
-    lines += [markdown_table(headers, rows), "", f"Machine: {meta['machine']}. Wall time {meta['seconds']:.0f} s.", ""]
-    return "\n".join(lines)
+def score(scorer: Scorer, images: torch.Tensor, digits: torch.Tensor) -> dict:
+    """FD to the test images, the share of samples the classifier reads as the prompted digit, and the copy ratio."""
+    features = classifier_features(scorer.classifier, images)
+    with torch.no_grad():
+        predicted = scorer.classifier.head(torch.from_numpy(features)).argmax(1)
+    return {
+        "fd": frechet_distance(features, scorer.reference),
+        "accuracy": float((predicted == digits).float().mean()),
+        "distance_ratio": scorer.distance_ratio(images),
+    }
 
 
-def run(args, argv: list[str] | None = None) -> dict:
-    torch.set_num_threads(args.num_threads)
-    start = time.time()
-    output_dir = Path(args.output_dir)
-    classifier, classifier_accuracy = digit_classifier(args.seed)
+def sampling_variants(path: Path, prior_fits: dict) -> dict:
+    """The saved pipeline (with its own prior) and, for a VRFM run, the same model with each prior of `prior_fits`
+    (kind -> a function of the saved posterior that returns the fitted prior)."""
     from diffusers_vrfm import VRFMTextToImagePipeline
 
-    results = {"methods": {}}
-    for method in METHODS:
-        folder = output_dir / "cache" / "runs" / f"{args.name}_{method.lower()}"  # cache/ is git-ignored
-        if args.reuse_runs and (folder / "logs" / "summary.json").is_file():  # a finished run of the same settings
-            summary = json.loads((folder / "logs" / "summary.json").read_text())
-        else:
-            summary = train(method, args, folder)
-        pipeline = VRFMTextToImagePipeline.from_pretrained(folder)
+    saved = VRFMTextToImagePipeline.from_pretrained(str(path))
+    variants = {"saved": saved}
+    if saved.velocity_model.latent_dim > 0:
+        for kind, fit in prior_fits.items():
+            variants[kind] = VRFMTextToImagePipeline(**{**saved.components, "prior": fit(saved.posterior_encoder)})
+    for pipeline in variants.values():
         pipeline.set_progress_bar_config(disable=True)
-        accuracy = {
+    return variants
+
+
+def evaluate_run(args, data: ImageData, scorer: Scorer, method: str, seed: int) -> dict:
+    """Trains (or reuses, `--reuse_runs`) one run and scores each of its sampling variants; the result is cached in
+    the run's folder as `evaluation.json`."""
+    folder = Path(args.output_dir) / "cache" / "runs" / f"{args.name}_{method}_s{seed}"  # cache/ is git-ignored
+    argv = training_argv(args, data, method, seed, folder)
+    settings = {"argv": argv, "nfe": args.nfe, "guidance": args.guidance_scales, "per_class": args.samples_per_class}
+    settings["extra_priors"] = args.extra_priors if METHODS[method][1] is not None else []
+    cached = folder / "evaluation.json"
+    if args.reuse_runs and cached.is_file() and json.loads(cached.read_text())["settings"] == settings:
+        return json.loads(cached.read_text())
+    if args.reuse_runs and (folder / "logs" / "summary.json").is_file():
+        summary = json.loads((folder / "logs" / "summary.json").read_text())
+    else:
+        summary = train_with_script(argv)
+    fits = extra_prior_fits(args, data, seed) if settings["extra_priors"] else {}
+    scores = {}
+    for variant, pipeline in sampling_variants(folder, fits).items():
+        scores[variant] = {
             str(guidance): {
-                str(nfe): prompt_accuracy(pipeline, classifier, args.samples_per_class, nfe, guidance, args.seed)
+                str(nfe): score(scorer, *prompted_samples(pipeline, args.samples_per_class, nfe, guidance, seed))
                 for nfe in args.nfe
             }
             for guidance in args.guidance_scales
         }
-        parameters = summary["metrics"]["parameters: velocity model / posterior"]
-        results["methods"][method] = {
-            "accuracy": accuracy,
-            "train_seconds": summary["metrics"]["training wall time (s)"],
-            "parameters": parameters,
-        }
+    metrics = summary["metrics"]
+    train = {
+        "seconds": metrics["training wall time (s)"],
+        "parameters": metrics["parameters: velocity model / posterior"],
+        "kl_nats": metrics.get("train kl_nats (mean of last 50 steps)"),
+        "active_units": metrics.get("active latent units (last step)"),
+    }
+    result = {"settings": settings, "scores": scores, "train": train}
+    write_json(cached, result)
+    return result
+
+
+def make_scorer(args, data: ImageData) -> tuple[Scorer, dict]:
+    """`benchmarks.mnist_quality`'s digit classifier (cached), its test-image features and the copy check's scale."""
+    name = f"classifier_digits_{RESOLUTION}{'_quick' if args.quick else ''}.safetensors"
+    cache = (Path(args.output_dir) / "cache" / name) if args.quick else (CACHE_DIR / name)
+    classifier, accuracy = get_classifier(
+        data, cache, epochs=1 if args.quick else 2, max_train=1000 if args.quick else None
+    )
+    reference = classifier_features(classifier, data.test)
+    test_distance = median_nearest_distance(data.test, data.train)
+    scorer = Scorer(classifier, reference, training_images=data.train, test_distance=test_distance)
+    floor = frechet_distance(classifier_features(classifier, data.train[: len(data.test)]), reference)
+    return scorer, {"classifier_accuracy": accuracy, "fd_floor": floor, "test_images": len(data.test)}
+
+
+def row_label(method: str, variant: str) -> str:
+    label = METHODS[method][0]
+    if METHODS[method][1] is None:
+        return label
+    return f"{label}, {'the saved prior (atoms)' if variant == 'saved' else f'{variant} prior'}"
+
+
+def seed_values(results: dict, method: str, variant: str, guidance: str, nfe: str, metric: str) -> list[float]:
+    return [run["scores"][variant][guidance][nfe][metric] for run in results["runs"][method].values()]
+
+
+def metric_table(results: dict, metric: str, guidance: str, with_ratio: bool) -> str:
+    """One row per (method, prior), one column per NFE: mean ± std over seeds (and the ratio to RF's mean)."""
+    nfes = [str(nfe) for nfe in results["meta"]["nfe"]]
+    with_ratio = with_ratio and "rf" in results["runs"]
+    rf_means = {nfe: np.mean(seed_values(results, "rf", "saved", guidance, nfe, metric)) for nfe in nfes if with_ratio}
+    rows = []
+    for method, runs in results["runs"].items():
+        for variant in next(iter(runs.values()))["scores"]:
+            cells = []
+            for nfe in nfes:
+                values = seed_values(results, method, variant, guidance, nfe, metric)
+                ratio = f" ({np.mean(values) / rf_means[nfe]:.2f}x)" if with_ratio and method != "rf" else ""
+                cells.append(format_mean_std(values) + ratio)
+            rows.append([row_label(method, variant), *cells])
+    return markdown_table(["method", *[f"NFE {nfe}" for nfe in nfes]], rows)
+
+
+def target_rows(results: dict) -> list[list[str]]:
+    """Issue 13's image targets on the default VRFM's FD without guidance, mean of seeds."""
+    rows = []
+    if not {"vrfm", "rf"} <= set(results["runs"]):
+        return rows
+    for nfe in [n for n in results["meta"]["nfe"] if n in TARGETS]:
+        vrfm = np.mean(seed_values(results, "vrfm", "saved", "1.0", str(nfe), "fd"))
+        rf = np.mean(seed_values(results, "rf", "saved", "1.0", str(nfe), "fd"))
+        status = "met" if vrfm <= TARGETS[nfe] * rf else "NOT met"
+        rows.append(
+            [f"FD at NFE {nfe}", f"{vrfm:.2f}", f"{rf:.2f}", f"{vrfm / rf:.2f}x", f"<= {TARGETS[nfe]}x", status]
+        )
+    return rows
+
+
+def render_report(results: dict) -> str:
+    meta = results["meta"]
+    seeds = ", ".join(str(seed) for seed in meta["seeds"])
+    lines = [
+        "# Text-to-image on the digits: VRFM against RF at both ends, and does the prompt control the class?",
+        "",
+        f"Written by `benchmarks/text_to_image_digits.py`. Command: `{meta['command']}`.",
+        "",
+        "Each model: `train_vrfm.py --backbone sd3` (a small MMDiT in pixel space, a frozen random CLIP text "
+        f"encoder), "
+        f"{meta['max_train_steps']} steps of batch {meta['batch_size']} on the first 80% of the 8x8 digits resized "
+        f'to 16x16, captions such as "a handwritten seven". Seeds {seeds}; cells are mean ± std over seeds. Samples: '
+        f"{meta['samples_per_class']} per digit with its prompt, Euler. The ruler: a small CNN digit classifier "
+        f"(held-out accuracy {meta['classifier_accuracy']:.3f}); FD in its features against the "
+        f"{meta['test_images']} test images (floor, training vs test images: {meta['fd_floor']:.2f}). Parameters "
+        f"(velocity / posterior): {meta['parameters']}.",
+        "",
+    ]
+    if meta["extra_priors"]:
+        lines += [
+            f"VRFM rows also sample from priors fitted to the saved posterior afterwards: {meta['extra_priors']}.",
+            "",
+        ]
+    targets = target_rows(results)
+    if targets:
+        lines += ["## Targets (FD, no guidance, the default VRFM against RF)", ""]
+        lines += [markdown_table(["quantity", "VRFM", "RF", "VRFM / RF", "target", "status"], targets), ""]
+    for guidance in [str(g) for g in meta["guidance_scales"]]:
+        lines += [f"## Guidance {guidance}", "", "FD to the test images (ratio to RF's mean):", ""]
+        lines += [metric_table(results, "fd", guidance, with_ratio=True), ""]
+        lines += ["Share of samples showing the prompted digit:", ""]
+        lines += [metric_table(results, "accuracy", guidance, with_ratio=False), ""]
+        lines += ["Copy check, nearest-training-image distance of samples over that of test images:", ""]
+        lines += [metric_table(results, "distance_ratio", guidance, with_ratio=False), ""]
+    train_rows = []
+    for method, runs in results["runs"].items():
+        trains = [run["train"] for run in runs.values()]
+        kls = [t["kl_nats"] for t in trains if t["kl_nats"] is not None]
+        train_rows.append([
+            METHODS[method][0], format_mean_std([t["seconds"] for t in trains]),
+            format_mean_std(kls) if kls and METHODS[method][1] is not None else "-",
+            " / ".join(str(t["active_units"]) for t in trains) if METHODS[method][1] is not None else "-",
+        ])  # fmt: skip
+    lines += ["## Training", ""]
+    lines += [markdown_table(["method", "train time (s)", "KL (nats)", "active latent units"], train_rows), ""]
+    lines += [f"Machine: {meta['machine']}. Wall time {meta['seconds']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def run(args, argv: list[str]) -> dict:
+    torch.set_num_threads(args.num_threads)
+    start = time.time()
+    data = load_image_data("builtin:digits", RESOLUTION)
+    scorer, scorer_meta = make_scorer(args, data)
+    results = {"runs": {}}
+    for method in args.methods:
+        results["runs"][method] = {str(seed): evaluate_run(args, data, scorer, method, seed) for seed in args.seeds}
+    first_vrfm = next(iter(results["runs"][args.methods[0]].values()))
     results["meta"] = {
+        **scorer_meta,
         "quick": bool(args.quick),
+        "seeds": list(args.seeds),
         "max_train_steps": args.max_train_steps,
         "batch_size": args.batch_size,
         "samples_per_class": args.samples_per_class,
         "nfe": list(args.nfe),
         "guidance_scales": list(args.guidance_scales),
-        "classifier_accuracy": classifier_accuracy,
-        "parameters": f"velocity / posterior parameters {results['methods']['VRFM']['parameters']}",
+        "extra_priors": list(args.extra_priors),
+        "parameters": first_vrfm["train"]["parameters"],
         "machine": machine_description(),
         "seconds": time.time() - start,
-        "command": " ".join(["python -m benchmarks.text_to_image_digits", *(argv or [])]),
+        "command": " ".join(["python -m benchmarks.text_to_image_digits", *argv]),
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / f"{args.name}.json").write_text(json.dumps(results, indent=2))
+    output_dir = Path(args.output_dir)
+    write_json(output_dir / f"{args.name}.json", results)
     (output_dir / f"{args.name}.md").write_text(render_report(results))
     return results
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="A tiny smoke run (seconds).")
-    parser.add_argument("--max_train_steps", type=int, default=None, help="Default: 1000 (20 with --quick).")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--max_train_steps", type=int, default=None, help="Default: 1600 (20 with --quick).")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--samples_per_class", type=int, default=None, help="Default: 100 (2 with --quick).")
-    parser.add_argument("--nfe", type=int, nargs="+", default=[2, 4, 16])
+    parser.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 8, 50])
     parser.add_argument("--guidance_scales", type=float, nargs="+", default=[1.0, 3.0])
+    parser.add_argument(
+        "--extra_priors",
+        nargs="+",
+        choices=EXTRA_PRIORS,
+        default=[],
+        help="VRFM: also sample with these priors, fitted to the saved posterior after training",
+    )
+    parser.add_argument("--flow_prior_steps", type=int, default=2000, help="fitting steps of the flow prior")
     parser.add_argument("--num_threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", dest="output_dir", default=str(RESULTS_DIR))
     parser.add_argument("--name", default="text_to_image_digits")
     parser.add_argument(
         "--reuse_runs",
         action="store_true",
-        help="Evaluate a method's finished run in <output-dir>/cache/runs (same settings) instead of training again.",
+        help="Reuse finished runs (and their scores, when the settings match) in <output-dir>/cache/runs.",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
     if args.max_train_steps is None:
-        args.max_train_steps = 20 if args.quick else 1000
+        args.max_train_steps = 20 if args.quick else 1600
     if args.samples_per_class is None:
         args.samples_per_class = 2 if args.quick else 100
     if args.quick:
-        args.batch_size = min(args.batch_size, 8)
-    results = run(args, sys.argv[1:] if argv is None else argv)
+        args.batch_size, args.seeds = min(args.batch_size, 8), args.seeds[:1]
+        args.flow_prior_steps = min(args.flow_prior_steps, 20)
+    args.aggregate_prior_atoms = 32 if args.quick else None  # what `extra_prior_fits` fits the extra priors on
+    results = run(args, argv)
     print(render_report(results))
     return results
 

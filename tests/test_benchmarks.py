@@ -447,20 +447,43 @@ def test_mnist_quality_arguments_and_seeds_summary():
             )
 
 
-def test_text_to_image_digits_quick_outputs_are_well_formed(tmp_path):
+def test_text_to_image_digits_quick_outputs_are_well_formed(tmp_path, monkeypatch):
     from benchmarks import text_to_image_digits
 
-    results = text_to_image_digits.main(["--quick", "--output-dir", str(tmp_path)])
+    argv = ["--quick", "--output-dir", str(tmp_path), "--extra_priors", "flow"]
+    results = text_to_image_digits.main(argv)
     tables = common.parse_markdown_tables((tmp_path / "text_to_image_digits.md").read_text())
-    (table,) = list(_table_with_header(tables, "method", "NFE 16"))
-    assert table[0] == ["method", "guidance", "NFE 2", "NFE 4", "NFE 16", "train time (s)"]
-    assert [row[:2] for row in table[1:]] == [["VRFM", "1.0"], ["VRFM", "3.0"], ["RF", "1.0"], ["RF", "3.0"]]
-    shares = [_number(cell) for row in table[1:] for cell in row[2:5]]
-    assert all(0 <= share <= 1 for share in shares)  # a share of 20 samples: a multiple of 0.05
-    assert all(abs(share * 20 - round(share * 20)) < 1e-6 for share in shares)
-    assert 0.8 <= results["meta"]["classifier_accuracy"] <= 1  # the ruler itself reads real digits
+    (targets,) = list(_table_with_header(tables, "quantity"))
+    assert [row[0] for row in targets[1:]] == ["FD at NFE 1", "FD at NFE 2", "FD at NFE 8", "FD at NFE 50"]
+    assert {row[-1] for row in targets[1:]} <= {"met", "NOT met"}
+    method_tables = list(_table_with_header(tables, "method", "NFE 50"))
+    assert len(method_tables) == 6  # FD, prompt accuracy and the copy check, at guidance 1 and 3
+    for table in method_tables:
+        assert table[0] == ["method", "NFE 1", "NFE 2", "NFE 8", "NFE 50"]
+        assert [row[0] for row in table[1:]] == [
+            "VRFM, the saved prior (atoms)",
+            "VRFM, flow prior",
+            "VRFM without the z map, the saved prior (atoms)",
+            "VRFM without the z map, flow prior",
+            "RF",
+        ]
+        assert all(math.isfinite(_number(cell)) and _number(cell) >= 0 for row in table[1:] for cell in row[1:])
+    shares = [_number(cell) for row in method_tables[1][1:] for cell in row[1:]]
+    assert all(share <= 1 and abs(share * 20 - round(share * 20)) < 1e-6 for share in shares)  # 20 samples each
+    assert 0.5 <= results["meta"]["classifier_accuracy"] <= 1  # the ruler reads real digits (1 epoch in quick)
     stored = json.loads((tmp_path / "text_to_image_digits.json").read_text())
-    assert stored["meta"]["quick"] is True and set(stored["methods"]) == {"VRFM", "RF"}
+    assert stored["meta"]["quick"] is True and set(stored["runs"]) == {"vrfm", "vrfm_no_map", "rf"}
+    runs = tmp_path / "cache" / "runs"
+    maps = {m: json.loads((runs / f"text_to_image_digits_{m}_s0" / "velocity_model" / "config.json").read_text())
+            for m in ("vrfm", "vrfm_no_map", "rf")}  # fmt: skip
+    assert [maps[m].get("z_map_channels") for m in maps] == [4, 0, 0] and maps["rf"]["latent_dim"] == 0
+
+    def no_training(argv):
+        raise AssertionError("--reuse_runs trained again")
+
+    monkeypatch.setattr(text_to_image_digits, "train_with_script", no_training)
+    again = text_to_image_digits.main([*argv, "--reuse_runs"])
+    assert again["runs"] == results["runs"]  # the scores come back from each run's evaluation.json
 
 
 def test_image_study_joins_single_method_runs(tmp_path):
