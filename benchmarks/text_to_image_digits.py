@@ -9,14 +9,18 @@ on the first 80% of scikit-learn's 8x8 digits resized to 16x16; the other 20% ar
   through the time embedding;
 - `rf`: `--latent_dim 0`.
 
-For each digit, samples are drawn with the prompt "a handwritten <digit>" (Euler, the pipeline's own prior for z),
-with and without classifier-free guidance. Two figures per cell, both from `benchmarks.mnist_quality`'s digit
-classifier (a small CNN trained on the training split): the Fréchet distance in its features between the pooled,
-class-balanced samples and the test images (lower is better), and the share of samples it assigns to the prompted
-digit (1.0 = the prompt always wins, 0.1 = chance). A copy check compares each sample's distance to its nearest
-training image with the test images' (near 1: new images; far below 1: copies).
+For each digit, samples are drawn with the prompt "a handwritten <digit>" (Euler), with and without classifier-free
+guidance. VRFM draws z from the prior `train_vrfm.py` saved (posterior atoms keyed by caption: a prompt draws among
+the atoms of its caption); `--extra_priors atoms` (or `flow`) also samples the same model with a prior fitted without
+the captions, which draws z of any digit whatever the prompt.
 
-    python -m benchmarks.text_to_image_digits --extra_priors flow     # the recorded run (3 seeds)
+Two figures per cell, both from `benchmarks.mnist_quality`'s digit classifier (a small CNN trained on the training
+split): the Fréchet distance in its features between the pooled, class-balanced samples and the test images (lower
+is better), and the share of samples it assigns to the prompted digit (1.0 = the prompt always wins, 0.1 = chance).
+A copy check compares each sample's distance to its nearest training image with the test images' (near 1: new
+images; far below 1: copies).
+
+    python -m benchmarks.text_to_image_digits --extra_priors atoms    # the recorded run (3 seeds)
     python -m benchmarks.text_to_image_digits --quick                 # a smoke run in seconds
 """
 
@@ -176,11 +180,16 @@ def make_scorer(args, data: ImageData) -> tuple[Scorer, dict]:
     return scorer, {"classifier_accuracy": accuracy, "fd_floor": floor, "test_images": len(data.test)}
 
 
+VARIANT_LABELS = {  # how a VRFM row draws z
+    "saved": "the saved prior",  # train_vrfm.py's: atoms keyed by caption
+    "atoms": "atoms without captions",
+    "flow": "flow prior (no captions)",
+}
+
+
 def row_label(method: str, variant: str) -> str:
     label = METHODS[method][0]
-    if METHODS[method][1] is None:
-        return label
-    return f"{label}, {'the saved prior (atoms)' if variant == 'saved' else f'{variant} prior'}"
+    return label if METHODS[method][1] is None else f"{label}, {VARIANT_LABELS[variant]}"
 
 
 def seed_values(results: dict, method: str, variant: str, guidance: str, nfe: str, metric: str) -> list[float]:
@@ -237,11 +246,16 @@ def render_report(results: dict) -> str:
         f"(velocity / posterior): {meta['parameters']}.",
         "",
     ]
+    lines += [
+        "VRFM's saved prior is `train_vrfm.py`'s: posterior atoms keyed by caption, so that a prompt draws z among "
+        "the atoms of its caption.",
+    ]
     if meta["extra_priors"]:
         lines += [
-            f"VRFM rows also sample from priors fitted to the saved posterior afterwards: {meta['extra_priors']}.",
-            "",
+            f"Rows without captions sample the same model with a prior ({', '.join(meta['extra_priors'])}) fitted "
+            "afterwards to its posterior without the captions: z of any digit, whatever the prompt.",
         ]
+    lines += [""]
     targets = target_rows(results)
     if targets:
         lines += ["## Targets (FD, no guidance, the default VRFM against RF)", ""]

@@ -15,7 +15,7 @@ _import_structure = {
     "likelihood": ["VRFMLikelihoodOutput", "log_likelihood"],
     "lora": ["add_lora", "load_vrfm_adapter", "save_vrfm_adapter"],
     "models.flow_prior": ["VRFMFlowPrior"],
-    "models.latent_prior": ["VRFMAggregatePosteriorPrior", "collect_posterior_atoms"],
+    "models.latent_prior": ["VRFMAggregatePosteriorPrior", "collect_posterior_atoms", "label_condition"],
     "models.mlp": ["VRFMMLPModel"],
     "models.posterior": ["VRFMPosteriorEncoder", "VRFMPosteriorOutput"],
     "models.posterior_conv": ["VRFMConvPosteriorEncoder"],

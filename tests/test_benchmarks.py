@@ -450,7 +450,7 @@ def test_mnist_quality_arguments_and_seeds_summary():
 def test_text_to_image_digits_quick_outputs_are_well_formed(tmp_path, monkeypatch):
     from benchmarks import text_to_image_digits
 
-    argv = ["--quick", "--output-dir", str(tmp_path), "--extra_priors", "flow"]
+    argv = ["--quick", "--output-dir", str(tmp_path), "--extra_priors", "atoms"]
     results = text_to_image_digits.main(argv)
     tables = common.parse_markdown_tables((tmp_path / "text_to_image_digits.md").read_text())
     (targets,) = list(_table_with_header(tables, "quantity"))
@@ -461,10 +461,10 @@ def test_text_to_image_digits_quick_outputs_are_well_formed(tmp_path, monkeypatc
     for table in method_tables:
         assert table[0] == ["method", "NFE 1", "NFE 2", "NFE 8", "NFE 50"]
         assert [row[0] for row in table[1:]] == [
-            "VRFM, the saved prior (atoms)",
-            "VRFM, flow prior",
-            "VRFM without the z map, the saved prior (atoms)",
-            "VRFM without the z map, flow prior",
+            "VRFM, the saved prior",
+            "VRFM, atoms without captions",
+            "VRFM without the z map, the saved prior",
+            "VRFM without the z map, atoms without captions",
             "RF",
         ]
         assert all(math.isfinite(_number(cell)) and _number(cell) >= 0 for row in table[1:] for cell in row[1:])

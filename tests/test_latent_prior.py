@@ -15,6 +15,7 @@ from diffusers_vrfm import (
     VRFMPosteriorEncoder,
     VRFMScheduler,
     adapt_beta,
+    label_condition,
     log_likelihood,
 )
 
@@ -82,8 +83,10 @@ def test_an_encoder_reading_t_and_x_t_is_fitted_on_training_style_inputs():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"latent_dim": 0}, "`latent_dim` must be a positive integer"),
-        ({"num_atoms": 2.5}, "`num_atoms` must be a positive integer"),
+        ({"latent_dim": 0}, "`latent_dim` must be an integer >= 1"),
+        ({"num_atoms": 2.5}, "`num_atoms` must be an integer >= 1"),
+        ({"condition_dim": -1}, "`condition_dim` must be an integer >= 0"),
+        ({"num_neighbors": 0}, "`num_neighbors` must be an integer >= 1"),
     ],
 )
 def test_bad_configuration_is_refused(kwargs, message):
@@ -297,3 +300,92 @@ def test_a_saved_pipeline_with_nan_prior_atoms_is_refused_on_load(tmp_path):
     save_file(tensors, path, metadata={"format": "pt"})
     with pytest.raises(ValueError, match="contain NaN or inf"):
         VRFMPipeline.from_pretrained(str(tmp_path))
+
+
+# ------------------------------------------------------------------- a prior conditional on labels or prompts
+def _conditional_prior(num_neighbors=32):
+    """Point atoms at `3 * label` (labels 0, 1, 2; four atoms each), keyed by the one-hot label."""
+    labels = torch.arange(12) % 3
+    means = (3.0 * labels)[:, None].repeat(1, 2) + 0.01 * torch.arange(12)[:, None]
+    prior = VRFMAggregatePosteriorPrior(latent_dim=2, num_atoms=12, condition_dim=3, num_neighbors=num_neighbors)
+    return prior.set_atoms(means, torch.full((12, 2), -30.0), label_condition(labels, 3)), means, labels
+
+
+@pytest.mark.parametrize("num_neighbors", [1, 32])
+def test_a_conditional_draw_picks_among_every_atom_of_its_condition(num_neighbors):
+    prior, means, labels = _conditional_prior(num_neighbors)
+    wanted = torch.tensor([2, 0, 1, 2] * 100)
+    out = prior(condition=label_condition(wanted, 3), generator=torch.Generator().manual_seed(0))
+    drawn = (out.sample[:, None, :] - means).norm(dim=-1).argmin(dim=1)
+    assert torch.equal(labels[drawn], wanted), "each row draws an atom of its own label"
+    assert len(drawn[wanted == 2].unique()) == 4, "every atom of the label is a candidate, whatever k"
+    marginal = prior(batch_size=400, generator=torch.Generator().manual_seed(1)).sample
+    assert len(labels[(marginal[:, None, :] - means).norm(dim=-1).argmin(dim=1)].unique()) == 3
+
+
+def test_a_conditional_draw_without_an_exact_match_uses_the_nearest_atoms():
+    keys = torch.linspace(0, 1, 10)[:, None]  # e.g. text embeddings: no prompt equals a training caption
+    prior = VRFMAggregatePosteriorPrior(latent_dim=1, num_atoms=10, condition_dim=1, num_neighbors=3)
+    prior.set_atoms(keys.clone(), torch.full((10, 1), -30.0), keys)
+    out = prior(condition=torch.full((300, 1), 0.02), generator=torch.Generator().manual_seed(0))
+    assert set(out.mean.flatten().tolist()) == set(keys[:3].flatten().tolist())
+
+
+def test_conditional_draws_are_per_row_with_generator_lists():
+    prior, _, _ = _conditional_prior()
+    condition = label_condition(torch.tensor([0, 1, 2]), 3)
+    rows = prior(condition=condition, generator=[torch.Generator().manual_seed(5 + i) for i in range(3)]).sample
+    for i in range(3):
+        alone = prior(condition=condition[i : i + 1], generator=[torch.Generator().manual_seed(5 + i)]).sample
+        assert torch.equal(rows[i], alone[0])
+
+
+def test_from_posterior_keeps_the_conditions_of_the_batches(tmp_path):
+    encoder = VRFMPosteriorEncoder(sample_size=2, latent_dim=3, posterior_inputs=("x1",), hidden_dim=8).eval()
+    batches = [(torch.randn(8, 2), torch.randn(8, 2), torch.randn(8, 5)) for _ in range(2)]
+    prior = VRFMAggregatePosteriorPrior.from_posterior(encoder, iter(batches), num_atoms=12, num_neighbors=4)
+    assert (prior.condition_dim, prior.config.num_neighbors) == (5, 4)
+    assert torch.equal(prior.atom_conditions, torch.cat([c for _, _, c in batches])[:12])
+    prior.save_pretrained(tmp_path / "prior")
+    loaded = VRFMAggregatePosteriorPrior.from_pretrained(tmp_path / "prior")
+    assert loaded.condition_dim == 5 and torch.equal(loaded.atom_conditions, prior.atom_conditions)
+    mixed = [batches[0], batches[1][:2]]
+    with pytest.raises(ValueError, match="conditions with every batch or with none"):
+        VRFMAggregatePosteriorPrior.from_posterior(encoder, iter(mixed), num_atoms=16)
+
+
+def test_loading_refuses_a_conditional_prior_missing_its_conditions(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    prior, _, _ = _conditional_prior()
+    folder = str(tmp_path / "prior")
+    prior.save_pretrained(folder)
+    path = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    tensors = load_file(path)
+    tensors.pop("atom_conditions")
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lack \['atom_conditions'\]"):
+        VRFMAggregatePosteriorPrior.from_pretrained(folder)
+
+
+def test_bad_conditions_are_refused_with_the_argument_named():
+    prior, means, labels = _conditional_prior()
+    with pytest.raises(ValueError, match=r"`condition` must have shape \(2, 3\), but got \(2, 4\)"):
+        prior(batch_size=2, condition=torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="`condition` must be finite"):
+        prior(condition=torch.full((1, 3), float("nan")))
+    with pytest.raises(ValueError, match="`conditions` must be given exactly when the prior is conditional"):
+        prior.set_atoms(means, torch.zeros(12, 2))
+    with pytest.raises(ValueError, match=r"`condition` was given, but this prior is unconditional"):
+        _prior(torch.zeros(2, 2), torch.zeros(2, 2))(condition=torch.zeros(1, 3))
+
+
+def test_the_pipeline_draws_z_among_the_atoms_of_its_class_labels():
+    prior, means, labels = _conditional_prior()
+    model = VRFMMLPModel(sample_size=2, latent_dim=2, num_classes=3)
+    pipe = VRFMPipeline(velocity_model=model, scheduler=VRFMScheduler(), prior=prior)
+    wanted = torch.tensor([1, 2, 0, 1, 1, 2])
+    out = pipe(class_labels=wanted, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(labels[(out.z[:, None, :] - means).norm(dim=-1).argmin(dim=1)], wanted)
+    unlabelled = pipe(batch_size=60, num_inference_steps=1, generator=torch.Generator().manual_seed(0)).z
+    assert len(labels[(unlabelled[:, None, :] - means).norm(dim=-1).argmin(dim=1)].unique()) == 3  # the marginal

@@ -245,3 +245,30 @@ def test_a_vector_pipeline_continues_training_without_naming_its_backbone(tmp_pa
     assert summary["finished"], "the backbone (mlp) comes from the pretrained pipeline, not from --backbone"
     with pytest.raises(ValueError, match="is vector data: it needs `--backbone mlp`"):
         train(["--output_dir", str(tmp_path / "third"), *common])
+
+
+def test_a_class_conditional_run_fits_a_prior_conditional_on_the_label(tmp_path, train):
+    from train_helpers import TINY_POSTERIOR, TINY_UNET
+
+    from diffusers_vrfm import label_condition
+
+    output_dir = str(tmp_path / "labels")
+    common = [
+        "--resolution", "8", "--model_config", TINY_UNET, "--posterior_config", TINY_POSTERIOR,
+        "--max_train_samples", "24", "--train_batch_size", "4", "--max_train_steps", "2", "--class_conditional",
+        "--num_validation_samples", "2", "--aggregate_prior_atoms", "40", *FAST,
+    ]  # fmt: skip
+    assert train(["--output_dir", output_dir, *common])["finished"]
+    pipe = VRFMPipeline.from_pretrained(output_dir)
+    prior = pipe.prior
+    assert isinstance(prior, VRFMAggregatePosteriorPrior) and prior.condition_dim == 10  # one-hot digit labels
+    assert torch.equal(prior.atom_conditions.sum(dim=1), torch.ones(40))  # each atom keeps its example's label
+    labels = prior.atom_conditions.argmax(dim=1)
+    for label in labels.unique()[:2].tolist():  # a draw for a label comes from that label's atoms
+        out = prior(condition=label_condition(torch.full((50,), label), 10), generator=torch.Generator())
+        assert torch.isin(out.mean, prior.atom_means[labels == label]).all()
+    card = open(os.path.join(output_dir, "README.md"), encoding="utf-8").read()
+    assert "a trajectory draws among the atoms of its label or prompt" in card
+    with pytest.raises(ValueError, match=r"`--aggregate_prior_type` must be 'atoms' for a class-conditional"):
+        train(["--output_dir", str(tmp_path / "flow"), *common, "--aggregate_prior_type", "flow"])
+    assert not os.path.exists(os.path.join(str(tmp_path / "flow"), "logs", "metrics.jsonl")), "refused up front"

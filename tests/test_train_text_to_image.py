@@ -119,6 +119,12 @@ def test_from_scratch_encodes_each_distinct_caption_once(train, tmp_path, monkey
     assert pipeline("a handwritten three", num_inference_steps=2, output_type="pt").samples.shape == (1, 1, 16, 16)
     assert pipeline.velocity_model.z_map.grid == (4, 16, 16)  # a from-scratch model gets the z map by default
     assert pipeline.velocity_model.z_map.linear.weight.abs().sum() > 0  # and trained it
+    # the prior keeps each atom's caption (its pooled embedding): a prompt draws z among its caption's atoms
+    cache = TextEmbeddingCache([digit_caption(label) for label in range(10)], VRFMTextEncoders.from_pipeline(pipeline))
+    pooled = cache.lookup(["", *(digit_caption(label) for label in range(10))]).pooled_prompt_embeds
+    assert pipeline.prior.condition_dim == pooled.shape[1]
+    distances = torch.cdist(pipeline.prior.atom_conditions, pooled)
+    assert torch.allclose(distances.min(dim=1).values, torch.zeros(8), atol=1e-4)
 
 
 def test_imagefolder_captions_from_metadata_jsonl(train, tmp_path):
@@ -152,6 +158,8 @@ def test_bad_text_to_image_arguments_are_named(train, sd3_folder, tmp_path):
         train([*scratch, "--rank", "2"])
     with pytest.raises(ValueError, match="--cache_latents.*VAE"):
         train([*scratch, "--cache_latents"])
+    with pytest.raises(ValueError, match=r"`--aggregate_prior_type` must be 'atoms' .* got 'flow'"):
+        train([*scratch, "--aggregate_prior_type", "flow"])
     pretrained = ["--pretrained_model_name_or_path", sd3_folder, "--output_dir", tmp_path / "y", *SHORT]
     with pytest.raises(ValueError, match=r"can only set \['z_map_channels', 'z_map_stride'\] .* got \['num_layers'\]"):
         train([*pretrained, "--model_config", '{"num_layers": 3}'])

@@ -6,6 +6,12 @@ fills the space between them, prior draws land where training never put ``z`` (t
 between modes. The remedy here is a two-stage one, in the spirit of ex-post density estimation for autoencoders and
 of the VampPrior: after training, the posteriors of `num_atoms` training examples are kept, and inference draws ``z``
 from their equal-weight mixture ``(1 / K) sum_k N(mu_k, diag(sigma_k^2))``, an estimate of ``q(z)`` itself.
+
+A conditional model (class labels, a text prompt) needs ``z`` from ``q(z | condition)``: the posterior sees the image,
+so ``z`` carries its class too, and a velocity model that can read the class from ``z`` learns to ignore the label or
+the prompt. With `condition_dim > 0` each atom keeps the condition of its training example (a one-hot label, a pooled
+text embedding), and a draw for a condition picks among the atoms whose conditions are nearest to it: a
+nearest-neighbour estimate of the aggregate posterior of that condition.
 """
 
 from __future__ import annotations
@@ -51,38 +57,92 @@ def check_atom_tensors(
     return means, logvars
 
 
+def check_condition(condition: torch.Tensor, condition_dim: int, rows: int, argument: str) -> None:
+    """Checks a conditional prior's `condition` (or atom `conditions`): finite, of shape `(rows, condition_dim)`."""
+    check_tensor(condition, argument)
+    if condition.ndim != 2 or tuple(condition.shape) != (rows, condition_dim):
+        raise ValueError(f"`{argument}` must have shape {(rows, condition_dim)}, but got {tuple(condition.shape)}.")
+    if not torch.isfinite(condition).all():
+        raise ValueError(f"`{argument}` must be finite, but it contains NaN or inf.")
+
+
+def draw_atom_indices(
+    num_atoms: int, batch_size: int, generator, device: torch.device, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One atom index per row, uniform over the `num_atoms` atoms or, with `weights` `(batch_size, num_atoms)`, over
+    each row's atoms of nonzero weight; drawn from `generator` (one, or one per row) on its device (else `device`)."""
+
+    def draw(g, count: int, rows: torch.Tensor | None) -> torch.Tensor:
+        on = g.device if g is not None else device
+        if rows is None:
+            return torch.randint(num_atoms, (count,), generator=g, device=on)
+        return torch.multinomial(rows.to(on), 1, generator=g).flatten()
+
+    if isinstance(generator, list):
+        rows = [None if weights is None else weights[i : i + 1] for i in range(len(generator))]
+        return torch.cat([draw(g, 1, row).cpu() for g, row in zip(generator, rows)])
+    return draw(generator, batch_size, weights)
+
+
 @torch.no_grad()
 def collect_posterior_atoms(
     posterior_encoder: torch.nn.Module,
     pairs: Iterable[tuple[torch.Tensor, torch.Tensor]],
     num_atoms: int,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_conditions: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """The posterior means and log-variances (float32, `(num_atoms, latent_dim)` each) of the first `num_atoms`
     examples of `pairs`, each `(x0, x1)` batch encoded as training encodes it: with ``t ~ U(0, 1)`` drawn from
-    `generator` and ``x_t = (1 - t) x0 + t x1`` for encoders that read them."""
+    `generator` and ``x_t = (1 - t) x0 + t x1`` for encoders that read them.
+
+    `pairs` may also yield `(x0, x1, condition)` batches, `condition` `(B, condition_dim)` (see
+    [`label_condition`]); with `return_conditions=True` the result is `(means, logvars, conditions)`, `conditions`
+    float32 `(num_atoms, condition_dim)`, or `None` when the batches have none."""
     if isinstance(num_atoms, bool) or not isinstance(num_atoms, int) or num_atoms < 1:
         raise ValueError(f"`num_atoms` must be a positive integer, but got {num_atoms!r}.")
     check_generator(generator)
     parameter = next(posterior_encoder.parameters())
-    means, logvars, collected = [], [], 0
-    for x0, x1 in pairs:
+    means, logvars, conditions, collected = [], [], [], 0
+    for x0, x1, *condition in pairs:  # `condition`: [] or [the batch's condition]
         x0, x1 = (x.to(device=parameter.device, dtype=parameter.dtype) for x in (x0, x1))
         t_device = generator.device if generator is not None else x1.device
         t = torch.rand(x1.shape[0], generator=generator, device=t_device).to(x1.device)
         output = posterior_encoder(x0=x0, x1=x1, x_t=interpolate(x0, x1, t), t=t)
         means.append(output.mean.float())
         logvars.append(output.logvar.float())
+        conditions += [value.float().to(parameter.device) for value in condition]
         collected += x1.shape[0]
         if collected >= num_atoms:
             break
     if collected < num_atoms:
         raise ValueError(f"`pairs` gave {collected} examples, fewer than `num_atoms` ({num_atoms}).")
-    return torch.cat(means)[:num_atoms], torch.cat(logvars)[:num_atoms]
+    atoms = (torch.cat(means)[:num_atoms], torch.cat(logvars)[:num_atoms])
+    if not return_conditions:
+        return atoms
+    if conditions and len(conditions) != len(means):
+        raise ValueError("`pairs` must yield conditions with every batch or with none.")
+    return (*atoms, torch.cat(conditions)[:num_atoms] if conditions else None)
+
+
+def label_condition(class_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The condition key of class labels for a conditional [`VRFMAggregatePosteriorPrior`]: one-hot rows, float32.
+
+    ```py
+    >>> import torch
+    >>> from diffusers_vrfm import label_condition
+    >>> label_condition(torch.tensor([2, 0]), num_classes=3).tolist()
+    [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]
+    ```
+    """
+    return torch.nn.functional.one_hot(class_labels.long(), num_classes).float()
+
+
+ATOM_BUFFERS = ("atom_means", "atom_logvars", "atom_conditions")
 
 
 class VRFMAggregatePosteriorPrior(ModelMixin, ConfigMixin):
-    """An unconditional prior ``p(z) = (1 / K) sum_k N(z; mu_k, diag(exp(logvar_k)))`` over posterior atoms.
+    """A prior ``p(z) = (1 / K) sum_k N(z; mu_k, diag(exp(logvar_k)))`` over posterior atoms, optionally conditional.
 
     Fill it with [`~VRFMAggregatePosteriorPrior.from_posterior`] (or [`~VRFMAggregatePosteriorPrior.set_atoms`]) and
     give it to [`VRFMPipeline`] as its `prior` component: every trajectory then draws its ``z`` from it instead of from
@@ -92,9 +152,19 @@ class VRFMAggregatePosteriorPrior(ModelMixin, ConfigMixin):
     takes the source points `x0` only for the batch size (it does not depend on them), so that it is called exactly
     like a conditional prior.
 
+    With `condition_dim > 0` every atom also keeps the condition of its training example (`atom_conditions`), and a
+    call with `condition` `(B, condition_dim)` draws row `i`'s atom uniformly among the atoms whose condition equals
+    `condition[i]` (all atoms of that label or caption), or, where none does (a new prompt), among the
+    `num_neighbors` nearest (Euclidean). A call without `condition` draws from all atoms.
+    [`VRFMPipeline`] passes [`label_condition`] of its `class_labels`, [`VRFMTextToImagePipeline`] the prompt's pooled
+    text embedding; `train_vrfm.py` fits such a prior for every class-conditional or text-to-image model.
+
     Args:
         latent_dim (`int`, defaults to 4): the dimension of ``z``.
         num_atoms (`int`, defaults to 4096): `K`, the number of posterior atoms kept.
+        condition_dim (`int`, defaults to 0): the size of an atom's condition; 0 for an unconditional prior.
+        num_neighbors (`int`, defaults to 32): how many nearest atoms a conditional draw picks among when no atom's
+            condition equals the one asked for.
 
     Example:
 
@@ -106,17 +176,31 @@ class VRFMAggregatePosteriorPrior(ModelMixin, ConfigMixin):
     >>> prior = VRFMAggregatePosteriorPrior.from_posterior(encoder, pairs, num_atoms=128)
     >>> prior(batch_size=8, generator=torch.Generator().manual_seed(0)).sample.shape
     torch.Size([8, 4])
+    >>> from diffusers_vrfm import label_condition
+    >>> labels = torch.arange(128) % 2
+    >>> pairs = [(torch.randn(64, 2), torch.randn(64, 2), label_condition(labels[i * 64 : (i + 1) * 64], 2))
+    ...          for i in range(2)]  # (x0, x1, condition) batches of a class-conditional model
+    >>> conditional = VRFMAggregatePosteriorPrior.from_posterior(encoder, pairs, num_atoms=128)
+    >>> conditional(condition=label_condition(torch.tensor([1, 1, 0]), 2)).sample.shape
+    torch.Size([3, 4])
     ```
     """
 
     @register_to_config
-    def __init__(self, latent_dim: int = 4, num_atoms: int = 4096):
+    def __init__(self, latent_dim: int = 4, num_atoms: int = 4096, condition_dim: int = 0, num_neighbors: int = 32):
         super().__init__()
-        for name, value in (("latent_dim", latent_dim), ("num_atoms", num_atoms)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, but got {value!r}.")
+        for name, value, minimum in (
+            ("latent_dim", latent_dim, 1),
+            ("num_atoms", num_atoms, 1),
+            ("condition_dim", condition_dim, 0),
+            ("num_neighbors", num_neighbors, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"`{name}` must be an integer >= {minimum}, but got {value!r}.")
         self.register_buffer("atom_means", torch.zeros(num_atoms, latent_dim))
         self.register_buffer("atom_logvars", torch.zeros(num_atoms, latent_dim))
+        if condition_dim > 0:
+            self.register_buffer("atom_conditions", torch.zeros(num_atoms, condition_dim))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -125,11 +209,12 @@ class VRFMAggregatePosteriorPrior(ModelMixin, ConfigMixin):
         refused (diffusers itself would keep the missing buffer at its initial zeros and only warn)."""
         want_info = kwargs.pop("output_loading_info", False)
         prior, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
-        missing = [name for name in ("atom_means", "atom_logvars") if name in info["missing_keys"]]
+        missing = [name for name in ATOM_BUFFERS if name in info["missing_keys"]]
         if missing:
             raise ValueError(
                 f"The VRFMAggregatePosteriorPrior weights in {pretrained_model_name_or_path!r} lack {missing}: the "
-                "file is incomplete (a prior needs both `atom_means` and `atom_logvars`)."
+                "file is incomplete (a prior needs `atom_means` and `atom_logvars`, and a conditional one "
+                "`atom_conditions`)."
             )
         prior.check_atoms(source=os.fspath(pretrained_model_name_or_path))
         return (prior, info) if want_info else prior
@@ -149,6 +234,8 @@ class VRFMAggregatePosteriorPrior(ModelMixin, ConfigMixin):
                 f"the log-variance range [{low}, {high}] (e.g. {logvars[outside][0].item()}); set_atoms clamps to it, "
                 "so these atoms were not written by this class."
             )
+        if self.condition_dim > 0 and not torch.isfinite(self.atom_conditions).all():
+            raise ValueError(f"{source}: `atom_conditions` contain NaN or inf; conditions must be finite.")
 
     @property
     def latent_dim(self) -> int:
@@ -158,10 +245,25 @@ class VRFMAggregatePosteriorPrior(ModelMixin, ConfigMixin):
     def num_atoms(self) -> int:
         return self.config.num_atoms
 
+    @property
+    def condition_dim(self) -> int:
+        return self.config.condition_dim
+
     @torch.no_grad()
-    def set_atoms(self, means: torch.Tensor, logvars: torch.Tensor) -> VRFMAggregatePosteriorPrior:
-        """Stores `means` and `logvars`, each of shape `(num_atoms, latent_dim)`, as the mixture's atoms."""
+    def set_atoms(
+        self, means: torch.Tensor, logvars: torch.Tensor, conditions: torch.Tensor | None = None
+    ) -> VRFMAggregatePosteriorPrior:
+        """Stores `means` and `logvars`, each of shape `(num_atoms, latent_dim)`, as the mixture's atoms, and for a
+        conditional prior their `conditions` `(num_atoms, condition_dim)`."""
         means, logvars = check_atom_tensors(means, logvars, self.latent_dim, self.num_atoms)
+        if (conditions is None) != (self.condition_dim == 0):
+            raise ValueError(
+                f"`conditions` must be given exactly when the prior is conditional; this one has `condition_dim="
+                f"{self.condition_dim}`, and `conditions` is {'None' if conditions is None else 'given'}."
+            )
+        if conditions is not None:
+            check_condition(conditions, self.condition_dim, self.num_atoms, "conditions")
+            self.atom_conditions.copy_(conditions)
         self.atom_means.copy_(means)
         self.atom_logvars.copy_(logvars.clamp(*LOGVAR_RANGE))
         return self
@@ -174,44 +276,60 @@ class VRFMAggregatePosteriorPrior(ModelMixin, ConfigMixin):
         pairs: Iterable[tuple[torch.Tensor, torch.Tensor]],
         num_atoms: int = 4096,
         generator: torch.Generator | None = None,
+        num_neighbors: int = 32,
     ) -> VRFMAggregatePosteriorPrior:
         """Fits the prior to a trained posterior: the posteriors of the first `num_atoms` training examples.
 
         Each `(x0, x1)` batch of `pairs` is encoded as training encodes it: with ``t ~ U(0, 1)`` and
         ``x_t = (1 - t) x0 + t x1`` for encoders that read them. Batches are consumed until `num_atoms` examples are
-        collected.
+        collected. Batches `(x0, x1, condition)` give a conditional prior that keeps each atom's condition.
 
         Args:
             posterior_encoder: a trained posterior encoder (for example [`VRFMPosteriorEncoder`]).
-            pairs (iterable of `(x0, x1)` tensor pairs): source and data batches, as in training.
+            pairs (iterable of `(x0, x1)` or `(x0, x1, condition)` tensors): source and data batches, as in
+                training, and the examples' conditions (e.g. [`label_condition`] of their labels).
             num_atoms (`int`, defaults to 4096): `K`.
             generator (`torch.Generator`, *optional*): for the times ``t``.
+            num_neighbors (`int`, defaults to 32): for a conditional prior, see the class.
         """
-        means, logvars = collect_posterior_atoms(posterior_encoder, pairs, num_atoms, generator)
+        means, logvars, conditions = collect_posterior_atoms(
+            posterior_encoder, pairs, num_atoms, generator, return_conditions=True
+        )
         device = next(posterior_encoder.parameters()).device
-        prior = cls(latent_dim=posterior_encoder.latent_dim, num_atoms=num_atoms)
-        return prior.set_atoms(means.cpu(), logvars.cpu()).to(device=device)
+        condition_dim = 0 if conditions is None else conditions.shape[1]
+        prior = cls(
+            latent_dim=posterior_encoder.latent_dim,
+            num_atoms=num_atoms,
+            condition_dim=condition_dim,
+            num_neighbors=num_neighbors,
+        )
+        conditions = None if conditions is None else conditions.cpu()
+        return prior.set_atoms(means.cpu(), logvars.cpu(), conditions).to(device=device)
 
     def forward(
         self,
         x0: torch.Tensor | None = None,
         batch_size: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        condition: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> VRFMPosteriorOutput | tuple:
-        """Draws one ``z`` per row (`x0` gives the number of rows; or pass `batch_size`).
+        """Draws one ``z`` per row (`x0` gives the number of rows; or pass `batch_size`, or `condition`).
 
-        Returns a [`VRFMPosteriorOutput`] whose `mean` and `logvar` are those of the atom each row drew, and whose `kl`
-        is `None` (the mixture has no closed-form KL to a single Gaussian).
+        `condition` `(B, condition_dim)`, for a conditional prior only: each row draws among the atoms nearest its
+        condition (see the class). Returns a [`VRFMPosteriorOutput`] whose `mean` and `logvar` are those of the atom
+        each row drew, and whose `kl` is `None` (the mixture has no closed-form KL to a single Gaussian).
         """
+        if condition is not None:
+            if self.condition_dim == 0:
+                raise ValueError("`condition` was given, but this prior is unconditional (`condition_dim=0`).")
+            batch_size = condition.shape[0] if x0 is None and batch_size is None else batch_size
         batch_size = prior_batch_size(x0, batch_size, generator)
-        if isinstance(generator, list):
-            index = torch.cat(
-                [torch.randint(self.num_atoms, (1,), generator=g, device=g.device).cpu() for g in generator]
-            )
-        else:
-            index_device = generator.device if generator is not None else self.atom_means.device
-            index = torch.randint(self.num_atoms, (batch_size,), generator=generator, device=index_device)
+        weights = None
+        if condition is not None:
+            check_condition(condition, self.condition_dim, batch_size, "condition")
+            weights = self.neighbor_mask(condition)
+        index = draw_atom_indices(self.num_atoms, batch_size, generator, self.atom_means.device, weights)
         index = index.to(self.atom_means.device)
         mean, logvar = self.atom_means[index], self.atom_logvars[index]
         sample = reparameterize(mean, logvar, generator=generator)
@@ -219,8 +337,20 @@ class VRFMAggregatePosteriorPrior(ModelMixin, ConfigMixin):
             return (mean, logvar, sample, None)
         return VRFMPosteriorOutput(mean=mean, logvar=logvar, sample=sample, kl=None)
 
+    def neighbor_mask(self, condition: torch.Tensor) -> torch.Tensor:
+        """`(B, num_atoms)`, 1.0 where an atom is a candidate for that row's condition: every atom whose condition
+        equals it (to a relative 1e-4), or where none does, the `num_neighbors` nearest (ties included)."""
+        conditions = self.atom_conditions
+        condition = condition.to(conditions)
+        distance = torch.cdist(condition, conditions, compute_mode="donot_use_mm_for_euclid_dist")
+        equal = distance <= 1e-4 * (1 + condition.norm(dim=1, keepdim=True))
+        kth = distance.kthvalue(min(self.config.num_neighbors, self.num_atoms), dim=1, keepdim=True).values
+        nearest = distance <= kth * (1 + 1e-5) + 1e-6
+        return torch.where(equal.any(dim=1, keepdim=True), equal, nearest).float()
+
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """``log p(z)`` of each row of `z` `(B, latent_dim)` under the mixture, shape `(B,)`."""
+        """``log p(z)`` of each row of `z` `(B, latent_dim)` under the mixture of all atoms (for a conditional prior,
+        the marginal over conditions), shape `(B,)`."""
         check_tensor(z, "z")
         if z.ndim != 2 or z.shape[1] != self.latent_dim:
             raise ValueError(f"`z` must have shape (B, {self.latent_dim}), but got {tuple(z.shape)}.")

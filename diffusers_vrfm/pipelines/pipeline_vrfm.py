@@ -31,7 +31,7 @@ from ..hub import (
     write_remote_code_files,
 )
 from ..models.flow_prior import VRFMFlowPrior
-from ..models.latent_prior import VRFMAggregatePosteriorPrior
+from ..models.latent_prior import VRFMAggregatePosteriorPrior, label_condition
 from ..models.mlp import VRFMMLPModel
 from ..models.posterior import VRFMPosteriorEncoder
 from ..models.posterior_conv import VRFMConvPosteriorEncoder
@@ -243,11 +243,12 @@ class VRFMPipeline(DiffusionPipeline):
             return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         return given_tensor(latents, "latents", shape, device, dtype, " (`batch_size`, *sample_shape)")
 
-    def prepare_z(self, batch_size, generator, device, dtype, z=None, source=None):
+    def prepare_z(self, batch_size, generator, device, dtype, z=None, source=None, condition=None):
         """Draws one ``z`` per trajectory (or checks the given ones). `None` for plain rectified flow.
 
-        ``z ~ N(0, I)``, or a draw from the pipeline's `prior` component when it has one (a conditional prior reads
-        `source`, the trajectory's starting point ``x0``; an unconditional one takes only its batch size).
+        ``z ~ N(0, I)``, or a draw from the pipeline's `prior` component when it has one (a learned prior reads
+        `source`, the trajectory's starting point ``x0``; a conditional [`VRFMAggregatePosteriorPrior`] reads
+        `condition`, the class labels' or the prompt's key; an unconditional one takes only its batch size).
         """
         latent_dim = self.velocity_model.latent_dim
         if latent_dim == 0:
@@ -255,7 +256,10 @@ class VRFMPipeline(DiffusionPipeline):
                 raise ValueError("`z` was given, but the velocity model has `latent_dim=0` (plain rectified flow).")
             return None
         if z is None and self.prior is not None:
-            return self.prior(x0=source.to(device, self.prior.dtype), generator=generator).sample.to(dtype)
+            kwargs = {"x0": source.to(device, self.prior.dtype), "generator": generator}
+            if condition is not None and getattr(self.prior, "condition_dim", 0) > 0:
+                kwargs["condition"] = condition.to(device)
+            return self.prior(**kwargs).sample.to(dtype)
         if z is None:
             return randn_tensor((batch_size, latent_dim), generator=generator, device=device, dtype=dtype)
         return given_latent(z, batch_size, latent_dim, device, dtype)
@@ -540,8 +544,9 @@ class VRFMPipeline(DiffusionPipeline):
         )  # fmt: skip
         dtype = self.velocity_model.dtype
         x = self.prepare_latents(batch_size, generator, device, dtype, latents)
-        z = self.prepare_z(batch_size, generator, device, dtype, z, source=x)
         labels = self._prepare_class_labels(class_labels, batch_size, device)
+        condition = None if labels is None else label_condition(labels, self.velocity_model.num_classes)
+        z = self.prepare_z(batch_size, generator, device, dtype, z, source=x, condition=condition)
 
         def velocity_fn(sample, t):
             return self.velocity(sample, t, z, labels, guidance_scale)

@@ -342,7 +342,8 @@ class VRFMTextToImagePipeline(VRFMPipeline):
 
         dtype = self.velocity_model.dtype
         x = self.prepare_latents(batch_size, generator, device, dtype, latents, sample_shape=shape)
-        z = self.prepare_z(batch_size, generator, device, dtype, z, source=x)
+        condition = positive.repeat_each(num_images_per_prompt).pooled_prompt_embeds  # a conditional prior's key
+        z = self.prepare_z(batch_size, generator, device, dtype, z, source=x, condition=condition)
 
         def velocity_fn(sample, t):
             return self.guided_velocity(sample, t, z, conditioning, unconditional, guidance_scale)

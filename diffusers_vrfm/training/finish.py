@@ -80,7 +80,11 @@ def write_rank_record(context: RunContext, models: TrainingModels, global_step: 
 
 
 def _aggregate_prior_pairs(args: argparse.Namespace, prepared: PreparedData, batch_size: int):
-    """Endless `(x0, x1)` training pairs drawn as training draws them, from their own random stream."""
+    """Endless `(x0, x1)` training pairs drawn as training draws them, from their own random stream; for a
+    conditional model `(x0, x1, condition)`, with the examples' labels (one-hot) or captions (the pooled text
+    embedding, `""` where the caption was dropped) as the conditional prior's keys."""
+    from diffusers_vrfm import label_condition
+
     data, vae = prepared.data, prepared.vae
     for index in itertools.count():
         generator = make_generator(args.seed, "aggregate_prior", 1, index)
@@ -89,19 +93,39 @@ def _aggregate_prior_pairs(args: argparse.Namespace, prepared: PreparedData, bat
             continue
         rows = torch.randint(data.num_examples, (batch_size,), generator=generator).tolist()
         augmentation_seeds = torch.randint(2**62, (batch_size,), generator=generator).tolist()
-        items = [data.dataset[key] for key in zip(rows, augmentation_seeds)]
-        x1 = collate_examples(items)["pixel_values"]
+        batch = collate_examples([data.dataset[key] for key in zip(rows, augmentation_seeds)])
+        x1 = batch["pixel_values"]
         if vae is not None:
             x1 = encode_with_vae(
                 vae, x1, args.seed, index, batch_size, slice(0, batch_size), purpose="aggregate_prior"
             )
-        yield torch.randn(x1.shape, generator=generator), x1
+        x0 = torch.randn(x1.shape, generator=generator)
+        if "pooled_projections" in batch:
+            yield x0, x1, batch["pooled_projections"]
+        elif "class_labels" in batch:
+            yield x0, x1, label_condition(batch["class_labels"], data.num_classes)
+        else:
+            yield x0, x1
+
+
+def check_aggregate_prior_type(args: argparse.Namespace, prepared: PreparedData) -> None:
+    """Refuses `--aggregate_prior_type flow` for a class-conditional or text-to-image model before training starts:
+    the flow prior is unconditional, and its z, which carries the class the posterior saw, would override the label
+    or prompt (measured in docs/text-to-image.md)."""
+    conditional = prepared.text is not None or args.class_conditional
+    if conditional and args.aggregate_prior_atoms > 0 and args.aggregate_prior_type == "flow":
+        raise ValueError(
+            "`--aggregate_prior_type` must be 'atoms' for a class-conditional or text-to-image model (its atoms keep "
+            "each example's label or caption, and sampling draws z among those of the label or prompt), but got "
+            "'flow', whose prior is unconditional: its z would override the label or prompt."
+        )
 
 
 def fit_aggregate_prior(args: argparse.Namespace, prepared: PreparedData, posterior):
     """The prior fitted to the trained posterior over `--aggregate_prior_atoms` training pairs (from their own random
     stream, so that fitting changes nothing else): a `VRFMAggregatePosteriorPrior` of those posteriors, or with
-    `--aggregate_prior_type flow` a `VRFMFlowPrior` fitted to them."""
+    `--aggregate_prior_type flow` a `VRFMFlowPrior` fitted to them. For a class-conditional or text-to-image model
+    the atoms keep their examples' conditions, and sampling draws z among the atoms of the label or prompt."""
     from diffusers_vrfm import VRFMAggregatePosteriorPrior, VRFMFlowPrior
 
     posterior.eval()

@@ -203,7 +203,9 @@ def _training_notes(args: dict, latent_dim: int, base_model: str | None, skipped
         fitted = (
             f"`VRFMFlowPrior`, a small RealNVP fitted after training to the posteriors of {atoms:,} training examples"
             if args.get("aggregate_prior_type") == "flow"
-            else f"`VRFMAggregatePosteriorPrior`, the posteriors of {atoms:,} training examples fitted after training"
+            else f"`VRFMAggregatePosteriorPrior`, the posteriors of {atoms:,} training examples fitted after training "
+            "(for a class-conditional or text-to-image model each keeps its example's label or caption, and a "
+            "trajectory draws among the atoms of its label or prompt)"
         )
         prior_description = (
             f"{fitted}: each trajectory draws its `z` where training put it (the pipeline's `prior` component). Keep "
