@@ -470,7 +470,8 @@ def test_text_to_image_digits_quick_outputs_are_well_formed(tmp_path, monkeypatc
         assert all(math.isfinite(_number(cell)) and _number(cell) >= 0 for row in table[1:] for cell in row[1:])
     shares = [_number(cell) for row in method_tables[1][1:] for cell in row[1:]]
     assert all(share <= 1 and abs(share * 20 - round(share * 20)) < 1e-6 for share in shares)  # 20 samples each
-    assert 0.5 <= results["meta"]["classifier_accuracy"] <= 1  # the ruler reads real digits (1 epoch in quick)
+    for ruler in ("classifier_accuracy", "judge_accuracy"):  # the rulers read real digits (1 epoch in quick)
+        assert 0.5 <= results["meta"][ruler] <= 1
     stored = json.loads((tmp_path / "text_to_image_digits.json").read_text())
     assert stored["meta"]["quick"] is True and set(stored["runs"]) == {"vrfm", "vrfm_no_map", "rf"}
     runs = tmp_path / "cache" / "runs"
@@ -661,7 +662,7 @@ def test_train_throughput_counts_the_operators_of_a_training_step_and_profiles_i
         assert "aten::convolution_backward" in profile["top_host_calls"]
         python = profile["python"]  # the steps after them, under cProfile
         assert python["steps"] == 2 and len(python["top_own_ms_per_step"]) == 12
-        assert any("conv" in name for name in python["top_own_ms_per_step"]), "the convolutions' built-in calls"
+        assert any("run_backward" in name for name in python["top_own_ms_per_step"]), "the backward's built-in call"
         assert "training/loop.py" in " ".join(python["top_cumulative_ms_per_step"]), "the loop's own functions"
     report = (tmp_path / "train_throughput_cpu.md").read_text()
     assert f"Operators per step of unet default VRFM: {vrfm['operators_per_step']['total']:.0f}" in report

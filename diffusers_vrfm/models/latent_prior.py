@@ -1,4 +1,4 @@
-"""An unconditional prior over ``z`` fitted after training: the aggregate posterior, kept as a mixture of atoms.
+"""A prior over ``z`` fitted after training: the aggregate posterior, kept as a mixture of atoms (per condition).
 
 VRFM trains with ``z ~ q(z | x0, x1, x_t, t)`` and samples with ``z`` from a prior. Where the *aggregate*
 posterior ``q(z) = E_data q(z | ...)`` has its mass in clusters (for example one per mode of the data) and ``N(0, I)``
@@ -323,6 +323,7 @@ class VRFMAggregatePosteriorPrior(ModelMixin, ConfigMixin):
         if condition is not None:
             if self.condition_dim == 0:
                 raise ValueError("`condition` was given, but this prior is unconditional (`condition_dim=0`).")
+            check_tensor(condition, "condition")
             batch_size = condition.shape[0] if x0 is None and batch_size is None else batch_size
         batch_size = prior_batch_size(x0, batch_size, generator)
         weights = None
