@@ -199,7 +199,11 @@ def make_rulers(args, data: ImageData) -> tuple[Rulers, dict]:
     test_distance = median_nearest_distance(data.test, data.train)
     scorer = Scorer(classifier, reference, training_images=data.train, test_distance=test_distance)
     floor = frechet_distance(classifier_features(classifier, data.train[: len(data.test)]), reference)
+    with torch.no_grad():
+        training_predictions = judge.eval()(data.train * 2 - 1).argmax(1)
+    judge_training_accuracy = float((training_predictions == data.train_labels).float().mean())
     meta = {"classifier_accuracy": accuracy, "judge_accuracy": judge_accuracy, "fd_floor": floor}
+    meta["judge_training_accuracy"] = judge_training_accuracy
     return Rulers(scorer, judge.eval()), {**meta, "test_images": len(data.test)}
 
 
@@ -266,8 +270,9 @@ def render_report(results: dict) -> str:
         f"{meta['samples_per_class']} per digit with its prompt, Euler. FD in the features of "
         f"`benchmarks.mnist_quality`'s digit classifier (held-out accuracy {meta['classifier_accuracy']:.3f}) "
         f"against the {meta['test_images']} test images (floor, training vs test images: {meta['fd_floor']:.2f}); "
-        f"the prompted digit read by the same CNN trained for {JUDGE_EPOCHS} epochs (held-out accuracy "
-        f"{meta['judge_accuracy']:.3f}: the most a share can be for real digits). Parameters (velocity / posterior): "
+        f"the prompted digit read by the same CNN trained for {JUDGE_EPOCHS} epochs (accuracy "
+        f"{meta['judge_accuracy']:.3f} on the test images, {meta['judge_training_accuracy']:.3f} on the training "
+        "images: samples that replay training images can score above the first). Parameters (velocity / posterior): "
         f"{meta['parameters']}.",
         "",
     ]
@@ -299,10 +304,11 @@ def render_report(results: dict) -> str:
         train_rows.append([
             METHODS[method][0], format_mean_std([t["seconds"] for t in trains]),
             format_mean_std(kls) if kls and METHODS[method][1] is not None else "-",
-            " / ".join(str(t["active_units"]) for t in trains) if METHODS[method][1] is not None else "-",
+            ", ".join(str(t["active_units"]) for t in trains) if METHODS[method][1] is not None else "-",
         ])  # fmt: skip
     lines += ["## Training", ""]
-    lines += [markdown_table(["method", "train time (s)", "KL (nats)", "active latent units"], train_rows), ""]
+    headers = ["method", "train time (s)", "KL (nats)", "active latent units, per seed"]
+    lines += [markdown_table(headers, train_rows), ""]
     lines += [f"Machine: {meta['machine']}. Wall time {meta['seconds']:.0f} s.", ""]
     return "\n".join(lines)
 

@@ -268,7 +268,7 @@ def test_a_class_conditional_run_fits_a_prior_conditional_on_the_label(tmp_path,
         out = prior(condition=label_condition(torch.full((50,), label), 10), generator=torch.Generator())
         assert torch.isin(out.mean, prior.atom_means[labels == label]).all()
     card = open(os.path.join(output_dir, "README.md"), encoding="utf-8").read()
-    assert "a trajectory draws among the atoms of its label or prompt" in card
+    assert "each with its example's label; a trajectory draws among the atoms of its label" in card
     with pytest.raises(ValueError, match=r"`--aggregate_prior_type` must be 'atoms' for a class-conditional"):
         train(["--output_dir", str(tmp_path / "flow"), *common, "--aggregate_prior_type", "flow"])
     assert not os.path.exists(os.path.join(str(tmp_path / "flow"), "logs", "metrics.jsonl")), "refused up front"

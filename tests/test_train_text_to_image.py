@@ -125,6 +125,10 @@ def test_from_scratch_encodes_each_distinct_caption_once(train, tmp_path, monkey
     assert pipeline.prior.condition_dim == pooled.shape[1]
     distances = torch.cdist(pipeline.prior.atom_conditions, pooled)
     assert torch.allclose(distances.min(dim=1).values, torch.zeros(8), atol=1e-4)
+    assert (
+        "each with its example's caption; a trajectory draws among the atoms of its prompt"
+        in (output_dir / "README.md").read_text()
+    )
 
 
 def test_imagefolder_captions_from_metadata_jsonl(train, tmp_path):

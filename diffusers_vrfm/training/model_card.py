@@ -115,7 +115,8 @@ def render_model_card(
     load_code, usage_call, model_kind, source_note = _usage(
         repo_id, data_kind, num_classes, text_to_image, example_prompt
     )
-    notes = _training_notes(args, latent_dim, base_model, skipped_updates)
+    condition = "prompt" if text_to_image else "label" if num_classes else None
+    notes = _training_notes(args, latent_dim, base_model, skipped_updates, condition)
     card = ModelCard.from_template(
         card_data,
         template_path=template_path,
@@ -183,8 +184,11 @@ def _usage(repo_id: str, data_kind: str, num_classes, text_to_image: str | None,
     return load_code, usage_call, model_kind, source_note
 
 
-def _training_notes(args: dict, latent_dim: int, base_model: str | None, skipped_updates: int) -> dict:
-    """The sentences of the card's training section that depend on the run's settings."""
+def _training_notes(
+    args: dict, latent_dim: int, base_model: str | None, skipped_updates: int, condition: str | None = None
+) -> dict:
+    """The sentences of the card's training section that depend on the run's settings (`condition`: what a
+    conditional model's prior is keyed by, `"label"` or `"prompt"`)."""
     if base_model is None:
         base_model_note = ""
     elif args.get("_pretrained_kind") == "pipeline":
@@ -203,10 +207,11 @@ def _training_notes(args: dict, latent_dim: int, base_model: str | None, skipped
         fitted = (
             f"`VRFMFlowPrior`, a small RealNVP fitted after training to the posteriors of {atoms:,} training examples"
             if args.get("aggregate_prior_type") == "flow"
-            else f"`VRFMAggregatePosteriorPrior`, the posteriors of {atoms:,} training examples fitted after training "
-            "(for a class-conditional or text-to-image model each keeps its example's label or caption, and a "
-            "trajectory draws among the atoms of its label or prompt)"
+            else f"`VRFMAggregatePosteriorPrior`, the posteriors of {atoms:,} training examples fitted after training"
         )
+        if condition is not None:
+            caption = "label" if condition == "label" else "caption"
+            fitted += f", each with its example's {caption}; a trajectory draws among the atoms of its {condition}"
         prior_description = (
             f"{fitted}: each trajectory draws its `z` where training put it (the pipeline's `prior` component). Keep "
             "it: the aggregate posterior is not `N(0, I)`, and `z ~ N(0, I)` lands where training never put `z` (a "
