@@ -40,7 +40,6 @@ from benchmarks.common import (
     CACHE_DIR,
     RESULTS_DIR,
     format_mean_std,
-    frechet_distance,
     machine_description,
     markdown_table,
     write_json,
@@ -50,11 +49,10 @@ from benchmarks.mnist_quality import (
     DigitClassifier,
     ImageData,
     Scorer,
-    classifier_features,
     extra_prior_fits,
     get_classifier,
     load_image_data,
-    median_nearest_distance,
+    make_scorer,
     train_with_script,
 )
 
@@ -118,13 +116,17 @@ class Rulers:
     judge: DigitClassifier
 
 
+@torch.no_grad()
+def predicted_digits(classifier: DigitClassifier, images: torch.Tensor) -> torch.Tensor:
+    """The digit `classifier` reads in each of `images` (in [0, 1])."""
+    return classifier.eval()(images.clamp(0, 1) * 2 - 1).argmax(1)
+
+
 def score(rulers: Rulers, images: torch.Tensor, digits: torch.Tensor) -> dict:
     """FD to the test images, the share of samples the judge reads as the prompted digit, and the copy ratio."""
-    with torch.no_grad():
-        predicted = rulers.judge(images.clamp(0, 1) * 2 - 1).argmax(1)
     return {
         "fd": rulers.scorer.fd(images),
-        "accuracy": float((predicted == digits).float().mean()),
+        "accuracy": float((predicted_digits(rulers.judge, images) == digits).float().mean()),
         "distance_ratio": rulers.scorer.distance_ratio(images),
     }
 
@@ -185,27 +187,16 @@ def judge_epochs(args) -> int:
     return 1 if args.quick else JUDGE_EPOCHS
 
 
-def digit_classifier(args, data: ImageData, epochs: int) -> tuple[DigitClassifier, float]:
-    """`benchmarks.mnist_quality`'s CNN trained for `epochs` on the training split (cached), and its test accuracy."""
-    name = f"classifier_digits_{RESOLUTION}{'' if epochs == 2 else f'_e{epochs}'}{'_quick' if args.quick else ''}"
-    cache = (Path(args.output_dir) / "cache" if args.quick else CACHE_DIR) / f"{name}.safetensors"
-    return get_classifier(data, cache, epochs=epochs, max_train=1000 if args.quick else None)
-
-
 def make_rulers(args, data: ImageData) -> tuple[Rulers, dict]:
     """The [`Rulers`] of the run (classifiers cached), and what the report says about them."""
-    classifier, accuracy = digit_classifier(args, data, epochs=1 if args.quick else 2)
-    judge, judge_accuracy = digit_classifier(args, data, epochs=judge_epochs(args))
-    reference = classifier_features(classifier, data.test)
-    test_distance = median_nearest_distance(data.test, data.train)
-    scorer = Scorer(classifier, reference, training_images=data.train, test_distance=test_distance)
-    floor = frechet_distance(classifier_features(classifier, data.train[: len(data.test)]), reference)
-    with torch.no_grad():
-        training_predictions = judge.eval()(data.train * 2 - 1).argmax(1)
-    judge_training_accuracy = float((training_predictions == data.train_labels).float().mean())
-    meta = {"classifier_accuracy": accuracy, "judge_accuracy": judge_accuracy, "fd_floor": floor}
-    meta["judge_training_accuracy"] = judge_training_accuracy
-    return Rulers(scorer, judge.eval()), {**meta, "test_images": len(data.test)}
+    scorer_args = argparse.Namespace(quick=args.quick, device="cpu", num_samples=len(data.test), inception_samples=0)
+    scorer, meta = make_scorer(scorer_args, data, Path(args.output_dir))  # what mnist_quality scores digits with
+    epochs = judge_epochs(args)
+    cache_dir = Path(args.output_dir) / "cache" if args.quick else CACHE_DIR
+    cache = cache_dir / f"judge_digits_{RESOLUTION}_e{epochs}.safetensors"
+    judge, meta["judge_accuracy"] = get_classifier(data, cache, epochs=epochs, max_train=1000 if args.quick else None)
+    meta["judge_training_accuracy"] = float((predicted_digits(judge, data.train) == data.train_labels).float().mean())
+    return Rulers(scorer, judge), meta
 
 
 VARIANT_LABELS = {  # how a VRFM row draws z
@@ -270,7 +261,7 @@ def render_report(results: dict) -> str:
         f'to 16x16, captions such as "a handwritten seven". Seeds {seeds}; cells are mean ± std over seeds. Samples: '
         f"{meta['samples_per_class']} per digit with its prompt, Euler. FD in the features of "
         f"`benchmarks.mnist_quality`'s digit classifier (held-out accuracy {meta['classifier_accuracy']:.3f}) "
-        f"against the {meta['test_images']} test images (floor, training vs test images: {meta['fd_floor']:.2f}); "
+        f"against the {meta['num_samples']} test images (floor, training vs test images: {meta['fd_floor']:.2f}); "
         f"the prompted digit read by the same CNN trained for {JUDGE_EPOCHS} epochs (accuracy "
         f"{meta['judge_accuracy']:.3f} on the test images, {meta['judge_training_accuracy']:.3f} on the training "
         "images: samples that replay training images can score above the first). Parameters (velocity / posterior): "

@@ -335,14 +335,16 @@ class VRFMTextToImagePipeline(VRFMPipeline):
             prompt, negative_prompt, guidance_scale != 1.0, prompt_embeds, pooled_prompt_embeds,
             negative_prompt_embeds, negative_pooled_prompt_embeds, max_sequence_length, device,
         )  # fmt: skip
+        positive, negative = (
+            None if text is None else text.repeat_each(num_images_per_prompt) for text in (positive, negative)
+        )
         conditioning, unconditional = (
-            None if text is None else self.text_inputs(text.repeat_each(num_images_per_prompt), device)
-            for text in (positive, negative)
+            None if text is None else self.text_inputs(text, device) for text in (positive, negative)
         )
 
         dtype = self.velocity_model.dtype
         x = self.prepare_latents(batch_size, generator, device, dtype, latents, sample_shape=shape)
-        condition = positive.repeat_each(num_images_per_prompt).pooled_prompt_embeds  # a conditional prior's key
+        condition = positive.pooled_prompt_embeds  # the key of a conditional prior
         z = self.prepare_z(batch_size, generator, device, dtype, z, source=x, condition=condition)
 
         def velocity_fn(sample, t):
