@@ -7,7 +7,9 @@ on the first 80% of scikit-learn's 8x8 digits resized to 16x16; the other 20% ar
 - `vrfm`: the script's defaults, which give a from-scratch MMDiT the 4-channel `z` map;
 - `vrfm_no_map`: the same without the map (`--model_config '{"z_map_channels": 0}'`): `z` reaches the blocks only
   through the time embedding;
-- `rf`: `--latent_dim 0`.
+- `rf`: `--latent_dim 0`;
+- `vrfm_prior_mix` (not run by default): the defaults plus `--prior_mix 0.3`, which trains 30% of examples on a `z`
+  from N(0, I), so that the velocity model must read the class from the caption for those.
 
 For each digit, samples are drawn with the prompt "a handwritten <digit>" (Euler), with and without classifier-free
 guidance. VRFM draws z from the prior `train_vrfm.py` saved (posterior atoms keyed by caption: a prompt draws among
@@ -30,7 +32,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -57,11 +59,28 @@ from benchmarks.mnist_quality import (
 )
 
 RESOLUTION = 16
-METHODS = {  # key -> (label, the `--model_config` it adds; None: RF, `--latent_dim 0`)
-    "vrfm": ("VRFM", {}),
-    "vrfm_no_map": ("VRFM without the z map", {"z_map_channels": 0}),
-    "rf": ("RF", None),
+
+
+@dataclass(frozen=True)
+class Method:
+    """One training recipe: its report label, the `--model_config` entries and the flags it adds to the defaults."""
+
+    label: str
+    model_config: dict = field(default_factory=dict)
+    flags: tuple[str, ...] = ()
+
+    @property
+    def is_vrfm(self) -> bool:
+        return "--latent_dim" not in self.flags
+
+
+METHODS = {
+    "vrfm": Method("VRFM"),
+    "vrfm_no_map": Method("VRFM without the z map", {"z_map_channels": 0}),
+    "vrfm_prior_mix": Method("VRFM, prior_mix 0.3", flags=("--prior_mix", "0.3")),
+    "rf": Method("RF", flags=("--latent_dim", "0")),
 }
+DEFAULT_METHODS = ["vrfm", "vrfm_no_map", "rf"]
 QUICK_MODEL = {"num_layers": 1, "attention_head_dim": 8, "num_attention_heads": 2}
 JUDGE_EPOCHS = 30
 TARGETS = {1: 0.5, 2: 0.5, 8: 1.0, 16: 1.0, 50: 1.0}  # issue 13's image targets, applied to the FD here
@@ -75,12 +94,11 @@ def training_argv(args, data: ImageData, method: str, seed: int, output_dir: Pat
     argv += ["--num_threads", args.num_threads, "--report_to", "none", "--cpu"]
     argv += ["--validation_steps", args.max_train_steps + 1, "--checkpointing_steps", args.max_train_steps + 1]
     argv += ["--validation_inference_steps", "2", "--num_validation_samples", "4"]
-    extra_config = METHODS[method][1]
-    model_config = {**(QUICK_MODEL if args.quick else {}), **(extra_config or {})}
+    recipe = METHODS[method]
+    model_config = {**(QUICK_MODEL if args.quick else {}), **recipe.model_config}
     argv += ["--model_config", json.dumps(model_config)] if model_config else []
-    if extra_config is None:
-        argv += ["--latent_dim", "0"]
-    elif args.quick:
+    argv += recipe.flags
+    if recipe.is_vrfm and args.quick:
         argv += ["--aggregate_prior_atoms", "32"]
     if args.quick:
         argv += ["--lr_warmup_steps", "0"]
@@ -152,7 +170,7 @@ def evaluate_run(args, data: ImageData, rulers: Rulers, method: str, seed: int) 
     folder = Path(args.output_dir) / "cache" / "runs" / f"{args.name}_{method}_s{seed}"  # cache/ is git-ignored
     argv = training_argv(args, data, method, seed, folder)
     settings = {"argv": argv, "nfe": args.nfe, "guidance": args.guidance_scales, "per_class": args.samples_per_class}
-    settings["extra_priors"] = args.extra_priors if METHODS[method][1] is not None else []
+    settings["extra_priors"] = args.extra_priors if METHODS[method].is_vrfm else []
     settings["judge_epochs"] = judge_epochs(args)
     cached = folder / "evaluation.json"
     if args.reuse_runs and cached.is_file() and json.loads(cached.read_text())["settings"] == settings:
@@ -207,8 +225,8 @@ VARIANT_LABELS = {  # how a VRFM row draws z
 
 
 def row_label(method: str, variant: str) -> str:
-    label = METHODS[method][0]
-    return label if METHODS[method][1] is None else f"{label}, {VARIANT_LABELS[variant]}"
+    recipe = METHODS[method]
+    return f"{recipe.label}, {VARIANT_LABELS[variant]}" if recipe.is_vrfm else recipe.label
 
 
 def seed_values(results: dict, method: str, variant: str, guidance: str, nfe: str, metric: str) -> list[float]:
@@ -293,10 +311,11 @@ def render_report(results: dict) -> str:
     for method, runs in results["runs"].items():
         trains = [run["train"] for run in runs.values()]
         kls = [t["kl_nats"] for t in trains if t["kl_nats"] is not None]
+        is_vrfm = METHODS[method].is_vrfm
         train_rows.append([
-            METHODS[method][0], format_mean_std([t["seconds"] for t in trains]),
-            format_mean_std(kls) if kls and METHODS[method][1] is not None else "-",
-            ", ".join(str(t["active_units"]) for t in trains) if METHODS[method][1] is not None else "-",
+            METHODS[method].label, format_mean_std([t["seconds"] for t in trains]),
+            format_mean_std(kls) if kls and is_vrfm else "-",
+            ", ".join(str(t["active_units"]) for t in trains) if is_vrfm else "-",
         ])  # fmt: skip
     lines += ["## Training", ""]
     headers = ["method", "train time (s)", "KL (nats)", "active latent units, per seed"]
@@ -338,7 +357,7 @@ def run(args, argv: list[str]) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="A tiny smoke run (seconds).")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max_train_steps", type=int, default=None, help="Default: 1600 (20 with --quick).")
     parser.add_argument("--batch_size", type=int, default=64)
