@@ -33,9 +33,10 @@ Each fixed ``z`` defines its own flow, so ``log p(x | z)`` is exact (up to the s
 The marginal ``log p(x) = log E_{z ~ N(0, I)} p(x | z)`` is estimated by ``logmeanexp_k log p(x | z_k)`` with ``K``
 independent draws ``z_k ~ N(0, I)``. By Jensen's inequality this is a **stochastic lower bound** on ``log p(x)`` in
 expectation, and its expectation is non-decreasing in ``K`` and converges to ``log p(x)`` as ``K -> inf`` (Burda et
-al., 2016). With Hutchinson's divergence each ``log p(x | z_k)`` is itself noisy; the exponential in the average then
-biases the marginal upward by an amount that shrinks with the probe variance, so prefer ``"exact"`` for marginals in
-low dimension.
+al., 2016). With a fitted `prior`, the draws come from it instead; for a class-conditional model whose prior keeps
+its atoms' labels, from ``p(z | label)``, so that the estimate is of ``log p(x | label)``. With Hutchinson's
+divergence each ``log p(x | z_k)`` is itself noisy; the exponential in the average then biases the marginal upward by
+an amount that shrinks with the probe variance, so prefer ``"exact"`` for marginals in low dimension.
 
 Bits per dimension (images)
 ---------------------------
@@ -65,6 +66,7 @@ import torch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .models.latent_prior import label_condition
 from .models.z_embedding import given_latent
 
 DIVERGENCES = ("exact", "hutchinson")
@@ -452,6 +454,7 @@ def log_likelihood(
     z_chunk_size: int | None = None,
     prior: torch.nn.Module | None = None,
     proposal: torch.nn.Module | None = None,
+    prior_condition: torch.Tensor | None = None,
 ) -> VRFMLikelihoodOutput:
     """The log-likelihood of data under a (variational) rectified-flow model, by backward integration of the ODE
     together with the divergence: ``log p1(x) = log p0(x0) - integral_0^1 div v(x_t, t, z) dt``.
@@ -489,8 +492,9 @@ def log_likelihood(
         dequantize_input (`bool`, *optional*): add uniform noise ``bin_width * (u - 1/2)`` to `x` first; defaults to
             `compute_bits_per_dim`. Leave it off when `x` is already dequantised.
         rtol, atol (`float`, default to `1e-5`): tolerances of `"dopri5"`.
-        prior ([`VRFMAggregatePosteriorPrior`] or [`VRFMFlowPrior`], *optional*): the unconditional prior ``p(z)``
-            of the marginal (``N(0, I)`` by default); [`VRFMPipeline.log_likelihood`] passes its own.
+        prior ([`VRFMAggregatePosteriorPrior`] or [`VRFMFlowPrior`], *optional*): the prior ``p(z)`` of the marginal
+            (``N(0, I)`` by default); [`VRFMPipeline.log_likelihood`] passes its own. A conditional
+            [`VRFMAggregatePosteriorPrior`] gives ``p(z | c)`` for each example's `prior_condition`.
         proposal (posterior encoder, *optional*): draw the `K` latents from ``q(z | x)`` instead of the prior and
             weight them, ``logmeanexp_k [log p(x | z_k) + log p(z_k) - log q(z_k | x)]`` (importance sampling; still a
             lower bound on ``log p(x)`` in expectation, and far tighter for a given `K` when ``z`` is informative).
@@ -498,6 +502,10 @@ def log_likelihood(
             p(z)`` comes from `prior` (which then needs `log_prob`) or ``N(0, I)``.
         z_chunk_size (`int`, *optional*): how many of the `K` draws to integrate together in one batch (of
             `z_chunk_size * B` trajectories); all `K` by default. Lower it to save memory.
+        prior_condition (`torch.Tensor` of shape `(B, condition_dim)`, *optional*): each example's key for a
+            conditional `prior` (see [`VRFMAggregatePosteriorPrior`]). By default, [`label_condition`] of
+            `class_labels` when they are all real labels, and the marginal over all atoms when they are all the null
+            label (or not given).
 
     Returns:
         [`VRFMLikelihoodOutput`]: `log_prob` (`(B,)`), `bits_per_dim`, `num_function_evals` and the per-draw parts.
@@ -526,12 +534,15 @@ def log_likelihood(
     batch_size, num_dims = x.shape[0], math.prod(sample_shape)
     latent_dim = int(velocity_model.latent_dim)
     labels = _prepare_labels(class_labels, batch_size, x.device)
+    prior_condition = _prior_condition(prior, prior_condition, labels, velocity_model, batch_size)
 
     with torch.set_grad_enabled(enable_grad):
         if dequantize_input:
             x = dequantize(x, bin_width, generator)
 
-        zs, log_correction = _draw_latents(x, latent_dim, z, num_z_samples, prior, proposal, generator)
+        zs, log_correction = _draw_latents(
+            x, latent_dim, z, num_z_samples, prior, proposal, generator, prior_condition
+        )
         num_draws = 1 if zs is None else zs.shape[0]
         chunk = num_draws if z_chunk_size is None else min(z_chunk_size, num_draws)
 
@@ -598,16 +609,40 @@ def _check_prior_and_proposal(latent_dim: int, z, prior, proposal) -> None:
             raise ValueError(f"With a `proposal`, `prior` must have `log_prob`, but {type(prior).__name__} has not.")
     if prior is not None and getattr(prior, "latent_dim", None) != latent_dim:
         raise ValueError(
-            f"`prior` must be an unconditional prior over z with latent_dim {latent_dim} (for "
+            f"`prior` must be a prior over z with latent_dim {latent_dim} (for "
             f"example a VRFMAggregatePosteriorPrior), but got {type(prior).__name__} with latent_dim "
             f"{getattr(prior, 'latent_dim', None)}."
         )
 
 
-def _draw_latents(x, latent_dim: int, z, num_z_samples: int, prior, proposal, generator):
+def _prior_condition(prior, prior_condition, labels, velocity_model, batch_size: int) -> torch.Tensor | None:
+    """The key of each example for a conditional `prior` (`(B, condition_dim)`), or `None` for the marginal."""
+    condition_dim = getattr(prior, "condition_dim", 0)
+    if prior_condition is not None:
+        if condition_dim == 0:
+            raise ValueError("`prior_condition` was given, but `prior` is not a conditional prior.")
+        return prior_condition
+    num_classes = getattr(velocity_model, "num_classes", None)
+    if condition_dim == 0 or labels is None or num_classes is None:
+        return None
+    labels = labels.expand(batch_size)
+    is_null = labels == num_classes
+    if is_null.all():
+        return None
+    if is_null.any():
+        raise ValueError(
+            f"`class_labels` mix real labels with the null label {num_classes}; with a conditional prior, call "
+            "log_likelihood separately for the labelled and the unlabelled examples (or pass `prior_condition`)."
+        )
+    return label_condition(labels, num_classes)
+
+
+def _draw_latents(x, latent_dim: int, z, num_z_samples: int, prior, proposal, generator, prior_condition=None):
     """The latents of [`log_likelihood`], `(K, B, latent_dim)` (`None` for plain rectified flow), and with a
-    `proposal` the importance-weight correction ``log p(z) - log q(z | x)`` of shape `(K, B)` (else `None`)."""
+    `proposal` the importance-weight correction ``log p(z) - log q(z | x)`` of shape `(K, B)` (else `None`).
+    `prior_condition` `(B, condition_dim)`: each example's key for a conditional `prior`."""
     batch_size = x.shape[0]
+    condition = {} if prior_condition is None else {"condition": prior_condition.repeat(num_z_samples, 1)}
     if latent_dim == 0:
         return None, None
     if z is not None:
@@ -619,10 +654,10 @@ def _draw_latents(x, latent_dim: int, z, num_z_samples: int, prior, proposal, ge
         zs = mean + torch.exp(0.5 * logvar) * eps
         log_q = -0.5 * (eps.pow(2) + logvar + math.log(2 * math.pi)).sum(dim=-1)  # (K, B)
         flat = zs.reshape(-1, latent_dim)
-        log_p_z = prior.log_prob(flat) if prior is not None else standard_normal_log_prob(flat)
+        log_p_z = prior.log_prob(flat, **condition) if prior is not None else standard_normal_log_prob(flat)
         return zs, log_p_z.to(x.dtype).reshape(num_z_samples, batch_size) - log_q
     if prior is not None:
-        draws = prior(batch_size=num_z_samples * batch_size, generator=generator).sample
+        draws = prior(batch_size=num_z_samples * batch_size, generator=generator, **condition).sample
         return draws.to(device=x.device, dtype=x.dtype).reshape(num_z_samples, batch_size, latent_dim), None
     shape = (num_z_samples, batch_size, latent_dim)
     return randn_tensor(shape, generator=generator, device=x.device, dtype=x.dtype), None

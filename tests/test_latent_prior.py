@@ -161,7 +161,7 @@ def test_log_likelihood_marginalises_over_the_prior():
     assert torch.allclose(marginal.log_prob, conditional.log_prob, atol=1e-4)
     standard = log_likelihood(pipe.velocity_model, x, num_z_samples=4, generator=torch.Generator(), **kwargs)
     assert not torch.allclose(standard.log_prob, conditional.log_prob, atol=1e-2)
-    with pytest.raises(ValueError, match="`prior` must be an unconditional prior over z with latent_dim 3"):
+    with pytest.raises(ValueError, match="`prior` must be a prior over z with latent_dim 3"):
         log_likelihood(pipe.velocity_model, x, prior=VRFMAggregatePosteriorPrior(latent_dim=2, num_atoms=2))
 
 
@@ -389,3 +389,60 @@ def test_the_pipeline_draws_z_among_the_atoms_of_its_class_labels():
     assert torch.equal(labels[(out.z[:, None, :] - means).norm(dim=-1).argmin(dim=1)], wanted)
     unlabelled = pipe(batch_size=60, num_inference_steps=1, generator=torch.Generator().manual_seed(0)).z
     assert len(labels[(unlabelled[:, None, :] - means).norm(dim=-1).argmin(dim=1)].unique()) == 3  # the marginal
+
+
+def test_conditional_log_prob_is_the_mixture_of_the_atoms_of_the_condition():
+    labels = torch.arange(12) % 3
+    means, logvars = torch.randn(12, 2), torch.rand(12, 2) - 0.5
+    prior = VRFMAggregatePosteriorPrior(latent_dim=2, num_atoms=12, condition_dim=3).set_atoms(
+        means, logvars, label_condition(labels, 3)
+    )
+    z, wanted = torch.randn(5, 2), torch.tensor([0, 2, 1, 1, 0])
+    log_density = -0.5 * ((z[:, None] - means) ** 2 / logvars.exp() + logvars + math.log(2 * math.pi)).sum(-1)
+    same_label = labels[None, :] == wanted[:, None]
+    expected = torch.logsumexp(log_density.masked_fill(~same_label, -math.inf), dim=1) - math.log(4)
+    assert torch.allclose(prior.log_prob(z, condition=label_condition(wanted, 3)), expected, atol=1e-5)
+    assert torch.allclose(prior.log_prob(z), torch.logsumexp(log_density, dim=1) - math.log(12), atol=1e-5)
+    with pytest.raises(ValueError, match=r"`condition` must have shape \(5, 3\)"):
+        prior.log_prob(z, condition=label_condition(wanted[:2], 3))
+    with pytest.raises(ValueError, match="this prior is unconditional"):
+        _prior(means, logvars).log_prob(z, condition=label_condition(wanted, 3))
+
+
+def test_log_likelihood_with_a_conditional_prior_draws_z_given_each_label():
+    labels = torch.arange(12) % 3
+    points = (3.0 * labels)[:, None].repeat(1, 2)  # every atom of a label at the same point
+    prior = VRFMAggregatePosteriorPrior(latent_dim=2, num_atoms=12, condition_dim=3)
+    prior.set_atoms(points, torch.full((12, 2), -30.0), label_condition(labels, 3))
+    model = VRFMMLPModel(sample_size=2, latent_dim=2, num_classes=3).eval()
+    pipe = VRFMPipeline(velocity_model=model, scheduler=VRFMScheduler(), prior=prior)
+    x, wanted = torch.randn(4, 2), torch.tensor([2, 0, 1, 2])
+    kwargs = {"num_inference_steps": 4, "solver": "euler", "class_labels": wanted}
+    given_label = pipe.log_likelihood(x, num_z_samples=3, generator=torch.Generator().manual_seed(0), **kwargs)
+    at_the_point = log_likelihood(model, x, z=3.0 * wanted[:, None].repeat(1, 2).float(), **kwargs)
+    assert torch.allclose(given_label.log_prob, at_the_point.log_prob, atol=1e-4)
+    assert torch.equal(given_label.z.round(), 3.0 * wanted[None, :, None].expand(3, 4, 2).float())
+    null = pipe.log_likelihood(x, num_z_samples=60, class_labels=3, generator=torch.Generator().manual_seed(0))
+    assert len(null.z[..., 0].round().unique()) == 3, "the null label draws from every label's atoms"
+    with pytest.raises(ValueError, match="`class_labels` mix real labels with the null label 3"):
+        pipe.log_likelihood(x, class_labels=torch.tensor([0, 3, 1, 2]))
+    with pytest.raises(ValueError, match="`prior_condition` was given, but `prior` is not a conditional prior"):
+        log_likelihood(model, x, prior=_prior(points, torch.zeros(12, 2)), prior_condition=torch.zeros(4, 3))
+
+
+def test_importance_weights_of_a_labelled_example_use_the_prior_given_its_label():
+    labels = torch.arange(12) % 3
+    prior = VRFMAggregatePosteriorPrior(latent_dim=3, num_atoms=12, condition_dim=3)
+    prior.set_atoms(torch.randn(12, 3), torch.zeros(12, 3), label_condition(labels, 3))
+    model = VRFMMLPModel(sample_size=2, latent_dim=3, num_classes=3).eval()
+    x, wanted = torch.randn(4, 2), torch.tensor([1, 0, 2, 1])
+    out = log_likelihood(
+        model, x, proposal=_proposal(), prior=prior, class_labels=wanted, num_z_samples=5, num_inference_steps=2,
+        solver="euler", generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    with torch.no_grad():
+        posterior = _proposal()(x1=x)
+    log_q = torch.distributions.Normal(posterior.mean, (0.5 * posterior.logvar).exp()).log_prob(out.z).sum(dim=-1)
+    log_p = prior.log_prob(out.z.reshape(-1, 3), condition=label_condition(wanted.repeat(5), 3)).reshape(5, 4)
+    assert torch.allclose(out.log_weights - out.log_prob_per_z, log_p - log_q, atol=1e-4)
+    assert not torch.allclose(log_p, prior.log_prob(out.z.reshape(-1, 3)).reshape(5, 4), atol=1e-2)

@@ -349,14 +349,24 @@ class VRFMAggregatePosteriorPrior(ModelMixin, ConfigMixin):
         nearest = distance <= kth * (1 + 1e-5) + 1e-6
         return torch.where(equal.any(dim=1, keepdim=True), equal, nearest).float()
 
-    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """``log p(z)`` of each row of `z` `(B, latent_dim)` under the mixture of all atoms (for a conditional prior,
-        the marginal over conditions), shape `(B,)`."""
+    def log_prob(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """``log p(z)`` of each row of `z` `(B, latent_dim)`, shape `(B,)`: under the mixture of all atoms (for a
+        conditional prior, the marginal over conditions), or with `condition` `(B, condition_dim)`, ``log p(z | c)``
+        under the mixture of the atoms a draw for that condition picks among (see the class)."""
         check_tensor(z, "z")
         if z.ndim != 2 or z.shape[1] != self.latent_dim:
             raise ValueError(f"`z` must have shape (B, {self.latent_dim}), but got {tuple(z.shape)}.")
+        candidates = None
+        if condition is not None:
+            if self.condition_dim == 0:
+                raise ValueError("`condition` was given, but this prior is unconditional (`condition_dim=0`).")
+            check_condition(condition, self.condition_dim, z.shape[0], "condition")
+            candidates = self.neighbor_mask(condition)
         z = z.to(self.atom_means)[:, None, :]  # (B, 1, d) against (K, d)
         log_density = -0.5 * (
             (z - self.atom_means).pow(2) / self.atom_logvars.exp() + self.atom_logvars + math.log(2 * math.pi)
         ).sum(dim=-1)
-        return torch.logsumexp(log_density, dim=1) - math.log(self.num_atoms)
+        if candidates is None:
+            return torch.logsumexp(log_density, dim=1) - math.log(self.num_atoms)
+        log_density = log_density.masked_fill(candidates == 0, -math.inf)
+        return torch.logsumexp(log_density, dim=1) - candidates.sum(dim=1).log()
