@@ -447,11 +447,11 @@ def test_mnist_quality_arguments_and_seeds_summary():
             )
 
 
-def test_text_to_image_digits_quick_outputs_are_well_formed(tmp_path, monkeypatch):
-    from benchmarks import text_to_image_digits
+def test_conditional_digits_quick_outputs_are_well_formed(tmp_path, monkeypatch):
+    from benchmarks import conditional_digits
 
     argv = ["--quick", "--output-dir", str(tmp_path), "--extra_priors", "atoms"]
-    results = text_to_image_digits.main(argv)
+    results = conditional_digits.main(argv)
     tables = common.parse_markdown_tables((tmp_path / "text_to_image_digits.md").read_text())
     (targets,) = list(_table_with_header(tables, "quantity"))
     assert [row[0] for row in targets[1:]] == ["FD at NFE 1", "FD at NFE 2", "FD at NFE 8", "FD at NFE 50"]
@@ -482,9 +482,32 @@ def test_text_to_image_digits_quick_outputs_are_well_formed(tmp_path, monkeypatc
     def no_training(argv):
         raise AssertionError("--reuse_runs trained again")
 
-    monkeypatch.setattr(text_to_image_digits, "train_with_script", no_training)
-    again = text_to_image_digits.main([*argv, "--reuse_runs"])
+    monkeypatch.setattr(conditional_digits, "train_with_script", no_training)
+    again = conditional_digits.main([*argv, "--reuse_runs"])
     assert again["runs"] == results["runs"]  # the scores come back from each run's evaluation.json
+
+
+def test_conditional_digits_with_labels_trains_a_class_conditional_unet(tmp_path):
+    from benchmarks import conditional_digits
+
+    argv = ["--quick", "--conditioning", "label", "--methods", "vrfm", "rf", "--nfe", "1", "2"]
+    results = conditional_digits.main([*argv, "--guidance_scales", "1", "--output-dir", str(tmp_path)])
+    report = (tmp_path / "class_conditional_digits.md").read_text()
+    assert report.startswith("# Class-conditional digits") and "posterior atoms keyed by label" in report
+    tables = common.parse_markdown_tables(report)
+    for table in _table_with_header(tables, "method", "NFE 2"):
+        assert [row[0] for row in table[1:]] == ["VRFM, the saved prior", "RF"]
+    assert results["meta"]["conditioning"] == "label"
+    runs = tmp_path / "cache" / "runs"
+    configs = {
+        m: json.loads((runs / f"class_conditional_digits_{m}_s0" / "velocity_model" / "config.json").read_text())
+        for m in ("vrfm", "rf")
+    }
+    assert {m: (c["_class_name"], c["num_classes"]) for m, c in configs.items()} == {
+        "vrfm": ("VRFMUNet2DModel", 10), "rf": ("VRFMUNet2DModel", 10)
+    }  # fmt: skip
+    prior = json.loads((runs / "class_conditional_digits_vrfm_s0" / "prior" / "config.json").read_text())
+    assert prior["condition_dim"] == 10, "the saved prior is keyed by the one-hot label"
 
 
 def test_image_study_joins_single_method_runs(tmp_path):

@@ -14,6 +14,7 @@ from diffusers_vrfm import (
     VRFMPosteriorEncoder,
     VRFMScheduler,
     collect_posterior_atoms,
+    label_condition,
     log_likelihood,
 )
 from diffusers_vrfm.models.flow_prior import coupling_masks
@@ -111,9 +112,10 @@ def test_from_posterior_uses_the_same_atoms_as_the_mixture_prior():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"latent_dim": 0}, "`latent_dim` must be a positive integer, but got 0"),
-        ({"num_layers": 1.5}, "`num_layers` must be a positive integer, but got 1.5"),
-        ({"hidden_dim": True}, "`hidden_dim` must be a positive integer, but got True"),
+        ({"latent_dim": 0}, "`latent_dim` must be an integer >= 1, but got 0"),
+        ({"num_layers": 1.5}, "`num_layers` must be an integer >= 1, but got 1.5"),
+        ({"hidden_dim": True}, "`hidden_dim` must be an integer >= 1, but got True"),
+        ({"condition_dim": -1}, "`condition_dim` must be an integer >= 0, but got -1"),
         ({"log_scale_bound": 0}, "`log_scale_bound` must be a positive number, but got 0"),
     ],
 )
@@ -216,3 +218,82 @@ def test_the_likelihood_marginal_and_proposal_use_the_flow_log_prob():
         for prior in (pipe.prior, None)
     )
     assert torch.isfinite(weighted.log_prob).all() and not torch.allclose(weighted.log_prob, standard.log_prob)
+
+
+# --------------------------------------------------------------------- a flow conditional on labels or prompts
+def _labelled_modes(rows=400):
+    """Label 0's atoms at (-3, 0), label 1's at (3, 1), keyed by the one-hot label."""
+    labels = torch.arange(rows) % 2
+    means = torch.tensor([[-3.0, 0.0], [3.0, 1.0]])[labels]
+    return means, torch.full_like(means, -2.0), label_condition(labels, 2)
+
+
+def test_a_conditional_flow_learns_each_conditions_atoms_and_the_marginal():
+    means, logvars, conditions = _labelled_modes()
+    flow = VRFMFlowPrior(latent_dim=2, num_layers=6, hidden_dim=32, condition_dim=2)
+    flow.fit(
+        means, logvars, num_train_steps=300, batch_size=256, learning_rate=3e-3,
+        generator=torch.Generator().manual_seed(0), conditions=conditions,
+    )  # fmt: skip
+    with torch.no_grad():
+        for label, sign in ((0, -1.0), (1, 1.0)):
+            asked = label_condition(torch.full((2000,), label), 2)
+            draws = flow(condition=asked, generator=torch.Generator().manual_seed(label)).sample
+            assert (draws[:, 0] * sign > 1.5).float().mean() > 0.95, f"label {label} draws its own mode"
+        marginal = flow(batch_size=4000, generator=torch.Generator().manual_seed(2)).sample
+        assert (marginal[:, 0] < 0).float().mean().item() == pytest.approx(0.5, abs=0.1), "no condition: both"
+        at_mode = torch.tensor([[-3.0, 0.0]])
+        own, other = (flow.log_prob(at_mode, condition=label_condition(torch.tensor([k]), 2)) for k in (0, 1))
+    assert own.item() > other.item() + 5.0
+
+
+def test_a_conditional_flow_inverts_and_round_trips_through_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    flow = VRFMFlowPrior(latent_dim=3, num_layers=4, hidden_dim=16, condition_dim=5)
+    with torch.no_grad():
+        for net in flow.conditioners:
+            torch.nn.init.normal_(net[-1].weight, std=0.5)
+        flow.null_condition.normal_()
+    condition, z = torch.randn(6, 5), 2 * torch.randn(6, 3)
+    features = flow.condition_features(condition, 6)
+    u, _ = flow.to_base(z, features)
+    assert torch.allclose(flow.from_base(u, features), z, atol=1e-5)
+    assert not torch.allclose(flow.to_base(z, flow.condition_features(None, 6))[0], u, atol=1e-3)
+    flow.save_pretrained(tmp_path / "flow")
+    loaded = VRFMFlowPrior.from_pretrained(tmp_path / "flow")
+    assert loaded.condition_dim == 5
+    assert torch.equal(loaded.log_prob(z, condition=condition), flow.log_prob(z, condition=condition))
+
+
+def test_the_pipeline_draws_z_from_the_flow_given_its_class_labels():
+    means, logvars, conditions = _labelled_modes()
+    encoder = VRFMPosteriorEncoder(sample_size=2, latent_dim=2, posterior_inputs=("x1",), hidden_dim=8)
+    flow = VRFMFlowPrior(latent_dim=2, num_layers=4, hidden_dim=32, condition_dim=2)
+    flow.fit(means, logvars, num_train_steps=200, generator=torch.Generator().manual_seed(0), conditions=conditions)
+    model = VRFMMLPModel(sample_size=2, latent_dim=2, num_classes=2)
+    pipe = VRFMPipeline(velocity_model=model, scheduler=VRFMScheduler(), prior=flow, posterior_encoder=encoder)
+    wanted = torch.tensor([0, 1] * 50)
+    out = pipe(class_labels=wanted, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
+    assert ((out.z[:, 0] > 0).long() == wanted).float().mean() > 0.95
+    likelihood = pipe.log_likelihood(
+        torch.randn(100, 2), class_labels=wanted, num_z_samples=2, num_inference_steps=1, solver="euler",
+        generator=torch.Generator().manual_seed(1),
+    )  # fmt: skip
+    assert ((likelihood.z[..., 0] > 0).long() == wanted).float().mean() > 0.95, "log p(x | label) draws z | label"
+
+
+def test_conditional_flow_inputs_are_checked_with_the_argument_named():
+    means, logvars, conditions = _labelled_modes(8)
+    conditional = VRFMFlowPrior(latent_dim=2, num_layers=2, hidden_dim=8, condition_dim=2)
+    with pytest.raises(ValueError, match="`conditions` must be given exactly when the prior is conditional"):
+        conditional.fit(means, logvars, num_train_steps=1)
+    with pytest.raises(ValueError, match=r"`conditions` must have shape \(8, 2\), but got \(8, 3\)"):
+        conditional.fit(means, logvars, num_train_steps=1, conditions=torch.zeros(8, 3))
+    with pytest.raises(ValueError, match=r"`condition_dropout` must be a number in \[0, 1\), but got 1.0"):
+        conditional.fit(means, logvars, num_train_steps=1, conditions=conditions, condition_dropout=1.0)
+    with pytest.raises(ValueError, match=r"`condition` must have shape \(3, 2\)"):
+        conditional(batch_size=3, condition=torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="`condition` must be finite"):
+        conditional.log_prob(torch.zeros(1, 2), condition=torch.full((1, 2), float("inf")))
+    with pytest.raises(ValueError, match="`condition` was given, but this prior is unconditional"):
+        VRFMFlowPrior(latent_dim=2)(condition=torch.zeros(1, 2))

@@ -269,6 +269,10 @@ def test_a_class_conditional_run_fits_a_prior_conditional_on_the_label(tmp_path,
         assert torch.isin(out.mean, prior.atom_means[labels == label]).all()
     card = open(os.path.join(output_dir, "README.md"), encoding="utf-8").read()
     assert "each with its example's label; a trajectory draws among the atoms of its label" in card
-    with pytest.raises(ValueError, match=r"`--aggregate_prior_type` must be 'atoms' for a class-conditional"):
-        train(["--output_dir", str(tmp_path / "flow"), *common, "--aggregate_prior_type", "flow"])
-    assert not os.path.exists(os.path.join(str(tmp_path / "flow"), "logs", "metrics.jsonl")), "refused up front"
+    flow_dir = str(tmp_path / "flow")
+    assert train(["--output_dir", flow_dir, *common, "--aggregate_prior_type", "flow", "--flow_prior_steps", "5"])
+    flow = VRFMPipeline.from_pretrained(flow_dir).prior
+    assert isinstance(flow, VRFMFlowPrior) and flow.condition_dim == 10, "the flow prior is conditional too"
+    assert flow.condition_mean.sum().item() == pytest.approx(1.0), "fitted to one-hot labels"
+    card = open(os.path.join(flow_dir, "README.md"), encoding="utf-8").read()
+    assert "each with its example's label; a trajectory draws from the flow's `p(z | label)`" in card

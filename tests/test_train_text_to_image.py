@@ -131,6 +131,28 @@ def test_from_scratch_encodes_each_distinct_caption_once(train, tmp_path, monkey
     )
 
 
+def test_a_text_to_image_flow_prior_is_conditional_on_the_prompt(train, tmp_path, monkeypatch):
+    output_dir = tmp_path / "flow"
+    argv = ["--backbone", "sd3", "--model_config", TINY_SCRATCH, "--output_dir", output_dir, *SHORT]
+    assert train([*argv, "--aggregate_prior_type", "flow", "--flow_prior_steps", "5"])["finished"]
+    pipeline = VRFMTextToImagePipeline.from_pretrained(output_dir)
+    pipeline.set_progress_bar_config(disable=True)
+    pooled = pipeline.encode_prompt("a handwritten three", do_classifier_free_guidance=False)[0].pooled_prompt_embeds
+    assert type(pipeline.prior).__name__ == "VRFMFlowPrior" and pipeline.prior.condition_dim == pooled.shape[1]
+    asked = []
+    original = type(pipeline.prior).forward
+
+    def recording_forward(prior, *args, **kwargs):
+        asked.append(kwargs.get("condition"))
+        return original(prior, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipeline.prior), "forward", recording_forward)
+    pipeline("a handwritten three", num_inference_steps=1, num_images_per_prompt=2, output_type="pt")
+    (condition,) = asked
+    assert torch.allclose(condition, pooled.expand(2, -1)), "the prompt's pooled embedding picks p(z | prompt)"
+    assert "a trajectory draws from the flow's `p(z | prompt)`" in (output_dir / "README.md").read_text()
+
+
 def test_imagefolder_captions_from_metadata_jsonl(train, tmp_path):
     folder = tmp_path / "captioned"
     folder.mkdir()
@@ -162,8 +184,6 @@ def test_bad_text_to_image_arguments_are_named(train, sd3_folder, tmp_path):
         train([*scratch, "--rank", "2"])
     with pytest.raises(ValueError, match="--cache_latents.*VAE"):
         train([*scratch, "--cache_latents"])
-    with pytest.raises(ValueError, match=r"`--aggregate_prior_type` must be 'atoms' .* got 'flow'"):
-        train([*scratch, "--aggregate_prior_type", "flow"])
     pretrained = ["--pretrained_model_name_or_path", sd3_folder, "--output_dir", tmp_path / "y", *SHORT]
     with pytest.raises(ValueError, match=r"can only set \['z_map_channels', 'z_map_stride'\] .* got \['num_layers'\]"):
         train([*pretrained, "--model_config", '{"num_layers": 3}'])

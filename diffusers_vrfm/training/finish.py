@@ -108,28 +108,12 @@ def _aggregate_prior_pairs(args: argparse.Namespace, prepared: PreparedData, bat
             yield x0, x1
 
 
-def is_conditional(args: argparse.Namespace, prepared: PreparedData) -> bool:
-    """Whether the run trains a class-conditional or text-to-image model."""
-    return prepared.text is not None or args.class_conditional
-
-
-def check_aggregate_prior_type(args: argparse.Namespace, prepared: PreparedData) -> None:
-    """Refuses `--aggregate_prior_type flow` for a class-conditional or text-to-image model before training starts:
-    the flow prior is unconditional, and its z, which carries the class the posterior saw, would override the label
-    or prompt (measured in docs/text-to-image.md)."""
-    if is_conditional(args, prepared) and args.aggregate_prior_atoms > 0 and args.aggregate_prior_type == "flow":
-        raise ValueError(
-            "`--aggregate_prior_type` must be 'atoms' for a class-conditional or text-to-image model (its atoms keep "
-            "each example's label or caption, and sampling draws z among those of the label or prompt), but got "
-            "'flow', whose prior is unconditional: its z would override the label or prompt."
-        )
-
-
 def fit_aggregate_prior(args: argparse.Namespace, prepared: PreparedData, posterior):
     """The prior fitted to the trained posterior over `--aggregate_prior_atoms` training pairs (from their own random
     stream, so that fitting changes nothing else): a `VRFMAggregatePosteriorPrior` of those posteriors, or with
     `--aggregate_prior_type flow` a `VRFMFlowPrior` fitted to them. For a class-conditional or text-to-image model
-    the atoms keep their examples' conditions, and sampling draws z among the atoms of the label or prompt."""
+    either prior is conditional, on the examples' labels or captions: sampling draws z given the label or prompt
+    (among its atoms, or from the flow's `p(z | c)`)."""
     from diffusers_vrfm import VRFMAggregatePosteriorPrior, VRFMFlowPrior
 
     posterior.eval()
@@ -255,13 +239,8 @@ def save_and_publish(
             context.log.warning(
                 f"The atom prior holds the posteriors of {args.aggregate_prior_atoms} draws from {data.num_examples} "
                 "training images, about every one of them: where z names the image, its samples replay training "
-                "images (measured on digits in docs/benchmarks.md). "
-                + (
-                    "The flow prior, which gives new samples, is unconditional, so a class-conditional or "
-                    "text-to-image model cannot use it yet."
-                    if is_conditional(args, prepared)
-                    else "Pass `--aggregate_prior_type flow` for new samples."
-                )
+                "images (measured on digits in docs/benchmarks.md). Pass `--aggregate_prior_type flow` for new "
+                "samples."
             )
     if prepared.text is not None:  # the text-to-image pipeline, saved whole or as an adapter folder (LoRA)
         from .text_to_image import build_text_to_image_pipeline, save_text_to_image_run

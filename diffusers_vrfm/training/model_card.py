@@ -211,7 +211,11 @@ def _training_notes(
         )
         if condition is not None:
             caption = "label" if condition == "label" else "caption"
-            fitted += f", each with its example's {caption}; a trajectory draws among the atoms of its {condition}"
+            fitted += f", each with its example's {caption}; a trajectory draws " + (
+                f"from the flow's `p(z | {condition})`"
+                if args.get("aggregate_prior_type") == "flow"
+                else f"among the atoms of its {condition}"
+            )
         prior_description = (
             f"{fitted}: each trajectory draws its `z` where training put it (the pipeline's `prior` component). Keep "
             "it: the aggregate posterior is not `N(0, I)`, and `z ~ N(0, I)` lands where training never put `z` (a "

@@ -1,29 +1,35 @@
-"""Text-to-image on the digits: VRFM against RF at both ends of the step range, and does the prompt control the class?
+"""Conditional generation on the digits: VRFM against RF at both ends of the step range, and does the condition
+(a prompt, or a class label) control the class?
 
-Every model is trained by `train_vrfm.py --backbone sd3` (a small MMDiT in pixel space, a frozen random CLIP text
-encoder over a word-level tokenizer the run builds, captions "a handwritten seven", 10% dropped to "" for guidance)
-on the first 80% of scikit-learn's 8x8 digits resized to 16x16; the other 20% are the test images. The methods:
+`--conditioning text` (the default): every model is trained by `train_vrfm.py --backbone sd3` (a small MMDiT in pixel
+space, a frozen random CLIP text encoder over a word-level tokenizer the run builds, captions "a handwritten seven",
+10% dropped to "" for guidance). `--conditioning label`: by `train_vrfm.py --class_conditional` (a UNet with a class
+embedding, 10% of labels dropped to the null label). Both train on the first 80% of scikit-learn's 8x8 digits resized
+to 16x16; the other 20% are the test images. The methods:
 
-- `vrfm`: the script's defaults, which give a from-scratch MMDiT the 4-channel `z` map;
+- `vrfm`: the script's defaults, which give the backbone the 4-channel `z` map;
 - `vrfm_no_map`: the same without the map (`--model_config '{"z_map_channels": 0}'`): `z` reaches the blocks only
   through the time embedding;
 - `rf`: `--latent_dim 0`;
 - `vrfm_prior_mix` (not run by default): the defaults plus `--prior_mix 0.3`, which trains 30% of examples on a `z`
-  from N(0, I), so that the velocity model must read the class from the caption for those.
+  from N(0, I), so that the velocity model must read the class from the condition for those;
+- `vrfm_flow_prior` (not run by default): the same model as `vrfm` (training is deterministic), saved with a
+  conditional flow prior (`--aggregate_prior_type flow`) instead of the atoms.
 
-For each digit, samples are drawn with the prompt "a handwritten <digit>" (Euler), with and without classifier-free
-guidance. VRFM draws z from the prior `train_vrfm.py` saved (posterior atoms keyed by caption: a prompt draws among
-the atoms of its caption); `--extra_priors atoms` (or `flow`) also samples the same model with a prior fitted without
-the captions, which draws z of any digit whatever the prompt.
+For each digit, samples are drawn with the prompt "a handwritten <digit>" or the digit's label (Euler), with and
+without classifier-free guidance. VRFM draws z from the prior `train_vrfm.py` saved (posterior atoms keyed by caption
+or label: a prompt draws among the atoms of its caption); `--extra_priors atoms` (or `flow`) also samples the same
+model with a prior fitted without the conditions, which draws z of any digit whatever is asked for.
 
 Two figures per cell: the Fréchet distance between the pooled, class-balanced samples and the test images in the
 features of `benchmarks.mnist_quality`'s digit classifier (lower is better), and the share of samples that the same
-small CNN, trained longer, assigns to the prompted digit (1.0 = the prompt always wins, 0.1 = chance). A copy check
-compares each sample's distance to its nearest training image with the test images' (near 1: new images; far below 1:
-copies).
+small CNN, trained longer, assigns to the digit asked for (1.0 = the condition always wins, 0.1 = chance). A copy
+check compares each sample's distance to its nearest training image with the test images' (near 1: new images; far
+below 1: copies).
 
-    python -m benchmarks.text_to_image_digits --extra_priors atoms    # the recorded run (3 seeds)
-    python -m benchmarks.text_to_image_digits --quick                 # a smoke run in seconds
+    python -m benchmarks.conditional_digits --extra_priors atoms                         # recorded (3 seeds)
+    python -m benchmarks.conditional_digits --conditioning label --extra_priors atoms    # recorded (3 seeds)
+    python -m benchmarks.conditional_digits --quick                                      # a smoke run in seconds
 """
 
 from __future__ import annotations
@@ -47,7 +53,9 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.mnist_quality import (
+    CPU_UNET,
     EXTRA_PRIORS,
+    QUICK_UNET,
     DigitClassifier,
     ImageData,
     Scorer,
@@ -59,6 +67,9 @@ from benchmarks.mnist_quality import (
 )
 
 RESOLUTION = 16
+QUICK_MMDIT = {"num_layers": 1, "attention_head_dim": 8, "num_attention_heads": 2}
+JUDGE_EPOCHS = 30
+TARGETS = {1: 0.5, 2: 0.5, 8: 1.0, 16: 1.0, 50: 1.0}  # issue 13's image targets, applied to the FD here
 
 
 @dataclass(frozen=True)
@@ -78,24 +89,57 @@ METHODS = {
     "vrfm": Method("VRFM"),
     "vrfm_no_map": Method("VRFM without the z map", {"z_map_channels": 0}),
     "vrfm_prior_mix": Method("VRFM, prior_mix 0.3", flags=("--prior_mix", "0.3")),
+    "vrfm_flow_prior": Method("VRFM with a conditional flow prior", flags=("--aggregate_prior_type", "flow")),
     "rf": Method("RF", flags=("--latent_dim", "0")),
 }
 DEFAULT_METHODS = ["vrfm", "vrfm_no_map", "rf"]
-QUICK_MODEL = {"num_layers": 1, "attention_head_dim": 8, "num_attention_heads": 2}
-JUDGE_EPOCHS = 30
-TARGETS = {1: 0.5, 2: 0.5, 8: 1.0, 16: 1.0, 50: 1.0}  # issue 13's image targets, applied to the FD here
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """How the models are told which digit to draw (`--conditioning`): by a caption or by a class label."""
+
+    flags: tuple[str, ...]  # what `train_vrfm.py` adds for it
+    model_config: dict  # the backbone's config on the benchmark's budget ...
+    quick_model_config: dict  # ... and in the smoke run
+    pipeline: str  # the pipeline class of `diffusers_vrfm` that samples it
+    name: str  # the default `--name` of the report
+    title: str
+    model: str  # how the report describes the models
+    key: str  # what a digit is asked for with, and the prior's atoms keyed by: "caption" or "label"
+
+
+CONDITIONINGS = {
+    "text": Conditioning(
+        ("--backbone", "sd3"), {}, QUICK_MMDIT, "VRFMTextToImagePipeline", "text_to_image_digits",
+        "Text-to-image on the digits: VRFM against RF at both ends, and does the prompt control the class?",
+        "`train_vrfm.py --backbone sd3` (a small MMDiT in pixel space, a frozen random CLIP text encoder), captions "
+        'such as "a handwritten seven" (10% dropped to "" for guidance)',
+        "caption",
+    ),
+    "label": Conditioning(
+        ("--backbone", "unet", "--class_conditional"), CPU_UNET, QUICK_UNET, "VRFMPipeline",
+        "class_conditional_digits",
+        "Class-conditional digits: VRFM against RF at both ends, and does the label control the class?",
+        "`train_vrfm.py --class_conditional` (the UNet of `benchmarks.mnist_quality`'s CPU budget, with a class "
+        "embedding; 10% of labels dropped to the null label for guidance)",
+        "label",
+    ),
+}  # fmt: skip
 
 
 def training_argv(args, data: ImageData, method: str, seed: int, output_dir: Path) -> list[str]:
     """The `train_vrfm.py` command line of one run."""
-    argv = ["--backbone", "sd3", "--dataset_name", data.name, "--resolution", RESOLUTION]
+    conditioning = CONDITIONINGS[args.conditioning]
+    argv = [*conditioning.flags, "--dataset_name", data.name, "--resolution", RESOLUTION]
     argv += ["--max_train_samples", data.max_train_samples, "--output_dir", output_dir, "--seed", seed]
     argv += ["--max_train_steps", args.max_train_steps, "--train_batch_size", args.batch_size]
     argv += ["--num_threads", args.num_threads, "--report_to", "none", "--cpu"]
     argv += ["--validation_steps", args.max_train_steps + 1, "--checkpointing_steps", args.max_train_steps + 1]
     argv += ["--validation_inference_steps", "2", "--num_validation_samples", "4"]
     recipe = METHODS[method]
-    model_config = {**(QUICK_MODEL if args.quick else {}), **recipe.model_config}
+    backbone_config = conditioning.quick_model_config if args.quick else conditioning.model_config
+    model_config = {**backbone_config, **recipe.model_config}
     argv += ["--model_config", json.dumps(model_config)] if model_config else []
     argv += recipe.flags
     if recipe.is_vrfm and args.quick:
@@ -107,16 +151,20 @@ def training_argv(args, data: ImageData, method: str, seed: int, output_dir: Pat
 
 @torch.no_grad()
 def prompted_samples(pipeline, samples_per_class: int, nfe: int, guidance_scale: float, seed: int):
-    """`samples_per_class` images in [0, 1] for each digit's prompt, and the prompted digits; the same noise and
-    z stream for every method."""
+    """`samples_per_class` images in [0, 1] for each digit (asked for by its caption, or its label for a
+    class-conditional pipeline), and the asked-for digits; the same noise and z stream for every method."""
+    from diffusers_vrfm import VRFMTextToImagePipeline
     from diffusers_vrfm.training.text_data import digit_caption
 
     images = []
     for digit in range(10):
+        if isinstance(pipeline, VRFMTextToImagePipeline):
+            asked = {"prompt": digit_caption(digit), "num_images_per_prompt": samples_per_class}
+        else:
+            asked = {"class_labels": [digit] * samples_per_class}
         output = pipeline(
-            digit_caption(digit), num_images_per_prompt=samples_per_class, num_inference_steps=nfe,
-            guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed * 100 + digit),
-            output_type="pt",
+            **asked, num_inference_steps=nfe, guidance_scale=guidance_scale,
+            generator=torch.Generator().manual_seed(seed * 100 + digit), output_type="pt",
         )  # fmt: skip
         images.append(output.images.float().cpu())
     return torch.cat(images), torch.arange(10).repeat_interleave(samples_per_class)
@@ -149,16 +197,17 @@ def score(rulers: Rulers, images: torch.Tensor, digits: torch.Tensor) -> dict:
     }
 
 
-def sampling_variants(path: Path, prior_fits: dict) -> dict:
-    """The saved pipeline (with its own prior) and, for a VRFM run, the same model with each prior of `prior_fits`
-    (kind -> a function of the saved posterior that returns the fitted prior)."""
-    from diffusers_vrfm import VRFMTextToImagePipeline
+def sampling_variants(path: Path, pipeline_class: str, prior_fits: dict) -> dict:
+    """The saved pipeline (of the class `pipeline_class`, with its own prior) and, for a VRFM run, the same model with
+    each prior of `prior_fits` (kind -> a function of the saved posterior that returns the fitted prior)."""
+    import diffusers_vrfm
 
-    saved = VRFMTextToImagePipeline.from_pretrained(str(path))
+    pipeline_class = getattr(diffusers_vrfm, pipeline_class)
+    saved = pipeline_class.from_pretrained(str(path))
     variants = {"saved": saved}
     if saved.velocity_model.latent_dim > 0:
         for kind, fit in prior_fits.items():
-            variants[kind] = VRFMTextToImagePipeline(**{**saved.components, "prior": fit(saved.posterior_encoder)})
+            variants[kind] = pipeline_class(**{**saved.components, "prior": fit(saved.posterior_encoder)})
     for pipeline in variants.values():
         pipeline.set_progress_bar_config(disable=True)
     return variants
@@ -181,7 +230,7 @@ def evaluate_run(args, data: ImageData, rulers: Rulers, method: str, seed: int) 
         summary = train_with_script(argv)
     fits = extra_prior_fits(args, data, seed) if settings["extra_priors"] else {}
     scores = {}
-    for variant, pipeline in sampling_variants(folder, fits).items():
+    for variant, pipeline in sampling_variants(folder, CONDITIONINGS[args.conditioning].pipeline, fits).items():
         scores[variant] = {
             str(guidance): {
                 str(nfe): score(rulers, *prompted_samples(pipeline, args.samples_per_class, nfe, guidance, seed))
@@ -217,16 +266,16 @@ def make_rulers(args, data: ImageData) -> tuple[Rulers, dict]:
     return Rulers(scorer, judge), meta
 
 
-VARIANT_LABELS = {  # how a VRFM row draws z
-    "saved": "the saved prior",  # train_vrfm.py's: atoms keyed by caption
-    "atoms": "atoms without captions",
-    "flow": "flow prior (no captions)",
+VARIANT_LABELS = {  # how a VRFM row draws z; {key}: "caption" or "label"
+    "saved": "the saved prior",  # train_vrfm.py's: atoms keyed by caption or label
+    "atoms": "atoms without {key}s",
+    "flow": "flow prior (no {key}s)",
 }
 
 
-def row_label(method: str, variant: str) -> str:
+def row_label(method: str, variant: str, key: str) -> str:
     recipe = METHODS[method]
-    return f"{recipe.label}, {VARIANT_LABELS[variant]}" if recipe.is_vrfm else recipe.label
+    return f"{recipe.label}, {VARIANT_LABELS[variant].format(key=key)}" if recipe.is_vrfm else recipe.label
 
 
 def seed_values(results: dict, method: str, variant: str, guidance: str, nfe: str, metric: str) -> list[float]:
@@ -246,7 +295,7 @@ def metric_table(results: dict, metric: str, guidance: str, with_ratio: bool) ->
                 values = seed_values(results, method, variant, guidance, nfe, metric)
                 ratio = f" ({np.mean(values) / rf_means[nfe]:.2f}x)" if with_ratio and method != "rf" else ""
                 cells.append(format_mean_std(values) + ratio)
-            rows.append([row_label(method, variant), *cells])
+            rows.append([row_label(method, variant, CONDITIONINGS[results["meta"]["conditioning"]].key), *cells])
     return markdown_table(["method", *[f"NFE {nfe}" for nfe in nfes]], rows)
 
 
@@ -268,32 +317,30 @@ def target_rows(results: dict) -> list[list[str]]:
 def render_report(results: dict) -> str:
     meta = results["meta"]
     seeds = ", ".join(str(seed) for seed in meta["seeds"])
+    conditioning = CONDITIONINGS[meta["conditioning"]]
+    key, asked = conditioning.key, "prompt" if conditioning.key == "caption" else "label"
     lines = [
-        "# Text-to-image on the digits: VRFM against RF at both ends, and does the prompt control the class?",
+        f"# {conditioning.title}",
         "",
-        f"Written by `benchmarks/text_to_image_digits.py`. Command: `{meta['command']}`.",
+        f"Written by `benchmarks/conditional_digits.py`. Command: `{meta['command']}`.",
         "",
-        "Each model: `train_vrfm.py --backbone sd3` (a small MMDiT in pixel space, a frozen random CLIP text "
-        f"encoder), "
-        f"{meta['max_train_steps']} steps of batch {meta['batch_size']} on the first 80% of the 8x8 digits resized "
-        f'to 16x16, captions such as "a handwritten seven". Seeds {seeds}; cells are mean ± std over seeds. Samples: '
-        f"{meta['samples_per_class']} per digit with its prompt, Euler. FD in the features of "
+        f"Each model: {conditioning.model}, {meta['max_train_steps']} steps of batch {meta['batch_size']} on the "
+        f"first 80% of the 8x8 digits resized to 16x16. Seeds {seeds}; cells are mean ± std over seeds. Samples: "
+        f"{meta['samples_per_class']} per digit with its {asked}, Euler. FD in the features of "
         f"`benchmarks.mnist_quality`'s digit classifier (held-out accuracy {meta['classifier_accuracy']:.3f}) "
         f"against the {meta['num_samples']} test images (floor, training vs test images: {meta['fd_floor']:.2f}); "
-        f"the prompted digit read by the same CNN trained for {JUDGE_EPOCHS} epochs (accuracy "
+        f"the digit asked for read by the same CNN trained for {JUDGE_EPOCHS} epochs (accuracy "
         f"{meta['judge_accuracy']:.3f} on the test images, {meta['judge_training_accuracy']:.3f} on the training "
         "images: samples that replay training images can score above the first). Parameters (velocity / posterior): "
         f"{meta['parameters']}.",
         "",
-    ]
-    lines += [
-        "VRFM's saved prior is `train_vrfm.py`'s: posterior atoms keyed by caption, so that a prompt draws z among "
-        "the atoms of its caption.",
+        f"VRFM's saved prior is `train_vrfm.py`'s: posterior atoms keyed by {key}, so that a {asked} draws z among "
+        f"the atoms of its {key}.",
     ]
     if meta["extra_priors"]:
         lines += [
-            f"Rows without captions sample the same model with a prior ({', '.join(meta['extra_priors'])}) fitted "
-            "afterwards to its posterior without the captions: z of any digit, whatever the prompt.",
+            f"Rows without {key}s sample the same model with a prior ({', '.join(meta['extra_priors'])}) fitted "
+            f"afterwards to its posterior without the {key}s: z of any digit, whatever the {asked}.",
         ]
     lines += [""]
     targets = target_rows(results)
@@ -303,7 +350,7 @@ def render_report(results: dict) -> str:
     for guidance in [str(g) for g in meta["guidance_scales"]]:
         lines += [f"## Guidance {guidance}", "", "FD to the test images (ratio to RF's mean):", ""]
         lines += [metric_table(results, "fd", guidance, with_ratio=True), ""]
-        lines += ["Share of samples showing the prompted digit:", ""]
+        lines += ["Share of samples showing the digit asked for:", ""]
         lines += [metric_table(results, "accuracy", guidance, with_ratio=False), ""]
         lines += ["Copy check, nearest-training-image distance of samples over that of test images:", ""]
         lines += [metric_table(results, "distance_ratio", guidance, with_ratio=False), ""]
@@ -335,6 +382,7 @@ def run(args, argv: list[str]) -> dict:
     first_vrfm = next(iter(results["runs"][args.methods[0]].values()))
     results["meta"] = {
         **rulers_meta,
+        "conditioning": args.conditioning,
         "quick": bool(args.quick),
         "seeds": list(args.seeds),
         "max_train_steps": args.max_train_steps,
@@ -346,7 +394,7 @@ def run(args, argv: list[str]) -> dict:
         "parameters": first_vrfm["train"]["parameters"],
         "machine": machine_description(),
         "seconds": time.time() - start,
-        "command": " ".join(["python -m benchmarks.text_to_image_digits", *argv]),
+        "command": " ".join(["python -m benchmarks.conditional_digits", *argv]),
     }
     output_dir = Path(args.output_dir)
     write_json(output_dir / f"{args.name}.json", results)
@@ -374,7 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--flow_prior_steps", type=int, default=2000, help="fitting steps of the flow prior")
     parser.add_argument("--num_threads", type=int, default=1)
     parser.add_argument("--output-dir", dest="output_dir", default=str(RESULTS_DIR))
-    parser.add_argument("--name", default="text_to_image_digits")
+    parser.add_argument(
+        "--conditioning",
+        choices=list(CONDITIONINGS),
+        default="text",
+        help="text: a caption picks the digit (an MMDiT with a text encoder); label: a class label (a UNet)",
+    )
+    parser.add_argument("--name", default=None, help="The report's name (default: by --conditioning).")
     parser.add_argument(
         "--reuse_runs",
         action="store_true",
@@ -386,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.name = args.name or CONDITIONINGS[args.conditioning].name
     if args.max_train_steps is None:
         args.max_train_steps = 20 if args.quick else 1600
     if args.samples_per_class is None:
