@@ -51,7 +51,7 @@ OUTPUT_TYPES = ("pt", "np", "pil", "latent")
 VelocityModel = VRFMMLPModel | VRFMUNet2DModel | VRFMUNet2DConditionModel | VRFMDiTTransformer2DModel
 PosteriorEncoder = VRFMPosteriorEncoder | VRFMConvPosteriorEncoder
 Prior = VRFMAggregatePosteriorPrior | VRFMFlowPrior | VRFMPosteriorEncoder | VRFMConvPosteriorEncoder
-UNCONDITIONAL_PRIORS = (VRFMAggregatePosteriorPrior, VRFMFlowPrior)
+FITTED_PRIORS = (VRFMAggregatePosteriorPrior, VRFMFlowPrior)  # fitted after training; they do not read x0
 Autoencoder = AutoencoderKL | AutoencoderTiny
 FlowScheduler = (
     VRFMScheduler
@@ -190,7 +190,7 @@ class VRFMPipeline(DiffusionPipeline):
             )
         if prior is not None:
             conditional = tuple(getattr(prior.config, "posterior_inputs", ())) == ("x0",)
-            if not (conditional or isinstance(prior, UNCONDITIONAL_PRIORS)):
+            if not (conditional or isinstance(prior, FITTED_PRIORS)):
                 raise ValueError(
                     "`prior` must be a VRFMAggregatePosteriorPrior, a VRFMFlowPrior or an encoder that reads only the "
                     "source point, "
@@ -247,8 +247,9 @@ class VRFMPipeline(DiffusionPipeline):
         """Draws one ``z`` per trajectory (or checks the given ones). `None` for plain rectified flow.
 
         ``z ~ N(0, I)``, or a draw from the pipeline's `prior` component when it has one (a learned prior reads
-        `source`, the trajectory's starting point ``x0``; a conditional [`VRFMAggregatePosteriorPrior`] reads
-        `condition`, the class labels' or the prompt's key; an unconditional one takes only its batch size).
+        `source`, the trajectory's starting point ``x0``; a conditional [`VRFMAggregatePosteriorPrior`] or
+        [`VRFMFlowPrior`] reads `condition`, the class labels' or the prompt's key; an unconditional one takes only
+        its batch size).
         """
         latent_dim = self.velocity_model.latent_dim
         if latent_dim == 0:
@@ -695,7 +696,7 @@ class VRFMPipeline(DiffusionPipeline):
         """
         from ..likelihood import log_likelihood
 
-        if isinstance(self.prior, UNCONDITIONAL_PRIORS):  # the marginal over z uses the sampling prior
+        if isinstance(self.prior, FITTED_PRIORS):  # the marginal over z uses the sampling prior
             kwargs.setdefault("prior", self.prior)
         if self.vae is not None:
             kwargs.setdefault("compute_bits_per_dim", False)
