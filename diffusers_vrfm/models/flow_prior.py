@@ -28,7 +28,13 @@ from torch import nn
 
 from ..likelihood import standard_normal_log_prob
 from ..objective import check_generator, check_tensor, reparameterize
-from .latent_prior import check_atom_tensors, check_condition, collect_posterior_atoms, prior_batch_size
+from .latent_prior import (
+    check_atom_conditions,
+    check_atom_tensors,
+    check_condition,
+    collect_posterior_atoms,
+    prior_batch_size,
+)
 from .posterior import VRFMPosteriorOutput
 
 
@@ -171,8 +177,6 @@ class VRFMFlowPrior(ModelMixin, ConfigMixin):
         `(rows, condition_dim)`, or the learned null feature where `condition` is `None`; `None` for an
         unconditional flow (which refuses a `condition`)."""
         if condition is not None:
-            if self.condition_dim == 0:
-                raise ValueError("`condition` was given, but this prior is unconditional (`condition_dim=0`).")
             check_condition(condition, self.condition_dim, rows, "condition")
         if self.condition_dim == 0:
             return None
@@ -229,10 +233,7 @@ class VRFMFlowPrior(ModelMixin, ConfigMixin):
         `condition` `(B, condition_dim)`, for a conditional flow only: row `i` draws from ``p(z | condition[i])``.
         Returns a [`VRFMPosteriorOutput`] with only `sample` set: a flow draw has no Gaussian `mean` and `logvar`.
         """
-        if condition is not None and x0 is None and batch_size is None:
-            check_tensor(condition, "condition")
-            batch_size = condition.shape[0]
-        batch_size = prior_batch_size(x0, batch_size, generator)
+        batch_size = prior_batch_size(x0, batch_size, generator, condition)
         features = self.condition_features(condition, batch_size)
         shape, reference = (batch_size, self.latent_dim), self.data_mean
         u = randn_tensor(shape, generator=generator, device=reference.device, dtype=reference.dtype)
@@ -268,13 +269,7 @@ class VRFMFlowPrior(ModelMixin, ConfigMixin):
                 null condition instead of their own, which makes the null condition's flow the marginal.
         """
         means, logvars = check_atom_tensors(means, logvars, self.latent_dim)
-        if (conditions is None) != (self.condition_dim == 0):
-            raise ValueError(
-                f"`conditions` must be given exactly when the prior is conditional; this one has `condition_dim="
-                f"{self.condition_dim}`, and `conditions` is {'None' if conditions is None else 'given'}."
-            )
-        if conditions is not None:
-            check_condition(conditions, self.condition_dim, means.shape[0], "conditions")
+        check_atom_conditions(conditions, self.condition_dim, means.shape[0])
         if isinstance(condition_dropout, bool) or not (
             isinstance(condition_dropout, (int, float)) and 0 <= condition_dropout < 1
         ):

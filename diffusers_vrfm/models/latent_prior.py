@@ -28,12 +28,15 @@ from ..objective import check_generator, check_tensor, interpolate, reparameteri
 from .posterior import LOGVAR_RANGE, VRFMPosteriorOutput
 
 
-def prior_batch_size(x0: torch.Tensor | None, batch_size: int | None, generator) -> int:
-    """The number of draws an unconditional prior makes: `x0`'s rows, else `batch_size`; checks `generator` (one,
-    or one per row) against it."""
+def prior_batch_size(x0: torch.Tensor | None, batch_size: int | None, generator, condition=None) -> int:
+    """The number of draws a fitted prior makes: `x0`'s rows, else `batch_size`, else the rows of `condition`;
+    checks `generator` (one, or one per row) against it."""
     if x0 is not None:
         check_tensor(x0, "x0")
         batch_size = x0.shape[0]
+    elif batch_size is None and condition is not None:
+        check_tensor(condition, "condition")
+        batch_size = condition.shape[0]
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` (or `x0.shape[0]`) must be a positive integer, but got {batch_size!r}.")
     check_generator(generator, batch_size=batch_size)
@@ -58,12 +61,27 @@ def check_atom_tensors(
 
 
 def check_condition(condition: torch.Tensor, condition_dim: int, rows: int, argument: str) -> None:
-    """Checks a conditional prior's `condition` (or atom `conditions`): finite, of shape `(rows, condition_dim)`."""
+    """Checks a prior's `condition` (or atom `conditions`): refused by an unconditional prior (`condition_dim` 0),
+    else finite, of shape `(rows, condition_dim)`."""
+    if condition_dim == 0:
+        raise ValueError(f"`{argument}` was given, but this prior is unconditional (`condition_dim=0`).")
     check_tensor(condition, argument)
     if condition.ndim != 2 or tuple(condition.shape) != (rows, condition_dim):
         raise ValueError(f"`{argument}` must have shape {(rows, condition_dim)}, but got {tuple(condition.shape)}.")
     if not torch.isfinite(condition).all():
         raise ValueError(f"`{argument}` must be finite, but it contains NaN or inf.")
+
+
+def check_atom_conditions(conditions: torch.Tensor | None, condition_dim: int, num_atoms: int) -> None:
+    """Checks the `conditions` `(num_atoms, condition_dim)` of a prior's atoms: given exactly when it is
+    conditional."""
+    if (conditions is None) != (condition_dim == 0):
+        raise ValueError(
+            f"`conditions` must be given exactly when the prior is conditional; this one has `condition_dim="
+            f"{condition_dim}`, and `conditions` is {'None' if conditions is None else 'given'}."
+        )
+    if conditions is not None:
+        check_condition(conditions, condition_dim, num_atoms, "conditions")
 
 
 def draw_atom_indices(
@@ -256,13 +274,8 @@ class VRFMAggregatePosteriorPrior(ModelMixin, ConfigMixin):
         """Stores `means` and `logvars`, each of shape `(num_atoms, latent_dim)`, as the mixture's atoms, and for a
         conditional prior their `conditions` `(num_atoms, condition_dim)`."""
         means, logvars = check_atom_tensors(means, logvars, self.latent_dim, self.num_atoms)
-        if (conditions is None) != (self.condition_dim == 0):
-            raise ValueError(
-                f"`conditions` must be given exactly when the prior is conditional; this one has `condition_dim="
-                f"{self.condition_dim}`, and `conditions` is {'None' if conditions is None else 'given'}."
-            )
+        check_atom_conditions(conditions, self.condition_dim, self.num_atoms)
         if conditions is not None:
-            check_condition(conditions, self.condition_dim, self.num_atoms, "conditions")
             self.atom_conditions.copy_(conditions)
         self.atom_means.copy_(means)
         self.atom_logvars.copy_(logvars.clamp(*LOGVAR_RANGE))
@@ -320,12 +333,7 @@ class VRFMAggregatePosteriorPrior(ModelMixin, ConfigMixin):
         condition (see the class). Returns a [`VRFMPosteriorOutput`] whose `mean` and `logvar` are those of the atom
         each row drew, and whose `kl` is `None` (the mixture has no closed-form KL to a single Gaussian).
         """
-        if condition is not None:
-            if self.condition_dim == 0:
-                raise ValueError("`condition` was given, but this prior is unconditional (`condition_dim=0`).")
-            check_tensor(condition, "condition")
-            batch_size = condition.shape[0] if x0 is None and batch_size is None else batch_size
-        batch_size = prior_batch_size(x0, batch_size, generator)
+        batch_size = prior_batch_size(x0, batch_size, generator, condition)
         weights = None
         if condition is not None:
             check_condition(condition, self.condition_dim, batch_size, "condition")
@@ -358,8 +366,6 @@ class VRFMAggregatePosteriorPrior(ModelMixin, ConfigMixin):
             raise ValueError(f"`z` must have shape (B, {self.latent_dim}), but got {tuple(z.shape)}.")
         candidates = None
         if condition is not None:
-            if self.condition_dim == 0:
-                raise ValueError("`condition` was given, but this prior is unconditional (`condition_dim=0`).")
             check_condition(condition, self.condition_dim, z.shape[0], "condition")
             candidates = self.neighbor_mask(condition)
         z = z.to(self.atom_means)[:, None, :]  # (B, 1, d) against (K, d)
