@@ -33,8 +33,8 @@ Each fixed ``z`` defines its own flow, so ``log p(x | z)`` is exact (up to the s
 The marginal ``log p(x) = log E_{z ~ N(0, I)} p(x | z)`` is estimated by ``logmeanexp_k log p(x | z_k)`` with ``K``
 independent draws ``z_k ~ N(0, I)``. By Jensen's inequality this is a **stochastic lower bound** on ``log p(x)`` in
 expectation, and its expectation is non-decreasing in ``K`` and converges to ``log p(x)`` as ``K -> inf`` (Burda et
-al., 2016). With a fitted `prior`, the draws come from it instead; for a class-conditional model whose prior keeps
-its atoms' labels, from ``p(z | label)``, so that the estimate is of ``log p(x | label)``. With Hutchinson's
+al., 2016). With a fitted `prior`, the draws come from it instead; for a class-conditional model with a conditional
+prior, from ``p(z | label)``, so that the estimate is of ``log p(x | label)``. With Hutchinson's
 divergence each ``log p(x | z_k)`` is itself noisy; the exponential in the average then biases the marginal upward by
 an amount that shrinks with the probe variance, so prefer ``"exact"`` for marginals in low dimension.
 
@@ -493,8 +493,8 @@ def log_likelihood(
             `compute_bits_per_dim`. Leave it off when `x` is already dequantised.
         rtol, atol (`float`, default to `1e-5`): tolerances of `"dopri5"`.
         prior ([`VRFMAggregatePosteriorPrior`] or [`VRFMFlowPrior`], *optional*): the prior ``p(z)`` of the marginal
-            (``N(0, I)`` by default); [`VRFMPipeline.log_likelihood`] passes its own. A conditional
-            [`VRFMAggregatePosteriorPrior`] gives ``p(z | c)`` for each example's `prior_condition`.
+            (``N(0, I)`` by default); [`VRFMPipeline.log_likelihood`] passes its own. A conditional one gives
+            ``p(z | c)`` for each example's `prior_condition`.
         proposal (posterior encoder, *optional*): draw the `K` latents from ``q(z | x)`` instead of the prior and
             weight them, ``logmeanexp_k [log p(x | z_k) + log p(z_k) - log q(z_k | x)]`` (importance sampling; still a
             lower bound on ``log p(x)`` in expectation, and far tighter for a given `K` when ``z`` is informative).
@@ -503,9 +503,8 @@ def log_likelihood(
         z_chunk_size (`int`, *optional*): how many of the `K` draws to integrate together in one batch (of
             `z_chunk_size * B` trajectories); all `K` by default. Lower it to save memory.
         prior_condition (`torch.Tensor` of shape `(B, condition_dim)`, *optional*): each example's key for a
-            conditional `prior` (see [`VRFMAggregatePosteriorPrior`]). By default, [`label_condition`] of
-            `class_labels` when they are all real labels, and the marginal over all atoms when they are all the null
-            label (or not given).
+            conditional `prior`. By default, [`label_condition`] of `class_labels` when they are all real labels,
+            and the prior's marginal when they are all the null label (or not given).
 
     Returns:
         [`VRFMLikelihoodOutput`]: `log_prob` (`(B,)`), `bits_per_dim`, `num_function_evals` and the per-draw parts.
