@@ -490,13 +490,15 @@ def test_conditional_digits_quick_outputs_are_well_formed(tmp_path, monkeypatch)
 def test_conditional_digits_with_labels_trains_a_class_conditional_unet(tmp_path):
     from benchmarks import conditional_digits
 
-    argv = ["--quick", "--conditioning", "label", "--methods", "vrfm", "rf", "--nfe", "1", "2"]
+    argv = ["--quick", "--conditioning", "label", "--methods", "vrfm", "vrfm_flow_prior", "rf", "--nfe", "1", "2"]
     results = conditional_digits.main([*argv, "--guidance_scales", "1", "--output-dir", str(tmp_path)])
     report = (tmp_path / "class_conditional_digits.md").read_text()
     assert report.startswith("# Class-conditional digits") and "posterior atoms keyed by label" in report
     tables = common.parse_markdown_tables(report)
     for table in _table_with_header(tables, "method", "NFE 2"):
-        assert [row[0] for row in table[1:]] == ["VRFM, the saved prior", "RF"]
+        assert [row[0] for row in table[1:]] == [
+            "VRFM, the saved prior", "VRFM with a conditional flow prior, the saved prior", "RF"
+        ]  # fmt: skip
     assert results["meta"]["conditioning"] == "label"
     runs = tmp_path / "cache" / "runs"
     configs = {
@@ -506,8 +508,9 @@ def test_conditional_digits_with_labels_trains_a_class_conditional_unet(tmp_path
     assert {m: (c["_class_name"], c["num_classes"]) for m, c in configs.items()} == {
         "vrfm": ("VRFMUNet2DModel", 10), "rf": ("VRFMUNet2DModel", 10)
     }  # fmt: skip
-    prior = json.loads((runs / "class_conditional_digits_vrfm_s0" / "prior" / "config.json").read_text())
-    assert prior["condition_dim"] == 10, "the saved prior is keyed by the one-hot label"
+    for method, kind in (("vrfm", "VRFMAggregatePosteriorPrior"), ("vrfm_flow_prior", "VRFMFlowPrior")):
+        prior = json.loads((runs / f"class_conditional_digits_{method}_s0" / "prior" / "config.json").read_text())
+        assert (prior["_class_name"], prior["condition_dim"]) == (kind, 10), "a prior conditional on the label"
 
 
 def test_image_study_joins_single_method_runs(tmp_path):
