@@ -34,9 +34,9 @@ The marginal ``log p(x) = log E_{z ~ N(0, I)} p(x | z)`` is estimated by ``logme
 independent draws ``z_k ~ N(0, I)``. By Jensen's inequality this is a **stochastic lower bound** on ``log p(x)`` in
 expectation, and its expectation is non-decreasing in ``K`` and converges to ``log p(x)`` as ``K -> inf`` (Burda et
 al., 2016). With a fitted `prior`, the draws come from it instead; for a class-conditional model with a conditional
-prior, from ``p(z | label)``, so that the estimate is of ``log p(x | label)``. With Hutchinson's
-divergence each ``log p(x | z_k)`` is itself noisy; the exponential in the average then biases the marginal upward by
-an amount that shrinks with the probe variance, so prefer ``"exact"`` for marginals in low dimension.
+prior, from ``p(z | label)``, so that the estimate is of ``log p(x | label)``. With Hutchinson's divergence each
+``log p(x | z_k)`` is itself noisy; the exponential in the average then biases the marginal upward by an amount that
+shrinks with the probe variance, so prefer ``"exact"`` for marginals in low dimension.
 
 Bits per dimension (images)
 ---------------------------
@@ -66,7 +66,7 @@ import torch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .models.latent_prior import label_condition
+from .models.latent_prior import check_condition, label_condition
 from .models.z_embedding import given_latent
 
 DIVERGENCES = ("exact", "hutchinson")
@@ -620,6 +620,7 @@ def _prior_condition(prior, prior_condition, labels, velocity_model, batch_size:
     if prior_condition is not None:
         if condition_dim == 0:
             raise ValueError("`prior_condition` was given, but `prior` is not a conditional prior.")
+        check_condition(prior_condition, condition_dim, batch_size, "prior_condition")
         return prior_condition
     num_classes = getattr(velocity_model, "num_classes", None)
     if condition_dim == 0 or labels is None or num_classes is None:

@@ -426,6 +426,8 @@ def test_log_likelihood_with_a_conditional_prior_draws_z_given_each_label():
     assert len(null.z[..., 0].round().unique()) == 3, "the null label draws from every label's atoms"
     with pytest.raises(ValueError, match="`class_labels` mix real labels with the null label 3"):
         pipe.log_likelihood(x, class_labels=torch.tensor([0, 3, 1, 2]))
+    with pytest.raises(ValueError, match=r"`prior_condition` must have shape \(4, 3\), but got \(2, 3\)"):
+        pipe.log_likelihood(x, prior_condition=label_condition(wanted[:2], 3))
     with pytest.raises(ValueError, match="`prior_condition` was given, but `prior` is not a conditional prior"):
         log_likelihood(model, x, prior=_prior(points, torch.zeros(12, 2)), prior_condition=torch.zeros(4, 3))
 
