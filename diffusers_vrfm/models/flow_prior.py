@@ -292,11 +292,10 @@ class VRFMFlowPrior(ModelMixin, ConfigMixin):
                 self.condition_log_std.copy_(0.5 * conditions.var(dim=0, unbiased=False).clamp_min(1e-6).log())
         optimizer = torch.optim.Adam(self.parameters(), lr=learning_rate)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=num_train_steps)
-        losses = []
+        losses, atoms = [], (means, logvars, conditions, condition_dropout)
         self.train()
         with torch.enable_grad():
             for _ in range(num_train_steps):
-                atoms = (means, logvars, conditions, condition_dropout)
                 losses.append(self._fit_step(atoms, batch_size, optimizer, generator))
                 schedule.step()
         self.eval()
