@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -221,12 +222,16 @@ def evaluate_run(args, data: ImageData, rulers: Rulers, method: str, seed: int) 
     settings = {"argv": argv, "nfe": args.nfe, "guidance": args.guidance_scales, "per_class": args.samples_per_class}
     settings["extra_priors"] = args.extra_priors if METHODS[method].is_vrfm else []
     settings["judge_epochs"] = judge_epochs(args)
-    cached = folder / "evaluation.json"
-    if args.reuse_runs and cached.is_file() and json.loads(cached.read_text())["settings"] == settings:
-        return json.loads(cached.read_text())
-    if args.reuse_runs and (folder / "logs" / "summary.json").is_file():
+    evaluation = folder / "evaluation.json"
+    cached = json.loads(evaluation.read_text()) if evaluation.is_file() else None
+    if args.reuse_runs and cached is not None and cached["settings"] == settings:
+        return cached
+    # a trained model is reused only if it was trained with this very command line
+    trained = cached is not None and cached["settings"]["argv"] == argv
+    if args.reuse_runs and trained and (folder / "logs" / "summary.json").is_file():
         summary = json.loads((folder / "logs" / "summary.json").read_text())
     else:
+        shutil.rmtree(folder, ignore_errors=True)
         summary = train_with_script(argv)
     fits = extra_prior_fits(args, data, seed) if settings["extra_priors"] else {}
     scores = {}
@@ -246,7 +251,7 @@ def evaluate_run(args, data: ImageData, rulers: Rulers, method: str, seed: int) 
         "active_units": metrics.get("active latent units (last step)"),
     }
     result = {"settings": settings, "scores": scores, "train": train}
-    write_json(cached, result)
+    write_json(evaluation, result)
     return result
 
 

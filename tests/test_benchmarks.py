@@ -485,6 +485,8 @@ def test_conditional_digits_quick_outputs_are_well_formed(tmp_path, monkeypatch)
     monkeypatch.setattr(conditional_digits, "train_with_script", no_training)
     again = conditional_digits.main([*argv, "--reuse_runs"])
     assert again["runs"] == results["runs"]  # the scores come back from each run's evaluation.json
+    with pytest.raises(AssertionError, match="trained again"):  # a changed command line trains again
+        conditional_digits.main([*argv, "--reuse_runs", "--max_train_steps", "21"])
 
 
 def test_conditional_digits_with_labels_trains_a_class_conditional_unet(tmp_path):
