@@ -213,7 +213,9 @@ def _add_objective_arguments(parser: argparse.ArgumentParser) -> None:
         choices=AGGREGATE_PRIOR_TYPES,
         help="How the fitted prior holds the aggregate posterior: `atoms` samples the --aggregate_prior_atoms "
         "posteriors themselves (VRFMAggregatePosteriorPrior); `flow` fits a small RealNVP to draws from them "
-        "(VRFMFlowPrior: fixed size, exact log_prob, smooth between training codes; see docs/benchmarks.md).",
+        "(VRFMFlowPrior: fixed size, exact log_prob, smooth between training codes, new images where the atoms "
+        "replay training ones on a small data set; see docs/benchmarks.md). Both are conditional on the label or "
+        "caption for class-conditional and text-to-image models.",
     )
     objective.add_argument(
         "--flow_prior_steps", type=int, default=2000, help="Maximum-likelihood steps of the `flow` prior's fit."
