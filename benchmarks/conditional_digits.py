@@ -1,4 +1,4 @@
-"""Conditional generation on the digits: VRFM against RF at both ends of the step range, and does the condition
+r"""Conditional generation on the digits: VRFM against RF at both ends of the step range, and does the condition
 (a prompt, or a class label) control the class?
 
 `--conditioning text` (the default): every model is trained by `train_vrfm.py --backbone sd3` (a small MMDiT in pixel
@@ -27,9 +27,12 @@ small CNN, trained longer, assigns to the digit asked for (1.0 = the condition a
 check compares each sample's distance to its nearest training image with the test images' (near 1: new images; far
 below 1: copies).
 
-    python -m benchmarks.conditional_digits --extra_priors atoms                         # recorded (3 seeds)
-    python -m benchmarks.conditional_digits --conditioning label --extra_priors atoms    # recorded (3 seeds)
-    python -m benchmarks.conditional_digits --quick                                      # a smoke run in seconds
+    python -m benchmarks.conditional_digits --quick    # a smoke run in seconds
+    # the recorded runs (3 seeds each):
+    python -m benchmarks.conditional_digits --extra_priors atoms \
+        --methods vrfm vrfm_no_map vrfm_flow_prior vrfm_prior_mix rf
+    python -m benchmarks.conditional_digits --conditioning label --extra_priors atoms \
+        --methods vrfm vrfm_no_map vrfm_flow_prior rf
 """
 
 from __future__ import annotations
