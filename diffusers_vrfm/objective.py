@@ -44,6 +44,14 @@ def check_tensor(value, argument: str, floating: bool = True) -> torch.Tensor:
     return value
 
 
+def check_integer(value, argument: str, minimum: int = 0) -> int:
+    """Refuses what is not an integer (bools included) of at least `minimum`, with a message that names `argument`;
+    returns it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{argument}` must be an integer >= {minimum}, but got {value!r}.")
+    return value
+
+
 def check_real(value, argument: str, minimum: float | None = None, maximum: float | None = None) -> float:
     """Refuses what is not a finite real number (bools and strings included) or lies outside `[minimum, maximum]`,
     with a message that names `argument`; returns it as a float."""

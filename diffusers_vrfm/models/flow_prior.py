@@ -27,7 +27,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from ..likelihood import standard_normal_log_prob
-from ..objective import check_generator, check_tensor, reparameterize
+from ..objective import check_generator, check_integer, check_tensor, reparameterize
 from .latent_prior import (
     check_atom_conditions,
     check_atom_tensors,
@@ -115,8 +115,7 @@ class VRFMFlowPrior(ModelMixin, ConfigMixin):
             ("hidden_dim", hidden_dim, 1),
             ("condition_dim", condition_dim, 0),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"`{name}` must be an integer >= {minimum}, but got {value!r}.")
+            check_integer(value, name, minimum)
         positive = isinstance(log_scale_bound, (int, float)) and log_scale_bound > 0
         if isinstance(log_scale_bound, bool) or not positive:
             raise ValueError(f"`log_scale_bound` must be a positive number, but got {log_scale_bound!r}.")

@@ -24,7 +24,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from ..objective import check_generator, check_tensor, interpolate, reparameterize
+from ..objective import check_generator, check_integer, check_tensor, interpolate, reparameterize
 from .posterior import LOGVAR_RANGE, VRFMPosteriorOutput
 
 
@@ -213,8 +213,7 @@ class VRFMAggregatePosteriorPrior(ModelMixin, ConfigMixin):
             ("condition_dim", condition_dim, 0),
             ("num_neighbors", num_neighbors, 1),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"`{name}` must be an integer >= {minimum}, but got {value!r}.")
+            check_integer(value, name, minimum)
         self.register_buffer("atom_means", torch.zeros(num_atoms, latent_dim))
         self.register_buffer("atom_logvars", torch.zeros(num_atoms, latent_dim))
         if condition_dim > 0:

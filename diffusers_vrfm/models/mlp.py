@@ -8,6 +8,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ..objective import check_integer
 from .z_embedding import (
     LatentEmbedding,
     VRFMVelocityOutput,
@@ -67,8 +68,7 @@ class VRFMMLPModel(ModelMixin, ConfigMixin):
             ("num_layers", num_layers, 1),
             ("time_embed_dim", time_embed_dim, 4),  # below 4, diffusers' sinusoidal embedding divides 0 by 0
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"`{name}` must be an integer >= {minimum}, but got {value!r}.")
+            check_integer(value, name, minimum)
         if not isinstance(activation, str) or activation not in ACTIVATIONS:
             raise ValueError(f"`activation` must be one of {tuple(ACTIVATIONS)}, but got {activation!r}.")
         if num_classes is not None and (

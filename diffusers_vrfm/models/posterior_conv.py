@@ -9,13 +9,9 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from torch.nn import functional as F
 
+from ..objective import check_integer
 from .posterior import PosteriorEncoderMixin, validate_posterior_inputs
 from .z_embedding import spatial_size
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, but got {value!r}.")
 
 
 class _ConvBlock(nn.Module):
@@ -88,22 +84,22 @@ class VRFMConvPosteriorEncoder(PosteriorEncoderMixin, ModelMixin, ConfigMixin):
     ):
         super().__init__()
         self._spatial = spatial_size(sample_size)
-        _check_int("in_channels", in_channels, 1)
-        _check_int("latent_dim", latent_dim, 1)
-        _check_int("layers_per_block", layers_per_block, 1)
-        _check_int("norm_num_groups", norm_num_groups, 1)
-        _check_int("hidden_dim", hidden_dim, 1)
-        _check_int("time_embed_dim", time_embed_dim, 4)  # below 4 the sinusoidal embedding divides by 0
+        check_integer(in_channels, "in_channels", 1)
+        check_integer(latent_dim, "latent_dim", 1)
+        check_integer(layers_per_block, "layers_per_block", 1)
+        check_integer(norm_num_groups, "norm_num_groups", 1)
+        check_integer(hidden_dim, "hidden_dim", 1)
+        check_integer(time_embed_dim, "time_embed_dim", 4)  # below 4 the sinusoidal embedding divides by 0
         if isinstance(block_out_channels, int) or not block_out_channels:
             raise ValueError(f"`block_out_channels` must be a non-empty sequence, but got {block_out_channels!r}.")
         for channels in block_out_channels:
-            _check_int("block_out_channels", channels, 1)
+            check_integer(channels, "block_out_channels", 1)
             if channels % norm_num_groups != 0:
                 raise ValueError(
                     f"`norm_num_groups` ({norm_num_groups}) must divide every entry of `block_out_channels`, "
                     f"but got {tuple(block_out_channels)}."
                 )
-        _check_int("pooled_size", pooled_size, 1)
+        check_integer(pooled_size, "pooled_size", 1)
         last_map = last_feature_map_size(self._spatial, len(block_out_channels) - 1)
         if pooled_size > min(last_map):
             raise ValueError(

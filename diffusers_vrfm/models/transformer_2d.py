@@ -20,6 +20,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
 from torch import nn
 
+from ..objective import check_integer
 from .z_embedding import (
     LatentEmbedding,
     LatentMap,
@@ -155,8 +156,7 @@ class VRFMDiTTransformer2DModel(ModelMixin, ConfigMixin):
             ("num_layers", num_layers, 1),
             ("patch_size", patch_size, 1),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"`{name}` must be an integer >= {minimum}, but got {value!r}.")
+            check_integer(value, name, minimum)
         if sample_size % patch_size != 0:
             raise ValueError(f"`sample_size` ({sample_size}) must be a multiple of `patch_size` ({patch_size}).")
         if out_channels is not None and out_channels != in_channels:

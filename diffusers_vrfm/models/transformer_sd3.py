@@ -24,7 +24,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 from torch import nn
 
-from ..objective import check_tensor, flow_match_output_to_velocity, t_to_sigma
+from ..objective import check_integer, check_tensor, flow_match_output_to_velocity, t_to_sigma
 from .z_embedding import (
     LatentEmbedding,
     LatentMap,
@@ -79,11 +79,6 @@ class TimestepTextLatentEmbedding(CombinedTimestepTextProjEmbeddings):
         if pooled_projection.z_embedding is not None:
             conditioning = conditioning + pooled_projection.z_embedding.to(conditioning.dtype)
         return conditioning
-
-
-def _check_positive_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, but got {value!r}.")
 
 
 class VRFMSD3Transformer2DModel(ModelMixin, ConfigMixin):
@@ -167,9 +162,9 @@ class VRFMSD3Transformer2DModel(ModelMixin, ConfigMixin):
             ("joint_attention_dim", joint_attention_dim, 1),
             ("pooled_projection_dim", pooled_projection_dim, 1),
         ):
-            _check_positive_int(name, value, minimum)
+            check_integer(value, name, minimum)
         if z_embed_hidden_dim is not None:
-            _check_positive_int("z_embed_hidden_dim", z_embed_hidden_dim)
+            check_integer(z_embed_hidden_dim, "z_embed_hidden_dim", 1)
         if out_channels != in_channels:
             raise ValueError(
                 f"`out_channels` ({out_channels!r}) must equal `in_channels` ({in_channels}): a velocity has the "

@@ -20,6 +20,7 @@ from diffusers.models.unets.unet_2d import UNet2DModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import nn
 
+from ..objective import check_integer
 from .z_embedding import (
     LatentEmbedding,
     LatentMap,
@@ -99,11 +100,6 @@ _CONDITION_RESERVED = (
     "class_embeddings_concat",
     "time_embedding_type",
 )
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, but got {value!r}.")
 
 
 def _check_num_classes(num_classes) -> None:
@@ -209,8 +205,8 @@ class VRFMUNet2DModel(ModelMixin, ConfigMixin):
     ):
         super().__init__()
         size = spatial_size(sample_size)
-        _check_int("in_channels", in_channels, 1)
-        _check_int("latent_dim", latent_dim, 0)
+        check_integer(in_channels, "in_channels", 1)
+        check_integer(latent_dim, "latent_dim", 0)
         _check_num_classes(num_classes)
         _check_timestep_scale(timestep_scale)
         if out_channels != in_channels:
@@ -224,7 +220,7 @@ class VRFMUNet2DModel(ModelMixin, ConfigMixin):
                 "output by the time and 'learned' needs integer steps)."
             )
         if z_embed_hidden_dim is not None:
-            _check_int("z_embed_hidden_dim", z_embed_hidden_dim, 1)
+            check_integer(z_embed_hidden_dim, "z_embed_hidden_dim", 1)
         check_z_map(latent_dim, z_map_channels, z_map_stride)
         conditioned = latent_dim > 0 or num_classes is not None
         self.unet = UNet2DModel(
@@ -458,8 +454,8 @@ class VRFMUNet2DConditionModel(ModelMixin, ConfigMixin):
     ):
         super().__init__()
         spatial_size(sample_size)
-        _check_int("in_channels", in_channels, 1)
-        _check_int("latent_dim", latent_dim, 0)
+        check_integer(in_channels, "in_channels", 1)
+        check_integer(latent_dim, "latent_dim", 0)
         _check_num_classes(num_classes)
         _check_timestep_scale(timestep_scale)
         if out_channels != in_channels:

@@ -12,7 +12,7 @@ import torch
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from ..objective import check_tensor
+from ..objective import check_integer, check_tensor
 
 _VALUE_CHECKS = contextvars.ContextVar("diffusers_vrfm_value_checks", default=True)
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch >= 2.3; before it nothing is skipped
@@ -126,8 +126,7 @@ class LatentMap(nn.Module):
 def check_z_map(latent_dim: int, channels, stride) -> None:
     """Refuses a wrapper's bad `z_map_channels` or `z_map_stride` with a message that names them."""
     for name, value, minimum in (("z_map_channels", channels, 0), ("z_map_stride", stride, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"`{name}` must be an integer >= {minimum}, but got {value!r}.")
+        check_integer(value, name, minimum)
     if channels > 0 and latent_dim == 0:
         raise ValueError(f"`z_map_channels` ({channels}) needs a `z`, but `latent_dim` is 0; set it to 0.")
 
