@@ -542,37 +542,16 @@ def log_likelihood(
         zs, log_correction = _draw_latents(
             x, latent_dim, z, num_z_samples, prior, proposal, generator, prior_condition
         )
-        num_draws = 1 if zs is None else zs.shape[0]
-        chunk = num_draws if z_chunk_size is None else min(z_chunk_size, num_draws)
+        draw_chunks = [None] if zs is None else zs.split(z_chunk_size or zs.shape[0])
 
-        per_z, source_terms, integrals, source_points = [], [], [], []
-        total_evals = 0
-        for start in range(0, num_draws, chunk):
-            count = min(chunk, num_draws - start)
-            rows = count * batch_size
-            x1 = x.unsqueeze(0).expand(count, *x.shape).reshape(rows, *sample_shape)
-            z_rows = None if zs is None else zs[start : start + count].reshape(rows, latent_dim)
-            label_rows = labels.repeat(count) if labels is not None and labels.ndim == 1 else labels
-            probe = rademacher_probe(x1.shape, generator, x.device, x.dtype) if divergence == "hutchinson" else None
-            x0, integral, evals = integrate_log_density(
-                _conditioned_velocity(velocity_model, z_rows, label_rows),
-                x1,
-                num_inference_steps=num_inference_steps,
-                solver=solver,
-                divergence=divergence,
-                probe=probe,
-                enable_grad=enable_grad,
-                rtol=rtol,
-                atol=atol,
-            )
-            total_evals += evals
-            log_p0 = _source_log_density(source_log_prob, x0)
-            per_z.append((log_p0 - integral).reshape(count, batch_size))
-            integrals.append(integral.reshape(count, batch_size))
-            source_terms.append(log_p0.reshape(count, batch_size))
-            source_points.append(x0.reshape(count, batch_size, *sample_shape))
-
-        log_prob_per_z = torch.cat(per_z)
+        ode = {"num_inference_steps": num_inference_steps, "solver": solver, "divergence": divergence}
+        ode.update(enable_grad=enable_grad, rtol=rtol, atol=atol)
+        parts = [
+            _integrate_draws(velocity_model, x, draws, labels, ode, source_log_prob, generator)
+            for draws in draw_chunks
+        ]
+        log_p0, integral, x0 = (torch.cat([part[i] for part in parts]) for i in range(3))
+        log_prob_per_z = log_p0 - integral
         log_weights = log_prob_per_z if proposal is None else log_prob_per_z + log_correction
         log_prob = logmeanexp(log_weights, dim=0)
         bpd = bits_per_dim_from_log_prob(log_prob, num_dims, bin_width) if compute_bits_per_dim else None
@@ -582,14 +561,31 @@ def log_likelihood(
     return VRFMLikelihoodOutput(
         log_prob=log_prob,
         bits_per_dim=bpd,
-        num_function_evals=total_evals,
+        num_function_evals=sum(part[3] for part in parts),
         log_prob_per_z=log_prob_per_z,
         log_weights=log_weights,
-        log_prob_source=torch.cat(source_terms),
-        divergence_integral=torch.cat(integrals),
-        x0=torch.cat(source_points),
+        log_prob_source=log_p0,
+        divergence_integral=integral,
+        x0=x0,
         z=zs,
     )
+
+
+def _integrate_draws(velocity_model, x, zs, labels, ode: dict, source_log_prob, generator):
+    """Integrates every example of `x` under each of the draws `zs` `(count, B, latent_dim)` (or once, for `None`),
+    batched as one set of trajectories with the solver options `ode`: returns ``log p0(x0)`` and the divergence
+    integral, each `(count, B)`, ``x0`` `(count, B, *sample_shape)` and the number of function evaluations."""
+    count, batch_size, sample_shape = 1 if zs is None else zs.shape[0], x.shape[0], x.shape[1:]
+    rows = count * batch_size
+    x1 = x.unsqueeze(0).expand(count, *x.shape).reshape(rows, *sample_shape)
+    z_rows = None if zs is None else zs.reshape(rows, zs.shape[-1])
+    label_rows = labels.repeat(count) if labels is not None and labels.ndim == 1 else labels
+    probe = rademacher_probe(x1.shape, generator, x.device, x.dtype) if ode["divergence"] == "hutchinson" else None
+    velocity_fn = _conditioned_velocity(velocity_model, z_rows, label_rows)
+    x0, integral, evals = integrate_log_density(velocity_fn, x1, probe=probe, **ode)
+    log_p0 = _source_log_density(source_log_prob, x0)
+    per_draw = (count, batch_size)
+    return log_p0.reshape(per_draw), integral.reshape(per_draw), x0.reshape(*per_draw, *sample_shape), evals
 
 
 def _check_prior_and_proposal(latent_dim: int, z, prior, proposal) -> None:

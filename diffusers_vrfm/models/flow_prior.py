@@ -177,12 +177,21 @@ class VRFMFlowPrior(ModelMixin, ConfigMixin):
         unconditional flow (which refuses a `condition`)."""
         if condition is not None:
             check_condition(condition, self.condition_dim, rows, "condition")
+        return self._features(condition, rows)
+
+    def _features(self, condition: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+        """[`~VRFMFlowPrior.condition_features`] without the checks (the fit checks its conditions once)."""
         if self.condition_dim == 0:
             return None
         if condition is None:
             return self.null_condition.expand(rows, -1)
         standardised = (condition.to(self.condition_mean) - self.condition_mean) * torch.exp(-self.condition_log_std)
         return self.condition_embedding(standardised)
+
+    def _log_density(self, z: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """``log p(z)`` of each row by the change of variables, given the rows' condition features."""
+        u, log_det = self.to_base(z, features)
+        return standard_normal_log_prob(u) + log_det
 
     def _shift_and_log_scale(self, layer: int, kept: torch.Tensor, mask: torch.Tensor, features):
         inputs = kept if features is None else torch.cat([kept, features], dim=-1)
@@ -216,8 +225,7 @@ class VRFMFlowPrior(ModelMixin, ConfigMixin):
         check_tensor(z, "z")
         if z.ndim != 2 or z.shape[1] != self.latent_dim:
             raise ValueError(f"`z` must have shape (B, {self.latent_dim}), but got {tuple(z.shape)}.")
-        u, log_det = self.to_base(z.to(self.data_mean), self.condition_features(condition, z.shape[0]))
-        return standard_normal_log_prob(u) + log_det
+        return self._log_density(z.to(self.data_mean), self.condition_features(condition, z.shape[0]))
 
     def forward(
         self,
@@ -311,10 +319,10 @@ class VRFMFlowPrior(ModelMixin, ConfigMixin):
         features = None
         if conditions is not None:
             dropped = (torch.rand(batch_size, generator=generator) < condition_dropout).to(device)
-            own = self.condition_features(conditions[rows], batch_size)
-            features = torch.where(dropped[:, None], self.condition_features(None, batch_size), own)
-        u, log_det = self.to_base(z, features)
-        loss = -(standard_normal_log_prob(u) + log_det).mean()
+            features = torch.where(
+                dropped[:, None], self._features(None, batch_size), self._features(conditions[rows], batch_size)
+            )
+        loss = -self._log_density(z, features).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.parameters(), 1.0)
