@@ -7,19 +7,20 @@ space, a frozen random CLIP text encoder over a word-level tokenizer the run bui
 embedding, 10% of labels dropped to the null label). Both train on the first 80% of scikit-learn's 8x8 digits resized
 to 16x16; the other 20% are the test images. The methods:
 
-- `vrfm`: the script's defaults, which give the backbone the 4-channel `z` map;
-- `vrfm_no_map`: the same without the map (`--model_config '{"z_map_channels": 0}'`): `z` reaches the blocks only
-  through the time embedding;
+- `vrfm`: the script's defaults, which give the backbone the 4-channel `z` map and save a conditional flow prior,
+  `p(z | caption)` or `p(z | label)`;
+- `vrfm_atoms`: the same model (training is deterministic) saved with the conditional atom prior instead
+  (`--aggregate_prior_type atoms`: the posteriors of training images, keyed by caption or label);
+- `vrfm_no_map`: `vrfm_atoms` without the map (`--model_config '{"z_map_channels": 0}'`): `z` reaches the blocks
+  only through the time embedding;
 - `rf`: `--latent_dim 0`;
-- `vrfm_prior_mix` (not run by default): the defaults plus `--prior_mix 0.3`, which trains 30% of examples on a `z`
-  from N(0, I), so that the velocity model must read the class from the condition for those;
-- `vrfm_flow_prior` (not run by default): the same model as `vrfm` (training is deterministic), saved with a
-  conditional flow prior (`--aggregate_prior_type flow`) instead of the atoms.
+- `vrfm_prior_mix` (not run by default): `vrfm_atoms` plus `--prior_mix 0.3`, which trains 30% of examples on a `z`
+  from N(0, I), so that the velocity model must read the class from the condition for those.
 
 For each digit, samples are drawn with the prompt "a handwritten <digit>" or the digit's label (Euler), with and
-without classifier-free guidance. VRFM draws z from the prior `train_vrfm.py` saved (posterior atoms keyed by caption
-or label: a prompt draws among the atoms of its caption); `--extra_priors atoms` (or `flow`) also samples the same
-model with a prior fitted without the conditions, which draws z of any digit whatever is asked for.
+without classifier-free guidance. VRFM draws z from the prior `train_vrfm.py` saved, given the prompt or label;
+`--extra_priors atoms` (or `flow`) also samples the same model with a prior fitted without the conditions, which
+draws z of any digit whatever is asked for.
 
 Two figures per cell: the Fréchet distance between the pooled, class-balanced samples and the test images in the
 features of `benchmarks.mnist_quality`'s digit classifier (lower is better), and the share of samples that the same
@@ -30,9 +31,9 @@ below 1: copies).
     python -m benchmarks.conditional_digits --quick    # a smoke run in seconds
     # the recorded runs (3 seeds each):
     python -m benchmarks.conditional_digits --extra_priors atoms \
-        --methods vrfm vrfm_no_map vrfm_flow_prior vrfm_prior_mix rf
+        --methods vrfm vrfm_atoms vrfm_no_map vrfm_prior_mix rf
     python -m benchmarks.conditional_digits --conditioning label --extra_priors atoms \
-        --methods vrfm vrfm_no_map vrfm_flow_prior rf
+        --methods vrfm vrfm_atoms vrfm_no_map rf
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ from benchmarks.mnist_quality import (
     get_classifier,
     load_image_data,
     make_scorer,
+    resolved_training_args,
     train_with_script,
 )
 
@@ -89,14 +91,15 @@ class Method:
         return "--latent_dim" not in self.flags
 
 
+ATOM_PRIOR = ("--aggregate_prior_type", "atoms")
 METHODS = {
     "vrfm": Method("VRFM"),
-    "vrfm_no_map": Method("VRFM without the z map", {"z_map_channels": 0}),
-    "vrfm_prior_mix": Method("VRFM, prior_mix 0.3", flags=("--prior_mix", "0.3")),
-    "vrfm_flow_prior": Method("VRFM with a conditional flow prior", flags=("--aggregate_prior_type", "flow")),
+    "vrfm_atoms": Method("VRFM, atom prior", flags=ATOM_PRIOR),
+    "vrfm_no_map": Method("VRFM without the z map, atom prior", {"z_map_channels": 0}, ATOM_PRIOR),
+    "vrfm_prior_mix": Method("VRFM, prior_mix 0.3, atom prior", flags=("--prior_mix", "0.3", *ATOM_PRIOR)),
     "rf": Method("RF", flags=("--latent_dim", "0")),
 }
-DEFAULT_METHODS = ["vrfm", "vrfm_no_map", "rf"]
+DEFAULT_METHODS = ["vrfm", "vrfm_atoms", "vrfm_no_map", "rf"]
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,8 @@ def training_argv(args, data: ImageData, method: str, seed: int, output_dir: Pat
     model_config = {**backbone_config, **recipe.model_config}
     argv += ["--model_config", json.dumps(model_config)] if model_config else []
     argv += recipe.flags
+    if recipe.is_vrfm:
+        argv += ["--flow_prior_steps", args.flow_prior_steps]
     if recipe.is_vrfm and args.quick:
         argv += ["--aggregate_prior_atoms", "32"]
     if args.quick:
@@ -222,15 +227,16 @@ def evaluate_run(args, data: ImageData, rulers: Rulers, method: str, seed: int) 
     the run's folder as `evaluation.json`."""
     folder = Path(args.output_dir) / "cache" / "runs" / f"{args.name}_{method}_s{seed}"  # cache/ is git-ignored
     argv = training_argv(args, data, method, seed, folder)
-    settings = {"argv": argv, "nfe": args.nfe, "guidance": args.guidance_scales, "per_class": args.samples_per_class}
+    settings = {"argv": argv, "resolved": resolved_training_args(argv)}
+    settings |= {"nfe": args.nfe, "guidance": args.guidance_scales, "per_class": args.samples_per_class}
     settings["extra_priors"] = args.extra_priors if METHODS[method].is_vrfm else []
     settings["judge_epochs"] = judge_epochs(args)
     evaluation = folder / "evaluation.json"
     cached = json.loads(evaluation.read_text()) if evaluation.is_file() else None
     if args.reuse_runs and cached is not None and cached["settings"] == settings:
         return cached
-    # a trained model is reused only if it was trained with this very command line
-    trained = cached is not None and cached["settings"]["argv"] == argv
+    # a trained model is reused only if it was trained with this very command line and the same script defaults
+    trained = cached is not None and all(cached["settings"].get(key) == settings[key] for key in ("argv", "resolved"))
     if args.reuse_runs and trained and (folder / "logs" / "summary.json").is_file():
         summary = json.loads((folder / "logs" / "summary.json").read_text())
     else:
@@ -275,7 +281,7 @@ def make_rulers(args, data: ImageData) -> tuple[Rulers, dict]:
 
 
 VARIANT_LABELS = {  # how a VRFM row draws z; {key}: "caption" or "label"
-    "saved": "the saved prior",  # train_vrfm.py's: atoms keyed by caption or label
+    "saved": "the saved prior",  # train_vrfm.py's, given the caption or label
     "atoms": "atoms without {key}s",
     "flow": "flow prior (no {key}s)",
 }
@@ -342,8 +348,9 @@ def render_report(results: dict) -> str:
         "images: samples that replay training images can score above the first). Parameters (velocity / posterior): "
         f"{meta['parameters']}.",
         "",
-        f"VRFM's saved prior is `train_vrfm.py`'s: posterior atoms keyed by {key}, so that a {asked} draws z among "
-        f"the atoms of its {key}.",
+        f"VRFM's saved prior is `train_vrfm.py`'s, conditional on the {key}: by default a flow `p(z | {key})`; with "
+        f"the atom prior, the posteriors of training images keyed by {key}, so that a {asked} draws z among the atoms "
+        f"of its {key}.",
     ]
     if meta["extra_priors"]:
         lines += [
@@ -427,7 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="VRFM: also sample with these priors, fitted to the saved posterior after training",
     )
-    parser.add_argument("--flow_prior_steps", type=int, default=2000, help="fitting steps of the flow prior")
+    parser.add_argument(
+        "--flow_prior_steps", type=int, default=2000, help="fitting steps of the flow priors, saved and extra"
+    )
     parser.add_argument("--num_threads", type=int, default=1)
     parser.add_argument("--output-dir", dest="output_dir", default=str(RESULTS_DIR))
     parser.add_argument(
@@ -445,8 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    """The benchmark's arguments, with the defaults that depend on `--quick` and `--conditioning` filled in."""
     args = build_parser().parse_args(argv)
     args.name = args.name or CONDITIONINGS[args.conditioning].name
     if args.max_train_steps is None:
@@ -457,7 +466,12 @@ def main(argv: list[str] | None = None) -> dict:
         args.batch_size, args.seeds = min(args.batch_size, 8), args.seeds[:1]
         args.flow_prior_steps = min(args.flow_prior_steps, 20)
     args.aggregate_prior_atoms = 32 if args.quick else None  # what `extra_prior_fits` fits the extra priors on
-    results = run(args, argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    results = run(parse_arguments(argv), argv)
     print(render_report(results))
     return results
 

@@ -62,6 +62,7 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 from diffusers_vrfm.schedulers.flow_scheduler_adapter import SINGLE_EVAL_SCHEDULERS  # noqa: E402
+from diffusers_vrfm.training.cli import AGGREGATE_PRIOR_TYPES  # noqa: E402
 
 DEFAULT_NFES = (1, 2, 4, 8, 16, 50)
 DATASETS = {"builtin:mnist": 28, "builtin:digits": 16}  # name -> default resolution
@@ -278,12 +279,26 @@ def training_argv(args, data: ImageData, method: str, seed: int, output_dir: Pat
         argv += ["--kl_target", args.kl_target] if args.kl_target is not None else []
         if args.aggregate_prior_atoms is not None:
             argv += ["--aggregate_prior_atoms", args.aggregate_prior_atoms]
+        argv += ["--aggregate_prior_type", args.aggregate_prior_type] if args.aggregate_prior_type else []
+        argv += ["--flow_prior_steps", args.flow_prior_steps]
         if args.beta is not None:  # per pixel: the loss is the mean over pixels plus beta times the summed KL
             beta = args.beta * data.train[0].numel() if args.kl_convention == "per_pixel" else args.beta
             argv += ["--beta", beta]
     if args.kl_convention is not None:
         argv += ["--loss_reduction", "mean" if args.kl_convention == "per_pixel" else "sum"]
     return [str(a) for a in argv + shlex.split(args.train_args)]
+
+
+def resolved_training_args(argv: list[str], kind: str = "image") -> dict:
+    """`train_vrfm.py`'s settings for `argv` once the defaults that depend on the data are filled in, without the
+    output folder and the raw command line: what a cached run must match to be reused, so that a changed default
+    trains it again."""
+    from diffusers_vrfm.training.cli import parse_args, resolve_defaults
+
+    args = parse_args(argv)
+    resolve_defaults(args, kind)
+    settings = {key: value for key, value in vars(args).items() if key != "output_dir" and not key.startswith("_")}
+    return json.loads(json.dumps(settings, default=str))
 
 
 def train_with_script(argv: list[str]) -> dict:
@@ -772,6 +787,8 @@ def run(args) -> dict:
     if "inception" in score_meta:
         results["inception"] = {**score_meta.pop("inception"), **{key: {} for key in METHOD_LABELS}}
     grids, params = {}, {"rf": 0, "vrfm": 0, "posterior": 0}
+    if args.work_dir is not None:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
         for seed in args.seeds:
             for method in args.methods:
@@ -967,6 +984,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kl-target", default=None, help="nats or 'off'; default: train_vrfm.py's")
     parser.add_argument("--aggregate-prior-atoms", type=int, default=None, help="0: off; default: train_vrfm.py's")
     parser.add_argument(
+        "--aggregate-prior-type",
+        choices=AGGREGATE_PRIOR_TYPES,
+        default=None,
+        help="VRFM: the prior train_vrfm.py saves; default: train_vrfm.py's (the flow, for images)",
+    )
+    parser.add_argument(
         "--extra-priors",
         nargs="+",
         choices=EXTRA_PRIORS,
@@ -974,7 +997,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="VRFM: also sample with these priors, fitted to the saved posterior after training (atoms: "
         "VRFMAggregatePosteriorPrior; flow: VRFMFlowPrior), on the same model",
     )
-    parser.add_argument("--flow-prior-steps", type=int, default=2000, help="fitting steps of the flow prior")
+    parser.add_argument(
+        "--flow-prior-steps", type=int, default=2000, help="fitting steps of the flow priors, saved and extra"
+    )
     parser.add_argument(
         "--posterior-z",
         action="store_true",

@@ -5,6 +5,5 @@ cd "$(dirname "$0")/.."
 OUTPUT_DIR="${OUTPUT_DIR:-vrfm-digits}"
 
 bash scripts/install.sh train
-# the flow prior: on 1797 digits the default atom prior would hand back training images (docs/training.md)
-python train_vrfm.py --output_dir "${OUTPUT_DIR}" --num_threads 1 --aggregate_prior_type flow "$@"
+python train_vrfm.py --output_dir "${OUTPUT_DIR}" --num_threads 1 "$@"
 python examples/sample.py "${OUTPUT_DIR}" --num_inference_steps 1 2 4 16 --output "${OUTPUT_DIR}/samples.png"

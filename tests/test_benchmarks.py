@@ -449,8 +449,10 @@ def test_mnist_quality_arguments_and_seeds_summary():
 
 def test_conditional_digits_quick_outputs_are_well_formed(tmp_path, monkeypatch):
     from benchmarks import conditional_digits
+    from diffusers_vrfm.training import cli
 
     argv = ["--quick", "--output-dir", str(tmp_path), "--extra_priors", "atoms"]
+    argv += ["--methods", "vrfm", "vrfm_no_map", "rf"]
     results = conditional_digits.main(argv)
     tables = common.parse_markdown_tables((tmp_path / "text_to_image_digits.md").read_text())
     (targets,) = list(_table_with_header(tables, "quantity"))
@@ -463,8 +465,8 @@ def test_conditional_digits_quick_outputs_are_well_formed(tmp_path, monkeypatch)
         assert [row[0] for row in table[1:]] == [
             "VRFM, the saved prior",
             "VRFM, atoms without captions",
-            "VRFM without the z map, the saved prior",
-            "VRFM without the z map, atoms without captions",
+            "VRFM without the z map, atom prior, the saved prior",
+            "VRFM without the z map, atom prior, atoms without captions",
             "RF",
         ]
         assert all(math.isfinite(_number(cell)) and _number(cell) >= 0 for row in table[1:] for cell in row[1:])
@@ -487,20 +489,21 @@ def test_conditional_digits_quick_outputs_are_well_formed(tmp_path, monkeypatch)
     assert again["runs"] == results["runs"]  # the scores come back from each run's evaluation.json
     with pytest.raises(AssertionError, match="trained again"):  # a changed command line trains again
         conditional_digits.main([*argv, "--reuse_runs", "--max_train_steps", "21"])
+    monkeypatch.setitem(cli.DEFAULT_AGGREGATE_PRIOR_TYPE, "image", "atoms")
+    with pytest.raises(AssertionError, match="trained again"):  # so does a changed default of the script
+        conditional_digits.main([*argv, "--reuse_runs"])
 
 
 def test_conditional_digits_with_labels_trains_a_class_conditional_unet(tmp_path):
     from benchmarks import conditional_digits
 
-    argv = ["--quick", "--conditioning", "label", "--methods", "vrfm", "vrfm_flow_prior", "rf", "--nfe", "1", "2"]
+    argv = ["--quick", "--conditioning", "label", "--methods", "vrfm", "vrfm_atoms", "rf", "--nfe", "1", "2"]
     results = conditional_digits.main([*argv, "--guidance_scales", "1", "--output-dir", str(tmp_path)])
     report = (tmp_path / "class_conditional_digits.md").read_text()
-    assert report.startswith("# Class-conditional digits") and "posterior atoms keyed by label" in report
+    assert report.startswith("# Class-conditional digits") and "a flow `p(z | label)`" in report
     tables = common.parse_markdown_tables(report)
     for table in _table_with_header(tables, "method", "NFE 2"):
-        assert [row[0] for row in table[1:]] == [
-            "VRFM, the saved prior", "VRFM with a conditional flow prior, the saved prior", "RF"
-        ]  # fmt: skip
+        assert [row[0] for row in table[1:]] == ["VRFM, the saved prior", "VRFM, atom prior, the saved prior", "RF"]
     assert results["meta"]["conditioning"] == "label"
     runs = tmp_path / "cache" / "runs"
     configs = {
@@ -510,7 +513,7 @@ def test_conditional_digits_with_labels_trains_a_class_conditional_unet(tmp_path
     assert {m: (c["_class_name"], c["num_classes"]) for m, c in configs.items()} == {
         "vrfm": ("VRFMUNet2DModel", 10), "rf": ("VRFMUNet2DModel", 10)
     }  # fmt: skip
-    for method, kind in (("vrfm", "VRFMAggregatePosteriorPrior"), ("vrfm_flow_prior", "VRFMFlowPrior")):
+    for method, kind in (("vrfm", "VRFMFlowPrior"), ("vrfm_atoms", "VRFMAggregatePosteriorPrior")):
         prior = json.loads((runs / f"class_conditional_digits_{method}_s0" / "prior" / "config.json").read_text())
         assert (prior["_class_name"], prior["condition_dim"]) == (kind, 10), "a prior conditional on the label"
 

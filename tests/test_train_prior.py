@@ -247,7 +247,7 @@ def test_a_vector_pipeline_continues_training_without_naming_its_backbone(tmp_pa
         train(["--output_dir", str(tmp_path / "third"), *common])
 
 
-def test_a_class_conditional_run_fits_a_prior_conditional_on_the_label(tmp_path, train):
+def test_a_class_conditional_run_fits_a_prior_conditional_on_the_label(tmp_path, train, caplog):
     from train_helpers import TINY_POSTERIOR, TINY_UNET
 
     from diffusers_vrfm import label_condition
@@ -258,7 +258,10 @@ def test_a_class_conditional_run_fits_a_prior_conditional_on_the_label(tmp_path,
         "--max_train_samples", "24", "--train_batch_size", "4", "--max_train_steps", "2", "--class_conditional",
         "--num_validation_samples", "2", "--aggregate_prior_atoms", "40", *FAST,
     ]  # fmt: skip
-    assert train(["--output_dir", output_dir, *common])["finished"]
+    assert train(["--output_dir", output_dir, *common, "--aggregate_prior_type", "atoms"])["finished"]
+    # 40 atoms from 24 images: the run warns that samples may replay training images, and names the flow
+    assert "The atom prior holds the posteriors of 40 draws from 24 training images" in caplog.text
+    assert "Pass `--aggregate_prior_type flow`" in caplog.text
     pipe = VRFMPipeline.from_pretrained(output_dir)
     prior = pipe.prior
     assert isinstance(prior, VRFMAggregatePosteriorPrior) and prior.condition_dim == 10  # one-hot digit labels
@@ -270,7 +273,7 @@ def test_a_class_conditional_run_fits_a_prior_conditional_on_the_label(tmp_path,
     card = open(os.path.join(output_dir, "README.md"), encoding="utf-8").read()
     assert "each with its example's label; a trajectory draws among the atoms of its label" in card
     flow_dir = str(tmp_path / "flow")
-    assert train(["--output_dir", flow_dir, *common, "--aggregate_prior_type", "flow", "--flow_prior_steps", "5"])
+    assert train(["--output_dir", flow_dir, *common, "--flow_prior_steps", "5"])  # the default prior of images
     flow = VRFMPipeline.from_pretrained(flow_dir).prior
     assert isinstance(flow, VRFMFlowPrior) and flow.condition_dim == 10, "the flow prior is conditional too"
     assert flow.condition_mean.sum().item() == pytest.approx(1.0), "fitted to one-hot labels"

@@ -45,7 +45,7 @@ def tiny_unet_args(output_dir, *extra):
 def test_tiny_end_to_end_run(tmp_path, train, caplog):
     from diffusers import DiffusionPipeline
 
-    from diffusers_vrfm import VRFMPipeline, VRFMUNet2DModel
+    from diffusers_vrfm import VRFMFlowPrior, VRFMPipeline, VRFMUNet2DModel
 
     output_dir = str(tmp_path / "run")
     argv = tiny_unet_args(
@@ -56,11 +56,11 @@ def test_tiny_end_to_end_run(tmp_path, train, caplog):
     argv[argv.index(TINY_UNET)] = z_map_unet
     summary = train(argv)
     assert summary["finished"] and summary["global_step"] == 4
-    # 4096 atoms (the default) from the 1797 digits: the run warns that samples may replay training images
-    assert "The atom prior holds the posteriors of 4096 draws from 1797 training images" in caplog.text
+    assert "The atom prior holds" not in caplog.text  # images get the flow prior, which does not replay them
 
     # The pipeline loads through both routes and samples images.
     pipe = VRFMPipeline.from_pretrained(output_dir)
+    assert isinstance(pipe.prior, VRFMFlowPrior) and pipe.prior.condition_dim == 0
     assert isinstance(pipe.velocity_model, VRFMUNet2DModel) and pipe.velocity_model.latent_dim == 3
     assert pipe.velocity_model.z_map.grid == (1, 4, 4)
     assert pipe.posterior_encoder is not None

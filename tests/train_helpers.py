@@ -24,7 +24,7 @@ TINY_UNET = json.dumps(
     }
 )
 TINY_POSTERIOR = json.dumps({"block_out_channels": [8], "norm_num_groups": 4, "hidden_dim": 16})
-FAST = ["--report_to", "none", "--num_threads", "1", "--validation_inference_steps", "1,2"]
+FAST = ["--report_to", "none", "--num_threads", "1", "--validation_inference_steps", "1,2", "--flow_prior_steps", "20"]
 
 
 def load_script():
