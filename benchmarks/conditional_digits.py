@@ -277,7 +277,15 @@ def make_rulers(args, data: ImageData) -> tuple[Rulers, dict]:
     cache = cache_dir / f"judge_digits_{RESOLUTION}_e{epochs}.safetensors"
     judge, meta["judge_accuracy"] = get_classifier(data, cache, epochs=epochs, max_train=1000 if args.quick else None)
     meta["judge_training_accuracy"] = float((predicted_digits(judge, data.train) == data.train_labels).float().mean())
+    meta["training_images_fd"] = scorer.fd(training_images(data, args.samples_per_class))
     return Rulers(scorer, judge), meta
+
+
+def training_images(data: ImageData, per_digit: int) -> torch.Tensor:
+    """The first `per_digit` training images of each digit: a model that replayed the training set, scored at the
+    samples' own count (an FD estimate shrinks with the number of images it is computed on)."""
+    chosen = [torch.nonzero(data.train_labels == digit).flatten()[:per_digit] for digit in range(10)]
+    return data.train[torch.cat(chosen)]
 
 
 VARIANT_LABELS = {  # how a VRFM row draws z; {key}: "caption" or "label"
@@ -362,6 +370,13 @@ def render_report(results: dict) -> str:
     if targets:
         lines += ["## Targets (FD, no guidance, the default VRFM against RF)", ""]
         lines += [markdown_table(["quantity", "VRFM", "RF", "VRFM / RF", "target", "status"], targets), ""]
+    if "training_images_fd" in meta:
+        lines += [
+            f"The training images themselves, {meta['samples_per_class']} per digit like the samples, score an FD of "
+            f"{meta['training_images_fd']:.2f} against the test images: a cell at or below that is as close to the "
+            "test images as the training set is, and this FD cannot rank it further.",
+            "",
+        ]
     for guidance in [str(g) for g in meta["guidance_scales"]]:
         lines += [f"## Guidance {guidance}", "", "FD to the test images (ratio to RF's mean):", ""]
         lines += [metric_table(results, "fd", guidance, with_ratio=True), ""]

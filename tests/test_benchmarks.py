@@ -474,6 +474,8 @@ def test_conditional_digits_quick_outputs_are_well_formed(tmp_path, monkeypatch)
     assert all(share <= 1 and abs(share * 20 - round(share * 20)) < 1e-6 for share in shares)  # 20 samples each
     for ruler in ("classifier_accuracy", "judge_accuracy"):  # the rulers read real digits (1 epoch in quick)
         assert 0.5 <= results["meta"][ruler] <= 1
+    assert 0 < results["meta"]["training_images_fd"] < float("inf")  # the training set's own FD, 2 per digit
+    assert "The training images themselves, 2 per digit" in (tmp_path / "text_to_image_digits.md").read_text()
     stored = json.loads((tmp_path / "text_to_image_digits.json").read_text())
     assert stored["meta"]["quick"] is True and set(stored["runs"]) == {"vrfm", "vrfm_no_map", "rf"}
     runs = tmp_path / "cache" / "runs"
