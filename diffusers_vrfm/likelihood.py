@@ -455,6 +455,7 @@ def log_likelihood(
     prior: torch.nn.Module | None = None,
     proposal: torch.nn.Module | None = None,
     prior_condition: torch.Tensor | None = None,
+    model_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> VRFMLikelihoodOutput:
     """The log-likelihood of data under a (variational) rectified-flow model, by backward integration of the ODE
     together with the divergence: ``log p1(x) = log p0(x0) - integral_0^1 div v(x_t, t, z) dt``.
@@ -505,6 +506,10 @@ def log_likelihood(
         prior_condition (`torch.Tensor` of shape `(B, condition_dim)`, *optional*): each example's key for a
             conditional `prior`. By default, [`label_condition`] of `class_labels` when they are all real labels,
             and the prior's marginal when they are all the null label (or not given).
+        model_kwargs (`dict[str, torch.Tensor]`, *optional*): more inputs of the velocity model, one row per
+            example (first dimension `B`): a text-conditioned model's `encoder_hidden_states` and
+            `pooled_projections`, for example ([`VRFMTextToImagePipeline.log_likelihood`] passes them). Each draw of
+            `z` reuses its example's rows.
 
     Returns:
         [`VRFMLikelihoodOutput`]: `log_prob` (`(B,)`), `bits_per_dim`, `num_function_evals` and the per-draw parts.
@@ -534,6 +539,7 @@ def log_likelihood(
     latent_dim = int(velocity_model.latent_dim)
     labels = _prepare_labels(class_labels, batch_size, x.device)
     prior_condition = _prior_condition(prior, prior_condition, labels, velocity_model, batch_size)
+    model_inputs = _model_inputs(model_kwargs, labels, batch_size)
 
     with torch.set_grad_enabled(enable_grad):
         if dequantize_input:
@@ -547,7 +553,7 @@ def log_likelihood(
         ode = {"num_inference_steps": num_inference_steps, "solver": solver, "divergence": divergence}
         ode.update(enable_grad=enable_grad, rtol=rtol, atol=atol)
         parts = [
-            _integrate_draws(velocity_model, x, draws, labels, ode, source_log_prob, generator)
+            _integrate_draws(velocity_model, x, draws, model_inputs, ode, source_log_prob, generator)
             for draws in draw_chunks
         ]
         log_p0, integral, x0 = (torch.cat([part[i] for part in parts]) for i in range(3))
@@ -571,17 +577,21 @@ def log_likelihood(
     )
 
 
-def _integrate_draws(velocity_model, x, zs, labels, ode: dict, source_log_prob, generator):
+def _integrate_draws(velocity_model, x, zs, model_inputs: dict, ode: dict, source_log_prob, generator):
     """Integrates every example of `x` under each of the draws `zs` `(count, B, latent_dim)` (or once, for `None`),
-    batched as one set of trajectories with the solver options `ode`: returns ``log p0(x0)`` and the divergence
-    integral, each `(count, B)`, ``x0`` `(count, B, *sample_shape)` and the number of function evaluations."""
+    batched as one set of trajectories with the solver options `ode`, each reading its example's `model_inputs`:
+    returns ``log p0(x0)`` and the divergence integral, each `(count, B)`, ``x0`` `(count, B, *sample_shape)` and the
+    number of function evaluations."""
     count, batch_size, sample_shape = 1 if zs is None else zs.shape[0], x.shape[0], x.shape[1:]
     rows = count * batch_size
     x1 = x.unsqueeze(0).expand(count, *x.shape).reshape(rows, *sample_shape)
     z_rows = None if zs is None else zs.reshape(rows, zs.shape[-1])
-    label_rows = labels.repeat(count) if labels is not None and labels.ndim == 1 else labels
+    input_rows = {  # one row per example, repeated for each draw (a label given once stays a scalar)
+        name: value.repeat(count, *[1] * (value.ndim - 1)) if value.ndim > 0 else value
+        for name, value in model_inputs.items()
+    }
     probe = rademacher_probe(x1.shape, generator, x.device, x.dtype) if ode["divergence"] == "hutchinson" else None
-    velocity_fn = _conditioned_velocity(velocity_model, z_rows, label_rows)
+    velocity_fn = _conditioned_velocity(velocity_model, z_rows, input_rows)
     x0, integral, evals = integrate_log_density(velocity_fn, x1, probe=probe, **ode)
     log_p0 = _source_log_density(source_log_prob, x0)
     per_draw = (count, batch_size)
@@ -690,15 +700,35 @@ def _check_options(enable_grad, solver: str, rtol, atol, z_chunk_size, source_lo
         raise TypeError(f"`source_log_prob` must be callable, but got {type(source_log_prob).__name__}.")
 
 
-def _conditioned_velocity(velocity_model, z_rows, label_rows):
-    """``v(x, t)`` of the model with its rows' `z` and class labels fixed, `t` a scalar broadcast over the batch."""
+def _conditioned_velocity(velocity_model, z_rows, input_rows: dict):
+    """``v(x, t)`` of the model with its rows' `z` and other inputs fixed, `t` a scalar broadcast over the batch."""
 
     def velocity_fn(sample, t):
         t_batch = t.reshape(()).expand(sample.shape[0])
-        kwargs = {} if label_rows is None else {"class_labels": label_rows}
-        return velocity_model(sample, t_batch, z=z_rows, **kwargs).sample
+        return velocity_model(sample, t_batch, z=z_rows, **input_rows).sample
 
     return velocity_fn
+
+
+def _model_inputs(model_kwargs, labels, batch_size: int) -> dict[str, torch.Tensor]:
+    """The velocity model's inputs besides the sample, `t` and `z`: `model_kwargs` (checked: a tensor of `B` rows
+    each) and the class labels."""
+    inputs = {} if labels is None else {"class_labels": labels}
+    if model_kwargs is None:
+        return inputs
+    if not isinstance(model_kwargs, dict):
+        raise TypeError(f"`model_kwargs` must be a dict of tensors, but got {type(model_kwargs).__name__}.")
+    for name, value in model_kwargs.items():
+        if name in ("sample", "timestep", "z", "class_labels"):
+            raise ValueError(
+                f"`model_kwargs` must not hold {name!r}: pass the data as `x`, `z` and `class_labels` as arguments."
+            )
+        if not isinstance(value, torch.Tensor) or value.ndim == 0 or value.shape[0] != batch_size:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"`model_kwargs[{name!r}]` must be a tensor with one row per example ({batch_size}), but got {shape}."
+            )
+    return {**inputs, **model_kwargs}
 
 
 def _discrete_data_options(sample_shape, compute_bits_per_dim, dequantize_input, bin_width) -> tuple[bool, bool]:

@@ -463,3 +463,77 @@ def test_pipeline_with_a_text_conditioned_unet():
     assert out.images.shape == (1, 8, 8, 3)
     with pytest.raises(ValueError, match=r"`prompt_embeds` must have shape \(B, L, 8\)"):
         pipe(prompt_embeds=torch.zeros(1, 8, 16), num_inference_steps=1)
+
+
+# ------------------------------------------------------------------------------------------------------- likelihood
+def _likelihood_inputs(pipe, batch_size=2):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, *pipe.velocity_model.sample_shape, generator=generator)
+    z = torch.randn(batch_size, pipe.velocity_model.latent_dim, generator=generator)
+    return x, z
+
+
+def _ode(seed=0):  # a few Hutchinson steps on continuous data
+    return {"num_inference_steps": 2, "divergence": "hutchinson", "generator": torch.Generator().manual_seed(seed)}
+
+
+def test_log_likelihood_reads_each_examples_prompt():
+    from diffusers_vrfm import log_likelihood
+
+    pipe = tiny_text_pipeline(with_vae=False)
+    x, z = _likelihood_inputs(pipe)
+    prompts = ["a handwritten seven", "a handwritten three"]
+    out = pipe.log_likelihood(x, prompt=prompts, z=z, **_ode())
+    assert out.log_prob.shape == (2,) and torch.isfinite(out.log_prob).all()
+    assert out.bits_per_dim.shape == (2,), "pixel space (no VAE): bits per dimension of dequantised images"
+    text = VRFMTextEncoders.from_pipeline(pipe).encode(prompts)
+    core = log_likelihood(pipe.velocity_model, x, z=z, model_kwargs=pipe.text_inputs(text), **_ode())
+    assert torch.equal(out.log_prob, core.log_prob), "the core integrator with the prompts' text inputs"
+    exact = {"num_inference_steps": 2, "divergence": "exact", "dequantize_input": False}  # no randomness: each example
+    # is integrated on its own, with its own prompt
+    both = pipe.log_likelihood(x, prompt=prompts, z=z, **exact)
+    assert torch.allclose(pipe.log_likelihood(x[1:], prompt=prompts[1], z=z[1:], **exact).log_prob, both.log_prob[1:])
+    other = pipe.log_likelihood(x, prompt=["a handwritten one", "a handwritten zero"], z=z, **_ode())
+    assert (other.log_prob - out.log_prob).abs().min() > 1e-6, "another prompt, another density"
+    one_prompt = pipe.log_likelihood(x, prompt="a handwritten seven", z=z, **_ode())
+    twice = pipe.log_likelihood(x, prompt=[prompts[0]] * 2, z=z, **_ode())
+    assert torch.allclose(one_prompt.log_prob, twice.log_prob), "one prompt serves every example"
+    embeds = pipe.log_likelihood(
+        x, prompt_embeds=text.prompt_embeds, pooled_prompt_embeds=text.pooled_prompt_embeds, z=z, **_ode()
+    )
+    assert torch.equal(embeds.log_prob, out.log_prob)
+
+
+def test_log_likelihood_with_a_vae_and_a_conditional_prior(monkeypatch):
+    from diffusers_vrfm import VRFMFlowPrior
+
+    pipe = tiny_text_pipeline(prior=VRFMFlowPrior(latent_dim=4, num_layers=2, hidden_dim=8, condition_dim=4))
+    x, _ = _likelihood_inputs(pipe)  # VAE latents
+    asked = []
+    original = VRFMFlowPrior.forward
+
+    def recording_forward(prior, *args, **kwargs):
+        asked.append(kwargs.get("condition"))
+        return original(prior, *args, **kwargs)
+
+    monkeypatch.setattr(VRFMFlowPrior, "forward", recording_forward)
+    out = pipe.log_likelihood(x, prompt=["a handwritten seven", "a handwritten three"], num_z_samples=3, **_ode())
+    assert out.log_prob.shape == (2,) and out.z.shape == (3, 2, 4) and out.bits_per_dim is None
+    pooled = VRFMTextEncoders.from_pipeline(pipe).encode(["a handwritten seven", "a handwritten three"])
+    (condition,) = asked
+    assert torch.equal(condition, pooled.pooled_prompt_embeds.repeat(3, 1)), "z ~ p(z | prompt), for every draw"
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"prompt": ["one", "two", "three"]}, ValueError, r"one per example \(2\), but got 3 prompts"),
+        ({}, ValueError, "Pass exactly one of `prompt` and `prompt_embeds`"),
+        ({"prompt": "one", "model_kwargs": {}}, TypeError, "model_kwargs"),
+    ],
+)
+def test_log_likelihood_refuses_bad_text_input_by_name(kwargs, error, message):
+    pipe = tiny_text_pipeline(with_vae=False)
+    x, z = _likelihood_inputs(pipe)
+    with pytest.raises(error, match=message):
+        pipe.log_likelihood(x, z=z, **kwargs, **_ode())

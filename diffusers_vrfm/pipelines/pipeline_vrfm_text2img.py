@@ -463,7 +463,37 @@ class VRFMTextToImagePipeline(VRFMPipeline):
             pipeline = cls.from_pretrained(base_model, **load_kwargs)
         return load_vrfm_adapter(pipeline, adapter_folder)
 
-    # ---------------------------------------------------------------------------------------------------- not here
-    def log_likelihood(self, x: torch.Tensor, **kwargs):
-        """Not available for text-conditioned pipelines yet: the likelihood would need the text."""
-        raise NotImplementedError("`log_likelihood` does not take text yet; call it on an unconditional VRFMPipeline.")
+    # ---------------------------------------------------------------------------------------------------- likelihood
+    def log_likelihood(
+        self,
+        x: torch.Tensor,
+        prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        max_sequence_length: int = 256,
+        **kwargs,
+    ):
+        """``log p(x | prompt)`` under this pipeline's velocity model, each example with its prompt: the velocity
+        reads the prompt's text inputs along the whole path, and with a conditional prior the marginal over `z` draws
+        from ``p(z | prompt)`` (keyed by the pooled embedding, as sampling does). Without guidance: it is the density
+        of the conditional model, not of a guided sampler.
+
+        `x` is in model space (with a VAE: its latents, on which bits per dimension are not computed unless asked
+        for). `prompt` (or `prompt_embeds` and `pooled_prompt_embeds`) gives one prompt for every example or one per
+        example; `""` gives the unconditional density. The other arguments are those of
+        [`~diffusers_vrfm.likelihood.log_likelihood`] (`z`, `num_z_samples`, `divergence`, `num_inference_steps`,
+        `generator`, `proposal`, ...). Returns a [`~diffusers_vrfm.likelihood.VRFMLikelihoodOutput`].
+        """
+        num_prompts = self.check_prompt_inputs(prompt, None, prompt_embeds, pooled_prompt_embeds, None, None)
+        batch_size = x.shape[0] if isinstance(x, torch.Tensor) and x.ndim > 0 else None
+        if num_prompts not in (1, batch_size):
+            raise ValueError(
+                f"Pass one prompt for all of `x` or one per example ({batch_size}), but got {num_prompts} prompts."
+            )
+        text, _ = self.encode_prompt(
+            prompt, None, False, prompt_embeds, pooled_prompt_embeds, None, None, max_sequence_length, x.device
+        )
+        text = text.repeat_each(batch_size // num_prompts)
+        if getattr(self.prior, "condition_dim", 0) > 0:
+            kwargs.setdefault("prior_condition", text.pooled_prompt_embeds.to(x.device))
+        return super().log_likelihood(x, model_kwargs=self.text_inputs(text, x.device), **kwargs)
