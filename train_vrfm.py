@@ -44,7 +44,7 @@ def run_training(args: argparse.Namespace) -> dict:
 
     context = environment.set_up_run(args)  # threads, accelerator, logging, seed
     prepared = data_setup.prepare_data(args, context)  # pretrained model, VAE, resolution, dataset
-    kl_target = resolve_defaults(args, prepared.kind, prepared.pretrained_latent_dim)
+    kl_target = resolve_defaults(args, prepared.kind, prepared.pretrained_latent_dim, prepared.data.num_examples)
     models = model_setup.build_training_models(args, prepared)
     layout = data_setup.plan_batches(args, prepared.data, context.accelerator)
     repo_id = finish.create_hub_repo_if_asked(args, context.accelerator)  # only once everything is checked

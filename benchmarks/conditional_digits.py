@@ -149,10 +149,8 @@ def training_argv(args, data: ImageData, method: str, seed: int, output_dir: Pat
     model_config = {**backbone_config, **recipe.model_config}
     argv += ["--model_config", json.dumps(model_config)] if model_config else []
     argv += recipe.flags
-    if recipe.is_vrfm:
+    if recipe.is_vrfm:  # the default number of atoms: as many as there are training digits, or more (the flow prior)
         argv += ["--flow_prior_steps", args.flow_prior_steps]
-    if recipe.is_vrfm and args.quick:
-        argv += ["--aggregate_prior_atoms", "32"]
     if args.quick:
         argv += ["--lr_warmup_steps", "0"]
     return [str(a) for a in argv]
@@ -227,7 +225,7 @@ def evaluate_run(args, data: ImageData, rulers: Rulers, method: str, seed: int) 
     the run's folder as `evaluation.json`."""
     folder = Path(args.output_dir) / "cache" / "runs" / f"{args.name}_{method}_s{seed}"  # cache/ is git-ignored
     argv = training_argv(args, data, method, seed, folder)
-    settings = {"argv": argv, "resolved": resolved_training_args(argv)}
+    settings = {"argv": argv, "resolved": resolved_training_args(argv, data.max_train_samples)}
     settings |= {"nfe": args.nfe, "guidance": args.guidance_scales, "per_class": args.samples_per_class}
     settings["extra_priors"] = args.extra_priors if METHODS[method].is_vrfm else []
     settings["judge_epochs"] = judge_epochs(args)

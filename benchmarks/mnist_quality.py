@@ -289,14 +289,14 @@ def training_argv(args, data: ImageData, method: str, seed: int, output_dir: Pat
     return [str(a) for a in argv + shlex.split(args.train_args)]
 
 
-def resolved_training_args(argv: list[str], kind: str = "image") -> dict:
-    """`train_vrfm.py`'s settings for `argv` once the defaults that depend on the data are filled in, without the
-    output folder and the raw command line: what a cached run must match to be reused, so that a changed default
-    trains it again."""
+def resolved_training_args(argv: list[str], num_examples: int, kind: str = "image") -> dict:
+    """`train_vrfm.py`'s settings for `argv` on `num_examples` training examples once the defaults that depend on the
+    data are filled in, without the output folder and the raw command line: what a cached run must match to be
+    reused, so that a changed default trains it again."""
     from diffusers_vrfm.training.cli import parse_args, resolve_defaults
 
     args = parse_args(argv)
-    resolve_defaults(args, kind)
+    resolve_defaults(args, kind, num_examples=num_examples)
     settings = {key: value for key, value in vars(args).items() if key != "output_dir" and not key.startswith("_")}
     return json.loads(json.dumps(settings, default=str))
 

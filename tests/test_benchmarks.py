@@ -491,7 +491,7 @@ def test_conditional_digits_quick_outputs_are_well_formed(tmp_path, monkeypatch)
     assert again["runs"] == results["runs"]  # the scores come back from each run's evaluation.json
     with pytest.raises(AssertionError, match="trained again"):  # a changed command line trains again
         conditional_digits.main([*argv, "--reuse_runs", "--max_train_steps", "21"])
-    monkeypatch.setitem(cli.DEFAULT_AGGREGATE_PRIOR_TYPE, "image", "atoms")
+    monkeypatch.setitem(cli.DEFAULT_LEARNING_RATE, "sd3", 1e-4)
     with pytest.raises(AssertionError, match="trained again"):  # so does a changed default of the script
         conditional_digits.main([*argv, "--reuse_runs"])
 

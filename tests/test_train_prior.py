@@ -273,7 +273,8 @@ def test_a_class_conditional_run_fits_a_prior_conditional_on_the_label(tmp_path,
     card = open(os.path.join(output_dir, "README.md"), encoding="utf-8").read()
     assert "each with its example's label; a trajectory draws among the atoms of its label" in card
     flow_dir = str(tmp_path / "flow")
-    assert train(["--output_dir", flow_dir, *common, "--flow_prior_steps", "5"])  # the default prior of images
+    # the default prior of an image data set that the atoms would cover (24 images, 40 atoms)
+    assert train(["--output_dir", flow_dir, *common, "--flow_prior_steps", "5"])
     flow = VRFMPipeline.from_pretrained(flow_dir).prior
     assert isinstance(flow, VRFMFlowPrior) and flow.condition_dim == 10, "the flow prior is conditional too"
     assert flow.condition_mean.sum().item() == pytest.approx(1.0), "fitted to one-hot labels"

@@ -135,7 +135,7 @@ def test_from_scratch_encodes_each_distinct_caption_once(train, tmp_path, monkey
 def test_a_text_to_image_flow_prior_is_conditional_on_the_prompt(train, tmp_path, monkeypatch):
     output_dir = tmp_path / "flow"
     argv = ["--backbone", "sd3", "--model_config", TINY_SCRATCH, "--output_dir", output_dir, *SHORT]
-    assert train([*argv, "--flow_prior_steps", "5"])["finished"]  # the flow is the default prior of images
+    assert train([*argv, "--aggregate_prior_type", "flow", "--flow_prior_steps", "5"])["finished"]
     pipeline = VRFMTextToImagePipeline.from_pretrained(output_dir)
     pipeline.set_progress_bar_config(disable=True)
     pooled = pipeline.encode_prompt("a handwritten three", do_classifier_free_guidance=False)[0].pooled_prompt_embeds

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..options import TOY_PREFIX
+from .cli import atoms_cover_the_data
 from .data import collate_examples, encode_with_vae
 from .data_setup import PreparedData
 from .determinism import make_generator
@@ -234,7 +235,7 @@ def save_and_publish(
             f"Fitted the aggregate-posterior prior ({type(prior).__name__}, {args.aggregate_prior_atoms} posteriors); "
             "sampling draws z from it."
         )
-        covers_the_data = data.kind == "image" and data.num_examples <= args.aggregate_prior_atoms
+        covers_the_data = atoms_cover_the_data(data.kind, data.num_examples, args.aggregate_prior_atoms)
         if args.aggregate_prior_type == "atoms" and covers_the_data:
             context.log.warning(
                 f"The atom prior holds the posteriors of {args.aggregate_prior_atoms} draws from {data.num_examples} "
