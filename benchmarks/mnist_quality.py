@@ -851,6 +851,8 @@ SAME_BUDGET = (
     "nfes",
     "scheduler",
     "num_samples",
+    "classifier_accuracy",  # FDs in the features of two classifiers do not compare: the same cached one, or refused
+    "fd_floor",
 )
 # `--extra-priors` and `--posterior-z` only add sampled rows: runs may differ in them (`keep_shared_rows`)
 VRFM_SETTINGS = ("train_command", "flow_prior_steps")

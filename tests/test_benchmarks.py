@@ -323,6 +323,10 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
     with pytest.raises(ValueError, match=r"other.json differs from the other runs in \['steps'\]"):
         (tmp_path / "other.json").write_text(json.dumps({**results, "meta": {**results["meta"], "steps": 7}}))
         mnist_quality.join_results([tmp_path / "rf.json", tmp_path / "other.json"], "bad")
+    other_classifier = {**results["meta"], "classifier_accuracy": 0.5}  # FDs in another classifier's features
+    with pytest.raises(ValueError, match=r"other.json differs from the other runs in \['classifier_accuracy'\]"):
+        (tmp_path / "other.json").write_text(json.dumps({**results, "meta": other_classifier}))
+        mnist_quality.join_results([tmp_path / "rf.json", tmp_path / "other.json"], "bad")
     # seeds split over parallel runs: the same run again as seed 1 joins into two seeds (std 0 here)
     as_seed_1 = {
         section: {key: {"1": per_seed["0"]} for key, per_seed in results[section].items()}
