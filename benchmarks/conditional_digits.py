@@ -149,7 +149,7 @@ def training_argv(args, data: ImageData, method: str, seed: int, output_dir: Pat
     model_config = {**backbone_config, **recipe.model_config}
     argv += ["--model_config", json.dumps(model_config)] if model_config else []
     argv += recipe.flags
-    if recipe.is_vrfm:  # the default number of atoms: as many as there are training digits, or more (the flow prior)
+    if recipe.is_vrfm:  # the flow prior's fit: the default here, where 4096 atoms would cover the 1437 digits
         argv += ["--flow_prior_steps", args.flow_prior_steps]
     if args.quick:
         argv += ["--lr_warmup_steps", "0"]

@@ -989,7 +989,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--aggregate-prior-type",
         choices=AGGREGATE_PRIOR_TYPES,
         default=None,
-        help="VRFM: the prior train_vrfm.py saves; default: train_vrfm.py's (the flow, for images)",
+        help="VRFM: the prior train_vrfm.py saves; default: train_vrfm.py's (the flow on a data set of at most "
+        "--aggregate-prior-atoms images, else the atoms)",
     )
     parser.add_argument(
         "--extra-priors",

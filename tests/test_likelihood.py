@@ -350,6 +350,40 @@ def test_class_labels_reach_the_model(affine3):
     assert affine3.seen_labels.tolist() == [0, 2, 1]
 
 
+class ContextAffineFlow(AffineFlow):
+    """`AffineFlow` whose shift also adds each example's `context` row (a stand-in for a text model's inputs): then
+    ``p(x | z, context) = N(b + W z + context, A A^T)``."""
+
+    def forward(self, sample, timestep, z=None, context=None, return_dict=True):
+        self.context = context
+        return super().forward(sample, timestep, z=z)
+
+    def shift(self, z, batch_size):
+        return super().shift(z, batch_size) + self.context
+
+
+def test_model_kwargs_reach_the_model_row_by_row_for_every_draw():
+    model = ContextAffineFlow(A3, B3, W=[[0.5], [0.0], [-0.3]])
+    x = torch.randn(4, 3, generator=gen(30), dtype=torch.float64)
+    context = torch.randn(4, 3, generator=gen(31), dtype=torch.float64)
+    ode = {"num_inference_steps": 100, "solver": "heun"}
+    out = log_likelihood(model, x, num_z_samples=3, model_kwargs={"context": context}, generator=gen(32), **ode)
+    cov = model.A @ model.A.T
+    for k in range(3):  # each draw of z reads its example's context row
+        mean = model.b + out.z[k] @ model.W.T + context
+        expected = torch.distributions.MultivariateNormal(mean, covariance_matrix=cov).log_prob(x)
+        assert torch.allclose(out.log_prob_per_z[k], expected, atol=2e-4)
+    with pytest.raises(
+        ValueError,
+        match=r"`model_kwargs\['context'\]` must be a tensor with one row per example \(4\), but got \(3, 3\)",
+    ):
+        log_likelihood(model, x, num_z_samples=1, model_kwargs={"context": context[:3]}, **ode)
+    with pytest.raises(ValueError, match="must not hold 'z'"):
+        log_likelihood(model, x, num_z_samples=1, model_kwargs={"z": context}, **ode)
+    with pytest.raises(TypeError, match="`model_kwargs` must be a dict of tensors, but got list"):
+        log_likelihood(model, x, num_z_samples=1, model_kwargs=[context], **ode)
+
+
 def test_class_conditional_model_with_several_z_draws():
     model = VRFMMLPModel(sample_size=2, latent_dim=2, hidden_dim=16, num_classes=3).eval()
     torch.nn.init.normal_(model.class_embedding.weight, std=1.0)  # make the labels matter

@@ -529,7 +529,6 @@ def test_log_likelihood_with_a_vae_and_a_conditional_prior(monkeypatch):
     [
         ({"prompt": ["one", "two", "three"]}, ValueError, r"one per example \(2\), but got 3 prompts"),
         ({}, ValueError, "Pass exactly one of `prompt` and `prompt_embeds`"),
-        ({"prompt": "one", "model_kwargs": {}}, TypeError, "model_kwargs"),
     ],
 )
 def test_log_likelihood_refuses_bad_text_input_by_name(kwargs, error, message):
