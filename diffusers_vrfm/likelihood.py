@@ -381,13 +381,9 @@ def _check_positive_float(name, value):
         raise ValueError(f"`{name}` must be a finite number > 0, but got {value!r}.")
 
 
-def _check_inputs(velocity_model, x, z, num_z_samples, divergence, solver, num_inference_steps, generator):
-    for attribute in ("latent_dim", "sample_shape"):
-        if not hasattr(velocity_model, attribute):
-            raise TypeError(
-                f"`velocity_model` must be a VRFM velocity model exposing `{attribute}` (for example VRFMMLPModel), "
-                f"but got {type(velocity_model).__name__}."
-            )
+def check_samples(velocity_model, x) -> int:
+    """Refuses data that [`log_likelihood`] cannot score with `velocity_model`, naming `x`: not a finite
+    floating-point tensor of shape `(B, *sample_shape)`. Returns `B`."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"`x` must be a torch.Tensor, but got {type(x).__name__}.")
     if not x.is_floating_point():
@@ -400,6 +396,17 @@ def _check_inputs(velocity_model, x, z, num_z_samples, divergence, solver, num_i
         )
     if not torch.isfinite(x).all():
         raise ValueError("`x` must be finite, but it contains NaN or inf.")
+    return x.shape[0]
+
+
+def _check_inputs(velocity_model, x, z, num_z_samples, divergence, solver, num_inference_steps, generator):
+    for attribute in ("latent_dim", "sample_shape"):
+        if not hasattr(velocity_model, attribute):
+            raise TypeError(
+                f"`velocity_model` must be a VRFM velocity model exposing `{attribute}` (for example VRFMMLPModel), "
+                f"but got {type(velocity_model).__name__}."
+            )
+    check_samples(velocity_model, x)
     _check_int("num_z_samples", num_z_samples, 1)
     if divergence not in DIVERGENCES:
         raise ValueError(f"`divergence` must be one of {DIVERGENCES}, but got {divergence!r}.")

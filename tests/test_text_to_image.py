@@ -529,10 +529,12 @@ def test_log_likelihood_with_a_vae_and_a_conditional_prior(monkeypatch):
     [
         ({"prompt": ["one", "two", "three"]}, ValueError, r"one per example \(2\), but got 3 prompts"),
         ({}, ValueError, "Pass exactly one of `prompt` and `prompt_embeds`"),
+        ({"prompt": "one", "x": torch.zeros(2, 3, 4, 4)}, ValueError, r"`x` must have shape \(B, 3, 8, 8\)"),
     ],
 )
 def test_log_likelihood_refuses_bad_text_input_by_name(kwargs, error, message):
     pipe = tiny_text_pipeline(with_vae=False)
     x, z = _likelihood_inputs(pipe)
+    kwargs = {"x": x, **kwargs}  # a case may replace `x`
     with pytest.raises(error, match=message):
-        pipe.log_likelihood(x, z=z, **kwargs, **_ode())
+        pipe.log_likelihood(z=z, **kwargs, **_ode())

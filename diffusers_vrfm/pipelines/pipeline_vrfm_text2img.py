@@ -484,8 +484,10 @@ class VRFMTextToImagePipeline(VRFMPipeline):
         [`~diffusers_vrfm.likelihood.log_likelihood`] (`z`, `num_z_samples`, `divergence`, `num_inference_steps`,
         `generator`, `proposal`, ...). Returns a [`~diffusers_vrfm.likelihood.VRFMLikelihoodOutput`].
         """
+        from ..likelihood import check_samples
+
+        batch_size = check_samples(self.velocity_model, x)
         num_prompts = self.check_prompt_inputs(prompt, None, prompt_embeds, pooled_prompt_embeds, None, None)
-        batch_size = x.shape[0] if isinstance(x, torch.Tensor) and x.ndim > 0 else None
         if num_prompts not in (1, batch_size):
             raise ValueError(
                 f"Pass one prompt for all of `x` or one per example ({batch_size}), but got {num_prompts} prompts."

@@ -643,7 +643,7 @@ def atoms_cover_the_data(kind: str, num_examples: int | None, num_atoms: int) ->
     """Whether an atom prior of `num_atoms` posteriors would hold about every example of an image data set of
     `num_examples`: where `z` names the image (the image defaults), its samples then replay training images
     (measured on the digits, docs/benchmarks.md), and the flow prior is the default instead."""
-    return kind == "image" and num_examples is not None and 0 < num_examples <= num_atoms
+    return kind == "image" and num_examples is not None and num_examples <= num_atoms
 
 
 def resolve_defaults(
