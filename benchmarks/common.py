@@ -27,7 +27,7 @@ from diffusers_vrfm import VRFMAggregatePosteriorPrior, VRFMScheduler, count_act
 
 BENCHMARK_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCHMARK_DIR / "results"
-CACHE_DIR = RESULTS_DIR / "cache"
+CLASSIFIER_DIR = BENCHMARK_DIR / "classifiers"  # committed: the image benchmarks' scoring CNNs, one ruler for all
 
 
 # ------------------------------------------------------------------------------------------------------------ setup

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import (
-    CACHE_DIR,
+    CLASSIFIER_DIR,
     RESULTS_DIR,
     format_mean_std,
     machine_description,
@@ -69,8 +69,10 @@ from benchmarks.mnist_quality import (
     load_image_data,
     make_scorer,
     resolved_training_args,
+    ruler_digest,
     train_with_script,
 )
+from diffusers_vrfm.training.checkpointing import file_sha256
 
 RESOLUTION = 16
 QUICK_MMDIT = {"num_layers": 1, "attention_head_dim": 8, "num_attention_heads": 2}
@@ -187,6 +189,7 @@ class Rulers:
 
     scorer: Scorer
     judge: DigitClassifier
+    digests: dict[str, str]  # the SHA-256 of each one's weights, {"classifier": ..., "judge": ...}
 
 
 @torch.no_grad()
@@ -229,6 +232,7 @@ def evaluate_run(args, data: ImageData, rulers: Rulers, method: str, seed: int) 
     settings |= {"nfe": args.nfe, "guidance": args.guidance_scales, "per_class": args.samples_per_class}
     settings["extra_priors"] = args.extra_priors if METHODS[method].is_vrfm else []
     settings["judge_epochs"] = judge_epochs(args)
+    settings["rulers"] = rulers.digests  # other classifiers score again (the trained model is kept)
     evaluation = folder / "evaluation.json"
     cached = json.loads(evaluation.read_text()) if evaluation.is_file() else None
     if args.reuse_runs and cached is not None and cached["settings"] == settings:
@@ -271,12 +275,13 @@ def make_rulers(args, data: ImageData) -> tuple[Rulers, dict]:
     scorer_args = argparse.Namespace(quick=args.quick, device="cpu", num_samples=len(data.test), inception_samples=0)
     scorer, meta = make_scorer(scorer_args, data, Path(args.output_dir))  # what mnist_quality scores digits with
     epochs = judge_epochs(args)
-    cache_dir = Path(args.output_dir) / "cache" if args.quick else CACHE_DIR
-    cache = cache_dir / f"judge_digits_{RESOLUTION}_e{epochs}.safetensors"
-    judge, meta["judge_accuracy"] = get_classifier(data, cache, epochs=epochs, max_train=1000 if args.quick else None)
+    folder = Path(args.output_dir) / "cache" if args.quick else CLASSIFIER_DIR
+    path = folder / f"judge_digits_{RESOLUTION}_e{epochs}.safetensors"
+    judge, meta["judge_accuracy"] = get_classifier(data, path, epochs=epochs, max_train=1000 if args.quick else None)
+    meta["judge_sha256"] = file_sha256(path)
     meta["judge_training_accuracy"] = float((predicted_digits(judge, data.train) == data.train_labels).float().mean())
     meta["training_images_fd"] = scorer.fd(training_images(data, args.samples_per_class))
-    return Rulers(scorer, judge), meta
+    return Rulers(scorer, judge, {"classifier": meta["classifier_sha256"], "judge": meta["judge_sha256"]}), meta
 
 
 def training_images(data: ImageData, per_digit: int) -> torch.Tensor:
@@ -347,11 +352,13 @@ def render_report(results: dict) -> str:
         f"Each model: {conditioning.model}, {meta['max_train_steps']} steps of batch {meta['batch_size']} on the "
         f"first 80% of the 8x8 digits resized to 16x16. Seeds {seeds}; cells are mean ± std over seeds. Samples: "
         f"{meta['samples_per_class']} per digit with its {asked}, Euler. FD in the features of "
-        f"`benchmarks.mnist_quality`'s digit classifier (held-out accuracy {meta['classifier_accuracy']:.3f}) "
+        f"`benchmarks.mnist_quality`'s digit classifier (held-out accuracy {meta['classifier_accuracy']:.3f}"
+        f"{ruler_digest(meta.get('classifier_sha256'))}) "
         f"against the {meta['num_samples']} test images (floor, training vs test images: {meta['fd_floor']:.2f}); "
         f"the digit asked for read by the same CNN trained for {JUDGE_EPOCHS} epochs (accuracy "
         f"{meta['judge_accuracy']:.3f} on the test images, {meta['judge_training_accuracy']:.3f} on the training "
-        "images: samples that replay training images can score above the first). Parameters (velocity / posterior): "
+        f"images{ruler_digest(meta.get('judge_sha256'))}: samples that replay training images can score above the "
+        "first). Parameters (velocity / posterior): "
         f"{meta['parameters']}.",
         "",
         f"VRFM's saved prior is `train_vrfm.py`'s, conditional on the {key}: by default a flow `p(z | {key})`; with "

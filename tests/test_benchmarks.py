@@ -17,6 +17,7 @@ import torch
 
 from benchmarks import common
 from diffusers_vrfm import VRFMMLPModel, VRFMPipeline, VRFMPosteriorEncoder, VRFMScheduler
+from diffusers_vrfm.training.checkpointing import file_sha256
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -299,6 +300,9 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
     meta = results["meta"]
     assert meta["dataset"] == "builtin:digits" and meta["quick"] is True and meta["seeds"] == [0]
     assert meta["fd_floor"] >= 0 and 0 <= meta["classifier_accuracy"] <= 1
+    # the report names the weights it scored with (quick mode trains its own under --output-dir)
+    assert meta["classifier_sha256"] == file_sha256(str(tmp_path / "cache" / "classifier_digits_16_quick.safetensors"))
+    assert f"weights SHA-256 {meta['classifier_sha256'][:12]}" in (tmp_path / "mnist_quality.md").read_text()
     assert meta["params"]["vrfm"] > meta["params"]["rf"] > 0 and meta["params"]["posterior"] > 0
     # the runs went through train_vrfm.py: its final metrics, with the KL target's adapted beta for VRFM only
     assert set(results["train"]) == {"rf", "vrfm"}
@@ -323,10 +327,10 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
     with pytest.raises(ValueError, match=r"other.json differs from the other runs in \['steps'\]"):
         (tmp_path / "other.json").write_text(json.dumps({**results, "meta": {**results["meta"], "steps": 7}}))
         mnist_quality.join_results([tmp_path / "rf.json", tmp_path / "other.json"], "bad")
-    other_classifier = {**results["meta"], "classifier_accuracy": 0.5}  # FDs in another classifier's features
-    with pytest.raises(ValueError, match=r"other.json differs from the other runs in \['classifier_accuracy'\]"):
-        (tmp_path / "other.json").write_text(json.dumps({**results, "meta": other_classifier}))
-        mnist_quality.join_results([tmp_path / "rf.json", tmp_path / "other.json"], "bad")
+    for key, other in (("classifier_accuracy", 0.5), ("classifier_sha256", "0" * 64)):  # another classifier's FDs
+        with pytest.raises(ValueError, match=rf"other.json differs from the other runs in \['{key}'\]"):
+            (tmp_path / "other.json").write_text(json.dumps({**results, "meta": {**results["meta"], key: other}}))
+            mnist_quality.join_results([tmp_path / "rf.json", tmp_path / "other.json"], "bad")
     # seeds split over parallel runs: the same run again as seed 1 joins into two seeds (std 0 here)
     as_seed_1 = {
         section: {key: {"1": per_seed["0"]} for key, per_seed in results[section].items()}
@@ -493,11 +497,41 @@ def test_conditional_digits_quick_outputs_are_well_formed(tmp_path, monkeypatch)
     monkeypatch.setattr(conditional_digits, "train_with_script", no_training)
     again = conditional_digits.main([*argv, "--reuse_runs"])
     assert again["runs"] == results["runs"]  # the scores come back from each run's evaluation.json
+    monkeypatch.setattr(conditional_digits, "file_sha256", lambda path: "another ruler")
+    rescored = conditional_digits.main([*argv, "--reuse_runs"])  # other classifiers score the same models again
+    assert rescored["meta"]["judge_sha256"] == "another ruler"
+    assert _scores(rescored) == _scores(results) and _scores(results)
     with pytest.raises(AssertionError, match="trained again"):  # a changed command line trains again
         conditional_digits.main([*argv, "--reuse_runs", "--max_train_steps", "21"])
     monkeypatch.setitem(cli.DEFAULT_LEARNING_RATE, "sd3", 1e-4)
     with pytest.raises(AssertionError, match="trained again"):  # so does a changed default of the script
         conditional_digits.main([*argv, "--reuse_runs"])
+
+
+def _scores(results: dict) -> dict:
+    return {method: {seed: run["scores"] for seed, run in runs.items()} for method, runs in results["runs"].items()}
+
+
+@pytest.mark.parametrize(
+    "dataset, name, epochs",
+    [
+        ("builtin:digits", "classifier_digits_16", 2),
+        ("builtin:digits", "judge_digits_16_e30", 30),
+        ("builtin:mnist", "classifier_mnist_28", 2),
+    ],
+)
+def test_the_committed_classifiers_are_what_the_image_benchmarks_load(dataset, name, epochs):
+    """The FDs of the recorded reports are in these CNNs' features: a benchmark must load them, not train new ones
+    (a changed data description would make its key miss, and it would retrain a different CNN)."""
+    from safetensors import safe_open
+
+    from benchmarks import conditional_digits, mnist_quality
+
+    assert conditional_digits.JUDGE_EPOCHS == 30
+    path = common.CLASSIFIER_DIR / f"{name}.safetensors"
+    data = mnist_quality.load_image_data(dataset, mnist_quality.DATASETS[dataset])
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.metadata()["key"] == mnist_quality.classifier_key(data, epochs, None, 0)
 
 
 def test_conditional_digits_with_labels_trains_a_class_conditional_unet(tmp_path):
