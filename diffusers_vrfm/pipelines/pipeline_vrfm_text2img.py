@@ -73,6 +73,9 @@ class VRFMTextToImagePipeline(VRFMPipeline):
     ... )
     >>> out.images.shape, out.z.shape
     (torch.Size([4, 1, 8, 8]), torch.Size([4, 4]))
+    >>> prompts = ["a handwritten seven"] * 2 + ["a handwritten three"] * 2  # log p(x | prompt), one per image
+    >>> pipe.log_likelihood(out.images * 2 - 1, prompt=prompts, num_inference_steps=4).log_prob.shape
+    torch.Size([4])
     ```
     """
 
