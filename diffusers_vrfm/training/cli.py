@@ -503,73 +503,89 @@ def check_data_fits_backbone(dataset_name: str | None, backbone: str) -> None:
         raise ValueError(f"`--dataset_name` {dataset_name!r} is vector data: it needs `--backbone mlp`.")
 
 
+# integer flags that must be >= 1 or >= 0 when set, and what a value means where that needs saying
+POSITIVE_INTEGER_FLAGS = (
+    "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs", "stop_after_steps",
+    "checkpointing_steps", "checkpoints_total_limit", "logging_steps", "validation_steps", "resolution",
+    "max_train_samples", "num_validation_samples", "num_threads", "flow_prior_steps", "rank",
+)  # fmt: skip
+NONNEGATIVE_INTEGER_FLAGS = (
+    "latent_dim", "aggregate_prior_atoms", "beta_warmup_steps", "lr_warmup_steps", "dataloader_num_workers",
+    "max_skipped_updates",
+)  # fmt: skip
+INTEGER_MEANINGS = {
+    "rank": "the LoRA rank; unset for full fine-tuning",
+    "latent_dim": "0 = plain rectified flow",
+    "aggregate_prior_atoms": "0 = off",
+}
+
+
+def _fail(argument: str, value, valid: str):
+    raise ValueError(f"`--{argument}` must be {valid}, but got {value!r}.")
+
+
 def check_args(args: argparse.Namespace) -> argparse.Namespace:
     """Checks every argument that can be checked without data or models; raises ValueError naming the argument."""
+    minimums = {**dict.fromkeys(POSITIVE_INTEGER_FLAGS, 1), **dict.fromkeys(NONNEGATIVE_INTEGER_FLAGS, 0)}
+    for name, minimum in minimums.items():
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            meaning = f" ({INTEGER_MEANINGS[name]})" if name in INTEGER_MEANINGS else ""
+            _fail(name, value, f"an integer >= {minimum}{meaning}")
+    _check_objective_args(args)
+    _check_optimisation_args(args)
+    _check_data_and_output_args(args)
+    return args
 
-    def fail(argument: str, value, valid: str):
-        raise ValueError(f"`--{argument}` must be {valid}, but got {value!r}.")
 
+def _check_objective_args(args: argparse.Namespace) -> None:
+    """The KL and its weight, the priors over z, the posterior's inputs, the training-time density, dropout."""
     if args.beta is not None and not (math.isfinite(args.beta) and args.beta >= 0):
-        fail("beta", args.beta, "a finite number >= 0 (the KL weight)")
+        _fail("beta", args.beta, "a finite number >= 0 (the KL weight)")
     if args.free_bits is not None and not (math.isfinite(args.free_bits) and args.free_bits >= 0):
-        fail("free_bits", args.free_bits, "a finite number >= 0")
-    if not (math.isfinite(args.prior_mix) and 0 <= args.prior_mix <= 1):
-        fail("prior_mix", args.prior_mix, "a number in [0, 1]")
-    if (args.learned_prior or args.prior_mix > 0) and args.latent_dim == 0:
-        fail("latent_dim", args.latent_dim, "> 0 with --learned_prior or --prior_mix (they act on z)")
-    if args.aggregate_prior_atoms is not None:
-        if args.aggregate_prior_atoms < 0:
-            fail("aggregate_prior_atoms", args.aggregate_prior_atoms, "an integer >= 0 (0 = off)")
-        if args.aggregate_prior_atoms > 0 and args.learned_prior:
-            fail("aggregate_prior_atoms", args.aggregate_prior_atoms, "0 with --learned_prior (one prior at a time)")
-        if args.aggregate_prior_atoms > 0 and args.latent_dim == 0:
-            fail("aggregate_prior_atoms", args.aggregate_prior_atoms, "0 with --latent_dim 0 (there is no z)")
-    if args.flow_prior_steps < 1:
-        fail("flow_prior_steps", args.flow_prior_steps, "an integer >= 1")
+        _fail("free_bits", args.free_bits, "a finite number >= 0")
     if isinstance(args.kl_target, float) and args.beta_warmup_steps > 0:
-        fail("beta_warmup_steps", args.beta_warmup_steps, "0 with --kl_target (beta adapts; pass --kl_target off)")
-    if not 0.0 <= args.label_dropout <= 1.0:
-        fail("label_dropout", args.label_dropout, "in [0, 1]")
+        _fail("beta_warmup_steps", args.beta_warmup_steps, "0 with --kl_target (beta adapts; pass --kl_target off)")
+    if not (math.isfinite(args.prior_mix) and 0 <= args.prior_mix <= 1):
+        _fail("prior_mix", args.prior_mix, "a number in [0, 1]")
+    if (args.learned_prior or args.prior_mix > 0) and args.latent_dim == 0:
+        _fail("latent_dim", args.latent_dim, "> 0 with --learned_prior or --prior_mix (they act on z)")
+    if args.aggregate_prior_atoms and args.learned_prior:
+        _fail("aggregate_prior_atoms", args.aggregate_prior_atoms, "0 with --learned_prior (one prior at a time)")
+    if args.aggregate_prior_atoms and args.latent_dim == 0:
+        _fail("aggregate_prior_atoms", args.aggregate_prior_atoms, "0 with --latent_dim 0 (there is no z)")
+    if args.posterior_inputs is not None:
+        chosen = list(args.posterior_inputs)
+        if len(set(chosen)) != len(chosen) or chosen == ["t"]:
+            _fail("posterior_inputs", chosen, "distinct entries of x0 x1 x_t t, with at least one of x0, x1, x_t")
     if not math.isfinite(args.logit_mean):
-        fail("logit_mean", args.logit_mean, "a finite number")
+        _fail("logit_mean", args.logit_mean, "a finite number")
     # an unset --timestep_density is checked as logit_normal, the image default (vectors' uniform reads neither)
     density = args.timestep_density or "logit_normal"
     problem = density_parameter_problem(density, args.logit_std, args.mode_scale, args.noise_end_fraction)
     if problem is not None:
-        fail(*problem)
-    positive = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps")
-    for name in (*positive, "logging_steps"):
-        if getattr(args, name) < 1:
-            fail(name, getattr(args, name), "an integer >= 1")
-    if args.validation_steps < 1:
-        fail("validation_steps", args.validation_steps, "an integer >= 1")
-    for name in ("beta_warmup_steps", "lr_warmup_steps", "dataloader_num_workers", "max_skipped_updates"):
-        if getattr(args, name) < 0:
-            fail(name, getattr(args, name), "an integer >= 0")
-    if args.latent_dim is not None and args.latent_dim < 0:
-        fail("latent_dim", args.latent_dim, "an integer >= 0 (0 = plain rectified flow)")
-    if args.resolution is not None and args.resolution < 1:
-        fail("resolution", args.resolution, "a positive integer")
-    if args.num_train_epochs is not None and args.num_train_epochs < 1:
-        fail("num_train_epochs", args.num_train_epochs, "an integer >= 1")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        fail("checkpoints_total_limit", args.checkpoints_total_limit, "an integer >= 1")
-    if args.stop_after_steps is not None and args.stop_after_steps < 1:
-        fail("stop_after_steps", args.stop_after_steps, "an integer >= 1")
-    if args.rank is not None and args.rank < 1:
-        fail("rank", args.rank, "a positive integer (the LoRA rank), or unset for full fine-tuning")
-    if not 0.0 <= args.caption_dropout <= 1.0:
-        fail("caption_dropout", args.caption_dropout, "in [0, 1]")
-    if args.cache_latents and args.random_flip:
-        fail("random_flip", True, "off with --cache_latents (latents are computed once, without augmentation)")
-    if args.num_threads is not None and args.num_threads < 1:
-        fail("num_threads", args.num_threads, "an integer >= 1")
+        _fail(*problem)
+    for name in ("label_dropout", "caption_dropout"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            _fail(name, getattr(args, name), "in [0, 1]")
+
+
+def _check_optimisation_args(args: argparse.Namespace) -> None:
+    """The optimiser, the EMA, precision and compilation, validation sampling."""
+    if args.learning_rate is not None and not args.learning_rate > 0:
+        _fail("learning_rate", args.learning_rate, "> 0")
+    if args.max_grad_norm < 0:
+        _fail("max_grad_norm", args.max_grad_norm, ">= 0 (0 turns clipping off)")
+    if not 0.0 < args.ema_max_decay <= 1.0:
+        _fail("ema_max_decay", args.ema_max_decay, "in (0, 1]")
+    if args.mixed_precision == "fp16" and not _cuda_is_available():
+        _fail("mixed_precision", "fp16", "'no' or 'bf16' on a machine without a GPU (fp16 needs CUDA)")
     if args.torch_compile_mode is not None and not args.torch_compile:
-        fail("torch_compile_mode", args.torch_compile_mode, "given only with --torch_compile")
+        _fail("torch_compile_mode", args.torch_compile_mode, "given only with --torch_compile")
     if args.torch_compile_mode in CUDA_GRAPH_COMPILE_MODES and args.gradient_accumulation_steps > 1:
         # torch's CUDA graphs hand a backward's output buffer to `.grad`, and the next micro-step's replay overwrites
         # it (pytorch/pytorch#169545): accumulated gradients would be wrong or the run would fail
-        fail(
+        _fail(
             "torch_compile_mode",
             args.torch_compile_mode,
             f"one without CUDA graphs (not {' or '.join(CUDA_GRAPH_COMPILE_MODES)}) with "
@@ -577,40 +593,29 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
             "being accumulated",
         )
     if args.channels_last and args.backbone == "mlp":
-        fail("channels_last", True, "off with --backbone mlp (vector data has no channels)")
-    if args.max_train_samples is not None and args.max_train_samples < 1:
-        fail("max_train_samples", args.max_train_samples, "an integer >= 1")
-    if args.num_validation_samples is not None and args.num_validation_samples < 1:
-        fail("num_validation_samples", args.num_validation_samples, "an integer >= 1")
+        _fail("channels_last", True, "off with --backbone mlp (vector data has no channels)")
     if not args.validation_inference_steps or min(args.validation_inference_steps) < 1:
-        fail("validation_inference_steps", args.validation_inference_steps, "positive integers")
-    if args.learning_rate is not None and not args.learning_rate > 0:
-        fail("learning_rate", args.learning_rate, "> 0")
-    if args.max_grad_norm < 0:
-        fail("max_grad_norm", args.max_grad_norm, ">= 0 (0 turns clipping off)")
-    if not 0.0 < args.ema_max_decay <= 1.0:
-        fail("ema_max_decay", args.ema_max_decay, "in (0, 1]")
-    if args.posterior_inputs is not None:
-        chosen = list(args.posterior_inputs)
-        if len(set(chosen)) != len(chosen) or chosen == ["t"]:
-            fail("posterior_inputs", chosen, "distinct entries of x0 x1 x_t t, with at least one of x0, x1, x_t")
-    if args.vae_name_or_path is not None and args.backbone == "mlp":
-        raise ValueError("`--vae_name_or_path` encodes images: use it with `--backbone unet` or `--backbone dit`.")
+        _fail("validation_inference_steps", args.validation_inference_steps, "positive integers")
+
+
+def _check_data_and_output_args(args: argparse.Namespace) -> None:
+    """The data source and its fit to the backbone, the model configs, the output's name on the Hub."""
     if args.dataset_name is not None and args.train_data_dir is not None:
         raise ValueError("Pass only one of `--dataset_name` and `--train_data_dir`.")
+    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
+        _fail("train_data_dir", args.train_data_dir, "an existing folder")
     if args.pretrained_model_name_or_path is None:  # else the pretrained model decides the backbone: checked in main
         check_data_fits_backbone(args.dataset_name, args.backbone)
-    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
-        fail("train_data_dir", args.train_data_dir, "an existing folder")
-    if args.mixed_precision == "fp16" and not _cuda_is_available():
-        fail("mixed_precision", "fp16", "'no' or 'bf16' on a machine without a GPU (fp16 needs CUDA)")
+    if args.vae_name_or_path is not None and args.backbone == "mlp":
+        raise ValueError("`--vae_name_or_path` encodes images: use it with `--backbone unet` or `--backbone dit`.")
+    if args.cache_latents and args.random_flip:
+        _fail("random_flip", True, "off with --cache_latents (latents are computed once, without augmentation)")
     if args.model_config is not None:
         parse_json_config(args.model_config, "--model_config")
     if args.posterior_config is not None:
         parse_json_config(args.posterior_config, "--posterior_config")
     if args.push_to_hub and args.hub_model_id is None and not os.path.basename(os.path.normpath(args.output_dir)):
-        fail("hub_model_id", None, "set when --output_dir has no usable name")
-    return args
+        _fail("hub_model_id", None, "set when --output_dir has no usable name")
 
 
 def _cuda_is_available() -> bool:
