@@ -209,6 +209,34 @@ def z_map_description(velocity) -> str:
     return f"`z` also enters as input channels (a `LatentMap`: {channels} channel(s) on a {height}x{width} grid)"
 
 
+def sampling_prior(
+    args: argparse.Namespace,
+    context: RunContext,
+    prepared: PreparedData,
+    models: TrainingModels,
+    posterior: torch.nn.Module | None,
+):
+    """The prior the saved pipeline draws `z` from: the aggregate posterior fitted now (`--aggregate_prior_atoms`),
+    else the prior trained with the model (`--learned_prior`), else none (`z ~ N(0, I)`, or RF)."""
+    if args.aggregate_prior_atoms == 0:
+        return None if models.prior_model is None else context.accelerator.unwrap_model(models.prior_model)
+    prior = fit_aggregate_prior(args, prepared, posterior)
+    context.log.info(
+        f"Fitted the aggregate-posterior prior ({type(prior).__name__}, {args.aggregate_prior_atoms} posteriors); "
+        "sampling draws z from it."
+    )
+    data = prepared.data
+    if args.aggregate_prior_type == "atoms" and atoms_cover_the_data(
+        data.kind, data.num_examples, args.aggregate_prior_atoms
+    ):
+        context.log.warning(
+            f"The atom prior holds the posteriors of {args.aggregate_prior_atoms} draws from {data.num_examples} "
+            "training images, about every one of them: where z names the image, its samples replay training "
+            "images (measured on digits in docs/benchmarks.md). Pass `--aggregate_prior_type flow` for new samples."
+        )
+    return prior
+
+
 def save_and_publish(
     args: argparse.Namespace,
     context: RunContext,
@@ -228,21 +256,7 @@ def save_and_publish(
     posterior = models.posterior_encoder
     if posterior is not None:  # without accelerate's autocast wrapper: the prior's atoms are float32 means, variances
         posterior = accelerator.unwrap_model(posterior, keep_fp32_wrapper=False)
-    prior = None if models.prior_model is None else accelerator.unwrap_model(models.prior_model)
-    if args.aggregate_prior_atoms > 0:
-        prior = fit_aggregate_prior(args, prepared, posterior)
-        context.log.info(
-            f"Fitted the aggregate-posterior prior ({type(prior).__name__}, {args.aggregate_prior_atoms} posteriors); "
-            "sampling draws z from it."
-        )
-        covers_the_data = atoms_cover_the_data(data.kind, data.num_examples, args.aggregate_prior_atoms)
-        if args.aggregate_prior_type == "atoms" and covers_the_data:
-            context.log.warning(
-                f"The atom prior holds the posteriors of {args.aggregate_prior_atoms} draws from {data.num_examples} "
-                "training images, about every one of them: where z names the image, its samples replay training "
-                "images (measured on digits in docs/benchmarks.md). Pass `--aggregate_prior_type flow` for new "
-                "samples."
-            )
+    prior = sampling_prior(args, context, prepared, models, posterior)
     if prepared.text is not None:  # the text-to-image pipeline, saved whole or as an adapter folder (LoRA)
         from .text_to_image import build_text_to_image_pipeline, save_text_to_image_run
 
