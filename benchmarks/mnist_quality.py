@@ -388,31 +388,35 @@ def sampling_pipelines(path: Path, scheduler: str, device: str, extra_priors: di
     return {"pipelines": pipelines, "posterior": saved.posterior_encoder, "velocity": velocity}
 
 
-def extra_prior_fits(args, data: ImageData, seed: int) -> dict:
-    """`--extra-priors`: for each kind, a function that fits that prior to a saved posterior with the library's own
-    `from_posterior` (what `train_vrfm.py --aggregate_prior_type` calls), on `--aggregate-prior-atoms` (default
-    4096) training images paired with fresh noise."""
+def training_pairs(data: ImageData, generator: torch.Generator):
+    """Endless `(x0, x1)` batches of 256: training images in [-1, 1] drawn with replacement, with fresh noise."""
+    train = data.train[: data.max_train_samples] * 2 - 1
+    while True:
+        x1 = train[torch.randint(len(train), (256,), generator=generator)]
+        yield torch.randn(x1.shape, generator=generator), x1
+
+
+def fit_prior(posterior, data: ImageData, kind: str, seed: int, num_atoms: int = 4096, **config):
+    """A prior of `kind` (`atoms` or `flow`) fitted to a saved posterior with the library's own `from_posterior`
+    (what `train_vrfm.py --aggregate_prior_type` calls) on `num_atoms` training images paired with fresh noise, from
+    the generator of `seed`. `config` goes to `from_posterior` (for the flow: `num_train_steps`, `num_layers`,
+    `hidden_dim`)."""
     from diffusers_vrfm import VRFMAggregatePosteriorPrior, VRFMFlowPrior
 
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    prior_class = {"atoms": VRFMAggregatePosteriorPrior, "flow": VRFMFlowPrior}[kind]
+    return prior_class.from_posterior(posterior, training_pairs(data, generator), num_atoms, generator, **config)
+
+
+def extra_prior_fits(args, data: ImageData, seed: int) -> dict:
+    """`--extra-priors`: for each kind, a function that fits that prior to a saved posterior ([`fit_prior`]) on
+    `--aggregate-prior-atoms` (default 4096) training images."""
     num_atoms = args.aggregate_prior_atoms or 4096
-    train = data.train[: data.max_train_samples] * 2 - 1
-
-    def pairs(generator: torch.Generator):
-        while True:
-            x1 = train[torch.randint(len(train), (256,), generator=generator)]
-            yield torch.randn(x1.shape, generator=generator), x1
-
-    def fit(kind: str):
-        generator = torch.Generator().manual_seed(10_000 + seed)
-        if kind == "flow":
-            return lambda posterior: VRFMFlowPrior.from_posterior(
-                posterior, pairs(generator), num_atoms, generator, num_train_steps=args.flow_prior_steps
-            )
-        return lambda posterior: VRFMAggregatePosteriorPrior.from_posterior(
-            posterior, pairs(generator), num_atoms, generator
-        )
-
-    return {kind: fit(kind) for kind in args.extra_priors}
+    config = {"flow": {"num_train_steps": args.flow_prior_steps}, "atoms": {}}
+    return {
+        kind: (lambda posterior, kind=kind: fit_prior(posterior, data, kind, seed, num_atoms, **config[kind]))
+        for kind in args.extra_priors
+    }
 
 
 def inception_extractor(device: str = "cpu"):

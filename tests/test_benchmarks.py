@@ -898,3 +898,37 @@ def test_toy_harness_trains_every_remedy_and_shares_the_draws():
     assert not torch.equal(a.x0, harness.evaluation_draws(task, 8, 1).x0)
     with pytest.raises(ValueError, match="`coupling` must be one of"):
         harness.train_toy(task, harness.ToyMethod(coupling="ot"), budget, seed=0)
+
+
+def test_prior_fit_scores_several_priors_on_one_trained_model(tmp_path):
+    """`benchmarks.prior_fit` fits each named prior to a saved run's posterior and scores its samples, without
+    training; the same spec and seed give the same figures (up to rounding)."""
+    from benchmarks import mnist_quality, prior_fit
+
+    run = tmp_path / "run"
+    tiny = json.dumps(mnist_quality.QUICK_UNET)
+    mnist_quality.train_with_script(
+        ["--dataset_name", "builtin:digits", "--resolution", "16", "--output_dir", str(run), "--model_config", tiny,
+         "--posterior_config", json.dumps(mnist_quality.QUICK_POSTERIOR), "--max_train_steps", "3",
+         "--train_batch_size", "8", "--aggregate_prior_atoms", "16", "--flow_prior_steps", "5", "--report_to", "none",
+         "--num_threads", "1", "--validation_inference_steps", "1", "--num_validation_samples", "2", "--cpu"]
+    )  # fmt: skip
+    priors = {"atoms": {"type": "atoms", "num_atoms": 32}, "small flow": {"type": "flow", "num_train_steps": 5}}
+    argv = ["--run", str(run), "--dataset", "builtin:digits", "--priors", json.dumps(priors), "--nfe", "1", "2"]
+    argv += ["--num-samples", "16", "--output-dir", str(tmp_path), "--name", "priors"]
+    results = prior_fit.main(argv)
+    assert results["meta"]["priors"] == priors and results["meta"]["run_names"] == ["run"]
+    scores = results["runs"]["run"]
+    assert scores["small flow"]["parameters"] > 0 and scores["atoms"]["parameters"] == 0
+    for name in priors:
+        assert all(math.isfinite(v) and v >= 0 for v in scores[name]["fd"].values())
+        assert all(0 < v < 10 for v in scores[name]["distance_ratio"].values())
+    tables = common.parse_markdown_tables((tmp_path / "priors.md").read_text())
+    (fd,) = list(_table_with_header(tables, "prior", "NFE 2"))[:1]
+    assert fd[0] == ["prior", "NFE 1", "NFE 2"] and [row[0] for row in fd[1:]] == list(priors)
+    assert [_number(cell) for cell in fd[1][1:]] == pytest.approx([scores["atoms"]["fd"][n] for n in ("1", "2")], 1e-2)
+    again = prior_fit.main([*argv, "--name", "again"])["runs"]["run"]
+    for name in priors:  # the flow's fit repeats up to float rounding
+        assert again[name]["fd"] == pytest.approx(scores[name]["fd"], rel=1e-5)
+    with pytest.raises(SystemExit):  # a spec without a known type is refused by argparse, naming the entry
+        prior_fit.build_parser().parse_args(["--run", str(run), "--priors", '{"x": {"type": "mixture"}}'])

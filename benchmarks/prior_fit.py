@@ -1,0 +1,198 @@
+"""Which prior to sample a trained VRFM image model with: fits several priors over `z` to saved pipelines' posteriors
+and scores each as `benchmarks.mnist_quality` does (classifier-feature FD at several step counts, and the copy check).
+Nothing is trained again: the velocity model stays fixed, only where `z` is drawn from changes.
+
+A prior is a name and a spec, `{"type": "atoms" | "flow", "num_atoms": ..., ...}`; the other keys go to its
+`from_posterior` (the flow's `num_train_steps`, `num_layers`, `hidden_dim`). Each run (`--run`, a saved
+`train_vrfm.py` output, e.g. one seed each) is fitted and sampled with seed `--seed` plus its index; cells are mean
+± std over the runs. Run from the repository root::
+
+    python -m benchmarks.prior_fit --dataset builtin:mnist --run runs/vrfm_seed0 runs/vrfm_seed1 \
+        --priors '{"atoms": {"type": "atoms"}, "flow, 20k steps": {"type": "flow", "num_train_steps": 20000}}'
+
+Writes `<name>.md` and `<name>.json` in `--output-dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `python benchmarks/prior_fit.py` as well as `python -m benchmarks.prior_fit`
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR,
+    count_parameters,
+    format_mean_std,
+    machine_description,
+    markdown_table,
+    write_json,
+)
+from benchmarks.mnist_quality import (  # noqa: E402
+    DATASETS,
+    fit_prior,
+    generate,
+    load_image_data,
+    make_scorer,
+    ruler_digest,
+)
+
+DEFAULT_PRIORS = {"atoms": {"type": "atoms"}, "flow": {"type": "flow"}}
+PRIOR_TYPES = ("atoms", "flow")
+
+
+def priors_argument(text: str) -> dict:
+    """`--priors`: a JSON object (or the path of a JSON file) of name -> spec, each spec with a known `type`."""
+    from diffusers_vrfm.training.factory import parse_json_config
+
+    try:
+        priors = parse_json_config(text, "--priors")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    for name, spec in priors.items():
+        if not isinstance(spec, dict) or spec.get("type") not in PRIOR_TYPES:
+            raise argparse.ArgumentTypeError(
+                f"entry {name!r} must be an object with `type` in {list(PRIOR_TYPES)}, but got {spec!r}."
+            )
+    if not priors:
+        raise argparse.ArgumentTypeError("must name at least one prior, but got {}.")
+    return priors
+
+
+def score_priors(args, run: Path, seed: int, data, scorer, num_samples: int) -> dict:
+    """For each prior of `args.priors`: fitted to the run's posterior, then the FD and copy ratio of its samples at
+    every NFE, and the seconds its fit took."""
+    from diffusers_vrfm import VRFMPipeline
+
+    saved = VRFMPipeline.from_pretrained(str(run))
+    saved.set_progress_bar_config(disable=True)
+    if saved.posterior_encoder is None or saved.velocity_model.latent_dim == 0:
+        raise ValueError(f"`--run` {str(run)!r} must be a VRFM pipeline saved with its posterior encoder.")
+    posterior = saved.posterior_encoder.eval()
+    scores = {}
+    for name, spec in args.priors.items():
+        config = {key: value for key, value in spec.items() if key != "type"}
+        start = time.perf_counter()
+        prior = fit_prior(posterior, data, spec["type"], seed, **config)
+        fit_seconds = time.perf_counter() - start
+        pipeline = VRFMPipeline(**{**saved.components, "prior": prior})
+        pipeline.set_progress_bar_config(disable=True)
+        fd, ratio = {}, {}
+        for nfe in args.nfe:
+            samples = generate(pipeline, num_samples, nfe, seed)
+            fd[str(nfe)], ratio[str(nfe)] = scorer.fd(samples), scorer.distance_ratio(samples)
+            print(f"{run.name} {name} NFE {nfe}: FD {fd[str(nfe)]:.2f}, copy ratio {ratio[str(nfe)]:.3f}", flush=True)
+        scores[name] = {"fd": fd, "distance_ratio": ratio, "fit_seconds": fit_seconds}
+        scores[name]["parameters"] = count_parameters(prior) if isinstance(prior, torch.nn.Module) else 0
+    return scores
+
+
+def render_report(results: dict) -> str:
+    meta, nfes = results["meta"], [str(n) for n in results["meta"]["nfes"]]
+    per_run = results["runs"].values()
+
+    def cells(name: str, section: str) -> list[str]:
+        return [format_mean_std([run[name][section][nfe] for run in per_run]) for nfe in nfes]
+
+    fd_rows = [[name, *cells(name, "fd")] for name in meta["priors"]]
+    ratio_rows = [[name, *cells(name, "distance_ratio")] for name in meta["priors"]]
+    spec_rows = [
+        [name, f"`{json.dumps(spec)}`", format_mean_std([run[name]["fit_seconds"] for run in per_run])]
+        for name, spec in meta["priors"].items()
+    ]
+    columns = [f"NFE {nfe}" for nfe in nfes]
+    return "\n".join(
+        [
+            f"# Priors over z for one trained model: {meta['dataset']}",
+            "",
+            f"- Command: `{meta['command']}`",
+            f"- Machine: {meta['machine']}.",
+            f"- Runs (one model each; cells are mean ± std over them): {', '.join(meta['run_names'])}.",
+            f"- Metric: `benchmarks.mnist_quality`'s classifier-feature FD (test accuracy "
+            f"{meta['classifier_accuracy']:.4f}{ruler_digest(meta['classifier_sha256'])}), {meta['num_samples']} "
+            f"samples (Euler) vs as many test images; floor (train vs test) {meta['fd_floor']:.2f}. The copy ratio is "
+            "the median distance from a sample to its nearest training image over that of a test image (1: as new "
+            "as held-out data).",
+            f"- Total wall time: {meta['total_seconds']:.0f} s.",
+            "",
+            "## Classifier-feature FD (lower is better)",
+            "",
+            markdown_table(["prior", *columns], fd_rows),
+            "",
+            "## Copy ratio",
+            "",
+            markdown_table(["prior", *columns], ratio_rows),
+            "",
+            "## The priors",
+            "",
+            markdown_table(["prior", "spec", "fit seconds"], spec_rows),
+            "",
+        ]
+    )
+
+
+def run(args) -> dict:
+    start = time.perf_counter()
+    data = load_image_data(args.dataset, DATASETS[args.dataset])
+    scorer_args = argparse.Namespace(quick=False, device="cpu", num_samples=args.num_samples, inception_samples=0)
+    scorer, meta = make_scorer(scorer_args, data, Path(args.output_dir))
+    runs = {
+        run.name: score_priors(args, run, args.seed + index, data, scorer, meta["num_samples"])
+        for index, run in enumerate(args.run)
+    }
+    meta |= {
+        "command": "python -m benchmarks.prior_fit " + " ".join(shlex.quote(a) for a in args.argv),
+        "machine": machine_description(),
+        "dataset": args.dataset,
+        "run_names": list(runs),
+        "priors": args.priors,
+        "nfes": list(args.nfe),
+        "total_seconds": time.perf_counter() - start,
+    }
+    results = {"meta": meta, "runs": runs}
+    output_dir = Path(args.output_dir)
+    write_json(output_dir / f"{args.name}.json", results)
+    (output_dir / f"{args.name}.md").write_text(render_report(results))
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", nargs="+", type=Path, required=True, help="saved VRFM pipelines (train_vrfm.py)")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="builtin:mnist")
+    parser.add_argument(
+        "--priors", type=priors_argument, default=DEFAULT_PRIORS, help="a JSON object: name -> prior spec"
+    )
+    parser.add_argument("--nfe", nargs="+", type=int, default=[1, 2, 8, 50])
+    parser.add_argument("--num-samples", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0, help="of the first run's fits and noise; the next add 1")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--name", default="prior_fit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        results = run(args)
+    finally:
+        torch.set_num_threads(previous_threads)
+    print((Path(args.output_dir) / f"{args.name}.md").read_text())
+    return results
+
+
+if __name__ == "__main__":
+    main()
