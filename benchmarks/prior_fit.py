@@ -38,14 +38,21 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.mnist_quality import (  # noqa: E402
     DATASETS,
+    QUICK_POSTERIOR,
+    QUICK_UNET,
     fit_prior,
     generate,
     load_image_data,
     make_scorer,
     ruler_digest,
+    train_with_script,
 )
 
 DEFAULT_PRIORS = {"atoms": {"type": "atoms"}, "flow": {"type": "flow"}}
+QUICK_PRIORS = {
+    "atoms": {"type": "atoms", "num_atoms": 32},
+    "flow": {"type": "flow", "num_atoms": 32, "num_train_steps": 5},
+}
 PRIOR_TYPES = ("atoms", "flow")
 
 
@@ -139,8 +146,25 @@ def render_report(results: dict) -> str:
     )
 
 
+def quick_run(output_dir: Path) -> Path:
+    """`--quick` without `--run`: a tiny VRFM UNet trained on the digits for 3 steps by `train_vrfm.py`."""
+    folder = output_dir / "cache" / "prior_fit_quick_run"
+    train_with_script(
+        ["--dataset_name", "builtin:digits", "--resolution", "16", "--output_dir", str(folder),
+         "--model_config", json.dumps(QUICK_UNET), "--posterior_config", json.dumps(QUICK_POSTERIOR),
+         "--max_train_steps", "3", "--train_batch_size", "8", "--aggregate_prior_atoms", "16",
+         "--flow_prior_steps", "5", "--report_to", "none", "--num_threads", "1", "--validation_inference_steps", "1",
+         "--num_validation_samples", "2", "--cpu"]
+    )  # fmt: skip
+    return folder
+
+
 def run(args) -> dict:
     start = time.perf_counter()
+    if args.quick:
+        args.dataset, args.nfe, args.num_samples = "builtin:digits", args.nfe[:2], min(args.num_samples, 16)
+        args.priors = QUICK_PRIORS if args.priors is DEFAULT_PRIORS else args.priors
+        args.run = args.run or [quick_run(Path(args.output_dir))]
     data = load_image_data(args.dataset, DATASETS[args.dataset])
     scorer_args = argparse.Namespace(quick=False, device="cpu", num_samples=args.num_samples, inception_samples=0)
     scorer, meta = make_scorer(scorer_args, data, Path(args.output_dir))
@@ -166,7 +190,7 @@ def run(args) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", nargs="+", type=Path, required=True, help="saved VRFM pipelines (train_vrfm.py)")
+    parser.add_argument("--run", nargs="+", type=Path, default=None, help="saved VRFM pipelines (train_vrfm.py)")
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="builtin:mnist")
     parser.add_argument(
         "--priors", type=priors_argument, default=DEFAULT_PRIORS, help="a JSON object: name -> prior spec"
@@ -177,12 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="prior_fit")
+    parser.add_argument("--quick", action="store_true", help="digits, 16 samples at NFE 1 and 2, small priors")
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.run is None and not args.quick:
+        build_parser().error("`--run` must name at least one saved VRFM pipeline (or pass --quick).")
     args.argv = argv
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)

@@ -903,32 +903,27 @@ def test_toy_harness_trains_every_remedy_and_shares_the_draws():
 def test_prior_fit_scores_several_priors_on_one_trained_model(tmp_path):
     """`benchmarks.prior_fit` fits each named prior to a saved run's posterior and scores its samples, without
     training; the same spec and seed give the same figures (up to rounding)."""
-    from benchmarks import mnist_quality, prior_fit
+    from benchmarks import prior_fit
 
-    run = tmp_path / "run"
-    tiny = json.dumps(mnist_quality.QUICK_UNET)
-    mnist_quality.train_with_script(
-        ["--dataset_name", "builtin:digits", "--resolution", "16", "--output_dir", str(run), "--model_config", tiny,
-         "--posterior_config", json.dumps(mnist_quality.QUICK_POSTERIOR), "--max_train_steps", "3",
-         "--train_batch_size", "8", "--aggregate_prior_atoms", "16", "--flow_prior_steps", "5", "--report_to", "none",
-         "--num_threads", "1", "--validation_inference_steps", "1", "--num_validation_samples", "2", "--cpu"]
-    )  # fmt: skip
     priors = {"atoms": {"type": "atoms", "num_atoms": 32}, "small flow": {"type": "flow", "num_train_steps": 5}}
-    argv = ["--run", str(run), "--dataset", "builtin:digits", "--priors", json.dumps(priors), "--nfe", "1", "2"]
-    argv += ["--num-samples", "16", "--output-dir", str(tmp_path), "--name", "priors"]
-    results = prior_fit.main(argv)
-    assert results["meta"]["priors"] == priors and results["meta"]["run_names"] == ["run"]
-    scores = results["runs"]["run"]
+    argv = ["--quick", "--priors", json.dumps(priors), "--output-dir", str(tmp_path), "--name", "priors"]
+    results = prior_fit.main(argv)  # --quick trains a tiny digits run under --output-dir
+    run = tmp_path / "cache" / "prior_fit_quick_run"
+    assert results["meta"]["priors"] == priors and results["meta"]["run_names"] == [run.name]
+    scores = results["runs"][run.name]
     assert scores["small flow"]["parameters"] > 0 and scores["atoms"]["parameters"] == 0
     for name in priors:
         assert all(math.isfinite(v) and v >= 0 for v in scores[name]["fd"].values())
         assert all(0 < v < 10 for v in scores[name]["distance_ratio"].values())
     tables = common.parse_markdown_tables((tmp_path / "priors.md").read_text())
-    (fd,) = list(_table_with_header(tables, "prior", "NFE 2"))[:1]
+    fd = next(_table_with_header(tables, "prior", "NFE 2"))
     assert fd[0] == ["prior", "NFE 1", "NFE 2"] and [row[0] for row in fd[1:]] == list(priors)
     assert [_number(cell) for cell in fd[1][1:]] == pytest.approx([scores["atoms"]["fd"][n] for n in ("1", "2")], 1e-2)
-    again = prior_fit.main([*argv, "--name", "again"])["runs"]["run"]
-    for name in priors:  # the flow's fit repeats up to float rounding
-        assert again[name]["fd"] == pytest.approx(scores[name]["fd"], rel=1e-5)
+    again = prior_fit.main([*argv, "--run", str(run), "--name", "again"])
+    for name in priors:  # the same run, fitted and sampled again: the flow's fit repeats up to float rounding
+        assert again["runs"][run.name][name]["fd"] == pytest.approx(scores[name]["fd"], rel=1e-5)
+    parser = prior_fit.build_parser()
     with pytest.raises(SystemExit):  # a spec without a known type is refused by argparse, naming the entry
-        prior_fit.build_parser().parse_args(["--run", str(run), "--priors", '{"x": {"type": "mixture"}}'])
+        parser.parse_args(["--run", str(run), "--priors", '{"x": {"type": "mixture"}}'])
+    with pytest.raises(SystemExit):  # and so is a run without --run
+        prior_fit.main(["--output-dir", str(tmp_path)])
