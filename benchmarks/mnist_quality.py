@@ -766,7 +766,8 @@ def apply_quick_and_device_defaults(args) -> None:
 
 
 def make_scorer(args, data: ImageData, output_dir: Path) -> tuple[Scorer, dict]:
-    """The classifier (trained or loaded from the cache) and the test-set references; returns it with the meta."""
+    """The classifier (committed in `benchmarks/classifiers/`, or trained and saved there; `--quick` keeps its own
+    under `--output-dir`) and the test-set references; returns it with the meta."""
     name = f"classifier_{data.name.split(':')[-1]}_{data.resolution}{'_quick' if args.quick else ''}.safetensors"
     path = (output_dir / "cache" / name) if args.quick else (CLASSIFIER_DIR / name)
     classifier, accuracy = get_classifier(
