@@ -278,74 +278,76 @@ def build_models(
         model_config (`dict`, *optional*), posterior_config (`dict`, *optional*): overrides of the default configs.
         pretrained ([`PretrainedSource`], *optional*): a pipeline to continue or a backbone to wrap.
     """
+    model_config = dict(model_config or {})
+    kind = "vector" if backbone == "mlp" else "image"
+
+    def new_posterior():
+        return build_posterior(kind, sample_shape, latent_dim, posterior_inputs, dict(posterior_config or {}))
+
+    if pretrained is not None and pretrained.kind == "pipeline":
+        refuse_model_config(model_config)
+        velocity_model, posterior = _pipeline_to_continue(pretrained, latent_dim, num_classes)
+        return BuiltModels(velocity_model, posterior or new_posterior(), base_model=pretrained.path, origin="pipeline")
+    if pretrained is not None:
+        velocity_model = _wrapped_backbone(pretrained, latent_dim, num_classes, model_config)
+        return BuiltModels(velocity_model, new_posterior(), base_model=pretrained.path, origin="backbone")
+    velocity_model = _new_velocity_model(backbone, sample_shape, latent_dim, num_classes, model_config)
+    return BuiltModels(velocity_model, new_posterior())
+
+
+def _pipeline_to_continue(pretrained: PretrainedSource, latent_dim: int, num_classes: int | None):
+    """The velocity model and posterior (`None` if it was not saved) of a VRFM pipeline that training continues."""
+    from diffusers_vrfm.hub import load_pipeline_components
+
+    components = load_pipeline_components(pretrained.path)
+    velocity_model = components["velocity_model"]
+    if velocity_model.latent_dim != latent_dim:
+        raise ValueError(
+            f"`--latent_dim` {latent_dim} differs from the pipeline's velocity model "
+            f"({velocity_model.latent_dim}); leave `--latent_dim` unset to continue the pipeline."
+        )
+    if velocity_model.num_classes != num_classes:
+        raise ValueError(
+            f"The pipeline's velocity model has num_classes={velocity_model.num_classes}, but the training data "
+            f"gives {num_classes}; set `--class_conditional` to match the pipeline."
+        )
+    return velocity_model, components.get("posterior_encoder")
+
+
+def _wrapped_backbone(pretrained: PretrainedSource, latent_dim: int, num_classes: int | None, model_config: dict):
+    """A pretrained diffusers backbone in its VRFM wrapper, with a zero-initialised `z` path."""
     import diffusers
 
     import diffusers_vrfm
 
-    model_config = dict(model_config or {})
-    posterior_config = dict(posterior_config or {})
-    kind = "vector" if backbone == "mlp" else "image"
+    class_name = pretrained.config["_class_name"]
+    backbone_class = getattr(diffusers, class_name)
+    wrapper_class = getattr(diffusers_vrfm, WRAPPABLE_BACKBONES[class_name][1])
+    options = wrapper_options(model_config, class_name)
+    loaded = backbone_class.from_pretrained(pretrained.path, subfolder=pretrained.subfolder)
+    return wrapper_class.from_backbone(loaded, latent_dim=latent_dim, num_classes=num_classes, **options)
 
-    if pretrained is not None and pretrained.kind == "pipeline":
-        from diffusers_vrfm.hub import load_pipeline_components
 
-        refuse_model_config(model_config)
-
-        components = load_pipeline_components(pretrained.path)
-        velocity_model = components["velocity_model"]
-        if velocity_model.latent_dim != latent_dim:
-            raise ValueError(
-                f"`--latent_dim` {latent_dim} differs from the pipeline's velocity model "
-                f"({velocity_model.latent_dim}); leave `--latent_dim` unset to continue the pipeline."
-            )
-        if velocity_model.num_classes != num_classes:
-            raise ValueError(
-                f"The pipeline's velocity model has num_classes={velocity_model.num_classes}, but the training data "
-                f"gives {num_classes}; set `--class_conditional` to match the pipeline."
-            )
-        posterior = components.get("posterior_encoder")
-        if posterior is None:
-            posterior = build_posterior(kind, sample_shape, latent_dim, posterior_inputs, posterior_config)
-        return BuiltModels(velocity_model, posterior, base_model=pretrained.path, origin="pipeline")
-
-    if pretrained is not None:
-        class_name = pretrained.config["_class_name"]
-        backbone_class = getattr(diffusers, class_name)
-        wrapper_class = getattr(diffusers_vrfm, WRAPPABLE_BACKBONES[class_name][1])
-        options = wrapper_options(model_config, class_name)
-        loaded = backbone_class.from_pretrained(pretrained.path, subfolder=pretrained.subfolder)
-        velocity_model = wrapper_class.from_backbone(loaded, latent_dim=latent_dim, num_classes=num_classes, **options)
-        posterior = build_posterior(kind, sample_shape, latent_dim, posterior_inputs, posterior_config)
-        return BuiltModels(velocity_model, posterior, base_model=pretrained.path, origin="backbone")
+def _new_velocity_model(
+    backbone: str, sample_shape: tuple[int, ...], latent_dim: int, num_classes: int | None, model_config: dict
+):
+    """A velocity model of `backbone` from the default config updated with `model_config` (and, for images with
+    `z`, the default `z` map)."""
+    import diffusers_vrfm
 
     config = {**DEFAULT_MODEL_CONFIGS[backbone], **model_config}
     if backbone != "mlp" and latent_dim > 0:
         config.update(default_z_map(tuple(sample_shape[1:]), model_config))
     if backbone == "mlp":
-        velocity_model = diffusers_vrfm.VRFMMLPModel(
+        return diffusers_vrfm.VRFMMLPModel(
             sample_size=sample_shape[0], latent_dim=latent_dim, num_classes=num_classes, **config
         )
-    elif backbone == "unet":
-        velocity_model = diffusers_vrfm.VRFMUNet2DModel(
-            sample_size=sample_shape[1],
-            in_channels=sample_shape[0],
-            out_channels=sample_shape[0],
-            latent_dim=latent_dim,
-            num_classes=num_classes,
-            **config,
-        )
-    elif backbone == "dit":
-        velocity_model = diffusers_vrfm.VRFMDiTTransformer2DModel(
-            sample_size=sample_shape[1],
-            in_channels=sample_shape[0],
-            latent_dim=latent_dim,
-            num_classes=num_classes,
-            **config,
-        )
-    else:
-        raise ValueError(f"`--backbone` must be one of {BACKBONES}, but got {backbone!r}.")
-    posterior = build_posterior(kind, sample_shape, latent_dim, posterior_inputs, posterior_config)
-    return BuiltModels(velocity_model, posterior)
+    image = {"sample_size": sample_shape[1], "in_channels": sample_shape[0], "latent_dim": latent_dim}
+    if backbone == "unet":
+        return diffusers_vrfm.VRFMUNet2DModel(**image, out_channels=sample_shape[0], num_classes=num_classes, **config)
+    if backbone == "dit":
+        return diffusers_vrfm.VRFMDiTTransformer2DModel(**image, num_classes=num_classes, **config)
+    raise ValueError(f"`--backbone` must be one of {BACKBONES}, but got {backbone!r}.")
 
 
 def count_parameters(model) -> int:
