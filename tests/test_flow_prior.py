@@ -109,6 +109,24 @@ def test_from_posterior_uses_the_same_atoms_as_the_mixture_prior():
         VRFMFlowPrior.from_posterior(encoder, iter(batches), num_atoms=100)
 
 
+def test_from_posterior_with_a_generator_is_the_same_prior_whatever_the_global_random_state():
+    """The flow's initial weights come from the generator's seed, not from torch's global generator: the same
+    generator gives the same fitted prior in any process (benchmarks refit priors in fresh processes)."""
+    torch.manual_seed(0)
+    encoder = VRFMPosteriorEncoder(sample_size=2, latent_dim=3, posterior_inputs=("x1",), hidden_dim=16).eval()
+    batches = [(torch.randn(8, 2), 3 * torch.randn(8, 2)) for _ in range(3)]
+
+    def fit(global_seed: int, seed: int) -> VRFMFlowPrior:
+        torch.manual_seed(global_seed)
+        generator = torch.Generator().manual_seed(seed)
+        return VRFMFlowPrior.from_posterior(encoder, iter(batches), 20, generator, num_train_steps=5, hidden_dim=8)
+
+    first, second, other = fit(1, seed=7), fit(2, seed=7), fit(1, seed=8)
+    for name, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[name]), name
+    assert not all(torch.equal(value, other.state_dict()[name]) for name, value in first.state_dict().items())
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

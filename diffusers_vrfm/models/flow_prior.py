@@ -344,7 +344,8 @@ class VRFMFlowPrior(ModelMixin, ConfigMixin):
 
         Args:
             posterior_encoder, pairs, num_atoms: as in [`VRFMAggregatePosteriorPrior.from_posterior`].
-            generator (`torch.Generator`, *optional*, on the CPU): the times of the encoding, then the fit's batches.
+            generator (`torch.Generator`, *optional*, on the CPU): the flow's initial weights (from its seed), the
+                times of the encoding, then the fit's batches: the same generator gives the same prior in any process.
             num_train_steps (`int`, defaults to 2000): steps of [`~VRFMFlowPrior.fit`].
             **config: `num_layers`, `hidden_dim`, `log_scale_bound` of the flow.
 
@@ -355,6 +356,9 @@ class VRFMFlowPrior(ModelMixin, ConfigMixin):
         )
         config["condition_dim"] = 0 if conditions is None else conditions.shape[1]
         device = next(posterior_encoder.parameters()).device
-        prior = cls(latent_dim=posterior_encoder.latent_dim, **config).to(device)
+        with torch.random.fork_rng(devices=[]):  # the initial weights from `generator` too, not torch's global state
+            if generator is not None:
+                torch.manual_seed(generator.initial_seed())
+            prior = cls(latent_dim=posterior_encoder.latent_dim, **config).to(device)
         prior.fit(means, logvars, num_train_steps=num_train_steps, generator=generator, conditions=conditions)
         return prior
