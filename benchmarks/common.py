@@ -17,6 +17,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +32,19 @@ CLASSIFIER_DIR = BENCHMARK_DIR / "classifiers"  # committed: the image benchmark
 
 
 # ------------------------------------------------------------------------------------------------------------ setup
+@contextmanager
+def torch_threads(count: int | None = None):
+    """Runs the block with `count` torch threads (the count unchanged when `None`), then restores the previous count:
+    a benchmark run in-process, as the tests run them, leaves its caller's setting as it found it."""
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def set_seed(seed: int) -> None:
     """Seeds Python, NumPy and torch's global generators (torchcfm and POT draw from the global ones)."""
     random.seed(seed)

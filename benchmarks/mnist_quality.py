@@ -60,6 +60,7 @@ from benchmarks.common import (  # noqa: E402
     posterior_diagnostics,
     pyplot,
     set_seed,
+    torch_threads,
     write_json,
 )
 from diffusers_vrfm.schedulers.flow_scheduler_adapter import SINGLE_EVAL_SCHEDULERS  # noqa: E402
@@ -1090,11 +1091,8 @@ def main(argv: list[str] | None = None) -> dict:
         plot_fd(results, output_dir / f"{args.name}_fd_vs_nfe.png")
         print((output_dir / f"{args.name}.md").read_text())
         return results
-    previous_threads = torch.get_num_threads()
-    try:
+    with torch_threads():  # `run` sets `--threads`
         results = run(args)
-    finally:
-        torch.set_num_threads(previous_threads)
     print((Path(args.output_dir) / f"{args.name}.md").read_text())
     return results
 

@@ -34,6 +34,7 @@ from benchmarks.common import (  # noqa: E402
     format_mean_std,
     machine_description,
     markdown_table,
+    torch_threads,
     write_json,
 )
 from benchmarks.mnist_quality import (  # noqa: E402
@@ -211,12 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.run is None and not args.quick:
         build_parser().error("`--run` must name at least one saved VRFM pipeline (or pass --quick).")
     args.argv = argv
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         results = run(args)
-    finally:
-        torch.set_num_threads(previous_threads)
     print((Path(args.output_dir) / f"{args.name}.md").read_text())
     return results
 

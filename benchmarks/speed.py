@@ -47,6 +47,7 @@ from benchmarks.common import (  # noqa: E402
     markdown_table,
     median_ratio,
     pyplot,
+    torch_threads,
     write_json,
 )
 from diffusers_vrfm import (  # noqa: E402
@@ -509,11 +510,8 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    previous_threads = torch.get_num_threads()
-    try:
+    with torch_threads():  # `run` sets `--threads`
         results = run(args)
-    finally:
-        torch.set_num_threads(previous_threads)
     print((Path(args.output_dir) / "speed.md").read_text())
     return results
 
