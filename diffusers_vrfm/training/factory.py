@@ -287,7 +287,8 @@ def build_models(
     if pretrained is not None and pretrained.kind == "pipeline":
         refuse_model_config(model_config)
         velocity_model, posterior = _pipeline_to_continue(pretrained, latent_dim, num_classes)
-        return BuiltModels(velocity_model, posterior or new_posterior(), base_model=pretrained.path, origin="pipeline")
+        posterior = new_posterior() if posterior is None else posterior
+        return BuiltModels(velocity_model, posterior, base_model=pretrained.path, origin="pipeline")
     if pretrained is not None:
         velocity_model = _wrapped_backbone(pretrained, latent_dim, num_classes, model_config)
         return BuiltModels(velocity_model, new_posterior(), base_model=pretrained.path, origin="backbone")
