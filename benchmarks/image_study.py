@@ -96,6 +96,9 @@ def summarise(runs_dir: Path) -> dict:
     """Every finished run's FD curve, its ratio to its RF, and the posterior's KL and active units."""
     loaded = {r.name: json.loads((runs_dir / f"{r.name}.json").read_text()) for r in STUDY
               if (runs_dir / f"{r.name}.json").exists()}
+    rulers = {(r["meta"].get("classifier_accuracy"), r["meta"].get("classifier_sha256")) for r in loaded.values()}
+    if len(rulers) > 1:  # FDs in two classifiers' features do not compare (as `mnist_quality --join` refuses)
+        raise ValueError(f"The runs in {runs_dir} were scored by different classifiers {sorted(rulers, key=str)}.")
     rows = []
     for run in STUDY:
         if run.name not in loaded:
@@ -112,6 +115,8 @@ def summarise(runs_dir: Path) -> dict:
 
 
 def render(summary: dict) -> str:
+    from benchmarks.mnist_quality import ruler_digest
+
     rows, meta = summary["runs"], summary["meta"]
     nfes = rows[0]["nfes"]
     fd_rows, ratio_rows, prior_rows, posterior_rows = [], [], [], []
@@ -142,7 +147,8 @@ def render(summary: dict) -> str:
         "and `--num_threads 1` of every `train_vrfm.py` run).",
         f"- Data: {meta.get('data')}. Budget: {meta.get('steps')} steps at batch {meta.get('batch_size')}, seed "
         f"{meta.get('seeds')}, UNet {json.dumps(meta.get('model_config'))}.",
-        f"- Metric: classifier-feature FD (classifier test accuracy {meta.get('classifier_accuracy', 0):.3f}), "
+        f"- Metric: classifier-feature FD (classifier test accuracy {meta.get('classifier_accuracy', 0):.3f}"
+        f"{ruler_digest(meta.get('classifier_sha256'))}), "
         f"{meta.get('num_samples')} generated vs {meta.get('num_samples')} test images (all of digits' test split), "
         f"Euler; floor (train vs test, same size) {meta.get('fd_floor', float('nan')):.2f}.",
         "- Commands: below, or `python -m benchmarks.image_study --list`; each row's own report is "

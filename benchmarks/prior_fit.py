@@ -22,8 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/prior_fit.py` as well as `python -m benchmarks.prior_fit`
     sys.path.insert(0, str(REPO_ROOT))
@@ -81,7 +79,6 @@ def score_priors(args, run: Path, seed: int, data, scorer, num_samples: int) -> 
     from diffusers_vrfm import VRFMPipeline
 
     saved = VRFMPipeline.from_pretrained(str(run))
-    saved.set_progress_bar_config(disable=True)
     if saved.posterior_encoder is None or saved.velocity_model.latent_dim == 0:
         raise ValueError(f"`--run` {str(run)!r} must be a VRFM pipeline saved with its posterior encoder.")
     posterior = saved.posterior_encoder.eval()
@@ -99,7 +96,7 @@ def score_priors(args, run: Path, seed: int, data, scorer, num_samples: int) -> 
             fd[str(nfe)], ratio[str(nfe)] = scorer.fd(samples), scorer.distance_ratio(samples)
             print(f"{run.name} {name} NFE {nfe}: FD {fd[str(nfe)]:.2f}, copy ratio {ratio[str(nfe)]:.3f}", flush=True)
         scores[name] = {"fd": fd, "distance_ratio": ratio, "fit_seconds": fit_seconds}
-        scores[name]["parameters"] = count_parameters(prior) if isinstance(prior, torch.nn.Module) else 0
+        scores[name]["parameters"] = count_parameters(prior)
     return scores
 
 

@@ -585,6 +585,10 @@ def test_image_study_joins_single_method_runs(tmp_path):
     assert ratio_table[1] == ["VRFM defaults: KL 3, dim z 4", "0.50x", "1.25x"]
     assert prior_table[1] == ["VRFM defaults: KL 3, dim z 4", "1.50x", "1.00x"]
     assert tables[3][1][2:] == ["-"] * 7 and tables[3][2][2:5] == ["3.0", "1", "2"]
+    other_ruler = {**runs["rf"], "meta": {**meta, "classifier_sha256": "0" * 64}}  # FDs in another CNN's features
+    (tmp_path / "rf.json").write_text(json.dumps(other_ruler))
+    with pytest.raises(ValueError, match="scored by different classifiers"):
+        image_study.main(["--runs-dir", str(tmp_path), "--output-dir", str(tmp_path)])
 
 
 def test_soak_quick_outputs_are_well_formed(tmp_path):
