@@ -127,6 +127,16 @@ def test_from_posterior_with_a_generator_is_the_same_prior_whatever_the_global_r
     assert not all(torch.equal(value, other.state_dict()[name]) for name, value in first.state_dict().items())
 
 
+def test_fitting_a_prior_with_a_generator_leaves_the_global_random_state_alone():
+    torch.manual_seed(0)
+    encoder = VRFMPosteriorEncoder(sample_size=2, latent_dim=3, hidden_dim=16).eval()
+    batches = [(torch.randn(8, 2), 3 * torch.randn(8, 2)) for _ in range(3)]
+    state = torch.get_rng_state()
+    VRFMAggregatePosteriorPrior.from_posterior(encoder, iter(batches), 20, torch.Generator().manual_seed(1))
+    VRFMFlowPrior.from_posterior(encoder, iter(batches), 20, torch.Generator().manual_seed(1), num_train_steps=3)
+    assert torch.equal(torch.get_rng_state(), state), "the encoder's unused draw of z must not come from torch's own"
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

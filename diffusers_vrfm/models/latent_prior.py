@@ -126,7 +126,8 @@ def collect_posterior_atoms(
         x0, x1 = (x.to(device=parameter.device, dtype=parameter.dtype) for x in (x0, x1))
         t_device = generator.device if generator is not None else x1.device
         t = torch.rand(x1.shape[0], generator=generator, device=t_device).to(x1.device)
-        output = posterior_encoder(x0=x0, x1=x1, x_t=interpolate(x0, x1, t), t=t)
+        no_draw = x1.new_zeros(x1.shape[0], posterior_encoder.latent_dim)  # only the mean and log-variance are kept
+        output = posterior_encoder(x0=x0, x1=x1, x_t=interpolate(x0, x1, t), t=t, noise=no_draw)
         means.append(output.mean.float())
         logvars.append(output.logvar.float())
         conditions += [value.float().to(parameter.device) for value in condition]
