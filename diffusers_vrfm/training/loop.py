@@ -357,6 +357,56 @@ def make_data_iterator(args: argparse.Namespace, prepared: PreparedData, layout:
     return iter(loader)
 
 
+def record_update(
+    models: TrainingModels, state: LoopState, beta, update_values: torch.Tensor, kl_target: float | None
+) -> None:
+    """After an optimizer update: the EMA, the adapted KL weight (unchanged by a skipped update), the step count, and
+    the update's metrics queued on the device until the next read."""
+    skipped = update_values[-1] > 0
+    if models.ema_model is not None:  # after a skipped update it averages in the unchanged weights
+        models.ema_model.step(models.ema_source_parameters)
+    if kl_target is not None:  # the same on every process: the KL is the mean over processes and micro-steps
+        adapted = adapt_beta(state.adaptive_beta, state.accumulated[3], kl_target)
+        state.adaptive_beta = torch.where(skipped, state.adaptive_beta, adapted)
+    state.global_step += 1
+    state.pending.append(
+        PendingUpdate(
+            step=state.global_step,
+            seconds=time.time() - state.started,
+            lr=models.lr_scheduler.get_last_lr()[0],
+            beta=beta,
+            ema_decay=None if models.ema_model is None else models.ema_model.cur_decay_value,
+            values=update_values,
+        )
+    )
+    state.accumulated = state.window_loss_finite = None
+
+
+def run_schedules(
+    args: argparse.Namespace,
+    context: RunContext,
+    layout: BatchLayout,
+    models: TrainingModels,
+    state: LoopState,
+    validator: Validator,
+    stop_at: int,
+    metrics_path: str,
+) -> dict | None:
+    """What falls due after update `state.global_step`: reading the queued metrics (every `--logging_steps`, at a
+    checkpoint and at the end; their last record is returned, else `None`), a checkpoint (every
+    `--checkpointing_steps`, and where `--stop_after_steps` stops early), and the validation figures (every
+    `--validation_steps`, on the main process)."""
+    accelerator, step, logs = context.accelerator, state.global_step, None
+    checkpoint_now = step % args.checkpointing_steps == 0 or (step == stop_at and stop_at < args.max_train_steps)
+    if step % args.logging_steps == 0 or checkpoint_now or step == stop_at:
+        logs = read_pending_updates(args, context, models, state, metrics_path)
+    if checkpoint_now:
+        save_loop_checkpoint(args, context, layout, state)
+    if accelerator.is_main_process and step % args.validation_steps == 0 and step < args.max_train_steps:
+        validator(step, prior=None if models.prior_model is None else accelerator.unwrap_model(models.prior_model))
+    return logs
+
+
 def train_loop(
     args: argparse.Namespace,
     context: RunContext,
@@ -401,35 +451,11 @@ def train_loop(
         if update_values is None:
             continue
 
-        skipped = update_values[-1] > 0
-        if models.ema_model is not None:  # after a skipped update it averages in the unchanged weights
-            models.ema_model.step(models.ema_source_parameters)
-        if kl_target is not None:  # the same on every process: the KL is the mean over processes and micro-steps
-            adapted = adapt_beta(state.adaptive_beta, state.accumulated[3], kl_target)
-            state.adaptive_beta = torch.where(skipped, state.adaptive_beta, adapted)
-        state.global_step += 1
+        record_update(models, state, beta, update_values, kl_target)
         progress_bar.update(1)
-        state.pending.append(
-            PendingUpdate(
-                step=state.global_step,
-                seconds=time.time() - state.started,
-                lr=models.lr_scheduler.get_last_lr()[0],
-                beta=beta,
-                ema_decay=None if models.ema_model is None else models.ema_model.cur_decay_value,
-                values=update_values,
-            )
-        )
-        state.accumulated = state.window_loss_finite = None
-
-        step = state.global_step
-        checkpoint_now = step % args.checkpointing_steps == 0 or (step == stop_at and stop_at < args.max_train_steps)
-        if step % args.logging_steps == 0 or checkpoint_now or step == stop_at:
-            logs = read_pending_updates(args, context, models, state, metrics_path)
+        logs = run_schedules(args, context, layout, models, state, validator, stop_at, metrics_path)
+        if logs is not None:
             progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", kl=f"{logs['kl']:.3g}", lr=f"{logs['lr']:.2e}")
-        if checkpoint_now:
-            save_loop_checkpoint(args, context, layout, state)
-        if accelerator.is_main_process and step % args.validation_steps == 0 and step < args.max_train_steps:
-            validator(step, prior=None if models.prior_model is None else accelerator.unwrap_model(models.prior_model))
 
     progress_bar.close()
     return LoopResult(
