@@ -7,6 +7,7 @@ import torch
 from train_helpers import make_image_folder
 
 from diffusers_vrfm.training.data import (
+    HFImageSource,
     ImageTransform,
     MicroBatchPlan,
     collate_examples,
@@ -162,6 +163,24 @@ def test_imagefolder_with_labels(tmp_path):
     # A local folder through --dataset_name works the same way.
     again = load_training_data(folder, "unet", resolution=8)
     assert again.num_examples == 12
+
+
+def test_max_train_samples_keeps_the_first_examples_with_their_labels(tmp_path):
+    folder = make_image_folder(str(tmp_path / "images"))
+    full = load_training_data(None, "unet", train_data_dir=folder, class_conditional=True, resolution=8)
+    first = load_training_data(
+        None, "unet", train_data_dir=folder, class_conditional=True, resolution=8, max_train_samples=7
+    )
+    assert first.num_examples == 7 and first.class_names == full.class_names and first.num_classes == 2
+    for index in range(7):
+        assert int(first.dataset[(index, 0)]["class_labels"]) == int(full.dataset[(index, 0)]["class_labels"])
+    # string labels are mapped to ids over the whole set; a subset keeps that map (and may name more than it holds)
+    import datasets
+
+    table = datasets.Dataset.from_dict({"image": [_gradient_image()] * 4, "kind": ["b", "a", "b", "c"]})
+    source = HFImageSource(table, "image", "kind", name="strings").subset(2)
+    assert len(source) == 2 and [source.label(i) for i in range(2)] == [1, 0] and source.num_classes == 3
+    assert load_training_data(None, "unet", train_data_dir=folder, max_train_samples=100).num_examples == 12
 
 
 def test_unknown_columns_are_refused_with_the_argument_name(tmp_path):

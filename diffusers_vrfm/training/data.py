@@ -16,6 +16,7 @@ shorter side, center or random crop, optional random horizontal flip, scale to `
 
 from __future__ import annotations
 
+import copy
 import gzip
 import os
 import pickle
@@ -149,6 +150,10 @@ class ImageSource:
     def num_classes(self) -> int | None:
         return None
 
+    def subset(self, count: int) -> ImageSource:
+        """The first `count` examples (all of them if there are fewer), with the same labels and class names."""
+        raise NotImplementedError
+
 
 class ArrayImageSource(ImageSource):
     """Images held in a uint8 array `(N, H, W)` or `(N, H, W, C)`, with optional integer labels `(N,)`."""
@@ -242,6 +247,13 @@ class HFImageSource(ImageSource):
         if self.class_names is not None:
             return len(self.class_names)
         return max(self._label_ids) + 1
+
+    def subset(self, count: int) -> HFImageSource:
+        subset = copy.copy(self)
+        subset.dataset = self.dataset.select(range(min(count, len(self.dataset))))
+        if self._label_ids is not None:
+            subset._label_ids = self._label_ids[: len(subset.dataset)]
+        return subset
 
 
 def load_digits_source() -> ArrayImageSource:
@@ -568,44 +580,36 @@ def parse_dataset_name(dataset_name: str | None, train_data_dir: str | None, bac
     return dataset_name
 
 
-def load_training_data(
-    dataset_name: str | None,
-    backbone: str,
-    train_data_dir: str | None = None,
-    dataset_config_name: str | None = None,
-    dataset_split: str = "train",
-    cache_dir: str | None = None,
-    image_column: str | None = None,
-    label_column: str | None = None,
-    class_conditional: bool = False,
-    resolution: int = 16,
-    center_crop: bool = True,
-    random_flip: bool = False,
-    max_train_samples: int | None = None,
-) -> TrainingData:
-    """Loads the data named by the script's arguments and checks it against the backbone, before training starts."""
-    dataset_name = parse_dataset_name(dataset_name, train_data_dir, backbone)
-    if dataset_name is not None and dataset_name.startswith(TOY_PREFIX):
-        task_name = dataset_name[len(TOY_PREFIX) :]
-        if task_name not in TOY_TASKS:
-            raise ValueError(
-                f"`--dataset_name` {dataset_name!r} names an unknown toy task; valid names are "
-                f"{[TOY_PREFIX + name for name in sorted(TOY_TASKS)]}."
-            )
-        if backbone != "mlp":
-            raise ValueError(
-                f"`--dataset_name` {dataset_name!r} is vector data, which needs `--backbone mlp` (got {backbone!r})."
-            )
-        if class_conditional:
-            raise ValueError("`--class_conditional` needs a labelled dataset; toy tasks have no labels.")
-        task = TOY_TASKS[task_name]
-        return TrainingData(kind="vector", sample_shape=(task.dim,), name=dataset_name, toy_task=task)
-
-    if backbone == "mlp":
+def toy_training_data(dataset_name: str, backbone: str, class_conditional: bool) -> TrainingData:
+    """The toy task `toy:<task>` as training data, after checking that the other arguments fit vector data."""
+    task_name = dataset_name[len(TOY_PREFIX) :]
+    if task_name not in TOY_TASKS:
         raise ValueError(
-            f"`--backbone mlp` trains on vector data (`--dataset_name toy:<task>`), but the dataset "
-            f"{dataset_name or train_data_dir!r} holds images: use `--backbone unet` or `--backbone dit`."
+            f"`--dataset_name` {dataset_name!r} names an unknown toy task; valid names are "
+            f"{[TOY_PREFIX + name for name in sorted(TOY_TASKS)]}."
         )
+    if backbone != "mlp":
+        raise ValueError(
+            f"`--dataset_name` {dataset_name!r} is vector data, which needs `--backbone mlp` (got {backbone!r})."
+        )
+    if class_conditional:
+        raise ValueError("`--class_conditional` needs a labelled dataset; toy tasks have no labels.")
+    task = TOY_TASKS[task_name]
+    return TrainingData(kind="vector", sample_shape=(task.dim,), name=dataset_name, toy_task=task)
+
+
+def open_image_source(
+    dataset_name: str | None,
+    train_data_dir: str | None,
+    dataset_config_name: str | None,
+    dataset_split: str,
+    cache_dir: str | None,
+    image_column: str | None,
+    label_column: str | None,
+    class_conditional: bool,
+) -> ImageSource:
+    """The images named by the script's arguments (a `builtin:` set, a Hub dataset or a local folder), checked: not
+    empty, with labels when `class_conditional`, and for a `builtin:` set, only its own column names."""
     if dataset_name == "builtin:digits":
         source = load_digits_source()
     elif dataset_name == "builtin:mnist":
@@ -631,13 +635,45 @@ def load_training_data(
         raise ValueError(f"The dataset {source.name!r} is empty.")
     if class_conditional and not source.has_labels:
         raise ValueError(f"`--class_conditional` needs labels, but the dataset {source.name!r} has none.")
+    return source
+
+
+def load_training_data(
+    dataset_name: str | None,
+    backbone: str,
+    train_data_dir: str | None = None,
+    dataset_config_name: str | None = None,
+    dataset_split: str = "train",
+    cache_dir: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    class_conditional: bool = False,
+    resolution: int = 16,
+    center_crop: bool = True,
+    random_flip: bool = False,
+    max_train_samples: int | None = None,
+) -> TrainingData:
+    """Loads the data named by the script's arguments and checks it against the backbone, before training starts."""
+    dataset_name = parse_dataset_name(dataset_name, train_data_dir, backbone)
+    if dataset_name is not None and dataset_name.startswith(TOY_PREFIX):
+        return toy_training_data(dataset_name, backbone, class_conditional)
+    if backbone == "mlp":
+        raise ValueError(
+            f"`--backbone mlp` trains on vector data (`--dataset_name toy:<task>`), but the dataset "
+            f"{dataset_name or train_data_dir!r} holds images: use `--backbone unet` or `--backbone dit`."
+        )
+    source = open_image_source(
+        dataset_name,
+        train_data_dir,
+        dataset_config_name,
+        dataset_split,
+        cache_dir,
+        image_column,
+        label_column,
+        class_conditional,
+    )
     if max_train_samples is not None:
-        if isinstance(source, ArrayImageSource):
-            source = source.subset(max_train_samples)
-        else:
-            source.dataset = source.dataset.select(range(min(max_train_samples, len(source.dataset))))
-            if source._label_ids is not None:
-                source._label_ids = source._label_ids[: len(source.dataset)]
+        source = source.subset(max_train_samples)
     num_channels = image_num_channels(source.image(0))
     transform = ImageTransform(resolution, num_channels=num_channels, center_crop=center_crop, random_flip=random_flip)
     return TrainingData(
