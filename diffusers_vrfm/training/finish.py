@@ -249,8 +249,6 @@ def save_and_publish(
 ) -> dict:
     """Main process only: fits the aggregate prior (if asked), saves the pipeline with the final samples and the model
     card, writes `logs/summary.json` and uploads (with `--push_to_hub`). Returns the metrics."""
-    from .model_card import render_model_card
-
     accelerator, data = context.accelerator, prepared.data
     velocity = accelerator.unwrap_model(models.velocity_model)
     posterior = models.posterior_encoder
@@ -276,10 +274,38 @@ def save_and_publish(
     sample_name = "sample_grid.png" if data.kind == "image" else "samples.png"
     validator(result.global_step, os.path.join(args.output_dir, sample_name), prior=prior)
     metrics = training_metrics(args, prepared, models, result, pipeline, kl_target, accelerator.device)
+    card = model_card(args, context, prepared, models, result, velocity, posterior, metrics, repo_id, sample_name)
+    card.save(os.path.join(args.output_dir, "README.md"))
+    with open(os.path.join(context.logging_dir, "summary.json"), "w", encoding="utf-8") as handle:
+        summary = {"metrics": metrics, "total_seconds": time.time() - context.run_start}
+        json.dump(summary, handle, indent=2, default=str)
+    if args.push_to_hub:
+        from diffusers_vrfm.hub import upload_pipeline_folder
+
+        upload_pipeline_folder(args.output_dir, repo_id, token=args.hub_token, commit_message="End of training")
+    return metrics
+
+
+def model_card(
+    args: argparse.Namespace,
+    context: RunContext,
+    prepared: PreparedData,
+    models: TrainingModels,
+    result: LoopResult,
+    velocity: torch.nn.Module,
+    posterior: torch.nn.Module | None,
+    metrics: dict,
+    repo_id: str | None,
+    sample_name: str,
+):
+    """The run's model card (a `huggingface_hub.ModelCard`): what was trained on what, how, and the final metrics."""
+    from .model_card import render_model_card
+
+    data, accelerator = prepared.data, context.accelerator
     caption, dataset_description, posterior_description = card_descriptions(
         args, prepared, posterior, result.global_step, models.posterior_parameters
     )
-    card = render_model_card(
+    return render_model_card(
         repo_id=repo_id or args.hub_model_id or args.output_dir,
         args=vars(args),
         argv=context.argv,
@@ -304,15 +330,6 @@ def save_and_publish(
         accelerate_launch=any(key.startswith("ACCELERATE_") for key in os.environ),
         **_text_to_image_card_arguments(args, prepared),
     )
-    card.save(os.path.join(args.output_dir, "README.md"))
-    with open(os.path.join(context.logging_dir, "summary.json"), "w", encoding="utf-8") as handle:
-        summary = {"metrics": metrics, "total_seconds": time.time() - context.run_start}
-        json.dump(summary, handle, indent=2, default=str)
-    if args.push_to_hub:
-        from diffusers_vrfm.hub import upload_pipeline_folder
-
-        upload_pipeline_folder(args.output_dir, repo_id, token=args.hub_token, commit_message="End of training")
-    return metrics
 
 
 def _text_to_image_card_arguments(args: argparse.Namespace, prepared: PreparedData) -> dict:
