@@ -47,6 +47,42 @@ def public_config(args: dict) -> dict:
     return config
 
 
+def card_metadata(
+    license: str,
+    data_kind: str,
+    num_classes: int | None,
+    text_to_image: str | None,
+    latent_dim: int,
+    hub_dataset_id: str | None,
+    base_model: str | None,
+):
+    """The card's YAML metadata (a `huggingface_hub.ModelCardData`): see [`render_model_card`]."""
+    from huggingface_hub import ModelCardData
+
+    tags = list(BASE_TAGS)
+    if text_to_image:
+        tags.append("text-to-image")
+    elif data_kind == "image":
+        tags.append("class-conditional-image-generation" if num_classes else "unconditional-image-generation")
+    if latent_dim == 0:
+        tags.append("rectified-flow-baseline")
+    if text_to_image:
+        pipeline_tag = "text-to-image"
+    elif data_kind == "image" and not num_classes:
+        pipeline_tag = "unconditional-image-generation"
+    else:
+        pipeline_tag = None
+    base_model_is_hub_id = base_model is not None and not os.path.exists(base_model)
+    return ModelCardData(
+        library_name="diffusers",
+        license=license,
+        tags=tags,
+        datasets=[hub_dataset_id] if hub_dataset_id else None,
+        base_model=base_model if base_model_is_hub_id else None,
+        pipeline_tag=pipeline_tag,
+    )
+
+
 def render_model_card(
     *,
     repo_id: str,
@@ -83,7 +119,7 @@ def render_model_card(
     `"pipeline"` or `"adapter"` (a LoRA adapter folder) for text-to-image runs, whose usage prompts with
     `example_prompt`. `velocity_note` adds a sentence on the velocity model (its `z` map, for example).
     """
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     template_path = template_path or DEFAULT_TEMPLATE
     if not os.path.isfile(template_path):
@@ -92,26 +128,7 @@ def render_model_card(
             "one (model_cards/vrfm_pipeline.md in the diffusers-vrfm repository)."
         )
     latent_dim = int(args.get("latent_dim") or 0)
-    tags = list(BASE_TAGS)
-    if text_to_image:
-        tags.append("text-to-image")
-    elif data_kind == "image":
-        tags.append("class-conditional-image-generation" if num_classes else "unconditional-image-generation")
-    if latent_dim == 0:
-        tags.append("rectified-flow-baseline")
-    base_model_is_hub_id = base_model is not None and not os.path.exists(base_model)
-    card_data = ModelCardData(
-        library_name="diffusers",
-        license=license,
-        tags=tags,
-        datasets=[hub_dataset_id] if hub_dataset_id else None,
-        base_model=base_model if base_model_is_hub_id else None,
-        pipeline_tag="text-to-image"
-        if text_to_image
-        else "unconditional-image-generation"
-        if data_kind == "image" and not num_classes
-        else None,
-    )
+    card_data = card_metadata(license, data_kind, num_classes, text_to_image, latent_dim, hub_dataset_id, base_model)
     load_code, usage_call, model_kind, source_note = _usage(
         repo_id, data_kind, num_classes, text_to_image, example_prompt
     )
