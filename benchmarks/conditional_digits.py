@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -68,9 +67,9 @@ from benchmarks.mnist_quality import (
     get_classifier,
     load_image_data,
     make_scorer,
-    resolved_training_args,
     ruler_digest,
-    train_with_script,
+    train_or_reuse,
+    training_key,
 )
 from diffusers_vrfm.training.checkpointing import file_sha256
 
@@ -228,8 +227,8 @@ def evaluate_run(args, data: ImageData, rulers: Rulers, method: str, seed: int) 
     the run's folder as `evaluation.json`."""
     folder = Path(args.output_dir) / "cache" / "runs" / f"{args.name}_{method}_s{seed}"  # cache/ is git-ignored
     argv = training_argv(args, data, method, seed, folder)
-    settings = {"argv": argv, "resolved": resolved_training_args(argv, data.max_train_samples)}
-    settings |= {"nfe": args.nfe, "guidance": args.guidance_scales, "per_class": args.samples_per_class}
+    key = training_key(argv, data.max_train_samples)
+    settings = {**key, "nfe": args.nfe, "guidance": args.guidance_scales, "per_class": args.samples_per_class}
     settings["extra_priors"] = args.extra_priors if METHODS[method].is_vrfm else []
     settings["judge_epochs"] = judge_epochs(args)
     settings["rulers"] = rulers.digests  # other classifiers score again (the trained model is kept)
@@ -237,13 +236,7 @@ def evaluate_run(args, data: ImageData, rulers: Rulers, method: str, seed: int) 
     cached = json.loads(evaluation.read_text()) if evaluation.is_file() else None
     if args.reuse_runs and cached is not None and cached["settings"] == settings:
         return cached
-    # a trained model is reused only if it was trained with this very command line and the same script defaults
-    trained = cached is not None and all(cached["settings"].get(key) == settings[key] for key in ("argv", "resolved"))
-    if args.reuse_runs and trained and (folder / "logs" / "summary.json").is_file():
-        summary = json.loads((folder / "logs" / "summary.json").read_text())
-    else:
-        shutil.rmtree(folder, ignore_errors=True)
-        summary = train_with_script(argv)
+    summary = train_or_reuse(argv, folder, key, args.reuse_runs)
     fits = extra_prior_fits(args, data, seed) if settings["extra_priors"] else {}
     scores = {}
     for variant, pipeline in sampling_variants(folder, CONDITIONINGS[args.conditioning].pipeline, fits).items():

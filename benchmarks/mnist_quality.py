@@ -31,9 +31,11 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -68,6 +70,7 @@ from diffusers_vrfm.training.checkpointing import file_sha256  # noqa: E402
 from diffusers_vrfm.training.cli import AGGREGATE_PRIOR_TYPES  # noqa: E402
 
 DEFAULT_NFES = (1, 2, 4, 8, 16, 50)
+RUN_CACHE_DIR = RESULTS_DIR / "cache" / "runs"  # git-ignored: `--reuse-runs` keeps the trained runs here
 DATASETS = {"builtin:mnist": 28, "builtin:digits": 16}  # name -> default resolution
 DIGITS_TRAIN_FRACTION = 0.8
 METHOD_LABELS = {
@@ -313,6 +316,25 @@ def resolved_training_args(argv: list[str], num_examples: int, kind: str = "imag
     resolve_defaults(args, kind, num_examples=num_examples)
     settings = {key: value for key, value in vars(args).items() if key != "output_dir" and not key.startswith("_")}
     return json.loads(json.dumps(settings, default=str))
+
+
+def training_key(argv: list[str], num_examples: int) -> dict:
+    """What identifies a trained run: its `train_vrfm.py` command line and the settings it resolves to."""
+    return {"argv": list(argv), "resolved": resolved_training_args(argv, num_examples)}
+
+
+def train_or_reuse(argv: list[str], folder: Path, key: dict, reuse: bool) -> dict:
+    """Trains the run of `argv` into `folder` ([`train_with_script`]) and returns its summary. With `reuse`, a
+    finished run already in `folder` is kept instead when its `training.json` holds the same [`training_key`] `key`
+    (this very command line and the same script defaults): a changed default trains it again."""
+    record, summary = folder / "training.json", folder / "logs" / "summary.json"
+    if reuse and record.is_file() and summary.is_file() and json.loads(record.read_text()) == key:
+        print(f"reusing the run in {folder}", flush=True)
+        return json.loads(summary.read_text())
+    shutil.rmtree(folder, ignore_errors=True)
+    trained = train_with_script(argv)
+    write_json(record, key)
+    return trained
 
 
 def train_with_script(argv: list[str]) -> dict:
@@ -796,6 +818,18 @@ def make_scorer(args, data: ImageData, output_dir: Path) -> tuple[Scorer, dict]:
     return scorer, meta
 
 
+def run_folders(args):
+    """Where the runs are trained: with `--reuse-runs`, `--work-dir` (default `benchmarks/results/cache/runs`, kept);
+    else a temporary folder in `--work-dir`, deleted at the end."""
+    if args.reuse_runs:
+        folder = args.work_dir or RUN_CACHE_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        return contextlib.nullcontext(folder)
+    if args.work_dir is not None:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(dir=args.work_dir)
+
+
 def run(args) -> dict:
     apply_quick_and_device_defaults(args)
     torch.set_num_threads(args.threads)
@@ -808,13 +842,12 @@ def run(args) -> dict:
     if "inception" in score_meta:
         results["inception"] = {**score_meta.pop("inception"), **{key: {} for key in METHOD_LABELS}}
     grids, params = {}, {"rf": 0, "vrfm": 0, "posterior": 0}
-    if args.work_dir is not None:
-        args.work_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
+    with run_folders(args) as work:
         for seed in args.seeds:
             for method in args.methods:
-                run_dir = Path(work) / f"{method}_seed{seed}"
-                summary = train_with_script(training_argv(args, data, method, seed, run_dir))
+                run_dir = Path(work) / (f"{args.name}_{method}_s{seed}" if args.reuse_runs else f"{method}_seed{seed}")
+                argv = training_argv(args, data, method, seed, run_dir)
+                summary = train_or_reuse(argv, run_dir, training_key(argv, len(data.train)), args.reuse_runs)
                 results["train"].setdefault(method, {})[str(seed)] = summary["metrics"]
                 out = evaluate_run(args, run_dir, method, seed, scorer, score_meta["num_samples"], data)
                 for row, errors in out["velocity_mse"].items():
@@ -1059,7 +1092,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--inception-samples", type=int, default=200, help="images per set for Inception FID; 0: off")
     parser.add_argument("--inception-nfe", nargs="+", type=int, default=[2, 16], help="NFEs with an Inception FID")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--work-dir", type=Path, default=None, help="where the runs are saved (deleted after)")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="where the runs are trained (in a temporary folder, deleted after; with --reuse-runs, kept there)",
+    )
+    parser.add_argument(
+        "--reuse-runs",
+        action="store_true",
+        help="keep the trained runs in --work-dir (default: benchmarks/results/cache/runs) as <name>_<method>_s<seed> "
+        "and score one again without training it when its train_vrfm.py command and defaults are unchanged",
+    )
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="mnist_quality", help="basename of the outputs in --output-dir")
     parser.add_argument("--quick", action="store_true", help="digits, a tiny backbone, 6 steps: a smoke run")

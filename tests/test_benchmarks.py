@@ -417,6 +417,27 @@ def test_mnist_quality_trains_and_reports_a_dit(tmp_path):
         mnist_quality.join_results([tmp_path / "dit.json", tmp_path / "unet.json"], "bad")
 
 
+def test_mnist_quality_reuses_a_run_trained_with_the_same_command(tmp_path, monkeypatch):
+    from benchmarks import mnist_quality
+
+    runs = tmp_path / "runs"
+    argv = ["--quick", "--methods", "rf", "--nfe", "1", "2", "--output-dir", str(tmp_path), "--name", "kept"]
+    first = mnist_quality.main([*argv, "--reuse-runs", "--work-dir", str(runs)])
+    assert (runs / "kept_rf_s0" / "training.json").is_file() and (runs / "kept_rf_s0" / "model_index.json").is_file()
+
+    def no_training(argv):
+        raise AssertionError("--reuse-runs trained again")
+
+    monkeypatch.setattr(mnist_quality, "train_with_script", no_training)
+    again = mnist_quality.main([*argv, "--reuse-runs", "--work-dir", str(runs), "--nfe", "1"])  # scored again only
+    assert again["fd"]["rf"]["0"]["1"] == first["fd"]["rf"]["0"]["1"]
+    assert again["train"] == first["train"], "the run's training summary comes back with it"
+    with pytest.raises(AssertionError, match="trained again"):  # another command line trains again
+        mnist_quality.main([*argv, "--reuse-runs", "--work-dir", str(runs), "--steps", "5"])
+    with pytest.raises(AssertionError, match="trained again"):  # and without --reuse-runs, every run trains
+        mnist_quality.main([*argv, "--work-dir", str(runs)])
+
+
 def test_mnist_quality_arguments_and_seeds_summary():
     from benchmarks import mnist_quality
 
@@ -456,7 +477,7 @@ def test_mnist_quality_arguments_and_seeds_summary():
 
 
 def test_conditional_digits_quick_outputs_are_well_formed(tmp_path, monkeypatch):
-    from benchmarks import conditional_digits
+    from benchmarks import conditional_digits, mnist_quality
     from diffusers_vrfm.training import cli
 
     argv = ["--quick", "--output-dir", str(tmp_path), "--extra_priors", "atoms"]
@@ -494,7 +515,7 @@ def test_conditional_digits_quick_outputs_are_well_formed(tmp_path, monkeypatch)
     def no_training(argv):
         raise AssertionError("--reuse_runs trained again")
 
-    monkeypatch.setattr(conditional_digits, "train_with_script", no_training)
+    monkeypatch.setattr(mnist_quality, "train_with_script", no_training)
     again = conditional_digits.main([*argv, "--reuse_runs"])
     assert again["runs"] == results["runs"]  # the scores come back from each run's evaluation.json
     monkeypatch.setattr(conditional_digits, "file_sha256", lambda path: "another ruler")
