@@ -53,6 +53,7 @@ from benchmarks.common import (  # noqa: E402
     markdown_table,
     mean_std,
     pyplot,
+    torch_threads,
     wasserstein2,
     write_json,
 )
@@ -542,8 +543,13 @@ def main(argv: list[str] | None = None) -> dict:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         write_outputs(results, Path(args.output_dir), args.name, args.findings)
         return results
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
+    with torch_threads(args.threads):
+        return run(args, argv)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> dict:
+    """Trains and scores every (task, configuration, seed) job of the study `args` describes, writing the partial
+    results after each job, then the report."""
     if args.jobs < 1:
         raise ValueError(f"`--jobs` must be an integer >= 1, but got {args.jobs}.")
     grid = {c.label: c for c in study_configs()}
@@ -612,20 +618,17 @@ def main(argv: list[str] | None = None) -> dict:
         write_json(output_dir / f"{args.name}.json", results)
 
     job_arguments = [(task_name, grid[label], budget, seed, nfes, redraw_nfes) for task_name, label, seed in jobs]
-    try:
-        if args.jobs == 1:
-            for (task_name, label, seed), arguments in zip(jobs, job_arguments):
-                record(task_name, label, seed, run_job(*arguments))
-        else:
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(
-                args.jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)
-            ) as pool:
-                futures = {pool.submit(run_job, *arguments): job for job, arguments in zip(jobs, job_arguments)}
-                for future in as_completed(futures):
-                    record(*futures[future], future.result())
-    finally:
-        torch.set_num_threads(previous_threads)
+    if args.jobs == 1:
+        for (task_name, label, seed), arguments in zip(jobs, job_arguments):
+            record(task_name, label, seed, run_job(*arguments))
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            args.jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)
+        ) as pool:
+            futures = {pool.submit(run_job, *arguments): job for job, arguments in zip(jobs, job_arguments)}
+            for future in as_completed(futures):
+                record(*futures[future], future.result())
     results["meta"]["total_seconds"] = time.perf_counter() - start
     write_outputs(results, output_dir, args.name, args.findings)
     return results

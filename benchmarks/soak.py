@@ -35,7 +35,14 @@ import numpy as np
 if __package__ in (None, ""):  # run as `python benchmarks/soak.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS_DIR, machine_description, markdown_table, pyplot, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR,
+    machine_description,
+    markdown_table,
+    pyplot,
+    torch_threads,
+    write_json,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "train_vrfm.py"
@@ -408,14 +415,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"`--sample-interval` must be > 0, but got {args.sample_interval}.")
     if not os.path.isdir("/proc/self"):
         raise RuntimeError("The soak reads /proc/<pid>/status: it needs Linux.")
-    import torch
-
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)  # this process only waits, but the machine line reports the thread count
-    try:
+    with torch_threads(args.threads):  # this process only waits, but the machine line reports the thread count
         results = run(args)
-    finally:
-        torch.set_num_threads(previous_threads)
     print((Path(args.output_dir) / "soak.md").read_text())
     return results
 

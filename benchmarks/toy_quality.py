@@ -61,6 +61,7 @@ from benchmarks.common import (  # noqa: E402
     pyplot,
     sliced_wasserstein2,
     straightness,
+    torch_threads,
     wasserstein2,
     write_json,
 )
@@ -782,11 +783,8 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    previous_threads = torch.get_num_threads()
-    try:
+    with torch_threads():  # `run` sets `--threads`
         results = run(args)
-    finally:
-        torch.set_num_threads(previous_threads)
     print((Path(args.output_dir) / "toy_quality.md").read_text())
     return results
 

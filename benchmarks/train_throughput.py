@@ -59,7 +59,7 @@ import torch
 if __package__ in (None, ""):  # run as `python benchmarks/train_throughput.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS_DIR, machine_description, markdown_table, write_json  # noqa: E402
+from benchmarks.common import RESULTS_DIR, machine_description, markdown_table, torch_threads, write_json  # noqa: E402
 from benchmarks.operator_count import OperatorCounter, operators_per_step  # noqa: E402
 from benchmarks.step_profile import summarise  # noqa: E402
 from diffusers_vrfm.training.cli import TORCH_COMPILE_MODES  # noqa: E402
@@ -690,12 +690,8 @@ def run_model(backbone: str, size: str, precision: str, args, workdir: Path, ima
         return
     else:
         bare_cell = run_bare_cell
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)  # the bare loop gets the threads a training process gets
-    try:
+    with torch_threads(args.threads):  # the bare loop gets the threads a training process gets
         yield bare_cell(backbone, size, precision, args, images)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def main(argv: list[str] | None = None) -> dict:
