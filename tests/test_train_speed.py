@@ -272,6 +272,34 @@ def test_channels_last_and_tf32_run_and_keep_the_saved_weights_plain(train, tmp_
     assert not any(name.startswith("_orig_mod") for name in weights)
 
 
+def test_gradient_checkpointing_recomputes_the_blocks_and_trains_the_same_weights(train, tmp_path, monkeypatch):
+    from diffusers.models.resnet import ResnetBlock2D
+    from safetensors.torch import load_file
+
+    calls = {"count": 0}
+    forward = ResnetBlock2D.forward
+
+    def counted(self, *args, **kwargs):
+        calls["count"] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ResnetBlock2D, "forward", counted)
+    runs = {}
+    for name, extra in (("plain", []), ("checkpointed", ["--gradient_checkpointing"])):
+        calls["count"] = 0
+        assert train(_tiny_image_run(tmp_path / name, "--validation_steps", "100", *extra))["finished"]
+        weights = load_file(str(tmp_path / name / "velocity_model" / "diffusion_pytorch_model.safetensors"))
+        runs[name] = (calls["count"], weights)
+    (plain_calls, plain), (checkpointed_calls, checkpointed) = runs["plain"], runs["checkpointed"]
+    assert checkpointed_calls > plain_calls, "the backward passes run the UNet's residual blocks again"
+    assert plain.keys() == checkpointed.keys()
+    for name, value in plain.items():
+        torch.testing.assert_close(checkpointed[name], value, msg=name)
+    toy = ["--output_dir", tmp_path / "toy", "--backbone", "mlp", "--dataset_name", "toy:ring_2d", "--max_train_steps"]
+    with pytest.raises(ValueError, match="`--gradient_checkpointing` needs a velocity model with blocks to recompute"):
+        train([*toy, "2", *FAST, "--gradient_checkpointing"])
+
+
 @pytest.mark.slow  # inductor compiles C++ kernels on the CPU: about a minute on a small machine
 def test_torch_compile_runs_on_cpu_and_saves_plain_weights(train, tmp_path):
     from safetensors.torch import load_file

@@ -80,6 +80,33 @@ def test_lora_run_saves_an_adapter_that_loads_on_the_base_with_one_call(train, s
     np.testing.assert_array_equal(saved, again)
 
 
+def test_lora_run_with_gradient_checkpointing_recomputes_the_blocks_and_learns_the_same(
+    train, sd3_folder, tmp_path, monkeypatch
+):
+    from diffusers.models.attention import JointTransformerBlock
+    from safetensors.torch import load_file
+
+    calls = {"count": 0}
+    forward = JointTransformerBlock.forward
+
+    def counted(self, *args, **kwargs):
+        calls["count"] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(JointTransformerBlock, "forward", counted)
+    argv = ["--pretrained_model_name_or_path", sd3_folder, "--rank", "2", "--latent_dim", "4", "--resolution", "16"]
+    runs = {}
+    for name, extra in (("plain", []), ("checkpointed", ["--gradient_checkpointing"])):
+        calls["count"] = 0
+        assert train([*argv, "--output_dir", tmp_path / name, *SHORT, *extra])["finished"]
+        runs[name] = calls["count"], load_file(str(tmp_path / name / "lora_weights.safetensors"))
+    (plain_calls, plain), (checkpointed_calls, checkpointed) = runs["plain"], runs["checkpointed"]
+    assert checkpointed_calls > plain_calls, "the backward passes run the transformer's blocks again"
+    assert plain.keys() == checkpointed.keys() and plain
+    for name, value in plain.items():
+        torch.testing.assert_close(checkpointed[name], value, msg=name)
+
+
 def test_full_fine_tune_saves_the_whole_pipeline_and_its_card_names_the_base(train, sd3_folder, tmp_path):
     output_dir = tmp_path / "full"
     argv = ["--pretrained_model_name_or_path", sd3_folder, "--latent_dim", "4", "--resolution", "16"]

@@ -446,6 +446,13 @@ def _add_system_arguments(parser: argparse.ArgumentParser) -> None:
         help="Keep the image models' weights in channels-last memory format (faster convolutions on recent GPUs).",
     )
     system.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute the velocity model's blocks in the backward pass instead of keeping their activations "
+        "(diffusers' gradient checkpointing): less memory for larger batches or images, for about one more forward "
+        "pass per step. Image backbones only.",
+    )
+    system.add_argument(
         "--allow_tf32",
         action="store_true",
         help="Allow TF32 matmuls and convolutions on Ampere and newer GPUs (faster float32, slightly less precise).",

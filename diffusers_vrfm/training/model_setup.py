@@ -169,6 +169,20 @@ def use_channels_last(args: argparse.Namespace, models: TrainingModels) -> None:
                 model.to(memory_format=torch.channels_last)
 
 
+def use_gradient_checkpointing(args: argparse.Namespace, models: TrainingModels) -> None:
+    """`--gradient_checkpointing`: diffusers' activation checkpointing in the blocks of the backbone the velocity
+    model wraps (the `z` paths and the posterior keep their activations: they are small)."""
+    if not args.gradient_checkpointing:
+        return
+    velocity = models.velocity_model
+    if not getattr(velocity, "_supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"`--gradient_checkpointing` needs a velocity model with blocks to recompute, but got "
+            f"{type(velocity).__name__}, which has none: leave it off for --backbone mlp."
+        )
+    velocity.enable_gradient_checkpointing()
+
+
 def compile_for_training(args: argparse.Namespace) -> Callable | None:
     """`--torch_compile`: `torch.compile` (with `--torch_compile_mode`) of the training step's loss function,
     [`~diffusers_vrfm.training.step.vrfm_training_loss`]; `None` without the flag.
@@ -214,6 +228,7 @@ def prepare_for_training(
     accelerator.register_load_state_pre_hook(load_hook)
 
     use_channels_last(args, models)
+    use_gradient_checkpointing(args, models)
     *wrapped, models.optimizer, models.lr_scheduler = accelerator.prepare(*models.trained, optimizer, lr_scheduler)
     models.velocity_model = wrapped[0]
     if models.posterior_encoder is not None:
