@@ -63,6 +63,7 @@ from benchmarks.common import RESULTS_DIR, machine_description, markdown_table, 
 from benchmarks.operator_count import OperatorCounter, operators_per_step  # noqa: E402
 from benchmarks.step_profile import summarise  # noqa: E402
 from diffusers_vrfm.training.cli import TORCH_COMPILE_MODES  # noqa: E402
+from diffusers_vrfm.training.finish import PEAK_GPU_MEMORY, peak_gpu_memory_mib  # noqa: E402
 from diffusers_vrfm.training.step import fused_optimizer_supported  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -225,6 +226,8 @@ def run_cell(backbone: str, size: str, method: str, precision: str, args, workdi
     window_end = metrics.stat().st_mtime
     with open(output_dir / "velocity_model" / "config.json", encoding="utf-8") as handle:
         config_name = json.load(handle)["_class_name"]
+    with open(output_dir / "logs" / "summary.json", encoding="utf-8") as handle:
+        peak_memory = json.load(handle)["metrics"].get(PEAK_GPU_MEMORY)  # on CUDA only
     if args.sync_debug:
         timed["synchronising_sites"] = synchronising_sites(completed.stderr)
     if args.count_ops:
@@ -240,6 +243,7 @@ def run_cell(backbone: str, size: str, method: str, precision: str, args, workdi
         "velocity_parameters": count_saved_parameters(output_dir / "velocity_model"),
         "process_wall_seconds": wall,
         "gpu_utilisation_percent": utilisation.mean_percent(window_end - timed["timed_seconds"], window_end),
+        "peak_gpu_memory_mib": peak_memory,
         **timed,
     }
 
@@ -393,8 +397,10 @@ def count_bare_operators(backbone: str, size: str, precision: str, args, images:
 
 def run_bare_cell(backbone: str, size: str, precision: str, args, images: torch.Tensor) -> dict:
     """Images/s of the bare loop over the second half of `args.steps` steps (the first half warms up)."""
+    device = images.device
+    if device.type == "cuda":  # this process runs every bare cell: each peak is its own
+        torch.cuda.reset_peak_memory_stats(device)
     loop = bare_loop(backbone, size, precision, args, images)
-    device = loop.images.device
     warmup = args.steps // 2
     with GpuUtilisation(enabled=device.type == "cuda") as utilisation:  # started before the timed steps
         for _ in range(warmup):
@@ -417,6 +423,7 @@ def run_bare_cell(backbone: str, size: str, precision: str, args, images: torch.
         "timed_steps": timed,
         "final_loss": float(loss),
         "gpu_utilisation_percent": utilisation.mean_percent(window_start, window_start + seconds),
+        "peak_gpu_memory_mib": peak_gpu_memory_mib(device),
     }
     if device.type == "cuda":  # the loss as timed: compiled under --torch-compile, else eager
         cell["profile"] = {"torch_compile" if loop.compiled else "eager": profile_bare_step(loop, args.batch_size)}
@@ -510,6 +517,7 @@ def render(results: dict) -> str:
         "VRFM / RF time",
         "VRFM images/s",
         "GPU util % (bare, RF, VRFM)",
+        "peak GPU MiB (bare, RF, VRFM)",
     ]
     rows = []
     cells = median_cells(results["cells"])
@@ -519,6 +527,7 @@ def render(results: dict) -> str:
             continue
         bare = bare or {"ms_per_step": math.nan, "samples_per_second": math.nan, "gpu_utilisation_percent": None}
         utilisation = [c["gpu_utilisation_percent"] for c in (bare, rf, vrfm)]
+        peaks = [c.get("peak_gpu_memory_mib") for c in (bare, rf, vrfm)]  # results from before lack it
         rows.append(
             [
                 backbone,
@@ -533,6 +542,7 @@ def render(results: dict) -> str:
                 vrfm["ms_per_step"] / rf["ms_per_step"],
                 vrfm["samples_per_second"],
                 "n/a" if None in utilisation else ", ".join(f"{u:.0f}" for u in utilisation),
+                "n/a" if None in peaks else ", ".join(f"{peak:.0f}" for peak in peaks),
             ]
         )
     lines += [markdown_table(headers, rows), ""]

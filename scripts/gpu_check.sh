@@ -16,6 +16,7 @@
 #               host no longer launches each kernel).
 #   channels_last  issue 12: the UNet's rows with --channels_last.
 #   zmap_off    issue 12: the UNet's rows without VRFM's `z` map (`z_map_channels` 0): is the map what VRFM waits on?
+#   checkpointing  the DiT rows with --gradient_checkpointing: peak GPU memory and time against the dit stage's.
 # `QUALITY_TRAIN_ARGS` passes more train_vrfm.py flags to both methods' quality runs (e.g. "--channels_last").
 # Measured on an H200: six quality runs side by side train at 7.2-7.7 steps/s each with the GPU 100% busy, so
 # 4000 steps of 3 seeds take about 9 minutes; one seed (two runs, about 6-7 minutes) should fit, then the sync stage.
@@ -38,7 +39,7 @@ GPU_UNET='{"block_out_channels": [64, 128, 128], "layers_per_block": 2, "norm_nu
 START=$(date +%s)
 RESULTS=benchmarks/results/gpu
 LOGS="$RESULTS/logs"
-STAGES="${STAGES:-throughput quality sync profile dit compile cudagraphs channels_last zmap_off}"
+STAGES="${STAGES:-throughput quality sync profile dit compile cudagraphs channels_last zmap_off checkpointing}"
 QUALITY_SEEDS="${QUALITY_SEEDS:-0 1 2}"
 QUALITY_STEPS="${QUALITY_STEPS:-4000}"
 QUALITY_DEADLINE="${QUALITY_DEADLINE:-505}"  # seconds after the start: the quality runs are stopped by then
@@ -122,6 +123,10 @@ run_stage() {  # run_stage <stage>: one of the stages listed at the top
     zmap_off)
       late_throughput zmap_off "the UNet's rows without the z map" "${unet[@]}" --steps 160 \
         --train-args "--model_config '${GPU_UNET%\}}, \"z_map_channels\": 0}'"
+      ;;
+    checkpointing)
+      late_throughput checkpointing "the DiT-S/2-class rows with --gradient_checkpointing" --backbones dit \
+        --dataset builtin:mnist --resolution 32 --steps 120 --train-args=--gradient_checkpointing
       ;;
     *) say "unknown stage $1 (see the top of this script)" ;;
   esac

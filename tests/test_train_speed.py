@@ -300,6 +300,14 @@ def test_gradient_checkpointing_recomputes_the_blocks_and_trains_the_same_weight
         train([*toy, "2", *FAST, "--gradient_checkpointing"])
 
 
+def test_peak_gpu_memory_is_reported_for_cuda_devices_only(monkeypatch):
+    from diffusers_vrfm.training.finish import peak_gpu_memory_mib
+
+    assert peak_gpu_memory_mib("cpu") is None and peak_gpu_memory_mib(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2**20 + 2**19)
+    assert peak_gpu_memory_mib("cuda:0") == 3.5
+
+
 @pytest.mark.slow  # inductor compiles C++ kernels on the CPU: about a minute on a small machine
 def test_torch_compile_runs_on_cpu_and_saves_plain_weights(train, tmp_path):
     from safetensors.torch import load_file

@@ -158,7 +158,22 @@ def training_metrics(
     )
     metrics["training wall time (s)"] = round(result.train_seconds, 1)
     metrics["steps in this invocation"] = result.global_step - result.start_step
+    peak = peak_gpu_memory_mib(device)
+    if peak is not None:
+        metrics[PEAK_GPU_MEMORY] = peak
     return metrics
+
+
+PEAK_GPU_MEMORY = "peak GPU memory allocated by torch over the run (MiB)"
+
+
+def peak_gpu_memory_mib(device) -> float | None:
+    """The most memory torch's CUDA allocator has held on `device` since the process started or since
+    `torch.cuda.reset_peak_memory_stats` (MiB, to 0.1); `None` when `device` is not a CUDA device."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
 
 
 def card_descriptions(args: argparse.Namespace, prepared: PreparedData, posterior, global_step: int, posterior_count):
