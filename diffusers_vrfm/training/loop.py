@@ -139,7 +139,9 @@ def draw_micro_batch(
     if data.kind == "image":
         batch = next(data_iterator)
         x1, class_labels = batch["pixel_values"].to(device, non_blocking=True), batch.get("class_labels")
-        model_kwargs = {key: batch[key].to(device) for key in TEXT_MODEL_KWARGS if key in batch} or None
+        # from pinned memory on CUDA: a blocking copy to the device would wait for every kernel queued before it
+        model_kwargs = {key: batch[key].to(device, non_blocking=True) for key in TEXT_MODEL_KWARGS if key in batch}
+        model_kwargs = model_kwargs or None
     else:  # toy tasks sample a few 2-D points on the CPU
         x0_all, x1_all = data.toy_pairs(layout.global_batch_size, make_generator(args.seed, "noise", micro_step))
         x0, x1 = x0_all[rows].to(device), x1_all[rows].to(device)
