@@ -8,7 +8,15 @@ import math
 import pytest
 import torch
 from accelerate import Accelerator
-from train_helpers import FAST, TINY_POSTERIOR, TINY_UNET, reset_accelerate, train_runner
+from train_helpers import (
+    FAST,
+    TINY_POSTERIOR,
+    TINY_UNET,
+    assert_same_tensors,
+    count_forward_calls,
+    reset_accelerate,
+    train_runner,
+)
 
 from diffusers_vrfm import VRFMScheduler
 from diffusers_vrfm.training import loop as training_loop
@@ -276,14 +284,7 @@ def test_gradient_checkpointing_recomputes_the_blocks_and_trains_the_same_weight
     from diffusers.models.resnet import ResnetBlock2D
     from safetensors.torch import load_file
 
-    calls = {"count": 0}
-    forward = ResnetBlock2D.forward
-
-    def counted(self, *args, **kwargs):
-        calls["count"] += 1
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(ResnetBlock2D, "forward", counted)
+    calls = count_forward_calls(monkeypatch, ResnetBlock2D)
     runs = {}
     for name, extra in (("plain", []), ("checkpointed", ["--gradient_checkpointing"])):
         calls["count"] = 0
@@ -292,9 +293,7 @@ def test_gradient_checkpointing_recomputes_the_blocks_and_trains_the_same_weight
         runs[name] = (calls["count"], weights)
     (plain_calls, plain), (checkpointed_calls, checkpointed) = runs["plain"], runs["checkpointed"]
     assert checkpointed_calls > plain_calls, "the backward passes run the UNet's residual blocks again"
-    assert plain.keys() == checkpointed.keys()
-    for name, value in plain.items():
-        torch.testing.assert_close(checkpointed[name], value, msg=name)
+    assert_same_tensors(checkpointed, plain)
     toy = ["--output_dir", tmp_path / "toy", "--backbone", "mlp", "--dataset_name", "toy:ring_2d", "--max_train_steps"]
     with pytest.raises(ValueError, match="`--gradient_checkpointing` needs a velocity model with blocks to recompute"):
         train([*toy, "2", *FAST, "--gradient_checkpointing"])

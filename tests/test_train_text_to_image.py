@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 import torch
 from text_to_image_helpers import tiny_stock_sd3_pipeline
-from train_helpers import FAST, read_card_metadata, train_runner
+from train_helpers import FAST, assert_same_tensors, count_forward_calls, read_card_metadata, train_runner
 
 from diffusers_vrfm import VRFMTextEncoders, VRFMTextToImagePipeline
 from diffusers_vrfm.lora import read_vrfm_adapter_config
@@ -86,14 +86,7 @@ def test_lora_run_with_gradient_checkpointing_recomputes_the_blocks_and_learns_t
     from diffusers.models.attention import JointTransformerBlock
     from safetensors.torch import load_file
 
-    calls = {"count": 0}
-    forward = JointTransformerBlock.forward
-
-    def counted(self, *args, **kwargs):
-        calls["count"] += 1
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(JointTransformerBlock, "forward", counted)
+    calls = count_forward_calls(monkeypatch, JointTransformerBlock)
     argv = ["--pretrained_model_name_or_path", sd3_folder, "--rank", "2", "--latent_dim", "4", "--resolution", "16"]
     runs = {}
     for name, extra in (("plain", []), ("checkpointed", ["--gradient_checkpointing"])):
@@ -102,9 +95,7 @@ def test_lora_run_with_gradient_checkpointing_recomputes_the_blocks_and_learns_t
         runs[name] = calls["count"], load_file(str(tmp_path / name / "lora_weights.safetensors"))
     (plain_calls, plain), (checkpointed_calls, checkpointed) = runs["plain"], runs["checkpointed"]
     assert checkpointed_calls > plain_calls, "the backward passes run the transformer's blocks again"
-    assert plain.keys() == checkpointed.keys() and plain
-    for name, value in plain.items():
-        torch.testing.assert_close(checkpointed[name], value, msg=name)
+    assert_same_tensors(checkpointed, plain)
 
 
 def test_full_fine_tune_saves_the_whole_pipeline_and_its_card_names_the_base(train, sd3_folder, tmp_path):

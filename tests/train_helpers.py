@@ -95,3 +95,25 @@ def read_card_metadata(path: str) -> dict:
     assert text.startswith("---\n"), "a model card starts with a YAML header"
     header = text.split("---\n")[1]
     return yaml.safe_load(header)
+
+
+def count_forward_calls(monkeypatch, module_class) -> dict:
+    """Patches `module_class.forward` (for the test) to count its calls in the returned `{"count": n}`."""
+    calls = {"count": 0}
+    forward = module_class.forward
+
+    def counted(self, *args, **kwargs):
+        calls["count"] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(module_class, "forward", counted)
+    return calls
+
+
+def assert_same_tensors(actual: dict, expected: dict) -> None:
+    """Two state dicts (or safetensors files' contents) with the same names and values, to float tolerance."""
+    import torch
+
+    assert actual.keys() == expected.keys() and expected
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, msg=name)
