@@ -845,7 +845,7 @@ def run(args) -> dict:
     with run_folders(args) as work:
         for seed in args.seeds:
             for method in args.methods:
-                run_dir = Path(work) / (f"{args.name}_{method}_s{seed}" if args.reuse_runs else f"{method}_seed{seed}")
+                run_dir = Path(work) / f"{args.name}_{method}_s{seed}"
                 argv = training_argv(args, data, method, seed, run_dir)
                 summary = train_or_reuse(argv, run_dir, training_key(argv, len(data.train)), args.reuse_runs)
                 results["train"].setdefault(method, {})[str(seed)] = summary["metrics"]
