@@ -1,13 +1,16 @@
 """Issue 12: the training step's randomness is drawn per purpose for the whole global batch (no per-example
-generators), and the speed options parse and run."""
+generators), the steps move nothing between host and device between metric reads, and the speed options parse and
+run."""
 
 import collections
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from torch.utils._python_dispatch import TorchDispatchMode
 from train_helpers import (
     FAST,
     TINY_POSTERIOR,
@@ -317,21 +320,36 @@ def test_torch_compile_runs_on_cpu_and_saves_plain_weights(train, tmp_path):
     assert not any(name.startswith("_orig_mod") for name in weights)
 
 
-# ------------------------------------------------------------------------------------------ no host reads per step
+# ---------------------------------------------------------------------------- no host transfers per step
 _HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
 
 
-def _count_host_reads(monkeypatch):
-    """Counts the tensor-to-host conversions made inside the training loop, outside its metric reads and checkpoints
-    (on a GPU each would wait for all queued work)."""
-    reads = []
+class _TensorsFromHostData(TorchDispatchMode):
+    """Records every tensor made from host data (`torch.tensor`, `as_tensor`, `from_numpy`, `new_tensor`: the
+    `aten.lift_fresh` op) while `active["on"]`. On a GPU each becomes a copy from the host that waits for all queued
+    work; a CPU run cannot see that copy, but it sees the tensor being made."""
+
+    def __init__(self, transfers: list, active: dict):
+        super().__init__()
+        self.transfers, self.active = transfers, active
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.lift_fresh.default and self.active["on"]:
+            self.transfers.append("tensor from host data")
+        return func(*args, **(kwargs or {}))
+
+
+def _count_host_transfers(monkeypatch):
+    """Counts the tensor-to-host conversions and the tensors made from host data inside the training loop, outside
+    its metric reads and checkpoints (on a GPU each would wait for all queued work)."""
+    transfers = []
     active = {"on": False}
     for name in _HOST_READS:
         original = getattr(torch.Tensor, name)
 
         def counted(self, *args, _original=original, _name=name, **kwargs):
             if active["on"]:
-                reads.append(_name)
+                transfers.append(_name)
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
@@ -346,16 +364,45 @@ def _count_host_reads(monkeypatch):
 
         return switched
 
-    monkeypatch.setattr(training_loop, "train_loop", switch(training_loop.train_loop, True))
+    def watched_loop(*args, _loop=switch(training_loop.train_loop, True), **kwargs):
+        with _TensorsFromHostData(transfers, active):
+            return _loop(*args, **kwargs)
+
+    monkeypatch.setattr(training_loop, "train_loop", watched_loop)
     # the metric reads and checkpoints may read; so may the data's one-time preparation on the CPU
     for name in ("read_pending_updates", "save_loop_checkpoint", "make_data_iterator"):
         monkeypatch.setattr(training_loop, name, switch(getattr(training_loop, name), False))
-    return reads
+    return transfers
+
+
+def test_the_transfer_counter_sees_host_reads_and_tensors_made_from_host_data(monkeypatch):
+    def stand_in_loop():
+        torch.full((), 2.0) * 3  # made where it is used: not a transfer
+        torch.tensor([1.0, 2.0]), torch.from_numpy(np.ones(2))
+        training_loop.read_pending_updates()  # a metric read: allowed
+        return torch.ones(()).item()
+
+    monkeypatch.setattr(training_loop, "train_loop", stand_in_loop)
+    monkeypatch.setattr(training_loop, "read_pending_updates", lambda: torch.tensor(1.0).item())
+    transfers = _count_host_transfers(monkeypatch)
+    training_loop.train_loop()
+    assert sorted(transfers) == ["item", "tensor from host data", "tensor from host data"]
+
+
+def test_host_tensors_go_to_a_cuda_device_through_pinned_memory_without_waiting(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin_memory") or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *args, **kwargs: calls.append((args, kwargs)) or self)
+    training_loop.host_to_device(torch.ones(2), torch.device("cuda"))
+    assert calls == ["pin_memory", ((torch.device("cuda"),), {"non_blocking": True})]
+    calls.clear()
+    training_loop.host_to_device(torch.ones(2), "cpu")
+    assert calls == [(("cpu",), {})]
 
 
 @pytest.mark.parametrize("kind", ["image", "vector"])
-def test_training_steps_read_nothing_back_between_metric_reads(train, monkeypatch, tmp_path, kind):
-    reads = _count_host_reads(monkeypatch)
+def test_training_steps_move_nothing_between_host_and_device_between_metric_reads(train, monkeypatch, tmp_path, kind):
+    transfers = _count_host_transfers(monkeypatch)
     common = ["--max_train_steps", "6", "--logging_steps", "3", "--gradient_accumulation_steps", "2"]
     if kind == "image":  # label dropout, the prior mix and an adapted beta: every purpose of the step
         argv = _tiny_image_run(tmp_path / "run", "--prior_mix", "0.5", "--label_dropout", "0.1", *common)
@@ -364,7 +411,7 @@ def test_training_steps_read_nothing_back_between_metric_reads(train, monkeypatc
     argv += ["--nonfinite_policy", "skip"]
     summary = train([str(a) for a in argv])
     assert summary["global_step"] == 6
-    assert reads == [], f"the training steps read tensors back to the host: {collections.Counter(reads)}"
+    assert transfers == [], f"the steps move tensors between host and device: {collections.Counter(transfers)}"
     metrics = [json.loads(line) for line in open(tmp_path / "run" / "logs" / "metrics.jsonl")]
     assert [record["step"] for record in metrics] == [1, 2, 3, 4, 5, 6], "one record per step, read every 3"
     assert all(math.isfinite(record["loss"]) and record["beta"] > 0 for record in metrics)

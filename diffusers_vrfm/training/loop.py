@@ -123,6 +123,14 @@ class MicroBatch:
     model_kwargs: dict | None = None  # text-to-image: the caption embeddings
 
 
+def host_to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """`tensor`, made on the host, on `device`. To a CUDA device it goes through pinned memory with a non-blocking
+    copy: a copy from pageable host memory waits for every kernel queued before it."""
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def draw_micro_batch(
     args: argparse.Namespace,
     prepared: PreparedData,
@@ -144,7 +152,7 @@ def draw_micro_batch(
         model_kwargs = model_kwargs or None
     else:  # toy tasks sample a few 2-D points on the CPU
         x0_all, x1_all = data.toy_pairs(layout.global_batch_size, make_generator(args.seed, "noise", micro_step))
-        x0, x1 = x0_all[rows].to(device), x1_all[rows].to(device)
+        x0, x1 = host_to_device(x0_all[rows], device), host_to_device(x1_all[rows], device)
     randomness = training_step.draw_step_randomness(
         noise_scheduler,
         args.seed,
@@ -425,7 +433,7 @@ def train_loop(
     state = LoopState(
         resumed.global_step,
         resumed.global_step * args.gradient_accumulation_steps,
-        torch.tensor(resumed.adaptive_beta, dtype=torch.float32, device=accelerator.device),
+        torch.full((), resumed.adaptive_beta, dtype=torch.float32, device=accelerator.device),  # no host copy
         SkippedUpdates(limit=args.max_skipped_updates),
     )
     data_iterator = make_data_iterator(args, prepared, layout, state.micro_step, accelerator.device)
