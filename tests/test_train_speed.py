@@ -1,6 +1,6 @@
 """Issue 12: the training step's randomness is drawn per purpose for the whole global batch (no per-example
-generators), the steps move nothing between host and device between metric reads, and the speed options parse and
-run."""
+generators), nothing in the steps between metric reads would make the host wait for a GPU, and the speed options
+parse and run."""
 
 import collections
 import json
@@ -320,36 +320,67 @@ def test_torch_compile_runs_on_cpu_and_saves_plain_weights(train, tmp_path):
     assert not any(name.startswith("_orig_mod") for name in weights)
 
 
-# ---------------------------------------------------------------------------- no host transfers per step
-_HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+# ------------------------------------------------------------------------------------ no device waits per step
+_ATEN = torch.ops.aten
+# Operators that wait on CUDA for every kernel queued before them, whatever device a test runs on.
+_WAITING_OPERATORS = {
+    _ATEN._local_scalar_dense.default: "read of a value",  # .item(), bool(), float(), int(), an `if` on a tensor
+    _ATEN.lift_fresh.default: "tensor made from host data",  # torch.tensor, as_tensor, from_numpy: then a host copy
+    _ATEN.equal.default: "read of a value",
+    **dict.fromkeys(
+        (
+            _ATEN.nonzero.default,  # also torch.where(condition) with one argument
+            _ATEN.masked_select.default,
+            _ATEN._unique2.default,
+            _ATEN.unique_dim.default,
+            _ATEN.unique_consecutive.default,
+        ),
+        "output shape read from the values",
+    ),
+}
+_HOST_READS = ("tolist", "numpy")  # read a CPU tensor's memory without an operator
 
 
-class _TensorsFromHostData(TorchDispatchMode):
-    """Records every tensor made from host data (`torch.tensor`, `as_tensor`, `from_numpy`, `new_tensor`: the
-    `aten.lift_fresh` op) while `active["on"]`. On a GPU each becomes a copy from the host that waits for all queued
-    work; a CPU run cannot see that copy, but it sees the tensor being made."""
+def _waits_on_cuda(func, args, kwargs) -> str | None:
+    """What makes operator `func`, called with `args` and `kwargs`, wait for the device on CUDA, or `None`."""
+    if func in _WAITING_OPERATORS:
+        return _WAITING_OPERATORS[func]
+    if func in (_ATEN.index.Tensor, _ATEN.index_put_.default, _ATEN.index_put.default):
+        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        if any(index is not None and index.dtype == torch.bool for index in indices):
+            return "output shape read from the values"  # x[mask], x[mask] = v
+    if func is _ATEN.repeat_interleave.Tensor and kwargs.get("output_size") is None:
+        return "output shape read from the values"
+    return None
 
-    def __init__(self, transfers: list, active: dict):
+
+class _DeviceWaits(TorchDispatchMode):
+    """Records, while `active["on"]`, each operator that would make the host wait for the GPU (`_waits_on_cuda`). A
+    CPU run cannot see the wait itself (a tensor made from host data, for one, waits in the copy to the device that
+    follows), but it sees the operator that causes it."""
+
+    def __init__(self, waits: list, active: dict):
         super().__init__()
-        self.transfers, self.active = transfers, active
+        self.waits, self.active = waits, active
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.lift_fresh.default and self.active["on"]:
-            self.transfers.append("tensor from host data")
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if self.active["on"] and (reason := _waits_on_cuda(func, args, kwargs)):
+            self.waits.append(reason)
+        return func(*args, **kwargs)
 
 
-def _count_host_transfers(monkeypatch):
-    """Counts the tensor-to-host conversions and the tensors made from host data inside the training loop, outside
-    its metric reads and checkpoints (on a GPU each would wait for all queued work)."""
-    transfers = []
+def _count_device_waits(monkeypatch):
+    """Counts what would make the host wait for the device inside the training loop, outside its metric reads and
+    checkpoints: the operators of `_waits_on_cuda` and the tensors read to host memory."""
+    waits = []
     active = {"on": False}
     for name in _HOST_READS:
         original = getattr(torch.Tensor, name)
 
         def counted(self, *args, _original=original, _name=name, **kwargs):
             if active["on"]:
-                transfers.append(_name)
+                waits.append(f"read of a tensor ({_name})")
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
@@ -365,28 +396,34 @@ def _count_host_transfers(monkeypatch):
         return switched
 
     def watched_loop(*args, _loop=switch(training_loop.train_loop, True), **kwargs):
-        with _TensorsFromHostData(transfers, active):
+        with _DeviceWaits(waits, active):
             return _loop(*args, **kwargs)
 
     monkeypatch.setattr(training_loop, "train_loop", watched_loop)
     # the metric reads and checkpoints may read; so may the data's one-time preparation on the CPU
     for name in ("read_pending_updates", "save_loop_checkpoint", "make_data_iterator"):
         monkeypatch.setattr(training_loop, name, switch(getattr(training_loop, name), False))
-    return transfers
+    return waits
 
 
-def test_the_transfer_counter_sees_host_reads_and_tensors_made_from_host_data(monkeypatch):
+def test_the_wait_counter_sees_reads_host_data_and_shapes_read_from_values(monkeypatch):
     def stand_in_loop():
-        torch.full((), 2.0) * 3  # made where it is used: not a transfer
+        x = torch.full((4,), 2.0) * 3  # made where it is used: no wait
         torch.tensor([1.0, 2.0]), torch.from_numpy(np.ones(2))
+        x[x > 0], torch.where(x > 0, x, 0), x.masked_fill(x > 0, 0)  # only the first reads its shape from values
         training_loop.read_pending_updates()  # a metric read: allowed
-        return torch.ones(()).item()
+        return x.sum().item(), bool(x.any()), x.tolist()
 
     monkeypatch.setattr(training_loop, "train_loop", stand_in_loop)
     monkeypatch.setattr(training_loop, "read_pending_updates", lambda: torch.tensor(1.0).item())
-    transfers = _count_host_transfers(monkeypatch)
+    waits = _count_device_waits(monkeypatch)
     training_loop.train_loop()
-    assert sorted(transfers) == ["item", "tensor from host data", "tensor from host data"]
+    assert collections.Counter(waits) == {
+        "tensor made from host data": 2,
+        "output shape read from the values": 1,
+        "read of a value": 2,
+        "read of a tensor (tolist)": 1,
+    }
 
 
 def test_host_tensors_go_to_a_cuda_device_through_pinned_memory_without_waiting(monkeypatch):
@@ -401,8 +438,8 @@ def test_host_tensors_go_to_a_cuda_device_through_pinned_memory_without_waiting(
 
 
 @pytest.mark.parametrize("kind", ["image", "vector"])
-def test_training_steps_move_nothing_between_host_and_device_between_metric_reads(train, monkeypatch, tmp_path, kind):
-    transfers = _count_host_transfers(monkeypatch)
+def test_training_steps_wait_for_nothing_between_metric_reads(train, monkeypatch, tmp_path, kind):
+    waits = _count_device_waits(monkeypatch)
     common = ["--max_train_steps", "6", "--logging_steps", "3", "--gradient_accumulation_steps", "2"]
     if kind == "image":  # label dropout, the prior mix and an adapted beta: every purpose of the step
         argv = _tiny_image_run(tmp_path / "run", "--prior_mix", "0.5", "--label_dropout", "0.1", *common)
@@ -411,7 +448,7 @@ def test_training_steps_move_nothing_between_host_and_device_between_metric_read
     argv += ["--nonfinite_policy", "skip"]
     summary = train([str(a) for a in argv])
     assert summary["global_step"] == 6
-    assert transfers == [], f"the steps move tensors between host and device: {collections.Counter(transfers)}"
+    assert waits == [], f"the training steps wait for the device: {collections.Counter(waits)}"
     metrics = [json.loads(line) for line in open(tmp_path / "run" / "logs" / "metrics.jsonl")]
     assert [record["step"] for record in metrics] == [1, 2, 3, 4, 5, 6], "one record per step, read every 3"
     assert all(math.isfinite(record["loss"]) and record["beta"] > 0 for record in metrics)
