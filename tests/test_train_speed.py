@@ -400,9 +400,12 @@ def _count_device_waits(monkeypatch):
             return _loop(*args, **kwargs)
 
     monkeypatch.setattr(training_loop, "train_loop", watched_loop)
-    # the metric reads and checkpoints may read; so may the data's one-time preparation on the CPU
+    # the metric reads and checkpoints may read; so may the data's one-time preparation and a data loader's fetches
+    # (host work by design, in worker processes with --dataloader_num_workers; its batches come in pinned memory)
     for name in ("read_pending_updates", "save_loop_checkpoint", "make_data_iterator"):
         monkeypatch.setattr(training_loop, name, switch(getattr(training_loop, name), False))
+    loader_iterator = torch.utils.data.dataloader._BaseDataLoaderIter
+    monkeypatch.setattr(loader_iterator, "__next__", switch(loader_iterator.__next__, False))
     return waits
 
 
@@ -437,12 +440,17 @@ def test_host_tensors_go_to_a_cuda_device_through_pinned_memory_without_waiting(
     assert calls == [(("cpu",), {})]
 
 
-@pytest.mark.parametrize("kind", ["image", "vector"])
+@pytest.mark.parametrize("kind", ["image", "text_to_image", "vector"])
 def test_training_steps_wait_for_nothing_between_metric_reads(train, monkeypatch, tmp_path, kind):
     waits = _count_device_waits(monkeypatch)
     common = ["--max_train_steps", "6", "--logging_steps", "3", "--gradient_accumulation_steps", "2"]
     if kind == "image":  # label dropout, the prior mix and an adapted beta: every purpose of the step
         argv = _tiny_image_run(tmp_path / "run", "--prior_mix", "0.5", "--label_dropout", "0.1", *common)
+    elif kind == "text_to_image":  # captioned digits through a data loader, an MMDiT from scratch, caption dropout
+        tiny_mmdit = json.dumps({"num_layers": 1, "attention_head_dim": 8, "num_attention_heads": 2})
+        argv = ["--output_dir", tmp_path / "run", "--backbone", "sd3", "--model_config", tiny_mmdit,
+                "--max_train_samples", "16", "--train_batch_size", "4", "--caption_dropout", "0.2",
+                "--num_validation_samples", "2", "--aggregate_prior_atoms", "8", *FAST, *common]  # fmt: skip
     else:
         argv = ["--output_dir", tmp_path / "run", "--backbone", "mlp", "--num_validation_samples", "8", *FAST, *common]
     argv += ["--nonfinite_policy", "skip"]
