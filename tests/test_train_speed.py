@@ -22,6 +22,7 @@ from train_helpers import (
 )
 
 from diffusers_vrfm import VRFMScheduler
+from diffusers_vrfm.training import data as training_data
 from diffusers_vrfm.training import loop as training_loop
 from diffusers_vrfm.training import step as training_step
 from diffusers_vrfm.training.step import draw_step_randomness
@@ -433,10 +434,10 @@ def test_host_tensors_go_to_a_cuda_device_through_pinned_memory_without_waiting(
     calls = []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin_memory") or self)
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *args, **kwargs: calls.append((args, kwargs)) or self)
-    training_loop.host_to_device(torch.ones(2), torch.device("cuda"))
+    training_data.host_to_device(torch.ones(2), torch.device("cuda"))
     assert calls == ["pin_memory", ((torch.device("cuda"),), {"non_blocking": True})]
     calls.clear()
-    training_loop.host_to_device(torch.ones(2), "cpu")
+    training_data.host_to_device(torch.ones(2), "cpu")
     assert calls == [(("cpu",), {})]
 
 

@@ -393,6 +393,14 @@ def fixed_in_memory_images(dataset) -> bool:
     return not transform.random_flip and (transform.center_crop or height == width) and size <= DEVICE_DATA_MAX_BYTES
 
 
+def host_to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """`tensor`, made on the host, on `device`. To a CUDA device it goes through pinned memory with a non-blocking
+    copy: a copy from pageable host memory waits for every kernel queued before it."""
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 class DeviceImageBatches:
     """This process's image batches from micro-step `start` on, cut from the whole dataset transformed once and kept
     on `device` (for [`fixed_in_memory_images`]): the same values as the data loader gives, without its per-step work
@@ -421,8 +429,8 @@ class DeviceImageBatches:
 
     def __next__(self) -> dict:
         epoch, position = divmod(self.micro_step, self.plan.batches_per_epoch)
-        if epoch != self.epoch:  # one host-to-device copy per epoch; a copy per step would wait for the device
-            self.epoch, self.order = epoch, self.plan.permutation(epoch).to(self.device)
+        if epoch != self.epoch:  # one copy from the host per epoch
+            self.epoch, self.order = epoch, host_to_device(self.plan.permutation(epoch), self.device)
         block = self.order[position * self.plan.global_batch_size : (position + 1) * self.plan.global_batch_size]
         self.micro_step += 1
         indices = block[self.plan.process_slice()]

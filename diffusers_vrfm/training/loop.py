@@ -23,7 +23,7 @@ from ..models.z_embedding import skip_value_checks
 from ..objective import adapt_beta
 from . import checkpointing
 from . import step as training_step
-from .data import DeviceImageBatches, collate_examples, encode_with_vae, fixed_in_memory_images
+from .data import DeviceImageBatches, collate_examples, encode_with_vae, fixed_in_memory_images, host_to_device
 from .data_setup import BatchLayout, PreparedData
 from .determinism import make_generator
 from .environment import RunContext
@@ -121,14 +121,6 @@ class MicroBatch:
     class_labels: torch.Tensor | None
     randomness: training_step.StepRandomness
     model_kwargs: dict | None = None  # text-to-image: the caption embeddings
-
-
-def host_to_device(tensor: torch.Tensor, device) -> torch.Tensor:
-    """`tensor`, made on the host, on `device`. To a CUDA device it goes through pinned memory with a non-blocking
-    copy: a copy from pageable host memory waits for every kernel queued before it."""
-    if torch.device(device).type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 def draw_micro_batch(
