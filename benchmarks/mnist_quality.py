@@ -139,9 +139,20 @@ class ImageData:
     test_labels: torch.Tensor
     max_train_samples: int | None = None
 
+    @property
+    def training_images(self) -> torch.Tensor:
+        """The images training uses: the first `max_train_samples` training images."""
+        return self.train[: self.max_train_samples]
 
-def load_image_data(dataset: str, resolution: int) -> ImageData:
-    """The images of `dataset` through `train_vrfm.py`'s loaders and transform, rescaled to [0, 1]."""
+
+MAX_TRAIN_SAMPLES_HELP = (
+    "train on the first N training images only (a small data set); the fitted priors and the copy check use the same"
+)
+
+
+def load_image_data(dataset: str, resolution: int, max_train_samples: int | None = None) -> ImageData:
+    """The images of `dataset` through `train_vrfm.py`'s loaders and transform, rescaled to [0, 1]; training uses the
+    first `max_train_samples` training images (all when `None`; the digits' 1437 at most)."""
     from diffusers_vrfm.training.data import (
         ArrayImageSource,
         ImageTransform,
@@ -169,6 +180,11 @@ def load_image_data(dataset: str, resolution: int) -> ImageData:
             f"scikit-learn digits (8x8) resized to {resolution}x{resolution}: the first {max_train} train, the other "
             f"{len(test)} are the test images"
         )
+    if max_train_samples is not None:
+        if isinstance(max_train_samples, bool) or not isinstance(max_train_samples, int) or max_train_samples < 1:
+            raise ValueError(f"`--max-train-samples` must be a positive integer, but got {max_train_samples!r}.")
+        max_train = min(max_train_samples, max_train or len(train))
+        description += f"; training uses the first {max_train} training images (`--max-train-samples`)"
     (train_x, train_y), (test_x, test_y) = images(train), images(test)
     return ImageData(dataset, description, resolution, train_x, train_y, test_x, test_y, max_train)
 
@@ -303,7 +319,13 @@ def training_argv(args, data: ImageData, method: str, seed: int, output_dir: Pat
             argv += ["--beta", beta]
     if args.kl_convention is not None:
         argv += ["--loss_reduction", "mean" if args.kl_convention == "per_pixel" else "sum"]
-    return [str(a) for a in argv + shlex.split(args.train_args)]
+    extra = shlex.split(args.train_args)
+    if any(flag.split("=")[0] == "--max_train_samples" for flag in extra):
+        raise ValueError(
+            f"`--train-args` must not hold `--max_train_samples` (got {args.train_args!r}): pass "
+            "`--max-train-samples` to the benchmark, whose fitted priors and copy check then use the same images."
+        )
+    return [str(a) for a in argv + extra]
 
 
 def resolved_training_args(argv: list[str], num_examples: int, kind: str = "image") -> dict:
@@ -413,7 +435,7 @@ def sampling_pipelines(path: Path, scheduler: str, device: str, extra_priors: di
 
 def training_pairs(data: ImageData, generator: torch.Generator):
     """Endless `(x0, x1)` batches of 256: training images in [-1, 1] drawn with replacement, with fresh noise."""
-    train = data.train[: data.max_train_samples] * 2 - 1
+    train = data.training_images * 2 - 1
     while True:
         x1 = train[torch.randint(len(train), (256,), generator=generator)]
         yield torch.randn(x1.shape, generator=generator), x1
@@ -800,7 +822,7 @@ def make_scorer(args, data: ImageData, output_dir: Path) -> tuple[Scorer, dict]:
     n = min(args.num_samples, len(data.test))
     reference = classifier_features(classifier, data.test[:n])
     fd_floor = frechet_distance(classifier_features(classifier, data.train[:n]), reference)
-    training_images = data.train.to(args.device)  # all of them: a prior built from training posteriors may replay any
+    training_images = data.training_images.to(args.device)  # a prior built from their posteriors may replay any
     test_distance = median_nearest_distance(data.test[:n], training_images)
     scorer = Scorer(classifier, reference, training_images=training_images, test_distance=test_distance)
     meta = {"classifier_accuracy": accuracy, "classifier_sha256": file_sha256(path), "fd_floor": fd_floor}
@@ -836,7 +858,7 @@ def run(args) -> dict:
     start = time.perf_counter()
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    data = load_image_data(args.dataset, args.resolution)
+    data = load_image_data(args.dataset, args.resolution, args.max_train_samples)
     scorer, score_meta = make_scorer(args, data, output_dir)
     results = {"meta": {}, **{section: {} for section in SEED_SECTIONS}, "posterior": {}, "inception": None}
     if "inception" in score_meta:
@@ -847,7 +869,7 @@ def run(args) -> dict:
             for method in args.methods:
                 run_dir = Path(work) / f"{args.name}_{method}_s{seed}"
                 argv = training_argv(args, data, method, seed, run_dir)
-                summary = train_or_reuse(argv, run_dir, training_key(argv, len(data.train)), args.reuse_runs)
+                summary = train_or_reuse(argv, run_dir, training_key(argv, len(data.training_images)), args.reuse_runs)
                 results["train"].setdefault(method, {})[str(seed)] = summary["metrics"]
                 out = evaluate_run(args, run_dir, method, seed, scorer, score_meta["num_samples"], data)
                 for row, errors in out["velocity_mse"].items():
@@ -1022,6 +1044,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset", choices=list(DATASETS), default=None, help="default: builtin:mnist (quick: digits)"
     )
     parser.add_argument("--resolution", type=int, default=None, help="default: 28 for MNIST, 16 for digits")
+    parser.add_argument("--max-train-samples", type=int, default=None, help=MAX_TRAIN_SAMPLES_HELP)
     parser.add_argument(
         "--seeds", "--seed", nargs="+", type=int, default=[0, 1, 2], help="one run per seed and method"
     )

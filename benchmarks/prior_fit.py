@@ -37,6 +37,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.mnist_quality import (  # noqa: E402
     DATASETS,
+    MAX_TRAIN_SAMPLES_HELP,
     QUICK_POSTERIOR,
     QUICK_UNET,
     fit_prior,
@@ -163,7 +164,7 @@ def run(args) -> dict:
         args.dataset, args.nfe, args.num_samples = "builtin:digits", args.nfe[:2], min(args.num_samples, 16)
         args.priors = QUICK_PRIORS if args.priors is DEFAULT_PRIORS else args.priors
         args.run = args.run or [quick_run(Path(args.output_dir))]
-    data = load_image_data(args.dataset, DATASETS[args.dataset])
+    data = load_image_data(args.dataset, DATASETS[args.dataset], args.max_train_samples)
     scorer_args = argparse.Namespace(quick=False, device="cpu", num_samples=args.num_samples, inception_samples=0)
     scorer, meta = make_scorer(scorer_args, data, Path(args.output_dir))
     runs = {
@@ -190,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", nargs="+", type=Path, default=None, help="saved VRFM pipelines (train_vrfm.py)")
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="builtin:mnist")
+    parser.add_argument("--max-train-samples", type=int, default=None, help=MAX_TRAIN_SAMPLES_HELP)
     parser.add_argument(
         "--priors", type=priors_argument, default=DEFAULT_PRIORS, help="a JSON object: name -> prior spec"
     )

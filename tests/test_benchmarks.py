@@ -438,6 +438,27 @@ def test_mnist_quality_reuses_a_run_trained_with_the_same_command(tmp_path, monk
         mnist_quality.main([*argv, "--work-dir", str(runs)])
 
 
+def test_mnist_quality_max_train_samples_trains_fits_and_checks_copies_on_the_same_images(tmp_path):
+    from benchmarks import mnist_quality
+
+    data = mnist_quality.load_image_data("builtin:digits", 8, max_train_samples=100)
+    assert len(data.train) == 1437 and len(data.training_images) == 100
+    assert torch.equal(data.training_images, data.train[:100]) and "the first 100 training images" in data.description
+    args = mnist_quality.build_parser().parse_args(["--quick", "--max-train-samples", "100"])
+    mnist_quality.apply_quick_and_device_defaults(args)
+    argv = mnist_quality.training_argv(args, data, "vrfm", 0, tmp_path)
+    assert argv[argv.index("--max_train_samples") + 1] == "100"
+    pairs = mnist_quality.training_pairs(data, torch.Generator().manual_seed(0))
+    x1 = next(pairs)[1]
+    assert (torch.cdist(x1.flatten(1), data.training_images.flatten(1) * 2 - 1).min(dim=1).values < 1e-2).all()
+    assert mnist_quality.load_image_data("builtin:digits", 8, max_train_samples=5000).max_train_samples == 1437
+    with pytest.raises(ValueError, match=r"`--max-train-samples` must be a positive integer, but got 0"):
+        mnist_quality.load_image_data("builtin:digits", 8, max_train_samples=0)
+    args.train_args = "--max_train_samples=100"  # a subset the priors and the copy check would not know of
+    with pytest.raises(ValueError, match=r"`--train-args` must not hold `--max_train_samples`.*--max-train-samples"):
+        mnist_quality.training_argv(args, data, "rf", 0, tmp_path)
+
+
 def test_mnist_quality_arguments_and_seeds_summary():
     from benchmarks import mnist_quality
 
