@@ -319,13 +319,7 @@ def training_argv(args, data: ImageData, method: str, seed: int, output_dir: Pat
             argv += ["--beta", beta]
     if args.kl_convention is not None:
         argv += ["--loss_reduction", "mean" if args.kl_convention == "per_pixel" else "sum"]
-    extra = shlex.split(args.train_args)
-    if any(flag.split("=")[0] == "--max_train_samples" for flag in extra):
-        raise ValueError(
-            f"`--train-args` must not hold `--max_train_samples` (got {args.train_args!r}): pass "
-            "`--max-train-samples` to the benchmark, whose fitted priors and copy check then use the same images."
-        )
-    return [str(a) for a in argv + extra]
+    return [str(a) for a in argv + shlex.split(args.train_args)]
 
 
 def resolved_training_args(argv: list[str], num_examples: int, kind: str = "image") -> dict:
@@ -794,6 +788,11 @@ def apply_quick_and_device_defaults(args) -> None:
     """`--quick` (digits, a tiny backbone, a few steps and samples) and the defaults that depend on the device."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("`--device` is 'cuda', but torch sees no CUDA device; use `--device cpu`.")
+    if any(flag.split("=")[0] == "--max_train_samples" for flag in shlex.split(args.train_args)):
+        raise ValueError(
+            f"`--train-args` must not hold `--max_train_samples` (got {args.train_args!r}): pass "
+            "`--max-train-samples` to the benchmark, whose fitted priors and copy check then use the same images."
+        )
     if args.quick:
         args.dataset = "builtin:digits" if args.dataset is None else args.dataset
         args.steps, args.batch_size = min(args.steps, 6), min(args.batch_size, 8)

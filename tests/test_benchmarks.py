@@ -454,9 +454,10 @@ def test_mnist_quality_max_train_samples_trains_fits_and_checks_copies_on_the_sa
     assert mnist_quality.load_image_data("builtin:digits", 8, max_train_samples=5000).max_train_samples == 1437
     with pytest.raises(ValueError, match=r"`--max-train-samples` must be a positive integer, but got 0"):
         mnist_quality.load_image_data("builtin:digits", 8, max_train_samples=0)
-    args.train_args = "--max_train_samples=100"  # a subset the priors and the copy check would not know of
+    # a subset the priors and the copy check would not know of: refused before any data is loaded
+    refused = mnist_quality.build_parser().parse_args(["--quick", "--train-args=--max_train_samples=100"])
     with pytest.raises(ValueError, match=r"`--train-args` must not hold `--max_train_samples`.*--max-train-samples"):
-        mnist_quality.training_argv(args, data, "rf", 0, tmp_path)
+        mnist_quality.apply_quick_and_device_defaults(refused)
 
 
 def test_mnist_quality_arguments_and_seeds_summary():
