@@ -124,7 +124,8 @@ class ImageData:
 
     Args:
         name (`str`): the `--dataset_name` the training runs get.
-        description (`str`): what the report says about the data.
+        description (`str`): the data set (all its training and test images), which the feature classifier's key
+            names; the report says [`~ImageData.report_description`].
         resolution (`int`): the side of the images.
         train, train_labels, test, test_labels (`torch.Tensor`): the images and their classes.
         max_train_samples (`int`, *optional*): how many leading images training may use (digits: the rest are test).
@@ -143,6 +144,15 @@ class ImageData:
     def training_images(self) -> torch.Tensor:
         """The images training uses: the first `max_train_samples` training images."""
         return self.train[: self.max_train_samples]
+
+    @property
+    def report_description(self) -> str:
+        """`description`, and the training subset where `--max-train-samples` cut it: the report's Data line. The
+        classifier trains on every training image whatever the subset, so its key reads `description` alone."""
+        used = len(self.training_images)
+        if used == len(self.train):
+            return self.description
+        return f"{self.description}; training uses the first {used} training images (`--max-train-samples`)"
 
 
 MAX_TRAIN_SAMPLES_HELP = (
@@ -184,7 +194,6 @@ def load_image_data(dataset: str, resolution: int, max_train_samples: int | None
         if isinstance(max_train_samples, bool) or not isinstance(max_train_samples, int) or max_train_samples < 1:
             raise ValueError(f"`--max-train-samples` must be a positive integer, but got {max_train_samples!r}.")
         max_train = min(max_train_samples, max_train or len(train))
-        description += f"; training uses the first {max_train} training images (`--max-train-samples`)"
     (train_x, train_y), (test_x, test_y) = images(train), images(test)
     return ImageData(dataset, description, resolution, train_x, train_y, test_x, test_y, max_train)
 
@@ -890,7 +899,7 @@ def run(args) -> dict:
         "device": args.device,
         "mixed_precision": args.mixed_precision,
         "dataset": data.name,
-        "data": data.description,
+        "data": data.report_description,
         "backbone": args.backbone,
         "model_config": args.model_config,
         "seeds": list(args.seeds),

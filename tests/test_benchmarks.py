@@ -443,7 +443,12 @@ def test_mnist_quality_max_train_samples_trains_fits_and_checks_copies_on_the_sa
 
     data = mnist_quality.load_image_data("builtin:digits", 8, max_train_samples=100)
     assert len(data.train) == 1437 and len(data.training_images) == 100
-    assert torch.equal(data.training_images, data.train[:100]) and "the first 100 training images" in data.description
+    assert torch.equal(data.training_images, data.train[:100])
+    assert "the first 100 training images" in data.report_description
+    # the classifier trains on all training images: a subset must not retrain it (nor rewrite the committed file)
+    full = mnist_quality.load_image_data("builtin:digits", 8)
+    assert full.report_description == full.description == data.description
+    assert mnist_quality.classifier_key(data, 2, None, 0) == mnist_quality.classifier_key(full, 2, None, 0)
     args = mnist_quality.build_parser().parse_args(["--quick", "--max-train-samples", "100"])
     mnist_quality.apply_quick_and_device_defaults(args)
     argv = mnist_quality.training_argv(args, data, "vrfm", 0, tmp_path)
