@@ -163,6 +163,7 @@ MAX_TRAIN_SAMPLES_HELP = (
 def load_image_data(dataset: str, resolution: int, max_train_samples: int | None = None) -> ImageData:
     """The images of `dataset` through `train_vrfm.py`'s loaders and transform, rescaled to [0, 1]; training uses the
     first `max_train_samples` training images (all when `None`; the digits' 1437 at most)."""
+    from diffusers_vrfm.objective import check_integer
     from diffusers_vrfm.training.data import (
         ArrayImageSource,
         ImageTransform,
@@ -191,9 +192,7 @@ def load_image_data(dataset: str, resolution: int, max_train_samples: int | None
             f"{len(test)} are the test images"
         )
     if max_train_samples is not None:
-        if isinstance(max_train_samples, bool) or not isinstance(max_train_samples, int) or max_train_samples < 1:
-            raise ValueError(f"`--max-train-samples` must be a positive integer, but got {max_train_samples!r}.")
-        max_train = min(max_train_samples, max_train or len(train))
+        max_train = min(check_integer(max_train_samples, "--max-train-samples", 1), max_train or len(train))
     (train_x, train_y), (test_x, test_y) = images(train), images(test)
     return ImageData(dataset, description, resolution, train_x, train_y, test_x, test_y, max_train)
 

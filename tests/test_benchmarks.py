@@ -457,7 +457,7 @@ def test_mnist_quality_max_train_samples_trains_fits_and_checks_copies_on_the_sa
     x1 = next(pairs)[1]
     assert (torch.cdist(x1.flatten(1), data.training_images.flatten(1) * 2 - 1).min(dim=1).values < 1e-2).all()
     assert mnist_quality.load_image_data("builtin:digits", 8, max_train_samples=5000).max_train_samples == 1437
-    with pytest.raises(ValueError, match=r"`--max-train-samples` must be a positive integer, but got 0"):
+    with pytest.raises(ValueError, match=r"`--max-train-samples` must be an integer >= 1, but got 0\."):
         mnist_quality.load_image_data("builtin:digits", 8, max_train_samples=0)
     # a subset the priors and the copy check would not know of: refused before any data is loaded
     refused = mnist_quality.build_parser().parse_args(["--quick", "--train-args=--max_train_samples=100"])
