@@ -49,7 +49,6 @@ import numpy as np
 import torch
 
 from benchmarks.common import (
-    CLASSIFIER_DIR,
     RESULTS_DIR,
     format_mean_std,
     machine_description,
@@ -268,9 +267,10 @@ def make_rulers(args, data: ImageData) -> tuple[Rulers, dict]:
     scorer_args = argparse.Namespace(quick=args.quick, device="cpu", num_samples=len(data.test), inception_samples=0)
     scorer, meta = make_scorer(scorer_args, data, Path(args.output_dir))  # what mnist_quality scores digits with
     epochs = judge_epochs(args)
-    folder = Path(args.output_dir) / "cache" if args.quick else CLASSIFIER_DIR
-    path = folder / f"judge_digits_{RESOLUTION}_e{epochs}.safetensors"
-    judge, meta["judge_accuracy"] = get_classifier(data, path, epochs=epochs, max_train=1000 if args.quick else None)
+    name, cache_dir = f"judge_digits_{RESOLUTION}_e{epochs}.safetensors", Path(args.output_dir) / "cache"
+    judge, meta["judge_accuracy"], path = get_classifier(
+        data, name, cache_dir, epochs=epochs, max_train=1000 if args.quick else None
+    )
     meta["judge_sha256"] = file_sha256(path)
     meta["judge_training_accuracy"] = float((predicted_digits(judge, data.train) == data.train_labels).float().mean())
     meta["training_images_fd"] = scorer.fd(training_images(data, args.samples_per_class))

