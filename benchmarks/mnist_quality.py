@@ -405,18 +405,47 @@ def train_with_script(argv: list[str]) -> dict:
 # ------------------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def generate(
-    pipeline, num_samples: int, nfe: int, seed: int, batch_size: int = 500, z: torch.Tensor | None = None
+    pipeline,
+    num_samples: int,
+    nfe: int,
+    seed: int,
+    batch_size: int = 500,
+    z: torch.Tensor | None = None,
+    draw: int = 0,
 ) -> torch.Tensor:
     """`num_samples` images in [0, 1] (on the CPU) from `pipeline` with `nfe` steps; the same noise (and z stream)
-    for every method and NFE; `z` `(num_samples, latent_dim)` replaces the pipeline's own draws of z."""
+    for every method and NFE; `z` `(num_samples, latent_dim)` replaces the pipeline's own draws of z. Each `draw`
+    has streams of its own (draw 0's are those of every report before `--draws`)."""
     chunks = []
     for index, start in enumerate(range(0, num_samples, batch_size)):
         n = min(batch_size, num_samples - start)
-        generator = torch.Generator().manual_seed(1_000 * seed + index)
+        generator = torch.Generator().manual_seed(1_000 * seed + index + DRAW_STRIDE * draw)
         rows = None if z is None else z[start : start + n]
         output = pipeline(batch_size=n, num_inference_steps=nfe, generator=generator, output_type="pt", z=rows)
         chunks.append(output.samples)
     return torch.cat(chunks).float().cpu()
+
+
+def fds_over_draws(
+    pipeline, scorer: Scorer, num_samples: int, nfe: int, seed: int, draws: int = 1, z: torch.Tensor | None = None
+) -> tuple[list[float], torch.Tensor]:
+    """The FDs of `draws` independent sets of `num_samples` samples at `nfe` (fresh noise, and fresh z unless `z` is
+    given), and the first set: one set's FD moves with the draw, and K sets tell that noise from the seeds'."""
+    fds, first = [], None
+    for draw in range(draws):
+        samples = generate(pipeline, num_samples, nfe, seed, z=z, draw=draw)
+        fds.append(scorer.fd(samples))
+        first = samples if first is None else first
+    return fds, first
+
+
+def draw_noise(fd_draws: dict[str, dict[str, list[float]]], nfe: str) -> tuple[float, float]:
+    """From `{seed: {nfe: [FD of each draw]}}`: the std of the FD over draws (mean over seeds), and the std over seeds
+    of each seed's mean over draws (NaN with one seed): sampling noise beside training noise."""
+    per_seed = [np.asarray(runs[nfe], dtype=float) for runs in fd_draws.values() if nfe in runs]
+    within = float(np.mean([values.std(ddof=1) for values in per_seed])) if per_seed else float("nan")
+    between = float(np.std([values.mean() for values in per_seed], ddof=1)) if len(per_seed) > 1 else float("nan")
+    return within, between
 
 
 def images_and_noise(images: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -551,7 +580,8 @@ def median_nearest_distance(images: torch.Tensor, references: torch.Tensor, chun
 
 
 # The per-method, per-seed sections of a result, which --join merges and --join-seeds filters.
-SEED_SECTIONS = ("fd", "train", "velocity_mse", "distance_ratio")
+SEED_SECTIONS = ("fd", "train", "velocity_mse", "distance_ratio", "fd_draws")
+DRAW_STRIDE = 1_000_000_000  # `generate`'s seeds of draw d start at d times this
 PATH_TIMES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)  # where `velocity_error_along_the_path` measures
 PATH_ROW_LABELS = {"rf": "RF", "vrfm": "VRFM, z of that image", "vrfm_other_z": "VRFM, z of another test image"}
 
@@ -597,16 +627,20 @@ def evaluate_run(args, path: Path, method: str, seed: int, scorer: Scorer, n: in
         for key, images in (("vrfm_posterior_z", data.test), ("vrfm_posterior_z_train", data.train)):
             variants[key] = (loaded["pipelines"]["saved"], posterior_z_of_images(posterior, images, n, seed))
     out = {"fd": {}, "fid": {}, "grids": {}, "distance_ratio": {}, "params": count_parameters(loaded["velocity"])}
+    out["fd_draws"] = {}
     for key, (pipeline, z) in variants.items():
         out["fd"][key], out["fid"][key], out["grids"][key], out["distance_ratio"][key] = {}, {}, {}, {}
         for nfe in args.nfe:
-            samples = generate(pipeline, n, nfe, seed, z=z)
-            out["fd"][key][str(nfe)] = scorer.fd(samples)
+            fds, samples = fds_over_draws(pipeline, scorer, n, nfe, seed, args.draws, z)
+            out["fd"][key][str(nfe)] = float(np.mean(fds))
+            if args.draws > 1:
+                out["fd_draws"].setdefault(key, {})[str(nfe)] = fds
             out["distance_ratio"][key][str(nfe)] = scorer.distance_ratio(samples)
             out["grids"][key][nfe] = samples[:64]
             if scorer.inception is not None and nfe in args.inception_nfe:
                 out["fid"][key][str(nfe)] = scorer.fid(samples)
-            print(f"seed {seed} {METHOD_LABELS[key]} NFE {nfe}: FD {out['fd'][key][str(nfe)]:.2f}", flush=True)
+            each = f" (draws: {', '.join(f'{fd:.2f}' for fd in fds)})" if len(fds) > 1 else ""
+            print(f"seed {seed} {METHOD_LABELS[key]} NFE {nfe}: FD {out['fd'][key][str(nfe)]:.2f}{each}", flush=True)
     out["posterior_params"] = count_parameters(posterior)
     out["velocity_mse"] = velocity_error_along_the_path(loaded["velocity"], posterior, data)
     if posterior is not None:
@@ -685,7 +719,8 @@ def render_report(results: dict) -> str:
         f"- Metric: Fréchet distance in the 128-d features of a local CNN classifier (test accuracy "
         f"{meta['classifier_accuracy']:.4f}{ruler_digest(meta.get('classifier_sha256'))}), {meta['num_samples']} "
         f"generated vs {meta['num_samples']} test images; "
-        f"floor (train vs test, same size) {meta['fd_floor']:.2f}. Cells: mean ± std over seeds.",
+        f"floor (train vs test, same size) {meta['fd_floor']:.2f}. Cells: mean ± std over seeds"
+        + (f" (each seed's FD the mean of {meta['draws']} sample sets)." if meta.get("draws", 1) > 1 else "."),
         f"- Total wall time: {meta.get('total_seconds', float('nan')):.0f} s.",
         "",
     ]
@@ -717,6 +752,7 @@ def render_report(results: dict) -> str:
         cells = [format_mean_std([p[f] for p in results["posterior"].values()]) for f in fields]
         lines += ["## VRFM posterior diagnostics on test images (prior hole)", ""]
         lines += [markdown_table([*headers, "MMD^2 floor"], [cells]), ""]
+    lines += draw_noise_section(results.get("fd_draws", {}), nfes)
     lines += velocity_error_section(results.get("velocity_mse", {}))
     lines += distance_ratio_section(results, nfes)
     grids = (
@@ -760,6 +796,35 @@ def distance_ratio_section(results: dict, nfes: list[str]) -> list[str]:
         markdown_table(["method", *[f"NFE {n}" for n in nfes]], cells),
         "",
     ]
+
+
+def draw_noise_section(fd_draws: dict, nfes: list[str]) -> list[str]:
+    """The report's sampling-noise table ([`draw_noise`]): per sampled variant, the FD's std over draws and over
+    seeds (no lines without `--draws`)."""
+    keys = [key for key in METHOD_LABELS if fd_draws.get(key)]
+    if not keys:
+        return []
+    rows = draw_noise_rows({METHOD_LABELS[key]: fd_draws[key] for key in keys}, nfes)
+    return [
+        "## Sampling noise: the FD's std over draws of noise and z, and over seeds",
+        "",
+        "Over draws: the std of one seed's FD between sample sets from the same model (mean over seeds); over seeds: "
+        "the std of the seeds' mean FDs. A gap between two methods smaller than the first is sampling noise.",
+        "",
+        markdown_table(["FD std", *[f"NFE {n}" for n in nfes]], rows),
+        "",
+    ]
+
+
+def draw_noise_rows(fd_draws: dict[str, dict], nfes: list[str], across: str = "seeds") -> list[list[str]]:
+    """Table rows of [`draw_noise`]: for each label of `fd_draws` (`{label: {seed: {nfe: [FD of each draw]}}}`), its
+    FD's std over draws and over the seeds (or the runs: `across`)."""
+    rows = []
+    for label, per_seed in fd_draws.items():
+        spreads = [draw_noise(per_seed, nfe) for nfe in nfes]
+        rows.append([f"{label}: over draws", *[f"{within:.3g}" for within, _ in spreads]])
+        rows.append([f"{label}: over {across}", *[f"{between:.3g}" for _, between in spreads]])
+    return rows
 
 
 def velocity_error_section(velocity_mse: dict) -> list[str]:
@@ -890,6 +955,9 @@ def run_folders(args):
 
 
 def run(args) -> dict:
+    from diffusers_vrfm.objective import check_integer
+
+    check_integer(args.draws, "--draws", 1)
     apply_quick_and_device_defaults(args)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -913,6 +981,8 @@ def run(args) -> dict:
                     results["velocity_mse"].setdefault(row, {})[str(seed)] = errors
                 for key, curve in out["fd"].items():
                     results["fd"].setdefault(key, {})[str(seed)] = curve
+                    if key in out["fd_draws"]:
+                        results["fd_draws"].setdefault(key, {})[str(seed)] = out["fd_draws"][key]
                     results["distance_ratio"].setdefault(key, {})[str(seed)] = out["distance_ratio"][key]
                     if results["inception"] is not None:
                         results["inception"][key][str(seed)] = out["fid"][key]
@@ -935,6 +1005,7 @@ def run(args) -> dict:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "nfes": list(args.nfe),
+        "draws": args.draws,
         "inception_nfe": list(args.inception_nfe),
         "scheduler": args.scheduler,
         "extra_priors": list(args.extra_priors),
@@ -964,19 +1035,20 @@ SAME_BUDGET = (
     "nfes",
     "scheduler",
     "num_samples",
+    "draws",  # a cell is the mean FD of this many sample sets
     "classifier_accuracy",  # FDs in the features of two classifiers do not compare: the same one, or refused
     "classifier_sha256",
     "fd_floor",
 )
 # `--extra-priors` and `--posterior-z` only add sampled rows: runs may differ in them (`keep_shared_rows`)
 VRFM_SETTINGS = ("train_command", "flow_prior_steps")
-SAMPLED_SECTIONS = ("fd", "distance_ratio")
+SAMPLED_SECTIONS = ("fd", "distance_ratio", "fd_draws")
 
 
 def budget_value(meta: dict, key: str):
     """A budget setting of a run as the join compares it: the backbone without VRFM's z-path settings, which RF lacks
     (VRFM runs compare those through their training commands)."""
-    value = meta.get(key, "unet" if key == "backbone" else None)  # runs from before `--backbone` trained UNets
+    value = meta.get(key, {"backbone": "unet", "draws": 1}.get(key))  # runs from before those options: their values
     return split_model_config(value)[0] if key == "model_config" and value is not None else value
 
 
@@ -1148,6 +1220,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--num-samples", type=int, default=None, help="images per NFE for FD; 10000 on CUDA, else 2000"
+    )
+    parser.add_argument(
+        "--draws",
+        type=int,
+        default=1,
+        help="sample sets per cell (fresh noise and z each): the cell is their mean FD, and the report adds the FD's "
+        "spread over draws beside that over seeds",
     )
     parser.add_argument("--inception-samples", type=int, default=200, help="images per set for Inception FID; 0: off")
     parser.add_argument("--inception-nfe", nargs="+", type=int, default=[2, 16], help="NFEs with an Inception FID")

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/prior_fit.py` as well as `python -m benchmarks.prior_fit`
     sys.path.insert(0, str(REPO_ROOT))
@@ -40,8 +42,9 @@ from benchmarks.mnist_quality import (  # noqa: E402
     MAX_TRAIN_SAMPLES_HELP,
     QUICK_POSTERIOR,
     QUICK_UNET,
+    draw_noise_rows,
+    fds_over_draws,
     fit_prior,
-    generate,
     load_image_data,
     make_scorer,
     ruler_digest,
@@ -91,12 +94,17 @@ def score_priors(args, run: Path, seed: int, data, scorer, num_samples: int) -> 
         fit_seconds = time.perf_counter() - start
         pipeline = VRFMPipeline(**{**saved.components, "prior": prior})
         pipeline.set_progress_bar_config(disable=True)
-        fd, ratio = {}, {}
+        fd, ratio, fd_draws = {}, {}, {}
         for nfe in args.nfe:
-            samples = generate(pipeline, num_samples, nfe, seed)
-            fd[str(nfe)], ratio[str(nfe)] = scorer.fd(samples), scorer.distance_ratio(samples)
-            print(f"{run.name} {name} NFE {nfe}: FD {fd[str(nfe)]:.2f}, copy ratio {ratio[str(nfe)]:.3f}", flush=True)
+            fds, samples = fds_over_draws(pipeline, scorer, num_samples, nfe, seed, args.draws)
+            fd[str(nfe)], ratio[str(nfe)] = float(np.mean(fds)), scorer.distance_ratio(samples)
+            if args.draws > 1:
+                fd_draws[str(nfe)] = fds
+            each = ", ".join(f"{value:.2f}" for value in fds)
+            print(f"{run.name} {name} NFE {nfe}: FD {each}, copy ratio {ratio[str(nfe)]:.3f}", flush=True)
         scores[name] = {"fd": fd, "distance_ratio": ratio, "fit_seconds": fit_seconds}
+        if fd_draws:
+            scores[name]["fd_draws"] = fd_draws
         scores[name]["parameters"] = count_parameters(prior)
     return scores
 
@@ -109,12 +117,23 @@ def render_report(results: dict) -> str:
         return [format_mean_std([run[name][section][nfe] for run in per_run]) for nfe in nfes]
 
     fd_rows = [[name, *cells(name, "fd")] for name in meta["priors"]]
+    draws_note = f" (each run's FD the mean of {meta['draws']} sample sets)" if meta.get("draws", 1) > 1 else ""
     ratio_rows = [[name, *cells(name, "distance_ratio")] for name in meta["priors"]]
     spec_rows = [
         [name, f"`{json.dumps(spec)}`", format_mean_std([run[name]["fit_seconds"] for run in per_run])]
         for name, spec in meta["priors"].items()
     ]
     columns = [f"NFE {nfe}" for nfe in nfes]
+    noise = []
+    if meta.get("draws", 1) > 1:
+        runs = results["runs"].items()
+        fd_draws = {name: {run: scores[name]["fd_draws"] for run, scores in runs} for name in meta["priors"]}
+        noise = [
+            f"## Sampling noise: the FD's std over {meta['draws']} draws of noise and z per run, and over runs",
+            "",
+            markdown_table(["FD std", *columns], draw_noise_rows(fd_draws, nfes, across="runs")),
+            "",
+        ]
     return "\n".join(
         [
             f"# Priors over z for one trained model: {meta['dataset']}",
@@ -124,15 +143,16 @@ def render_report(results: dict) -> str:
             f"- Runs (one model each; cells are mean ± std over them): {', '.join(meta['run_names'])}.",
             f"- Metric: `benchmarks.mnist_quality`'s classifier-feature FD (test accuracy "
             f"{meta['classifier_accuracy']:.4f}{ruler_digest(meta['classifier_sha256'])}), {meta['num_samples']} "
-            f"samples (Euler) vs as many test images; floor (train vs test) {meta['fd_floor']:.2f}. The copy ratio is "
-            "the median distance from a sample to its nearest training image over that of a test image (1: as new "
-            "as held-out data).",
+            f"samples (Euler) vs as many test images{draws_note}; floor (train vs test) {meta['fd_floor']:.2f}. The "
+            "copy ratio is the median distance from a sample to its nearest training image over that of a test image "
+            "(1: as new as held-out data).",
             f"- Total wall time: {meta['total_seconds']:.0f} s.",
             "",
             "## Classifier-feature FD (lower is better)",
             "",
             markdown_table(["prior", *columns], fd_rows),
             "",
+            *noise,
             "## Copy ratio",
             "",
             markdown_table(["prior", *columns], ratio_rows),
@@ -159,6 +179,9 @@ def quick_run(output_dir: Path) -> Path:
 
 
 def run(args) -> dict:
+    from diffusers_vrfm.objective import check_integer
+
+    check_integer(args.draws, "--draws", 1)
     start = time.perf_counter()
     if args.quick:
         args.dataset, args.nfe, args.num_samples = "builtin:digits", args.nfe[:2], min(args.num_samples, 16)
@@ -178,6 +201,7 @@ def run(args) -> dict:
         "run_names": list(runs),
         "priors": args.priors,
         "nfes": list(args.nfe),
+        "draws": args.draws,
         "total_seconds": time.perf_counter() - start,
     }
     results = {"meta": meta, "runs": runs}
@@ -197,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--nfe", nargs="+", type=int, default=[1, 2, 8, 50])
     parser.add_argument("--num-samples", type=int, default=2000)
+    parser.add_argument("--draws", type=int, default=1, help="sample sets per cell (fresh noise and z): their mean FD")
     parser.add_argument("--seed", type=int, default=0, help="of the first run's fits and noise; the next add 1")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)

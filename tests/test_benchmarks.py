@@ -247,6 +247,20 @@ def test_speed_quick_outputs_are_well_formed(tmp_path):
     _assert_png(tmp_path / "speed.png")
 
 
+def test_draw_noise_separates_the_spread_over_draws_from_that_over_seeds():
+    from benchmarks import mnist_quality
+
+    fd_draws = {"0": {"1": [1.0, 3.0], "2": [4.0, 4.0]}, "1": {"1": [5.0, 9.0], "2": [6.0, 6.0]}}
+    within, between = mnist_quality.draw_noise(fd_draws, "1")
+    assert within == pytest.approx((2**0.5 + 8**0.5) / 2) and between == pytest.approx(5 / 2**0.5)  # means 2, 7
+    assert mnist_quality.draw_noise(fd_draws, "2") == pytest.approx((0.0, 2**0.5))
+    assert math.isnan(mnist_quality.draw_noise({"0": fd_draws["0"]}, "1")[1]), "one seed has no spread over seeds"
+    rows = mnist_quality.draw_noise_rows({"VRFM": fd_draws}, ["1", "2"], across="runs")
+    assert rows == [["VRFM: over draws", "2.12", "0"], ["VRFM: over runs", "3.54", "1.41"]]
+    with pytest.raises(ValueError, match="`--draws` must be an integer >= 1, but got 0"):
+        mnist_quality.main(["--quick", "--draws", "0"])
+
+
 def test_mnist_quick_outputs_are_well_formed(tmp_path):
     from benchmarks import mnist_quality
 
@@ -256,6 +270,8 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
         "--extra-priors",
         "flow",
         "--posterior-z",
+        "--draws",
+        "2",
         "--output-dir",
         str(tmp_path),
         "--work-dir",
@@ -277,6 +293,17 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
         == ["NFE 1", "NFE 2", "NFE 4", "NFE 8", "NFE 16", "NFE 50"]
     )
     assert all(math.isfinite(_number(c)) and _number(c) >= 0 for row in fd_table[1:] for c in row[1:])
+    # --draws 2: each cell is the mean FD of two sample sets, and the report shows their spread
+    for key, per_nfe in results["fd_draws"].items():
+        draws = per_nfe["0"]
+        assert {n: len(fds) for n, fds in draws.items()} == {str(n): 2 for n in mnist_quality.DEFAULT_NFES}
+        assert results["fd"][key]["0"] == {n: pytest.approx(sum(fds) / 2) for n, fds in draws.items()}
+    assert all(a != b for a, b in results["fd_draws"]["vrfm"]["0"].values()), "fresh noise and z per draw"
+    (noise,) = list(_table_with_header(tables, "FD std"))
+    assert [row[0] for row in noise[1:3]] == ["RF: over draws", "RF: over seeds"] and len(noise) == 1 + 2 * 6
+    assert noise[1][1] == f"{mnist_quality.draw_noise(results['fd_draws']['rf'], '1')[0]:.3g}" != "nan"
+    assert noise[2][1] == "nan", "one seed: no spread over seeds"
+    assert "(each seed's FD the mean of 2 sample sets)" in report
     times = [f"t = {t:g}" for t in mnist_quality.PATH_TIMES]
     (path_errors,) = list(_table_with_header(tables, "z", "t = 0"))
     assert path_errors[0] == ["z", *times]
@@ -316,6 +343,7 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
     for methods, keys in (("rf", ["rf"]), ("vrfm", sampled[1:])):
         part = {**results, "fd": {k: results["fd"][k] for k in keys}, "train": {methods: results["train"][methods]}}
         part["distance_ratio"] = {k: results["distance_ratio"][k] for k in keys}
+        part["fd_draws"] = {k: results["fd_draws"][k] for k in keys}
         rows = ["rf"] if methods == "rf" else ["vrfm", "vrfm_other_z"]
         part["velocity_mse"] = {row: results["velocity_mse"][row] for row in rows}
         part["posterior"] = results["posterior"] if methods == "vrfm" else {}
@@ -997,9 +1025,13 @@ def test_prior_fit_scores_several_priors_on_one_trained_model(tmp_path):
     fd = next(_table_with_header(tables, "prior", "NFE 2"))
     assert fd[0] == ["prior", "NFE 1", "NFE 2"] and [row[0] for row in fd[1:]] == list(priors)
     assert [_number(cell) for cell in fd[1][1:]] == pytest.approx([scores["atoms"]["fd"][n] for n in ("1", "2")], 1e-2)
-    again = prior_fit.main([*argv, "--run", str(run), "--name", "again"])
+    again = prior_fit.main([*argv, "--run", str(run), "--name", "again", "--draws", "2"])
     for name in priors:  # the same run, fitted and sampled again: the flow's fit repeats up to float rounding
-        assert again["runs"][run.name][name]["fd"] == pytest.approx(scores[name]["fd"], rel=1e-5)
+        fd_draws = again["runs"][run.name][name]["fd_draws"]
+        assert {n: fds[0] for n, fds in fd_draws.items()} == pytest.approx(scores[name]["fd"], rel=1e-5)
+        assert again["runs"][run.name][name]["fd"] == {n: pytest.approx(sum(fds) / 2) for n, fds in fd_draws.items()}
+    (noise,) = list(_table_with_header(common.parse_markdown_tables((tmp_path / "again.md").read_text()), "FD std"))
+    assert [row[0] for row in noise[1:3]] == ["atoms: over draws", "atoms: over runs"] and noise[2][1:] == ["nan"] * 2
     parser = prior_fit.build_parser()
     with pytest.raises(SystemExit):  # a spec without a known type is refused by argparse, naming the entry
         parser.parse_args(["--run", str(run), "--priors", '{"x": {"type": "mixture"}}'])
