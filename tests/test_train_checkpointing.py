@@ -203,16 +203,20 @@ def test_beta_warmup_is_a_linear_ramp():
 
 def test_step_randomness_is_a_slice_of_the_global_draw():
     scheduler = VRFMScheduler()
-    full = draw_step_randomness(scheduler, 0, 7, 8, slice(0, 8), (3,), label_dropout=0.5, num_classes=4, latent_dim=2)
-    half = draw_step_randomness(scheduler, 0, 7, 8, slice(4, 8), (3,), label_dropout=0.5, num_classes=4, latent_dim=2)
+    dropout = {"label_dropout": 0.5, "num_classes": 4, "caption_dropout": 0.5}
+    full = draw_step_randomness(scheduler, 0, 7, 8, slice(0, 8), (3,), **dropout, latent_dim=2)
+    half = draw_step_randomness(scheduler, 0, 7, 8, slice(4, 8), (3,), **dropout, latent_dim=2)
     torch.testing.assert_close(half.t, full.t[4:])
     torch.testing.assert_close(half.x0, full.x0[4:])
-    assert torch.equal(half.label_drop, full.label_drop[4:])
+    assert torch.equal(half.label_drop, full.label_drop[4:]) and torch.equal(half.caption_drop, full.caption_drop[4:])
     assert torch.equal(half.posterior_noise, full.posterior_noise[4:])
     other = draw_step_randomness(scheduler, 0, 8, 8, slice(0, 8), (3,))
     assert not torch.equal(other.x0, full.x0), "each micro-step has its own noise"
-    many = draw_step_randomness(scheduler, 0, 1, 4000, slice(0, 4000), None, label_dropout=0.25, num_classes=3)
+    many = draw_step_randomness(scheduler, 0, 1, 4000, slice(0, 4000), None, 0.25, 3, caption_dropout=0.1)
     assert abs(many.label_drop.float().mean().item() - 0.25) < 0.03
+    assert abs(many.caption_drop.float().mean().item() - 0.1) < 0.02
+    assert not torch.equal(many.caption_drop[:400], many.label_drop[:400]), "a stream of its own"
+    assert full.caption_drop is not None and other.caption_drop is None, "none drawn without caption dropout"
 
 
 def test_training_loss_matches_the_objective():

@@ -61,32 +61,38 @@ def test_step_randomness_makes_one_generator_per_purpose(monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(_CountingGenerator, "counting", True)
         out = draw_step_randomness(
-            VRFMScheduler(), 0, 5, 64, slice(0, 64), (3,), 0.2, 10, latent_dim=4, prior_mix=0.5, learned_prior=True
+            VRFMScheduler(), 0, 5, 64, slice(0, 64), (3,), 0.2, 10, 0.1, 4, prior_mix=0.5, learned_prior=True
         )
-    # times, noise, label dropout, posterior, prior: five generators for 64 examples
-    assert _CountingGenerator.created == 5
+    # times, noise, label dropout, caption dropout, posterior, prior: six generators for 64 examples
+    assert _CountingGenerator.created == 6
     assert out.posterior_noise.shape == out.prior_noise.shape == (64, 4) and out.prior_mask.shape == (64,)
 
 
-def _run_and_count(train, monkeypatch, tmp_path, batch_size):
+def _run_and_count(train, monkeypatch, tmp_path, batch_size, kind):
     monkeypatch.setattr(torch, "Generator", _CountingGenerator)
     monkeypatch.setattr(_CountingGenerator, "created", 0)
-    for name in ("draw_micro_batch", "accumulate_micro_step"):
+    for name in ("draw_micro_batch", "accumulate_micro_step"):  # the data loader's items are made in the first
         monkeypatch.setattr(training_loop, name, _count_generators_in(getattr(training_loop, name)))
-    argv = [
-        "--output_dir", tmp_path / f"run{batch_size}", "--resolution", "8", "--model_config", TINY_UNET,
-        "--posterior_config", TINY_POSTERIOR, "--latent_dim", "3", "--prior_mix", "0.5", "--label_dropout", "0.1",
-        "--train_batch_size", batch_size, "--max_train_steps", "2", "--gradient_accumulation_steps", "2",
-        "--num_validation_samples", "2", "--validation_steps", "100", *FAST,
+    if kind == "image":  # label dropout and the prior mix
+        argv = ["--resolution", "8", "--model_config", TINY_UNET, "--posterior_config", TINY_POSTERIOR,
+                "--latent_dim", "3", "--prior_mix", "0.5", "--label_dropout", "0.1"]  # fmt: skip
+    else:  # captioned digits through a data loader, an MMDiT from scratch, caption dropout; one epoch (an order each)
+        tiny_mmdit = json.dumps({"num_layers": 1, "attention_head_dim": 8, "num_attention_heads": 2})
+        argv = ["--backbone", "sd3", "--model_config", tiny_mmdit, "--max_train_samples", "64",
+                "--caption_dropout", "0.5", "--aggregate_prior_atoms", "8"]  # fmt: skip
+    argv += [
+        "--output_dir", tmp_path / f"run{batch_size}", "--train_batch_size", batch_size, "--max_train_steps", "2",
+        "--gradient_accumulation_steps", "2", "--num_validation_samples", "2", "--validation_steps", "100", *FAST,
     ]  # fmt: skip
-    summary = train(argv)
+    summary = train([str(a) for a in argv])
     assert summary["global_step"] == 2
     return _CountingGenerator.created
 
 
-def test_a_training_step_creates_no_per_example_generator(train, monkeypatch, tmp_path):
-    small = _run_and_count(train, monkeypatch, tmp_path, 2)
-    large = _run_and_count(train, monkeypatch, tmp_path, 8)
+@pytest.mark.parametrize("kind", ["image", "text_to_image"])
+def test_a_training_step_creates_no_per_example_generator(train, monkeypatch, tmp_path, kind):
+    small = _run_and_count(train, monkeypatch, tmp_path, 2, kind)
+    large = _run_and_count(train, monkeypatch, tmp_path, 8, kind)
     assert small > 0, "the patch sees the generators of the step"
     assert large == small, f"the generators of a step grow with the batch: {small} for 2 examples, {large} for 8"
     assert large <= 4 * 6, "at most one generator per purpose and micro-step (4 micro-steps)"

@@ -172,6 +172,32 @@ def test_a_text_to_image_flow_prior_is_conditional_on_the_prompt(train, tmp_path
     assert "a trajectory draws from the flow's `p(z | prompt)`" in (output_dir / "README.md").read_text()
 
 
+def test_caption_dropout_trains_whole_batch_rows_on_the_empty_caption(train, tmp_path, monkeypatch):
+    from diffusers_vrfm.training import loop as training_loop
+
+    seen = []
+    original = training_loop.drop_captions
+
+    def recording(model_kwargs, drop, empty):
+        seen.append((model_kwargs, drop, empty, original(model_kwargs, drop, empty)))
+        return seen[-1][-1]
+
+    monkeypatch.setattr(training_loop, "drop_captions", recording)
+    argv = ["--backbone", "sd3", "--model_config", TINY_SCRATCH, *SHORT, "--train_batch_size", "8"]
+    train([*argv, "--output_dir", tmp_path / "half", "--caption_dropout", "0.5"])
+    drops = torch.cat([drop for _, drop, _, _ in seen])
+    assert len(seen) == 3 and 0 < drops.float().mean() < 1, "one mask per step, dropping some rows of 24"
+    for kwargs, drop, empty, out in seen:
+        assert set(out) == {"encoder_hidden_states", "pooled_projections"}
+        for key, value in out.items():
+            assert torch.equal(value[drop], empty[key].expand_as(value[drop])), "a dropped row is the empty caption's"
+            assert torch.equal(value[~drop], kwargs[key][~drop]), "the others keep their captions"
+    assert not torch.equal(seen[0][0]["pooled_projections"][:1], seen[0][2]["pooled_projections"]), "captions differ"
+    seen.clear()
+    train([*argv, "--output_dir", tmp_path / "none", "--caption_dropout", "0"])
+    assert seen == [], "no caption dropout: nothing replaced"
+
+
 def test_imagefolder_captions_from_metadata_jsonl(train, tmp_path):
     folder = tmp_path / "captioned"
     folder.mkdir()

@@ -24,6 +24,7 @@ PURPOSES = {
     "aggregate_prior": 8,
     "times": 9,
     "label_dropout": 10,
+    "caption_dropout": 11,
 }
 
 

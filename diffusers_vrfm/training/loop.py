@@ -30,7 +30,7 @@ from .environment import RunContext
 from .health import SkippedUpdates
 from .model_setup import TrainingModels
 from .resume import ResumeState
-from .text_to_image import TEXT_MODEL_KWARGS
+from .text_to_image import TEXT_MODEL_KWARGS, drop_captions
 from .validation import Validator
 
 METRIC_WINDOW = 50  # the model card reports the mean of the last this many steps
@@ -133,7 +133,7 @@ def draw_micro_batch(
     device,
 ) -> MicroBatch:
     """Loads (images) or draws (vectors) the micro-step's data and draws its randomness on `device` (`t`, `x0`, label
-    dropout and the noise of `z`), one generator per purpose for the whole global batch."""
+    and caption dropout, and the noise of `z`), one generator per purpose for the whole global batch."""
     data, rows = prepared.data, layout.rows
     class_labels = model_kwargs = None
     if data.kind == "image":
@@ -154,6 +154,7 @@ def draw_micro_batch(
         prepared.model_shape if data.kind == "image" else None,
         label_dropout=args.label_dropout,
         num_classes=data.num_classes,
+        caption_dropout=args.caption_dropout if prepared.text is not None else 0.0,
         latent_dim=args.latent_dim,
         prior_mix=args.prior_mix,
         learned_prior=args.learned_prior,
@@ -167,6 +168,8 @@ def draw_micro_batch(
         class_labels = class_labels.to(device, non_blocking=True)
         if randomness.label_drop is not None:
             class_labels = torch.where(randomness.label_drop, data.num_classes, class_labels)
+    if randomness.caption_drop is not None:
+        model_kwargs = drop_captions(model_kwargs, randomness.caption_drop, prepared.text.empty_caption)
     return MicroBatch(x0, x1.to(device), randomness.t, class_labels, randomness, model_kwargs)
 
 

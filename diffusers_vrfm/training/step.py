@@ -51,6 +51,7 @@ class StepRandomness:
         t (`torch.Tensor` of shape `(B,)`): training times.
         x0 (`torch.Tensor` of shape `(B, ...)`): source samples (noise), or `None` when the data supplies them.
         label_drop (`torch.Tensor` of shape `(B,)`, bool, *optional*): which labels to replace by the null label.
+        caption_drop (`torch.Tensor` of shape `(B,)`, bool, *optional*): which captions to replace by the empty one.
         posterior_noise (`torch.Tensor` of shape `(B, latent_dim)`, *optional*): the standard-normal draw of the
             posterior's reparameterised `z`.
         prior_noise (`torch.Tensor` of shape `(B, latent_dim)`, *optional*): the standard-normal draw of the prior's
@@ -65,6 +66,7 @@ class StepRandomness:
     posterior_noise: torch.Tensor | None
     prior_noise: torch.Tensor | None = None
     prior_mask: torch.Tensor | None = None
+    caption_drop: torch.Tensor | None = None
 
 
 def draw_step_randomness(
@@ -76,6 +78,7 @@ def draw_step_randomness(
     sample_shape: tuple[int, ...] | None,
     label_dropout: float = 0.0,
     num_classes: int | None = None,
+    caption_dropout: float = 0.0,
     latent_dim: int = 0,
     prior_mix: float = 0.0,
     learned_prior: bool = False,
@@ -85,11 +88,11 @@ def draw_step_randomness(
     process's `rows`.
 
     Each purpose has one generator for the whole global batch, seeded with `derive_seed(seed, purpose, micro_step)`:
-    `"times"` for `t`, `"noise"` for `x0`, `"label_dropout"`, `"posterior"` for the posterior's draw of `z` and
-    `"prior"` for the prior's draw and the `--prior_mix` mask. Every process draws the same global numbers, so a run on
-    `N` processes uses the numbers of a 1-process run with the same global batch, and a resumed run those of an
-    uninterrupted one (on the same device type: CPU and CUDA generators give different streams). No per-example
-    generator is made.
+    `"times"` for `t`, `"noise"` for `x0`, `"label_dropout"`, `"caption_dropout"`, `"posterior"` for the posterior's
+    draw of `z` and `"prior"` for the prior's draw and the `--prior_mix` mask. Every process draws the same global
+    numbers, so a run on `N` processes uses the numbers of a 1-process run with the same global batch, and a resumed
+    run those of an uninterrupted one (on the same device type: CPU and CUDA generators give different streams). No
+    per-example generator is made.
 
     Args:
         scheduler ([`VRFMScheduler`]): draws `t` from its configured `timestep_density`.
@@ -99,6 +102,7 @@ def draw_step_randomness(
         sample_shape (`tuple[int, ...]`, *optional*): the shape of one example; `None` when the data supplies `x0`.
         label_dropout (`float`): the probability of replacing a label by the null label.
         num_classes (`int`, *optional*): the number of classes (the null label); `None` when unconditional.
+        caption_dropout (`float`): the probability of replacing a caption by the empty one (text-to-image runs).
         latent_dim (`int`): the dimension of `z`; 0 means no posterior draws.
         prior_mix (`float`): the probability that an example takes its `z` from the prior (issue 6); 0 draws nothing
             more.
@@ -132,6 +136,10 @@ def draw_step_randomness(
         positions = torch.zeros(global_batch_size, dtype=torch.long, device=device)
         label_drop = drop_labels(positions, label_dropout, null_class=1, generator=generator("label_dropout")) == 1
         label_drop = label_drop[rows]
+    caption_drop = None
+    if caption_dropout > 0:
+        uniform = torch.rand(global_batch_size, generator=generator("caption_dropout"), device=device)
+        caption_drop = (uniform < caption_dropout)[rows]
     posterior_noise = prior_noise = prior_mask = None
     if latent_dim > 0:
         shape = (global_batch_size, latent_dim)
@@ -149,6 +157,7 @@ def draw_step_randomness(
         posterior_noise=posterior_noise,
         prior_noise=prior_noise,
         prior_mask=prior_mask,
+        caption_drop=caption_drop,
     )
 
 

@@ -47,11 +47,14 @@ class TextToImageSetup:
         pipeline ([`VRFMTextToImagePipeline`]): the base pipeline: frozen text encoders, tokenizers, VAE (if any),
             scheduler, and the velocity model that training starts from.
         cache ([`TextEmbeddingCache`]): the embeddings of every distinct caption and of `""`.
+        empty_caption (`dict`): `""`'s embeddings on the training device, one row per model input (what caption
+            dropout trains on).
         base_model (`str`, *optional*): what the run started from (the SD3 or VRFM pipeline), for the card.
     """
 
     pipeline: object
     cache: TextEmbeddingCache
+    empty_caption: dict[str, torch.Tensor]
     base_model: str | None = None
 
     def validation_prompts(self, count: int) -> list[str]:
@@ -63,8 +66,7 @@ class TextToImageSetup:
 class CaptionedDataset(torch.utils.data.Dataset):
     """Training items `(pixel_values, encoder_hidden_states, pooled_projections)` addressed by `(index,
     augmentation_seed)` like [`TrainImageDataset`]: the image (or its cached latent) and the cached embeddings of its
-    caption, replaced by the empty caption's with probability `caption_dropout` (decided by the item's seed, so the
-    same on every process and after a resume).
+    caption. Caption dropout happens in the training step, for the whole batch at once ([`drop_captions`]).
 
     Example:
 
@@ -89,33 +91,53 @@ class CaptionedDataset(torch.utils.data.Dataset):
         cache,
         images: TrainImageDataset | None = None,
         latents: torch.Tensor | None = None,
-        caption_dropout: float = 0.0,
     ):
         if (images is None) == (latents is None):
             raise ValueError("Pass exactly one of `images` and `latents`.")
-        if not 0.0 <= caption_dropout <= 1.0:
-            raise ValueError(f"`caption_dropout` must be in [0, 1], but got {caption_dropout!r}.")
         self.captions, self.cache, self.images, self.latents = list(captions), cache, images, latents
-        self.caption_dropout = caption_dropout
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def __getitem__(self, key) -> dict:
-        index, augmentation_seed = key
+        index = key[0]
         if self.latents is not None:
             item = {"pixel_values": self.latents[index]}
         else:
             item = {"pixel_values": self.images[key]["pixel_values"]}
-        caption = self.captions[index]
-        if self.caption_dropout > 0:
-            generator = torch.Generator().manual_seed((int(augmentation_seed) + 1) % 2**63)
-            if float(torch.rand((), generator=generator)) < self.caption_dropout:
-                caption = ""
-        text = self.cache.lookup([caption])
+        text = self.cache.lookup([self.captions[index]])
         item["encoder_hidden_states"] = text.prompt_embeds[0]
         item["pooled_projections"] = text.pooled_prompt_embeds[0]
         return item
+
+
+def empty_caption_inputs(cache: TextEmbeddingCache, device) -> dict[str, torch.Tensor]:
+    """The empty caption's cached embeddings as the velocity model's text inputs, one row each, on `device`."""
+    empty = cache.lookup([""])
+    return {
+        key: value.to(device)
+        for key, value in zip(TEXT_MODEL_KWARGS, (empty.prompt_embeds, empty.pooled_prompt_embeds))
+    }
+
+
+def drop_captions(model_kwargs: dict, drop: torch.Tensor, empty: dict) -> dict:
+    """Caption dropout on a batch: `model_kwargs` (the text embeddings, one row per example) with the rows where
+    `drop` is true replaced by the empty caption's `empty` (one row each, as [`empty_caption_inputs`] makes them).
+
+    ```py
+    >>> import torch
+    >>> from diffusers_vrfm.training.text_to_image import drop_captions
+    >>> batch = {"pooled_projections": torch.tensor([[1.0], [2.0], [3.0]])}
+    >>> drop_captions(batch, torch.tensor([False, True, False]), {"pooled_projections": torch.zeros(1, 1)})
+    {'pooled_projections': tensor([[1.],
+            [0.],
+            [3.]])}
+    ```
+    """
+    return {
+        key: torch.where(drop.view(-1, *[1] * (value.ndim - 1)), empty[key].to(value.dtype), value)
+        for key, value in model_kwargs.items()
+    }
 
 
 def caption_words(captions: list[str]) -> list[str]:
@@ -279,8 +301,7 @@ def prepare_text_to_image_data(args: argparse.Namespace, context, pretrained: Pr
         encoder.to("cpu")  # no longer needed: free the accelerator
     latents = _cache_latents(data.dataset, vae, device) if args.cache_latents else None
     data.dataset = CaptionedDataset(
-        captions, cache, images=None if latents is not None else data.dataset, latents=latents,
-        caption_dropout=args.caption_dropout,
+        captions, cache, images=None if latents is not None else data.dataset, latents=latents
     )  # fmt: skip
     data.sample_shape = resolution_shape if vae is not None else (resolution_shape[0], *data.sample_shape[1:])
     args.dataset_name = data.name
@@ -297,7 +318,7 @@ def prepare_text_to_image_data(args: argparse.Namespace, context, pretrained: Pr
         model_shape=resolution_shape,
         pretrained=pretrained,
         vae=None if latents is not None else vae,
-        text=TextToImageSetup(pipeline=pipeline, cache=cache, base_model=base_model),
+        text=TextToImageSetup(pipeline, cache, empty_caption_inputs(cache, device), base_model=base_model),
     )  # fmt: skip
 
 
