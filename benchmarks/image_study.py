@@ -48,67 +48,33 @@ class StudyRun:
 STUDY = (
     StudyRun("rf", "RF (uniform t)", "--methods rf"),
     StudyRun("kl3_d4", "VRFM defaults: KL 3, dim z 4", "--methods vrfm"),
-    StudyRun(
-        "kl30_d16_fb",
-        "KL 30, dim z 16, free bits 0.5",
-        "--methods vrfm --kl-target 30 --latent-dim 16 --train-args '--free_bits 0.5'",
-    ),
+    StudyRun("kl30_d16_fb", "KL 30, dim z 16, free bits 0.5", "--methods vrfm --kl-target 30 --latent-dim 16 "
+             "--train-args '--free_bits 0.5'"),
     StudyRun("kl10_d4", "KL 10, dim z 4", "--methods vrfm --kl-target 10"),
-    StudyRun(
-        "kl100_d64_fb",
-        "KL 100, dim z 64, free bits 0.5",
-        "--methods vrfm --kl-target 100 --latent-dim 64 --train-args '--free_bits 0.5'",
-    ),
+    StudyRun("kl100_d64_fb", "KL 100, dim z 64, free bits 0.5", "--methods vrfm --kl-target 100 --latent-dim 64 "
+             "--train-args '--free_bits 0.5'"),
     StudyRun("rf_logitnormal", "RF, logit-normal t", f"--methods rf {LOGIT_NORMAL}", baseline="rf_logitnormal"),
-    StudyRun(
-        "kl3_d4_logitnormal",
-        "KL 3, dim z 4, logit-normal t",
-        f"--methods vrfm {LOGIT_NORMAL}",
-        baseline="rf_logitnormal",
-    ),
+    StudyRun("kl3_d4_logitnormal", "KL 3, dim z 4, logit-normal t", f"--methods vrfm {LOGIT_NORMAL}",
+             baseline="rf_logitnormal"),
     # Does the velocity net learn to use z given more steps? (The KL rows above have the same training MSE.)
     StudyRun("rf_1600", "RF, 1600 steps", "--methods rf --steps 1600", baseline="rf_1600"),
-    StudyRun(
-        "kl30_d16_fb_1600",
-        "KL 30, dim z 16, free bits 0.5, 1600 steps",
-        "--methods vrfm --kl-target 30 --latent-dim 16 --train-args '--free_bits 0.5' --steps 1600",
-        baseline="rf_1600",
-    ),
+    StudyRun("kl30_d16_fb_1600", "KL 30, dim z 16, free bits 0.5, 1600 steps", "--methods vrfm --kl-target 30 "
+             "--latent-dim 16 --train-args '--free_bits 0.5' --steps 1600", baseline="rf_1600"),
     # Issue 13's candidate against the defaults at one budget: logit-normal t and 1600 steps for all three.
-    StudyRun(
-        "rf_logitnormal_1600",
-        "RF, logit-normal t, 1600 steps",
-        f"--methods rf {LOGIT_NORMAL} --steps 1600",
-        baseline="rf_logitnormal_1600",
-    ),
-    StudyRun(
-        "kl3_d4_logitnormal_1600",
-        "KL 3, dim z 4, logit-normal t, 1600 steps",
-        f"--methods vrfm {LOGIT_NORMAL} --steps 1600",
-        baseline="rf_logitnormal_1600",
-    ),
-    StudyRun(
-        "kl30_d16_fb_logitnormal_1600",
-        "KL 30, dim z 16, free bits 0.5, logit-normal t, 1600 steps",
-        "--methods vrfm --kl-target 30 --latent-dim 16 --train-args '--free_bits 0.5 --timestep_density "
-        "logit_normal' --steps 1600",
-        baseline="rf_logitnormal_1600",
-    ),
+    StudyRun("rf_logitnormal_1600", "RF, logit-normal t, 1600 steps", f"--methods rf {LOGIT_NORMAL} --steps 1600",
+             baseline="rf_logitnormal_1600"),
+    StudyRun("kl3_d4_logitnormal_1600", "KL 3, dim z 4, logit-normal t, 1600 steps",
+             f"--methods vrfm {LOGIT_NORMAL} --steps 1600", baseline="rf_logitnormal_1600"),
+    StudyRun("kl30_d16_fb_logitnormal_1600", "KL 30, dim z 16, free bits 0.5, logit-normal t, 1600 steps",
+             "--methods vrfm --kl-target 30 --latent-dim 16 --train-args '--free_bits 0.5 --timestep_density "
+             "logit_normal' --steps 1600", baseline="rf_logitnormal_1600"),
     # Not run within the study's hour (lower priority): KL 30 and 100 at dim z 4.
     StudyRun("kl30_d4", "KL 30, dim z 4", "--methods vrfm --kl-target 30"),
     StudyRun("kl100_d4", "KL 100, dim z 4", "--methods vrfm --kl-target 100"),
 )
 
 POSTERIOR_HEADERS = [
-    "run",
-    "train MSE",
-    "KL",
-    "active",
-    "dim z",
-    "KL per dim (largest)",
-    "aggregate var",
-    "MMD^2 q vs N(0,I)",
-    "beta",
+    "run", "train MSE", "KL", "active", "dim z", "KL per dim (largest)", "aggregate var", "MMD^2 q vs N(0,I)", "beta"
 ]
 
 
@@ -128,11 +94,8 @@ def fd_row(curves: dict, nfes: list[str]) -> list[float]:
 
 def summarise(runs_dir: Path) -> dict:
     """Every finished run's FD curve, its ratio to its RF, and the posterior's KL and active units."""
-    loaded = {
-        r.name: json.loads((runs_dir / f"{r.name}.json").read_text())
-        for r in STUDY
-        if (runs_dir / f"{r.name}.json").exists()
-    }
+    loaded = {r.name: json.loads((runs_dir / f"{r.name}.json").read_text()) for r in STUDY
+              if (runs_dir / f"{r.name}.json").exists()}
     rulers = {(r["meta"].get("classifier_accuracy"), r["meta"].get("classifier_sha256")) for r in loaded.values()}
     if len(rulers) > 1:  # FDs in two classifiers' features do not compare (as `mnist_quality --join` refuses)
         raise ValueError(f"The runs in {runs_dir} were scored by different classifiers {sorted(rulers, key=str)}.")
@@ -143,18 +106,10 @@ def summarise(runs_dir: Path) -> dict:
         result, nfes = loaded[run.name], [str(n) for n in loaded[run.name]["meta"]["nfes"]]
         method = "rf" if "rf" in result["fd"] else "vrfm"
         baseline = loaded.get(run.baseline, {}).get("fd", {}).get("rf")
-        row = {
-            "name": run.name,
-            "label": run.label,
-            "command": run.command(runs_dir),
-            "nfes": nfes,
-            "fd": fd_row(result["fd"][method], nfes),
-            "fd_normal": fd_row(result["fd"].get("vrfm_normal"), nfes),
-            "rf_fd": fd_row(baseline, nfes),
-            "fd_floor": result["meta"]["fd_floor"],
-            "train": result["train"][method]["0"],
-            "posterior": result["posterior"].get("0"),
-        }
+        row = {"name": run.name, "label": run.label, "command": run.command(runs_dir), "nfes": nfes,
+               "fd": fd_row(result["fd"][method], nfes), "fd_normal": fd_row(result["fd"].get("vrfm_normal"), nfes),
+               "rf_fd": fd_row(baseline, nfes), "fd_floor": result["meta"]["fd_floor"],
+               "train": result["train"][method]["0"], "posterior": result["posterior"].get("0")}
         rows.append(row)
     return {"runs": rows, "meta": next(iter(loaded.values()))["meta"] if loaded else {}}
 
@@ -176,19 +131,12 @@ def render(summary: dict) -> str:
         if row["posterior"]:
             p = row["posterior"]
             per_dim = sorted(p["kl_per_dim"], reverse=True)
-            posterior_rows.append(
-                [
-                    row["label"],
-                    mse,
-                    f"{p['kl']:.1f}",
-                    str(p["active_units"]),
-                    f"{len(per_dim)}",
-                    ", ".join(f"{v:.2f}" for v in per_dim[:6]) + (" ..." if len(per_dim) > 6 else ""),
-                    f"{p['aggregate_var']:.2f}",
-                    f"{p['mmd']:.3f}",
-                    f"{train.get('beta (last step, adapted to the KL target)', float('nan')):.3g}",
-                ]
-            )
+            posterior_rows.append([
+                row["label"], mse, f"{p['kl']:.1f}", str(p["active_units"]), f"{len(per_dim)}",
+                ", ".join(f"{v:.2f}" for v in per_dim[:6]) + (" ..." if len(per_dim) > 6 else ""),
+                f"{p['aggregate_var']:.2f}", f"{p['mmd']:.3f}",
+                f"{train.get('beta (last step, adapted to the KL target)', float('nan')):.3g}",
+            ])
         else:
             posterior_rows.append([row["label"], mse, *["-"] * 7])
     heads = [f"NFE {n}" for n in nfes]
