@@ -237,6 +237,26 @@ def test_kl_target_must_be_nats_or_off(capsys):
     assert "--kl_target: must be a number of nats >= 0 or `off`, but got '-2'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, num_examples, expected",
+    [
+        ([], 50_000, (30.0, "atoms")),  # 4096 atoms: a sample of the data
+        ([], 2000, (20.0, "flow")),  # the atoms would replay it: the flow, and fewer nats
+        ([], None, (30.0, "atoms")),  # a data set of unknown size
+        (["--kl_target", "30"], 2000, (30.0, "flow")),
+        (["--aggregate_prior_type", "atoms"], 2000, (20.0, "atoms")),
+        (["--aggregate_prior_atoms", "1000"], 2000, (30.0, "atoms")),  # fewer atoms than images: not small
+        (["--aggregate_prior_atoms", "0"], 2000, (20.0, None)),  # no prior saved; the size still sets the KL
+    ],
+)
+def test_the_image_kl_target_and_prior_follow_the_size_of_the_data(argv, num_examples, expected):
+    from diffusers_vrfm.training.cli import parse_args, resolve_defaults
+
+    args = parse_args(["--backbone", "unet", *argv])
+    assert (resolve_defaults(args, "image", num_examples=num_examples), args.aggregate_prior_type) == expected
+    assert resolve_defaults(parse_args(["--backbone", "mlp"]), "vector", num_examples=2000) == 3.0, "vectors keep 3"
+
+
 def test_a_vector_pipeline_continues_training_without_naming_its_backbone(tmp_path, train):
     first = str(tmp_path / "first")
     train(_toy_args(first, "--aggregate_prior_atoms", "16"))
