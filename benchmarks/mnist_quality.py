@@ -626,8 +626,8 @@ def evaluate_run(args, path: Path, method: str, seed: int, scorer: Scorer, n: in
     if args.posterior_z and posterior is not None:
         for key, images in (("vrfm_posterior_z", data.test), ("vrfm_posterior_z_train", data.train)):
             variants[key] = (loaded["pipelines"]["saved"], posterior_z_of_images(posterior, images, n, seed))
-    out = {"fd": {}, "fid": {}, "grids": {}, "distance_ratio": {}, "params": count_parameters(loaded["velocity"])}
-    out["fd_draws"] = {}
+    out = {"fd": {}, "fd_draws": {}, "fid": {}, "grids": {}, "distance_ratio": {}}
+    out["params"] = count_parameters(loaded["velocity"])
     for key, (pipeline, z) in variants.items():
         out["fd"][key], out["fid"][key], out["grids"][key], out["distance_ratio"][key] = {}, {}, {}, {}
         for nfe in args.nfe:
