@@ -126,20 +126,17 @@ def draw_step_randomness(
     def generator(purpose: str) -> torch.Generator:
         return make_generator(seed, purpose, micro_step, device=device)
 
+    def dropped(probability: float, purpose: str) -> torch.Tensor:
+        # drop_labels only decides where to put the null label; feed it positions so the mask covers the global batch.
+        positions = torch.zeros(global_batch_size, dtype=torch.long, device=device)
+        return (drop_labels(positions, probability, null_class=1, generator=generator(purpose)) == 1)[rows]
+
     t = scheduler.sample_training_timesteps(global_batch_size, device=device, generator=generator("times"))[rows]
     x0 = None
     if sample_shape is not None:
         x0 = torch.randn((global_batch_size, *sample_shape), generator=generator("noise"), device=device)[rows]
-    label_drop = None
-    if num_classes is not None and label_dropout > 0:
-        # drop_labels only decides where to put the null label; feed it positions so the mask covers the global batch.
-        positions = torch.zeros(global_batch_size, dtype=torch.long, device=device)
-        label_drop = drop_labels(positions, label_dropout, null_class=1, generator=generator("label_dropout")) == 1
-        label_drop = label_drop[rows]
-    caption_drop = None
-    if caption_dropout > 0:
-        uniform = torch.rand(global_batch_size, generator=generator("caption_dropout"), device=device)
-        caption_drop = (uniform < caption_dropout)[rows]
+    label_drop = dropped(label_dropout, "label_dropout") if num_classes is not None and label_dropout > 0 else None
+    caption_drop = dropped(caption_dropout, "caption_dropout") if caption_dropout > 0 else None
     posterior_noise = prior_noise = prior_mask = None
     if latent_dim > 0:
         shape = (global_batch_size, latent_dim)
