@@ -115,7 +115,7 @@ def summarise(runs_dir: Path) -> dict:
 
 
 def render(summary: dict) -> str:
-    from benchmarks.mnist_quality import ruler_digest
+    from benchmarks.mnist_quality import fd_sizes, ruler_digest
 
     rows, meta = summary["runs"], summary["meta"]
     nfes = rows[0]["nfes"]
@@ -149,8 +149,7 @@ def render(summary: dict) -> str:
         f"{meta.get('seeds')}, UNet {json.dumps(meta.get('model_config'))}.",
         f"- Metric: classifier-feature FD (classifier test accuracy {meta.get('classifier_accuracy', 0):.3f}"
         f"{ruler_digest(meta.get('classifier_sha256'))}), "
-        f"{meta.get('num_samples')} generated vs {meta.get('num_samples')} test images (all of digits' test split), "
-        f"Euler; floor (train vs test, same size) {meta.get('fd_floor', float('nan')):.2f}.",
+        f"{fd_sizes(meta)} (all of digits' test split), Euler.",
         "- Commands: below, or `python -m benchmarks.image_study --list`; each row's own report is "
         "`image_study/<name>.md`.",
         "",

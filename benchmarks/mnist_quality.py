@@ -457,13 +457,14 @@ def images_and_noise(images: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.
 
 @torch.no_grad()
 def posterior_z_of_images(posterior, images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """`--posterior-z`: ``z ~ q(z | x1)`` of the first `n` of `images`. With the test images the FD compares against,
-    an oracle, not a sampler: how far the model's samples can get when z is right, whatever the prior. With training
-    images, a replay: what samples look like, to the FD and the copy check, when they decode training images."""
+    """`--posterior-z`: ``z ~ q(z | x1)`` of the first `n` of `images` (through them again while `n` exceeds them).
+    With the test images the FD compares against, an oracle, not a sampler: how far the model's samples can get when z
+    is right, whatever the prior. With training images, a replay: what samples look like, to the FD and the copy
+    check, when they decode training images."""
     from diffusers_vrfm import interpolate
 
     posterior = posterior.cpu().float().eval()
-    x0, x1 = images_and_noise(images, n)
+    x0, x1 = images_and_noise(images[torch.arange(n) % len(images)], n)
     t = torch.rand(n, generator=torch.Generator().manual_seed(124))
     generator = torch.Generator().manual_seed(seed)
     return posterior(x0=x0, x1=x1, x_t=interpolate(x0, x1, t), t=t, generator=generator).sample
@@ -717,9 +718,8 @@ def render_report(results: dict) -> str:
             else ""
         ),
         f"- Metric: Fréchet distance in the 128-d features of a local CNN classifier (test accuracy "
-        f"{meta['classifier_accuracy']:.4f}{ruler_digest(meta.get('classifier_sha256'))}), {meta['num_samples']} "
-        f"generated vs {meta['num_samples']} test images; "
-        f"floor (train vs test, same size) {meta['fd_floor']:.2f}. Cells: mean ± std over seeds"
+        f"{meta['classifier_accuracy']:.4f}{ruler_digest(meta.get('classifier_sha256'))}), {fd_sizes(meta)}. "
+        "Cells: mean ± std over seeds"
         + (f" (each seed's FD the mean of {meta['draws']} sample sets)." if meta.get("draws", 1) > 1 else "."),
         f"- Total wall time: {meta.get('total_seconds', float('nan')):.0f} s.",
         "",
@@ -921,25 +921,36 @@ def make_scorer(args, data: ImageData, output_dir: Path) -> tuple[Scorer, dict]:
         data, name, output_dir / "cache", epochs=1 if args.quick else 2, max_train=1000 if args.quick else None
     )
     classifier.to(args.device)
-    n = min(args.num_samples, len(data.test))
-    reference = classifier_features(classifier, data.test[:n])
-    fd_floor = frechet_distance(classifier_features(classifier, data.train[:n]), reference)
+    references, floor_images = (min(args.num_samples, len(images)) for images in (data.test, data.train))
+    reference = classifier_features(classifier, data.test[:references])
+    fd_floor = frechet_distance(classifier_features(classifier, data.train[:floor_images]), reference)
     training_images = data.training_images.to(args.device)  # a prior built from their posteriors may replay any
-    test_distance = median_nearest_distance(data.test[:n], training_images)
+    test_distance = median_nearest_distance(data.test[:references], training_images)
     scorer = Scorer(classifier, reference, training_images=training_images, test_distance=test_distance)
     meta = {"classifier_accuracy": accuracy, "classifier_sha256": file_sha256(path), "fd_floor": fd_floor}
-    meta["num_samples"] = n
+    meta |= {"num_samples": args.num_samples, "reference_images": references, "floor_images": floor_images}
     meta["nearest_reference_images"], meta["test_nearest_distance"] = len(training_images), test_distance
     extract = inception_extractor(args.device) if args.inception_samples > 0 else None
     if extract is not None:
-        m = min(args.inception_samples, n)
+        m = min(args.inception_samples, references)
         scorer.inception, scorer.inception_reference, scorer.inception_samples = extract, extract(data.test[:m]), m
         meta["inception"] = {
             "num_samples": m,
             "floor": frechet_distance(extract(data.train[:m]), scorer.inception_reference),
         }
-    print(f"classifier accuracy {accuracy:.4f}; FD floor (train vs test, n={n}) {fd_floor:.2f}", flush=True)
+    print(f"classifier accuracy {accuracy:.4f}; {fd_sizes(meta)}", flush=True)
     return scorer, meta
+
+
+def fd_sizes(meta: dict) -> str:
+    """What a report's FDs compare: generated images against test images, and the floor (training against the same
+    test images). Runs from before `reference_images` had as many test and training images as samples."""
+    references = meta.get("reference_images", meta["num_samples"])
+    floor_images = meta.get("floor_images", references)
+    return (
+        f"{meta['num_samples']} generated vs {references} test images; floor ({floor_images} training vs those test "
+        f"images) {meta['fd_floor']:.2f}"
+    )
 
 
 def run_folders(args):
@@ -1035,6 +1046,7 @@ SAME_BUDGET = (
     "nfes",
     "scheduler",
     "num_samples",
+    "reference_images",
     "draws",  # a cell is the mean FD of this many sample sets
     "classifier_accuracy",  # FDs in the features of two classifiers do not compare: the same one, or refused
     "classifier_sha256",
@@ -1048,7 +1060,8 @@ SAMPLED_SECTIONS = ("fd", "distance_ratio", "fd_draws")
 def budget_value(meta: dict, key: str):
     """A budget setting of a run as the join compares it: the backbone without VRFM's z-path settings, which RF lacks
     (VRFM runs compare those through their training commands)."""
-    value = meta.get(key, {"backbone": "unet", "draws": 1}.get(key))  # runs from before those options: their values
+    before = {"backbone": "unet", "draws": 1, "reference_images": meta.get("num_samples")}.get(key)
+    value = meta.get(key, before)  # runs from before those options: their values
     return split_model_config(value)[0] if key == "model_config" and value is not None else value
 
 
@@ -1219,7 +1232,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the sampler: VRFMScheduler's Euler (default) or a diffusers multistep solver",
     )
     parser.add_argument(
-        "--num-samples", type=int, default=None, help="images per NFE for FD; 10000 on CUDA, else 2000"
+        "--num-samples",
+        type=int,
+        default=None,
+        help="images generated per NFE for FD; 10000 on CUDA, else 2000. The FD compares them with as many test "
+        "images, or all of a smaller test split (digits: 360)",
     )
     parser.add_argument(
         "--draws",

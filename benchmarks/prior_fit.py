@@ -43,6 +43,7 @@ from benchmarks.mnist_quality import (  # noqa: E402
     QUICK_POSTERIOR,
     QUICK_UNET,
     draw_noise_rows,
+    fd_sizes,
     fds_over_draws,
     fit_prior,
     load_image_data,
@@ -142,10 +143,9 @@ def render_report(results: dict) -> str:
             f"- Machine: {meta['machine']}.",
             f"- Runs (one model each; cells are mean ± std over them): {', '.join(meta['run_names'])}.",
             f"- Metric: `benchmarks.mnist_quality`'s classifier-feature FD (test accuracy "
-            f"{meta['classifier_accuracy']:.4f}{ruler_digest(meta['classifier_sha256'])}), {meta['num_samples']} "
-            f"samples (Euler) vs as many test images{draws_note}; floor (train vs test) {meta['fd_floor']:.2f}. The "
-            "copy ratio is the median distance from a sample to its nearest training image over that of a test image "
-            "(1: as new as held-out data).",
+            f"{meta['classifier_accuracy']:.4f}{ruler_digest(meta['classifier_sha256'])}), Euler samples, "
+            f"{fd_sizes(meta)}{draws_note}. The copy ratio is the median distance from a sample to its nearest "
+            "training image over that of a test image (1: as new as held-out data).",
             f"- Total wall time: {meta['total_seconds']:.0f} s.",
             "",
             "## Classifier-feature FD (lower is better)",

@@ -6,6 +6,7 @@ checks are that their tables are well formed (the right rows and columns, finite
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -634,6 +635,38 @@ def test_a_classifier_trained_anew_goes_to_the_cache_and_never_rewrites_a_commit
         accuracy, committed_dir / "c.safetensors"
     )  # fmt: skip
     assert not (cache_dir / "c.safetensors").exists()
+
+
+def test_digits_are_scored_with_more_samples_than_test_images(tmp_path):
+    """`--num-samples` is the number generated, whatever the test split holds: the FD compares them with every test
+    image there is (digits: 360), and the floor takes as many training images as samples where it can."""
+    import dataclasses
+
+    from benchmarks import mnist_quality
+
+    data = mnist_quality.load_image_data("builtin:digits", 16)
+    data = dataclasses.replace(data, train=data.train[:600], test=data.test[:100])
+    args = argparse.Namespace(quick=False, device="cpu", num_samples=400, inception_samples=0)
+    scorer, meta = mnist_quality.make_scorer(args, data, tmp_path)
+    assert not (tmp_path / "cache").exists(), "the committed digits classifier, not a new one"
+    assert (meta["num_samples"], meta["reference_images"], meta["floor_images"]) == (400, 100, 400)
+    assert scorer.reference.shape[0] == 100
+    floor = mnist_quality.frechet_distance(
+        mnist_quality.classifier_features(scorer.classifier, data.train[:400]), scorer.reference
+    )
+    assert meta["fd_floor"] == pytest.approx(floor)
+    sizes = mnist_quality.fd_sizes(meta)
+    assert sizes.startswith("400 generated vs 100 test images; floor (400 training vs those test images)")
+    old_report = {"num_samples": 360, "fd_floor": 2.48}  # before the counts were apart: as many of each
+    assert mnist_quality.fd_sizes(old_report).startswith("360 generated vs 360 test images; floor (360 training")
+    assert mnist_quality.budget_value(old_report, "reference_images") == 360
+    # --posterior-z with more samples than images: z of each image again, in turn
+    encoded = []
+    encoder = VRFMPosteriorEncoder(sample_size=4, latent_dim=3, posterior_inputs=("x1",))
+    encoder.register_forward_hook(lambda module, args, kwargs, output: encoded.append(kwargs["x1"]), with_kwargs=True)
+    images = torch.rand(5, 4)
+    assert mnist_quality.posterior_z_of_images(encoder, images, 12, seed=0).shape == (12, 3)
+    assert torch.equal(encoded[0], images[[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]] * 2 - 1)
 
 
 def test_conditional_digits_with_labels_trains_a_class_conditional_unet(tmp_path):
