@@ -66,6 +66,7 @@ from benchmarks.mnist_quality import (
     get_classifier,
     load_image_data,
     make_scorer,
+    reference_images,
     ruler_digest,
     train_or_reuse,
     training_key,
@@ -347,8 +348,7 @@ def render_report(results: dict) -> str:
         f"{meta['samples_per_class']} per digit with its {asked}, Euler. FD in the features of "
         f"`benchmarks.mnist_quality`'s digit classifier (held-out accuracy {meta['classifier_accuracy']:.3f}"
         f"{ruler_digest(meta.get('classifier_sha256'))}) "
-        f"against the {meta.get('reference_images', meta['num_samples'])} test images (floor, training vs test "
-        f"images: {meta['fd_floor']:.2f}); "
+        f"against the {reference_images(meta)} test images (floor, training vs test images: {meta['fd_floor']:.2f}); "
         f"the digit asked for read by the same CNN trained for {JUDGE_EPOCHS} epochs (accuracy "
         f"{meta['judge_accuracy']:.3f} on the test images, {meta['judge_training_accuracy']:.3f} on the training "
         f"images{ruler_digest(meta.get('judge_sha256'))}: samples that replay training images can score above the "

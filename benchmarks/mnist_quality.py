@@ -942,10 +942,16 @@ def make_scorer(args, data: ImageData, output_dir: Path) -> tuple[Scorer, dict]:
     return scorer, meta
 
 
+def reference_images(meta: dict) -> int:
+    """How many test images a report's FDs compare against: runs from before the count was stored had as many as
+    they had samples."""
+    return meta.get("reference_images", meta["num_samples"])
+
+
 def fd_sizes(meta: dict) -> str:
     """What a report's FDs compare: generated images against test images, and the floor (training against the same
-    test images). Runs from before `reference_images` had as many test and training images as samples."""
-    references = meta.get("reference_images", meta["num_samples"])
+    test images; as many as those test images in runs from before the count was stored)."""
+    references = reference_images(meta)
     floor_images = meta.get("floor_images", references)
     return (
         f"{meta['num_samples']} generated vs {references} test images; floor ({floor_images} training vs those test "
@@ -1060,8 +1066,9 @@ SAMPLED_SECTIONS = ("fd", "distance_ratio", "fd_draws")
 def budget_value(meta: dict, key: str):
     """A budget setting of a run as the join compares it: the backbone without VRFM's z-path settings, which RF lacks
     (VRFM runs compare those through their training commands)."""
-    before = {"backbone": "unet", "draws": 1, "reference_images": meta.get("num_samples")}.get(key)
-    value = meta.get(key, before)  # runs from before those options: their values
+    if key == "reference_images":
+        return reference_images(meta)
+    value = meta.get(key, {"backbone": "unet", "draws": 1}.get(key))  # runs from before those options: their values
     return split_model_config(value)[0] if key == "model_config" and value is not None else value
 
 
