@@ -307,6 +307,19 @@ def gaussian_kl(
     return 0.5 * (prior_logvar - logvar + (logvar.exp() + (mean - prior_mean).pow(2)) / prior_logvar.exp() - 1.0)
 
 
+def dropout_mask(
+    shape: int | tuple[int, ...],
+    dropout_prob: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """A boolean mask of `shape`, each entry `True` with probability ``dropout_prob``: which conditions (labels,
+    captions) to drop for classifier-free guidance. [`drop_labels`] applies one to labels."""
+    check_real(dropout_prob, "dropout_prob", 0.0, 1.0)
+    check_generator(generator)
+    return torch.rand(shape, generator=generator, device=device) < dropout_prob
+
+
 def drop_labels(
     class_labels: torch.Tensor, dropout_prob: float, null_class: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -323,7 +336,7 @@ def drop_labels(
     check_generator(generator)
     if dropout_prob == 0.0:
         return class_labels
-    drop = torch.rand(class_labels.shape, generator=generator, device=class_labels.device) < dropout_prob
+    drop = dropout_mask(class_labels.shape, dropout_prob, generator, class_labels.device)
     return torch.where(drop, torch.full_like(class_labels, null_class), class_labels)
 
 

@@ -19,6 +19,7 @@ from diffusers_vrfm import (
     velocity_to_flow_match_output,
     vrfm_loss,
 )
+from diffusers_vrfm.objective import dropout_mask
 
 
 @pytest.mark.parametrize("shape", [(5, 1), (5, 2), (5, 3, 4, 4)])
@@ -220,6 +221,12 @@ def test_drop_labels():
     assert torch.equal(drop_labels(labels, 0.0, 10), labels)
     with pytest.raises(ValueError, match="`dropout_prob`"):
         drop_labels(labels, 1.5, 10)
+    # the mask it applies, as the training step draws it for captions too: the same draws from the same generator
+    mask = dropout_mask(1000, 0.3, generator=torch.Generator().manual_seed(0))
+    assert mask.dtype == torch.bool and torch.equal(mask, dropped == 10)
+    assert not dropout_mask((4, 3), 0.0).any() and dropout_mask(5, 1.0).all()
+    with pytest.raises(ValueError, match="`dropout_prob`"):
+        dropout_mask(3, -0.1)
 
 
 def test_active_units():

@@ -1,8 +1,8 @@
 """One VRFM training step, separated from the accelerate loop so that it can be tested on its own.
 
 The math comes from [`diffusers_vrfm.objective`]: [`interpolate`], [`target_velocity`], [`vrfm_loss`] and
-[`drop_labels`]; training times come from [`VRFMScheduler.sample_training_timesteps`]. This module only decides *which*
-random numbers each example gets (see [`draw_step_randomness`]) and calls the models.
+[`dropout_mask`]; training times come from [`VRFMScheduler.sample_training_timesteps`]. This module only decides
+*which* random numbers each example gets (see [`draw_step_randomness`]) and calls the models.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from ..objective import (
     ACTIVE_UNIT_THRESHOLD,
     VRFMLossOutput,
-    drop_labels,
+    dropout_mask,
     interpolate,
     target_velocity,
     vrfm_loss,
@@ -127,9 +127,7 @@ def draw_step_randomness(
         return make_generator(seed, purpose, micro_step, device=device)
 
     def dropped(probability: float, purpose: str) -> torch.Tensor:
-        # drop_labels only decides where to put the null label; feed it positions so the mask covers the global batch.
-        positions = torch.zeros(global_batch_size, dtype=torch.long, device=device)
-        return (drop_labels(positions, probability, null_class=1, generator=generator(purpose)) == 1)[rows]
+        return dropout_mask(global_batch_size, probability, generator(purpose), device)[rows]
 
     t = scheduler.sample_training_timesteps(global_batch_size, device=device, generator=generator("times"))[rows]
     x0 = None
