@@ -345,7 +345,9 @@ _WAITING_OPERATORS = {
         "output shape read from the values",
     ),
 }
-_HOST_READS = ("tolist", "numpy")  # read a CPU tensor's memory without an operator
+# read a tensor's memory on the host without an operator, or copy it there (`.cpu()` dispatches nothing on a CPU
+# tensor, but waits for the device on a CUDA one)
+_HOST_READS = ("tolist", "numpy", "cpu")
 
 
 def _waits_on_cuda(func, args, kwargs) -> str | None:
@@ -422,7 +424,7 @@ def test_the_wait_counter_sees_reads_host_data_and_shapes_read_from_values(monke
         torch.tensor([1.0, 2.0]), torch.from_numpy(np.ones(2))
         x[x > 0], torch.where(x > 0, x, 0), x.masked_fill(x > 0, 0)  # only the first reads its shape from values
         training_loop.read_pending_updates()  # a metric read: allowed
-        return x.sum().item(), bool(x.any()), x.tolist()
+        return x.sum().item(), bool(x.any()), x.tolist(), x.cpu()
 
     monkeypatch.setattr(training_loop, "train_loop", stand_in_loop)
     monkeypatch.setattr(training_loop, "read_pending_updates", lambda: torch.tensor(1.0).item())
@@ -433,6 +435,7 @@ def test_the_wait_counter_sees_reads_host_data_and_shapes_read_from_values(monke
         "output shape read from the values": 1,
         "read of a value": 2,
         "read of a tensor (tolist)": 1,
+        "read of a tensor (cpu)": 1,
     }
 
 
