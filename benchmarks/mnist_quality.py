@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import itertools
 import json
 import os
 import shlex
@@ -497,10 +498,14 @@ def sampling_pipelines(path: Path, scheduler: str, device: str, extra_priors: di
 
 
 def training_pairs(data: ImageData, generator: torch.Generator):
-    """Endless `(x0, x1)` batches of 256: training images in [-1, 1] drawn with replacement, with fresh noise."""
+    """Endless `(x0, x1)` batches of 256: training images in [-1, 1] in passes over them, as `train_vrfm.py` takes its
+    prior's atoms (`passes_over_examples`), with fresh noise."""
+    from diffusers_vrfm.training.data import passes_over_examples
+
     train = data.training_images * 2 - 1
+    examples = passes_over_examples(len(train), generator)
     while True:
-        x1 = train[torch.randint(len(train), (256,), generator=generator)]
+        x1 = train[list(itertools.islice(examples, 256))]
         yield torch.randn(x1.shape, generator=generator), x1
 
 

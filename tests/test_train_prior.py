@@ -3,6 +3,7 @@ aggregate-posterior diagnostics in the training log. Small and fast: an MLP on a
 
 import json
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -300,3 +301,32 @@ def test_a_class_conditional_run_fits_a_prior_conditional_on_the_label(tmp_path,
     assert flow.condition_mean.sum().item() == pytest.approx(1.0), "fitted to one-hot labels"
     card = open(os.path.join(flow_dir, "README.md"), encoding="utf-8").read()
     assert "each with its example's label; a trajectory draws from the flow's `p(z | label)`" in card
+
+
+def test_the_prior_atoms_take_every_training_image_in_turn():
+    """The aggregate prior's atoms come in passes over the training images (as training's epochs), not drawn with
+    replacement: 2.5 passes' worth of atoms take every image two or three times, with fresh noise for each."""
+    import argparse
+    import collections
+    import itertools
+
+    from diffusers_vrfm.training.data import load_training_data
+    from diffusers_vrfm.training.data_setup import PreparedData
+    from diffusers_vrfm.training.finish import _aggregate_prior_pairs
+
+    data = load_training_data("builtin:digits", "unet", resolution=8, max_train_samples=20)
+    loaded = []
+    dataset_getitem = type(data.dataset).__getitem__
+
+    def recorded(dataset, key):
+        loaded.append(key[0])
+        return dataset_getitem(dataset, key)
+
+    prepared = PreparedData(data=data, model_shape=(1, 8, 8))
+    pairs = _aggregate_prior_pairs(argparse.Namespace(seed=3), prepared, batch_size=10)
+    with mock.patch.object(type(data.dataset), "__getitem__", recorded):
+        batches = list(itertools.islice(pairs, 5))
+    assert sorted(collections.Counter(loaded).values()) == [2] * 10 + [3] * 10
+    assert sorted(loaded[:20]) == list(range(20)) and sorted(loaded[20:40]) == list(range(20)), "whole passes"
+    noise = torch.cat([x0 for x0, _ in batches])
+    assert noise.shape == (50, 1, 8, 8) and torch.unique(noise.flatten(1), dim=0).shape[0] == 50

@@ -17,7 +17,7 @@ import torch
 
 from ..options import TOY_PREFIX
 from .cli import atoms_cover_the_data
-from .data import collate_examples, encode_with_vae
+from .data import collate_examples, encode_with_vae, passes_over_examples
 from .data_setup import PreparedData
 from .determinism import make_generator
 from .environment import RunContext
@@ -81,18 +81,25 @@ def write_rank_record(context: RunContext, models: TrainingModels, global_step: 
 
 
 def _aggregate_prior_pairs(args: argparse.Namespace, prepared: PreparedData, batch_size: int):
-    """Endless `(x0, x1)` training pairs drawn as training draws them, from their own random stream; for a
-    conditional model `(x0, x1, condition)`, with the examples' labels (one-hot) or captions (the pooled text
-    embedding, `""` where the caption was dropped) as the conditional prior's keys."""
+    """Endless `(x0, x1)` training pairs from their own random stream: the examples in passes over the data set, as
+    training's epochs take them (`passes_over_examples`: 4096 atoms of 1437 images hold every image two or three
+    times), each with its own augmentation and noise; for a conditional model `(x0, x1, condition)`, with the
+    examples' labels (one-hot) or captions (the pooled text embedding, `""` where the caption was dropped) as the
+    conditional prior's keys."""
     from diffusers_vrfm import label_condition
 
     data, vae = prepared.data, prepared.vae
+    examples = (
+        None
+        if data.kind == "vector"
+        else passes_over_examples(data.num_examples, make_generator(args.seed, "aggregate_prior", 2))
+    )
     for index in itertools.count():
         generator = make_generator(args.seed, "aggregate_prior", 1, index)
         if data.kind == "vector":
             yield data.toy_pairs(batch_size, generator)
             continue
-        rows = torch.randint(data.num_examples, (batch_size,), generator=generator).tolist()
+        rows = list(itertools.islice(examples, batch_size))
         augmentation_seeds = torch.randint(2**62, (batch_size,), generator=generator).tolist()
         batch = collate_examples([data.dataset[key] for key in zip(rows, augmentation_seeds)])
         x1 = batch["pixel_values"]
