@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/prior_fit.py` as well as `python -m benchmarks.prior_fit`
@@ -78,9 +79,25 @@ def priors_argument(text: str) -> dict:
     return priors
 
 
+def test_code_nll(prior, posterior, test_images: torch.Tensor, seed: int, draws: int = 8) -> float:
+    """The mean of ``-log p(z)`` under `prior` over `draws` draws of ``z ~ q(z | x)`` for each test image in [0, 1]
+    (nats per code): how well the prior predicts the codes of images it was not fitted to. Lower is better; a prior
+    that keeps only the training images' codes (the atoms) scores badly however good its samples look."""
+    from diffusers_vrfm import collect_posterior_atoms, reparameterize
+
+    generator = torch.Generator().manual_seed(20_000 + seed)
+    x1 = test_images * 2 - 1
+    pairs = ((torch.randn(batch.shape, generator=generator), batch) for batch in x1.split(500))
+    means, logvars = collect_posterior_atoms(posterior, pairs, len(x1), generator)
+    noise = torch.randn((draws, *means.shape), generator=generator)
+    z = reparameterize(means.expand(draws, -1, -1), logvars.expand(draws, -1, -1), noise=noise)
+    with torch.no_grad():  # in chunks: the atoms' density holds a (rows, atoms, latent_dim) tensor
+        return float(-torch.cat([prior.log_prob(chunk) for chunk in z.flatten(0, 1).split(512)]).mean())
+
+
 def score_priors(args, run: Path, seed: int, data, scorer, num_samples: int) -> dict:
     """For each prior of `args.priors`: fitted to the run's posterior, then the FD and copy ratio of its samples at
-    every NFE, and the seconds its fit took."""
+    every NFE, the NLL of the test images' codes under it ([`test_code_nll`]), and the seconds its fit took."""
     from diffusers_vrfm import VRFMPipeline
 
     saved = VRFMPipeline.from_pretrained(str(run))
@@ -103,7 +120,9 @@ def score_priors(args, run: Path, seed: int, data, scorer, num_samples: int) -> 
                 fd_draws[str(nfe)] = fds
             each = ", ".join(f"{value:.2f}" for value in fds)
             print(f"{run.name} {name} NFE {nfe}: FD {each}, copy ratio {ratio[str(nfe)]:.3f}", flush=True)
-        scores[name] = {"fd": fd, "distance_ratio": ratio, "fit_seconds": fit_seconds}
+        nll = test_code_nll(prior, posterior, data.test, seed)
+        print(f"{run.name} {name}: test-code NLL {nll:.2f} nats", flush=True)
+        scores[name] = {"fd": fd, "distance_ratio": ratio, "test_code_nll": nll, "fit_seconds": fit_seconds}
         if fd_draws:
             scores[name]["fd_draws"] = fd_draws
         scores[name]["parameters"] = count_parameters(prior)
@@ -121,7 +140,12 @@ def render_report(results: dict) -> str:
     draws_note = f" (each run's FD the mean of {meta['draws']} sample sets)" if meta.get("draws", 1) > 1 else ""
     ratio_rows = [[name, *cells(name, "distance_ratio")] for name in meta["priors"]]
     spec_rows = [
-        [name, f"`{json.dumps(spec)}`", format_mean_std([run[name]["fit_seconds"] for run in per_run])]
+        [
+            name,
+            f"`{json.dumps(spec)}`",
+            format_mean_std([run[name]["test_code_nll"] for run in per_run]),
+            format_mean_std([run[name]["fit_seconds"] for run in per_run]),
+        ]
         for name, spec in meta["priors"].items()
     ]
     columns = [f"NFE {nfe}" for nfe in nfes]
@@ -159,7 +183,10 @@ def render_report(results: dict) -> str:
             "",
             "## The priors",
             "",
-            markdown_table(["prior", "spec", "fit seconds"], spec_rows),
+            "The test-code NLL is the mean of `-log p(z)` under the prior over 8 draws of `z ~ q(z | x)` for each "
+            "test image (nats; lower: the prior predicts the codes of images it was not fitted to).",
+            "",
+            markdown_table(["prior", "spec", "test-code NLL", "fit seconds"], spec_rows),
             "",
         ]
     )

@@ -1058,6 +1058,10 @@ def test_prior_fit_scores_several_priors_on_one_trained_model(tmp_path):
     fd = next(_table_with_header(tables, "prior", "NFE 2"))
     assert fd[0] == ["prior", "NFE 1", "NFE 2"] and [row[0] for row in fd[1:]] == list(priors)
     assert [_number(cell) for cell in fd[1][1:]] == pytest.approx([scores["atoms"]["fd"][n] for n in ("1", "2")], 1e-2)
+    (specs,) = list(_table_with_header(tables, "prior", "test-code NLL"))
+    nll = {row[0]: _number(row[2]) for row in specs[1:]}
+    assert nll == pytest.approx({name: scores[name]["test_code_nll"] for name in priors}, rel=1e-2)
+    assert all(math.isfinite(value) for value in nll.values())
     again = prior_fit.main([*argv, "--run", str(run), "--name", "again", "--draws", "2"])
     for name in priors:  # the same run, fitted and sampled again: the flow's fit repeats up to float rounding
         fd_draws = again["runs"][run.name][name]["fd_draws"]
