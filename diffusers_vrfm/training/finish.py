@@ -89,16 +89,12 @@ def _aggregate_prior_pairs(args: argparse.Namespace, prepared: PreparedData, bat
     from diffusers_vrfm import label_condition
 
     data, vae = prepared.data, prepared.vae
-    examples = (
-        None
-        if data.kind == "vector"
-        else passes_over_examples(data.num_examples, make_generator(args.seed, "aggregate_prior", 2))
-    )
+    if data.kind == "vector":  # a toy task draws fresh pairs: there is no data set to pass over
+        for index in itertools.count():
+            yield data.toy_pairs(batch_size, make_generator(args.seed, "aggregate_prior", 1, index))
+    examples = passes_over_examples(data.num_examples, make_generator(args.seed, "aggregate_prior", 2))
     for index in itertools.count():
         generator = make_generator(args.seed, "aggregate_prior", 1, index)
-        if data.kind == "vector":
-            yield data.toy_pairs(batch_size, generator)
-            continue
         rows = list(itertools.islice(examples, batch_size))
         augmentation_seeds = torch.randint(2**62, (batch_size,), generator=generator).tolist()
         batch = collate_examples([data.dataset[key] for key in zip(rows, augmentation_seeds)])
