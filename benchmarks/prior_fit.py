@@ -1,5 +1,6 @@
 """Which prior to sample a trained VRFM image model with: fits several priors over `z` to saved pipelines' posteriors
-and scores each as `benchmarks.mnist_quality` does (classifier-feature FD at several step counts, and the copy check).
+and scores each as `benchmarks.mnist_quality` does (classifier-feature FD at several step counts, and the copy check),
+and by how well it predicts the codes of the test images (`test_code_nll`).
 Nothing is trained again: the velocity model stays fixed, only where `z` is drawn from changes.
 
 A prior is a name and a spec, `{"type": "atoms" | "flow", "num_atoms": ..., ...}`; the other keys go to its
