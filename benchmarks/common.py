@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from diffusers_vrfm import VRFMAggregatePosteriorPrior, VRFMScheduler, count_active_units, interpolate
+from diffusers_vrfm.objective import latent_mmd
 
 BENCHMARK_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCHMARK_DIR / "results"
@@ -138,27 +139,21 @@ def sampling_floor(sample_fn: Callable[[int, torch.Generator], torch.Tensor], nu
 def mmd_rbf(
     x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, scales: Sequence[float] = (0.5, 1.0, 2.0)
 ) -> float:
-    """The unbiased squared maximum mean discrepancy with a sum of Gaussian kernels.
+    """The unbiased squared maximum mean discrepancy with a sum of Gaussian kernels: [`latent_mmd`] with bandwidths
+    set by the data instead of the dimension.
 
     The bandwidths are `scales` times the median pairwise distance of the pooled sample. 0 (up to noise, it can be
     slightly negative) means the two samples are indistinguishable to the kernel.
     """
-    a = torch.as_tensor(to_numpy(x))
-    b = torch.as_tensor(to_numpy(y))
+    a = torch.as_tensor(to_numpy(x)).float()
+    b = torch.as_tensor(to_numpy(y)).float()
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"`x` and `y` must have the same dimension, but got {a.shape[1]} and {b.shape[1]}.")
-    if len(a) < 2 or len(b) < 2:
-        raise ValueError("`x` and `y` need at least 2 samples each.")
     pooled = torch.cat([a, b])
-    distances = torch.cdist(pooled, pooled).pow(2)
-    off_diagonal = distances[~torch.eye(len(pooled), dtype=torch.bool)]
-    median = off_diagonal.median().clamp_min(1e-12)
-    kernel = sum(torch.exp(-distances / (2 * scale**2 * median)) for scale in scales)
-    n, m = len(a), len(b)
-    k_xx, k_yy, k_xy = kernel[:n, :n], kernel[n:, n:], kernel[:n, n:]
-    term_xx = (k_xx.sum() - k_xx.diagonal().sum()) / (n * (n - 1))
-    term_yy = (k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
-    return float(term_xx + term_yy - 2 * k_xy.mean())
+    squared_distances = torch.cdist(pooled, pooled).pow(2)
+    median = squared_distances[~torch.eye(len(pooled), dtype=torch.bool)].median().clamp_min(1e-12)
+    relative_to_dimension = math.sqrt(float(median) / a.shape[1])  # latent_mmd's bandwidths are s * sqrt(dim)
+    return float(latent_mmd(a, b, scales=tuple(s * relative_to_dimension for s in scales)))
 
 
 def frechet_distance(features_a: np.ndarray | torch.Tensor, features_b: np.ndarray | torch.Tensor) -> float:
