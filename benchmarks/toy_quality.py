@@ -41,7 +41,7 @@ import math
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -659,9 +659,8 @@ def resolve_methods(args, task: str) -> list[MethodSpec]:
     return methods
 
 
-def run(args) -> dict:
-    """Runs the benchmark described by parsed `args` and writes the table, the JSON and the figures."""
-    torch.set_num_threads(args.threads)
+def configs_from_args(args) -> tuple[TrainConfig, EvalConfig]:
+    """The training and evaluation settings of parsed `args` (`--quick` shrinks them in place first)."""
     if args.quick:
         args.steps = min(args.steps, 40)
         args.num_samples = min(args.num_samples, 200)
@@ -684,79 +683,102 @@ def run(args) -> dict:
         dopri5_tol=args.dopri5_tol,
         straightness_nfe=100 if not args.quick else 20,
     )
+    return train_config, eval_config
+
+
+@dataclass
+class PreviousRuns:
+    """What `--resume` reuses of an earlier `toy_quality.json` made with the same settings."""
+
+    by_settings: dict = field(default_factory=dict)  # (task, kind, settings) -> (label, runs), whatever the label
+    seconds: float = 0.0
+    plot_data: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, json_path: Path, plot_path: Path, meta: dict) -> PreviousRuns:
+        if not json_path.exists():
+            return cls()
+        old = json.loads(json_path.read_text())
+        keys = ("train", "eval", "quick")
+        if any(json.loads(json.dumps(meta[key])) != old["meta"].get(key) for key in keys):
+            print(f"not resuming: {json_path} was made with other training or evaluation settings", flush=True)
+            return cls()
+        print(f"resuming from {json_path}", flush=True)
+        by_settings = {
+            (task_name, method["kind"], method["settings"]): (label, method["runs"])
+            for task_name, entry in old["tasks"].items()
+            for label, method in entry.get("methods", {}).items()
+        }
+        plot_data = json.loads(plot_path.read_text()) if plot_path.exists() else {}
+        return cls(by_settings, float(old["meta"].get("total_seconds", 0.0)), plot_data)
+
+
+def method_entry(task: ToyTask, method: MethodSpec, train_config: TrainConfig) -> dict:
+    """The JSON entry of one method on one task, before its runs."""
+    model, encoder, _ = build_toy_models(task, toy_method(method, train_config), toy_budget(train_config))
+    return {
+        "kind": method.kind,
+        "settings": method.settings.describe() if method.settings else "z off",
+        "params_velocity": count_parameters(model),
+        "params_posterior": count_parameters(encoder),
+        "runs": {},
+    }
+
+
+def run(args) -> dict:
+    """Runs the benchmark described by parsed `args` and writes the table, the JSON and the figures."""
+    torch.set_num_threads(args.threads)
+    train_config, eval_config = configs_from_args(args)
     output_dir = Path(args.output_dir)
     plot_dir = Path(args.plot_dir) if args.plot_dir else output_dir / "cache"
     output_dir.mkdir(parents=True, exist_ok=True)
     # `--resume` only continues (or re-renders) the run the rest of the command describes: leave it out.
     command = "python -m benchmarks.toy_quality " + " ".join(shlex.quote(a) for a in args.argv if a != "--resume")
-    results = {
-        "meta": {
-            "command": command.strip(),
-            "machine": machine_description(),
-            "seeds": list(args.seeds),
-            "train": asdict(train_config),
-            "eval": asdict(eval_config),
-            "quick": bool(args.quick),
-        },
-        "tasks": {},
+    meta = {
+        "command": command.strip(),
+        "machine": machine_description(),
+        "seeds": list(args.seeds),
+        "train": asdict(train_config),
+        "eval": asdict(eval_config),
+        "quick": bool(args.quick),
     }
-    plot_path = plot_dir / "toy_quality_plot_data.json"
-    plot_data: dict = {}
-    previous, previous_seconds = {}, 0.0
-    json_path = output_dir / "toy_quality.json"
-    if args.resume and json_path.exists():
-        old = json.loads(json_path.read_text())
-        same_setup = all(
-            json.loads(json.dumps(results["meta"][key])) == old["meta"].get(key) for key in ("train", "eval", "quick")
-        )
-        if same_setup:
-            previous, previous_seconds = old["tasks"], float(old["meta"].get("total_seconds", 0.0))
-            if plot_path.exists():
-                plot_data = json.loads(plot_path.read_text())
-            print(f"resuming from {json_path}", flush=True)
-        else:
-            print(f"not resuming: {json_path} was made with other training or evaluation settings", flush=True)
-    previous_runs = {  # (task, kind, settings) -> (label, runs): runs are reused by settings, whatever their label
-        (task_name, old["kind"], old["settings"]): (label, old["runs"])
-        for task_name, entry in previous.items()
-        for label, old in entry.get("methods", {}).items()
-    }
+    results = {"meta": meta, "tasks": {}}
+    json_path, plot_path = output_dir / "toy_quality.json", plot_dir / "toy_quality_plot_data.json"
+    previous = PreviousRuns.load(json_path, plot_path, meta) if args.resume else PreviousRuns()
+    plot_data = previous.plot_data
     start = time.perf_counter()
+
+    def save_progress():  # partial results survive an interruption (see --resume)
+        meta["total_seconds"] = previous.seconds + time.perf_counter() - start
+        write_json(json_path, results)
+
     for task_name in args.tasks:
         task = get_toy_task(task_name)
         methods = resolve_methods(args, task_name)
         floors = task_floors(task, eval_config.num_samples, args.seeds)
         task_result = {"floor": floors, "has_modes": task.target_modes is not None, "methods": {}}
         results["tasks"][task_name] = task_result
+        task_plots = plot_data.setdefault(task_name, {})
         for method in methods:
-            model, encoder, _ = build_toy_models(task, toy_method(method, train_config), toy_budget(train_config))
-            task_result["methods"][method.label] = {
-                "kind": method.kind,
-                "settings": method.settings.describe() if method.settings else "z off",
-                "params_velocity": count_parameters(model),
-                "params_posterior": count_parameters(encoder),
-                "runs": {},
-            }
-            old_label, _ = previous_runs.get(
-                (task_name, method.kind, task_result["methods"][method.label]["settings"]), (None, {})
-            )
-            task_plots = plot_data.setdefault(task_name, {})
+            entry = task_result["methods"][method.label] = method_entry(task, method, train_config)
+            old_label, _ = previous.by_settings.get((task_name, method.kind, entry["settings"]), (None, {}))
             if old_label not in (None, method.label) and old_label in task_plots:  # keep a relabelled run's plots
                 task_plots[method.label] = task_plots[old_label]
         for seed in args.seeds:
             for method in methods:
                 entry = task_result["methods"][method.label]
-                _, old_runs = previous_runs.get((task_name, method.kind, entry["settings"]), (None, {}))
+                _, old_runs = previous.by_settings.get((task_name, method.kind, entry["settings"]), (None, {}))
                 if str(seed) in old_runs:  # the same settings, under any label
                     entry["runs"][str(seed)] = old_runs[str(seed)]
                     continue
                 trained = train_toy(task, toy_method(method, train_config), toy_budget(train_config), seed)
-                metrics, plot = evaluate_toy(task, trained, eval_config, seed, keep_plot_data=seed == args.seeds[0])
+                first_seed = seed == args.seeds[0]
+                metrics, plot = evaluate_toy(task, trained, eval_config, seed, keep_plot_data=first_seed)
                 metrics["train_seconds"] = trained.train_seconds
                 metrics["train_log"] = trained.log
                 entry["runs"][str(seed)] = metrics
-                if seed == args.seeds[0]:
-                    plot_data.setdefault(task_name, {})[method.label] = plot
+                if first_seed:
+                    task_plots[method.label] = plot
                     write_json(plot_path, plot_data)
                 w2 = " ".join(f"{k}:{v:.3f}" for k, v in metrics["w2"].items())
                 print(
@@ -764,19 +786,20 @@ def run(args) -> dict:
                     f"train {trained.train_seconds:.1f}s W2 {w2}",
                     flush=True,
                 )
-                results["meta"]["total_seconds"] = previous_seconds + time.perf_counter() - start
-                write_json(json_path, results)  # partial results survive an interruption (see --resume)
-    results["meta"]["total_seconds"] = previous_seconds + time.perf_counter() - start
-    write_json(json_path, results)
+                save_progress()
+    save_progress()
     write_json(plot_path, plot_data)
-    (output_dir / "toy_quality.md").write_text(render_report(results))
-    dpi = 40 if args.quick else None  # the smoke run only checks that the figures are written
-    plot_w2_curves(results, output_dir / "toy_w2_vs_nfe.png", **({"dpi": dpi} if dpi else {}))
-    plot_trajectories(
-        plot_data, list(args.tasks), output_dir / "toy_trajectories.png", **({"dpi": dpi} if dpi else {})
-    )
-    plot_samples(plot_data, list(args.tasks), output_dir / "toy_samples.png", **({"dpi": dpi} if dpi else {}))
+    write_outputs(results, plot_data, list(args.tasks), output_dir, quick=args.quick)
     return results
+
+
+def write_outputs(results: dict, plot_data: dict, tasks: list[str], output_dir: Path, quick: bool) -> None:
+    """The report and the three figures (at a low resolution for `--quick`, which only checks they are written)."""
+    (output_dir / "toy_quality.md").write_text(render_report(results))
+    dpi = {"dpi": 40} if quick else {}
+    plot_w2_curves(results, output_dir / "toy_w2_vs_nfe.png", **dpi)
+    plot_trajectories(plot_data, tasks, output_dir / "toy_trajectories.png", **dpi)
+    plot_samples(plot_data, tasks, output_dir / "toy_samples.png", **dpi)
 
 
 def main(argv: list[str] | None = None) -> dict:

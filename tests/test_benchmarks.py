@@ -208,6 +208,23 @@ def test_toy_quick_outputs_are_well_formed(toy_run):
     assert results["tasks"]["ring_2d"]["floor"][0] > 0
 
 
+def test_toy_resume_reuses_runs_with_the_same_settings_and_only_those(tmp_path, monkeypatch):
+    from benchmarks import toy_quality
+
+    argv = ["--quick", "--tasks", "two_modes_1d", "--methods", "vrfm", "rf", "--no-paper", "--output-dir"]
+    first = toy_quality.main([*argv, str(tmp_path)])
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a resumed run with unchanged settings must not train")
+
+    monkeypatch.setattr(toy_quality, "train_toy", no_training)
+    resumed = toy_quality.main([*argv, str(tmp_path), "--resume"])
+    assert resumed["tasks"] == json.loads(json.dumps(first["tasks"]))
+    assert resumed["meta"]["command"] == first["meta"]["command"], "--resume is left out of the recorded command"
+    with pytest.raises(AssertionError, match="must not train"):  # other training settings: nothing is reused
+        toy_quality.main([*argv, str(tmp_path), "--resume", "--lr", "3e-3"])
+
+
 def test_toy_variant_parsing():
     from benchmarks.toy_quality import build_parser, resolve_methods
 
