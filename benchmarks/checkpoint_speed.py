@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7, help="Interleaved rounds (each writes every row once).")
     parser.add_argument("--quick", action="store_true", help="2 rounds, no warm-up.")
-    parser.add_argument("--num_threads", type=int, default=1)
+    parser.add_argument("--threads", "--num_threads", dest="num_threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.num_threads)
     from diffusers_vrfm.training.checkpointing import make_state_hooks, save_checkpoint, verify_checkpoint

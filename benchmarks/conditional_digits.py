@@ -19,7 +19,7 @@ to 16x16; the other 20% are the test images. The methods:
 
 For each digit, samples are drawn with the prompt "a handwritten <digit>" or the digit's label (Euler), with and
 without classifier-free guidance. VRFM draws z from the prior `train_vrfm.py` saved, given the prompt or label;
-`--extra_priors atoms` (or `flow`) also samples the same model with a prior fitted without the conditions, which
+`--extra-priors atoms` (or `flow`) also samples the same model with a prior fitted without the conditions, which
 draws z of any digit whatever is asked for.
 
 Two figures per cell: the Fréchet distance between the pooled, class-balanced samples and the test images in the
@@ -30,9 +30,9 @@ below 1: copies).
 
     python -m benchmarks.conditional_digits --quick    # a smoke run in seconds
     # the recorded runs (3 seeds each):
-    python -m benchmarks.conditional_digits --extra_priors atoms \
+    python -m benchmarks.conditional_digits --extra-priors atoms \
         --methods vrfm vrfm_atoms vrfm_no_map vrfm_prior_mix rf
-    python -m benchmarks.conditional_digits --conditioning label --extra_priors atoms \
+    python -m benchmarks.conditional_digits --conditioning label --extra-priors atoms \
         --methods vrfm vrfm_atoms vrfm_no_map rf
 """
 
@@ -223,7 +223,7 @@ def sampling_variants(path: Path, pipeline_class: str, prior_fits: dict) -> dict
 
 
 def evaluate_run(args, data: ImageData, rulers: Rulers, method: str, seed: int) -> dict:
-    """Trains (or reuses, `--reuse_runs`) one run and scores each of its sampling variants; the result is cached in
+    """Trains (or reuses, `--reuse-runs`) one run and scores each of its sampling variants; the result is cached in
     the run's folder as `evaluation.json`."""
     folder = Path(args.output_dir) / "cache" / "runs" / f"{args.name}_{method}_s{seed}"  # cache/ is git-ignored
     argv = training_argv(args, data, method, seed, folder)
@@ -436,12 +436,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="A tiny smoke run (seconds).")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--max_train_steps", type=int, default=None, help="Default: 1600 (20 with --quick).")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--samples_per_class", type=int, default=None, help="Default: 100 (2 with --quick).")
-    parser.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 8, 50])
-    parser.add_argument("--guidance_scales", type=float, nargs="+", default=[1.0, 3.0])
     parser.add_argument(
+        "--max-train-steps", "--max_train_steps", type=int, default=None, help="Default: 1600 (20 with --quick)."
+    )
+    parser.add_argument("--batch-size", "--batch_size", type=int, default=64)
+    parser.add_argument(
+        "--samples-per-class", "--samples_per_class", type=int, default=None, help="Default: 100 (2 with --quick)."
+    )
+    parser.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 8, 50])
+    parser.add_argument("--guidance-scales", "--guidance_scales", type=float, nargs="+", default=[1.0, 3.0])
+    parser.add_argument(
+        "--extra-priors",
         "--extra_priors",
         nargs="+",
         choices=EXTRA_PRIORS,
@@ -449,10 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="VRFM: also sample with these priors, fitted to the saved posterior after training",
     )
     parser.add_argument(
-        "--flow_prior_steps", type=int, default=2000, help="fitting steps of the flow priors, saved and extra"
+        "--flow-prior-steps",
+        "--flow_prior_steps",
+        type=int,
+        default=2000,
+        help="fitting steps of the flow priors, saved and extra",
     )
-    parser.add_argument("--num_threads", type=int, default=1)
-    parser.add_argument("--output-dir", dest="output_dir", default=str(RESULTS_DIR))
+    parser.add_argument("--threads", "--num_threads", dest="num_threads", type=int, default=1)
+    parser.add_argument("--output-dir", "--output_dir", default=str(RESULTS_DIR))
     parser.add_argument(
         "--conditioning",
         choices=list(CONDITIONINGS),
@@ -461,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--name", default=None, help="The report's name (default: by --conditioning).")
     parser.add_argument(
+        "--reuse-runs",
         "--reuse_runs",
         action="store_true",
         help="Reuse finished runs (and their scores, when the settings match) in <output-dir>/cache/runs.",

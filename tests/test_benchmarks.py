@@ -549,11 +549,27 @@ def test_mnist_quality_arguments_and_seeds_summary():
             )
 
 
+def test_conditional_digits_reads_the_recorded_underscore_spellings_of_its_flags():
+    from benchmarks.conditional_digits import parse_arguments
+
+    hyphens = parse_arguments(
+        ["--max-train-steps", "7", "--batch-size", "16", "--samples-per-class", "3", "--guidance-scales", "1", "2"]
+        + ["--extra-priors", "atoms", "--flow-prior-steps", "5", "--threads", "2", "--output-dir", "x", "--reuse-runs"]
+    )
+    underscores = parse_arguments(
+        ["--max_train_steps", "7", "--batch_size", "16", "--samples_per_class", "3", "--guidance_scales", "1", "2"]
+        + ["--extra_priors", "atoms", "--flow_prior_steps", "5", "--num_threads", "2", "--output_dir", "x"]
+        + ["--reuse_runs"]
+    )
+    assert vars(hyphens) == vars(underscores)  # the reports' commands predate the hyphens
+    assert hyphens.max_train_steps == 7 and hyphens.num_threads == 2 and hyphens.reuse_runs
+
+
 def test_conditional_digits_quick_outputs_are_well_formed(tmp_path, monkeypatch):
     from benchmarks import conditional_digits, mnist_quality
     from diffusers_vrfm.training import cli
 
-    argv = ["--quick", "--output-dir", str(tmp_path), "--extra_priors", "atoms"]
+    argv = ["--quick", "--output-dir", str(tmp_path), "--extra-priors", "atoms"]
     argv += ["--methods", "vrfm", "vrfm_no_map", "rf"]
     results = conditional_digits.main(argv)
     tables = common.parse_markdown_tables((tmp_path / "text_to_image_digits.md").read_text())
@@ -586,20 +602,20 @@ def test_conditional_digits_quick_outputs_are_well_formed(tmp_path, monkeypatch)
     assert [maps[m].get("z_map_channels") for m in maps] == [4, 0, 0] and maps["rf"]["latent_dim"] == 0
 
     def no_training(argv):
-        raise AssertionError("--reuse_runs trained again")
+        raise AssertionError("--reuse-runs trained again")
 
     monkeypatch.setattr(mnist_quality, "train_with_script", no_training)
-    again = conditional_digits.main([*argv, "--reuse_runs"])
+    again = conditional_digits.main([*argv, "--reuse-runs"])
     assert again["runs"] == results["runs"]  # the scores come back from each run's evaluation.json
     monkeypatch.setattr(conditional_digits, "file_sha256", lambda path: "another ruler")
-    rescored = conditional_digits.main([*argv, "--reuse_runs"])  # other classifiers score the same models again
+    rescored = conditional_digits.main([*argv, "--reuse-runs"])  # other classifiers score the same models again
     assert rescored["meta"]["judge_sha256"] == "another ruler"
     assert _scores(rescored) == _scores(results) and _scores(results)
     with pytest.raises(AssertionError, match="trained again"):  # a changed command line trains again
-        conditional_digits.main([*argv, "--reuse_runs", "--max_train_steps", "21"])
+        conditional_digits.main([*argv, "--reuse-runs", "--max-train-steps", "21"])
     monkeypatch.setitem(cli.DEFAULT_LEARNING_RATE, "sd3", 1e-4)
     with pytest.raises(AssertionError, match="trained again"):  # so does a changed default of the script
-        conditional_digits.main([*argv, "--reuse_runs"])
+        conditional_digits.main([*argv, "--reuse-runs"])
 
 
 def _scores(results: dict) -> dict:
@@ -690,7 +706,7 @@ def test_conditional_digits_with_labels_trains_a_class_conditional_unet(tmp_path
     from benchmarks import conditional_digits
 
     argv = ["--quick", "--conditioning", "label", "--methods", "vrfm", "vrfm_atoms", "rf", "--nfe", "1", "2"]
-    results = conditional_digits.main([*argv, "--guidance_scales", "1", "--output-dir", str(tmp_path)])
+    results = conditional_digits.main([*argv, "--guidance-scales", "1", "--output-dir", str(tmp_path)])
     report = (tmp_path / "class_conditional_digits.md").read_text()
     assert report.startswith("# Class-conditional digits") and "a flow `p(z | label)`" in report
     tables = common.parse_markdown_tables(report)
