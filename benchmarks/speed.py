@@ -333,9 +333,95 @@ def run(args) -> dict:
     return results
 
 
+MS = 1000.0  # seconds to milliseconds
+
+
+def median_ms(seconds: list[float], digits: int = 1) -> str:
+    return f"{statistics.median(seconds) * MS:.{digits}f}"
+
+
+def target_rows(backbones: dict) -> list[list]:
+    """Two rows per backbone: the training-step ratio and the sampling-step ratio, each against its target."""
+    rows = []
+    for name, r in backbones.items():
+        for quantity, ratio, target in (
+            ("training step, VRFM / RF", r["train_ratio"], TRAIN_TARGET),
+            (
+                "sampling step, VRFMPipeline (VRFM) / FlowMatchEuler + bare backbone",
+                r["sample_ratio_vs_bare"],
+                SAMPLE_TARGET,
+            ),
+        ):
+            rows.append([name, quantity, f"{ratio:.3f}x", f"<= {target}x", "met" if ratio <= target else "NOT met"])
+    return rows
+
+
+def training_table(backbones: dict) -> str:
+    header = ["backbone", "RF step ms", "VRFM step ms", "VRFM / RF"]
+    header += ["posterior alone ms (fwd + bwd + Adam)", "posterior alone / RF step"]
+    rows = [
+        [
+            name,
+            median_ms(r["train_seconds"]["rf"]),
+            median_ms(r["train_seconds"]["vrfm"]),
+            f"{r['train_ratio']:.3f}x",
+            median_ms(r["train_seconds"]["posterior_only"]),
+            f"{r['posterior_share']:.3f}x",
+        ]
+        for name, r in backbones.items()
+    ]
+    return markdown_table(header, rows)
+
+
+def sampling_table(backbones: dict) -> str:
+    variants = {  # column -> the key of its per-step times
+        "diffusers FM + bare backbone ms": "diffusers_fm_bare_backbone",
+        "diffusers FM + RF wrapper ms": "diffusers_fm_rf_wrapper",
+        "VRFMPipeline RF ms": "rf_pipeline",
+        "VRFMPipeline VRFM ms": "vrfm_pipeline",
+    }
+    ratios = {
+        "VRFM / bare": "sample_ratio_vs_bare",
+        "VRFM / RF wrapper": "sample_ratio_vs_wrapper",
+        "VRFM / RF pipeline": "sample_ratio_vrfm_vs_rf_pipeline",
+    }
+    header = ["backbone", *variants, *ratios, "max |pipeline - diffusers loop| (RF)"]
+    rows = [
+        [name]
+        + [median_ms(r["sample_seconds_per_step"][key], digits=2) for key in variants.values()]
+        + [f"{r[key]:.3f}x" for key in ratios.values()]
+        + [f"{r['converter_max_abs_diff']:.1e}"]
+        for name, r in backbones.items()
+    ]
+    return markdown_table(header, rows)
+
+
+def parameters_table(backbones: dict) -> str:
+    header = ["backbone", "bare backbone", "RF velocity net", "VRFM velocity net"]
+    header += [
+        "of which z paths (MLP, map, map's input weights)",
+        "posterior (training only)",
+        "VRFM total in training",
+    ]
+    rows = []
+    for name, r in backbones.items():
+        p = r["params"]
+        rows.append(
+            [
+                name,
+                p["bare_backbone"],
+                p["velocity_rf"],
+                p["velocity_vrfm"],
+                p["z_paths"],
+                p["posterior"],
+                p["velocity_vrfm"] + p["posterior"],
+            ]
+        )
+    return markdown_table(header, rows)
+
+
 def render_report(results: dict) -> str:
-    meta = results["meta"]
-    ms = 1000.0
+    meta, backbones = results["meta"], results["backbones"]
     lines = [
         "# Speed and overhead: VRFM vs RF on the same backbones",
         "",
@@ -346,126 +432,16 @@ def render_report(results: dict) -> str:
         f"a z map of {meta.get('z_map_channels', 0)} channel(s), posterior q({', '.join(meta['posterior_inputs'])}) "
         "(`VRFMConvPosteriorEncoder`). Times are medians over rounds; ratios are medians of per-round ratios.",
         f"- Total wall time: {meta['total_seconds']:.0f} s.",
-        "",
-        "## Targets",
-        "",
     ]
-    rows = []
-    for name, r in results["backbones"].items():
-        rows.append(
-            [
-                name,
-                "training step, VRFM / RF",
-                f"{r['train_ratio']:.3f}x",
-                f"<= {TRAIN_TARGET}x",
-                "met" if r["train_ratio"] <= TRAIN_TARGET else "NOT met",
-            ]
-        )
-        rows.append(
-            [
-                name,
-                "sampling step, VRFMPipeline (VRFM) / FlowMatchEuler + bare backbone",
-                f"{r['sample_ratio_vs_bare']:.3f}x",
-                f"<= {SAMPLE_TARGET}x",
-                "met" if r["sample_ratio_vs_bare"] <= SAMPLE_TARGET else "NOT met",
-            ]
-        )
-    lines += [markdown_table(["backbone", "quantity", "ratio", "target", "status"], rows), ""]
-
-    lines += ["## Training step", ""]
-    rows = []
-    for name, r in results["backbones"].items():
-        t = r["train_seconds"]
-        rows.append(
-            [
-                name,
-                f"{statistics.median(t['rf']) * ms:.1f}",
-                f"{statistics.median(t['vrfm']) * ms:.1f}",
-                f"{r['train_ratio']:.3f}x",
-                f"{statistics.median(t['posterior_only']) * ms:.1f}",
-                f"{r['posterior_share']:.3f}x",
-            ]
-        )
-    lines += [
-        markdown_table(
-            [
-                "backbone",
-                "RF step ms",
-                "VRFM step ms",
-                "VRFM / RF",
-                "posterior alone ms (fwd + bwd + Adam)",
-                "posterior alone / RF step",
-            ],
-            rows,
-        ),
-        "",
-        "## Sampling, per Euler step",
-        "",
-    ]
-    rows = []
-    for name, r in results["backbones"].items():
-        s = r["sample_seconds_per_step"]
-        rows.append(
-            [
-                name,
-                f"{statistics.median(s['diffusers_fm_bare_backbone']) * ms:.2f}",
-                f"{statistics.median(s['diffusers_fm_rf_wrapper']) * ms:.2f}",
-                f"{statistics.median(s['rf_pipeline']) * ms:.2f}",
-                f"{statistics.median(s['vrfm_pipeline']) * ms:.2f}",
-                f"{r['sample_ratio_vs_bare']:.3f}x",
-                f"{r['sample_ratio_vs_wrapper']:.3f}x",
-                f"{r['sample_ratio_vrfm_vs_rf_pipeline']:.3f}x",
-                f"{r['converter_max_abs_diff']:.1e}",
-            ]
-        )
-    lines += [
-        markdown_table(
-            [
-                "backbone",
-                "diffusers FM + bare backbone ms",
-                "diffusers FM + RF wrapper ms",
-                "VRFMPipeline RF ms",
-                "VRFMPipeline VRFM ms",
-                "VRFM / bare",
-                "VRFM / RF wrapper",
-                "VRFM / RF pipeline",
-                "max |pipeline - diffusers loop| (RF)",
-            ],
-            rows,
-        ),
-        "",
-        "## Parameters",
-        "",
-    ]
-    rows = [
-        [
-            name,
-            r["params"]["bare_backbone"],
-            r["params"]["velocity_rf"],
-            r["params"]["velocity_vrfm"],
-            r["params"]["z_paths"],
-            r["params"]["posterior"],
-            r["params"]["velocity_vrfm"] + r["params"]["posterior"],
-        ]
-        for name, r in results["backbones"].items()
-    ]
-    lines += [
-        markdown_table(
-            [
-                "backbone",
-                "bare backbone",
-                "RF velocity net",
-                "VRFM velocity net",
-                "of which z paths (MLP, map, map's input weights)",
-                "posterior (training only)",
-                "VRFM total in training",
-            ],
-            rows,
-        ),
-        "",
-        "Figure: `speed.png` (per-round times of every variant).",
-        "",
-    ]
+    sections = {
+        "Targets": markdown_table(["backbone", "quantity", "ratio", "target", "status"], target_rows(backbones)),
+        "Training step": training_table(backbones),
+        "Sampling, per Euler step": sampling_table(backbones),
+        "Parameters": parameters_table(backbones),
+    }
+    for title, table in sections.items():
+        lines += ["", f"## {title}", "", table]
+    lines += ["", "Figure: `speed.png` (per-round times of every variant).", ""]
     return "\n".join(lines)
 
 

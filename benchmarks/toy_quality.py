@@ -298,11 +298,88 @@ def evaluate_targets(results: dict, tasks: list[str]) -> list[dict]:
     return rows
 
 
+DIAGNOSTIC_COLUMNS = {  # column -> the key path of the posterior diagnostic in a run's metrics
+    "KL nats": ("posterior", "kl"),
+    "active units": ("posterior", "active_units"),
+    "|E mu|": ("posterior", "mu_mean_norm"),
+    "Var mu": ("posterior", "mu_var"),
+    "E sigma^2": ("posterior", "sigma2"),
+    "aggregate var": ("posterior", "aggregate_var"),
+    "MMD^2 q vs prior": ("posterior", "mmd"),
+    "MMD^2 floor": ("posterior", "mmd_floor"),
+    "z-spread": ("z_spread",),
+}
+
+
+def targets_section(results: dict) -> list[str]:
+    """The targets table (empty when no target applies to the tasks run)."""
+    target_rows = evaluate_targets(results, list(results["tasks"]))
+    if not target_rows:
+        return []
+    table = []
+    for row in target_rows:
+        rule = f"<= {row['threshold']:g}x {row['baseline']}" if row["threshold"] != 1 else f"<= {row['baseline']}"
+        ratio = f"{row['ratio']:.2f}x"
+        status = "met" if row["met"] else "NOT met"
+        table.append([row["task"], row["nfe"], f"{row['vrfm']:.3f}", f"{row['baseline_w2']:.3f}", ratio, rule, status])
+    header = ["task", "NFE", "VRFM W2", "baseline W2", "ratio", "target", "status"]
+    return ["## Targets", "", markdown_table(header, table), ""]
+
+
+def metric_table(methods: dict, keys: list[str], metric: str, column: str) -> str:
+    """One column per NFE of `metric` (e.g. "sw2"), one row per method."""
+    rows = [[label] + [format_mean_std(collect(m["runs"], (metric, k))) for k in keys] for label, m in methods.items()]
+    return markdown_table(["method"] + [f"{column} {k}" for k in keys], rows)
+
+
+def task_section(task_name: str, task_result: dict, eval_config: EvalConfig) -> list[str]:
+    """One task's tables: W2 and the run's figures, sliced W2, the on-mode fraction, the posterior diagnostics."""
+    keys, methods = nfe_keys(eval_config), task_result["methods"]
+    floor, floor_std = mean_std(task_result["floor"])
+    lines = [
+        f"## {task_name}",
+        "",
+        f"Sampling floor (target vs target, {eval_config.num_samples} vs {eval_config.num_samples}): "
+        f"W2 = {floor:.3f} ± {floor_std:.3f}.",
+        "",
+    ]
+    headers = ["method", "settings"] + [f"W2 NFE {k}" if k != "dopri5" else "W2 dopri5" for k in keys]
+    headers += ["dopri5 NFE", "straightness", "train s", "params (velocity + posterior)"]
+    rows = []
+    for label, method in methods.items():
+        runs = method["runs"]
+        row = [label, method["settings"]]
+        row += [format_mean_std(collect(runs, ("w2", k))) for k in keys]
+        row.append(format_mean_std(collect(runs, ("dopri5_nfe",)), 3) if eval_config.dopri5 else "n/a")
+        row.append(format_mean_std(collect(runs, ("straightness",))))
+        row.append(f"{mean_std(collect(runs, ('train_seconds',)))[0]:.1f}")
+        row.append(f"{method['params_velocity']} + {method['params_posterior']}")
+        rows.append(row)
+    lines += [markdown_table(headers, rows), ""]
+    lines += ["Sliced W2:", "", metric_table(methods, keys, "sw2", "SW2"), ""]
+    if task_result["has_modes"]:
+        lines += ["Fraction of samples within 3 std of a target mode (1 = all on a mode):", ""]
+        lines += [metric_table(methods, keys, "on_mode", "on-mode"), ""]
+    diag_rows = [
+        [label] + [format_mean_std(collect(method["runs"], path)) for path in DIAGNOSTIC_COLUMNS.values()]
+        for label, method in methods.items()
+        if collect(method["runs"], ("posterior", "kl"))
+    ]
+    if diag_rows:
+        lines += [
+            "Posterior diagnostics (prior hole; a matched aggregate posterior has |E mu| = 0, aggregate var = 1 "
+            "and MMD at its floor; z-spread = Var_z v(x_t, t, z), 0 means z is ignored):",
+            "",
+            markdown_table(["method", *DIAGNOSTIC_COLUMNS], diag_rows),
+            "",
+        ]
+    return lines
+
+
 def render_report(results: dict) -> str:
     """The markdown report of a toy run."""
     meta, eval_config = results["meta"], EvalConfig(**results["meta"]["eval"])
     train = results["meta"]["train"]
-    keys = nfe_keys(eval_config)
     lines = [
         "# Toy quality: VRFM vs RF vs I-CFM vs OT-CFM",
         "",
@@ -324,104 +401,9 @@ def render_report(results: dict) -> str:
         f"- Total wall time: {meta.get('total_seconds', float('nan')):.0f} s (summed over resumed invocations).",
         "",
     ]
-    target_rows = evaluate_targets(results, list(results["tasks"]))
-    if target_rows:
-        lines += ["## Targets", ""]
-        table = []
-        for row in target_rows:
-            rule = f"<= {row['threshold']:g}x {row['baseline']}" if row["threshold"] != 1 else f"<= {row['baseline']}"
-            table.append(
-                [
-                    row["task"],
-                    row["nfe"],
-                    f"{row['vrfm']:.3f}",
-                    f"{row['baseline_w2']:.3f}",
-                    f"{row['ratio']:.2f}x",
-                    rule,
-                    "met" if row["met"] else "NOT met",
-                ]
-            )
-        lines += [markdown_table(["task", "NFE", "VRFM W2", "baseline W2", "ratio", "target", "status"], table), ""]
-
+    lines += targets_section(results)
     for task_name, task_result in results["tasks"].items():
-        floor, floor_std = mean_std(task_result["floor"])
-        lines += [
-            f"## {task_name}",
-            "",
-            f"Sampling floor (target vs target, {eval_config.num_samples} vs {eval_config.num_samples}): "
-            f"W2 = {floor:.3f} ± {floor_std:.3f}.",
-            "",
-        ]
-        headers = ["method", "settings"] + [f"W2 NFE {k}" if k != "dopri5" else "W2 dopri5" for k in keys]
-        headers += ["dopri5 NFE", "straightness", "train s", "params (velocity + posterior)"]
-        rows = []
-        for label, method in task_result["methods"].items():
-            runs = method["runs"]
-            row = [label, method["settings"]]
-            row += [format_mean_std(collect(runs, ("w2", k))) for k in keys]
-            row.append(format_mean_std(collect(runs, ("dopri5_nfe",)), 3) if eval_config.dopri5 else "n/a")
-            row.append(format_mean_std(collect(runs, ("straightness",))))
-            row.append(f"{mean_std(collect(runs, ('train_seconds',)))[0]:.1f}")
-            row.append(f"{method['params_velocity']} + {method['params_posterior']}")
-            rows.append(row)
-        lines += [markdown_table(headers, rows), ""]
-        sw_rows = [
-            [label] + [format_mean_std(collect(m["runs"], ("sw2", k))) for k in keys]
-            for label, m in task_result["methods"].items()
-        ]
-        lines += ["Sliced W2:", "", markdown_table(["method"] + [f"SW2 {k}" for k in keys], sw_rows), ""]
-        if task_result["has_modes"]:
-            mode_rows = [
-                [label] + [format_mean_std(collect(m["runs"], ("on_mode", k))) for k in keys]
-                for label, m in task_result["methods"].items()
-            ]
-            lines += [
-                "Fraction of samples within 3 std of a target mode (1 = all on a mode):",
-                "",
-                markdown_table(["method"] + [f"on-mode {k}" for k in keys], mode_rows),
-                "",
-            ]
-        diag_rows = []
-        for label, method in task_result["methods"].items():
-            runs = method["runs"]
-            if not collect(runs, ("posterior", "kl")):
-                continue
-            diag_rows.append(
-                [
-                    label,
-                    format_mean_std(collect(runs, ("posterior", "kl"))),
-                    format_mean_std(collect(runs, ("posterior", "active_units"))),
-                    format_mean_std(collect(runs, ("posterior", "mu_mean_norm"))),
-                    format_mean_std(collect(runs, ("posterior", "mu_var"))),
-                    format_mean_std(collect(runs, ("posterior", "sigma2"))),
-                    format_mean_std(collect(runs, ("posterior", "aggregate_var"))),
-                    format_mean_std(collect(runs, ("posterior", "mmd"))),
-                    format_mean_std(collect(runs, ("posterior", "mmd_floor"))),
-                    format_mean_std(collect(runs, ("z_spread",))),
-                ]
-            )
-        if diag_rows:
-            lines += [
-                "Posterior diagnostics (prior hole; a matched aggregate posterior has |E mu| = 0, aggregate var = 1 "
-                "and MMD at its floor; z-spread = Var_z v(x_t, t, z), 0 means z is ignored):",
-                "",
-                markdown_table(
-                    [
-                        "method",
-                        "KL nats",
-                        "active units",
-                        "|E mu|",
-                        "Var mu",
-                        "E sigma^2",
-                        "aggregate var",
-                        "MMD^2 q vs prior",
-                        "MMD^2 floor",
-                        "z-spread",
-                    ],
-                    diag_rows,
-                ),
-                "",
-            ]
+        lines += task_section(task_name, task_result, eval_config)
     lines += [
         "Figures: `toy_w2_vs_nfe.png` (W2 against NFE for every configuration, floor dashed), "
         "`toy_trajectories.png` (RF vs VRFM paths, first seed), `toy_samples.png` (samples at NFE 1, 2, 100).",
