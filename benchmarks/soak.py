@@ -268,6 +268,49 @@ def run(args) -> dict:
     return results
 
 
+SUMMARY_COLUMNS = {  # column after the backbone's -> its cell, from a run `r` and its analysis `a`
+    "steps": lambda r, a: r["steps_completed"],
+    "checkpoints written": lambda r, a: r["checkpoints_written"],
+    "validations written": lambda r, a: r["validations_written"],
+    "wall s": lambda r, a: f"{r['wall_seconds']:.0f}",
+    "peak RSS, first window (MiB)": lambda r, a: f"{a['rss_peak_first_window_mib']:.1f}",
+    "peak RSS, last window (MiB)": lambda r, a: f"{a['rss_peak_last_window_mib']:.1f}",
+    "growth": lambda r, a: f"{a['rss_growth_ratio']:.3f}x",
+    "growth, second half": lambda r, a: f"{a['rss_growth_ratio_second_half']:.3f}x",
+    "VmHWM after first window (MiB)": lambda r, a: f"{a['hwm_after_first_window_mib']:.1f}",
+    "VmHWM after last window (MiB)": lambda r, a: f"{a['hwm_after_last_window_mib']:.1f}",
+    "ru_maxrss at exit (MiB)": lambda r, a: f"{a['max_rss_mib_rusage']:.1f}",
+    "RSS slope, second half (MiB / 1000 steps)": lambda r, a: f"{a['rss_slope_mib_per_1000_steps_second_half']:+.2f}",
+    "memory": lambda r, a: "flat" if a["flat"] else "NOT flat",
+}
+
+
+def summary_table(runs: dict) -> str:
+    rows = [[name] + [cell(r, r["analysis"]) for cell in SUMMARY_COLUMNS.values()] for name, r in runs.items()]
+    return markdown_table(["backbone", *SUMMARY_COLUMNS], rows)
+
+
+def windows_section(name: str, r: dict) -> list[str]:
+    """One backbone's RSS window by window of steps."""
+    a = r["analysis"]
+    header = ["window", "steps", "samples", "mean RSS (MiB)", "peak RSS (MiB)", "VmHWM at window end (MiB)"]
+    rows = [
+        [w["window"], w["steps"], w["num_samples"]]
+        + [f"{w[key]:.1f}" for key in ("rss_mean_mib", "rss_peak_mib", "hwm_end_mib")]
+        for w in a["windows"]
+    ]
+    return [
+        f"## {name}: RSS by window of steps",
+        "",
+        f"Start-up (before the first logged step) peak {a['startup_rss_peak_mib']:.1f} MiB; finish (after the "
+        f"last step) peak {a['finish_rss_peak_mib']:.1f} MiB; {a['num_samples']} samples; mean training loss "
+        f"{r['loss_first_50']:.4f} over the first 50 steps, {r['loss_last_50']:.4f} over the last 50.",
+        "",
+        markdown_table(header, rows),
+        "",
+    ]
+
+
 def render_report(results: dict) -> str:
     meta = results["meta"]
     lines = [
@@ -290,79 +333,15 @@ def render_report(results: dict) -> str:
         "## Summary",
         "",
     ]
-    rows = []
-    for name, r in results["runs"].items():
-        a = r["analysis"]
-        rows.append(
-            [
-                name,
-                r["steps_completed"],
-                r["checkpoints_written"],
-                r["validations_written"],
-                f"{r['wall_seconds']:.0f}",
-                f"{a['rss_peak_first_window_mib']:.1f}",
-                f"{a['rss_peak_last_window_mib']:.1f}",
-                f"{a['rss_growth_ratio']:.3f}x",
-                f"{a['rss_growth_ratio_second_half']:.3f}x",
-                f"{a['hwm_after_first_window_mib']:.1f}",
-                f"{a['hwm_after_last_window_mib']:.1f}",
-                f"{a['max_rss_mib_rusage']:.1f}",
-                f"{a['rss_slope_mib_per_1000_steps_second_half']:+.2f}",
-                "flat" if a["flat"] else "NOT flat",
-            ]
-        )
     lines += [
-        markdown_table(
-            [
-                "backbone",
-                "steps",
-                "checkpoints written",
-                "validations written",
-                "wall s",
-                "peak RSS, first window (MiB)",
-                "peak RSS, last window (MiB)",
-                "growth",
-                "growth, second half",
-                "VmHWM after first window (MiB)",
-                "VmHWM after last window (MiB)",
-                "ru_maxrss at exit (MiB)",
-                "RSS slope, second half (MiB / 1000 steps)",
-                "memory",
-            ],
-            rows,
-        ),
+        summary_table(results["runs"]),
         "",
         "`ru_maxrss` includes the end of the run (the pipeline save, the final samples and, for the MLP, the toy "
         "metrics on 1000 samples), which comes after the last window.",
         "",
     ]
     for name, r in results["runs"].items():
-        a = r["analysis"]
-        lines += [
-            f"## {name}: RSS by window of steps",
-            "",
-            f"Start-up (before the first logged step) peak {a['startup_rss_peak_mib']:.1f} MiB; finish (after the "
-            f"last step) peak {a['finish_rss_peak_mib']:.1f} MiB; {a['num_samples']} samples; mean training loss "
-            f"{r['loss_first_50']:.4f} over the first 50 steps, {r['loss_last_50']:.4f} over the last 50.",
-            "",
-        ]
-        rows = [
-            [
-                w["window"],
-                w["steps"],
-                w["num_samples"],
-                f"{w['rss_mean_mib']:.1f}",
-                f"{w['rss_peak_mib']:.1f}",
-                f"{w['hwm_end_mib']:.1f}",
-            ]
-            for w in a["windows"]
-        ]
-        lines += [
-            markdown_table(
-                ["window", "steps", "samples", "mean RSS (MiB)", "peak RSS (MiB)", "VmHWM at window end (MiB)"], rows
-            ),
-            "",
-        ]
+        lines += windows_section(name, r)
     lines += ["Figure: `soak.png` (RSS and VmHWM against the step, per backbone).", ""]
     return "\n".join(lines)
 
