@@ -676,9 +676,9 @@ def target_rows(results: dict) -> list[list[str]]:
     return rows
 
 
-def render_report(results: dict) -> str:
+def header_lines(results: dict) -> list[str]:
+    """The report's title and what was run: command, machine, data, training, sampler, metric."""
     meta = results["meta"]
-    nfes = [str(n) for n in meta["nfes"]]
     seconds = {
         key: mean_std([m["training wall time (s)"] for m in runs.values()])[0]
         for key, runs in results["train"].items()
@@ -691,7 +691,7 @@ def render_report(results: dict) -> str:
         if meta.get("rf_train_command")  # joined runs that trained RF with other flags
         else f"`{meta['train_command']}`, plus `--latent_dim 0` for RF"
     )
-    lines = [
+    return [
         f"# Image quality on {meta['dataset']}: VRFM vs RF (train_vrfm.py, same {backbone_name}, same steps)",
         "",
         f"- Command: `{meta['command']}`" + (" **QUICK smoke run: not a result.**" if meta["quick"] else ""),
@@ -729,17 +729,28 @@ def render_report(results: dict) -> str:
         f"- Total wall time: {meta.get('total_seconds', float('nan')):.0f} s.",
         "",
     ]
+
+
+def fd_section(results: dict, methods: list[str], nfes: list[str]) -> list[str]:
+    """The FD table: a row per method, then each VRFM row's ratio to RF."""
+    rows = [[METHOD_LABELS[key], *[format_mean_std(cell_values(results, key, n)) for n in nfes]] for key in methods]
+    for key in methods[1:] if "rf" in results["fd"] else []:
+        ratios = [mean_std(cell_values(results, key, n))[0] / mean_std(cell_values(results, "rf", n))[0] for n in nfes]
+        rows.append([f"{METHOD_LABELS[key]} / RF", *[f"{r:.2f}x" for r in ratios]])
+    header = ["method", *[f"NFE {n}" for n in nfes]]
+    return ["## Classifier-feature Fréchet distance (lower is better)", "", markdown_table(header, rows), ""]
+
+
+def render_report(results: dict) -> str:
+    meta = results["meta"]
+    nfes = [str(n) for n in meta["nfes"]]
+    lines = header_lines(results)
     targets = target_rows(results)
     if targets:
         headers = ["quantity", "VRFM", "RF", "ratio", "target", "status"]
         lines += ["## Targets (issue 13, means over seeds)", "", markdown_table(headers, targets), ""]
     methods = [key for key in METHOD_LABELS if key in results["fd"]]
-    rows = [[METHOD_LABELS[key], *[format_mean_std(cell_values(results, key, n)) for n in nfes]] for key in methods]
-    for key in methods[1:] if "rf" in results["fd"] else []:
-        ratios = [mean_std(cell_values(results, key, n))[0] / mean_std(cell_values(results, "rf", n))[0] for n in nfes]
-        rows.append([f"{METHOD_LABELS[key]} / RF", *[f"{r:.2f}x" for r in ratios]])
-    lines += ["## Classifier-feature Fréchet distance (lower is better)", ""]
-    lines += [markdown_table(["method", *[f"NFE {n}" for n in nfes]], rows), ""]
+    lines += fd_section(results, methods, nfes)
     if results.get("inception"):
         inc = results["inception"]
         inc_nfes = [str(n) for n in meta["inception_nfe"] if str(n) in nfes]
