@@ -358,6 +358,50 @@ class VRFMLossOutput:
     kl_per_dim: torch.Tensor
 
 
+def _checked_loss_inputs(
+    velocity_pred, velocity_target, posterior_mean, posterior_logvar, prior_mean, prior_logvar, beta, free_bits
+) -> tuple[float | torch.Tensor, float]:
+    """Checks `vrfm_loss`'s tensors (shapes that agree, the posterior and the prior each given as a pair) and numbers;
+    returns `beta` (a float, or the training loop's 0-d tensor, unread) and `free_bits` (a float)."""
+    check_tensor(velocity_pred, "velocity_pred")
+    check_tensor(velocity_target, "velocity_target")
+    if velocity_pred.shape != velocity_target.shape:
+        raise ValueError(
+            f"`velocity_pred` and `velocity_target` must have the same shape, but got {tuple(velocity_pred.shape)} "
+            f"and {tuple(velocity_target.shape)}."
+        )
+    if velocity_pred.ndim == 0 or velocity_pred.shape[0] == 0:
+        raise ValueError(
+            f"`velocity_pred` must have shape (B, ...) with B >= 1, but got {tuple(velocity_pred.shape)}."
+        )
+    if isinstance(beta, torch.Tensor):  # the training loop's adapted beta: its value stays on the device, unread
+        check_tensor(beta, "beta")
+        if beta.ndim != 0:
+            raise ValueError(f"`beta` must be a number or a 0-d tensor, but got shape {tuple(beta.shape)}.")
+    else:
+        beta = check_real(beta, "beta", minimum=0.0)  # a float: an int beyond int64 would not multiply a tensor
+    free_bits = check_real(free_bits, "free_bits", 0.0, torch.finfo(torch.float32).max)  # the floor is float32
+    if (posterior_mean is None) != (posterior_logvar is None):
+        raise ValueError("`posterior_mean` and `posterior_logvar` must be given together.")
+    if posterior_mean is None and (prior_mean is not None or prior_logvar is not None):
+        raise ValueError("`prior_mean` and `prior_logvar` need a posterior (`posterior_mean`, `posterior_logvar`).")
+    for name, value in (
+        ("posterior_mean", posterior_mean),
+        ("posterior_logvar", posterior_logvar),
+        ("prior_mean", prior_mean),
+        ("prior_logvar", prior_logvar),
+    ):
+        if value is None:
+            continue
+        check_tensor(value, name)
+        if value.ndim != 2 or value.shape[0] != velocity_pred.shape[0] or value.shape != posterior_mean.shape:
+            raise ValueError(
+                f"`{name}` must have shape ({velocity_pred.shape[0]}, latent_dim) like `posterior_mean` "
+                f"{tuple(posterior_mean.shape)}, but got {tuple(value.shape)}."
+            )
+    return beta, free_bits
+
+
 def vrfm_loss(
     velocity_pred: torch.Tensor,
     velocity_target: torch.Tensor,
@@ -396,30 +440,11 @@ def vrfm_loss(
     (2.0, 2.0, 0.0)
     ```
     """
-    check_tensor(velocity_pred, "velocity_pred")
-    check_tensor(velocity_target, "velocity_target")
-    if velocity_pred.shape != velocity_target.shape:
-        raise ValueError(
-            f"`velocity_pred` and `velocity_target` must have the same shape, but got {tuple(velocity_pred.shape)} "
-            f"and {tuple(velocity_target.shape)}."
-        )
-    if velocity_pred.ndim == 0 or velocity_pred.shape[0] == 0:
-        raise ValueError(
-            f"`velocity_pred` must have shape (B, ...) with B >= 1, but got {tuple(velocity_pred.shape)}."
-        )
     if not isinstance(reduction, str) or reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {LOSS_REDUCTIONS}, but got {reduction!r}.")
-    if isinstance(beta, torch.Tensor):  # the training loop's adapted beta: its value stays on the device, unread
-        check_tensor(beta, "beta")
-        if beta.ndim != 0:
-            raise ValueError(f"`beta` must be a number or a 0-d tensor, but got shape {tuple(beta.shape)}.")
-    else:
-        beta = check_real(beta, "beta", minimum=0.0)  # a float: an int beyond int64 would not multiply a tensor
-    free_bits = check_real(free_bits, "free_bits", 0.0, torch.finfo(torch.float32).max)  # the floor is float32
-    if (posterior_mean is None) != (posterior_logvar is None):
-        raise ValueError("`posterior_mean` and `posterior_logvar` must be given together.")
-    if posterior_mean is None and (prior_mean is not None or prior_logvar is not None):
-        raise ValueError("`prior_mean` and `prior_logvar` need a posterior (`posterior_mean`, `posterior_logvar`).")
+    beta, free_bits = _checked_loss_inputs(
+        velocity_pred, velocity_target, posterior_mean, posterior_logvar, prior_mean, prior_logvar, beta, free_bits
+    )
 
     batch_size = velocity_pred.shape[0]
     num_data_dims = velocity_pred[0].numel()
@@ -430,20 +455,6 @@ def vrfm_loss(
         zero = mse.new_zeros(())
         kl, kl_per_dim, kl_for_loss = zero, mse.new_zeros((0,)), zero
     else:
-        for name, value in (
-            ("posterior_mean", posterior_mean),
-            ("posterior_logvar", posterior_logvar),
-            ("prior_mean", prior_mean),
-            ("prior_logvar", prior_logvar),
-        ):
-            if value is None:
-                continue
-            check_tensor(value, name)
-            if value.ndim != 2 or value.shape[0] != batch_size or value.shape != posterior_mean.shape:
-                raise ValueError(
-                    f"`{name}` must have shape ({batch_size}, latent_dim) like `posterior_mean` "
-                    f"{tuple(posterior_mean.shape)}, but got {tuple(value.shape)}."
-                )
         kl_matrix = gaussian_kl(posterior_mean.float(), posterior_logvar.float(), prior_mean, prior_logvar)
         kl_per_dim = kl_matrix.mean(dim=0)
         kl = kl_per_dim.sum()
