@@ -315,6 +315,33 @@ class VRFMScheduler(SchedulerMixin, ConfigMixin):
             generator: unused (the solvers are deterministic); accepted for diffusers compatibility.
             return_dict (`bool`): return a [`VRFMSchedulerOutput`] rather than a tuple.
         """
+        self._check_step_inputs(model_output, timestep, sample)
+        solver = self.config.solver
+        interval = self._step_index // self.evals_per_step
+        t_start, t_end = self.time_grid[interval], self.time_grid[interval + 1]
+        h = (t_end - t_start).to(sample.dtype)
+        velocity = model_output.to(sample.dtype)
+        is_first_stage = solver != "euler" and self._step_index % 2 == 0
+
+        if solver == "euler":
+            prev_sample = sample + h * velocity
+        elif is_first_stage:
+            self._stage_sample, self._stage_velocity = sample, velocity
+            prev_sample = sample + (h if solver == "heun" else h / 2) * velocity
+        elif solver == "heun":
+            prev_sample = self._stage_sample + h / 2 * (self._stage_velocity + velocity)
+        else:  # midpoint
+            prev_sample = self._stage_sample + h * velocity
+        if not is_first_stage:
+            self._stage_sample, self._stage_velocity = None, None
+        self._step_index += 1
+
+        if not return_dict:
+            return (prev_sample,)
+        return VRFMSchedulerOutput(prev_sample=prev_sample, is_step_complete=not is_first_stage)
+
+    def _check_step_inputs(self, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> None:
+        """`step`'s checks: a schedule set and not used up, a velocity like `sample`, and the scheduled time."""
         if self.timesteps is None:
             raise ValueError("Call `set_timesteps` before `step`.")
         check_tensor(model_output, "model_output")
@@ -348,30 +375,6 @@ class VRFMScheduler(SchedulerMixin, ConfigMixin):
                 f"`timestep` must be {expected.item():.6f} (self.timesteps[{self._step_index}]), but got "
                 f"{timestep.flatten()[:4].tolist()}; the model must be evaluated at the scheduled times in order."
             )
-
-        solver = self.config.solver
-        interval = self._step_index // self.evals_per_step
-        t_start, t_end = self.time_grid[interval], self.time_grid[interval + 1]
-        h = (t_end - t_start).to(sample.dtype)
-        velocity = model_output.to(sample.dtype)
-        is_first_stage = solver != "euler" and self._step_index % 2 == 0
-
-        if solver == "euler":
-            prev_sample = sample + h * velocity
-        elif is_first_stage:
-            self._stage_sample, self._stage_velocity = sample, velocity
-            prev_sample = sample + (h if solver == "heun" else h / 2) * velocity
-        elif solver == "heun":
-            prev_sample = self._stage_sample + h / 2 * (self._stage_velocity + velocity)
-        else:  # midpoint
-            prev_sample = self._stage_sample + h * velocity
-        if not is_first_stage:
-            self._stage_sample, self._stage_velocity = None, None
-        self._step_index += 1
-
-        if not return_dict:
-            return (prev_sample,)
-        return VRFMSchedulerOutput(prev_sample=prev_sample, is_step_complete=not is_first_stage)
 
     def integrate_adaptive(
         self,
