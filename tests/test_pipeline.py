@@ -1,3 +1,4 @@
+import collections
 import inspect
 import json
 import os
@@ -7,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from device_waits import HOST_READS, DeviceWaits
 
 from diffusers_vrfm import VRFMMLPModel, VRFMPipeline, VRFMPosteriorEncoder, VRFMScheduler
 from diffusers_vrfm.hub import remote_code_line
@@ -119,6 +121,30 @@ def test_classifier_free_guidance():
     assert torch.equal(conditional.samples, unguided.samples)
     assert not torch.allclose(guided.samples, conditional.samples)
     assert guided.num_function_evals == 2
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "heun", "diffusers FlowMatchEuler"])
+def test_a_sampling_step_makes_the_host_wait_for_nothing(scheduler, monkeypatch):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = make_pipeline(num_classes=3, solver="heun" if scheduler == "heun" else "euler")
+    if scheduler.startswith("diffusers"):
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler()
+    pipe.set_progress_bar_config(disable=True)
+    waits = []
+    for name in HOST_READS:  # what reads host memory without an operator
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=getattr(torch.Tensor, name), _n=name, **k: (
+            waits.append(f"read of a tensor ({_n})"), _f(self, *a, **k))[1])  # fmt: skip
+    per_call = {}
+    for steps in (2, 8):
+        waits.clear()
+        with DeviceWaits(waits, {"on": True}):
+            pipe(batch_size=3, num_inference_steps=steps, class_labels=[0, 1, 2], guidance_scale=2.0)
+        per_call[steps] = collections.Counter(waits)
+    # A few per call (the grid's checks, the labels' range, the end point's finiteness), none per step: on a GPU the
+    # sampling loop queues its steps without waiting for them.
+    assert per_call[2] == per_call[8], per_call
+    assert 0 < sum(per_call[8].values()) < 10, "the counter sees the per-call checks, and only those"
 
 
 @pytest.mark.parametrize(

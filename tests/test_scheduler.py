@@ -148,6 +148,22 @@ def test_step_refuses_wrong_time_and_extra_calls():
         VRFMScheduler().step(x, 0.0, x)
 
 
+def test_the_schedules_own_time_is_taken_unread_and_any_other_is_compared():
+    from diffusers_vrfm.schedulers.scheduling_vrfm import is_entry_of_schedule
+
+    scheduler = VRFMScheduler()
+    scheduler.set_timesteps(4)
+    entry = scheduler.timesteps[0]
+    assert is_entry_of_schedule(entry, entry) and is_entry_of_schedule(entry.expand(3), entry)
+    assert not is_entry_of_schedule(scheduler.timesteps[0:3], entry), "a slice holds later times after the first"
+    assert not is_entry_of_schedule(entry.clone(), entry) and not is_entry_of_schedule(0.0, entry)
+    x = torch.zeros(3, 2)
+    with pytest.raises(ValueError, match="`timestep` must be 0.000000"):
+        scheduler.step(x, scheduler.timesteps[0:3], x)  # starts at the entry in memory, yet is compared
+    x = scheduler.step(x, entry.expand(3), x).prev_sample
+    assert scheduler.step_index == 1
+
+
 @pytest.mark.parametrize("solver", ["euler", "heun", "midpoint"])
 def test_dict_and_tuple_outputs_match(solver):
     a, b = VRFMScheduler(solver=solver), VRFMScheduler(solver=solver)

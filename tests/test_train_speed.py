@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from torch.utils._python_dispatch import TorchDispatchMode
+from device_waits import HOST_READS, DeviceWaits
 from train_helpers import (
     FAST,
     TINY_POSTERIOR,
@@ -328,63 +328,12 @@ def test_torch_compile_runs_on_cpu_and_saves_plain_weights(train, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ no device waits per step
-_ATEN = torch.ops.aten
-# Operators that wait on CUDA for every kernel queued before them, whatever device a test runs on.
-_WAITING_OPERATORS = {
-    _ATEN._local_scalar_dense.default: "read of a value",  # .item(), bool(), float(), int(), an `if` on a tensor
-    _ATEN.lift_fresh.default: "tensor made from host data",  # torch.tensor, as_tensor, from_numpy: then a host copy
-    _ATEN.equal.default: "read of a value",
-    **dict.fromkeys(
-        (
-            _ATEN.nonzero.default,  # also torch.where(condition) with one argument
-            _ATEN.masked_select.default,
-            _ATEN._unique2.default,
-            _ATEN.unique_dim.default,
-            _ATEN.unique_consecutive.default,
-        ),
-        "output shape read from the values",
-    ),
-}
-# read a tensor's memory on the host without an operator, or copy it there (`.cpu()` dispatches nothing on a CPU
-# tensor, but waits for the device on a CUDA one)
-_HOST_READS = ("tolist", "numpy", "cpu")
-
-
-def _waits_on_cuda(func, args, kwargs) -> str | None:
-    """What makes operator `func`, called with `args` and `kwargs`, wait for the device on CUDA, or `None`."""
-    if func in _WAITING_OPERATORS:
-        return _WAITING_OPERATORS[func]
-    if func in (_ATEN.index.Tensor, _ATEN.index_put_.default, _ATEN.index_put.default):
-        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
-        if any(index is not None and index.dtype == torch.bool for index in indices):
-            return "output shape read from the values"  # x[mask], x[mask] = v
-    if func is _ATEN.repeat_interleave.Tensor and kwargs.get("output_size") is None:
-        return "output shape read from the values"
-    return None
-
-
-class _DeviceWaits(TorchDispatchMode):
-    """Records, while `active["on"]`, each operator that would make the host wait for the GPU (`_waits_on_cuda`). A
-    CPU run cannot see the wait itself (a tensor made from host data, for one, waits in the copy to the device that
-    follows), but it sees the operator that causes it."""
-
-    def __init__(self, waits: list, active: dict):
-        super().__init__()
-        self.waits, self.active = waits, active
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self.active["on"] and (reason := _waits_on_cuda(func, args, kwargs)):
-            self.waits.append(reason)
-        return func(*args, **kwargs)
-
-
 def _count_device_waits(monkeypatch):
     """Counts what would make the host wait for the device inside the training loop, outside its metric reads and
-    checkpoints: the operators of `_waits_on_cuda` and the tensors read to host memory."""
+    checkpoints: the operators of `waits_on_cuda` and the tensors read to host memory."""
     waits = []
     active = {"on": False}
-    for name in _HOST_READS:
+    for name in HOST_READS:
         original = getattr(torch.Tensor, name)
 
         def counted(self, *args, _original=original, _name=name, **kwargs):
@@ -405,7 +354,7 @@ def _count_device_waits(monkeypatch):
         return switched
 
     def watched_loop(*args, _loop=switch(training_loop.train_loop, True), **kwargs):
-        with _DeviceWaits(waits, active):
+        with DeviceWaits(waits, active):
             return _loop(*args, **kwargs)
 
     monkeypatch.setattr(training_loop, "train_loop", watched_loop)
@@ -424,6 +373,7 @@ def test_the_wait_counter_sees_reads_host_data_and_shapes_read_from_values(monke
         torch.tensor([1.0, 2.0]), torch.from_numpy(np.ones(2))
         x[x > 0], torch.where(x > 0, x, 0), x.masked_fill(x > 0, 0)  # only the first reads its shape from values
         training_loop.read_pending_updates()  # a metric read: allowed
+        torch.allclose(x, x + 1e-9)  # its bool is made inside the operator
         return x.sum().item(), bool(x.any()), x.tolist(), x.cpu()
 
     monkeypatch.setattr(training_loop, "train_loop", stand_in_loop)
@@ -433,7 +383,7 @@ def test_the_wait_counter_sees_reads_host_data_and_shapes_read_from_values(monke
     assert collections.Counter(waits) == {
         "tensor made from host data": 2,
         "output shape read from the values": 1,
-        "read of a value": 2,
+        "read of a value": 3,
         "read of a tensor (tolist)": 1,
         "read of a tensor (cpu)": 1,
     }

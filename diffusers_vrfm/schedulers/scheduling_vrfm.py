@@ -88,6 +88,20 @@ class VRFMAdaptiveOutput(BaseOutput):
     num_function_evals: int
 
 
+def is_entry_of_schedule(timestep, entry: torch.Tensor) -> bool:
+    """Whether `timestep` is `entry` itself, an element of a scheduler's `timesteps`, or a broadcast of it (as a
+    sampling loop that iterates over `timesteps` passes it): then it holds the scheduled time by construction, and
+    `step` need not read either value, which would make the host wait for the device at every step."""
+    return (
+        isinstance(timestep, torch.Tensor)
+        and timestep.numel() > 0
+        and timestep.dtype == entry.dtype
+        and timestep.device == entry.device
+        and timestep.data_ptr() == entry.data_ptr()
+        and all(stride == 0 for stride, size in zip(timestep.stride(), timestep.shape) if size > 1)
+    )
+
+
 class VRFMScheduler(SchedulerMixin, ConfigMixin):
     """Sampling grid, ODE solvers and training helpers for VRFM and plain rectified flow.
 
@@ -369,6 +383,8 @@ class VRFMScheduler(SchedulerMixin, ConfigMixin):
                 f"`model_output` must be on the device of `sample` ({sample.device}), but is on {model_output.device}."
             )
         expected = self.timesteps[self._step_index]
+        if is_entry_of_schedule(timestep, expected):
+            return  # the schedule's own time (or a broadcast of it): nothing to compare, and no wait for the device
         timestep = torch.as_tensor(timestep, dtype=torch.float32, device=expected.device)
         if timestep.numel() == 0 or not torch.allclose(timestep, expected.expand_as(timestep), atol=1e-6, rtol=0):
             raise ValueError(
