@@ -201,6 +201,34 @@ def _usage(repo_id: str, data_kind: str, num_classes, text_to_image: str | None,
     return load_code, usage_call, model_kind, source_note
 
 
+def _prior_description(args: dict, latent_dim: int, condition: str | None) -> str:
+    """What the card says the pipeline draws `z` from."""
+    atoms = int(args.get("aggregate_prior_atoms") or 0)
+    if latent_dim == 0:
+        return "none (no `z`)"
+    if atoms > 0:
+        fitted = (
+            f"`VRFMFlowPrior`, a small RealNVP fitted after training to the posteriors of {atoms:,} training examples"
+            if args.get("aggregate_prior_type") == "flow"
+            else f"`VRFMAggregatePosteriorPrior`, the posteriors of {atoms:,} training examples fitted after training"
+        )
+        if condition is not None:
+            caption = "label" if condition == "label" else "caption"
+            fitted += f", each with its example's {caption}; a trajectory draws " + (
+                f"from the flow's `p(z | {condition})`"
+                if args.get("aggregate_prior_type") == "flow"
+                else f"among the atoms of its {condition}"
+            )
+        return (
+            f"{fitted}: each trajectory draws its `z` where training put it (the pipeline's `prior` component). Keep "
+            "it: the aggregate posterior is not `N(0, I)`, and `z ~ N(0, I)` lands where training never put `z` (a "
+            "prior hole; with the image defaults it measured 5x the FD at many steps on MNIST)"
+        )
+    if args.get("learned_prior"):
+        return "a learned conditional prior `p(z | x0)`, drawn at each trajectory's source point"
+    return "`N(0, I)`"
+
+
 def _training_notes(
     args: dict, latent_dim: int, base_model: str | None, skipped_updates: int, condition: str | None = None
 ) -> dict:
@@ -217,31 +245,7 @@ def _training_notes(
         if args.get("use_ema", True)
         else "EMA off: the raw weights"
     )
-    atoms = int(args.get("aggregate_prior_atoms") or 0)
-    if latent_dim == 0:
-        prior_description = "none (no `z`)"
-    elif atoms > 0:
-        fitted = (
-            f"`VRFMFlowPrior`, a small RealNVP fitted after training to the posteriors of {atoms:,} training examples"
-            if args.get("aggregate_prior_type") == "flow"
-            else f"`VRFMAggregatePosteriorPrior`, the posteriors of {atoms:,} training examples fitted after training"
-        )
-        if condition is not None:
-            caption = "label" if condition == "label" else "caption"
-            fitted += f", each with its example's {caption}; a trajectory draws " + (
-                f"from the flow's `p(z | {condition})`"
-                if args.get("aggregate_prior_type") == "flow"
-                else f"among the atoms of its {condition}"
-            )
-        prior_description = (
-            f"{fitted}: each trajectory draws its `z` where training put it (the pipeline's `prior` component). Keep "
-            "it: the aggregate posterior is not `N(0, I)`, and `z ~ N(0, I)` lands where training never put `z` (a "
-            "prior hole; with the image defaults it measured 5x the FD at many steps on MNIST)"
-        )
-    elif args.get("learned_prior"):
-        prior_description = "a learned conditional prior `p(z | x0)`, drawn at each trajectory's source point"
-    else:
-        prior_description = "`N(0, I)`"
+    prior_description = _prior_description(args, latent_dim, condition)
     kl_target = args.get("kl_target")
     kl_target = kl_target if isinstance(kl_target, (int, float)) and latent_dim > 0 else None
     steps = args.get("max_train_steps") or 0
