@@ -264,12 +264,7 @@ def prepare_text_to_image_data(args: argparse.Namespace, context, pretrained: Pr
     `--cache_latents`) the latents. Returns a [`~diffusers_vrfm.training.data_setup.PreparedData`] with `text` set."""
     from .data_setup import PreparedData
 
-    if args.vae_name_or_path is not None:
-        raise ValueError("`--vae_name_or_path` does not apply to text-to-image runs: the pipeline brings its VAE.")
-    if args.class_conditional:
-        raise ValueError("`--class_conditional` does not apply to text-to-image runs: they are conditioned on text.")
-    if args.rank is not None and pretrained is None:
-        raise ValueError("`--rank` (LoRA) needs a pretrained model: pass `--pretrained_model_name_or_path`.")
+    _check_text_to_image_arguments(args, pretrained)
     if pretrained is not None:
         pipeline = load_base_pipeline(args, pretrained, base_dtype(args, context.accelerator))
         resolution_shape = _sample_shape(args, pipeline)
@@ -293,12 +288,7 @@ def prepare_text_to_image_data(args: argparse.Namespace, context, pretrained: Pr
     if args.cache_latents and vae is None:
         raise ValueError("`--cache_latents` needs a pipeline with a VAE; this one works in pixel space.")
     device = context.accelerator.device
-    encoders = _text_encoders(pipeline)
-    for _, encoder in encoders.clip + ([encoders.t5] if encoders.t5 else []):
-        encoder.to(device)
-    cache = TextEmbeddingCache(captions, encoders, device=device)
-    for _, encoder in encoders.clip + ([encoders.t5] if encoders.t5 else []):
-        encoder.to("cpu")  # no longer needed: free the accelerator
+    cache = _encode_captions_once(pipeline, captions, device)
     latents = _cache_latents(data.dataset, vae, device) if args.cache_latents else None
     data.dataset = CaptionedDataset(
         captions, cache, images=None if latents is not None else data.dataset, latents=latents
@@ -320,6 +310,27 @@ def prepare_text_to_image_data(args: argparse.Namespace, context, pretrained: Pr
         vae=None if latents is not None else vae,
         text=TextToImageSetup(pipeline, cache, empty_caption_inputs(cache, device), base_model=base_model),
     )  # fmt: skip
+
+
+def _check_text_to_image_arguments(args: argparse.Namespace, pretrained: PretrainedSource | None) -> None:
+    if args.vae_name_or_path is not None:
+        raise ValueError("`--vae_name_or_path` does not apply to text-to-image runs: the pipeline brings its VAE.")
+    if args.class_conditional:
+        raise ValueError("`--class_conditional` does not apply to text-to-image runs: they are conditioned on text.")
+    if args.rank is not None and pretrained is None:
+        raise ValueError("`--rank` (LoRA) needs a pretrained model: pass `--pretrained_model_name_or_path`.")
+
+
+def _encode_captions_once(pipeline, captions: list[str], device) -> TextEmbeddingCache:
+    """The embeddings of every distinct caption, with the text encoders on `device` only while they encode."""
+    encoders = _text_encoders(pipeline)
+    modules = [encoder for _, encoder in encoders.clip + ([encoders.t5] if encoders.t5 else [])]
+    for encoder in modules:
+        encoder.to(device)
+    cache = TextEmbeddingCache(captions, encoders, device=device)
+    for encoder in modules:
+        encoder.to("cpu")  # no longer needed: free the accelerator
+    return cache
 
 
 def _text_encoders(pipeline):
