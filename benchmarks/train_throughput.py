@@ -160,11 +160,17 @@ def count_saved_parameters(folder: Path) -> int:
     return total
 
 
-def run_cell(backbone: str, size: str, method: str, precision: str, args, workdir: Path) -> dict:
-    """One training run of `train_vrfm.py`; returns its throughput and losses."""
-    output_dir = workdir / f"{backbone}-{size}-{method}-{precision}"
-    counts_path = workdir / f"{output_dir.name}-operators.json"
-    profile_path = workdir / f"{output_dir.name}-profile.json"
+def cell_command(
+    backbone: str,
+    size: str,
+    method: str,
+    precision: str,
+    args,
+    output_dir: Path,
+    counts_path: Path,
+    profile_path: Path,
+) -> list[str]:
+    """The command line of one cell's `train_vrfm.py` run, with the instruments `args` asks for installed first."""
     setups = [SYNC_DEBUG] if args.sync_debug else []
     if args.count_ops:
         setups.append(f"import benchmarks.operator_count as counting; counting.install({str(counts_path)!r})")
@@ -212,6 +218,15 @@ def run_cell(backbone: str, size: str, method: str, precision: str, args, workdi
         command += ["--channels_last"]
     # a flag given twice takes its last value: --train-args overrides the above, the method's flags win (RF stays RF)
     command += shlex.split(args.train_args) + METHODS[method]
+    return command
+
+
+def run_cell(backbone: str, size: str, method: str, precision: str, args, workdir: Path) -> dict:
+    """One training run of `train_vrfm.py`; returns its throughput and losses."""
+    output_dir = workdir / f"{backbone}-{size}-{method}-{precision}"
+    counts_path = workdir / f"{output_dir.name}-operators.json"
+    profile_path = workdir / f"{output_dir.name}-profile.json"
+    command = cell_command(backbone, size, method, precision, args, output_dir, counts_path, profile_path)
     start = time.perf_counter()
     with GpuUtilisation(enabled=not args.cpu) as utilisation:
         completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
