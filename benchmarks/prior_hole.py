@@ -354,9 +354,61 @@ def goal_check(results: dict, task: str, label: str, nfes) -> tuple[bool, bool, 
     return every, few, max(ratios)
 
 
+DIAGNOSTIC_COLUMNS = {  # column -> the key of the posterior diagnostic, mean over seeds
+    "KL": "kl",
+    "AU": "active_units",
+    "|E mu|": "mu_mean_norm",
+    "Var mu": "mu_var",
+    "agg var": "aggregate_var",
+    "MMD": "mmd",
+    "MMD floor": "mmd_floor",
+    "t-share": "t_share",
+    "R2 x0": "x0_r2",  # the R^2 columns are absent from runs made before this diagnostic existed
+    "R2 x1": "x1_r2",
+}
+
+
+def w2_table(results: dict, task: str) -> str:
+    """W2 against NFE for every configuration of `task`, with its worst ratio to RF and whether it meets the goal."""
+    entry, nfes = results["tasks"][task], results["meta"]["nfes"]
+    headers = ["config", "settings", "seeds", *[f"NFE {n}" for n in nfes], "worst/RF", "goal"]
+    if entry["has_modes"]:
+        headers.append("on mode @100")
+    rows = []
+    for label, cfg in entry["configs"].items():
+        w2 = [summarise(results, task, label, "w2", str(n)) for n in nfes]
+        every, few, worst = goal_check(results, task, label, nfes) if "RF" in entry["configs"] else (0, 0, math.nan)
+        goal = "yes" if every and few else ("few-step only" if few else ("all-NFE only" if every else "no"))
+        seeds = ",".join(sorted(cfg["runs"]))
+        row = [label, cfg["settings"], seeds, *w2, worst, "—" if label == "RF" else goal]
+        if entry["has_modes"]:
+            row.append(_on_mode(cfg))
+        rows.append(row)
+    return markdown_table(headers, rows)
+
+
+def diagnostics_table(results: dict, task: str) -> str:
+    """The posterior diagnostics of every VRFM configuration of `task`, with the redrawn-z and oracle-z W2."""
+    entry, meta = results["tasks"][task], results["meta"]
+    ends, redraw_nfes = (meta["nfes"][0], meta["nfes"][-1]), meta["redraw_nfes"]
+    headers = ["config", *DIAGNOSTIC_COLUMNS, *[f"redraw NFE {n}" for n in redraw_nfes]]
+    headers += [f"agg-post z NFE {n}" for n in ends] + ["final beta", "train s"]
+    rows = []
+    for label, cfg in entry["configs"].items():
+        if label == "RF":
+            continue
+        runs = list(cfg["runs"].values())
+        post = [r["posterior"] for r in runs]
+        row = [label] + [mean_std([p[key] for p in post if key in p])[0] for key in DIAGNOSTIC_COLUMNS.values()]
+        row += [summarise(results, task, label, "w2_redraw", str(n)) for n in redraw_nfes]
+        row += [summarise(results, task, label, "w2_aggpost", str(n)) for n in ends]
+        row += [mean_std([r["beta_final"] for r in runs])[0], mean_std([r["train_seconds"] for r in runs])[0]]
+        rows.append(row)
+    return markdown_table(headers, rows)
+
+
 def render(results: dict) -> str:
     meta = results["meta"]
-    nfes = meta["nfes"]
     budget = meta["budget"]
     lines = [
         "# The prior hole (issue 6): VRFM configurations against rectified flow",
@@ -386,62 +438,8 @@ def render(results: dict) -> str:
     for task, entry in results["tasks"].items():
         floor = mean_std(entry["floor"])[0]
         lines += [f"## {task} (sampling floor W2 {format_number(floor)})", ""]
-        headers = ["config", "settings", "seeds", *[f"NFE {n}" for n in nfes], "worst/RF", "goal"]
-        if entry["has_modes"]:
-            headers.append("on mode @100")
-        rows = []
-        for label, cfg in entry["configs"].items():
-            w2 = [summarise(results, task, label, "w2", str(n)) for n in nfes]
-            every, few, worst = (
-                goal_check(results, task, label, nfes) if "RF" in entry["configs"] else (0, 0, math.nan)
-            )
-            goal = "yes" if every and few else ("few-step only" if few else ("all-NFE only" if every else "no"))
-            seeds = ",".join(sorted(cfg["runs"]))
-            row = [label, cfg["settings"], seeds, *w2, worst, "—" if label == "RF" else goal]
-            if entry["has_modes"]:
-                row.append(_on_mode(cfg))
-            rows.append(row)
-        lines += ["W2 against NFE:", "", markdown_table(headers, rows), ""]
-        diag_headers = [
-            "config",
-            "KL",
-            "AU",
-            "|E mu|",
-            "Var mu",
-            "agg var",
-            "MMD",
-            "MMD floor",
-            "t-share",
-            "R2 x0",
-            "R2 x1",
-        ]
-        diag_headers += [f"redraw NFE {n}" for n in meta["redraw_nfes"]]
-        diag_headers += [f"agg-post z NFE {n}" for n in (nfes[0], nfes[-1])] + ["final beta", "train s"]
-        diag_rows = []
-        for label, cfg in entry["configs"].items():
-            if label == "RF":
-                continue
-            runs = list(cfg["runs"].values())
-            post = [r["posterior"] for r in runs]
-            row = [label]
-            for key in (
-                "kl",
-                "active_units",
-                "mu_mean_norm",
-                "mu_var",
-                "aggregate_var",
-                "mmd",
-                "mmd_floor",
-                "t_share",
-            ):
-                row.append(mean_std([p[key] for p in post])[0])
-            for key in ("x0_r2", "x1_r2"):  # absent from runs made before this diagnostic existed
-                row.append(mean_std([p[key] for p in post if key in p])[0])
-            row += [summarise(results, task, label, "w2_redraw", str(n)) for n in meta["redraw_nfes"]]
-            row += [summarise(results, task, label, "w2_aggpost", str(n)) for n in (nfes[0], nfes[-1])]
-            row += [mean_std([r["beta_final"] for r in runs])[0], mean_std([r["train_seconds"] for r in runs])[0]]
-            diag_rows.append(row)
-        lines += ["Diagnostics:", "", markdown_table(diag_headers, diag_rows), ""]
+        lines += ["W2 against NFE:", "", w2_table(results, task), ""]
+        lines += ["Diagnostics:", "", diagnostics_table(results, task), ""]
     lines += results.get("findings", [])
     return "\n".join(lines) + "\n"
 
