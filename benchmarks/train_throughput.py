@@ -719,9 +719,8 @@ def run_model(backbone: str, size: str, precision: str, args, workdir: Path, ima
         yield bare_cell(backbone, size, precision, args, images)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+def check_and_resolve_arguments(args) -> None:
+    """Refuses contradictory flags with a message that names them; settles `--cpu` and the `--quick` sizes."""
     if args.steps < 8:
         raise ValueError(f"`--steps` must be >= 8 (half of them are timed), but got {args.steps}.")
     if args.rounds < 1:
@@ -744,6 +743,12 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if args.sync_debug and args.cpu:
         raise ValueError("`--sync-debug` finds where the host waits for a CUDA device, but this run is on the CPU.")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    check_and_resolve_arguments(args)
     precisions = args.precisions or (["no"] if args.cpu else ["bf16"])
     device = "CPU" if args.cpu else torch.cuda.get_device_name(0)
     name = args.name or f"train_throughput_{device_slug(device)}"
