@@ -1,9 +1,11 @@
 """The SD3 wrapper, text conditioning of the conditional UNet, text encoding and VRFMTextToImagePipeline."""
 
+import collections
 import json
 
 import pytest
 import torch
+from device_waits import DeviceWaits
 from diffusers import (
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
@@ -538,3 +540,15 @@ def test_log_likelihood_refuses_bad_text_input_by_name(kwargs, error, message):
     kwargs = {"x": x, **kwargs}  # a case may replace `x`
     with pytest.raises(error, match=message):
         pipe.log_likelihood(z=z, **kwargs, **_ode())
+
+
+def test_a_text_to_image_sampling_step_makes_the_host_wait_for_nothing():
+    pipe = tiny_text_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    per_call = {}
+    for steps in (2, 6):
+        waits = []
+        with DeviceWaits(waits, {"on": True}):
+            pipe(prompt=["a cat", "a dog"], num_inference_steps=steps, guidance_scale=2.0, output_type="pt")
+        per_call[steps] = collections.Counter(waits)
+    assert per_call[2] == per_call[6], per_call  # the prompt's encoding and the call's checks, nothing per step
