@@ -26,7 +26,8 @@ Two figures per cell: the Fréchet distance between the pooled, class-balanced s
 features of `benchmarks.mnist_quality`'s digit classifier (lower is better), and the share of samples that the same
 small CNN, trained longer, assigns to the digit asked for (1.0 = the condition always wins, 0.1 = chance). A copy
 check compares each sample's distance to its nearest training image with the test images' (near 1: new images; far
-below 1: copies).
+below 1: copies). One set of 100 samples per digit is a noisy FD: `--draws N` scores N sets per cell and averages
+them, and `--reuse-runs` with `--work-dir` (where the trained runs are kept) scores kept models again.
 
     python -m benchmarks.conditional_digits --quick    # a smoke run in seconds
     # the recorded runs (3 seeds each):
@@ -77,6 +78,7 @@ RESOLUTION = 16
 QUICK_MMDIT = {"num_layers": 1, "attention_head_dim": 8, "num_attention_heads": 2}
 JUDGE_EPOCHS = 30
 TARGETS = {1: 0.5, 2: 0.5, 8: 1.0, 16: 1.0, 50: 1.0}  # issue 13's image targets, applied to the FD here
+DRAW_SEED_STRIDE = 1000  # draw d of seed s samples with the streams of seed s + 1000 d
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,22 @@ def score(rulers: Rulers, images: torch.Tensor, digits: torch.Tensor) -> dict:
     }
 
 
+def score_draws(rulers: Rulers, pipeline, per_class: int, nfe: int, guidance: float, seed: int, draws: int) -> dict:
+    """[`score`] averaged over `draws` independent sample sets (draw 0's streams are those of one draw); with more
+    than one, `"fd_draws"` keeps each set's FD."""
+    scores = [
+        score(rulers, *prompted_samples(pipeline, per_class, nfe, guidance, seed + DRAW_SEED_STRIDE * draw))
+        for draw in range(draws)
+    ]
+    mean = {metric: float(np.mean([each[metric] for each in scores])) for metric in scores[0]}
+    return {**mean, "fd_draws": [each["fd"] for each in scores]} if draws > 1 else mean
+
+
+def runs_dir(args) -> Path:
+    """Where the trained runs are kept: `--work-dir`, or the git-ignored `cache/runs` of `--output-dir`."""
+    return Path(args.work_dir) if args.work_dir else Path(args.output_dir) / "cache" / "runs"
+
+
 def sampling_variants(path: Path, pipeline_class: str, prior_fits: dict) -> dict:
     """The saved pipeline (of the class `pipeline_class`, with its own prior) and, for a VRFM run, the same model with
     each prior of `prior_fits` (kind -> a function of the saved posterior that returns the fitted prior)."""
@@ -225,13 +243,15 @@ def sampling_variants(path: Path, pipeline_class: str, prior_fits: dict) -> dict
 def evaluate_run(args, data: ImageData, rulers: Rulers, method: str, seed: int) -> dict:
     """Trains (or reuses, `--reuse-runs`) one run and scores each of its sampling variants; the result is cached in
     the run's folder as `evaluation.json`."""
-    folder = Path(args.output_dir) / "cache" / "runs" / f"{args.name}_{method}_s{seed}"  # cache/ is git-ignored
+    folder = runs_dir(args) / f"{args.name}_{method}_s{seed}"
     argv = training_argv(args, data, method, seed, folder)
     key = training_key(argv, data.max_train_samples)
     settings = {**key, "nfe": args.nfe, "guidance": args.guidance_scales, "per_class": args.samples_per_class}
     settings["extra_priors"] = args.extra_priors if METHODS[method].is_vrfm else []
     settings["judge_epochs"] = judge_epochs(args)
     settings["rulers"] = rulers.digests  # other classifiers score again (the trained model is kept)
+    if args.draws > 1:  # one draw is what every report before `--draws` scored: their caches stay valid
+        settings["draws"] = args.draws
     evaluation = folder / "evaluation.json"
     cached = json.loads(evaluation.read_text()) if evaluation.is_file() else None
     if args.reuse_runs and cached is not None and cached["settings"] == settings:
@@ -242,7 +262,7 @@ def evaluate_run(args, data: ImageData, rulers: Rulers, method: str, seed: int) 
     for variant, pipeline in sampling_variants(folder, CONDITIONINGS[args.conditioning].pipeline, fits).items():
         scores[variant] = {
             str(guidance): {
-                str(nfe): score(rulers, *prompted_samples(pipeline, args.samples_per_class, nfe, guidance, seed))
+                str(nfe): score_draws(rulers, pipeline, args.samples_per_class, nfe, guidance, seed, args.draws)
                 for nfe in args.nfe
             }
             for guidance in args.guidance_scales
@@ -344,7 +364,9 @@ def render_report(results: dict) -> str:
         f"Written by `benchmarks/conditional_digits.py`. Command: `{meta['command']}`.",
         "",
         f"Each model: {conditioning.model}, {meta['max_train_steps']} steps of batch {meta['batch_size']} on the "
-        f"first 80% of the 8x8 digits resized to 16x16. Seeds {seeds}; cells are mean ± std over seeds. Samples: "
+        f"first 80% of the 8x8 digits resized to 16x16. Seeds {seeds}; cells are mean ± std over seeds"
+        + (f" (each seed's score the mean of {meta['draws']} sample sets)" if meta.get("draws", 1) > 1 else "")
+        + ". Samples: "
         f"{meta['samples_per_class']} per digit with its {asked}, Euler. FD in the features of "
         f"`benchmarks.mnist_quality`'s digit classifier (held-out accuracy {meta['classifier_accuracy']:.3f}"
         f"{ruler_digest(meta.get('classifier_sha256'))}) "
@@ -420,6 +442,7 @@ def run(args, argv: list[str]) -> dict:
         "nfe": list(args.nfe),
         "guidance_scales": list(args.guidance_scales),
         "extra_priors": list(args.extra_priors),
+        "draws": args.draws,
         "parameters": first_vrfm["train"]["parameters"],
         "machine": machine_description(),
         "seconds": time.time() - start,
@@ -470,10 +493,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--name", default=None, help="The report's name (default: by --conditioning).")
     parser.add_argument(
+        "--draws", type=int, default=1, help="Sample sets scored per cell and seed, their scores averaged (default 1)."
+    )
+    parser.add_argument(
+        "--work-dir", default=None, help="Where the trained runs are kept (default: <output-dir>/cache/runs)."
+    )
+    parser.add_argument(
         "--reuse-runs",
         "--reuse_runs",
         action="store_true",
-        help="Reuse finished runs (and their scores, when the settings match) in <output-dir>/cache/runs.",
+        help="Reuse finished runs (and their scores, when the settings match) in the runs folder (`--work-dir`).",
     )
     return parser
 
@@ -486,6 +515,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         args.max_train_steps = 20 if args.quick else 1600
     if args.samples_per_class is None:
         args.samples_per_class = 2 if args.quick else 100
+    if args.draws < 1:
+        raise ValueError(f"`--draws` must be >= 1, but got {args.draws}.")
     if args.quick:
         args.batch_size, args.seeds = min(args.batch_size, 8), args.seeds[:1]
         args.flow_prior_steps = min(args.flow_prior_steps, 20)

@@ -618,6 +618,27 @@ def test_conditional_digits_quick_outputs_are_well_formed(tmp_path, monkeypatch)
         conditional_digits.main([*argv, "--reuse-runs"])
 
 
+def test_conditional_digits_averages_draws_and_keeps_runs_in_the_work_dir(tmp_path, monkeypatch):
+    from benchmarks import conditional_digits, mnist_quality
+
+    argv = ["--quick", "--conditioning", "label", "--methods", "vrfm", "--nfe", "1", "2", "--guidance-scales", "1"]
+    argv += ["--output-dir", str(tmp_path / "out"), "--work-dir", str(tmp_path / "runs")]
+    drawn = conditional_digits.main([*argv, "--draws", "2"])
+    report = (tmp_path / "out" / "class_conditional_digits.md").read_text()
+    assert "each seed's score the mean of 2 sample sets" in report
+    assert (tmp_path / "runs" / "class_conditional_digits_vrfm_s0" / "velocity_model").is_dir()
+    assert not (tmp_path / "out" / "cache" / "runs").exists()  # (its cache/ keeps the judge CNN)
+    monkeypatch.setattr(mnist_quality, "train_with_script", lambda argv: pytest.fail("the run was trained again"))
+    single = conditional_digits.main([*argv, "--reuse-runs"])  # the same model, scored with one draw
+    for nfe in ("1", "2"):
+        cell = drawn["runs"]["vrfm"]["0"]["scores"]["saved"]["1.0"][nfe]
+        first = single["runs"]["vrfm"]["0"]["scores"]["saved"]["1.0"][nfe]
+        assert cell["fd_draws"][0] == first["fd"] and "fd_draws" not in first  # draw 0 is the one-draw sample set
+        assert cell["fd"] == pytest.approx(sum(cell["fd_draws"]) / 2) and cell["fd_draws"][1] != cell["fd_draws"][0]
+    with pytest.raises(ValueError, match="`--draws` must be >= 1, but got 0"):
+        conditional_digits.main([*argv, "--draws", "0"])
+
+
 def _scores(results: dict) -> dict:
     return {method: {seed: run["scores"] for seed, run in runs.items()} for method, runs in results["runs"].items()}
 
