@@ -324,13 +324,25 @@ def posterior_diagnostics(
 
 
 # ------------------------------------------------------------------------------------------------------------ timing
+def synchronize(device: str | torch.device) -> None:
+    """Waits for the work queued on `device` (CUDA); nothing to wait for on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def interleaved_timings(
-    functions: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, inner: int = 1
+    functions: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    inner: int = 1,
+    device: str | torch.device = "cpu",
 ) -> dict[str, list[float]]:
     """Times several callables side by side, interleaved so that machine noise hits all of them alike.
 
     Each round runs every function once (in an order rotated from round to round) and records seconds per call,
-    averaged over `inner` back-to-back calls. Returns `{name: [seconds per call of each round]}`.
+    averaged over `inner` back-to-back calls. On a CUDA `device` each timing starts and ends with the device idle, so
+    that it counts the work a call queued, not only its launches. Returns `{name: [seconds per call of each round]}`.
     """
     if repeats < 1 or inner < 1 or warmup < 0:
         raise ValueError(f"`repeats` and `inner` must be >= 1 and `warmup` >= 0, got {repeats}, {inner}, {warmup}.")
@@ -342,9 +354,11 @@ def interleaved_timings(
     for round_index in range(repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
+            synchronize(device)
             start = time.perf_counter()
             for _ in range(inner):
                 functions[name]()
+            synchronize(device)
             timings[name].append((time.perf_counter() - start) / inner)
     return timings
 

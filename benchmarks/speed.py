@@ -22,6 +22,7 @@ Run from the repository root::
 
     python -m benchmarks.speed            # the full run
     python -m benchmarks.speed --quick    # a smoke run in a few seconds
+    python -m benchmarks.speed --device cuda --dtype bfloat16 --output-dir benchmarks/results/gpu  # on a GPU
 """
 
 from __future__ import annotations
@@ -66,6 +67,20 @@ from diffusers_vrfm import (  # noqa: E402
 
 TRAIN_TARGET = 1.15
 SAMPLE_TARGET = 1.02
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`--device` as a torch device, refusing a name torch does not know and CUDA on a machine without it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(
+            f"`--device` must be a torch device such as cpu, cuda or cuda:1, but got {name!r}."
+        ) from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`--device` is {name!r}, but torch sees no CUDA device here; pass `--device cpu`.")
+    return device
 
 
 def backbone_configs(quick: bool) -> dict[str, dict]:
@@ -129,41 +144,53 @@ def z_path_parameters(vrfm, rf) -> int:
     return count_parameters(vrfm.z_embedding) + count_parameters(vrfm.z_map) + map_inputs
 
 
-def make_train_steps(vrfm, encoder, rf, batch_size: int, beta: float, seed: int = 0):
-    """Closures running one full optimiser step of VRFM, of RF, and of the posterior alone (for the breakdown)."""
+def mixed_precision(device: torch.device, dtype: torch.dtype):
+    """Autocast to `dtype` with fp32 weights, as `train_vrfm.py --mixed_precision` trains; nothing in fp32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def make_train_steps(
+    vrfm, encoder, rf, batch_size: int, beta: float, seed: int = 0, device=torch.device("cpu"), dtype=torch.float32
+):
+    """Closures running one full optimiser step of VRFM, of RF, and of the posterior alone (for the breakdown), on
+    `device` with the forward passes autocast to `dtype`."""
     shape = (batch_size, *vrfm.sample_shape)
-    generator = torch.Generator().manual_seed(seed)
-    data = torch.randn(shape, generator=generator).clamp(-1, 1)
+    generator = torch.Generator(device).manual_seed(seed)
+    data = torch.randn(shape, generator=generator, device=device).clamp(-1, 1)
     opt_vrfm = torch.optim.Adam(list(vrfm.parameters()) + list(encoder.parameters()), lr=1e-4)
     opt_rf = torch.optim.Adam(rf.parameters(), lr=1e-4)
     opt_enc = torch.optim.Adam(encoder.parameters(), lr=1e-4)
     vrfm.train(), rf.train(), encoder.train()
 
     def batch():
-        x0 = torch.randn(shape, generator=generator)
-        t = torch.rand(batch_size, generator=generator)
+        x0 = torch.randn(shape, generator=generator, device=device)
+        t = torch.rand(batch_size, generator=generator, device=device)
         return x0, data, t, interpolate(x0, data, t)
 
     def step_vrfm():
         x0, x1, t, x_t = batch()
-        posterior = encoder(x0=x0, x1=x1, x_t=x_t, t=t, generator=generator)
-        velocity = vrfm(x_t, t, z=posterior.sample).sample
-        loss = vrfm_loss(velocity, target_velocity(x0, x1), posterior.mean, posterior.logvar, beta=beta).loss
+        with mixed_precision(device, dtype):
+            posterior = encoder(x0=x0, x1=x1, x_t=x_t, t=t, generator=generator)
+            velocity = vrfm(x_t, t, z=posterior.sample).sample
+        loss = vrfm_loss(velocity.float(), target_velocity(x0, x1), posterior.mean, posterior.logvar, beta=beta).loss
         opt_vrfm.zero_grad(set_to_none=True)
         loss.backward()
         opt_vrfm.step()
 
     def step_rf():
         x0, x1, t, x_t = batch()
-        loss = vrfm_loss(rf(x_t, t).sample, target_velocity(x0, x1)).loss
+        with mixed_precision(device, dtype):
+            velocity = rf(x_t, t).sample
+        loss = vrfm_loss(velocity.float(), target_velocity(x0, x1)).loss
         opt_rf.zero_grad(set_to_none=True)
         loss.backward()
         opt_rf.step()
 
     def step_posterior_only():
         x0, x1, t, x_t = batch()
-        posterior = encoder(x0=x0, x1=x1, x_t=x_t, t=t, generator=generator)
-        loss = posterior.kl.mean() + posterior.sample.pow(2).mean()
+        with mixed_precision(device, dtype):
+            posterior = encoder(x0=x0, x1=x1, x_t=x_t, t=t, generator=generator)
+        loss = posterior.kl.float().mean() + posterior.sample.float().pow(2).mean()
         opt_enc.zero_grad(set_to_none=True)
         loss.backward()
         opt_enc.step()
@@ -171,8 +198,9 @@ def make_train_steps(vrfm, encoder, rf, batch_size: int, beta: float, seed: int 
     return {"vrfm": step_vrfm, "rf": step_rf, "posterior_only": step_posterior_only}
 
 
-def diffusers_loop(model_fn, shape, num_steps: int, generator: torch.Generator, converted: bool):
-    """A stock diffusers flow-matching Euler loop with `FlowMatchEulerDiscreteScheduler` on the uniform grid.
+def diffusers_loop(model_fn, shape, num_steps: int, generator: torch.Generator, converted: bool, dtype=torch.float32):
+    """A stock diffusers flow-matching Euler loop with `FlowMatchEulerDiscreteScheduler` on the uniform grid, on the
+    device of `generator`, from noise in `dtype`.
 
     With `converted=True`, `model_fn(x, t)` returns a velocity on this package's clock and is converted
     (``t = sigma_to_t(sigma)``, output ``-v``); otherwise `model_fn(x, timestep)` is a bare diffusers backbone
@@ -180,9 +208,10 @@ def diffusers_loop(model_fn, shape, num_steps: int, generator: torch.Generator, 
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    device = generator.device
     scheduler = FlowMatchEulerDiscreteScheduler()
-    scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, num_steps + 1)[:-1].tolist())
-    x = torch.randn(shape, generator=generator)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, num_steps + 1)[:-1].tolist(), device=device)
+    x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
     for timestep in scheduler.timesteps:
         if converted:
             t = sigma_to_t(timestep / scheduler.config.num_train_timesteps).reshape(()).expand(shape[0])
@@ -194,15 +223,20 @@ def diffusers_loop(model_fn, shape, num_steps: int, generator: torch.Generator, 
 
 
 def make_sample_calls(vrfm, rf, inner_name: str, batch_size: int, num_steps: int, seed: int = 0):
-    """Closures sampling one batch of `num_steps` Euler steps with each of the four loops."""
+    """Closures sampling one batch of `num_steps` Euler steps with each of the four loops, on the models' device and
+    in their dtype."""
     vrfm.eval(), rf.eval()
+    device, dtype = rf.device, rf.dtype
     shape = (batch_size, *vrfm.sample_shape)
     vrfm_pipe = VRFMPipeline(velocity_model=vrfm, scheduler=VRFMScheduler())
     rf_pipe = VRFMPipeline(velocity_model=rf, scheduler=VRFMScheduler())
     for pipe in (vrfm_pipe, rf_pipe):
         pipe.set_progress_bar_config(disable=True)
     inner = bare_backbone(rf, inner_name)
-    labels = torch.zeros(batch_size, dtype=torch.long)
+    labels = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def seeded() -> torch.Generator:
+        return torch.Generator(device).manual_seed(seed)
 
     def bare(x, timestep):
         if inner_name == "transformer":  # a stock DiT always takes labels (one class here)
@@ -211,21 +245,19 @@ def make_sample_calls(vrfm, rf, inner_name: str, batch_size: int, num_steps: int
 
     @torch.no_grad()
     def vrfm_pipeline():
-        return vrfm_pipe(batch_size, num_steps, generator=torch.Generator().manual_seed(seed), output_type="latent")
+        return vrfm_pipe(batch_size, num_steps, generator=seeded(), output_type="latent")
 
     @torch.no_grad()
     def rf_pipeline():
-        return rf_pipe(batch_size, num_steps, generator=torch.Generator().manual_seed(seed), output_type="latent")
+        return rf_pipe(batch_size, num_steps, generator=seeded(), output_type="latent")
 
     @torch.no_grad()
     def diffusers_rf_wrapper():
-        return diffusers_loop(
-            lambda x, t: rf(x, t).sample, shape, num_steps, torch.Generator().manual_seed(seed), True
-        )
+        return diffusers_loop(lambda x, t: rf(x, t).sample, shape, num_steps, seeded(), True, dtype)
 
     @torch.no_grad()
     def diffusers_bare_backbone():
-        return diffusers_loop(bare, shape, num_steps, torch.Generator().manual_seed(seed), False)
+        return diffusers_loop(bare, shape, num_steps, seeded(), False, dtype)
 
     return {
         "vrfm_pipeline": vrfm_pipeline,
@@ -238,13 +270,14 @@ def make_sample_calls(vrfm, rf, inner_name: str, batch_size: int, num_steps: int
 def bare_backbone(rf, inner_name: str) -> torch.nn.Module:
     """The stock diffusers backbone of an RF wrapper: its inner `UNet2DModel` (which has no class path when
     `latent_dim=0`), or a fresh stock `DiTTransformer2DModel` with the inner DiT's config (the wrapper swaps the DiT's
-    label embedders for its own condition embedders, so its inner DiT is not stock)."""
+    label embedders for its own condition embedders, so its inner DiT is not stock), on the wrapper's device and in its
+    dtype."""
     inner = getattr(rf, inner_name)
     if inner_name == "transformer":
         from diffusers import DiTTransformer2DModel
 
         torch.manual_seed(0)
-        inner = DiTTransformer2DModel.from_config(inner.config)
+        inner = DiTTransformer2DModel.from_config(inner.config).to(rf.device, rf.dtype)
     return inner.eval()
 
 
@@ -252,14 +285,14 @@ def bare_backbone(rf, inner_name: str) -> torch.nn.Module:
 def converter_check(rf, batch_size: int, num_steps: int, seed: int = 0) -> float:
     """Max |difference| between `VRFMPipeline` and the converted diffusers loop on the same model, noise and grid."""
     shape = (batch_size, *rf.sample_shape)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(rf.device, rf.dtype)
     pipe = VRFMPipeline(velocity_model=rf, scheduler=VRFMScheduler())
     pipe.set_progress_bar_config(disable=True)
     ours = pipe(batch_size, num_steps, latents=noise, output_type="latent").samples
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler()
-    scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, num_steps + 1)[:-1].tolist())
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, num_steps + 1)[:-1].tolist(), device=rf.device)
     x = noise
     for timestep in scheduler.timesteps:
         t = sigma_to_t(timestep / scheduler.config.num_train_timesteps).reshape(()).expand(batch_size)
@@ -277,6 +310,7 @@ def run(args) -> dict:
         args.sample_batch_size = min(args.sample_batch_size, 4)
         args.num_steps = min(args.num_steps, 2)
     specs = backbone_configs(args.quick)
+    device, dtype = resolve_device(args.device), DTYPES[args.dtype]
     results = {
         "meta": {
             "command": ("python -m benchmarks.speed " + " ".join(shlex.quote(a) for a in args.argv)).strip(),
@@ -288,6 +322,8 @@ def run(args) -> dict:
             "latent_dim": args.latent_dim,
             "z_map_channels": args.z_map_channels,
             "posterior_inputs": list(args.posterior_inputs),
+            "device": str(device),
+            "dtype": args.dtype,
             "quick": bool(args.quick),
         },
         "backbones": {},
@@ -296,13 +332,16 @@ def run(args) -> dict:
     for name in args.backbones:
         spec = specs[name]
         vrfm, encoder, rf = build_pair(spec, args.latent_dim, tuple(args.posterior_inputs), args.z_map_channels)
-        train = interleaved_timings(
-            make_train_steps(vrfm, encoder, rf, args.train_batch_size, args.beta), repeats=args.repeats, warmup=2
-        )
+        for model in (vrfm, encoder, rf):
+            model.to(device)
+        train_steps = make_train_steps(vrfm, encoder, rf, args.train_batch_size, args.beta, device=device, dtype=dtype)
+        train = interleaved_timings(train_steps, repeats=args.repeats, warmup=2, device=device)
+        vrfm.to(dtype), rf.to(dtype)  # sampling runs in the weights' dtype, as a pipeline moved with `.to(dtype)` does
         sample = interleaved_timings(
             make_sample_calls(vrfm, rf, spec["inner"], args.sample_batch_size, args.num_steps),
             repeats=args.repeats,
             warmup=1,
+            device=device,
         )
         per_step = {k: [v / args.num_steps for v in values] for k, values in sample.items()}
         inner = bare_backbone(rf, spec["inner"])
@@ -431,6 +470,8 @@ def render_report(results: dict) -> str:
         f"{meta['sample_batch_size']} x {meta['num_steps']} Euler steps per call; dim z {meta['latent_dim']}, "
         f"a z map of {meta.get('z_map_channels', 0)} channel(s), posterior q({', '.join(meta['posterior_inputs'])}) "
         "(`VRFMConvPosteriorEncoder`). Times are medians over rounds; ratios are medians of per-round ratios.",
+        f"- Device `{meta.get('device', 'cpu')}`, {meta.get('dtype', 'float32')}: training autocasts to it with fp32 "
+        "weights, sampling runs with the weights in it; on CUDA every timing starts and ends with the device idle.",
         f"- Total wall time: {meta['total_seconds']:.0f} s.",
     ]
     sections = {
@@ -476,6 +517,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--z-map-channels", type=int, default=4, help="VRFM's z map (train_vrfm.py's); 0: none")
     parser.add_argument("--posterior-inputs", nargs="+", default=["x1", "t"])
     parser.add_argument("--beta", type=float, default=1e-3)
+    parser.add_argument("--device", default="cpu", help="where to time: cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=sorted(DTYPES),
+        help="training autocasts to it (fp32 weights); sampling runs with the weights in it",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--quick", action="store_true")

@@ -59,7 +59,14 @@ import torch
 if __package__ in (None, ""):  # run as `python benchmarks/train_throughput.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS_DIR, machine_description, markdown_table, torch_threads, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR,
+    machine_description,
+    markdown_table,
+    synchronize,
+    torch_threads,
+    write_json,
+)
 from benchmarks.operator_count import OperatorCounter, operators_per_step  # noqa: E402
 from benchmarks.step_profile import summarise  # noqa: E402
 from diffusers_vrfm.training.cli import TORCH_COMPILE_MODES  # noqa: E402
@@ -370,11 +377,6 @@ def bare_rf_step(loop: BareLoop, batch_size: int) -> torch.Tensor:
     return loss.detach()
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def bare_loop(backbone: str, size: str, precision: str, args, images: torch.Tensor) -> BareLoop:
     """The bare loop of one model and precision, with the run's speed options."""
     if precision not in ("no", "bf16"):
@@ -420,11 +422,11 @@ def run_bare_cell(backbone: str, size: str, precision: str, args, images: torch.
     with GpuUtilisation(enabled=device.type == "cuda") as utilisation:  # started before the timed steps
         for _ in range(warmup):
             bare_rf_step(loop, args.batch_size)
-        _synchronize(device)
+        synchronize(device)
         start, window_start = time.perf_counter(), time.time()
         for _ in range(args.steps - warmup):
             loss = bare_rf_step(loop, args.batch_size)
-        _synchronize(device)
+        synchronize(device)
         seconds = time.perf_counter() - start
     timed = args.steps - warmup
     cell = {

@@ -17,6 +17,9 @@
 #   channels_last  issue 12: the UNet's rows with --channels_last.
 #   zmap_off    issue 12: the UNet's rows without VRFM's `z` map (`z_map_channels` 0): is the map what VRFM waits on?
 #   checkpointing  the DiT rows with --gradient_checkpointing: peak GPU memory and time against the dit stage's.
+#   sampling    benchmarks/speed.py on the GPU, in bf16 and in fp32: VRFMPipeline's step against diffusers' FlowMatch
+#               Euler loop on the bare backbone (small UNet and DiT, batch 32, where launches and waits show), and the
+#               training step's VRFM / RF, without train_vrfm.py around it.
 # `QUALITY_TRAIN_ARGS` passes more train_vrfm.py flags to both methods' quality runs (e.g. "--channels_last").
 # Measured on an H200: six quality runs side by side train at 7.2-7.7 steps/s each with the GPU 100% busy, so
 # 4000 steps of 3 seeds take about 9 minutes; one seed (two runs, about 6-7 minutes) should fit, then the sync stage.
@@ -39,7 +42,7 @@ GPU_UNET='{"block_out_channels": [64, 128, 128], "layers_per_block": 2, "norm_nu
 START=$(date +%s)
 RESULTS=benchmarks/results/gpu
 LOGS="$RESULTS/logs"
-STAGES="${STAGES:-throughput quality sync profile dit compile cudagraphs channels_last zmap_off checkpointing}"
+STAGES="${STAGES:-throughput quality sync profile dit compile cudagraphs channels_last zmap_off checkpointing sampling}"
 QUALITY_SEEDS="${QUALITY_SEEDS:-0 1 2}"
 QUALITY_STEPS="${QUALITY_STEPS:-4000}"
 QUALITY_DEADLINE="${QUALITY_DEADLINE:-505}"  # seconds after the start: the quality runs are stopped by then
@@ -86,6 +89,17 @@ late_throughput() {  # late_throughput <stage> <what> <flags...>: a throughput r
   throughput "$(until_mark "$FINAL_DEADLINE")" "${@:3}" --name "train_throughput_${device}_$1"
 }
 
+sampling() {  # benchmarks/speed.py on the device in bf16 and fp32, in the time left
+  local dtype
+  for dtype in bfloat16 float32; do
+    [ "$(until_mark "$FINAL_DEADLINE")" -gt 40 ] || { say "sampling $dtype: skipped, too little time left"; return 0; }
+    say "sampling: VRFMPipeline and diffusers' FlowMatch loop per Euler step, and the training step, in $dtype"
+    timeout "$(until_mark "$FINAL_DEADLINE")" python3 -m benchmarks.speed "${quick[@]}" --device "$torch_device" \
+      --dtype "$dtype" --threads 2 --output-dir "$RESULTS/speed_${device}_${dtype}" > "$LOGS/speed_${dtype}.log" 2>&1 \
+      || { say "speed stopped (rc $?)"; tail -5 "$LOGS/speed_${dtype}.log"; }
+  done
+}
+
 run_stage() {  # run_stage <stage>: one of the stages listed at the top
   case "$1" in
     throughput)
@@ -128,6 +142,7 @@ run_stage() {  # run_stage <stage>: one of the stages listed at the top
       late_throughput checkpointing "the DiT-S/2-class rows with --gradient_checkpointing" --backbones dit \
         --dataset builtin:mnist --resolution 32 --steps 120 --train-args=--gradient_checkpointing
       ;;
+    sampling) sampling ;;
     *) say "unknown stage $1 (see the top of this script)" ;;
   esac
 }
@@ -135,7 +150,8 @@ run_stage() {  # run_stage <stage>: one of the stages listed at the top
 pack() {
   if [ -n "${OUT:-}" ]; then
     tar czf "$OUT/gpu_results.tgz" "$RESULTS" 2>/dev/null
-    cat "$RESULTS"/train_throughput_*.md "$RESULTS"/mnist_gpu.md > "$OUT/summary.md" 2>/dev/null  # 2 files back
+    cat "$RESULTS"/train_throughput_*.md "$RESULTS"/mnist_gpu.md "$RESULTS"/speed_*/speed.md > "$OUT/summary.md" \
+      2>/dev/null  # 2 files back
     ls -l "$OUT"
   fi
 }
@@ -155,11 +171,13 @@ case "$mode" in
         .whl/*.whl
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
       quick=()
+      torch_device=cuda
       profile_steps=5
       quality_flags=(--device cuda --mixed-precision bf16 --steps "$QUALITY_STEPS" --batch-size 128
         --model-config "$GPU_UNET" --train-args "${QUALITY_TRAIN_ARGS:-}")
     else
       quick=(--quick)
+      torch_device=cpu
       profile_steps=2  # --quick runs 8 steps
       quality_flags=(--quick --device cpu)
       STAGES="${STAGES/sync/}"  # CUDA only
@@ -177,7 +195,7 @@ case "$mode" in
       run_stage "$stage"
     done
     say "done"
-    cat "$RESULTS"/train_throughput_*.md "$RESULTS"/mnist_gpu.md 2>/dev/null | head -150
+    cat "$RESULTS"/train_throughput_*.md "$RESULTS"/mnist_gpu.md "$RESULTS"/speed_*/speed.md 2>/dev/null | head -200
     ;;
   *)
     echo "usage: [STAGES=...] [QUALITY_SEEDS=...] bash scripts/gpu_check.sh download|run|dry-run" >&2

@@ -265,6 +265,30 @@ def test_speed_quick_outputs_are_well_formed(tmp_path):
     _assert_png(tmp_path / "speed.png")
 
 
+def test_speed_times_mixed_precision_and_names_its_device(tmp_path):
+    from benchmarks import speed
+
+    results = speed.main(["--quick", "--backbones", "UNet", "--dtype", "bfloat16", "--output-dir", str(tmp_path)])
+    assert (results["meta"]["device"], results["meta"]["dtype"]) == ("cpu", "bfloat16")
+    assert "Device `cpu`, bfloat16" in (tmp_path / "speed.md").read_text()
+    unet = results["backbones"]["UNet"]
+    assert all(seconds > 0 for values in unet["sample_seconds_per_step"].values() for seconds in values)
+    # both loops sample the bf16 weights; they round differently in bf16 but sample the same thing
+    assert 0 <= unet["converter_max_abs_diff"] < 0.1
+    for device, message in (("foo", "must be a torch device"), ("cuda:7", "no CUDA device")):
+        if device.startswith("cuda") and torch.cuda.is_available():
+            continue
+        with pytest.raises(ValueError, match=f"`--device`.*{message}"):
+            speed.main(["--quick", "--device", device, "--output-dir", str(tmp_path)])
+
+
+def test_interleaved_timings_waits_for_the_device_around_each_timing(monkeypatch):
+    events = []
+    monkeypatch.setattr(common, "synchronize", lambda device: events.append(("wait", str(device))))
+    common.interleaved_timings({"a": lambda: events.append("a")}, repeats=2, warmup=0, device="cuda:1")
+    assert events == [("wait", "cuda:1"), "a", ("wait", "cuda:1")] * 2
+
+
 def test_draw_noise_separates_the_spread_over_draws_from_that_over_seeds():
     from benchmarks import mnist_quality
 
