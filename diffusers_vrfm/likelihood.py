@@ -57,9 +57,10 @@ scaled by ``1/256`` (``delta = 1/256``), and ``7`` for the ``(k + u) / 128 - 1``
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +68,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .models.latent_prior import check_condition, label_condition
-from .models.z_embedding import given_latent
+from .models.z_embedding import given_latent, skip_value_checks
 
 DIVERGENCES = ("exact", "hutchinson")
 LIKELIHOOD_SOLVERS = ("euler", "heun", "dopri5")
@@ -243,18 +244,44 @@ def dequantize(x: torch.Tensor, bin_width: float, generator: torch.Generator | N
 
 
 # ---------------------------------------------------------------------------------------------- backward integration
-def check_finite_field(velocity: torch.Tensor, divergence: torch.Tensor, t: torch.Tensor) -> None:
-    """Raises a `ValueError` when the velocity or its divergence at time `t` holds a NaN or an inf.
+FIELD_PARTS = ("velocity", "divergence of the velocity")
 
-    Checked at every evaluation, so that a model with non-finite weights (or a state that overflowed) fails here,
-    naming the cause, instead of giving a NaN log-likelihood or misleading an adaptive solver's step-size control.
+
+def nonfinite_field_flags(velocity: torch.Tensor, divergence: torch.Tensor) -> torch.Tensor:
+    """Whether the velocity, and its divergence, hold a NaN or an inf: a `(2,)` bool tensor on their device, in the
+    order of `FIELD_PARTS`. Nothing is read back to the host."""
+    return torch.stack((~torch.isfinite(velocity).all(), ~torch.isfinite(divergence).all()))
+
+
+def check_finite_field(flags: torch.Tensor, times: Sequence[float]) -> None:
+    """Raises a `ValueError` naming the first evaluation whose velocity or divergence was not finite.
+
+    `flags` `(evals, 2)` stacks [`nonfinite_field_flags`] of the evaluations at `times`, so that a model with
+    non-finite weights (or a state that overflowed) fails, naming the cause and the time, instead of giving a NaN
+    log-likelihood. One read of `flags`, however many evaluations they cover.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_vrfm.likelihood import check_finite_field, nonfinite_field_flags
+    >>> finite, divergence = torch.ones(2, 3), torch.ones(2)
+    >>> flags = torch.stack([nonfinite_field_flags(finite, divergence), nonfinite_field_flags(finite, divergence / 0)])
+    >>> try:
+    ...     check_finite_field(flags, [1.0, 0.5])
+    ... except ValueError as error:
+    ...     print(str(error).split(":")[0])
+    The divergence of the velocity is not finite (NaN or inf) at t=0.5 of the backward integration
+    ```
     """
-    for name, value in (("velocity", velocity), ("divergence of the velocity", divergence)):
-        if not torch.isfinite(value).all():
-            raise ValueError(
-                f"The {name} is not finite (NaN or inf) at t={float(t):.4g} of the backward integration: the velocity "
-                "model's weights or the data are not finite, or the state overflowed. The log-likelihood is undefined."
-            )
+    if not flags.any():
+        return
+    evaluation, part = (int(index) for index in flags.nonzero()[0])
+    raise ValueError(
+        f"The {FIELD_PARTS[part]} is not finite (NaN or inf) at t={times[evaluation]:.4g} of the backward "
+        "integration: the velocity model's weights or the data are not finite, or the state overflowed. The "
+        "log-likelihood is undefined."
+    )
 
 
 def _velocity_and_divergence(velocity_fn, x, t, divergence, probe, create_graph):
@@ -325,11 +352,14 @@ def integrate_log_density(
     counter = {"evals": 0}
 
     def field(x, t):
+        """The velocity and its divergence at `(x, t)`, and their `nonfinite_field_flags`. The first evaluation checks
+        the model's inputs' values; the later ones skip those checks, which would make the host wait for the device
+        at every evaluation: their times come from the same checked grid, their `z` and labels are the same."""
         counter["evals"] += 1
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).clamp(0.0, 1.0)
-        velocity, div = _velocity_and_divergence(velocity_fn, x, t, divergence, probe, enable_grad)
-        check_finite_field(velocity, div, t)
-        return velocity, div
+        with contextlib.nullcontext() if counter["evals"] == 1 else skip_value_checks():
+            velocity, div = _velocity_and_divergence(velocity_fn, x, t, divergence, probe, enable_grad)
+        return velocity, div, nonfinite_field_flags(velocity, div)
 
     with torch.set_grad_enabled(enable_grad):
         if solver == "dopri5":
@@ -341,8 +371,9 @@ def integrate_log_density(
                     "`pip install diffusers-vrfm[ode]`, or use solver='euler' or 'heun'."
                 ) from error
 
-            def augmented(t, state):
-                velocity, div = field(state[0], t)
+            def augmented(t, state):  # checked at once: a non-finite field would mislead the step-size control,
+                velocity, div, nonfinite = field(state[0], t)  # which reads every step anyway
+                check_finite_field(nonfinite[None], [float(t)])
                 return velocity, -div
 
             times = torch.tensor([1.0, 0.0], dtype=x1.dtype, device=x1.device)
@@ -354,17 +385,27 @@ def integrate_log_density(
             raise TypeError(f"`num_inference_steps` must be an int, but got {num_inference_steps!r}.")
         if num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be >= 1, but got {num_inference_steps}.")
-        grid = torch.linspace(1.0, 0.0, num_inference_steps + 1, dtype=torch.float64).tolist()
+        grid = torch.linspace(1.0, 0.0, num_inference_steps + 1, dtype=torch.float64)
+        times, device_times = grid.tolist(), grid.to(device=x1.device, dtype=x1.dtype)  # one copy to the device
+        nonfinite, evaluated_at = [], []  # checked once at the end: the loop queues its steps without waiting
+
+        def field_at(x, index):
+            velocity, div, flags = field(x, device_times[index])
+            nonfinite.append(flags)
+            evaluated_at.append(times[index])
+            return velocity, div
+
         x, integral = x1, x1.new_zeros(x1.shape[0])
-        for t_now, t_next in zip(grid[:-1], grid[1:]):
-            h = t_now - t_next  # > 0: the step back in time
-            velocity, div = field(x, t_now)
+        for index in range(num_inference_steps):
+            h = times[index] - times[index + 1]  # > 0: the step back in time
+            velocity, div = field_at(x, index)
             if solver == "euler":
                 x, integral = x - h * velocity, integral + h * div
             else:
-                velocity_next, div_next = field(x - h * velocity, t_next)
+                velocity_next, div_next = field_at(x - h * velocity, index + 1)
                 x = x - 0.5 * h * (velocity + velocity_next)
                 integral = integral + 0.5 * h * (div + div_next)
+        check_finite_field(torch.stack(nonfinite), evaluated_at)
         return x, integral, counter["evals"]
 
 

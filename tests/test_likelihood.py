@@ -3,6 +3,7 @@ gradients, bits per dimension, bad input, and the --quick likelihood benchmark."
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import math
 import os
@@ -11,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+from device_waits import HOST_READS, DeviceWaits
 from torch import nn
 
 from diffusers_vrfm import (
@@ -501,6 +503,53 @@ def test_nan_weights_give_a_clear_integration_error(solver):
         pytest.importorskip("torchdiffeq")
     with pytest.raises(ValueError, match=r"velocity is not finite \(NaN or inf\) at t=1 of the backward integration"):
         log_likelihood(_nan_model(), torch.randn(3, 2), num_inference_steps=4, solver=solver)
+
+
+class _BlowsUpEarly(nn.Module):
+    """A finite velocity for t >= 0.5 and NaN below: the backward integration meets the NaN halfway."""
+
+    latent_dim = 0
+    sample_shape = (2,)
+
+    def forward(self, sample, t, z=None):
+        late = (t >= 0.5).reshape(-1, 1)
+        return VRFMVelocityOutput(sample=torch.where(late, sample, torch.full_like(sample, float("nan"))))
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_a_field_that_turns_non_finite_midway_is_named_at_its_time(solver):
+    # checked once, after the loop: the error still names the first time the field was not finite
+    with pytest.raises(ValueError, match=r"velocity is not finite \(NaN or inf\) at t=0.25 of the backward"):
+        log_likelihood(_BlowsUpEarly(), torch.randn(3, 2), num_inference_steps=4, solver=solver)
+
+
+@pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
+def test_the_backward_integration_makes_the_host_wait_for_nothing_per_step(divergence, monkeypatch):
+    model = VRFMMLPModel(sample_size=2, latent_dim=3, hidden_dim=8, num_classes=2).eval()
+    x = torch.randn(4, 2, generator=gen(3))
+    waits = []
+    for name in HOST_READS:  # what reads host memory without an operator
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=getattr(torch.Tensor, name), _n=name, **k: (
+            waits.append(f"read of a tensor ({_n})"), _f(self, *a, **k))[1])  # fmt: skip
+    per_call = {}
+    for steps in (1, 2, 8):  # the first call, uncounted, does once-per-process work (diffusers' lazy imports)
+        waits.clear()
+        with DeviceWaits(waits, {"on": True}):
+            log_likelihood(
+                model, x, num_z_samples=2, num_inference_steps=steps, divergence=divergence, class_labels=[0, 1, 1, 0],
+                generator=gen(4),
+            )  # fmt: skip
+        per_call[steps] = collections.Counter(waits)
+    # the input checks, the first evaluation's checks of the model's inputs and the one check of the field: the same
+    # for 2 steps (4 evaluations) as for 8 (16), so on a GPU the solver queues its steps without waiting for them
+    assert per_call[2] == per_call[8], per_call
+    assert 0 < sum(per_call[8].values()) < 15, per_call
+
+
+def test_labels_out_of_range_are_still_refused_by_the_first_evaluation():
+    model = VRFMMLPModel(sample_size=2, latent_dim=0, hidden_dim=8, num_classes=2).eval()
+    with pytest.raises(ValueError, match=r"`class_labels` must lie in \[0, 2\]"):
+        log_likelihood(model, torch.zeros(2, 2), num_inference_steps=3, class_labels=[0, 7])
 
 
 def test_source_log_prob_returning_nan_is_refused():
