@@ -27,7 +27,7 @@
 # result PNGs (`git switch -c gpu-run && git rm -q -r '*.png' && git commit -qm tmp`, then switch back and delete it).
 #
 #   bash scripts/gpu_check.sh download   # here, with PyPI: the wheels the GPU machine lacks, into .whl/ (ignored)
-#   STAGES="throughput sync profile cudagraphs" bash scripts/gpu_check.sh run
+#   STAGES="throughput sync profile cudagraphs sampling" bash scripts/gpu_check.sh run
 #                                        # on the GPU machine (repository root; .whl/ carried; the MNIST
 #                                        # classifier is committed in benchmarks/classifiers/)
 #   bash scripts/gpu_check.sh dry-run    # here, on the CPU: the same sequence with --quick runs, in a few minutes
