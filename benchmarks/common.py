@@ -324,6 +324,19 @@ def posterior_diagnostics(
 
 
 # ------------------------------------------------------------------------------------------------------------ timing
+def resolve_device(name: str) -> torch.device:
+    """`--device` as a torch device, refusing a name torch does not know and CUDA on a machine without it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(
+            f"`--device` must be a torch device such as cpu, cuda or cuda:1, but got {name!r}."
+        ) from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`--device` is {name!r}, but torch sees no CUDA device here; pass `--device cpu`.")
+    return device
+
+
 def synchronize(device: str | torch.device) -> None:
     """Waits for the work queued on `device` (CUDA); nothing to wait for on the CPU."""
     device = torch.device(device)

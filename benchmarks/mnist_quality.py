@@ -63,6 +63,7 @@ from benchmarks.common import (  # noqa: E402
     mean_std,
     posterior_diagnostics,
     pyplot,
+    resolve_device,
     set_seed,
     torch_threads,
     write_json,
@@ -906,8 +907,7 @@ def plot_fd(results: dict, path: Path, dpi: int = 110) -> None:
 # ------------------------------------------------------------------------------------------------------------- main
 def apply_quick_and_device_defaults(args) -> None:
     """`--quick` (digits, a tiny backbone, a few steps and samples) and the defaults that depend on the device."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("`--device` is 'cuda', but torch sees no CUDA device; use `--device cpu`.")
+    resolve_device(args.device)  # refuses CUDA where torch has none
     if any(flag.split("=")[0] == "--max_train_samples" for flag in shlex.split(args.train_args)):
         raise ValueError(
             f"`--train-args` must not hold `--max_train_samples` (got {args.train_args!r}): pass "

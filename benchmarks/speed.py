@@ -48,6 +48,7 @@ from benchmarks.common import (  # noqa: E402
     markdown_table,
     median_ratio,
     pyplot,
+    resolve_device,
     torch_threads,
     write_json,
 )
@@ -68,19 +69,6 @@ from diffusers_vrfm import (  # noqa: E402
 TRAIN_TARGET = 1.15
 SAMPLE_TARGET = 1.02
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    """`--device` as a torch device, refusing a name torch does not know and CUDA on a machine without it."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(
-            f"`--device` must be a torch device such as cpu, cuda or cuda:1, but got {name!r}."
-        ) from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"`--device` is {name!r}, but torch sees no CUDA device here; pass `--device cpu`.")
-    return device
 
 
 def backbone_configs(quick: bool) -> dict[str, dict]:

@@ -30,6 +30,20 @@ WAITING_OPERATORS = {
 HOST_READS = ("tolist", "numpy", "cpu")
 
 
+def count_host_reads(monkeypatch, waits: list, active: dict | None = None) -> None:
+    """Makes each of the `HOST_READS` methods append "read of a tensor (<name>)" to `waits` (while `active["on"]`,
+    when given), for the rest of the test: they read a tensor's memory without an operator `DeviceWaits` would see."""
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            if active is None or active["on"]:
+                waits.append(f"read of a tensor ({_name})")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+
 def waits_on_cuda(func, args, kwargs) -> str | None:
     """What makes operator `func`, called with `args` and `kwargs`, wait for the device on CUDA, or `None`."""
     if func in WAITING_OPERATORS:

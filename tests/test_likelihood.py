@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from device_waits import HOST_READS, DeviceWaits
+from device_waits import DeviceWaits, count_host_reads
 from torch import nn
 
 from diffusers_vrfm import (
@@ -528,9 +528,7 @@ def test_the_backward_integration_makes_the_host_wait_for_nothing_per_step(diver
     model = VRFMMLPModel(sample_size=2, latent_dim=3, hidden_dim=8, num_classes=2).eval()
     x = torch.randn(4, 2, generator=gen(3))
     waits = []
-    for name in HOST_READS:  # what reads host memory without an operator
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=getattr(torch.Tensor, name), _n=name, **k: (
-            waits.append(f"read of a tensor ({_n})"), _f(self, *a, **k))[1])  # fmt: skip
+    count_host_reads(monkeypatch, waits)  # what reads host memory without an operator
     per_call = {}
     for steps in (1, 2, 8):  # the first call, uncounted, does once-per-process work (diffusers' lazy imports)
         waits.clear()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from device_waits import HOST_READS, DeviceWaits
+from device_waits import DeviceWaits, count_host_reads
 from train_helpers import (
     FAST,
     TINY_POSTERIOR,
@@ -333,15 +333,7 @@ def _count_device_waits(monkeypatch):
     checkpoints: the operators of `waits_on_cuda` and the tensors read to host memory."""
     waits = []
     active = {"on": False}
-    for name in HOST_READS:
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _original=original, _name=name, **kwargs):
-            if active["on"]:
-                waits.append(f"read of a tensor ({_name})")
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    count_host_reads(monkeypatch, waits, active)
 
     def switch(function, on):
         def switched(*args, **kwargs):
