@@ -80,6 +80,7 @@ METHOD_LABELS = {
     "rf": "RF",
     "vrfm": "VRFM",
     "vrfm_normal": "VRFM, z ~ N(0, I)",
+    "vrfm_reencoded": "VRFM, z re-encoded along the way",
     "vrfm_atoms": "VRFM, atom prior fitted afterwards",
     "vrfm_flow": "VRFM, flow prior fitted afterwards",
     "vrfm_posterior_z": "VRFM, z from the test images' posterior (oracle)",
@@ -414,28 +415,40 @@ def generate(
     batch_size: int = 500,
     z: torch.Tensor | None = None,
     draw: int = 0,
+    **call_kwargs,
 ) -> torch.Tensor:
     """`num_samples` images in [0, 1] (on the CPU) from `pipeline` with `nfe` steps; the same noise (and z stream)
     for every method and NFE; `z` `(num_samples, latent_dim)` replaces the pipeline's own draws of z. Each `draw`
-    has streams of its own (draw 0's are those of every report before `--draws`)."""
+    has streams of its own (draw 0's are those of every report before `--draws`). `call_kwargs` go to the
+    pipeline's call (e.g. `reencode_z_at`)."""
     chunks = []
     for index, start in enumerate(range(0, num_samples, batch_size)):
         n = min(batch_size, num_samples - start)
         generator = torch.Generator().manual_seed(1_000 * seed + index + DRAW_STRIDE * draw)
         rows = None if z is None else z[start : start + n]
-        output = pipeline(batch_size=n, num_inference_steps=nfe, generator=generator, output_type="pt", z=rows)
+        output = pipeline(
+            batch_size=n, num_inference_steps=nfe, generator=generator, output_type="pt", z=rows, **call_kwargs
+        )
         chunks.append(output.samples)
     return torch.cat(chunks).float().cpu()
 
 
 def fds_over_draws(
-    pipeline, scorer: Scorer, num_samples: int, nfe: int, seed: int, draws: int = 1, z: torch.Tensor | None = None
+    pipeline,
+    scorer: Scorer,
+    num_samples: int,
+    nfe: int,
+    seed: int,
+    draws: int = 1,
+    z: torch.Tensor | None = None,
+    **call_kwargs,
 ) -> tuple[list[float], torch.Tensor]:
     """The FDs of `draws` independent sets of `num_samples` samples at `nfe` (fresh noise, and fresh z unless `z` is
-    given), and the first set: one set's FD moves with the draw, and K sets tell that noise from the seeds'."""
+    given), and the first set: one set's FD moves with the draw, and K sets tell that noise from the seeds'.
+    `call_kwargs` go to the pipeline's call."""
     fds, first = [], None
     for draw in range(draws):
-        samples = generate(pipeline, num_samples, nfe, seed, z=z, draw=draw)
+        samples = generate(pipeline, num_samples, nfe, seed, z=z, draw=draw, **call_kwargs)
         fds.append(scorer.fd(samples))
         first = samples if first is None else first
     return fds, first
@@ -474,15 +487,21 @@ def posterior_z_of_images(posterior, images: torch.Tensor, n: int, seed: int) ->
 
 def sampling_pipelines(path: Path, scheduler: str, device: str, extra_priors: dict | None = None) -> dict:
     """The saved pipeline as users load it (`VRFMPipeline.from_pretrained`, safetensors), with the fixed-NFE
-    `scheduler`; for a VRFM pipeline with a prior, also the same model with z ~ N(0, I); and one with each prior of
-    `extra_priors` (kind -> a function of the saved posterior that returns the fitted prior)."""
+    `scheduler` (and its posterior encoder, for `reencode_z_at`); for a VRFM pipeline with a prior, also the same
+    model with z ~ N(0, I); and one with each prior of `extra_priors` (kind -> a function of the saved posterior that
+    returns the fitted prior)."""
     from diffusers_vrfm import VRFMPipeline
     from diffusers_vrfm.schedulers.flow_scheduler_adapter import make_flow_scheduler
 
     saved = VRFMPipeline.from_pretrained(str(path))
     velocity = saved.velocity_model
     pipelines = {
-        "saved": VRFMPipeline(velocity_model=velocity, scheduler=make_flow_scheduler(scheduler), prior=saved.prior)
+        "saved": VRFMPipeline(
+            velocity_model=velocity,
+            scheduler=make_flow_scheduler(scheduler),
+            posterior_encoder=saved.posterior_encoder,
+            prior=saved.prior,
+        )
     }
     if velocity.latent_dim > 0 and saved.prior is not None:
         pipelines["normal"] = VRFMPipeline(velocity_model=velocity, scheduler=make_flow_scheduler(scheduler))
@@ -628,17 +647,19 @@ def evaluate_run(args, path: Path, method: str, seed: int, scorer: Scorer, n: in
     extra_priors = extra_prior_fits(args, data, seed) if method == "vrfm" else None
     loaded = sampling_pipelines(path, args.scheduler, args.device, extra_priors)
     keys = {"saved": method, "normal": "vrfm_normal", **{kind: f"vrfm_{kind}" for kind in EXTRA_PRIORS}}
-    variants = {keys[variant]: (pipeline, None) for variant, pipeline in loaded["pipelines"].items()}
+    variants = {keys[variant]: (pipeline, None, {}) for variant, pipeline in loaded["pipelines"].items()}
     posterior = loaded["posterior"]
+    if args.reencode_z_at is not None and posterior is not None:
+        variants["vrfm_reencoded"] = (loaded["pipelines"]["saved"], None, {"reencode_z_at": args.reencode_z_at})
     if args.posterior_z and posterior is not None:
         for key, images in (("vrfm_posterior_z", data.test), ("vrfm_posterior_z_train", data.train)):
-            variants[key] = (loaded["pipelines"]["saved"], posterior_z_of_images(posterior, images, n, seed))
+            variants[key] = (loaded["pipelines"]["saved"], posterior_z_of_images(posterior, images, n, seed), {})
     out = {"fd": {}, "fd_draws": {}, "fid": {}, "grids": {}, "distance_ratio": {}}
     out["params"] = count_parameters(loaded["velocity"])
-    for key, (pipeline, z) in variants.items():
+    for key, (pipeline, z, call_kwargs) in variants.items():
         out["fd"][key], out["fid"][key], out["grids"][key], out["distance_ratio"][key] = {}, {}, {}, {}
         for nfe in args.nfe:
-            fds, samples = fds_over_draws(pipeline, scorer, n, nfe, seed, args.draws, z)
+            fds, samples = fds_over_draws(pipeline, scorer, n, nfe, seed, args.draws, z, **call_kwargs)
             out["fd"][key][str(nfe)] = float(np.mean(fds))
             if args.draws > 1:
                 out["fd_draws"].setdefault(key, {})[str(nfe)] = fds
@@ -710,6 +731,12 @@ def header_lines(results: dict) -> list[str]:
             f"{' '.join(meta['extra_priors'])}`, flow: {meta['flow_prior_steps']} fitting steps)."
             if meta.get("extra_priors")
             else "."
+        )
+        + (
+            f" `VRFM, z re-encoded along the way` is the pipeline as saved, called with `reencode_z_at="
+            f"{meta['reencode_z_at']}` (the same noise and z as `VRFM`)."
+            if meta.get("reencode_z_at") is not None
+            else ""
         )
         + (
             " `VRFM, z from the test images' posterior` draws z from the posterior of the very test images the FD "
@@ -1043,6 +1070,7 @@ def run(args) -> dict:
         "scheduler": args.scheduler,
         "extra_priors": list(args.extra_priors),
         "posterior_z": bool(args.posterior_z),
+        "reencode_z_at": args.reencode_z_at,
         "flow_prior_steps": args.flow_prior_steps,
         "params": params,
         "quick": bool(args.quick),
@@ -1118,15 +1146,35 @@ def keep_shared_rows(loaded: list[dict]) -> tuple[list[dict], set[str]]:
     return [keep(result) for result in loaded], shared
 
 
+def keep_shared_nfes(loaded: list[dict]) -> list[dict]:
+    """`loaded` with only the NFEs that every run scored (in the first run's order), in its meta and its cells."""
+    shared = set.intersection(*(set(result["meta"]["nfes"]) for result in loaded))
+    nfes = [nfe for nfe in loaded[0]["meta"]["nfes"] if nfe in shared]
+
+    def keep(result: dict) -> dict:
+        cells = {
+            section: {
+                key: {seed: {n: v for n, v in per_nfe.items() if int(n) in shared} for seed, per_nfe in runs.items()}
+                for key, runs in result.get(section, {}).items()
+            }
+            for section in SAMPLED_SECTIONS
+        }
+        return {**result, **cells, "meta": {**result["meta"], "nfes": nfes}}
+
+    return [keep(result) for result in loaded]
+
+
 def join_results(paths: list[Path], name: str, wanted: list[int] | None = None) -> dict:
     """Joins runs of one budget that trained different methods or different seeds (e.g. an RF run and a VRFM run,
     each with `--methods`, or seeds split over parallel processes) into one result, so that the report compares them.
     Refuses runs whose budgets, VRFM training settings or RF training commands differ, a (method, seed) that two runs
     both have, and a join in which the methods end up with different seeds. Runs may differ in the rows they add
-    (`--extra-priors`, `--posterior-z`): the join keeps the rows that every VRFM run has. RF may be trained with
+    (`--extra-priors`, `--posterior-z`) and in the NFEs they scored: the join keeps the rows that every VRFM run has
+    and the NFEs that every run has. RF may be trained with
     other flags than VRFM (e.g. RF at its own defaults against a VRFM recipe): the report then names both commands.
     `wanted` (`--join-seeds`) keeps only those seeds of every run, to compare a study that ran fewer seeds."""
-    loaded, shared = keep_shared_rows([only_seeds(json.loads(Path(path).read_text()), wanted) for path in paths])
+    loaded = keep_shared_nfes([only_seeds(json.loads(Path(path).read_text()), wanted) for path in paths])
+    loaded, shared = keep_shared_rows(loaded)
     first = loaded[0]["meta"]
     vrfm_meta = next((result["meta"] for result in loaded if result["posterior"]), None)
     for path, result in zip(paths, loaded):
@@ -1161,6 +1209,7 @@ def join_results(paths: list[Path], name: str, wanted: list[int] | None = None) 
         joined["meta"].update(
             extra_priors=[kind for kind in EXTRA_PRIORS if f"vrfm_{kind}" in shared],
             posterior_z="vrfm_posterior_z" in shared,
+            reencode_z_at=vrfm_meta.get("reencode_z_at") if "vrfm_reencoded" in shared else None,
         )
         if rf_commands and rf_commands != {vrfm_meta["train_command"]}:
             joined["meta"]["rf_train_command"] = rf_commands.pop()
@@ -1231,6 +1280,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="VRFM: also sample with z ~ q(z | x1) of the test images the FD compares against (an oracle: how "
         "sharp the model is when z is right, whatever the prior)",
+    )
+    parser.add_argument(
+        "--reencode-z-at",
+        type=float,
+        default=None,
+        help="VRFM: also sample the saved pipeline with `reencode_z_at` set to this time (z re-encoded from the end "
+        "point predicted there), on the same noise and z",
     )
     parser.add_argument(
         "--kl-convention",

@@ -31,6 +31,7 @@ _import_structure = {
         "flow_match_output_to_velocity",
         "gaussian_kl",
         "interpolate",
+        "predicted_end_point",
         "reparameterize",
         "sample_timesteps",
         "sigma_to_t",

@@ -138,6 +138,32 @@ def target_velocity(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     return x1 - x0
 
 
+def predicted_end_point(x_t: torch.Tensor, t: torch.Tensor | float, velocity: torch.Tensor) -> torch.Tensor:
+    """The data point ``x1_hat = x_t + (1 - t) * v`` that one Euler step from ``x_t`` to ``t = 1`` lands on: ``x1``
+    itself when ``v`` is the straight path's velocity ``x1 - x0``.
+
+    Args:
+        x_t (`torch.Tensor` of shape `(B, ...)`): the state at time `t`.
+        t (`torch.Tensor` of shape `(B,)` or a scalar): times in `[0, 1]`.
+        velocity (`torch.Tensor` of shape `(B, ...)`): the velocity at ``(x_t, t)``.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_vrfm import interpolate, predicted_end_point
+    >>> x0, x1 = torch.zeros(1, 2), torch.tensor([[1.0, -2.0]])
+    >>> predicted_end_point(interpolate(x0, x1, 0.25), 0.25, x1 - x0)
+    tensor([[ 1., -2.]])
+    ```
+    """
+    if x_t.shape != velocity.shape:
+        raise ValueError(
+            f"`x_t` and `velocity` must have the same shape, but got {tuple(x_t.shape)} and {tuple(velocity.shape)}."
+        )
+    return x_t + (1 - _broadcast_time(t, x_t, "x_t")) * velocity
+
+
 def t_to_sigma(t: torch.Tensor | float) -> torch.Tensor | float:
     """Converts this package's time ``t`` (0 = noise) to diffusers' flow-matching ``sigma`` (1 = noise)."""
     return 1 - t

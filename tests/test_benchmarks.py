@@ -312,6 +312,8 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
         "--extra-priors",
         "flow",
         "--posterior-z",
+        "--reencode-z-at",
+        "0.2",
         "--draws",
         "2",
         "--output-dir",
@@ -324,11 +326,15 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
     tables = common.parse_markdown_tables(report)
     fd_table, copies = list(_table_with_header(tables, "method", "NFE 50"))  # FD, then the copy check
     flow, oracle = "VRFM, flow prior fitted afterwards", "VRFM, z from the test images' posterior (oracle)"
-    replay = "VRFM, z from training images' posterior (replay)"
-    labels = ["RF", "VRFM", "VRFM, z ~ N(0, I)", flow, oracle, replay, "VRFM / RF", "VRFM, z ~ N(0, I) / RF"]
-    labels += [f"{flow} / RF", f"{oracle} / RF", f"{replay} / RF"]
-    assert [row[0] for row in fd_table[1:]] == labels, "the saved prior, N(0, I), a flow, the posteriors"
+    replay, reencoded = "VRFM, z from training images' posterior (replay)", "VRFM, z re-encoded along the way"
+    labels = ["RF", "VRFM", "VRFM, z ~ N(0, I)", reencoded, flow, oracle, replay, "VRFM / RF"]
+    labels += ["VRFM, z ~ N(0, I) / RF", f"{reencoded} / RF", f"{flow} / RF", f"{oracle} / RF", f"{replay} / RF"]
+    assert [row[0] for row in fd_table[1:]] == labels, "the saved prior, N(0, I), re-encoded, a flow, the posteriors"
     assert "(`--extra-priors flow`, flow: 20 fitting steps)" in report
+    assert "called with `reencode_z_at=0.2` (the same noise and z as `VRFM`)" in report
+    # the same noise and z: one step is never re-encoded, more are (from the first evaluation at t >= 0.2 on)
+    assert results["fd_draws"]["vrfm_reencoded"]["0"]["1"] == results["fd_draws"]["vrfm"]["0"]["1"]
+    assert results["fd_draws"]["vrfm_reencoded"]["0"]["50"] != results["fd_draws"]["vrfm"]["0"]["50"]
     assert (
         fd_table[0][1:]
         == [f"NFE {n}" for n in mnist_quality.DEFAULT_NFES]
@@ -342,7 +348,7 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
         assert results["fd"][key]["0"] == {n: pytest.approx(sum(fds) / 2) for n, fds in draws.items()}
     assert all(a != b for a, b in results["fd_draws"]["vrfm"]["0"].values()), "fresh noise and z per draw"
     (noise,) = list(_table_with_header(tables, "FD std"))
-    assert [row[0] for row in noise[1:3]] == ["RF: over draws", "RF: over seeds"] and len(noise) == 1 + 2 * 6
+    assert [row[0] for row in noise[1:3]] == ["RF: over draws", "RF: over seeds"] and len(noise) == 1 + 2 * 7
     assert noise[1][1] == f"{mnist_quality.draw_noise(results['fd_draws']['rf'], '1')[0]:.3g}" != "nan"
     assert noise[2][1] == "nan", "one seed: no spread over seeds"
     assert "(each seed's FD the mean of 2 sample sets)" in report
@@ -356,7 +362,8 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
         stored = results["velocity_mse"][key]["0"]
         assert list(stored) == [str(t) for t in mnist_quality.PATH_TIMES]
         assert [common.format_number(value, 3) for value in stored.values()] == path_errors[1 + index][1:]
-    sampled = ["rf", "vrfm", "vrfm_normal", "vrfm_flow", "vrfm_posterior_z", "vrfm_posterior_z_train"]
+    sampled = ["rf", "vrfm", "vrfm_normal", "vrfm_reencoded", "vrfm_flow", "vrfm_posterior_z"]
+    sampled.append("vrfm_posterior_z_train")
     assert [row[0] for row in copies[1:]] == [mnist_quality.METHOD_LABELS[key] for key in sampled]
     for index, key in enumerate(sampled):
         stored = results["distance_ratio"][key]["0"]
@@ -413,10 +420,10 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
     assert two_seeds["meta"]["seeds"] == [0, 1] and sorted(two_seeds["posterior"]) == ["0", "1"]
     assert two_seeds["fd"]["vrfm"]["1"] == two_seeds["fd"]["vrfm"]["0"] == results["fd"]["vrfm"]["0"]
     assert two_seeds["train"]["rf"]["1"] == results["train"]["rf"]["0"]
-    # a seed run without --extra-priors and --posterior-z: the join keeps the rows both runs have
-    bare_rows = ("vrfm_flow", "vrfm_posterior_z", "vrfm_posterior_z_train")
+    # a seed run without --extra-priors, --posterior-z and --reencode-z-at: the join keeps the rows both runs have
+    bare_rows = ("vrfm_reencoded", "vrfm_flow", "vrfm_posterior_z", "vrfm_posterior_z_train")
     without = {s: {k: v for k, v in as_seed_1[s].items() if k not in bare_rows} for s in ("fd", "distance_ratio")}
-    bare_meta = {**results["meta"], "seeds": [1], "extra_priors": [], "posterior_z": False}
+    bare_meta = {**results["meta"], "seeds": [1], "extra_priors": [], "posterior_z": False, "reencode_z_at": None}
     (tmp_path / "bare1.json").write_text(json.dumps({**as_seed_1, **without, "meta": bare_meta}))
     shared = mnist_quality.join_results([tmp_path / "seed0.json", tmp_path / "bare1.json"], "shared")
     for section in ("fd", "distance_ratio"):
@@ -424,6 +431,20 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
             key: ["0", "1"] for key in ("rf", "vrfm", "vrfm_normal")
         }
     assert shared["meta"]["extra_priors"] == [] and shared["meta"]["posterior_z"] is False
+    assert shared["meta"]["reencode_z_at"] is None and two_seeds["meta"]["reencode_z_at"] == 0.2
+    # a seed run that scored fewer NFEs: the join keeps the NFEs both runs have, in its cells and its meta
+    fewer = {
+        section: {key: {"1": {n: v for n, v in runs["1"].items() if n in ("2", "50")}} for key, runs in part.items()}
+        for section, part in as_seed_1.items()
+        if section in mnist_quality.SAMPLED_SECTIONS
+    }
+    (tmp_path / "fewer1.json").write_text(
+        json.dumps({**as_seed_1, **fewer, "meta": {**as_seed_1["meta"], "nfes": [2, 50]}})
+    )
+    two_nfes = mnist_quality.join_results([tmp_path / "seed0.json", tmp_path / "fewer1.json"], "fewer")
+    assert two_nfes["meta"]["nfes"] == [2, 50] and two_nfes["meta"]["seeds"] == [0, 1]
+    assert all(list(runs[seed]) == ["2", "50"] for runs in two_nfes["fd"].values() for seed in ("0", "1"))
+    assert two_nfes["fd_draws"]["vrfm"]["0"]["50"] == results["fd_draws"]["vrfm"]["0"]["50"]
     assert two_seeds["meta"]["extra_priors"] == ["flow"] and two_seeds["meta"]["posterior_z"] is True
     seed_0 = mnist_quality.join_results([tmp_path / "seed1.json", tmp_path / "seed0.json"], "one", wanted=[0])
     assert seed_0["meta"]["seeds"] == [0] and list(seed_0["posterior"]) == ["0"]

@@ -10,6 +10,7 @@ from diffusers_vrfm import (
     flow_match_output_to_velocity,
     gaussian_kl,
     interpolate,
+    predicted_end_point,
     reparameterize,
     sample_timesteps,
     sigma_to_t,
@@ -35,6 +36,20 @@ def test_path_and_target_closed_form(shape):
     h = 1e-3
     finite_difference = (interpolate(x0.double(), x1.double(), t + h) - interpolate(x0.double(), x1.double(), t)) / h
     torch.testing.assert_close(finite_difference.float(), target_velocity(x0, x1), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(5, 2), (5, 3, 4, 4)])
+def test_predicted_end_point_of_the_straight_path_is_its_data_point(shape):
+    generator = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    t = torch.rand(shape[0], generator=generator)  # one time per example
+    torch.testing.assert_close(predicted_end_point(interpolate(x0, x1, t), t, target_velocity(x0, x1)), x1)
+    torch.testing.assert_close(predicted_end_point(x0, 0.0, x1), x0 + x1)  # a scalar time; at t = 0, x0 + v
+    assert torch.equal(predicted_end_point(x1, 1.0, x0), x1), "at t = 1 the state is the end point"
+    with pytest.raises(ValueError, match=r"`x_t` and `velocity` must have the same shape, but got \(5, 2\)"):
+        predicted_end_point(torch.zeros(5, 2), 0.5, torch.zeros(5, 3))
+    with pytest.raises(ValueError, match=r"`t` must be a scalar or have shape \(5,\), the batch size of `x_t`"):
+        predicted_end_point(x0, torch.zeros(4), x1)
 
 
 def test_path_rejects_mismatched_inputs():

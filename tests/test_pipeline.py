@@ -10,7 +10,7 @@ import pytest
 import torch
 from device_waits import DeviceWaits, count_host_reads
 
-from diffusers_vrfm import VRFMMLPModel, VRFMPipeline, VRFMPosteriorEncoder, VRFMScheduler
+from diffusers_vrfm import VRFMMLPModel, VRFMPipeline, VRFMPosteriorEncoder, VRFMScheduler, predicted_end_point
 from diffusers_vrfm.hub import remote_code_line
 
 
@@ -63,6 +63,46 @@ def test_z_is_drawn_once_per_trajectory_and_time_advances():
     assert all(torch.equal(z, out.z) for _, z in seen)
     times = [t[0].item() for t, _ in seen]
     assert times == pytest.approx([0, 1 / 3, 1 / 3, 2 / 3, 2 / 3, 1.0], abs=1e-6)
+
+
+def test_reencode_z_at_swaps_z_once_for_the_posterior_mean_of_the_predicted_end_point():
+    pipe = make_pipeline()
+    seen = []
+    original_forward = pipe.velocity_model.forward
+
+    def spy(sample, timestep, z=None, class_labels=None, return_dict=True):
+        out = original_forward(sample, timestep, z=z, class_labels=class_labels, return_dict=return_dict)
+        seen.append((sample.clone(), timestep[0].item(), z.clone(), out.sample.clone()))
+        return out
+
+    pipe.velocity_model.forward = spy
+    plain = pipe(batch_size=3, num_inference_steps=4, generator=torch.Generator().manual_seed(0))
+    seen.clear()
+    out = pipe(batch_size=3, num_inference_steps=4, generator=torch.Generator().manual_seed(0), reencode_z_at=0.3)
+    assert [t for _, t, _, _ in seen] == pytest.approx([0, 0.25, 0.5, 0.75])
+    assert torch.equal(out.z, plain.z) and out.num_function_evals == 4  # the drawn z; no extra evaluation
+    assert all(torch.equal(z, out.z) for _, _, z, _ in seen[:3])  # up to the first evaluation at t >= 0.3
+    x_t, t, _, velocity = seen[2]
+    x0 = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))  # the call's first draw is the source
+    expected = pipe.posterior_encoder(x0=x0, x1=predicted_end_point(x_t, t, velocity), x_t=x_t, t=t).mean
+    torch.testing.assert_close(seen[3][2], expected)
+    assert not torch.allclose(out.samples, plain.samples)
+    seen.clear()  # at or after the last evaluation's time it changes no velocity: the samples are the plain ones
+    late = pipe(batch_size=3, num_inference_steps=4, generator=torch.Generator().manual_seed(0), reencode_z_at=0.75)
+    assert torch.equal(late.samples, plain.samples)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: make_pipeline(latent_dim=0), "no `z`"),
+        (lambda: VRFMPipeline(velocity_model=make_pipeline().velocity_model, scheduler=VRFMScheduler()), "no `poster"),
+        (lambda: make_pipeline(solver="dopri5"), "fixed-step scheduler; the adaptive solver 'dopri5'"),
+    ],
+)
+def test_reencode_z_at_is_refused_where_it_cannot_work(make, match):
+    with pytest.raises(ValueError, match=f"`reencode_z_at=0.5` .*{match}"):
+        make()(batch_size=2, num_inference_steps=2, reencode_z_at=0.5)
 
 
 def test_user_z_and_latents_are_honoured():
@@ -123,7 +163,7 @@ def test_classifier_free_guidance():
     assert guided.num_function_evals == 2
 
 
-@pytest.mark.parametrize("scheduler", ["euler", "heun", "diffusers FlowMatchEuler"])
+@pytest.mark.parametrize("scheduler", ["euler", "heun", "diffusers FlowMatchEuler", "euler, z re-encoded"])
 def test_a_sampling_step_makes_the_host_wait_for_nothing(scheduler, monkeypatch):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -137,7 +177,8 @@ def test_a_sampling_step_makes_the_host_wait_for_nothing(scheduler, monkeypatch)
     for steps in (2, 8):
         waits.clear()
         with DeviceWaits(waits, {"on": True}):
-            pipe(batch_size=3, num_inference_steps=steps, class_labels=[0, 1, 2], guidance_scale=2.0)
+            reencode = {"reencode_z_at": 0.3} if scheduler.endswith("re-encoded") else {}
+            pipe(batch_size=3, num_inference_steps=steps, class_labels=[0, 1, 2], guidance_scale=2.0, **reencode)
         per_call[steps] = collections.Counter(waits)
     # A few per call (the grid's checks, the labels' range, the end point's finiteness), none per step: on a GPU the
     # sampling loop queues its steps without waiting for them.
@@ -165,6 +206,8 @@ def test_a_sampling_step_makes_the_host_wait_for_nothing(scheduler, monkeypatch)
         ({"class_labels": [0, 1, 0, 1], "guidance_scale": 10**400}, ValueError, "`guidance_scale` must be finite"),
         ({"callback_on_step_end": 3}, TypeError, "`callback_on_step_end` must be callable"),
         ({"callback_on_step_end_tensor_inputs": ["z"], "callback_on_step_end": print}, ValueError, "among"),
+        ({"reencode_z_at": 1.5}, ValueError, "`reencode_z_at` must lie in \\[0.0, 1.0\\], but got 1.5"),
+        ({"reencode_z_at": "0.5"}, TypeError, "`reencode_z_at` must be a real number"),
     ],
 )
 def test_bad_call_arguments_are_refused(kwargs, error, match):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from ..models.posterior_conv import VRFMConvPosteriorEncoder
 from ..models.transformer_2d import VRFMDiTTransformer2DModel
 from ..models.unet_2d import VRFMUNet2DConditionModel, VRFMUNet2DModel
 from ..models.z_embedding import as_label_tensor, given_latent, given_tensor, skip_value_checks
-from ..objective import check_generator, check_real, slerp
+from ..objective import check_generator, check_real, predicted_end_point, slerp
 from ..schedulers.flow_scheduler_adapter import FlowSchedulerAdapter, check_flow_scheduler
 from ..schedulers.scheduling_vrfm import VRFMScheduler
 
@@ -128,13 +129,15 @@ def check_weights_loaded(component, name: str) -> None:
 class VRFMPipeline(DiffusionPipeline):
     """Generates samples by integrating ``dx/dt = v(x, t, z)`` from noise (``t = 0``) to data (``t = 1``).
 
-    ``z ~ N(0, I)`` is drawn **once per trajectory** and held fixed along it. The posterior encoder is not used to
-    sample; it is kept as a component so that a saved pipeline is everything needed to resume training.
+    ``z ~ N(0, I)`` is drawn **once per trajectory** and held fixed along it. The posterior encoder is kept as a
+    component so that a saved pipeline is everything needed to resume training; sampling uses it only to re-encode
+    ``z`` along the way when asked to (`reencode_z_at`).
 
     Components:
         velocity_model ([`VRFMMLPModel`], [`VRFMUNet2DModel`], ...): predicts ``v(x_t, t, z, class_labels)``.
         scheduler ([`VRFMScheduler`]): the time grid and solver.
-        posterior_encoder (*optional*): ``q(z | x0, x1, x_t, t)``, used for training only.
+        posterior_encoder (*optional*): ``q(z | x0, x1, x_t, t)``, used for training, and to sample only with
+            `reencode_z_at`.
         vae ([`~diffusers.AutoencoderKL`], *optional*): decodes latent-space samples to images.
         prior (*optional*): the distribution each trajectory draws its ``z`` from instead of ``N(0, I)``: a
             [`VRFMAggregatePosteriorPrior`] fitted to the trained posterior (the default of `train_vrfm.py`, which
@@ -160,7 +163,7 @@ class VRFMPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "prior->velocity_model->vae"
     _optional_components = ["posterior_encoder", "vae", "prior"]
-    _exclude_from_cpu_offload = ["posterior_encoder"]  # not used to sample
+    _exclude_from_cpu_offload = ["posterior_encoder"]  # small, and used to sample only with `reencode_z_at`
     _callback_tensor_inputs = ["latents"]
     default_num_inference_steps = 8  # when neither `num_inference_steps` nor `timesteps` is given
     _guidance_scale = 1.0
@@ -308,6 +311,41 @@ class VRFMPipeline(DiffusionPipeline):
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         latents = samples.to(self.vae.dtype) / scaling + shift
         return self.vae.decode(latents).sample
+
+    def reencode_z(
+        self, sample: torch.Tensor, t: torch.Tensor | float, velocity: torch.Tensor, source: torch.Tensor
+    ) -> torch.Tensor:
+        """The posterior mean of ``q(z | x0, x1_hat, x_t, t)``, where ``x1_hat = x_t + (1 - t) v`` is the end point
+        one Euler step predicts from the state `sample` at scalar time `t` ([`predicted_end_point`]) and `source` is
+        the trajectory's starting point ``x0``: a `z` the posterior would give the image the trajectory is heading
+        for. Returned on `sample`'s device, in the velocity model's dtype. See `reencode_z_at` in `__call__`."""
+        encoder = self.posterior_encoder
+        device, dtype = encoder.device, encoder.dtype  # a CPU-offloaded pipeline keeps the (small) encoder on the CPU
+        t_batch = torch.as_tensor(t, device=device, dtype=torch.float32).reshape(()).expand(sample.shape[0])
+        x_t = sample.to(device, dtype)
+        end = predicted_end_point(x_t, t_batch, velocity.to(device, dtype))
+        no_noise = torch.zeros(sample.shape[0], encoder.latent_dim, device=device, dtype=dtype)  # the mean only
+        posterior = encoder(x0=source.to(device, dtype), x1=end, x_t=x_t, t=t_batch, noise=no_noise)
+        return posterior.mean.to(sample.device, self.velocity_model.dtype)
+
+    def _reencode_index(self, adapter, reencode_z_at: float | None) -> int | None:
+        """Checks `reencode_z_at` against this pipeline and the schedule (set by `_prepare_integration`); returns the
+        index of the first model evaluation at a time at or after it (`None`: off, or no such evaluation)."""
+        if reencode_z_at is None:
+            return None
+        reencode_z_at = check_real(reencode_z_at, "reencode_z_at", 0.0, 1.0)
+        if self.velocity_model.latent_dim == 0 or self.posterior_encoder is None:
+            raise ValueError(
+                f"`reencode_z_at={reencode_z_at}` re-encodes `z` with the posterior encoder, but this pipeline has "
+                + ("no `z` (`latent_dim=0`)." if self.velocity_model.latent_dim == 0 else "no `posterior_encoder`.")
+            )
+        if adapter.is_adaptive:
+            raise ValueError(
+                f"`reencode_z_at={reencode_z_at}` needs a fixed-step scheduler; the adaptive solver "
+                f"{adapter.scheduler.config.solver!r} picks its own times."
+            )
+        index = int((adapter.times < reencode_z_at).sum())  # one read of the (small) grid, before the first step
+        return index if index < len(adapter.times) else None
 
     @staticmethod
     def _infer_batch_size(batch_size, class_labels, latents, z) -> int:
@@ -486,6 +524,7 @@ class VRFMPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        reencode_z_at: float | None = None,
     ) -> VRFMPipelineOutput | tuple:
         """Samples `batch_size` trajectories.
 
@@ -516,6 +555,13 @@ class VRFMPipeline(DiffusionPipeline):
                 `pipe._interrupt = True` in it to skip the remaining steps. Fixed-step schedulers only.
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): the tensors in
                 `callback_kwargs`; see `pipe._callback_tensor_inputs`.
+            reencode_z_at (`float` in `[0, 1]`, *optional*): at the first model evaluation at or after this time,
+                replace each trajectory's `z` by the posterior mean for the end point that evaluation predicts
+                ([`reencode_z`]), and keep that `z` to the end. The drawn `z` sets where the trajectory heads; the
+                re-encoded one is a code the velocity model was trained on for that image, where a prior's draw may
+                lie between the codes of training images. It costs one posterior-encoder call and no velocity
+                evaluation, and changes no evaluation up to that one (so nothing with one step). Needs the
+                `posterior_encoder` and a fixed-step scheduler; the output's `z` is the drawn one.
 
         Examples:
 
@@ -548,14 +594,20 @@ class VRFMPipeline(DiffusionPipeline):
             num_inference_steps, timesteps, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs,
             device,
         )  # fmt: skip
+        reencode_index = self._reencode_index(adapter, reencode_z_at)
         dtype = self.velocity_model.dtype
         x = self.prepare_latents(batch_size, generator, device, dtype, latents)
         labels = self._prepare_class_labels(class_labels, batch_size, device)
         condition = None if labels is None else label_condition(labels, self.velocity_model.num_classes)
         z = self.prepare_z(batch_size, generator, device, dtype, z, source=x, condition=condition)
+        current_z, source, evaluations = z, x, itertools.count()
 
         def velocity_fn(sample, t):
-            return self.velocity(sample, t, z, labels, guidance_scale)
+            nonlocal current_z
+            velocity = self.velocity(sample, t, current_z, labels, guidance_scale)
+            if reencode_index is not None and next(evaluations) == reencode_index:
+                current_z = self.reencode_z(sample, t, velocity, source)
+            return velocity
 
         x, num_function_evals = self._integrate(velocity_fn, x, adapter, callback_on_step_end, tensor_inputs)
         return self._finish_call(x, z, num_function_evals, output_type, return_dict)
