@@ -1169,9 +1169,9 @@ def join_results(paths: list[Path], name: str, wanted: list[int] | None = None) 
     each with `--methods`, or seeds split over parallel processes) into one result, so that the report compares them.
     Refuses runs whose budgets, VRFM training settings or RF training commands differ, a (method, seed) that two runs
     both have, and a join in which the methods end up with different seeds. Runs may differ in the rows they add
-    (`--extra-priors`, `--posterior-z`) and in the NFEs they scored: the join keeps the rows that every VRFM run has
-    and the NFEs that every run has. RF may be trained with
-    other flags than VRFM (e.g. RF at its own defaults against a VRFM recipe): the report then names both commands.
+    (`--extra-priors`, `--posterior-z`, `--reencode-z-at`) and in the NFEs they scored: the join keeps the rows that
+    every VRFM run has and the NFEs that every run has. RF may be trained with other flags than VRFM (e.g. RF at its
+    own defaults against a VRFM recipe): the report then names both commands.
     `wanted` (`--join-seeds`) keeps only those seeds of every run, to compare a study that ran fewer seeds."""
     loaded = keep_shared_nfes([only_seeds(json.loads(Path(path).read_text()), wanted) for path in paths])
     loaded, shared = keep_shared_rows(loaded)
