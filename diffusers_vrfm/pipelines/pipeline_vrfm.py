@@ -111,6 +111,11 @@ def check_device_map(device_map, low_cpu_mem_usage: bool) -> None:
         raise ValueError(f"`device_map={device_map!r}` needs `low_cpu_mem_usage=True`, as in diffusers.")
 
 
+def batch_times(t: torch.Tensor | float, batch_size: int, device) -> torch.Tensor:
+    """The scalar time `t` as a float32 tensor of shape `(batch_size,)` on `device`, one per trajectory."""
+    return torch.as_tensor(t, device=device, dtype=torch.float32).reshape(()).expand(batch_size)
+
+
 def check_weights_loaded(component, name: str) -> None:
     """Refuses a model component with weights left on the `meta` device, which is how diffusers' loader leaves the
     keys a weights file lacked (offload hooks from accelerate, which move weights in per call, are fine)."""
@@ -290,7 +295,7 @@ class VRFMPipeline(DiffusionPipeline):
         `encoder_hidden_states`); with `unconditional` inputs of the same names, classifier-free guidance
         ``v_u + g * (v_c - v_u)`` from one batched call in which each trajectory keeps its `z`."""
         batch_size = sample.shape[0]
-        t_batch = torch.as_tensor(t, device=sample.device, dtype=torch.float32).reshape(()).expand(batch_size)
+        t_batch = batch_times(t, batch_size, sample.device)
         if unconditional is None:
             return self.velocity_model(sample, t_batch, z=z, **conditioning).sample
         inputs = {name: torch.cat([value, unconditional[name]]) for name, value in conditioning.items()}
@@ -321,7 +326,7 @@ class VRFMPipeline(DiffusionPipeline):
         for. Returned on `sample`'s device, in the velocity model's dtype. See `reencode_z_at` in `__call__`."""
         encoder = self.posterior_encoder
         device, dtype = encoder.device, encoder.dtype  # a CPU-offloaded pipeline keeps the (small) encoder on the CPU
-        t_batch = torch.as_tensor(t, device=device, dtype=torch.float32).reshape(()).expand(sample.shape[0])
+        t_batch = batch_times(t, sample.shape[0], device)
         x_t = sample.to(device, dtype)
         end = predicted_end_point(x_t, t_batch, velocity.to(device, dtype))
         no_noise = torch.zeros(sample.shape[0], encoder.latent_dim, device=device, dtype=dtype)  # the mean only
