@@ -72,6 +72,7 @@ from benchmarks.mnist_quality import (
     train_or_reuse,
     training_key,
 )
+from diffusers_vrfm.objective import check_real
 from diffusers_vrfm.training.checkpointing import file_sha256
 
 RESOLUTION = 16
@@ -160,9 +161,10 @@ def training_argv(args, data: ImageData, method: str, seed: int, output_dir: Pat
 
 
 @torch.no_grad()
-def prompted_samples(pipeline, samples_per_class: int, nfe: int, guidance_scale: float, seed: int):
+def prompted_samples(pipeline, samples_per_class: int, nfe: int, guidance_scale: float, seed: int, **call_kwargs):
     """`samples_per_class` images in [0, 1] for each digit (asked for by its caption, or its label for a
-    class-conditional pipeline), and the asked-for digits; the same noise and z stream for every method."""
+    class-conditional pipeline), and the asked-for digits; the same noise and z stream for every method.
+    `call_kwargs` go to the pipeline's call (e.g. `reencode_z_at`)."""
     from diffusers_vrfm import VRFMTextToImagePipeline
     from diffusers_vrfm.training.text_data import digit_caption
 
@@ -174,7 +176,7 @@ def prompted_samples(pipeline, samples_per_class: int, nfe: int, guidance_scale:
             asked = {"class_labels": [digit] * samples_per_class}
         output = pipeline(
             **asked, num_inference_steps=nfe, guidance_scale=guidance_scale,
-            generator=torch.Generator().manual_seed(seed * 100 + digit), output_type="pt",
+            generator=torch.Generator().manual_seed(seed * 100 + digit), output_type="pt", **call_kwargs,
         )  # fmt: skip
         images.append(output.images.float().cpu())
     return torch.cat(images), torch.arange(10).repeat_interleave(samples_per_class)
@@ -208,11 +210,16 @@ def score(rulers: Rulers, images: torch.Tensor, digits: torch.Tensor) -> dict:
     }
 
 
-def score_draws(rulers: Rulers, pipeline, per_class: int, nfe: int, guidance: float, seed: int, draws: int) -> dict:
+def score_draws(
+    rulers: Rulers, pipeline, per_class: int, nfe: int, guidance: float, seed: int, draws: int, **call_kwargs
+) -> dict:
     """[`score`] averaged over `draws` independent sample sets (draw 0's streams are those of one draw); with more
-    than one, `"fd_draws"` keeps each set's FD."""
+    than one, `"fd_draws"` keeps each set's FD. `call_kwargs` go to the pipeline's call."""
     scores = [
-        score(rulers, *prompted_samples(pipeline, per_class, nfe, guidance, seed + DRAW_SEED_STRIDE * draw))
+        score(
+            rulers,
+            *prompted_samples(pipeline, per_class, nfe, guidance, seed + DRAW_SEED_STRIDE * draw, **call_kwargs),
+        )
         for draw in range(draws)
     ]
     mean = {metric: float(np.mean([each[metric] for each in scores])) for metric in scores[0]}
@@ -224,19 +231,26 @@ def runs_dir(args) -> Path:
     return Path(args.work_dir) if args.work_dir else Path(args.output_dir) / "cache" / "runs"
 
 
-def sampling_variants(path: Path, pipeline_class: str, prior_fits: dict) -> dict:
-    """The saved pipeline (of the class `pipeline_class`, with its own prior) and, for a VRFM run, the same model with
-    each prior of `prior_fits` (kind -> a function of the saved posterior that returns the fitted prior)."""
+def sampling_variants(
+    path: Path, pipeline_class: str, prior_fits: dict, reencode_z_at: float | None = None
+) -> dict[str, tuple]:
+    """How each row samples, `{variant: (pipeline, call_kwargs)}`: the saved pipeline (of the class
+    `pipeline_class`, with its own prior) and, for a VRFM run, the same model with each prior of `prior_fits` (kind
+    -> a function of the saved posterior that returns the fitted prior) and, with `reencode_z_at`, the saved pipeline
+    called with it."""
     import diffusers_vrfm
 
     pipeline_class = getattr(diffusers_vrfm, pipeline_class)
     saved = pipeline_class.from_pretrained(str(path))
-    variants = {"saved": saved}
+    saved.set_progress_bar_config(disable=True)
+    variants = {"saved": (saved, {})}
     if saved.velocity_model.latent_dim > 0:
         for kind, fit in prior_fits.items():
-            variants[kind] = pipeline_class(**{**saved.components, "prior": fit(saved.posterior_encoder)})
-    for pipeline in variants.values():
-        pipeline.set_progress_bar_config(disable=True)
+            fitted = pipeline_class(**{**saved.components, "prior": fit(saved.posterior_encoder)})
+            fitted.set_progress_bar_config(disable=True)
+            variants[kind] = (fitted, {})
+        if reencode_z_at is not None:
+            variants["reencoded"] = (saved, {"reencode_z_at": reencode_z_at})
     return variants
 
 
@@ -248,6 +262,9 @@ def evaluate_run(args, data: ImageData, rulers: Rulers, method: str, seed: int) 
     key = training_key(argv, data.max_train_samples)
     settings = {**key, "nfe": args.nfe, "guidance": args.guidance_scales, "per_class": args.samples_per_class}
     settings["extra_priors"] = args.extra_priors if METHODS[method].is_vrfm else []
+    reencode_z_at = args.reencode_z_at if METHODS[method].is_vrfm else None
+    if reencode_z_at is not None:  # absent otherwise: the caches of runs from before the option stay valid
+        settings["reencode_z_at"] = reencode_z_at
     settings["judge_epochs"] = judge_epochs(args)
     settings["rulers"] = rulers.digests  # other classifiers score again (the trained model is kept)
     if args.draws > 1:  # one draw is what every report before `--draws` scored: their caches stay valid
@@ -259,10 +276,13 @@ def evaluate_run(args, data: ImageData, rulers: Rulers, method: str, seed: int) 
     summary = train_or_reuse(argv, folder, key, args.reuse_runs)
     fits = extra_prior_fits(args, data, seed) if settings["extra_priors"] else {}
     scores = {}
-    for variant, pipeline in sampling_variants(folder, CONDITIONINGS[args.conditioning].pipeline, fits).items():
+    variants = sampling_variants(folder, CONDITIONINGS[args.conditioning].pipeline, fits, reencode_z_at)
+    for variant, (pipeline, call_kwargs) in variants.items():
         scores[variant] = {
             str(guidance): {
-                str(nfe): score_draws(rulers, pipeline, args.samples_per_class, nfe, guidance, seed, args.draws)
+                str(nfe): score_draws(
+                    rulers, pipeline, args.samples_per_class, nfe, guidance, seed, args.draws, **call_kwargs
+                )
                 for nfe in args.nfe
             }
             for guidance in args.guidance_scales
@@ -309,6 +329,7 @@ VARIANT_LABELS = {  # how a VRFM row draws z; {key}: "caption" or "label"
     "saved": "the saved prior",  # train_vrfm.py's, given the caption or label
     "atoms": "atoms without {key}s",
     "flow": "flow prior (no {key}s)",
+    "reencoded": "the saved prior, z re-encoded along the way",
 }
 
 
@@ -386,6 +407,12 @@ def render_report(results: dict) -> str:
             f"Rows without {key}s sample the same model with a prior ({', '.join(meta['extra_priors'])}) fitted "
             f"afterwards to its posterior without the {key}s: z of any digit, whatever the {asked}.",
         ]
+    if meta.get("reencode_z_at") is not None:
+        lines += [
+            f"Rows `z re-encoded along the way` are the saved pipeline called with `reencode_z_at="
+            f"{meta['reencode_z_at']}` (the same noise and z as the saved prior's row): z replaced once by the "
+            "posterior mean of the image predicted at that time.",
+        ]
     lines += [""]
     targets = target_rows(results)
     if targets:
@@ -442,6 +469,7 @@ def run(args, argv: list[str]) -> dict:
         "nfe": list(args.nfe),
         "guidance_scales": list(args.guidance_scales),
         "extra_priors": list(args.extra_priors),
+        "reencode_z_at": args.reencode_z_at,
         "draws": args.draws,
         "parameters": first_vrfm["train"]["parameters"],
         "machine": machine_description(),
@@ -483,6 +511,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=2000,
         help="fitting steps of the flow priors, saved and extra",
     )
+    parser.add_argument(
+        "--reencode-z-at",
+        "--reencode_z_at",
+        type=float,
+        default=None,
+        help="VRFM: also sample the saved pipeline with `reencode_z_at` set to this time (z re-encoded from the end "
+        "point predicted there), on the same noise and z",
+    )
     parser.add_argument("--threads", "--num_threads", dest="num_threads", type=int, default=1)
     parser.add_argument("--output-dir", "--output_dir", default=str(RESULTS_DIR))
     parser.add_argument(
@@ -517,6 +553,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         args.samples_per_class = 2 if args.quick else 100
     if args.draws < 1:
         raise ValueError(f"`--draws` must be >= 1, but got {args.draws}.")
+    if args.reencode_z_at is not None:
+        check_real(args.reencode_z_at, "--reencode-z-at", 0.0, 1.0)
     if args.quick:
         args.batch_size, args.seeds = min(args.batch_size, 8), args.seeds[:1]
         args.flow_prior_steps = min(args.flow_prior_steps, 20)

@@ -1015,9 +1015,11 @@ def run_folders(args):
 
 
 def run(args) -> dict:
-    from diffusers_vrfm.objective import check_integer
+    from diffusers_vrfm.objective import check_integer, check_real
 
     check_integer(args.draws, "--draws", 1)
+    if args.reencode_z_at is not None:  # refused before training, not when the first pipeline samples
+        check_real(args.reencode_z_at, "--reencode-z-at", 0.0, 1.0)
     apply_quick_and_device_defaults(args)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()

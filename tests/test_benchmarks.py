@@ -301,6 +301,8 @@ def test_draw_noise_separates_the_spread_over_draws_from_that_over_seeds():
     assert rows == [["VRFM: over draws", "2.12", "0"], ["VRFM: over runs", "3.54", "1.41"]]
     with pytest.raises(ValueError, match="`--draws` must be an integer >= 1, but got 0"):
         mnist_quality.main(["--quick", "--draws", "0"])
+    with pytest.raises(ValueError, match="`--reencode-z-at` must lie in \\[0.0, 1.0\\], but got -0.1"):
+        mnist_quality.main(["--quick", "--reencode-z-at", "-0.1"])
 
 
 def test_mnist_quick_outputs_are_well_formed(tmp_path):
@@ -680,8 +682,19 @@ def test_conditional_digits_averages_draws_and_keeps_runs_in_the_work_dir(tmp_pa
         first = single["runs"]["vrfm"]["0"]["scores"]["saved"]["1.0"][nfe]
         assert cell["fd_draws"][0] == first["fd"] and "fd_draws" not in first  # draw 0 is the one-draw sample set
         assert cell["fd"] == pytest.approx(sum(cell["fd_draws"]) / 2) and cell["fd_draws"][1] != cell["fd_draws"][0]
+    reencoded = conditional_digits.main([*argv, "--reuse-runs", "--reencode-z-at", "0"])  # scored again, not trained
+    scores = reencoded["runs"]["vrfm"]["0"]["scores"]
+    assert scores["saved"] == single["runs"]["vrfm"]["0"]["scores"]["saved"]
+    assert scores["reencoded"]["1.0"]["1"] == scores["saved"]["1.0"]["1"]  # one step: no evaluation after the swap
+    assert scores["reencoded"]["1.0"]["2"]["fd"] != scores["saved"]["1.0"]["2"]["fd"]
+    report = (tmp_path / "out" / "class_conditional_digits.md").read_text()
+    assert "called with `reencode_z_at=0.0` (the same noise and z as the saved prior's row)" in report
+    rows = [row[0] for row in next(_table_with_header(common.parse_markdown_tables(report), "method", "NFE 2"))[1:]]
+    assert rows == ["VRFM, the saved prior", "VRFM, the saved prior, z re-encoded along the way"]
     with pytest.raises(ValueError, match="`--draws` must be >= 1, but got 0"):
         conditional_digits.main([*argv, "--draws", "0"])
+    with pytest.raises(ValueError, match="`--reencode-z-at` must lie in \\[0.0, 1.0\\], but got 1.5"):
+        conditional_digits.main([*argv, "--reencode-z-at", "1.5"])
 
 
 def _scores(results: dict) -> dict:

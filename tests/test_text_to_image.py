@@ -24,12 +24,14 @@ from text_to_image_helpers import (
 )
 
 from diffusers_vrfm import (
+    VRFMConvPosteriorEncoder,
     VRFMPipeline,
     VRFMScheduler,
     VRFMSD3Transformer2DModel,
     VRFMTextEncoders,
     VRFMTextToImagePipeline,
     VRFMUNet2DConditionModel,
+    predicted_end_point,
 )
 
 torch.set_num_threads(1)
@@ -247,6 +249,36 @@ def test_batch_equals_its_items_with_a_list_of_generators():
         single = pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(seed), output_type="pt",
                       guidance_scale=2.0)  # fmt: skip
         assert torch.allclose(batch.images[index], single.images[0], atol=1e-5)
+
+
+def test_reencode_z_at_swaps_z_once_for_the_posterior_mean_of_the_guided_end_point():
+    torch.manual_seed(6)
+    encoder = VRFMConvPosteriorEncoder(sample_size=8, in_channels=4, latent_dim=4, block_out_channels=(8, 16))
+    pipe = tiny_text_pipeline(posterior_encoder=encoder)
+    torch.nn.init.normal_(pipe.velocity_model.z_embedding.linear_2.weight)  # trained: z changes the velocity
+    seen, guided_velocity = [], pipe.guided_velocity
+
+    def spy(sample, t, z, *args):
+        velocity = guided_velocity(sample, t, z, *args)
+        seen.append((sample.clone(), t, z.clone(), velocity.clone()))
+        return velocity
+
+    pipe.guided_velocity = spy
+    plain = _latent_call(pipe, num_inference_steps=4)
+    seen.clear()
+    out = _latent_call(pipe, num_inference_steps=4, reencode_z_at=0.3)
+    assert [float(t) for _, t, _, _ in seen] == pytest.approx([0, 0.25, 0.5, 0.75])
+    assert torch.equal(out.z, plain.z) and out.num_function_evals == 4
+    assert all(torch.equal(z, out.z) for _, _, z, _ in seen[:3])
+    x_t, t, _, velocity = seen[2]
+    x0, t_batch = _source_noise(x_t.shape), torch.full((2,), float(t))
+    expected = encoder(x0=x0, x1=predicted_end_point(x_t, t_batch, velocity), x_t=x_t, t=t_batch).mean
+    torch.testing.assert_close(seen[3][2], expected)
+    assert not torch.allclose(out.images, plain.images)
+    late = _latent_call(pipe, num_inference_steps=4, reencode_z_at=0.75)  # after the last evaluation: no change
+    assert torch.equal(late.images, plain.images)
+    with pytest.raises(ValueError, match="`reencode_z_at=0.5` .*no `posterior_encoder`"):
+        _latent_call(tiny_text_pipeline(), num_inference_steps=2, reencode_z_at=0.5)
 
 
 EMBEDS = {"prompt_embeds": torch.zeros(2, 8, 16), "pooled_prompt_embeds": torch.zeros(2, 4)}

@@ -333,6 +333,21 @@ class VRFMPipeline(DiffusionPipeline):
         posterior = encoder(x0=source.to(device, dtype), x1=end, x_t=x_t, t=t_batch, noise=no_noise)
         return posterior.mean.to(sample.device, self.velocity_model.dtype)
 
+    def _velocity_fn(self, velocity_given_z, z, source, reencode_index: int | None):
+        """The `velocity_fn(sample, t)` that `_integrate` calls: `velocity_given_z(sample, t, z)` with each
+        trajectory's `z`, which [`reencode_z`] replaces once, after the evaluation numbered `reencode_index`
+        (`source` is the trajectories' ``x0``); `None` keeps the drawn `z` throughout."""
+        current_z, evaluations = z, itertools.count()
+
+        def velocity_fn(sample, t):
+            nonlocal current_z
+            velocity = velocity_given_z(sample, t, current_z)
+            if reencode_index is not None and next(evaluations) == reencode_index:
+                current_z = self.reencode_z(sample, t, velocity, source)
+            return velocity
+
+        return velocity_fn
+
     def _reencode_index(self, adapter, reencode_z_at: float | None) -> int | None:
         """Checks `reencode_z_at` against this pipeline and the schedule (set by `_prepare_integration`); returns the
         index of the first model evaluation at a time at or after it (`None`: off, or no such evaluation)."""
@@ -605,15 +620,9 @@ class VRFMPipeline(DiffusionPipeline):
         labels = self._prepare_class_labels(class_labels, batch_size, device)
         condition = None if labels is None else label_condition(labels, self.velocity_model.num_classes)
         z = self.prepare_z(batch_size, generator, device, dtype, z, source=x, condition=condition)
-        current_z, source, evaluations = z, x, itertools.count()
-
-        def velocity_fn(sample, t):
-            nonlocal current_z
-            velocity = self.velocity(sample, t, current_z, labels, guidance_scale)
-            if reencode_index is not None and next(evaluations) == reencode_index:
-                current_z = self.reencode_z(sample, t, velocity, source)
-            return velocity
-
+        velocity_fn = self._velocity_fn(
+            lambda sample, t, z_now: self.velocity(sample, t, z_now, labels, guidance_scale), z, x, reencode_index
+        )
         x, num_function_evals = self._integrate(velocity_fn, x, adapter, callback_on_step_end, tensor_inputs)
         return self._finish_call(x, z, num_function_evals, output_type, return_dict)
 

@@ -282,6 +282,7 @@ class VRFMTextToImagePipeline(VRFMPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        reencode_z_at: float | None = None,
     ) -> VRFMPipelineOutput | tuple:
         """Generates `num_images_per_prompt` images for each prompt.
 
@@ -317,6 +318,9 @@ class VRFMTextToImagePipeline(VRFMPipeline):
                 in it to skip the remaining steps. Fixed-step schedulers only.
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): the tensors in
                 `callback_kwargs`; see `pipe._callback_tensor_inputs`.
+            reencode_z_at (`float` in `[0, 1]`, *optional*): at the first model evaluation at or after this time,
+                replace each image's `z` by the posterior mean for the end point that (guided) evaluation predicts,
+                as in [`VRFMPipeline`]. Needs the `posterior_encoder` and a fixed-step scheduler.
         """
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int):
             raise TypeError(f"`num_images_per_prompt` must be an int, but got {num_images_per_prompt!r}.")
@@ -334,6 +338,7 @@ class VRFMTextToImagePipeline(VRFMPipeline):
             num_inference_steps, timesteps, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs,
             device,
         )  # fmt: skip
+        reencode_index = self._reencode_index(adapter, reencode_z_at)
         positive, negative = self.encode_prompt(
             prompt, negative_prompt, guidance_scale != 1.0, prompt_embeds, pooled_prompt_embeds,
             negative_prompt_embeds, negative_pooled_prompt_embeds, max_sequence_length, device,
@@ -350,9 +355,10 @@ class VRFMTextToImagePipeline(VRFMPipeline):
         condition = positive.pooled_prompt_embeds  # the key of a conditional prior
         z = self.prepare_z(batch_size, generator, device, dtype, z, source=x, condition=condition)
 
-        def velocity_fn(sample, t):
-            return self.guided_velocity(sample, t, z, conditioning, unconditional, guidance_scale)
+        def velocity_given_z(sample, t, z_now):
+            return self.guided_velocity(sample, t, z_now, conditioning, unconditional, guidance_scale)
 
+        velocity_fn = self._velocity_fn(velocity_given_z, z, x, reencode_index)
         x, num_function_evals = self._integrate(velocity_fn, x, adapter, callback_on_step_end, tensor_inputs)
         return self._finish_call(x, z, num_function_evals, output_type, return_dict)
 
