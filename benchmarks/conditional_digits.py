@@ -257,7 +257,7 @@ def sampling_variants(
 def evaluate_run(args, data: ImageData, rulers: Rulers, method: str, seed: int) -> dict:
     """Trains (or reuses, `--reuse-runs`) one run and scores each of its sampling variants; the result is cached in
     the run's folder as `evaluation.json`."""
-    folder = runs_dir(args) / f"{args.name}_{method}_s{seed}"
+    folder = runs_dir(args) / f"{args.runs_name or args.name}_{method}_s{seed}"
     argv = training_argv(args, data, method, seed, folder)
     key = training_key(argv, data.max_train_samples)
     settings = {**key, "nfe": args.nfe, "guidance": args.guidance_scales, "per_class": args.samples_per_class}
@@ -528,6 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="text: a caption picks the digit (an MMDiT with a text encoder); label: a class label (a UNet)",
     )
     parser.add_argument("--name", default=None, help="The report's name (default: by --conditioning).")
+    parser.add_argument(
+        "--runs-name",
+        default=None,
+        help="The runs' basename in the runs folder (default: --name): score runs kept under one name into a report "
+        "of another.",
+    )
     parser.add_argument(
         "--draws", type=int, default=1, help="Sample sets scored per cell and seed, their scores averaged (default 1)."
     )

@@ -1034,7 +1034,7 @@ def run(args) -> dict:
     with run_folders(args) as work:
         for seed in args.seeds:
             for method in args.methods:
-                run_dir = Path(work) / f"{args.name}_{method}_s{seed}"
+                run_dir = Path(work) / f"{args.runs_name or args.name}_{method}_s{seed}"
                 argv = training_argv(args, data, method, seed, run_dir)
                 summary = train_or_reuse(argv, run_dir, training_key(argv, len(data.training_images)), args.reuse_runs)
                 results["train"].setdefault(method, {})[str(seed)] = summary["metrics"]
@@ -1338,11 +1338,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--reuse-runs",
         action="store_true",
-        help="keep the trained runs in --work-dir (default: benchmarks/results/cache/runs) as <name>_<method>_s<seed> "
-        "and score one again without training it when its train_vrfm.py command and defaults are unchanged",
+        help="keep the trained runs in --work-dir (default: benchmarks/results/cache/runs) as "
+        "<runs-name>_<method>_s<seed> and score one again without training it when its train_vrfm.py command and "
+        "defaults are unchanged",
     )
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="mnist_quality", help="basename of the outputs in --output-dir")
+    parser.add_argument(
+        "--runs-name",
+        default=None,
+        help="the runs' basename in --work-dir (default: --name): score runs kept under one name into a report of "
+        "another",
+    )
     parser.add_argument("--quick", action="store_true", help="digits, a tiny backbone, 6 steps: a smoke run")
     parser.add_argument(
         "--join",

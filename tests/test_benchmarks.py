@@ -525,6 +525,9 @@ def test_mnist_quality_reuses_a_run_trained_with_the_same_command(tmp_path, monk
     again = mnist_quality.main([*argv, "--reuse-runs", "--work-dir", str(runs), "--nfe", "1"])  # scored again only
     assert again["fd"]["rf"]["0"]["1"] == first["fd"]["rf"]["0"]["1"]
     assert again["train"] == first["train"], "the run's training summary comes back with it"
+    renamed = [*argv[:-1], "rescored", "--runs-name", "kept", "--reuse-runs", "--work-dir", str(runs), "--nfe", "1"]
+    assert mnist_quality.main(renamed)["fd"] == again["fd"]  # another report from the runs kept as `kept`
+    assert (tmp_path / "rescored.json").is_file() and not (runs / "rescored_rf_s0").exists()
     with pytest.raises(AssertionError, match="trained again"):  # another command line trains again
         mnist_quality.main([*argv, "--reuse-runs", "--work-dir", str(runs), "--steps", "5"])
     with pytest.raises(AssertionError, match="trained again"):  # and without --reuse-runs, every run trains
@@ -687,6 +690,9 @@ def test_conditional_digits_averages_draws_and_keeps_runs_in_the_work_dir(tmp_pa
     assert scores["saved"] == single["runs"]["vrfm"]["0"]["scores"]["saved"]
     assert scores["reencoded"]["1.0"]["1"] == scores["saved"]["1.0"]["1"]  # one step: no evaluation after the swap
     assert scores["reencoded"]["1.0"]["2"]["fd"] != scores["saved"]["1.0"]["2"]["fd"]
+    kept_runs = ["--runs-name", "class_conditional_digits"]  # report `rescored` from the runs kept under that name
+    renamed = conditional_digits.main([*argv, "--reuse-runs", "--name", "rescored", *kept_runs])
+    assert renamed["runs"] == single["runs"] and (tmp_path / "out" / "rescored.md").is_file()
     report = (tmp_path / "out" / "class_conditional_digits.md").read_text()
     assert "called with `reencode_z_at=0.0` (the same noise and z as the saved prior's row)" in report
     rows = [row[0] for row in next(_table_with_header(common.parse_markdown_tables(report), "method", "NFE 2"))[1:]]
