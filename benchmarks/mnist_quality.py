@@ -501,6 +501,7 @@ def sampling_pipelines(path: Path, scheduler: str, device: str, extra_priors: di
             scheduler=make_flow_scheduler(scheduler),
             posterior_encoder=saved.posterior_encoder,
             prior=saved.prior,
+            reencode_z_at=saved.config.get("reencode_z_at"),
         )
     }
     if velocity.latent_dim > 0 and saved.prior is not None:
@@ -653,7 +654,8 @@ def evaluate_run(args, path: Path, method: str, seed: int, scorer: Scorer, n: in
         variants["vrfm_reencoded"] = (loaded["pipelines"]["saved"], None, {"reencode_z_at": args.reencode_z_at})
     if args.posterior_z and posterior is not None:
         for key, images in (("vrfm_posterior_z", data.test), ("vrfm_posterior_z_train", data.train)):
-            variants[key] = (loaded["pipelines"]["saved"], posterior_z_of_images(posterior, images, n, seed), {})
+            z = posterior_z_of_images(posterior, images, n, seed)
+            variants[key] = (loaded["pipelines"]["saved"], z, {"reencode_z_at": 1.0})  # the given z throughout
     out = {"fd": {}, "fd_draws": {}, "fid": {}, "grids": {}, "distance_ratio": {}}
     out["params"] = count_parameters(loaded["velocity"])
     for key, (pipeline, z, call_kwargs) in variants.items():
@@ -724,8 +726,8 @@ def header_lines(results: dict) -> list[str]:
         f"{meta['params']['vrfm']} (VRFM) + {meta['params']['posterior']} (posterior, training only); mean training "
         f"wall time RF {seconds.get('rf', float('nan')):.0f} s, VRFM {seconds.get('vrfm', float('nan')):.0f} s.",
         f"- Sampler: `{meta['scheduler']}` through `VRFMPipeline.from_pretrained(<saved run>)`, NFE = steps; `VRFM` "
-        "is the pipeline as saved (z from its fitted aggregate prior when it has one), `VRFM, z ~ N(0, I)` the same "
-        "model without the prior"
+        "is the pipeline as saved (z from its fitted aggregate prior when it has one, re-encoded along the way when "
+        "it was saved with `reencode_z_at`), `VRFM, z ~ N(0, I)` the same model without the prior (nor re-encoding)"
         + (
             f"; the same model with priors fitted afterwards to its saved posterior (`--extra-priors "
             f"{' '.join(meta['extra_priors'])}`, flow: {meta['flow_prior_steps']} fitting steps)."

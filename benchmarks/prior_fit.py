@@ -1,7 +1,8 @@
 """Which prior to sample a trained VRFM image model with: fits several priors over `z` to saved pipelines' posteriors
 and scores each as `benchmarks.mnist_quality` does (classifier-feature FD at several step counts, and the copy check),
 and by how well it predicts the codes of the test images (`test_code_nll`).
-Nothing is trained again: the velocity model stays fixed, only where `z` is drawn from changes.
+Nothing is trained again: the velocity model stays fixed, only where `z` is drawn from changes, and `z` is kept along
+each trajectory (no `reencode_z_at`, whatever the saved pipeline's default).
 
 A prior is a name and a spec, `{"type": "atoms" | "flow", "num_atoms": ..., ...}`; the other keys go to its
 `from_posterior` (the flow's `num_train_steps`, `num_layers`, `hidden_dim`). Each run (`--run`, a saved
@@ -168,7 +169,8 @@ def render_report(results: dict) -> str:
             f"- Machine: {meta['machine']}.",
             f"- Runs (one model each; cells are mean ± std over them): {', '.join(meta['run_names'])}.",
             f"- Metric: `benchmarks.mnist_quality`'s classifier-feature FD (test accuracy "
-            f"{meta['classifier_accuracy']:.4f}{ruler_digest(meta['classifier_sha256'])}), Euler samples, "
+            f"{meta['classifier_accuracy']:.4f}{ruler_digest(meta['classifier_sha256'])}), Euler samples with the "
+            "drawn z kept to the end (no re-encoding), "
             f"{fd_sizes(meta)}{draws_note}. The copy ratio is the median distance from a sample to its nearest "
             "training image over that of a test image (1: as new as held-out data).",
             f"- Total wall time: {meta['total_seconds']:.0f} s.",

@@ -50,6 +50,8 @@ ALLOWED_COMPONENT_CLASSES = {
     "PreTrainedTokenizerFast": "transformers",
     "TokenizersBackend": "transformers",
 }
+# Entries of `model_index.json` that are pipeline settings (registered config, checked by `__init__`), not components.
+PIPELINE_CONFIG_ENTRIES = ("reencode_z_at",)
 _SAFE_FILE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -191,7 +193,8 @@ def load_pipeline_components(
     low_cpu_mem_usage: bool = True,
     pipeline_class: str | None = None,
 ) -> dict:
-    """Loads every component of a saved VRFM pipeline folder, executing no file from it.
+    """Loads every component of a saved VRFM pipeline folder, executing no file from it; the pipeline's settings
+    saved beside them (`PIPELINE_CONFIG_ENTRIES`) come back as values, to pass to its `__init__` with the components.
 
     Args:
         folder (`str`): a local folder written by `VRFMPipeline.save_pretrained`.
@@ -227,6 +230,9 @@ def load_pipeline_components(
             continue
         if not _SAFE_FILE_NAME.match(name):
             raise ValueError(f"model_index.json: {name!r} is not a valid component name.")
+        if name in PIPELINE_CONFIG_ENTRIES:
+            components[name] = entry
+            continue
         component_class = resolve_component_class(name, entry)
         if component_class is None:
             components[name] = None

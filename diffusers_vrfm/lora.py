@@ -8,7 +8,8 @@ A VRFM adapter folder holds everything a LoRA run trained, in safetensors:
 
 ```
 adapter/
-  vrfm_adapter.json           the format, the base pipeline, the velocity model's class and z settings, the LoRA config
+  vrfm_adapter.json           the format, the base pipeline, the velocity model's class and z settings, the LoRA
+                              config, the pipeline's `reencode_z_at`
   lora_weights.safetensors    peft's LoRA weights of the backbone
   z_path.safetensors          the z path (`z_embedding.*`, or the conditional UNet's `unet.class_embedding.*`; with a
                               z map also `z_map.*` and the input layer that reads it)
@@ -27,6 +28,8 @@ import os
 import shutil
 
 import torch
+
+from .objective import check_real
 
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 ADAPTER_CONFIG_NAME = "vrfm_adapter.json"
@@ -185,6 +188,7 @@ def save_vrfm_adapter(folder: str | os.PathLike, pipeline, base_model: str | Non
         **z_map_settings(velocity_model),
         "lora": _lora_config_dict(velocity_model),
         "components": [name for name in ("posterior_encoder", "prior") if getattr(pipeline, name, None) is not None],
+        "reencode_z_at": pipeline.config.get("reencode_z_at"),
     }
     folder = os.fspath(folder)
     temporary = f"{folder.rstrip(os.sep)}.tmp-{os.getpid()}"
@@ -288,4 +292,6 @@ def load_vrfm_adapter(pipeline, folder: str | os.PathLike):
         loaded[name] = component.to(device=velocity_model.device)
     if loaded:
         pipeline.register_modules(**loaded)
+    if record.get("reencode_z_at") is not None:  # the sampling default the run was saved with (adapters since 12/2026)
+        pipeline.register_to_config(reencode_z_at=check_real(record["reencode_z_at"], "reencode_z_at", 0.0, 1.0))
     return pipeline

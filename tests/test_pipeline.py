@@ -92,6 +92,52 @@ def test_reencode_z_at_swaps_z_once_for_the_posterior_mean_of_the_predicted_end_
     assert torch.equal(late.samples, plain.samples)
 
 
+def test_the_pipelines_reencode_z_at_is_its_calls_default_and_survives_saving(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    plain = make_pipeline()
+    pipe = VRFMPipeline(**plain.components, reencode_z_at=0.3)
+
+    def sample(pipeline, **kwargs):
+        return pipeline(batch_size=3, num_inference_steps=4, generator=torch.Generator().manual_seed(0), **kwargs)
+
+    explicit = sample(plain, reencode_z_at=0.3).samples
+    assert torch.equal(sample(pipe).samples, explicit) and not torch.equal(explicit, sample(plain).samples)
+    assert torch.equal(sample(pipe, reencode_z_at=1).samples, sample(plain).samples)  # 1 turns it off
+    assert torch.equal(sample(pipe, reencode_z_at=0.75).samples, sample(plain, reencode_z_at=0.75).samples)
+    assert "reencode_z_at" not in pipe.components  # a setting, not a component, as diffusers sorts them
+    pipe.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["reencode_z_at"] == 0.3
+    for loaded in (
+        VRFMPipeline.from_pretrained(tmp_path),
+        DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True),
+    ):
+        assert loaded.config.reencode_z_at == 0.3 and torch.equal(sample(loaded).samples, explicit)
+    assert VRFMPipeline.from_pretrained(tmp_path, reencode_z_at=None).config.reencode_z_at is None
+    plain.save_pretrained(tmp_path / "plain")  # a pipeline saved before the setting existed loads with it off
+    index = json.loads((tmp_path / "plain" / "model_index.json").read_text())
+    del index["reencode_z_at"]
+    (tmp_path / "plain" / "model_index.json").write_text(json.dumps(index))
+    assert VRFMPipeline.from_pretrained(tmp_path / "plain").config.reencode_z_at is None
+    pipe.scheduler = VRFMScheduler(
+        solver="dopri5"
+    )  # an adaptive solver skips the default (and refuses an explicit one)
+    assert torch.isfinite(sample(pipe).samples).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"reencode_z_at": 1.5}, ValueError, r"`reencode_z_at` must lie in \[0.0, 1.0\], but got 1.5"),
+        ({"reencode_z_at": True}, TypeError, "`reencode_z_at` must be a real number, but got bool True"),
+        ({"reencode_z_at": 0.2, "posterior_encoder": None}, ValueError, "`reencode_z_at=0.2` re-encodes .* pass"),
+    ],
+)
+def test_a_pipelines_reencode_z_at_is_checked_when_built(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        VRFMPipeline(**{**make_pipeline().components, **kwargs})
+
+
 @pytest.mark.parametrize(
     "make, match",
     [

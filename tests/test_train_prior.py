@@ -173,6 +173,7 @@ def test_default_run_holds_the_kl_at_its_target_and_fits_the_aggregate_prior(tmp
         assert metrics[following]["beta"] == pytest.approx(expected, rel=1e-6), step
     pipe = VRFMPipeline.from_pretrained(output_dir)
     assert tuple(pipe.posterior_encoder.config.posterior_inputs) == ("x1",), "the default posterior reads x1 only"
+    assert pipe.config.reencode_z_at is None, "calls keep the drawn z unless `--reencode_z_at` is given"
     assert isinstance(pipe.prior, VRFMAggregatePosteriorPrior) and pipe.prior.num_atoms == 40
     with torch.no_grad():  # the atoms are the trained posterior's means at training targets
         assert torch.isfinite(pipe.prior.atom_means).all() and pipe.prior.atom_means.std() > 0
@@ -186,13 +187,16 @@ def test_default_run_holds_the_kl_at_its_target_and_fits_the_aggregate_prior(tmp
 def test_aggregate_prior_type_flow_fits_and_saves_a_flow_prior(tmp_path, train):
     output_dir = str(tmp_path / "run")
     extra = ("--aggregate_prior_atoms", "40", "--aggregate_prior_type", "flow", "--flow_prior_steps", "12")
+    extra += ("--reencode_z_at", "0.2")  # saved as the pipeline's default
     assert train(_toy_args(output_dir, *extra))["finished"]
     pipe = VRFMPipeline.from_pretrained(output_dir)
     assert isinstance(pipe.prior, VRFMFlowPrior) and pipe.prior.latent_dim == 3
+    assert pipe.config.reencode_z_at == 0.2, "the pipeline's calls re-encode z along the way unless told otherwise"
     assert pipe.prior.data_log_std.abs().sum() > 0, "standardised with the fitted posteriors' moments"
     assert torch.isfinite(pipe(batch_size=5, num_inference_steps=2).samples).all()
     card = open(os.path.join(output_dir, "README.md"), encoding="utf-8").read()
     assert "`VRFMFlowPrior`, a small RealNVP fitted after training to the posteriors of 40 training examples" in card
+    assert "The pipeline's calls re-encode `z` once, at the first step at or after `t = 0.2`" in card
     with pytest.raises(ValueError, match="flow_prior_steps"):
         train(_toy_args(str(tmp_path / "bad"), "--flow_prior_steps", "0"))
 

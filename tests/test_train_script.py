@@ -251,6 +251,11 @@ def test_latent_space_training_with_a_vae(tmp_path, train):
         (["--free_bits", "-0.5"], "`--free_bits`"),
         (["--label_dropout", "1.5"], "`--label_dropout`"),
         (
+            ["--reencode_z_at", "-0.1"],
+            r"`--reencode_z_at` must be a time in \[0, 1\], but got -0\.1",
+        ),
+        (["--reencode_z_at", "0.2", "--latent_dim", "0"], r"`--reencode_z_at` must be unset with --latent_dim 0"),
+        (
             ["--logit_std", "0"],
             r"`--logit_std` must be a finite number > 0 for the logit-normal density, but got 0\.0",
         ),

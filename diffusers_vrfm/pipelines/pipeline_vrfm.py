@@ -25,6 +25,7 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..hub import (
+    PIPELINE_CONFIG_ENTRIES,
     create_hub_repo,
     load_pipeline_components,
     resolve_pipeline_folder,
@@ -150,6 +151,11 @@ class VRFMPipeline(DiffusionPipeline):
             ``p_psi(z | x0)`` (a posterior-encoder class with `posterior_inputs=("x0",)`, trained through
             ``KL(q || p_psi)``), drawn at the trajectory's source point.
 
+    Other arguments:
+        reencode_z_at (`float` in `[0, 1]`, *optional*): the default of `__call__`'s `reencode_z_at`, saved in
+            `model_index.json` (`train_vrfm.py --reencode_z_at` sets it); needs the `posterior_encoder`. `None` (the
+            default): no re-encoding unless a call asks for it.
+
     Saved folders load with `VRFMPipeline.from_pretrained(folder)`, and with
     `DiffusionPipeline.from_pretrained(folder_or_repo, trust_remote_code=True)` through one-line re-export files that
     [`~VRFMPipeline.save_pretrained`] writes every time.
@@ -182,9 +188,17 @@ class VRFMPipeline(DiffusionPipeline):
         posterior_encoder: PosteriorEncoder | None = None,
         vae: Autoencoder | None = None,
         prior: Prior | None = None,
+        reencode_z_at: float | None = None,
     ):
         super().__init__()
         check_flow_scheduler(scheduler)
+        if reencode_z_at is not None:
+            reencode_z_at = check_real(reencode_z_at, "reencode_z_at", 0.0, 1.0)
+            if posterior_encoder is None:
+                raise ValueError(
+                    f"`reencode_z_at={reencode_z_at}` re-encodes `z` with the posterior encoder; pass "
+                    "`posterior_encoder` too, or leave `reencode_z_at` unset."
+                )
         for attribute in ("latent_dim", "sample_shape", "num_classes"):
             if not hasattr(velocity_model, attribute):
                 raise TypeError(
@@ -214,6 +228,7 @@ class VRFMPipeline(DiffusionPipeline):
         for name, component in components.items():
             check_weights_loaded(component, name)
         self.register_modules(scheduler=scheduler, **components)
+        self.register_to_config(reencode_z_at=reencode_z_at)
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_normalize=True)
 
     def __setattr__(self, name, value):
@@ -349,11 +364,16 @@ class VRFMPipeline(DiffusionPipeline):
         return velocity_fn
 
     def _reencode_index(self, adapter, reencode_z_at: float | None) -> int | None:
-        """Checks `reencode_z_at` against this pipeline and the schedule (set by `_prepare_integration`); returns the
-        index of the first model evaluation at a time at or after it (`None`: off, or no such evaluation)."""
+        """Checks `reencode_z_at` (`None`: the pipeline's config) against this pipeline and the schedule (set by
+        `_prepare_integration`); returns the index of the first model evaluation at a time at or after it (`None`:
+        off, or no such evaluation). The config's default is skipped where an adaptive solver picks the times."""
         if reencode_z_at is None:
-            return None
+            reencode_z_at = self.config.get("reencode_z_at")
+            if reencode_z_at is None or adapter.is_adaptive:
+                return None
         reencode_z_at = check_real(reencode_z_at, "reencode_z_at", 0.0, 1.0)
+        if reencode_z_at == 1.0:  # no evaluation lies at t = 1: off
+            return None
         if self.velocity_model.latent_dim == 0 or self.posterior_encoder is None:
             raise ValueError(
                 f"`reencode_z_at={reencode_z_at}` re-encodes `z` with the posterior encoder, but this pipeline has "
@@ -581,7 +601,8 @@ class VRFMPipeline(DiffusionPipeline):
                 re-encoded one is a code the velocity model was trained on for that image, where a prior's draw may
                 lie between the codes of training images. It costs one posterior-encoder call and no velocity
                 evaluation, and changes no evaluation up to that one (so nothing with one step). Needs the
-                `posterior_encoder` and a fixed-step scheduler; the output's `z` is the drawn one.
+                `posterior_encoder` and a fixed-step scheduler; the output's `z` is the drawn one. Defaults to the
+                pipeline's `config.reencode_z_at` (`None`: off), which adaptive solvers skip; `1` turns it off.
 
         Examples:
 
@@ -738,7 +759,7 @@ class VRFMPipeline(DiffusionPipeline):
             low_cpu_mem_usage=low_cpu_mem_usage,
             pipeline_class=cls.__name__,
         )
-        unknown = sorted(set(components) - set(loaded) - set(cls._optional_components))
+        unknown = sorted(set(components) - set(loaded) - {*cls._optional_components, *PIPELINE_CONFIG_ENTRIES})
         if unknown:
             raise TypeError(f"`from_pretrained` got unexpected arguments {unknown}; components are {sorted(loaded)}.")
         loaded.update(components)

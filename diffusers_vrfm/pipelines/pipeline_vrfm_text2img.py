@@ -104,8 +104,12 @@ class VRFMTextToImagePipeline(VRFMPipeline):
         tokenizer_3=None,
         posterior_encoder: PosteriorEncoder | None = None,
         prior: Prior | None = None,
+        reencode_z_at: float | None = None,
     ):
-        super().__init__(velocity_model, scheduler, posterior_encoder=posterior_encoder, vae=vae, prior=prior)
+        super().__init__(
+            velocity_model, scheduler, posterior_encoder=posterior_encoder, vae=vae, prior=prior,
+            reencode_z_at=reencode_z_at,
+        )  # fmt: skip
         for attribute in ("context_dim", "pooled_projection_dim"):
             if not hasattr(velocity_model, attribute):
                 raise TypeError(
@@ -320,7 +324,8 @@ class VRFMTextToImagePipeline(VRFMPipeline):
                 `callback_kwargs`; see `pipe._callback_tensor_inputs`.
             reencode_z_at (`float` in `[0, 1]`, *optional*): at the first model evaluation at or after this time,
                 replace each image's `z` by the posterior mean for the end point that (guided) evaluation predicts,
-                as in [`VRFMPipeline`]. Needs the `posterior_encoder` and a fixed-step scheduler.
+                as in [`VRFMPipeline`]. Needs the `posterior_encoder` and a fixed-step scheduler. Defaults to the
+                pipeline's `config.reencode_z_at` (`None`: off); `1` turns it off.
         """
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int):
             raise TypeError(f"`num_images_per_prompt` must be an int, but got {num_images_per_prompt!r}.")

@@ -219,10 +219,18 @@ def _prior_description(args: dict, latent_dim: int, condition: str | None) -> st
                 if args.get("aggregate_prior_type") == "flow"
                 else f"among the atoms of its {condition}"
             )
+        reencode_z_at = args.get("reencode_z_at")
+        reencoded = (
+            f". The pipeline's calls re-encode `z` once, at the first step at or after `t = {reencode_z_at}`, as the "
+            "posterior mean of the image the trajectory heads for (`reencode_z_at`, saved with it; pass "
+            "`reencode_z_at=1` to keep the drawn `z`)"
+            if reencode_z_at is not None and reencode_z_at < 1
+            else ""
+        )
         return (
             f"{fitted}: each trajectory draws its `z` where training put it (the pipeline's `prior` component). Keep "
             "it: the aggregate posterior is not `N(0, I)`, and `z ~ N(0, I)` lands where training never put `z` (a "
-            "prior hole; with the image defaults it measured 5x the FD at many steps on MNIST)"
+            f"prior hole; with the image defaults it measured 5x the FD at many steps on MNIST){reencoded}"
         )
     if args.get("learned_prior"):
         return "a learned conditional prior `p(z | x0)`, drawn at each trajectory's source point"
