@@ -29,8 +29,6 @@ import shutil
 
 import torch
 
-from .objective import check_real
-
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 ADAPTER_CONFIG_NAME = "vrfm_adapter.json"
 LORA_WEIGHTS_NAME = "lora_weights.safetensors"
@@ -293,5 +291,5 @@ def load_vrfm_adapter(pipeline, folder: str | os.PathLike):
     if loaded:
         pipeline.register_modules(**loaded)
     if record.get("reencode_z_at") is not None:  # the sampling default the run was saved with (adapters since 12/2026)
-        pipeline.register_to_config(reencode_z_at=check_real(record["reencode_z_at"], "reencode_z_at", 0.0, 1.0))
+        pipeline.set_default_reencode_z_at(record["reencode_z_at"])
     return pipeline

@@ -91,7 +91,7 @@ def test_lora_fine_tune_changes_only_adapter_z_path_and_posterior_and_round_trip
     reloaded_posterior = reloaded.posterior_encoder.state_dict()
     assert all(torch.equal(v, reloaded_posterior[k]) for k, v in posterior.state_dict().items())
     assert record["reencode_z_at"] is None and reloaded.config.reencode_z_at is None
-    pipe.register_to_config(reencode_z_at=0.3)  # as train_vrfm.py saves a run with a flow prior
+    pipe.set_default_reencode_z_at(0.3)  # as `train_vrfm.py --reencode_z_at 0.3` saves a run
     save_vrfm_adapter(tmp_path / "reencoding", pipe)
     assert VRFMTextToImagePipeline.from_vrfm_adapter(tmp_path / "reencoding").config.reencode_z_at == 0.3
 

@@ -192,13 +192,6 @@ class VRFMPipeline(DiffusionPipeline):
     ):
         super().__init__()
         check_flow_scheduler(scheduler)
-        if reencode_z_at is not None:
-            reencode_z_at = check_real(reencode_z_at, "reencode_z_at", 0.0, 1.0)
-            if posterior_encoder is None:
-                raise ValueError(
-                    f"`reencode_z_at={reencode_z_at}` re-encodes `z` with the posterior encoder; pass "
-                    "`posterior_encoder` too, or leave `reencode_z_at` unset."
-                )
         for attribute in ("latent_dim", "sample_shape", "num_classes"):
             if not hasattr(velocity_model, attribute):
                 raise TypeError(
@@ -228,8 +221,20 @@ class VRFMPipeline(DiffusionPipeline):
         for name, component in components.items():
             check_weights_loaded(component, name)
         self.register_modules(scheduler=scheduler, **components)
-        self.register_to_config(reencode_z_at=reencode_z_at)
+        self.set_default_reencode_z_at(reencode_z_at)
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_normalize=True)
+
+    def set_default_reencode_z_at(self, reencode_z_at: float | None) -> None:
+        """Sets the `reencode_z_at` this pipeline's calls use unless they pass one (`None`: off), kept in its config
+        and so in `model_index.json`; it needs the `posterior_encoder`."""
+        if reencode_z_at is not None:
+            reencode_z_at = check_real(reencode_z_at, "reencode_z_at", 0.0, 1.0)
+            if self.posterior_encoder is None:
+                raise ValueError(
+                    f"`reencode_z_at={reencode_z_at}` re-encodes `z` with the posterior encoder; pass "
+                    "`posterior_encoder` too, or leave `reencode_z_at` unset."
+                )
+        self.register_to_config(reencode_z_at=reencode_z_at)
 
     def __setattr__(self, name, value):
         if name == "scheduler":  # `pipe.scheduler = X.from_config(...)` is refused at once when X cannot integrate

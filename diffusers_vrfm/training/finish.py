@@ -281,8 +281,8 @@ def save_and_publish(
         pipeline = build_pipeline(
             velocity, posterior, models.noise_scheduler, models.ema_model, vae=prepared.vae, prior=prior
         )
-    if args.reencode_z_at is not None:  # the default of the pipeline's calls
-        pipeline.register_to_config(reencode_z_at=args.reencode_z_at)
+    if args.reencode_z_at is not None:
+        pipeline.set_default_reencode_z_at(args.reencode_z_at)
     pipeline = pipeline.to(accelerator.device)
     # a diverged model is refused here: no pipeline and no card that look like a result
     # at the most steps validated: a diverged velocity that stays finite for one step can overflow over several
