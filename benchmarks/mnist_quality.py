@@ -485,11 +485,13 @@ def posterior_z_of_images(posterior, images: torch.Tensor, n: int, seed: int) ->
     return posterior(x0=x0, x1=x1, x_t=interpolate(x0, x1, t), t=t, generator=generator).sample
 
 
-def sampling_pipelines(path: Path, scheduler: str, device: str, extra_priors: dict | None = None) -> dict:
+def sampling_pipelines(
+    path: Path, scheduler: str, device: str, extra_priors: dict | None = None, normal_z: bool = True
+) -> dict:
     """The saved pipeline as users load it (`VRFMPipeline.from_pretrained`, safetensors), with the fixed-NFE
-    `scheduler` (and its posterior encoder, for `reencode_z_at`); for a VRFM pipeline with a prior, also the same
-    model with z ~ N(0, I); and one with each prior of `extra_priors` (kind -> a function of the saved posterior that
-    returns the fitted prior)."""
+    `scheduler` (and its posterior encoder, for `reencode_z_at`); for a VRFM pipeline with a prior, also (if
+    `normal_z`) the same model with z ~ N(0, I); and one with each prior of `extra_priors` (kind -> a function of the
+    saved posterior that returns the fitted prior)."""
     from diffusers_vrfm import VRFMPipeline
     from diffusers_vrfm.schedulers.flow_scheduler_adapter import make_flow_scheduler
 
@@ -504,7 +506,7 @@ def sampling_pipelines(path: Path, scheduler: str, device: str, extra_priors: di
             reencode_z_at=saved.config.get("reencode_z_at"),
         )
     }
-    if velocity.latent_dim > 0 and saved.prior is not None:
+    if normal_z and velocity.latent_dim > 0 and saved.prior is not None:
         pipelines["normal"] = VRFMPipeline(velocity_model=velocity, scheduler=make_flow_scheduler(scheduler))
     if velocity.latent_dim > 0 and saved.posterior_encoder is not None:
         for kind, fit in (extra_priors or {}).items():
@@ -643,10 +645,10 @@ def velocity_error_along_the_path(
 
 
 def evaluate_run(args, path: Path, method: str, seed: int, scorer: Scorer, n: int, data: ImageData) -> dict:
-    """FD at every NFE for the pipeline saved at `path` (and, for VRFM, its z ~ N(0, I) variant); the first seed keeps
-    image grids; VRFM also gets the posterior diagnostics on test images."""
+    """FD at every NFE for the pipeline saved at `path` (and, for VRFM, its z ~ N(0, I) variant unless
+    `--no-normal-z`); the first seed keeps image grids; VRFM also gets the posterior diagnostics on test images."""
     extra_priors = extra_prior_fits(args, data, seed) if method == "vrfm" else None
-    loaded = sampling_pipelines(path, args.scheduler, args.device, extra_priors)
+    loaded = sampling_pipelines(path, args.scheduler, args.device, extra_priors, args.normal_z)
     keys = {"saved": method, "normal": "vrfm_normal", **{kind: f"vrfm_{kind}" for kind in EXTRA_PRIORS}}
     variants = {keys[variant]: (pipeline, None, {}) for variant, pipeline in loaded["pipelines"].items()}
     posterior = loaded["posterior"]
@@ -727,7 +729,12 @@ def header_lines(results: dict) -> list[str]:
         f"wall time RF {seconds.get('rf', float('nan')):.0f} s, VRFM {seconds.get('vrfm', float('nan')):.0f} s.",
         f"- Sampler: `{meta['scheduler']}` through `VRFMPipeline.from_pretrained(<saved run>)`, NFE = steps; `VRFM` "
         "is the pipeline as saved (z from its fitted aggregate prior when it has one, re-encoded along the way when "
-        "it was saved with `reencode_z_at`), `VRFM, z ~ N(0, I)` the same model without the prior (nor re-encoding)"
+        "it was saved with `reencode_z_at`)"
+        + (
+            ", `VRFM, z ~ N(0, I)` the same model without the prior (nor re-encoding)"
+            if "vrfm_normal" in results["fd"]
+            else ""
+        )
         + (
             f"; the same model with priors fitted afterwards to its saved posterior (`--extra-priors "
             f"{' '.join(meta['extra_priors'])}`, flow: {meta['flow_prior_steps']} fitting steps)."
@@ -1074,6 +1081,7 @@ def run(args) -> dict:
         "scheduler": args.scheduler,
         "extra_priors": list(args.extra_priors),
         "posterior_z": bool(args.posterior_z),
+        "normal_z": bool(args.normal_z),
         "reencode_z_at": args.reencode_z_at,
         "flow_prior_steps": args.flow_prior_steps,
         "params": params,
@@ -1173,9 +1181,9 @@ def join_results(paths: list[Path], name: str, wanted: list[int] | None = None) 
     each with `--methods`, or seeds split over parallel processes) into one result, so that the report compares them.
     Refuses runs whose budgets, VRFM training settings or RF training commands differ, a (method, seed) that two runs
     both have, and a join in which the methods end up with different seeds. Runs may differ in the rows they add
-    (`--extra-priors`, `--posterior-z`, `--reencode-z-at`) and in the NFEs they scored: the join keeps the rows that
-    every VRFM run has and the NFEs that every run has. RF may be trained with other flags than VRFM (e.g. RF at its
-    own defaults against a VRFM recipe): the report then names both commands.
+    (`--extra-priors`, `--posterior-z`, `--reencode-z-at`) or leave out (`--no-normal-z`) and in the NFEs they
+    scored: the join keeps the rows that every VRFM run has and the NFEs that every run has. RF may be trained with
+    other flags than VRFM (e.g. RF at its own defaults against a VRFM recipe): the report then names both commands.
     `wanted` (`--join-seeds`) keeps only those seeds of every run, to compare a study that ran fewer seeds."""
     loaded = keep_shared_nfes([only_seeds(json.loads(Path(path).read_text()), wanted) for path in paths])
     loaded, shared = keep_shared_rows(loaded)
@@ -1213,6 +1221,7 @@ def join_results(paths: list[Path], name: str, wanted: list[int] | None = None) 
         joined["meta"].update(
             extra_priors=[kind for kind in EXTRA_PRIORS if f"vrfm_{kind}" in shared],
             posterior_z="vrfm_posterior_z" in shared,
+            normal_z="vrfm_normal" in shared,
             reencode_z_at=vrfm_meta.get("reencode_z_at") if "vrfm_reencoded" in shared else None,
         )
         if rf_commands and rf_commands != {vrfm_meta["train_command"]}:
@@ -1284,6 +1293,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="VRFM: also sample with z ~ q(z | x1) of the test images the FD compares against (an oracle: how "
         "sharp the model is when z is right, whatever the prior)",
+    )
+    parser.add_argument(
+        "--normal-z",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="VRFM with a prior: also sample the same model with z ~ N(0, I) (--no-normal-z: skip that row, a third "
+        "less scoring when the other rows are what is compared)",
     )
     parser.add_argument(
         "--reencode-z-at",

@@ -434,6 +434,7 @@ def test_mnist_quick_outputs_are_well_formed(tmp_path):
         }
     assert shared["meta"]["extra_priors"] == [] and shared["meta"]["posterior_z"] is False
     assert shared["meta"]["reencode_z_at"] is None and two_seeds["meta"]["reencode_z_at"] == 0.2
+    assert shared["meta"]["normal_z"] is two_seeds["meta"]["normal_z"] is True
     # a seed run that scored fewer NFEs: the join keeps the NFEs both runs have, in its cells and its meta
     fewer = {
         section: {key: {"1": {n: v for n, v in runs["1"].items() if n in ("2", "50")}} for key, runs in part.items()}
@@ -496,12 +497,16 @@ def test_mnist_quality_trains_and_reports_a_dit(tmp_path):
     from benchmarks import mnist_quality
 
     argv = ["--quick", "--backbone", "dit", "--methods", "vrfm", "--output-dir", str(tmp_path), "--name", "dit"]
-    results = mnist_quality.main([*argv, "--work-dir", str(tmp_path)])
+    results = mnist_quality.main([*argv, "--work-dir", str(tmp_path), "--no-normal-z"])
     assert results["meta"]["backbone"] == "dit" and results["meta"]["model_config"] == mnist_quality.QUICK_DIT
     assert "--backbone dit" in results["meta"]["train_command"]
     report = (tmp_path / "dit.md").read_text()
     assert "VRFM vs RF (train_vrfm.py, same DiT, same steps)" in report
     assert f"DiT {json.dumps(mnist_quality.QUICK_DIT)}," in report
+    # --no-normal-z: the saved pipeline (with its prior) only, no z ~ N(0, I) row, and the report says nothing of one
+    assert list(results["fd"]) == ["vrfm"] and results["meta"]["normal_z"] is False
+    assert "N(0, I)" not in report and "the pipeline as saved (z from its fitted aggregate prior" in report
+    assert mnist_quality.join_results([tmp_path / "dit.json"], "joined")["meta"]["normal_z"] is False
     # a DiT run does not join a UNet run (runs from before `--backbone` count as UNet runs)
     unet_run = json.loads((tmp_path / "dit.json").read_text())
     del unet_run["meta"]["backbone"]
@@ -620,16 +625,16 @@ def test_conditional_digits_quick_outputs_are_well_formed(tmp_path, monkeypatch)
     from diffusers_vrfm.training import cli
 
     argv = ["--quick", "--output-dir", str(tmp_path), "--extra-priors", "atoms"]
-    argv += ["--methods", "vrfm", "vrfm_no_map", "rf"]
+    argv += ["--methods", "vrfm", "vrfm_no_map", "rf", "--nfe", "1", "2", "8"]  # (NFE 50 costs most of the time)
     results = conditional_digits.main(argv)
     tables = common.parse_markdown_tables((tmp_path / "text_to_image_digits.md").read_text())
     (targets,) = list(_table_with_header(tables, "quantity"))
-    assert [row[0] for row in targets[1:]] == ["FD at NFE 1", "FD at NFE 2", "FD at NFE 8", "FD at NFE 50"]
+    assert [row[0] for row in targets[1:]] == ["FD at NFE 1", "FD at NFE 2", "FD at NFE 8"]
     assert {row[-1] for row in targets[1:]} <= {"met", "NOT met"}
-    method_tables = list(_table_with_header(tables, "method", "NFE 50"))
+    method_tables = list(_table_with_header(tables, "method", "NFE 8"))
     assert len(method_tables) == 6  # FD, prompt accuracy and the copy check, at guidance 1 and 3
     for table in method_tables:
-        assert table[0] == ["method", "NFE 1", "NFE 2", "NFE 8", "NFE 50"]
+        assert table[0] == ["method", "NFE 1", "NFE 2", "NFE 8"]
         assert [row[0] for row in table[1:]] == [
             "VRFM, the saved prior",
             "VRFM, atoms without captions",
@@ -840,6 +845,7 @@ def test_image_study_joins_single_method_runs(tmp_path):
         image_study.main(["--runs-dir", str(tmp_path), "--output-dir", str(tmp_path)])
 
 
+@pytest.mark.slow  # a 60-step run with three checkpoints and memory readings
 def test_soak_quick_outputs_are_well_formed(tmp_path):
     from benchmarks import soak
 
@@ -968,6 +974,7 @@ def test_train_throughput_reports_sync_sites_profiles_and_windowed_utilisation()
         train_throughput.main(["--quick", "--torch-compile-mode", "reduce-overhead"])
 
 
+@pytest.mark.slow  # two more train_vrfm.py processes under the instruments: about a minute on a small machine
 def test_train_throughput_counts_the_operators_of_a_training_step_and_profiles_it(tmp_path):
     from benchmarks import train_throughput
 
