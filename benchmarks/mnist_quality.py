@@ -236,20 +236,28 @@ def get_classifier(
     """The feature classifier `name` (a safetensors file) trained with this key: the committed one in
     `benchmarks/classifiers/` when its key matches, else the one cached in `cache_dir`, else trained there (Adam, batch
     128). A committed file is never written: a classifier trained anew scores in other features, and the report's
-    digest shows it. Returns (model, test accuracy, the file's path)."""
+    digest shows it. Runs started side by side on one `cache_dir` (seeds split over processes) train it once: the
+    first takes a file lock and trains, the others wait and load its weights, so that their FDs can be joined.
+    Returns (model, test accuracy, the file's path)."""
+    from filelock import FileLock  # a dependency of diffusers and huggingface_hub
+
     key = classifier_key(data, epochs, max_train, seed)
     committed, cached = CLASSIFIER_DIR / name, cache_dir / name
-    for path in (committed, cached):
-        loaded = load_classifier(path, key, data.resolution)
+    loaded = load_classifier(committed, key, data.resolution)
+    if loaded is not None:
+        return (*loaded, committed)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{cached}.lock"):
+        loaded = load_classifier(cached, key, data.resolution)
         if loaded is not None:
-            return (*loaded, path)
-    if committed.exists():
-        print(f"The committed {committed} was trained with another key; training one in {cache_dir} (other features).")
-    model = train_classifier(data, epochs, max_train, seed)
-    with torch.no_grad():
-        predictions = torch.cat([model(x * 2 - 1).argmax(1) for x in data.test.split(1000)])
-    accuracy = float((predictions == data.test_labels).float().mean())
-    save_classifier(model, cached, {"key": key, "accuracy": str(accuracy)})
+            return (*loaded, cached)
+        if committed.exists():
+            print(f"The committed {committed} has another key; training one in {cache_dir} (other features).")
+        model = train_classifier(data, epochs, max_train, seed)
+        with torch.no_grad():
+            predictions = torch.cat([model(x * 2 - 1).argmax(1) for x in data.test.split(1000)])
+        accuracy = float((predictions == data.test_labels).float().mean())
+        save_classifier(model, cached, {"key": key, "accuracy": str(accuracy)})
     return model, accuracy, cached
 
 
